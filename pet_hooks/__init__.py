@@ -1,0 +1,21 @@
+"""pet_hooks: parameter-efficient tuning (LoRA, P-Tuning v2, Prefix-Tuning) for unmodified MindSpore nets.
+
+    import pet_hooks
+    cfg = pet_hooks.load_config("pet.yaml")
+    pet_hooks.apply(net, cfg)
+    print(pet_hooks.trainable_summary(net))
+    ... train ...
+    pet_hooks.save_adapter(net, "adapter/")
+"""
+from ._version import __version__
+from .adapter_io import load_adapter, save_adapter
+from .config import LoraConfig, PetConfig, PetConfigError, PrefixTuningConfig, PTuning2Config, load_config
+from .surgery import (apply, delta_parameters, disable_adapters, merge, remove, trainable_summary,
+                      unmerge)
+
+__all__ = [
+    "__version__",
+    "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "PetConfigError", "load_config",
+    "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
+    "save_adapter", "load_adapter",
+]

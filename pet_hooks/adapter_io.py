@@ -1,0 +1,152 @@
+"""Adapters on disk: ``save_adapter`` / ``load_adapter``.
+
+A directory holds two files::
+
+    adapter_config.json          {"pet_config": {...}, "pet_hooks_version": ..., "base_model_class": ...}
+    adapter_model.safetensors    only the deltas (and parameters the config kept trainable),
+                                 keyed by parameter name
+
+``load_config("dir/adapter_config.json")`` reads the config back. Each file is written to a
+temporary file in the same directory, flushed, fsync'ed and moved over the old one with
+``os.replace`` (weights first, then config), so a crash mid-save leaves the previous
+adapter readable. Loading checks every name, shape and dtype before writing anything into
+the net, and a failed load leaves the net as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Dict
+
+import numpy as np
+from mindspore import Tensor, nn
+from mindspore.common import dtype as mstype
+
+from ._version import __version__
+from .config import PetConfigError, load_config
+from .surgery import apply, get_state, remove, saved_parameters
+
+__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _to_numpy(param) -> np.ndarray:
+    # numpy has no bfloat16: such deltas are stored as float32 and cast back on load.
+    if param.dtype == mstype.bfloat16:
+        return param.astype(mstype.float32).asnumpy()
+    return param.asnumpy()
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write through ``write(handle)`` into a temp file beside ``path``, then os.replace it."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(net: nn.Cell, directory: str) -> str:
+    """Write the adapter of ``net`` to ``directory`` (created if needed); returns the directory."""
+    from safetensors.numpy import save  # local: only saving and loading need it
+
+    state = get_state(net)
+    if state is None:
+        raise ValueError(f"cannot save an adapter: {type(net).__name__} has no PET applied")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {p.name: np.ascontiguousarray(_to_numpy(p)) for p in saved_parameters(net)}
+    meta = {
+        "pet_config": state.config.to_dict(),
+        "pet_hooks_version": __version__,
+        "base_model_class": f"{type(net).__module__}.{type(net).__qualname__}",
+        "format": "pet_hooks",
+    }
+    blob = save(tensors, metadata={"format": "pet_hooks"})
+    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda h: h.write(blob))
+    text = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda h: h.write(text))
+    return directory
+
+
+def _read_tensors(path: str) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError / OSError
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _check_fit(net: nn.Cell, tensors: Dict[str, np.ndarray], path: str) -> list:
+    """Pair every adapter parameter with its tensor; any mismatch is an error naming it."""
+    params = {p.name: p for p in saved_parameters(net)}
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise ValueError(f"{path} has no tensor for parameter(s) {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} of {type(net).__name__}")
+    unexpected = sorted(set(tensors) - set(params))
+    if unexpected:
+        raise ValueError(f"{path} holds tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                         f"that match no adapter parameter of {type(net).__name__}")
+    pairs = []
+    for name, param in params.items():
+        array = tensors[name]
+        if tuple(array.shape) != tuple(param.shape):
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(array.shape)}, "
+                             f"the net's parameter has shape {tuple(param.shape)}")
+        expected = np.float32 if param.dtype == mstype.bfloat16 else mstype.dtype_to_nptype(param.dtype)
+        if array.dtype != np.dtype(expected):
+            raise ValueError(f"{path}: tensor '{name}' has dtype {array.dtype}, "
+                             f"the net's parameter has dtype {param.dtype}")
+        pairs.append((param, array))
+    return pairs
+
+
+def load_adapter(net: nn.Cell, directory: str) -> nn.Cell:
+    """Load an adapter saved by :func:`save_adapter` into ``net`` and return it.
+
+    When ``net`` has no PET yet the saved config is applied first. Missing files raise
+    FileNotFoundError; a config that differs from the net's PET, a corrupt file or a missing
+    or mismatched tensor raise ValueError naming it. On any error the net is left as it was.
+    """
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"adapter directory not found: {directory}")
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        cfg = load_config(config_path)
+    except PetConfigError as err:
+        raise PetConfigError(f"{config_path}: {err}") from None
+    tensors = _read_tensors(weights_path)
+
+    state = get_state(net)
+    if state is not None and state.config != cfg:
+        raise ValueError(f"{config_path} holds a different PET config than the one applied to "
+                         f"{type(net).__name__}: {cfg.to_dict()} vs {state.config.to_dict()}")
+    applied_here = state is None
+    if applied_here:
+        apply(net, cfg)
+    try:
+        pairs = _check_fit(net, tensors, weights_path)
+    except BaseException:
+        if applied_here:
+            remove(net)
+        raise
+    for param, array in pairs:
+        param.set_data(Tensor(array).astype(param.dtype))
+    return net

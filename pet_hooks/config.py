@@ -1,0 +1,341 @@
+"""PET configuration: the dataclasses, their validation, and ``load_config``.
+
+Field names follow the ``pet_config`` block of MindFormers model YAMLs, so a block can be
+moved over unchanged::
+
+    cfg = load_config("run_llama_lora.yaml")      # model.model_config.pet_config
+    cfg = load_config({"pet_type": "lora", "lora_rank": 8, "target_modules": ".*wq|.*wv"})
+
+Every value is checked when the dataclass is built; a bad one raises :class:`PetConfigError`
+(a ``ValueError``) naming the field and the value, or :class:`PetConfigTypeError` (both a
+``TypeError`` and a ``ValueError``) when the value has the wrong type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional, Union
+
+import yaml
+
+__all__ = [
+    "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig",
+    "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict",
+]
+
+# Where a MindFormers run YAML keeps the block, outermost first.
+_MINDFORMERS_PATH = ("model", "model_config", "pet_config")
+# model_config entries the prefix methods may need when they cannot read them off the model.
+_MODEL_HINT_KEYS = ("num_layers", "num_heads", "num_attention_heads", "n_kv_heads",
+                    "kv_channels", "hidden_size")
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class PetConfigError(ValueError):
+    """A configuration value, key or file that pet_hooks cannot use."""
+
+
+class PetConfigTypeError(PetConfigError, TypeError):
+    """A configuration value of the wrong type (catchable as TypeError or ValueError)."""
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PetConfigTypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise PetConfigError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PetConfigTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+
+
+def _check_rate(name: str, value: Any) -> None:
+    _check_number(name, value)
+    if not 0.0 <= value < 1.0:
+        raise PetConfigError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise PetConfigTypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise PetConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_regex(name: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise PetConfigTypeError(f"{name} entries must be strings, got {pattern!r} ({type(pattern).__name__})")
+    if not pattern.strip():
+        raise PetConfigError(f"{name} contains an empty pattern")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise PetConfigError(f"{name}: invalid regular expression {pattern!r}: {err}") from None
+
+
+def _as_pattern_list(name: str, value: Any) -> Optional[list]:
+    """None, a string or a list of strings -> None or a list of strings (each checked)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise PetConfigTypeError(f"{name} must be a string or a list of strings, got {value!r}")
+    if not items:
+        raise PetConfigError(f"{name} is an empty list")
+    for item in items:
+        _check_regex(name, item)
+    return list(items)
+
+
+# ----------------------------------------------------------------------------- dataclasses
+@dataclass
+class PetConfig:
+    """Fields shared by every PET method.
+
+    ``freeze_include`` / ``freeze_exclude`` are MindFormers' (mindpet's) lists of
+    ``fnmatch`` wildcards over parameter names: base parameters matching ``freeze_exclude``
+    stay trainable (and are saved with the adapter); parameters matching ``freeze_include``
+    and not ``freeze_exclude`` are frozen even if they are deltas.
+    """
+
+    pet_type: str = ""
+    freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
+    freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
+    # model_config values (num_layers, kv_channels, ...) found beside a pet_config block.
+    model_hints: dict = field(default_factory=dict, repr=False, compare=False,
+                              metadata={"help": "model_config values found next to the pet_config block"})
+
+    PET_TYPE: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if not self.pet_type:
+            self.pet_type = self.PET_TYPE
+        if not isinstance(self.pet_type, str) or self.pet_type.lower() != self.PET_TYPE:
+            raise PetConfigError(f"pet_type must be {self.PET_TYPE!r} for {type(self).__name__}, "
+                                 f"got {self.pet_type!r}")
+        self.pet_type = self.pet_type.lower()
+        for name in ("freeze_include", "freeze_exclude"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                    raise PetConfigTypeError(f"{name} must be a list of non-empty strings, got {value!r}")
+                setattr(self, name, list(value))
+        if not isinstance(self.model_hints, dict):
+            raise PetConfigTypeError(f"model_hints must be a mapping, got {self.model_hints!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; subclasses extend this."""
+
+    def to_dict(self) -> dict:
+        """The fields a user sets (what ``adapter_config.json`` stores), without ``model_hints``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_hints"}
+
+
+@dataclass
+class LoraConfig(PetConfig):
+    """LoRA: ``y = base(x) + scaling * dropout(x) @ A^T @ B^T`` on the matched layers."""
+
+    PET_TYPE: ClassVar[str] = "lora"
+
+    lora_rank: int = field(default=8, metadata={"help": "rank r of A [r, in] and B [out, r]"})
+    lora_alpha: float = field(default=16, metadata={"help": "scaling = alpha / r (alpha / sqrt(r) with use_rslora)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input, in [0, 1)"})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    # Init-only fields (compare=False): two configs that differ only here describe the same adapter.
+    lora_a_init: str = field(default="kaiming_uniform", compare=False,
+                             metadata={"help": "kaiming_uniform | normal"})
+    lora_b_init: str = field(default="zeros", metadata={"help": "zeros (the output is unchanged at init)"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    param_init_type: str = field(default="float32", metadata={"help": "dtype of the delta parameters"})
+    compute_dtype: Optional[str] = field(default=None, metadata={"help": "branch dtype; None = the layer's own"})
+    seed: Optional[int] = field(default=None, compare=False, metadata={"help": "seed for A's init (same deltas on every rank)"})
+
+    _A_INITS: ClassVar[dict] = {"kaiming_uniform": "kaiming_uniform", "he_uniform": "kaiming_uniform",
+                                "heuniform": "kaiming_uniform", "normal": "normal"}
+
+    def validate(self) -> None:
+        _check_int("lora_rank", self.lora_rank)
+        _check_number("lora_alpha", self.lora_alpha)
+        if self.lora_alpha <= 0:
+            raise PetConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        _check_rate("lora_dropout", self.lora_dropout)
+        if self.target_modules is None:
+            raise PetConfigError("target_modules is required for LoRA (a regex such as '.*wq|.*wv', "
+                                 "or a list of cell names)")
+        if isinstance(self.target_modules, str):
+            _check_regex("target_modules", self.target_modules)
+        else:
+            self.target_modules = _as_pattern_list("target_modules", self.target_modules)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_choice("lora_a_init", self.lora_a_init, tuple(self._A_INITS))
+        self.lora_a_init = self._A_INITS[self.lora_a_init.lower()]
+        _check_choice("lora_b_init", self.lora_b_init, ("zero", "zeros"))
+        self.lora_b_init = "zeros"
+        _check_bool("use_rslora", self.use_rslora)
+        self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
+        if self.compute_dtype is not None:
+            self.compute_dtype = _dtype_name("compute_dtype", self.compute_dtype)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+
+    @property
+    def scaling(self) -> float:
+        """The factor on ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
+        return float(self.lora_alpha) / (self.lora_rank ** 0.5 if self.use_rslora else self.lora_rank)
+
+
+@dataclass
+class PTuning2Config(PetConfig):
+    """P-Tuning v2: learned key/value prefixes for every attention layer (MindFormers ``ptuning2``)."""
+
+    PET_TYPE: ClassVar[str] = "ptuning2"
+
+    pre_seq_len: int = field(default=16, metadata={"help": "prefix length"})
+    prefix_projection: bool = field(default=False, metadata={"help": "reparametrise through an MLP"})
+    projection_dim: Optional[int] = field(default=None, metadata={"help": "MLP width when prefix_projection"})
+    dropout_rate: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values"})
+    target_modules: Union[str, list, None] = field(default=None, metadata={"help": "attention cells; None = known"})
+
+    def validate(self) -> None:
+        _check_int("pre_seq_len", self.pre_seq_len)
+        _check_bool("prefix_projection", self.prefix_projection)
+        if self.prefix_projection:
+            if self.projection_dim is None:
+                raise PetConfigError("projection_dim is required when prefix_projection is true")
+            _check_int("projection_dim", self.projection_dim)
+        elif self.projection_dim is not None:
+            _check_int("projection_dim", self.projection_dim)
+        _check_rate("dropout_rate", self.dropout_rate)
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
+            self.target_modules = _as_pattern_list("target_modules", self.target_modules)
+
+
+@dataclass
+class PrefixTuningConfig(PetConfig):
+    """Prefix-Tuning: prefixes produced by embedding -> Dense -> tanh -> Dense (MindFormers ``prefixtuning``)."""
+
+    PET_TYPE: ClassVar[str] = "prefixtuning"
+
+    prefix_token_num: int = field(default=16, metadata={"help": "prefix length"})
+    mid_dim: int = field(default=512, metadata={"help": "width of the reparametrisation MLP"})
+    dropout_rate: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values"})
+    target_modules: Union[str, list, None] = field(default=None, metadata={"help": "attention cells; None = known"})
+
+    def validate(self) -> None:
+        _check_int("prefix_token_num", self.prefix_token_num)
+        _check_int("mid_dim", self.mid_dim)
+        _check_rate("dropout_rate", self.dropout_rate)
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
+            self.target_modules = _as_pattern_list("target_modules", self.target_modules)
+
+
+_CONFIG_CLASSES: dict = {cls.PET_TYPE: cls for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig)}
+# Keys MindFormers writes under other names; mapped before the unknown-key check.
+_KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lora_a_init"}
+
+
+def _dtype_name(name: str, value: Any) -> str:
+    """'float16', 'fp16', mindspore.float16 -> 'float16'."""
+    text = str(value).lower().replace("mindspore.", "")
+    text = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(text, text)
+    if text not in _DTYPES:
+        raise PetConfigError(f"{name} must be one of {list(_DTYPES)}, got {value!r}")
+    return text
+
+
+# ----------------------------------------------------------------------------- loading
+def config_from_dict(data: Mapping, model_hints: Optional[Mapping] = None) -> PetConfig:
+    """Build the dataclass for a mapping that holds ``pet_type``; unknown keys are an error."""
+    if not isinstance(data, Mapping):
+        raise PetConfigTypeError(f"pet_config must be a mapping, got {type(data).__name__}")
+    pet_type = data.get("pet_type")
+    if not isinstance(pet_type, str) or pet_type.lower() not in _CONFIG_CLASSES:
+        raise PetConfigError(f"unknown pet_type {pet_type!r}; expected one of {sorted(_CONFIG_CLASSES)}")
+    cls = _CONFIG_CLASSES[pet_type.lower()]
+    kwargs = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise PetConfigTypeError(f"pet_config keys must be strings, got {key!r}")
+        kwargs[_KEY_ALIASES.get(key, key)] = value
+    known = {f.name for f in dataclasses.fields(cls)} - {"model_hints"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise PetConfigError(f"unknown key(s) {unknown} for pet_type {pet_type!r}; known keys: {sorted(known)}")
+    kwargs["model_hints"] = dict(model_hints or {})
+    return cls(**kwargs)
+
+
+def _find_block(doc: Mapping, where: str) -> tuple:
+    """Locate the pet_config block and the model_config beside it in a parsed document."""
+    if "pet_type" in doc:
+        return doc, {}
+    if "pet_config" in doc:
+        return doc["pet_config"], {k: doc[k] for k in _MODEL_HINT_KEYS if k in doc}
+    node: Any = doc
+    for key in _MINDFORMERS_PATH[:-1]:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    if isinstance(node, Mapping) and node.get("pet_config") is not None:
+        hints = {k: node[k] for k in _MODEL_HINT_KEYS if k in node}
+        return node["pet_config"], hints
+    raise PetConfigError(f"{where}: no PET configuration found; expected 'pet_type' at the top level, "
+                         f"a 'pet_config' block, or model.model_config.pet_config")
+
+
+def _read_document(path: str) -> Any:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"PET config file not found: {path}")
+    if os.path.isdir(path):
+        raise PetConfigError(f"PET config path is a directory, not a file: {path}")
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PetConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        if path.lower().endswith(".json"):
+            return json.loads(text)
+        # safe_load never builds Python objects: a !!python/object tag is refused.
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise PetConfigError(f"{path}: cannot parse: {err}") from None
+
+
+def load_config(src: Union[str, os.PathLike, Mapping, PetConfig]) -> PetConfig:
+    """Read a PET configuration from a file path, a mapping or an existing config.
+
+    Accepts a MindFormers run YAML (``model.model_config.pet_config``), a YAML or JSON
+    whose top level holds ``pet_config``, or a bare block with ``pet_type``.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        PetConfigError: (a ValueError) unknown ``pet_type`` or keys, bad values, unreadable file.
+    """
+    if isinstance(src, PetConfig):
+        return src
+    if isinstance(src, (str, os.PathLike)):
+        where = os.fspath(src)
+        doc = _read_document(where)
+    elif isinstance(src, Mapping):
+        where, doc = "config mapping", src
+    else:
+        raise PetConfigTypeError(f"load_config takes a path, a mapping or a PetConfig, got {type(src).__name__}")
+    if not isinstance(doc, Mapping):
+        raise PetConfigError(f"{where}: the top level must be a mapping, got {type(doc).__name__}")
+    block, hints = _find_block(doc, where)
+    return config_from_dict(block, hints)

@@ -1,0 +1,95 @@
+"""Which cells a config selects: ``target_modules`` / ``exclude_layers`` over ``cells_and_names()``.
+
+A string ``target_modules`` is a regular expression that must ``re.fullmatch`` the full
+dotted cell path (so MindFormers patterns such as ``.*wq|.*wk|.*wv`` mean the same here);
+a list selects a path equal to an entry or ending in ``.entry``. ``exclude_layers`` holds
+regexes; a cell is skipped when its path, or the path of one of its ancestors, fullmatches
+one of them (so ``model\\.layers\\.0`` skips the whole first layer)::
+
+    targets = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=is_linear)
+
+Errors name the pattern (and a few cells it could have matched) or the matched cell and its type.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+from mindspore import nn
+
+__all__ = ["select_cells", "named_cells"]
+
+Patterns = Union[str, Sequence[str], None]
+
+
+def named_cells(net: nn.Cell) -> List[Tuple[str, nn.Cell]]:
+    """Every sub-cell with its dotted path (the root, whose path is '', left out)."""
+    return [(name, cell) for name, cell in net.cells_and_names() if name]
+
+
+def _list_entry_matches(entry: str, path: str) -> bool:
+    return path == entry or path.endswith("." + entry)
+
+
+def _is_excluded(path: str, excludes: Optional[Sequence[str]]) -> bool:
+    if not excludes:
+        return False
+    parts = path.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(re.fullmatch(pattern, prefix) for pattern in excludes for prefix in prefixes)
+
+
+def _hint(pattern: str, candidates: List[str], limit: int = 6) -> str:
+    """A few adaptable names, the closest to the pattern first."""
+    if not candidates:
+        return "the net has no cell this method can adapt"
+    close = difflib.get_close_matches(pattern.replace(".*", ""), candidates, n=limit, cutoff=0.0)
+    shown = close or candidates[:limit]
+    more = f" (and {len(candidates) - len(shown)} more)" if len(candidates) > len(shown) else ""
+    return "adaptable cells include: " + ", ".join(shown) + more
+
+
+def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
+                 can_adapt: Callable[[nn.Cell], Optional[str]],
+                 skip: Callable[[str, nn.Cell], bool] = lambda path, cell: False,
+                 what: str = "target_modules") -> List[Tuple[str, nn.Cell]]:
+    """Return ``[(path, cell)]`` selected by ``targets`` minus ``excludes``, in net order.
+
+    Args:
+        net: the root cell; paths are relative to it.
+        targets: a regex string (fullmatch on the path) or a list of names.
+        excludes: regexes of paths (or ancestors' paths) to skip.
+        can_adapt: returns None when the method can adapt a cell, else the reason it cannot.
+        skip: cells to pass over silently (for example pet_hooks' own sub-cells).
+        what: the config field name used in error messages.
+
+    Raises:
+        ValueError: a pattern (or list entry) that selects nothing, naming it and listing
+            a few adaptable names; or a selected cell the method cannot adapt, naming its
+            path and type.
+    """
+    cells = [(p, c) for p, c in named_cells(net) if not skip(p, c)]
+    adaptable = [p for p, c in cells if can_adapt(c) is None and not _is_excluded(p, excludes)]
+
+    if isinstance(targets, str):
+        chosen = [(p, c) for p, c in cells if re.fullmatch(targets, p)]
+        unmatched: Iterable[str] = [] if chosen else [targets]
+    else:
+        entries = list(targets or [])
+        chosen = [(p, c) for p, c in cells if any(_list_entry_matches(e, p) for e in entries)]
+        unmatched = [e for e in entries if not any(_list_entry_matches(e, p) for p, _ in cells)]
+    for pattern in unmatched:
+        raise ValueError(f"{what} pattern {pattern!r} matches no cell of {type(net).__name__}; "
+                         f"{_hint(pattern, adaptable)}")
+
+    selected = [(p, c) for p, c in chosen if not _is_excluded(p, excludes)]
+    if not selected:
+        raise ValueError(f"{what} {targets!r} matched {len(chosen)} cell(s) but exclude_layers "
+                         f"{list(excludes or [])!r} excludes all of them")
+    for path, cell in selected:
+        reason = can_adapt(cell)
+        if reason is not None:
+            raise ValueError(f"{what} {targets!r} matches cell '{path}' of type {type(cell).__name__}, "
+                             f"which this method cannot adapt: {reason}")
+    return selected

@@ -1,0 +1,59 @@
+"""Freezing: which parameters train after ``apply``, and the undo record of the flags before.
+
+After ``apply`` exactly the deltas train, plus base parameters the config asks to keep
+trainable with MindFormers' ``freeze_exclude`` (fnmatch wildcards over parameter names);
+``freeze_include`` wildcards freeze what they match unless ``freeze_exclude`` also does::
+
+    before = freeze_for_pet(net, deltas, cfg)   # {param name: requires_grad before}
+    restore_requires_grad(net, before)
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from typing import Dict, Iterable, List, Optional
+
+from mindspore import Parameter, nn
+
+from .config import PetConfig
+
+__all__ = ["freeze_for_pet", "restore_requires_grad", "kept_trainable"]
+
+
+def _matches(name: str, patterns: Optional[List[str]]) -> bool:
+    return bool(patterns) and any(fnmatch(name, p) for p in patterns)
+
+
+def kept_trainable(net: nn.Cell, cfg: PetConfig, delta_ids: set) -> List[Parameter]:
+    """Base parameters that ``freeze_exclude`` keeps trainable (and the adapter saves)."""
+    return [p for p in net.get_parameters()
+            if id(p) not in delta_ids and _matches(p.name, cfg.freeze_exclude)
+            and not _matches(p.name, cfg.freeze_include)]
+
+
+def freeze_for_pet(net: nn.Cell, deltas: Iterable[Parameter], cfg: PetConfig) -> Dict[str, bool]:
+    """Freeze every base parameter, unfreeze the deltas and the kept ones.
+
+    Returns the ``requires_grad`` flags before, keyed by parameter name, for the undo.
+    """
+    delta_ids = {id(p) for p in deltas}
+    before = {p.name: p.requires_grad for p in net.get_parameters() if id(p) not in delta_ids}
+    if cfg.freeze_exclude:
+        unmatched = [pat for pat in cfg.freeze_exclude if not any(fnmatch(n, pat) for n in before)]
+        if unmatched:
+            raise ValueError(f"freeze_exclude pattern(s) {unmatched} match no parameter of "
+                             f"{type(net).__name__}")
+    keep = {id(p) for p in kept_trainable(net, cfg, delta_ids)}
+    for param in net.get_parameters():
+        if id(param) in delta_ids:
+            param.requires_grad = not (_matches(param.name, cfg.freeze_include)
+                                       and not _matches(param.name, cfg.freeze_exclude))
+        else:
+            param.requires_grad = id(param) in keep
+    return before
+
+
+def restore_requires_grad(net: nn.Cell, before: Dict[str, bool]) -> None:
+    """Put back the flags ``freeze_for_pet`` recorded (parameters it did not see are left alone)."""
+    for param in net.get_parameters():
+        if param.name in before:
+            param.requires_grad = before[param.name]

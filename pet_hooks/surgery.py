@@ -1,0 +1,207 @@
+"""The core flow on a net: apply / remove / merge / unmerge / disable, and the undo record.
+
+``apply`` runs config -> match -> inject -> freeze and leaves a :class:`PetState` on the net;
+every other operation reads that record, and ``remove`` undoes it to the identical original
+(classes, parameter names, ``requires_grad`` flags, outputs)::
+
+    apply(net, {"pet_type": "lora", "target_modules": ".*dense1|.*dense2"})
+    with disable_adapters(net):
+        base_out = net(x)
+    remove(net)
+
+Every structural change ends with ``force_recompile()``, so a net already compiled in graph
+mode picks it up on its next call.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Dict, Iterator, List, Optional
+
+from mindspore import Parameter, nn
+
+from . import optim
+from ._ms_compat import force_recompile
+from .config import PetConfig, load_config
+from .tuners import get_tuner
+
+__all__ = ["PetState", "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters",
+           "saved_parameters", "trainable_summary", "get_state", "has_pet"]
+
+logger = logging.getLogger("pet_hooks")
+_STATE_ATTR = "_pet_hooks_state"
+
+
+@dataclass
+class PetState:
+    """Everything ``apply`` changed on one net, kept on that net for the other operations."""
+
+    config: PetConfig
+    tuner: ModuleType
+    injections: list
+    requires_grad_before: Dict[str, bool]
+    merged: bool = False
+    kept: List[Parameter] = field(default_factory=list)
+
+
+def _state_owner(net: nn.Cell) -> Optional[nn.Cell]:
+    """The cell holding the PET record: ``net`` itself or a sub-cell (net may be a wrapper)."""
+    if not isinstance(net, nn.Cell):
+        raise TypeError(f"expected a mindspore.nn.Cell, got {type(net).__name__}")
+    for _, cell in net.cells_and_names():
+        if isinstance(cell.__dict__.get(_STATE_ATTR), PetState):
+            return cell
+    return None
+
+
+def get_state(net: nn.Cell) -> Optional[PetState]:
+    """The PET record of ``net`` (or of the PET model inside a wrapper such as WithLossCell)."""
+    owner = _state_owner(net)
+    return None if owner is None else owner.__dict__[_STATE_ATTR]
+
+
+def has_pet(net: nn.Cell) -> bool:
+    return get_state(net) is not None
+
+
+def _require_state(net: nn.Cell, action: str) -> PetState:
+    state = get_state(net)
+    if state is None:
+        raise ValueError(f"cannot {action}: {type(net).__name__} has no PET applied (call pet_hooks.apply first)")
+    return state
+
+
+def apply(net: nn.Cell, cfg) -> nn.Cell:
+    """Add PET to ``net`` in place and return it.
+
+    Afterwards ``net.trainable_params()`` is exactly the deltas (plus parameters the config
+    keeps trainable). Applying the same config again changes nothing; a different config on
+    a net that already has PET is an error (``remove`` first).
+
+    Raises:
+        ValueError: bad config, a pattern that matches nothing, a cell the method cannot
+            adapt. The net is left as it was.
+    """
+    cfg = load_config(cfg)
+    existing = get_state(net)
+    if existing is not None:
+        if existing.config == cfg:
+            logger.info("pet_hooks: %s already has this PET config; nothing to do", type(net).__name__)
+            return net
+        raise ValueError(f"{type(net).__name__} already has PET ({existing.config.pet_type}) with a different "
+                         f"config; call pet_hooks.remove(net) before applying another")
+    tuner = get_tuner(cfg.pet_type)
+    targets = tuner.select_targets(net, cfg)            # validates; changes nothing
+    injections = tuner.inject(targets, cfg)             # all or nothing
+    try:
+        deltas = [p for record in injections for p in tuner.deltas_of(record)]
+        before = optim.freeze_for_pet(net, deltas, cfg)
+        kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas})
+    except BaseException:
+        for record in reversed(injections):
+            tuner.eject(record)
+        raise
+    setattr(net, _STATE_ATTR, PetState(cfg, tuner, injections, before, kept=kept))
+    force_recompile()
+    logger.info("pet_hooks: %s applied to %d cell(s) of %s", cfg.pet_type, len(injections), type(net).__name__)
+    return net
+
+
+def remove(net: nn.Cell) -> nn.Cell:
+    """Undo ``apply``: original classes, no delta parameters, the ``requires_grad`` flags from before.
+
+    A merged net is unmerged first (weights back within float tolerance, with a warning).
+    """
+    owner = _state_owner(net)
+    if owner is None:
+        raise ValueError(f"cannot remove: {type(net).__name__} has no PET applied")
+    state: PetState = owner.__dict__[_STATE_ATTR]
+    if state.merged:
+        logger.warning("pet_hooks: removing PET from a merged net; unmerging first (base weights are "
+                       "restored within float tolerance, not bit for bit)")
+        unmerge(net)
+    for record in reversed(state.injections):
+        state.tuner.eject(record)
+    optim.restore_requires_grad(owner, state.requires_grad_before)
+    delattr(owner, _STATE_ATTR)
+    force_recompile()
+    return net
+
+
+def _set_active(state: PetState, active: bool) -> None:
+    for record in state.injections:
+        state.tuner.set_active(record, active)
+    force_recompile()
+
+
+def merge(net: nn.Cell) -> nn.Cell:
+    """Fold the deltas into the base weights (``W += scaling * B @ A``); outputs stay within tolerance."""
+    state = _require_state(net, "merge")
+    if state.merged:
+        logger.warning("pet_hooks: the adapter is already merged; merge() did nothing")
+        return net
+    if not hasattr(state.tuner, "merge_weight"):
+        raise ValueError(f"pet_type {state.config.pet_type!r} has no weights to merge")
+    for record in state.injections:
+        state.tuner.merge_weight(record, +1)
+    state.merged = True
+    _set_active(state, False)
+    return net
+
+
+def unmerge(net: nn.Cell) -> nn.Cell:
+    """Take the deltas back out of the base weights and compute the branch again."""
+    state = _require_state(net, "unmerge")
+    if not state.merged:
+        logger.warning("pet_hooks: the adapter is not merged; unmerge() did nothing")
+        return net
+    for record in state.injections:
+        state.tuner.merge_weight(record, -1)
+    state.merged = False
+    _set_active(state, True)
+    return net
+
+
+@contextlib.contextmanager
+def disable_adapters(net: nn.Cell) -> Iterator[nn.Cell]:
+    """Inside the block the net computes exactly the base output.
+
+    A merged net is unmerged for the block and merged again after it (float tolerance).
+    """
+    state = _require_state(net, "disable adapters")
+    was_merged = state.merged
+    if was_merged:
+        logger.warning("pet_hooks: disable_adapters on a merged net unmerges it for the block")
+        unmerge(net)
+    _set_active(state, False)
+    try:
+        yield net
+    finally:
+        _set_active(state, True)
+        if was_merged:
+            merge(net)
+
+
+def delta_parameters(net: nn.Cell) -> List[Parameter]:
+    """The trainable delta Parameters that ``apply`` added, in net order."""
+    state = _require_state(net, "list delta parameters")
+    return [p for record in state.injections for p in state.tuner.deltas_of(record) if p.requires_grad]
+
+
+def saved_parameters(net: nn.Cell) -> List[Parameter]:
+    """What an adapter file holds: every delta, plus base parameters kept trainable by the config."""
+    state = _require_state(net, "list adapter parameters")
+    return [p for record in state.injections for p in state.tuner.deltas_of(record)] + list(state.kept)
+
+
+def trainable_summary(net: nn.Cell) -> str:
+    """``"trainable params: X || all params: Y || trainable%: Z"``, as PEFT prints it."""
+    params = net.get_parameters()
+    total = trainable = 0
+    for param in params:
+        total += param.size
+        trainable += param.size if param.requires_grad else 0
+    percent = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"

@@ -1,0 +1,251 @@
+"""LoRA injected into ``nn.Dense`` and MindFormers' ``Linear`` by swapping the instance's class.
+
+Graph mode compiles the *source* of ``type(cell).construct`` and ignores a wrapped
+method, so each matched cell is moved onto a generated subclass (``LoraDense_of_Dense``)
+whose ``construct`` is the base layer's own computation with the LoRA branch added before
+the activation::
+
+    y = act(x @ W^T + b + scaling * dropout(x) @ A^T @ B^T)
+
+The base parameters stay where they were (same objects, same names); the deltas are new
+Parameters named ``<cell path>.lora_A`` ([r, in]) and ``<cell path>.lora_B`` ([out, r], zeros).
+Undo is the mirror: the original class back, the added attributes deleted.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Type
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common import dtype as mstype
+
+from ..config import LoraConfig
+from ..matching import select_cells
+
+__all__ = ["LoraInjection", "can_adapt", "is_lora_cell", "select_targets", "inject", "eject",
+           "set_active", "merge_weight", "deltas_of"]
+
+_MATMUL_TB = ops.MatMul(transpose_b=True)
+# Attributes a LoRA cell gains; removed again by eject() in the same order.
+_ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_active")
+
+
+class LoraLayer:
+    """Mixin for the generated classes: the branch, shared by every supported base layer."""
+
+    pet_hooks_lora = True  # marker: "this instance was patched by pet_hooks"
+
+    def _lora_branch(self, x2):
+        """``scaling * dropout(x2) @ A^T @ B^T`` for 2-D ``x2``, in the branch compute dtype."""
+        h = ops.cast(x2, self.lora_compute_dtype)
+        h = self.lora_dropout(h)
+        h = _MATMUL_TB(h, ops.cast(self.lora_A, self.lora_compute_dtype))
+        h = _MATMUL_TB(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+        return h * self.lora_scaling
+
+
+class LoraDense(LoraLayer):
+    """``nn.Dense.construct`` (MindSpore 2.9) with the branch added before the activation."""
+
+    def construct(self, x):
+        x_shape = self.shape_op(x)
+        x2 = self.reshape(x, (-1, x_shape[-1]))
+        out = self.matmul(x2, self.weight)
+        if self.has_bias:
+            out = self.bias_add(out, self.bias)
+        if self.pet_lora_active:
+            out = out + ops.cast(self._lora_branch(x2), ops.dtype(out))
+        if self.activation_flag:
+            out = self.activation(out)
+        if len(x_shape) != 2:
+            out = self.reshape(out, x_shape[:-1] + (ops.shape(out)[-1],))
+        return out
+
+
+class LoraLinear(LoraLayer):
+    """``mindformers.modules.layers.Linear.construct`` (1.9, no experts) with the branch added."""
+
+    def construct(self, x, group_list=None):
+        out_shape = self.shape(x)[:-1] + (self.out_channels,)
+        x = self.reshape(x, (-1, self.in_channels))
+        ori_dtype = ops.dtype(x)
+        weight = self.cast(self.weight, self.dtype)
+        x = self.cast(x, self.dtype)
+        out = self.matmul(x, weight)
+        if self.has_bias:
+            out = self.bias_add(out, self.cast(self.bias, self.dtype))
+        if self.pet_lora_active:
+            out = out + self.cast(self._lora_branch(x), self.dtype)
+        if self.activation_flag:
+            out = self.activation(out)
+        out = ops.cast(out, ori_dtype)
+        return self.reshape(out, out_shape)
+
+
+def _mindformers_linear() -> Optional[type]:
+    # Only look if MindFormers is already imported: importing it costs seconds, and a
+    # net cannot hold a Linear unless it was.
+    module = sys.modules.get("mindformers.modules.layers")
+    return getattr(module, "Linear", None)
+
+
+def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
+    """(mixin, None) when LoRA can adapt ``cell``, else (None, reason)."""
+    linear = _mindformers_linear()
+    if isinstance(cell, nn.Dense):
+        base, mixin = nn.Dense, LoraDense
+    elif linear is not None and isinstance(cell, linear):
+        if cell.expert_flag or cell.use_gmm:
+            return None, "Linear with experts (expert_num > 1 or use_gmm) is not supported"
+        base, mixin = linear, LoraLinear
+    else:
+        return None, "LoRA adapts mindspore.nn.Dense and mindformers.modules.layers.Linear"
+    if type(cell).construct is not base.construct:
+        return None, (f"{type(cell).__name__} overrides {base.__name__}.construct, whose computation "
+                      f"pet_hooks cannot reproduce")
+    return mixin, None
+
+
+def can_adapt(cell: nn.Cell) -> Optional[str]:
+    """None when LoRA can adapt ``cell``, else the reason it cannot."""
+    return _mixin_for(cell)[1]
+
+
+def is_lora_cell(cell: nn.Cell) -> bool:
+    return getattr(type(cell), "pet_hooks_lora", False) is True
+
+
+_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
+
+
+def _patched_class(mixin: type, original: type) -> type:
+    """One generated subclass per (mixin, original class), reused so classes do not pile up."""
+    key = (mixin, original)
+    if key not in _CLASS_CACHE:
+        name = f"{mixin.__name__}_of_{original.__name__}"
+        _CLASS_CACHE[key] = type(name, (mixin, original), {"__module__": __name__})
+    return _CLASS_CACHE[key]
+
+
+@dataclass
+class LoraInjection:
+    """What was done to one cell, so that it can be undone exactly."""
+
+    path: str
+    cell: nn.Cell
+    original_class: type
+
+
+def select_targets(net: nn.Cell, cfg: LoraConfig) -> List[Tuple[str, nn.Cell]]:
+    """The cells ``cfg`` selects; raises ValueError before anything is changed."""
+    return select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=can_adapt,
+                        skip=lambda path, cell: is_lora_cell(cell) or path.rsplit(".", 1)[-1] == "lora_dropout")
+
+
+def _io_channels(cell: nn.Cell) -> Tuple[int, int]:
+    return int(cell.in_channels), int(cell.out_channels)
+
+
+def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
+    if cfg.compute_dtype is not None:
+        return getattr(mstype, cfg.compute_dtype)
+    # Linear computes in its compute_dtype; Dense in its weight's dtype (x must match it).
+    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else cell.weight.dtype
+
+
+def _init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.ndarray:
+    shape = (cfg.lora_rank, in_channels)
+    if cfg.lora_a_init == "normal":  # MindSpore's 'normal' initializer, as MindFormers uses
+        return rng.normal(0.0, 0.01, size=shape).astype(np.float32)
+    # kaiming_uniform(a=sqrt(5)) as PEFT and mindpet: bound = sqrt(6 / ((1 + a^2) * fan_in))
+    bound = math.sqrt(6.0 / ((1.0 + 5.0) * in_channels))
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+def init_rng(cfg: LoraConfig) -> np.random.Generator:
+    """Seeded by ``cfg.seed``, else by ``mindspore.set_seed`` when set (same deltas on every rank)."""
+    seed = cfg.seed if cfg.seed is not None else ms.get_seed()
+    return np.random.default_rng(seed)
+
+
+def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[LoraInjection]:
+    """Give every target its LoRA branch. All or nothing: on error the done part is undone."""
+    rng = init_rng(cfg)
+    done: List[LoraInjection] = []
+    try:
+        for path, cell in targets:
+            clash = [name for name in _ADDED_ATTRS if hasattr(cell, name)]
+            if clash:
+                raise ValueError(f"cell '{path}' ({type(cell).__name__}) already has attribute(s) {clash}")
+            mixin, _ = _mixin_for(cell)
+            record = LoraInjection(path, cell, type(cell))
+            try:
+                _add_branch(path, cell, cfg, rng)
+            except BaseException:
+                _strip_attrs(cell)
+                raise
+            cell.__class__ = _patched_class(mixin, type(cell))
+            done.append(record)
+    except BaseException:
+        for record in reversed(done):
+            eject(record)
+        raise
+    return done
+
+
+def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator) -> None:
+    in_ch, out_ch = _io_channels(cell)
+    param_dtype = getattr(mstype, cfg.param_init_type)
+    lora_a = Tensor(_init_a(rng, cfg, in_ch)).astype(param_dtype)
+    lora_b = Tensor(np.zeros((out_ch, cfg.lora_rank), np.float32)).astype(param_dtype)
+    # Explicit names: parameters added after construction get no path prefix.
+    cell.lora_A = Parameter(lora_a, name=f"{path}.lora_A", requires_grad=True)
+    cell.lora_B = Parameter(lora_b, name=f"{path}.lora_B", requires_grad=True)
+    cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
+    cell.lora_dropout.set_train(cell.training)
+    cell.lora_scaling = cfg.scaling
+    cell.lora_compute_dtype = _compute_dtype(cell, cfg)
+    cell.pet_lora_active = True
+
+
+def _strip_attrs(cell: nn.Cell) -> None:
+    for name in _ADDED_ATTRS:
+        if name in cell.__dict__ or name in cell._params or name in cell._cells:  # pylint: disable=protected-access
+            delattr(cell, name)
+
+
+def eject(record: LoraInjection) -> None:
+    """The mirror of inject for one cell: original class back, added attributes gone."""
+    record.cell.__class__ = record.original_class
+    _strip_attrs(record.cell)
+
+
+def set_active(record: LoraInjection, active: bool) -> None:
+    """Turn the branch on or off (graph mode needs force_recompile afterwards)."""
+    record.cell.pet_lora_active = bool(active)
+
+
+def deltas_of(record: LoraInjection) -> List[Parameter]:
+    return [record.cell.lora_A, record.cell.lora_B]
+
+
+def _delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
+    """``scaling * B @ A`` (float32), transposed when the weight is stored [in, out]."""
+    a = cell.lora_A.astype(mstype.float32).asnumpy()
+    b = cell.lora_B.astype(mstype.float32).asnumpy()
+    delta = cell.lora_scaling * (b @ a)
+    if getattr(cell, "transpose_b", True) is False:
+        delta = delta.T
+    return delta
+
+
+def merge_weight(record: LoraInjection, sign: int) -> None:
+    """Fold (+1) or unfold (-1) the branch into the base weight, computed in float32."""
+    cell = record.cell
+    weight = cell.weight
+    merged = weight.astype(mstype.float32).asnumpy() + sign * _delta_in_weight_layout(cell)
+    weight.set_data(Tensor(merged, mstype.float32).astype(weight.dtype))

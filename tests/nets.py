@@ -1,0 +1,109 @@
+"""Tiny nets for the tests, each with a NumPy reference of its forward pass.
+
+Every case names the cells LoRA targets and computes, independently of pet_hooks,
+``act(x @ W^T + b + scaling * x @ A^T @ B^T)`` for those cells from the parameter values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+ACTIVATIONS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "": lambda v: v,
+    "relu": lambda v: np.maximum(v, 0.0),
+    "tanh": np.tanh,
+}
+
+
+class TwoDense(nn.Cell):
+    """dense1 (with an activation) -> dense2, on inputs of any rank."""
+
+    def __init__(self, act: str = "relu", has_bias: bool = True, dtype=ms.float32, din=6, dh=10, dout=4):
+        super().__init__()
+        self.dense1 = nn.Dense(din, dh, activation=act or None, has_bias=has_bias, dtype=dtype)
+        self.dense2 = nn.Dense(dh, dout, has_bias=has_bias, dtype=dtype)
+        self.act = act
+
+    def construct(self, x):
+        return self.dense2(self.dense1(x))
+
+
+class TwoLinear(nn.Cell):
+    """MindFormers' Linear twice: transpose_b as given, compute dtype as given."""
+
+    def __init__(self, transpose_b=True, compute_dtype=ms.float32, act="", din=6, dh=10, dout=4):
+        super().__init__()
+        from mindformers.modules.layers import Linear
+        self.linear1 = Linear(din, dh, transpose_b=transpose_b, compute_dtype=compute_dtype,
+                              activation=act or None, weight_init="normal", bias_init="normal")
+        self.linear2 = Linear(dh, dout, transpose_b=transpose_b, compute_dtype=compute_dtype)
+        self.act = act
+
+    def construct(self, x):
+        return self.linear2(self.linear1(x))
+
+
+def _get(net, path):
+    cell = net
+    for part in path.split("."):
+        cell = getattr(cell, part)
+    return cell
+
+
+def np_layer(cell, x: np.ndarray, act: str = "", with_lora: bool = True) -> np.ndarray:
+    """NumPy forward of one (possibly LoRA-patched) Dense/Linear, float32."""
+    w = cell.weight.astype(ms.float32).asnumpy()
+    if getattr(cell, "transpose_b", True) is False:
+        w = w.T                                    # stored [in, out]
+    y = x @ w.T
+    if cell.has_bias:
+        y = y + cell.bias.astype(ms.float32).asnumpy()
+    if with_lora and hasattr(cell, "lora_A"):
+        a = cell.lora_A.astype(ms.float32).asnumpy()
+        b = cell.lora_B.astype(ms.float32).asnumpy()
+        y = y + cell.lora_scaling * (x @ a.T @ b.T)
+    return ACTIVATIONS[act](y)
+
+
+@dataclass
+class Case:
+    """One row of the LoRA table: how to build the net, its input and the reference."""
+
+    name: str
+    build: Callable[[], nn.Cell]
+    layers: Tuple[str, str]               # the two cells, in order
+    in_shape: Tuple[int, ...]
+    dtype: object = ms.float32
+    tol: float = 1e-5
+    needs_mindformers: bool = False
+
+    def pattern(self) -> str:
+        return "|".join(f".*{layer}" for layer in self.layers)
+
+    def reference(self, net, x: np.ndarray, with_lora: bool = True) -> np.ndarray:
+        h = x.astype(np.float32).reshape(-1, x.shape[-1])
+        first, second = (_get(net, p) for p in self.layers)
+        h = np_layer(first, h, net.act, with_lora)
+        h = np_layer(second, h, "", with_lora)
+        return h.reshape(x.shape[:-1] + (h.shape[-1],))
+
+    def input(self, rng) -> Tensor:
+        return Tensor(rng.standard_normal(self.in_shape).astype(np.float32)).astype(self.dtype)
+
+
+CASES = [
+    Case("dense_relu_3d", lambda: TwoDense("relu"), ("dense1", "dense2"), (2, 3, 6)),
+    Case("dense_tanh_2d", lambda: TwoDense("tanh"), ("dense1", "dense2"), (5, 6)),
+    Case("dense_nobias", lambda: TwoDense("", has_bias=False), ("dense1", "dense2"), (2, 3, 6)),
+    Case("dense_fp16", lambda: TwoDense("relu", dtype=ms.float16), ("dense1", "dense2"), (4, 6),
+         dtype=ms.float16, tol=2e-2),
+    Case("mf_linear", lambda: TwoLinear(True), ("linear1", "linear2"), (2, 3, 6), needs_mindformers=True),
+    Case("mf_linear_untransposed_tanh", lambda: TwoLinear(False, act="tanh"), ("linear1", "linear2"),
+         (2, 3, 6), needs_mindformers=True),
+    Case("mf_linear_fp16_compute", lambda: TwoLinear(True, compute_dtype=ms.float16), ("linear1", "linear2"),
+         (2, 3, 6), tol=2e-2, needs_mindformers=True),
+]
