@@ -40,14 +40,14 @@ def _is_excluded(path: str, excludes: Optional[Sequence[str]]) -> bool:
     return any(re.fullmatch(pattern, prefix) for pattern in excludes for prefix in prefixes)
 
 
-def _hint(pattern: str, candidates: List[str], limit: int = 6) -> str:
-    """A few adaptable names, the closest to the pattern first."""
+def _hint(pattern: str, candidates: List[str], limit: int = 4) -> str:
+    """The adaptable cells' distinct last names, and a few full paths, the closest first."""
     if not candidates:
         return "the net has no cell this method can adapt"
+    leaves = sorted({path.rsplit(".", 1)[-1] for path in candidates})
     close = difflib.get_close_matches(pattern.replace(".*", ""), candidates, n=limit, cutoff=0.0)
-    shown = close or candidates[:limit]
-    more = f" (and {len(candidates) - len(shown)} more)" if len(candidates) > len(shown) else ""
-    return "adaptable cells include: " + ", ".join(shown) + more
+    return (f"adaptable cells end in {', '.join(leaves)}; for example {', '.join(close or candidates[:limit])}"
+            f" ({len(candidates)} in all)")
 
 
 def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,

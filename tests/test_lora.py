@@ -6,6 +6,8 @@ disable_adapters; the result is the same in both modes.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -15,7 +17,10 @@ import pet_hooks
 from tests.conftest import assert_params_equal, snapshot
 from tests.nets import CASES, Case, _get
 
-CASE_PARAMS = [pytest.param(c, id=c.name) for c in CASES]
+NEEDS_MINDFORMERS = pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
+                                       reason="mindformers is not installed (pip install -e '.[mindformers]')")
+CASE_PARAMS = [pytest.param(c, id=c.name, marks=[NEEDS_MINDFORMERS] if c.needs_mindformers else [])
+               for c in CASES]
 
 
 def _lora(case: Case, **extra) -> dict:

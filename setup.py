@@ -1,0 +1,31 @@
+"""pet_hooks: parameter-efficient tuning for unmodified MindSpore training scripts."""
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = {}
+with open(os.path.join(HERE, "pet_hooks", "_version.py"), encoding="utf-8") as handle:
+    exec(handle.read(), VERSION)  # pylint: disable=exec-used
+
+setup(
+    name="pet_hooks",
+    version=VERSION["__version__"],
+    description="LoRA, P-Tuning v2 and Prefix-Tuning added on the fly to existing MindSpore models",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["pet_hooks", "pet_hooks.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "mindspore==2.9.0",
+        "numpy<2",          # MindSpore 2.9 is built against NumPy 1.x
+        "wrapt>=1.14",
+        "pyyaml>=5.4",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "mindformers": ["mindformers==1.9.0"],
+        "test": ["pytest>=7", "pytest-mock>=3", "hypothesis>=6"],
+    },
+    entry_points={"console_scripts": ["pet-hooks=pet_hooks.cli:main"]},
+)

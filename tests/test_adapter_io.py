@@ -1,0 +1,169 @@
+"""save_adapter / load_adapter: the files, the round trip in both modes, atomic writes, and bad adapters."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from mindspore import Tensor, nn
+from safetensors.numpy import load_file, save_file
+
+import pet_hooks
+from pet_hooks import adapter_io
+from samples.tiny_gpt import GPTWithLoss, build
+from tests.conftest import assert_params_equal, snapshot
+
+CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*dense1|.*dense3|.*mapping"}
+SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
+
+
+def _gpt(seed=0):
+    return build(seed=seed, **SMALL)
+
+
+def _ids(rng, batch=2):
+    return Tensor(rng.integers(0, 256, (batch, SMALL["seq_length"])).astype(np.int32))
+
+
+def _train(net, rng, steps=3):
+    step = nn.TrainOneStepCell(GPTWithLoss(net), nn.Adam(net.trainable_params(), 1e-2))
+    step.set_train(True)
+    for _ in range(steps):
+        step(_ids(rng), _ids(rng))
+    step.set_train(False)
+
+
+def test_round_trip_into_a_fresh_net(mode, rng, tmp_path):
+    net = _gpt()
+    pet_hooks.apply(net, CFG)
+    _train(net, rng)
+    x = _ids(rng)
+    trained = net(x).asnumpy()
+    pet_hooks.save_adapter(net, tmp_path / "adapter")
+
+    files = sorted(os.listdir(tmp_path / "adapter"))
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert meta["pet_config"]["lora_rank"] == 4 and meta["base_model_class"].endswith("TinyGPT")
+    assert meta["pet_hooks_version"] == pet_hooks.__version__
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert sorted(tensors) == sorted(p.name for p in pet_hooks.delta_parameters(net))  # only the deltas
+    for param in pet_hooks.delta_parameters(net):
+        np.testing.assert_array_equal(tensors[param.name], param.asnumpy())
+    assert pet_hooks.load_config(str(tmp_path / "adapter" / "adapter_config.json")) == pet_hooks.load_config(CFG)
+
+    fresh = _gpt()                                # same base weights, no PET yet
+    base = fresh(x).asnumpy()
+    assert not np.allclose(base, trained)
+    pet_hooks.load_adapter(fresh, tmp_path / "adapter")  # applies the saved config first
+    np.testing.assert_allclose(fresh(x).asnumpy(), trained, atol=1e-6)
+    assert sorted(p.name for p in fresh.trainable_params()) == sorted(tensors)
+
+
+def test_load_into_a_net_that_already_has_the_same_pet(mode, rng, tmp_path):
+    net = _gpt()
+    pet_hooks.apply(net, CFG)
+    _train(net, rng, steps=2)
+    pet_hooks.save_adapter(net, tmp_path)
+    other = pet_hooks.apply(_gpt(), {**CFG, "seed": 99})  # seed only changes the init
+    pet_hooks.load_adapter(other, tmp_path)
+    for a, b in zip(pet_hooks.delta_parameters(net), pet_hooks.delta_parameters(other)):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+
+
+def test_freeze_exclude_params_travel_with_the_adapter(mode, rng, tmp_path):
+    net = _gpt()
+    pet_hooks.apply(net, {**CFG, "freeze_exclude": ["ln_f.*"]})
+    _train(net, rng, steps=2)
+    pet_hooks.save_adapter(net, tmp_path)
+    assert {"ln_f.gamma", "ln_f.beta"} <= set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    fresh = _gpt()
+    pet_hooks.load_adapter(fresh, tmp_path)
+    np.testing.assert_array_equal(fresh.ln_f.gamma.asnumpy(), net.ln_f.gamma.asnumpy())
+
+
+def test_save_is_atomic(rng, tmp_path, monkeypatch):
+    net = pet_hooks.apply(_gpt(), CFG)
+    pet_hooks.save_adapter(net, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    net.blocks[0].attention.dense1.lora_B.set_data(Tensor(np.ones((16, 4), np.float32)))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(adapter_io.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pet_hooks.save_adapter(net, tmp_path)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before  # no temp left
+    pet_hooks.load_adapter(_gpt(), tmp_path)       # the previous adapter is still complete
+
+
+def _saved(tmp_path, rng):
+    net = pet_hooks.apply(_gpt(), CFG)
+    _train(net, rng, steps=1)
+    pet_hooks.save_adapter(net, tmp_path)
+    return tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+
+
+def _rewrite(path, change):
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+NAME = "blocks.0.attention.dense1.lora_A"
+BAD_ADAPTERS = [
+    ("missing weights", lambda w, c: os.remove(w), FileNotFoundError, ["adapter_model.safetensors"]),
+    ("missing config", lambda w, c: os.remove(c), FileNotFoundError, ["adapter_config.json"]),
+    ("truncated weights", lambda w, c: w.write_bytes(w.read_bytes()[:100]), ValueError,
+     ["adapter_model.safetensors", "not a readable safetensors"]),
+    ("garbage weights", lambda w, c: w.write_bytes(b"\x00" * 64), ValueError, ["not a readable safetensors"]),
+    ("wrong shape", lambda w, c: _rewrite(w, lambda t: t.__setitem__(NAME, np.zeros((4, 32), np.float32))),
+     ValueError, [NAME, "(4, 32)", "(4, 16)"]),
+    ("wrong dtype", lambda w, c: _rewrite(w, lambda t: t.__setitem__(NAME, t[NAME].astype(np.float16))),
+     ValueError, [NAME, "float16"]),
+    ("missing tensor", lambda w, c: _rewrite(w, lambda t: t.pop(NAME)), ValueError, [NAME, "no tensor"]),
+    ("extra tensor", lambda w, c: _rewrite(w, lambda t: t.__setitem__("head.lora_A", np.zeros((4, 16), np.float32))),
+     ValueError, ["head.lora_A", "match no adapter parameter"]),
+    ("corrupt config", lambda w, c: c.write_text("{not json"), ValueError, ["adapter_config.json", "cannot parse"]),
+    ("config for a bigger rank", lambda w, c: c.write_text(json.dumps(
+        {"pet_config": {**CFG, "lora_rank": 8}})), ValueError, [NAME, "(8, 16)"]),
+    ("unknown key in config", lambda w, c: c.write_text(json.dumps({"pet_config": {**CFG, "rank": 8}})),
+     ValueError, ["adapter_config.json", "'rank'"]),
+]
+
+
+@pytest.mark.parametrize("what,damage,exc,words", BAD_ADAPTERS, ids=[b[0] for b in BAD_ADAPTERS])
+def test_bad_adapter_leaves_the_net_as_it_was(rng, tmp_path, what, damage, exc, words):
+    weights, config = _saved(tmp_path, rng)
+    damage(weights, config)
+    net = _gpt(seed=1)
+    classes = {name: type(cell) for name, cell in net.cells_and_names()}
+    values = snapshot(net)
+    with pytest.raises(exc) as info:
+        pet_hooks.load_adapter(net, tmp_path)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert not pet_hooks.surgery.has_pet(net)
+    assert {name: type(cell) for name, cell in net.cells_and_names()} == classes
+    assert snapshot(net).keys() == values.keys()
+    assert_params_equal(values, net)
+    assert all(p.requires_grad for p in net.get_parameters())
+
+
+def test_adapter_for_a_different_config_than_applied(rng, tmp_path):
+    _saved(tmp_path, rng)
+    net = pet_hooks.apply(_gpt(), {**CFG, "lora_rank": 2})
+    deltas = {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(net)}
+    with pytest.raises(ValueError, match="different PET config"):
+        pet_hooks.load_adapter(net, tmp_path)
+    assert_params_equal(deltas, net)
+
+
+def test_missing_directory_and_save_without_pet(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        pet_hooks.load_adapter(_gpt(), tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no PET applied"):
+        pet_hooks.save_adapter(_gpt(), tmp_path)

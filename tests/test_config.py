@@ -1,0 +1,124 @@
+"""load_config and the config dataclasses: every accepted form, and a table of bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import pet_hooks
+from pet_hooks import LoraConfig, PetConfigError, PrefixTuningConfig, PTuning2Config, load_config
+
+SEED = {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+        "target_modules": ".*dense1|.*dense2|.*dense3"}
+SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "configs")
+
+
+def test_seed_example_mapping():
+    cfg = load_config(SEED)
+    assert isinstance(cfg, LoraConfig)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == (8, 16, 0.1, SEED["target_modules"])
+    assert cfg.scaling == 2.0
+    assert load_config(cfg) is cfg
+
+
+def test_mindformers_run_yaml(tmp_path):
+    cfg = load_config(os.path.join(SAMPLES, "gpt2_lora_mindformers.yaml"))
+    assert cfg == load_config(SEED)
+    assert cfg.model_hints == {"num_layers": 2, "hidden_size": 64, "num_heads": 4}
+
+
+def test_top_level_pet_config_yaml_and_json(tmp_path):
+    yaml_path = tmp_path / "pet.yaml"
+    yaml_path.write_text("pet_config:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in SEED.items()))
+    json_path = tmp_path / "pet.json"
+    json_path.write_text(json.dumps(SEED))
+    assert load_config(str(yaml_path)) == load_config(json_path) == load_config(SEED)
+
+
+def test_mindformers_extra_keys_accepted():
+    cfg = load_config({**SEED, "lora_a_init": "normal", "lora_b_init": "zero", "param_init_type": "float32",
+                       "compute_dtype": "float16", "exclude_layers": ["lm_head"], "freeze_include": None,
+                       "freeze_exclude": ["*ln_f*"]})
+    assert (cfg.lora_a_init, cfg.compute_dtype, cfg.exclude_layers) == ("normal", "float16", ["lm_head"])
+
+
+def test_prefix_configs_validate():
+    assert PTuning2Config(pre_seq_len=8, prefix_projection=True, projection_dim=32).pre_seq_len == 8
+    assert PrefixTuningConfig(prefix_token_num=4, mid_dim=16).mid_dim == 16
+    assert isinstance(load_config({"pet_type": "ptuning2", "pre_seq_len": 4, "dropout_prob": 0.1}), PTuning2Config)
+
+
+BAD_CONFIGS = [
+    # (mapping, exception, words the message must contain)
+    ({**SEED, "lora_rank": 0}, ValueError, ["lora_rank", "0"]),
+    ({**SEED, "lora_rank": -2}, ValueError, ["lora_rank", "-2"]),
+    ({**SEED, "lora_rank": "8"}, TypeError, ["lora_rank", "'8'"]),
+    ({**SEED, "lora_rank": 2.5}, TypeError, ["lora_rank", "2.5"]),
+    ({**SEED, "lora_rank": True}, TypeError, ["lora_rank", "True"]),
+    ({**SEED, "lora_alpha": 0}, ValueError, ["lora_alpha", "0"]),
+    ({**SEED, "lora_alpha": "big"}, TypeError, ["lora_alpha", "big"]),
+    ({**SEED, "lora_dropout": 1.0}, ValueError, ["lora_dropout", "1.0"]),
+    ({**SEED, "lora_dropout": -0.1}, ValueError, ["lora_dropout", "-0.1"]),
+    ({**SEED, "target_modules": ""}, ValueError, ["target_modules", "empty"]),
+    ({**SEED, "target_modules": "(unclosed"}, ValueError, ["target_modules", "(unclosed"]),
+    ({**SEED, "target_modules": []}, ValueError, ["target_modules", "empty"]),
+    ({**SEED, "target_modules": ["ok", 3]}, TypeError, ["target_modules", "3"]),
+    ({**SEED, "target_modules": None}, ValueError, ["target_modules", "required"]),
+    ({**SEED, "exclude_layers": ["[bad"]}, ValueError, ["exclude_layers", "[bad"]),
+    ({**SEED, "lora_a_init": "xavier"}, ValueError, ["lora_a_init", "xavier"]),
+    ({**SEED, "lora_b_init": "normal"}, ValueError, ["lora_b_init", "normal"]),
+    ({**SEED, "use_rslora": "yes"}, TypeError, ["use_rslora", "yes"]),
+    ({**SEED, "param_init_type": "int8"}, ValueError, ["param_init_type", "int8"]),
+    ({**SEED, "freeze_exclude": [1]}, TypeError, ["freeze_exclude"]),
+    ({**SEED, "lora_rnak": 4}, ValueError, ["lora_rnak"]),
+    ({**SEED, "pet_type": "adapterx"}, ValueError, ["pet_type", "adapterx"]),
+    ({"lora_rank": 8}, ValueError, ["pet_type"]),
+    ({"pet_type": "ptuning2", "pre_seq_len": 0}, ValueError, ["pre_seq_len", "0"]),
+    ({"pet_type": "ptuning2", "prefix_projection": True}, ValueError, ["projection_dim"]),
+    ({"pet_type": "prefixtuning", "mid_dim": -1}, ValueError, ["mid_dim", "-1"]),
+]
+
+
+@pytest.mark.parametrize("mapping,exc,words", BAD_CONFIGS, ids=[str(i) for i in range(len(BAD_CONFIGS))])
+def test_bad_config_values(mapping, exc, words):
+    with pytest.raises(exc) as info:
+        load_config(mapping)
+    assert isinstance(info.value, ValueError)  # every config error is also a ValueError
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+BAD_FILES = [
+    ("list.yaml", b"- 1\n- 2\n", ["top level must be a mapping"]),
+    ("none.yaml", b"model:\n  model_config:\n    num_layers: 2\n", ["no PET configuration"]),
+    ("latin1.yaml", "pet_type: lora  # caf\xe9\n".encode("latin-1"), ["not UTF-8"]),
+    ("broken.yaml", b"pet_config: {pet_type: lora, lora_rank: [\n", ["cannot parse"]),
+    ("broken.json", b"{\"pet_type\": ", ["cannot parse"]),
+    ("tag.yaml", b"pet_config: !!python/object/apply:os.system ['echo hacked']\n", ["cannot parse"]),
+]
+
+
+@pytest.mark.parametrize("name,content,words", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_config_files(tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(PetConfigError) as info:
+        load_config(str(path))
+    for word in words + [name]:
+        assert word in str(info.value)
+
+
+def test_missing_file_and_wrong_source_type(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(TypeError, match="int"):
+        load_config(42)
+
+
+def test_public_names():
+    expected = {"PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "load_config", "apply",
+                "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
+                "save_adapter", "load_adapter"}
+    assert expected <= set(pet_hooks.__all__)
+    assert all(hasattr(pet_hooks, name) for name in pet_hooks.__all__)
