@@ -12,10 +12,16 @@ from .adapter_io import load_adapter, save_adapter
 from .config import LoraConfig, PetConfig, PetConfigError, PrefixTuningConfig, PTuning2Config, load_config
 from .surgery import (apply, delta_parameters, disable_adapters, merge, remove, trainable_summary,
                       unmerge)
+from .flow import install_optimizer_recorder as _install_optimizer_recorder
+from .hooks.callback import PetCallback
+
+# Optimizers do not keep their constructor arguments; record them from now on so that the
+# front doors can rebuild "the same optimizer over the deltas" (see flow.py).
+_install_optimizer_recorder()
 
 __all__ = [
     "__version__",
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "PetConfigError", "load_config",
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
-    "save_adapter", "load_adapter",
+    "save_adapter", "load_adapter", "PetCallback",
 ]

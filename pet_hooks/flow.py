@@ -1,0 +1,220 @@
+"""The core flow the front doors share: find the model, adapt it once, point the optimizer at the deltas.
+
+    config -> match -> inject -> freeze        (surgery.apply, idempotent)
+           -> optimizer                        (params_for_optimizer / rebuild_optimizer / attach_to_train_step)
+           -> adapter on disk                  (save_for_rank)
+
+``PetCallback``, ``enable()`` and ``pet-hooks run`` only decide *when* these run. MindSpore
+optimizers do not keep their constructor arguments, so importing pet_hooks installs a light
+recorder on ``nn.Optimizer.__new__`` (which sees the subclass's own arguments); rebuilding
+"the same optimizer over the deltas" replays them with the parameters swapped.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import weakref
+from typing import Any, Dict, Iterable, List, Optional
+
+from mindspore import Parameter, nn
+
+from .hooks.patching import MARK, is_patched
+from .surgery import apply, get_state
+from .adapter_io import save_adapter
+
+__all__ = ["unwrap_model", "adapt", "params_for_optimizer", "rebuild_optimizer", "attach_to_train_step",
+           "install_optimizer_recorder", "uninstall_optimizer_recorder", "save_for_rank", "is_rank_zero"]
+
+logger = logging.getLogger("pet_hooks")
+
+
+# ----------------------------------------------------------------------------- which cell is the model
+def _own_params(cell: nn.Cell) -> bool:
+    return bool(cell._params) or bool(cell._params_list)  # pylint: disable=protected-access
+
+
+def unwrap_model(cell: nn.Cell) -> nn.Cell:
+    """The model inside wrappers (train step, loss cell, a user's ``NetWithLoss``).
+
+    Descends while the cell holds no parameters of its own and exactly one child holds any:
+    ``TrainOneStepCell(WithLossCell(net, loss), opt)`` has two (network and optimizer), so the
+    train step is unwrapped by attribute first.
+    """
+    while True:
+        for attr in ("network", "_backbone"):  # TrainOneStep*Cell, WithLossCell / WithEvalCell
+            inner = cell.__dict__.get("_cells", {}).get(attr)
+            if isinstance(inner, nn.Cell) and (attr == "_backbone" or hasattr(cell, "optimizer")):
+                cell = inner
+                break
+        else:
+            if _own_params(cell):
+                return cell
+            holders = [c for c in cell._cells.values()  # pylint: disable=protected-access
+                       if isinstance(c, nn.Cell) and not isinstance(c, nn.Optimizer)
+                       and next(iter(c.get_parameters()), None) is not None]
+            if len(holders) != 1:
+                return cell
+            cell = holders[0]
+
+
+def adapt(model: nn.Cell, cfg) -> nn.Cell:
+    """Apply PET to ``model`` unless it already has this config (a model is adapted once)."""
+    return apply(model, cfg)
+
+
+# ----------------------------------------------------------------------------- the optimizer follows
+def _home_of(model: nn.Cell) -> Dict[int, Parameter]:
+    """delta id -> the base parameter whose optimizer group it joins (its layer's weight)."""
+    state = get_state(model)
+    homes: Dict[int, Parameter] = {}
+    for record in state.injections:
+        home = getattr(record.cell, "weight", None)
+        for delta in state.tuner.deltas_of(record):
+            if isinstance(home, Parameter):
+                homes[id(delta)] = home
+    for kept in state.kept:
+        homes[id(kept)] = kept
+    return homes
+
+
+def params_for_optimizer(params: Any, model: nn.Cell) -> Any:
+    """What an optimizer should get instead of ``params``: the model's trainable PET parameters.
+
+    A flat list (or generator) becomes the trainable parameters; grouped parameters keep their
+    groups and settings, each delta joining the group that held its layer's weight (or the
+    first group), groups left empty dropped, and ``order_params`` left out.
+    """
+    trainable = model.trainable_params()
+    items = list(params) if not isinstance(params, (list, tuple)) else list(params)
+    if not items or not all(isinstance(g, dict) for g in items):
+        return trainable
+    homes = _home_of(model)
+    groups = [dict(g) for g in items if "params" in g]
+    owners = [{id(p) for p in g["params"]} for g in groups]
+    placed: List[List[Parameter]] = [[] for _ in groups]
+    for param in trainable:
+        home = homes.get(id(param), param)
+        index = next((i for i, ids in enumerate(owners) if id(home) in ids), 0)
+        placed[index].append(param)
+    result = []
+    for group, members in zip(groups, placed):
+        if members:
+            group["params"] = members
+            result.append(group)
+    return result
+
+
+_RECORDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _recording_new(cls, *args, **kwargs):
+    this = nn.Cell.__new__(cls, *args, **kwargs)
+    try:
+        _RECORDED[this] = (args, dict(kwargs))
+    except TypeError:  # not weak-referenceable: nothing to record, nothing breaks
+        pass
+    return this
+
+
+setattr(_recording_new, MARK, True)
+
+
+def install_optimizer_recorder() -> None:
+    """Record the constructor arguments of every optimizer built from now on (idempotent)."""
+    current = nn.Optimizer.__dict__.get("__new__")
+    if current is not None and is_patched(getattr(current, "__func__", current)):
+        return
+    nn.Optimizer.__new__ = staticmethod(_recording_new)
+
+
+def uninstall_optimizer_recorder() -> None:
+    current = nn.Optimizer.__dict__.get("__new__")
+    if current is not None and is_patched(getattr(current, "__func__", current)):
+        del nn.Optimizer.__new__
+
+
+def _init_signature(cls: type) -> inspect.Signature:
+    """The signature of ``cls.__init__``, seen through MindSpore's ``opt_init_args_register``
+    decorator, which hides it behind ``(self, *args, **kwargs)`` without ``functools.wraps``."""
+    init = cls.__init__
+    signature = inspect.signature(init)
+    kinds = [p.kind for p in signature.parameters.values()][1:]
+    if kinds == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]:
+        for cell in getattr(init, "__closure__", None) or ():
+            inner = cell.cell_contents
+            if inspect.isfunction(inner) and inner.__name__ == "__init__":
+                return inspect.signature(inner)
+    return signature
+
+
+def rebuild_optimizer(optimizer: nn.Optimizer, model: nn.Cell) -> nn.Optimizer:
+    """An optimizer of the same class and settings as ``optimizer``, over the PET parameters.
+
+    Raises:
+        ValueError: the constructor arguments were not recorded (the optimizer was built
+            before pet_hooks was imported) or replaying them failed; names the class.
+    """
+    cls = type(optimizer)
+    record = _RECORDED.get(optimizer)
+    if record is None:
+        raise ValueError(f"cannot rebuild optimizer {cls.__name__} over the PET parameters: its constructor "
+                         f"arguments were not recorded (import pet_hooks before building the optimizer, or "
+                         f"build it over net.trainable_params() after pet_hooks.apply)")
+    args, kwargs = record
+    try:
+        bound = _init_signature(cls).bind(optimizer, *args, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"cannot rebuild optimizer {cls.__name__}: recorded arguments do not fit ({err})") from None
+    first = next(iter(list(bound.signature.parameters.values())[1:]), None)
+    first = first.name if first is not None and first.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY) else None
+    if first is None or first not in bound.arguments:
+        raise ValueError(f"cannot rebuild optimizer {cls.__name__}: cannot tell which argument holds the parameters")
+    bound.arguments[first] = params_for_optimizer(bound.arguments[first], model)
+    try:
+        return cls(*bound.args[1:], **bound.kwargs)
+    except Exception as err:
+        raise ValueError(f"cannot rebuild optimizer {cls.__name__} over the PET parameters: {err}") from err
+
+
+def _holds_exactly(optimizer: nn.Optimizer, params: Iterable[Parameter]) -> bool:
+    return {id(p) for p in optimizer.parameters} == {id(p) for p in params}
+
+
+def attach_to_train_step(train_cell: nn.Cell, model: nn.Cell) -> Optional[nn.Optimizer]:
+    """Point a ``TrainOneStep*Cell`` at an optimizer over the PET parameters; returns the new one.
+
+    Returns None when its optimizer already holds exactly those parameters.
+    """
+    optimizer = getattr(train_cell, "optimizer", None)
+    if not isinstance(optimizer, nn.Optimizer) or not hasattr(train_cell, "weights"):
+        raise ValueError(f"{type(train_cell).__name__} is not a train-step cell with an optimizer "
+                         f"(expected TrainOneStepCell, TrainOneStepWithLossScaleCell or a subclass)")
+    if _holds_exactly(optimizer, model.trainable_params()):
+        return None
+    new = rebuild_optimizer(optimizer, model)
+    train_cell.optimizer = new
+    train_cell.weights = new.parameters
+    if getattr(train_cell, "reducer_flag", False):  # data parallel: the reducer is sized by the weights
+        from mindspore.nn.wrap.grad_reducer import DistributedGradReducer
+        train_cell.grad_reducer = DistributedGradReducer(new.parameters, train_cell.mean, train_cell.degree)
+    return new
+
+
+# ----------------------------------------------------------------------------- the adapter on disk
+def is_rank_zero() -> bool:
+    """True unless this process is a non-zero rank of a distributed job."""
+    for var in ("RANK_ID", "RANK"):
+        if os.environ.get(var, "0").strip() not in ("", "0"):
+            return False
+    return True
+
+
+def save_for_rank(model: nn.Cell, directory: str) -> Optional[str]:
+    """Save the adapter from rank 0 only; other ranks do nothing."""
+    if not is_rank_zero():
+        return None
+    path = save_adapter(model, directory)
+    logger.info("pet_hooks: adapter saved to %s", path)
+    return path

@@ -1,0 +1,67 @@
+"""``PetCallback``: PET for a script that trains with ``mindspore.train.Model``.
+
+    model = Model(net, loss_fn, opt)
+    model.train(2, dataset, callbacks=[PetCallback("pet.yaml", save_dir="adapter/", save_steps=100)])
+
+At train begin it adapts the model inside the train network and gives the train step an
+optimizer of the same class and settings over the deltas only; it saves the adapter every
+``save_steps`` steps and at train end (rank 0 only). It holds no PET logic of its own: the
+work is ``pet_hooks.flow``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from mindspore.train import Callback
+
+from .. import flow
+from .._ms_compat import force_recompile
+from ..config import load_config
+
+__all__ = ["PetCallback"]
+
+logger = logging.getLogger("pet_hooks")
+
+
+class PetCallback(Callback):
+    """Apply PET at train begin and keep the adapter on disk.
+
+    Args:
+        cfg: anything ``load_config`` takes (path, mapping, config).
+        save_dir: where to save the adapter; None saves nothing.
+        save_steps: also save every this many steps (needs ``save_dir``).
+    """
+
+    def __init__(self, cfg, save_dir: Optional[str] = None, save_steps: Optional[int] = None):
+        super().__init__()
+        self.config = load_config(cfg)
+        if save_steps is not None and (isinstance(save_steps, bool) or not isinstance(save_steps, int)
+                                       or save_steps < 1):
+            raise ValueError(f"save_steps must be a positive integer, got {save_steps!r}")
+        if save_steps is not None and save_dir is None:
+            raise ValueError("save_steps needs save_dir")
+        self.save_dir = save_dir
+        self.save_steps = save_steps
+        self.model = None
+
+    def on_train_begin(self, run_context):
+        params = run_context.original_args()
+        train_network = params.train_network
+        model = flow.unwrap_model(params.network if params.network is not None else train_network)
+        flow.adapt(model, self.config)
+        new_optimizer = flow.attach_to_train_step(train_network, model)
+        if new_optimizer is not None:
+            params.optimizer = new_optimizer
+        force_recompile()  # the train step may have been compiled already (Model.build, sink mode)
+        self.model = model
+
+    def on_train_step_end(self, run_context):
+        if self.save_steps and self.model is not None:
+            step = run_context.original_args().cur_step_num
+            if step % self.save_steps == 0:
+                flow.save_for_rank(self.model, self.save_dir)
+
+    def on_train_end(self, run_context):
+        if self.save_dir is not None and self.model is not None:
+            flow.save_for_rank(self.model, self.save_dir)
