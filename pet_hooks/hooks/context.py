@@ -1,0 +1,137 @@
+"""``enable(cfg)``: PET for models and optimizers a block of code builds, without touching that code.
+
+    with pet_hooks.enable("pet.yaml") as session:
+        net = MyGPT(...)                                   # an ordinary model
+        opt = nn.Adam(net.get_parameters(), 1e-3)          # gets PET; opt holds only the deltas
+        ... the script's own loop ...
+    session.models                                         # the models that were adapted
+
+Two ``wrapt`` patches, both undone on exit (also when the body raises), each attribute set
+back to the identical original object:
+
+- ``nn.Cell.__init__`` notes every cell built inside the block, so that the models built
+  before or after it are never touched;
+- ``nn.Optimizer.__init__`` (reached through ``super().__init__`` from every optimizer
+  class) finds the model built inside the block that owns the parameters it is given,
+  adapts that model once, and hands the optimizer the model's PET parameters instead,
+  keeping parameter groups and their settings.
+
+Models built inside the block but given no optimizer there are adapted when the block ends
+normally. Loss cells, optimizers and train-step wrappers are not models: the adapted cell
+is the model inside them (``flow.unwrap_model``). ``enable`` does not nest: entering it while
+it is active raises RuntimeError.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import weakref
+from typing import Iterator, List, Optional
+
+from mindspore import Parameter, nn
+
+from .. import flow
+from ..config import PetConfig, load_config
+from ..surgery import has_pet
+from .patching import PatchSet
+
+__all__ = ["enable", "PetSession", "active_session"]
+
+logger = logging.getLogger("pet_hooks")
+_ACTIVE: Optional["PetSession"] = None
+_OPTIMIZER_INIT = inspect.signature(nn.Optimizer.__init__)
+
+
+class PetSession:
+    """What one ``enable()`` block saw: the cells built in it and the models it adapted."""
+
+    def __init__(self, config: PetConfig):
+        self.config = config
+        self.models: List[nn.Cell] = []
+        self._built: "weakref.WeakSet[nn.Cell]" = weakref.WeakSet()
+
+    # -- the two interceptions ------------------------------------------------------------
+    def note_cell(self, wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        if instance is not None:
+            self._built.add(instance)
+        return result
+
+    def redirect_optimizer(self, wrapped, instance, args, kwargs):
+        bound = _OPTIMIZER_INIT.bind(instance, *args, **kwargs)
+        params = bound.arguments.get("parameters")
+        if params is not None and not isinstance(params, (list, tuple)):
+            params = list(params)  # a generator such as net.get_parameters(): read it once
+            bound.arguments["parameters"] = params
+        models = self._models_owning(params or [])
+        if models:
+            for model in models:
+                self._adapt(model)
+            bound.arguments["parameters"] = (flow.params_for_optimizer(params, models[0]) if len(models) == 1
+                                             else [p for m in models for p in m.trainable_params()])
+        return wrapped(*bound.args[1:], **bound.kwargs)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _roots(self) -> List[nn.Cell]:
+        """Cells built in the block that no other such cell contains, optimizers left out."""
+        built = [c for c in list(self._built) if not isinstance(c, nn.Optimizer)]
+        inner = set()
+        for cell in built:
+            inner.update(id(sub) for name, sub in cell.cells_and_names() if name)
+        return [c for c in built if id(c) not in inner]
+
+    def _models_owning(self, params) -> List[nn.Cell]:
+        wanted = {id(p) for g in params for p in (g.get("params", []) if isinstance(g, dict) else [g])
+                  if isinstance(p, Parameter)}
+        models = []
+        for root in self._roots():
+            if any(id(p) in wanted for p in root.get_parameters()):
+                model = flow.unwrap_model(root)
+                if all(model is not m for m in models):
+                    models.append(model)
+        return models
+
+    def _adapt(self, model: nn.Cell) -> None:
+        if not has_pet(model):
+            flow.adapt(model, self.config)
+        if all(model is not m for m in self.models):
+            self.models.append(model)
+
+    def adapt_remaining(self) -> None:
+        """Adapt models built in the block that no optimizer claimed (those the config matches)."""
+        for root in self._roots():
+            model = flow.unwrap_model(root)
+            if has_pet(model) or next(iter(model.get_parameters()), None) is None:
+                continue
+            try:
+                self._adapt(model)
+            except ValueError as err:
+                if "matches no cell" not in str(err):
+                    raise
+                logger.debug("pet_hooks: %s is not a model for this config: %s", type(model).__name__, err)
+
+
+def active_session() -> Optional[PetSession]:
+    """The session of the ``enable()`` block running now, if any."""
+    return _ACTIVE
+
+
+@contextlib.contextmanager
+def enable(cfg) -> Iterator[PetSession]:
+    """Give PET to every model built in the block; see the module docstring."""
+    global _ACTIVE  # pylint: disable=global-statement
+    config = load_config(cfg)
+    if _ACTIVE is not None:
+        raise RuntimeError("pet_hooks.enable() is already active; it does not nest (exit the outer block first)")
+    session = PetSession(config)
+    patches = PatchSet()
+    try:
+        patches.wrap(nn.Cell, "__init__", session.note_cell)
+        patches.wrap(nn.Optimizer, "__init__", session.redirect_optimizer)
+        _ACTIVE = session
+        yield session
+        session.adapt_remaining()
+    finally:
+        _ACTIVE = None
+        patches.undo()

@@ -1,0 +1,95 @@
+"""``pet-hooks run``: run an unmodified training script under ``enable(cfg)``.
+
+    pet-hooks run --config pet.yaml --save-dir adapter/ train.py --epochs 2
+    pet-hooks run --config pet.yaml --save-dir adapter/ -- msrun --worker_num=2 ... train.py
+
+A Python script runs in this process as ``python SCRIPT ARGS`` would (``sys.argv``,
+``__name__ == "__main__"``, imports next to the script, its exit code, its own traceback).
+Any other command (``msrun``) runs as a child process. Either way, processes started from
+here get the hooks too: the launcher puts ``pet_hooks/_bootstrap`` (a ``sitecustomize``) first
+on ``PYTHONPATH`` and passes the config in ``PET_HOOKS_CONFIG``; the bootstrap enters
+``enable`` for the whole child process, saves the adapter from rank 0 at exit when
+``PET_HOOKS_SAVE_DIR`` is set, and then still loads the user's own ``sitecustomize``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import traceback
+from typing import List, Optional
+
+from . import flow
+from .config import PetConfig
+from .hooks.context import enable
+
+__all__ = ["run_script", "child_environment", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV"]
+
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
+CONFIG_ENV = "PET_HOOKS_CONFIG"        # the config, as JSON
+SAVE_DIR_ENV = "PET_HOOKS_SAVE_DIR"
+
+
+def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[dict] = None) -> dict:
+    """The environment that makes Python child processes start under the same hooks."""
+    env = dict(os.environ if base is None else base)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != BOOTSTRAP_DIR]
+    env["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR] + paths)
+    env[CONFIG_ENV] = json.dumps({"pet_config": cfg.to_dict(), "model_hints": cfg.model_hints})
+    if save_dir:
+        env[SAVE_DIR_ENV] = os.path.abspath(save_dir)
+    else:
+        env.pop(SAVE_DIR_ENV, None)
+    return env
+
+
+def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str]) -> int:
+    script = os.path.abspath(script)
+    saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    sys.argv = [script] + list(args)
+    sys.path.insert(0, os.path.dirname(script))
+    code = 0
+    try:
+        with enable(cfg) as session:
+            try:
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if stop.code is not None and not isinstance(stop.code, int):
+                    print(stop.code, file=sys.stderr)
+            except BaseException:  # the script's own error, shown as python would show it
+                exc_type, exc, tb = sys.exc_info()
+                # Drop the launcher's frames so the traceback starts in the script.
+                while tb is not None and tb.tb_frame.f_code.co_filename != script:
+                    tb = tb.tb_next
+                traceback.print_exception(exc_type, exc, tb)
+                code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        if save_dir and session.models:
+            if len(session.models) > 1:
+                print(f"pet-hooks: {len(session.models)} models were adapted; saving the last one",
+                      file=sys.stderr)
+            path = flow.save_for_rank(session.models[-1], save_dir)
+            if path:
+                print(f"pet-hooks: adapter saved to {path}", file=sys.stderr)
+        elif save_dir:
+            print("pet-hooks: no model was adapted, so no adapter was saved", file=sys.stderr)
+            code = code or 1
+    finally:
+        sys.argv = saved_argv
+        if saved_path0 is not None and sys.path and sys.path[0] == os.path.dirname(script):
+            sys.path.pop(0)
+    return code
+
+
+def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str] = None) -> int:
+    """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code."""
+    os.environ.update(child_environment(cfg, save_dir))  # children started by the script inherit it
+    if os.path.isfile(script):
+        return _run_python(script, args, cfg, save_dir)
+    command = shutil.which(script)
+    if command is None:
+        raise FileNotFoundError(f"script not found: {script}")
+    return subprocess.call([command] + list(args), env=child_environment(cfg, save_dir))
