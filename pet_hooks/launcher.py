@@ -23,6 +23,7 @@ import traceback
 from typing import List, Optional
 
 from . import flow
+from .adapter_io import CONFIG_NAME
 from .config import PetConfig
 from .hooks.context import enable
 
@@ -74,7 +75,8 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
             path = flow.save_for_rank(session.models[-1], save_dir)
             if path:
                 print(f"pet-hooks: adapter saved to {path}", file=sys.stderr)
-        elif save_dir:
+        elif save_dir and not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
+            # (a child process, such as an msrun worker, may have saved it instead)
             print("pet-hooks: no model was adapted, so no adapter was saved", file=sys.stderr)
             code = code or 1
     finally:

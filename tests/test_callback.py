@@ -1,0 +1,108 @@
+"""PetCallback with Model.train, every optimizer kind, in graph and PyNative mode."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import mindspore as ms
+import mindspore.dataset as ds
+from mindspore import nn
+from mindspore.train import LossMonitor, Model, ModelCheckpoint, CheckpointConfig
+
+import pet_hooks
+from pet_hooks import PetCallback
+from samples.data import lm_batches
+from samples.tiny_gpt import GPTWithLoss, LMLoss, build
+from tests.conftest import assert_params_equal, snapshot
+
+CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3|.*mapping"}
+SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
+
+
+def _dataset(steps=4):
+    batches = lm_batches(seq_length=8, batch_size=4, seed=1)
+    return ds.GeneratorDataset([next(batches) for _ in range(steps)], ["ids", "labels"], shuffle=False)
+
+
+def _grouped(net):
+    decay = [p for p in net.trainable_params() if p.name.endswith("weight")]
+    other = [p for p in net.trainable_params() if not p.name.endswith("weight")]
+    return [{"params": decay, "weight_decay": 0.01}, {"params": other, "lr": 0.05},
+            {"order_params": net.trainable_params()}]
+
+
+OPTIMIZERS = {
+    "momentum": lambda net: nn.Momentum(net.trainable_params(), 0.1, momentum=0.9),
+    "adam": lambda net: nn.Adam(net.trainable_params(), 1e-2),
+    "adamw": lambda net: nn.AdamWeightDecay(net.trainable_params(), 1e-2, weight_decay=0.1),
+    "sgd": lambda net: nn.SGD(net.trainable_params(), 0.1),
+    "grouped_adamw": lambda net: nn.AdamWeightDecay(_grouped(net), 1e-2),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("wiring", ["net_loss_opt", "net_with_loss"])
+def test_callback_trains_only_the_deltas(mode, tmp_path, opt_name, wiring):
+    net = build(seed=0, **SMALL)
+    base = snapshot(net)
+    optimizer = OPTIMIZERS[opt_name](net)
+    model = (Model(net, LMLoss(), optimizer) if wiring == "net_loss_opt"
+             else Model(GPTWithLoss(net), optimizer=optimizer))
+    callback = PetCallback(CFG, save_dir=str(tmp_path / "adapter"))
+    model.train(2, _dataset(), callbacks=[callback, LossMonitor(2)])
+
+    assert callback.model is net
+    assert_params_equal(base, net)                      # every base weight bit for bit
+    deltas = pet_hooks.delta_parameters(net)
+    assert all(np.abs(p.asnumpy()).sum() > 0 for p in deltas if p.name.endswith("lora_B"))
+    new_opt = model.train_network.optimizer
+    assert type(new_opt) is type(optimizer)
+    assert {p.name for p in new_opt.parameters} == {p.name for p in deltas}
+    fresh = build(seed=0, **SMALL)
+    pet_hooks.load_adapter(fresh, tmp_path / "adapter")
+    ids = ms.Tensor(next(lm_batches(8, 2, seed=5))[0])
+    np.testing.assert_allclose(fresh(ids).asnumpy(), net(ids).asnumpy(), atol=1e-5)
+
+
+def test_rebuilt_optimizer_keeps_its_settings(mode):
+    net = build(seed=0, **SMALL)
+    optimizer = nn.Momentum(_grouped(net), 0.1, momentum=0.8, use_nesterov=True, loss_scale=2.0)
+    model = Model(net, LMLoss(), optimizer)
+    model.train(1, _dataset(2), callbacks=[PetCallback(CFG)])
+    new = model.train_network.optimizer
+    assert new is not optimizer and type(new) is nn.Momentum
+    assert float(new.momentum.asnumpy()) == pytest.approx(0.8) and new.use_nesterov and new.loss_scale == 2.0
+    # every delta sits in the weight-decay group of its layer's weight
+    # (MindSpore keeps weight decay per parameter, multiplied by the loss scale)
+    assert new.is_group and len(new.group_weight_decay) == len(pet_hooks.delta_parameters(net)) == 12
+    assert all(wd == pytest.approx(0.01 * 2.0) for wd in new.group_weight_decay)
+    assert not new.is_group_lr  # the lr=0.05 group held no layer weight, so no delta joined it
+
+
+def test_callback_with_checkpoint_and_save_steps(mode, tmp_path):
+    net = build(seed=0, **SMALL)
+    model = Model(net, LMLoss(), nn.Adam(net.trainable_params(), 1e-2))
+    ckpt = ModelCheckpoint(prefix="gpt", directory=str(tmp_path / "ckpt"),
+                           config=CheckpointConfig(save_checkpoint_steps=2, keep_checkpoint_max=2))
+    model.train(1, _dataset(4), callbacks=[PetCallback(CFG, save_dir=str(tmp_path / "ad"), save_steps=2), ckpt])
+    assert sorted(__import__("os").listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = ms.load_checkpoint(str(sorted((tmp_path / "ckpt").glob("*.ckpt"))[-1]))
+    assert "blocks.0.attention.dense1.weight" in saved
+
+
+def test_callback_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="save_steps"):
+        PetCallback(CFG, save_steps=0)
+    with pytest.raises(ValueError, match="save_dir"):
+        PetCallback(CFG, save_steps=5)
+    with pytest.raises(ValueError, match="lora_rank"):
+        PetCallback({**CFG, "lora_rank": 0})
+
+
+def test_unrecorded_optimizer_is_a_clear_error(monkeypatch):
+    from pet_hooks import flow
+    net = build(seed=0, **SMALL)
+    optimizer = nn.Adam(net.trainable_params(), 1e-2)
+    monkeypatch.setattr(flow, "_RECORDED", __import__("weakref").WeakKeyDictionary())
+    model = Model(net, LMLoss(), optimizer)
+    with pytest.raises(ValueError, match="cannot rebuild optimizer Adam"):
+        model.train(1, _dataset(1), callbacks=[PetCallback(CFG)])

@@ -1,0 +1,100 @@
+"""pet-hooks run on the unmodified legacy scripts, in subprocesses, in graph and PyNative mode."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import mindspore as ms
+
+import pet_hooks
+from samples.tiny_gpt import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "samples", "configs", "lora.yaml")
+
+
+def _launch(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "pet_hooks", "run", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("script,mode", [("legacy_train.py", 0), ("legacy_train.py", 1),
+                                         ("legacy_loop.py", 0), ("legacy_loop.py", 1)])
+def test_legacy_scripts_train_only_the_deltas(tmp_path, script, mode):
+    ckpt = tmp_path / "after.ckpt"
+    out = _launch("--config", CONFIG, "--save-dir", str(tmp_path / "adapter"),
+                  os.path.join("samples", script), "--steps", "12", "--mode", str(mode), "--save-ckpt", str(ckpt))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "adapter saved to" in out.stderr
+    # The checkpoint the script wrote holds base weights identical to the untrained model's.
+    saved = ms.load_checkpoint(str(ckpt))
+    base = build(seed=0)
+    for param in base.get_parameters():
+        np.testing.assert_array_equal(saved[param.name].asnumpy(), param.asnumpy(), err_msg=param.name)
+    deltas = {k: v for k, v in saved.items() if ".lora_" in k}
+    assert len(deltas) == 24 and any(np.abs(v.asnumpy()).sum() > 0 for k, v in deltas.items() if "lora_B" in k)
+    # The adapter reproduces the trained deltas.
+    pet_hooks.load_adapter(base, tmp_path / "adapter")
+    for param in pet_hooks.delta_parameters(base):
+        np.testing.assert_array_equal(param.asnumpy(), deltas[param.name].asnumpy())
+
+
+def test_script_semantics_exit_code_argv_and_traceback(tmp_path):
+    (tmp_path / "helper.py").write_text("VALUE = 41\n")
+    (tmp_path / "script.py").write_text(
+        "import sys\nfrom helper import VALUE\n"
+        "print('main' if __name__ == '__main__' else 'imported', sys.argv[1:], VALUE + 1)\n"
+        "if sys.argv[1] == 'fail':\n    raise RuntimeError('the script broke')\n"
+        "sys.exit(int(sys.argv[1]))\n")
+    out = _launch("--config", CONFIG, str(tmp_path / "script.py"), "3", cwd=str(tmp_path))
+    assert out.returncode == 3 and "main ['3'] 42" in out.stdout
+    out = _launch("--config", CONFIG, str(tmp_path / "script.py"), "fail", cwd=str(tmp_path))
+    assert out.returncode == 1
+    assert "RuntimeError: the script broke" in out.stderr and 'script.py", line 5' in out.stderr
+    assert "runpy" not in out.stderr and "launcher.py" not in out.stderr
+
+
+def test_child_processes_get_the_hooks(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import mindspore as ms\nfrom mindspore import nn\nimport sys\nsys.path.insert(0, %r)\n"
+        "from samples.tiny_gpt import build\nms.set_device('CPU')\n"
+        "net = build(0)\nopt = nn.Adam(net.get_parameters(), 1e-3)\n"
+        "print('child optimizer holds', len(opt.parameters))\n" % ROOT)
+    (tmp_path / "sitecustomize.py").write_text("print('user sitecustomize loaded')\n")
+    parent = tmp_path / "parent.py"
+    parent.write_text("import subprocess, sys\nsys.exit(subprocess.call([sys.executable, %r]))\n" % str(child))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = _launch("--config", CONFIG, "--save-dir", str(tmp_path / "ad"), str(parent), cwd=str(tmp_path), env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "child optimizer holds 24" in out.stdout          # 6 LoRA cells x 2 layers x (A, B)
+    assert "user sitecustomize loaded" in out.stdout
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--config", "missing.yaml", "samples/legacy_train.py"], ["missing.yaml"]),
+    (["--config", CONFIG, "no_such_script.py"], ["script not found", "no_such_script.py"]),
+    (["--config", CONFIG], ["needs a SCRIPT"]),
+])
+def test_bad_input_is_one_line_and_non_zero(args, words):
+    out = _launch(*args)
+    assert out.returncode == 2
+    lines = [l for l in out.stderr.splitlines() if l.startswith("pet-hooks:")]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_nothing_matches_fails_with_the_pattern(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("pet_type: lora\ntarget_modules: '.*wq'\n")
+    out = _launch("--config", str(cfg), "samples/legacy_train.py", "--steps", "2")
+    assert out.returncode != 0 and "'.*wq' matches no cell" in out.stderr
+
+
+def test_unknown_flag_is_rejected():
+    out = _launch("--conifg", CONFIG, "samples/legacy_train.py")
+    assert out.returncode == 2 and "--config" in out.stderr
