@@ -20,10 +20,10 @@ from typing import Any, Dict, Iterable, List, Optional
 from mindspore import Parameter, nn
 
 from .hooks.patching import MARK, is_patched
-from .surgery import apply, get_state
+from .surgery import apply, get_state  # apply is idempotent: a model is adapted once
 from .adapter_io import save_adapter
 
-__all__ = ["unwrap_model", "adapt", "params_for_optimizer", "rebuild_optimizer", "attach_to_train_step",
+__all__ = ["unwrap_model", "apply", "params_for_optimizer", "rebuild_optimizer", "attach_to_train_step",
            "install_optimizer_recorder", "uninstall_optimizer_recorder", "save_for_rank", "is_rank_zero"]
 
 logger = logging.getLogger("pet_hooks")
@@ -58,11 +58,6 @@ def unwrap_model(cell: nn.Cell) -> nn.Cell:
             cell = holders[0]
 
 
-def adapt(model: nn.Cell, cfg) -> nn.Cell:
-    """Apply PET to ``model`` unless it already has this config (a model is adapted once)."""
-    return apply(model, cfg)
-
-
 # ----------------------------------------------------------------------------- the optimizer follows
 def _home_of(model: nn.Cell) -> Dict[int, Parameter]:
     """delta id -> the base parameter whose optimizer group it joins (its layer's weight)."""
@@ -86,7 +81,7 @@ def params_for_optimizer(params: Any, model: nn.Cell) -> Any:
     first group), groups left empty dropped, and ``order_params`` left out.
     """
     trainable = model.trainable_params()
-    items = list(params) if not isinstance(params, (list, tuple)) else list(params)
+    items = list(params)
     if not items or not all(isinstance(g, dict) for g in items):
         return trainable
     homes = _home_of(model)

@@ -1,9 +1,7 @@
 """enable(): models built inside get PET, optimizers built inside get the deltas, everything restored."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor, nn
 
 import pet_hooks

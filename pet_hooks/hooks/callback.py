@@ -49,7 +49,7 @@ class PetCallback(Callback):
         params = run_context.original_args()
         train_network = params.train_network
         model = flow.unwrap_model(params.network if params.network is not None else train_network)
-        flow.adapt(model, self.config)
+        flow.apply(model, self.config)
         new_optimizer = flow.attach_to_train_step(train_network, model)
         if new_optimizer is not None:
             params.optimizer = new_optimizer

@@ -94,7 +94,7 @@ class PetSession:
 
     def _adapt(self, model: nn.Cell) -> None:
         if not has_pet(model):
-            flow.adapt(model, self.config)
+            flow.apply(model, self.config)
         if all(model is not m for m in self.models):
             self.models.append(model)
 
