@@ -106,3 +106,21 @@ def test_unrecorded_optimizer_is_a_clear_error(monkeypatch):
     model = Model(net, LMLoss(), optimizer)
     with pytest.raises(ValueError, match="cannot rebuild optimizer Adam"):
         model.train(1, _dataset(1), callbacks=[PetCallback(CFG)])
+
+
+
+def test_loss_scale_train_step_cell_gets_the_delta_optimizer():
+    """TrainOneStepWithLossScaleCell cannot run on CPU (its overflow check is the Ascend-only
+    NPUGetFloatStatusV2), so this checks the wiring the callback does at train begin."""
+    from mindspore import Tensor
+    from pet_hooks import flow
+    net = build(seed=0, **SMALL)
+    optimizer = nn.Momentum(net.trainable_params(), 0.1, momentum=0.9, loss_scale=4.0)
+    train_cell = nn.TrainOneStepWithLossScaleCell(nn.WithLossCell(net, LMLoss()), optimizer,
+                                                  scale_sense=Tensor(np.array(8.0, np.float32)))
+    assert flow.unwrap_model(train_cell) is net
+    pet_hooks.apply(net, CFG)
+    new = flow.attach_to_train_step(train_cell, net)
+    assert train_cell.optimizer is new and type(new) is nn.Momentum and new.loss_scale == 4.0
+    assert {p.name for p in train_cell.weights} == {p.name for p in pet_hooks.delta_parameters(net)}
+    assert flow.attach_to_train_step(train_cell, net) is None  # already over the deltas: nothing rebuilt
