@@ -49,9 +49,10 @@ def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[di
 
 def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str]) -> int:
     script = os.path.abspath(script)
-    saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    script_dir = os.path.dirname(script)
+    saved_argv = sys.argv[:]
     sys.argv = [script] + list(args)
-    sys.path.insert(0, os.path.dirname(script))
+    sys.path.insert(0, script_dir)
     code = 0
     try:
         with enable(cfg) as session:
@@ -81,17 +82,22 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
             code = code or 1
     finally:
         sys.argv = saved_argv
-        if saved_path0 is not None and sys.path and sys.path[0] == os.path.dirname(script):
+        if sys.path and sys.path[0] == script_dir:
             sys.path.pop(0)
     return code
 
 
 def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str] = None) -> int:
     """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code."""
-    os.environ.update(child_environment(cfg, save_dir))  # children started by the script inherit it
+    if not os.path.isfile(script) and shutil.which(script) is None:
+        raise FileNotFoundError(f"script not found: {script}")
+    # Children started by the script (or the command itself) inherit this environment.
+    env = child_environment(cfg, save_dir)
+    for key in ("PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV):
+        if key in env:
+            os.environ[key] = env[key]
+        else:
+            os.environ.pop(key, None)
     if os.path.isfile(script):
         return _run_python(script, args, cfg, save_dir)
-    command = shutil.which(script)
-    if command is None:
-        raise FileNotFoundError(f"script not found: {script}")
-    return subprocess.call([command] + list(args), env=child_environment(cfg, save_dir))
+    return subprocess.call([shutil.which(script)] + list(args))

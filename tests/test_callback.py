@@ -124,3 +124,20 @@ def test_loss_scale_train_step_cell_gets_the_delta_optimizer():
     assert train_cell.optimizer is new and type(new) is nn.Momentum and new.loss_scale == 4.0
     assert {p.name for p in train_cell.weights} == {p.name for p in pet_hooks.delta_parameters(net)}
     assert flow.attach_to_train_step(train_cell, net) is None  # already over the deltas: nothing rebuilt
+
+
+def test_optimizer_recorder_installs_once_and_uninstalls():
+    from pet_hooks import flow
+    from pet_hooks.hooks.patching import is_patched
+    net = build(seed=0, **SMALL)
+    flow.install_optimizer_recorder()                      # already installed by the import: no double wrap
+    assert is_patched(nn.Optimizer.__dict__["__new__"].__func__)
+    flow.uninstall_optimizer_recorder()
+    try:
+        assert "__new__" not in nn.Optimizer.__dict__      # back to Cell.__new__
+        unrecorded = nn.Adam(net.trainable_params(), 1e-3)
+        assert unrecorded not in flow._RECORDED             # pylint: disable=protected-access
+    finally:
+        flow.install_optimizer_recorder()
+    recorded = nn.Adam(net.trainable_params(), 1e-3)
+    assert flow._RECORDED[recorded][1] == {} and flow._RECORDED[recorded][0][1] == 1e-3

@@ -150,11 +150,11 @@ def _io_channels(cell: nn.Cell) -> Tuple[int, int]:
     return int(cell.in_channels), int(cell.out_channels)
 
 
-def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
+def _compute_dtype(cell: nn.Cell, cfg: LoraConfig, mixin: type):
     if cfg.compute_dtype is not None:
         return getattr(mstype, cfg.compute_dtype)
     # Linear computes in its compute_dtype; Dense in its weight's dtype (x must match it).
-    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else cell.weight.dtype
+    return cell.dtype if mixin is LoraLinear else cell.weight.dtype
 
 
 def _init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.ndarray:
@@ -184,7 +184,7 @@ def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[LoraInje
             mixin, _ = _mixin_for(cell)
             record = LoraInjection(path, cell, type(cell))
             try:
-                _add_branch(path, cell, cfg, rng)
+                _add_branch(path, cell, cfg, rng, mixin)
             except BaseException:
                 _strip_attrs(cell)
                 raise
@@ -197,7 +197,7 @@ def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[LoraInje
     return done
 
 
-def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator) -> None:
+def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator, mixin: type) -> None:
     in_ch, out_ch = _io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
     lora_a = Tensor(_init_a(rng, cfg, in_ch)).astype(param_dtype)
@@ -208,7 +208,7 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
     cell.lora_dropout.set_train(cell.training)
     cell.lora_scaling = cfg.scaling
-    cell.lora_compute_dtype = _compute_dtype(cell, cfg)
+    cell.lora_compute_dtype = _compute_dtype(cell, cfg, mixin)
     cell.pet_lora_active = True
 
 
