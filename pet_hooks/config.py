@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 # Where a MindFormers run YAML keeps the block, outermost first.
+logger = logging.getLogger("pet_hooks")
 _MINDFORMERS_PATH = ("model", "model_config", "pet_config")
 # model_config entries the prefix methods may need when they cannot read them off the model.
 _MODEL_HINT_KEYS = ("num_layers", "num_heads", "num_attention_heads", "n_kv_heads",
@@ -94,6 +96,20 @@ def _as_pattern_list(name: str, value: Any) -> Optional[list]:
     for item in items:
         _check_regex(name, item)
     return list(items)
+
+
+def _check_targets(cfg) -> None:
+    """A regex string, a list of names, or (prefix methods only) None."""
+    if isinstance(cfg.target_modules, str):
+        _check_regex("target_modules", cfg.target_modules)
+    elif cfg.target_modules is not None:
+        cfg.target_modules = _as_pattern_list("target_modules", cfg.target_modules)
+
+
+def _warn_long_prefix(name: str, length: int) -> None:
+    if length > 60:
+        logger.warning("pet_hooks: %s=%d: prefixes longer than 60 positions were seen to converge poorly "
+                       "(about 5000 training samples) and produce garbled output", name, length)
 
 
 # ----------------------------------------------------------------------------- dataclasses
@@ -177,10 +193,7 @@ class LoraConfig(PetConfig):
         if self.target_modules is None:
             raise PetConfigError("target_modules is required for LoRA (a regex such as '.*wq|.*wv', "
                                  "or a list of cell names)")
-        if isinstance(self.target_modules, str):
-            _check_regex("target_modules", self.target_modules)
-        else:
-            self.target_modules = _as_pattern_list("target_modules", self.target_modules)
+        _check_targets(self)
         self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
         _check_choice("lora_a_init", self.lora_a_init, tuple(self._A_INITS))
         self.lora_a_init = self._A_INITS[self.lora_a_init.lower()]
@@ -210,9 +223,11 @@ class PTuning2Config(PetConfig):
     projection_dim: Optional[int] = field(default=None, metadata={"help": "MLP width when prefix_projection"})
     dropout_rate: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values"})
     target_modules: Union[str, list, None] = field(default=None, metadata={"help": "attention cells; None = known"})
+    seed: Optional[int] = field(default=None, compare=False, metadata={"help": "seed for the encoder's init"})
 
     def validate(self) -> None:
         _check_int("pre_seq_len", self.pre_seq_len)
+        _warn_long_prefix("pre_seq_len", self.pre_seq_len)
         _check_bool("prefix_projection", self.prefix_projection)
         if self.prefix_projection:
             if self.projection_dim is None:
@@ -221,8 +236,9 @@ class PTuning2Config(PetConfig):
         elif self.projection_dim is not None:
             _check_int("projection_dim", self.projection_dim)
         _check_rate("dropout_rate", self.dropout_rate)
-        if self.target_modules is not None and not isinstance(self.target_modules, str):
-            self.target_modules = _as_pattern_list("target_modules", self.target_modules)
+        _check_targets(self)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
 
 
 @dataclass
@@ -235,13 +251,16 @@ class PrefixTuningConfig(PetConfig):
     mid_dim: int = field(default=512, metadata={"help": "width of the reparametrisation MLP"})
     dropout_rate: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values"})
     target_modules: Union[str, list, None] = field(default=None, metadata={"help": "attention cells; None = known"})
+    seed: Optional[int] = field(default=None, compare=False, metadata={"help": "seed for the encoder's init"})
 
     def validate(self) -> None:
         _check_int("prefix_token_num", self.prefix_token_num)
+        _warn_long_prefix("prefix_token_num", self.prefix_token_num)
         _check_int("mid_dim", self.mid_dim)
         _check_rate("dropout_rate", self.dropout_rate)
-        if self.target_modules is not None and not isinstance(self.target_modules, str):
-            self.target_modules = _as_pattern_list("target_modules", self.target_modules)
+        _check_targets(self)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
 
 
 _CONFIG_CLASSES: dict = {cls.PET_TYPE: cls for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig)}

@@ -96,7 +96,7 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
     targets = tuner.select_targets(net, cfg)            # validates; changes nothing
     injections = tuner.inject(targets, cfg)             # all or nothing
     try:
-        deltas = [p for record in injections for p in tuner.deltas_of(record)]
+        deltas = {id(p): p for record in injections for p in tuner.deltas_of(record)}.values()
         before = optim.freeze_for_pet(net, deltas, cfg)
         kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas})
     except BaseException:
@@ -184,16 +184,24 @@ def disable_adapters(net: nn.Cell) -> Iterator[nn.Cell]:
             merge(net)
 
 
+def _all_deltas(state: PetState) -> List[Parameter]:
+    """Every delta once, in net order (prefix encoders are shared by all their layers)."""
+    unique: Dict[int, Parameter] = {}
+    for record in state.injections:
+        for param in state.tuner.deltas_of(record):
+            unique.setdefault(id(param), param)
+    return list(unique.values())
+
+
 def delta_parameters(net: nn.Cell) -> List[Parameter]:
     """The trainable delta Parameters that ``apply`` added, in net order."""
-    state = _require_state(net, "list delta parameters")
-    return [p for record in state.injections for p in state.tuner.deltas_of(record) if p.requires_grad]
+    return [p for p in _all_deltas(_require_state(net, "list delta parameters")) if p.requires_grad]
 
 
 def saved_parameters(net: nn.Cell) -> List[Parameter]:
     """What an adapter file holds: every delta, plus base parameters kept trainable by the config."""
     state = _require_state(net, "list adapter parameters")
-    return [p for record in state.injections for p in state.tuner.deltas_of(record)] + list(state.kept)
+    return _all_deltas(state) + list(state.kept)
 
 
 def trainable_summary(net: nn.Cell) -> str:

@@ -38,8 +38,10 @@ class CoreAttention(nn.Cell):
     ``mask`` is 1 where a query may attend and 0 elsewhere, shape (q_len, k_len).
     """
 
-    def __init__(self, head_dim: int):
+    def __init__(self, num_heads: int, head_dim: int):
         super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
         self.softmax = nn.Softmax(axis=-1)
 
@@ -57,7 +59,7 @@ class Attention(nn.Cell):
         self.dense1 = nn.Dense(cfg.hidden_size, cfg.hidden_size)   # query
         self.dense2 = nn.Dense(cfg.hidden_size, cfg.hidden_size)   # key
         self.dense3 = nn.Dense(cfg.hidden_size, cfg.hidden_size)   # value
-        self.core_attention = CoreAttention(self.head_dim)
+        self.core_attention = CoreAttention(self.num_heads, self.head_dim)
         self.projection = nn.Dense(cfg.hidden_size, cfg.hidden_size)
 
     def _heads(self, x):

@@ -82,10 +82,12 @@ def test_a_dense_subclass_with_its_own_construct_is_refused():
     assert type(net.dense1) is nn.Dense and not hasattr(net.dense1, "lora_A")
 
 
-def test_unsupported_method_is_refused_cleanly():
+def test_prefix_method_without_known_attention_is_refused_cleanly():
     net = TwoDense()
-    with pytest.raises(ValueError, match="ptuning2"):
+    with pytest.raises(ValueError, match="TwoDense has no attention cell the prefix adapters know"):
         pet_hooks.apply(net, {"pet_type": "ptuning2", "pre_seq_len": 4})
+    with pytest.raises(ValueError, match="'dense1' of type Dense.*no prefix attention adapter"):
+        pet_hooks.apply(net, {"pet_type": "prefixtuning", "target_modules": ["dense1"]})
     assert all(p.requires_grad for p in net.get_parameters())
 
 

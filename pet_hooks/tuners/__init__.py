@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import lora
+from . import lora, prefix
 
 __all__ = ["get_tuner", "SUPPORTED"]
 
-_TUNERS = {"lora": lora}
-# Configured and validated already; their injection lands with the prefix methods.
-_PLANNED = ("ptuning2", "prefixtuning")
+_TUNERS = {"lora": lora, "ptuning2": prefix, "prefixtuning": prefix}
 SUPPORTED = tuple(_TUNERS)
 
 
@@ -22,7 +20,4 @@ def get_tuner(pet_type: str) -> ModuleType:
     """The tuner module for ``pet_type``; ValueError naming it when there is none."""
     if pet_type in _TUNERS:
         return _TUNERS[pet_type]
-    if pet_type in _PLANNED:
-        raise ValueError(f"pet_type {pet_type!r} can be configured but cannot be applied by this version "
-                         f"of pet_hooks yet; supported: {list(SUPPORTED)}")
     raise ValueError(f"unknown pet_type {pet_type!r}; supported: {list(SUPPORTED)}")
