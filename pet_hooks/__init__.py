@@ -15,7 +15,7 @@ from .surgery import (apply, delta_parameters, disable_adapters, merge, remove, 
 from .flow import install_optimizer_recorder as _install_optimizer_recorder
 from .hooks.callback import PetCallback
 from .hooks.context import enable
-from .tuners.attention import PrefixAttention, register_attention
+from .tuners.attention import PrefixAttention, register_attention, unregister_attention
 
 # Optimizers do not keep their constructor arguments; record them from now on so that the
 # front doors can rebuild "the same optimizer over the deltas" (see flow.py).
@@ -26,5 +26,5 @@ __all__ = [
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "PetConfigError", "load_config",
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "PetCallback", "enable",
-    "register_attention", "PrefixAttention",
+    "register_attention", "unregister_attention", "PrefixAttention",
 ]

@@ -32,6 +32,7 @@ from typing import Dict, Optional, Tuple, Union
 from mindspore import nn, ops
 
 __all__ = ["PrefixAttention", "CoreAttentionPrefix", "LlamaAttentionPrefix", "register_attention",
+           "unregister_attention",
            "adapter_for", "known_attention_names"]
 
 
@@ -144,6 +145,12 @@ def register_attention(cls: Union[type, str], adapter: type) -> None:
     if missing:
         raise TypeError(f"register_attention: adapter {adapter.__name__} must define {missing}")
     _ADAPTERS[cls] = adapter
+
+
+def unregister_attention(cls: Union[type, str]) -> None:
+    """Forget what ``register_attention(cls, ...)`` taught; cells already patched stay patched."""
+    if _ADAPTERS.pop(cls, None) is None:
+        raise KeyError(f"unregister_attention: {cls!r} was not registered")
 
 
 def adapter_for(cell: nn.Cell) -> Optional[type]:
