@@ -98,3 +98,23 @@ def test_nothing_matches_fails_with_the_pattern(tmp_path):
 def test_unknown_flag_is_rejected():
     out = _launch("--conifg", CONFIG, "samples/legacy_train.py")
     assert out.returncode == 2 and "--config" in out.stderr
+
+
+@pytest.mark.parametrize("config,script,extra", [
+    ("ptuning2.yaml", "legacy_train.py", ["--mode", "1"]),
+    ("llama_prefixtuning.yaml", "llama_train.py", ["--yaml", "samples/configs/llama_prefixtuning.yaml",
+                                                    "--mode", "0"]),
+])
+def test_prefix_methods_through_the_launcher(tmp_path, config, script, extra):
+    ckpt = tmp_path / "after.ckpt"
+    out = _launch("--config", os.path.join("samples", "configs", config), "--save-dir", str(tmp_path / "ad"),
+                  os.path.join("samples", script), "--steps", "6", "--save-ckpt", str(ckpt), *extra)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = ms.load_checkpoint(str(ckpt))
+    deltas = {k: v.asnumpy() for k, v in saved.items() if k.startswith("pet_prefix_encoder.")}
+    assert deltas
+    from safetensors.numpy import load_file
+    adapter = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert sorted(adapter) == sorted(deltas)
+    for name, value in adapter.items():
+        np.testing.assert_array_equal(value, deltas[name])

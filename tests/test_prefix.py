@@ -246,3 +246,50 @@ def test_llama_matches_its_own_prefix_path_and_trains(mode, cfg, rng):
     losses = [float(step(train_ids).asnumpy()) for _ in range(5)]
     assert losses[-1] < losses[0]
     assert_params_equal(before, net, names=base_names)
+
+
+# ----------------------------------------------------------------------------- the front doors
+def _gpt_dataset(steps=3):
+    import mindspore.dataset as ds
+    from samples.data import lm_batches
+    batches = lm_batches(seq_length=8, batch_size=4, seed=1)
+    return ds.GeneratorDataset([next(batches) for _ in range(steps)], ["ids", "labels"], shuffle=False)
+
+
+def test_callback_and_enable_on_the_sample_gpt(mode, tmp_path):
+    from mindspore.train import Model
+    from samples.tiny_gpt import LMLoss
+    net = build(seed=0, **SMALL)
+    base = snapshot(net)
+    model = Model(net, LMLoss(), nn.AdamWeightDecay(net.trainable_params(), 1e-2))
+    model.train(1, _gpt_dataset(), callbacks=[pet_hooks.PetCallback(CONFIGS["ptuning2_projection"],
+                                                                    save_dir=str(tmp_path / "cb"))])
+    assert {p.name for p in model.train_network.optimizer.parameters} == {
+        p.name for p in pet_hooks.delta_parameters(net)} and len(pet_hooks.delta_parameters(net)) == 5
+    assert_params_equal(base, net)
+    pet_hooks.load_adapter(build(seed=0, **SMALL), tmp_path / "cb")
+
+    with pet_hooks.enable(CONFIGS["prefixtuning"]) as session:
+        other = build(seed=0, **SMALL)
+        optimizer = nn.Adam(other.get_parameters(), 1e-2)
+    assert session.models == [other]
+    assert [p.name for p in optimizer.parameters] == [p.name for p in pet_hooks.delta_parameters(other)]
+
+
+@NEEDS_MINDFORMERS
+def test_callback_on_llama_from_the_run_yaml(mode, tmp_path):
+    import os
+    from mindspore.train import Model
+    import mindspore.dataset as ds
+    from samples.llama_train import build_llama
+    yaml_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "samples", "configs", "llama_prefixtuning.yaml")
+    net = build_llama(yaml_path)
+    base = snapshot(net)
+    rows = np.random.default_rng(0).integers(0, 256, (3, 2, 33)).astype(np.int32)
+    model = Model(net, optimizer=nn.Adam(net.trainable_params(), 1e-2))
+    callback = pet_hooks.PetCallback(yaml_path, save_dir=str(tmp_path / "ad"))
+    model.train(1, ds.GeneratorDataset([(r,) for r in rows], ["input_ids"], shuffle=False), callbacks=[callback])
+    assert callback.model is net and callback.config.model_hints["num_layers"] == 2
+    assert_params_equal(base, net)
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
