@@ -101,3 +101,14 @@ def test_operations_on_a_net_without_pet_explain_themselves():
             pass
     with pytest.raises(TypeError, match="mindspore.nn.Cell"):
         pet_hooks.apply(np.zeros(3), {"pet_type": "lora", "target_modules": ".*"})
+
+
+def test_a_failed_injection_undoes_the_cells_already_done():
+    net = TwoDense()
+    net.dense2.lora_scaling = "the user's own attribute"
+    classes = {name: type(cell) for name, cell in net.cells_and_names()}
+    with pytest.raises(ValueError, match=r"'dense2' \(Dense\) already has attribute\(s\) \['lora_scaling'\]"):
+        pet_hooks.apply(net, {"pet_type": "lora", "target_modules": ["dense1", "dense2"]})
+    assert {name: type(cell) for name, cell in net.cells_and_names()} == classes
+    assert not hasattr(net.dense1, "lora_A") and net.dense2.lora_scaling == "the user's own attribute"
+    assert [p.name for p in net.get_parameters()] == ["dense1.weight", "dense1.bias", "dense2.weight", "dense2.bias"]

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
 from ..config import LoraConfig
 from ..matching import select_cells
+from .common import Injection, init_rng, inject_all, restore
 
-__all__ = ["LoraInjection", "can_adapt", "is_lora_cell", "select_targets", "inject", "eject",
+__all__ = ["can_adapt", "is_lora_cell", "select_targets", "inject", "eject",
            "set_active", "merge_weight", "deltas_of"]
 
 _MATMUL_TB = ops.MatMul(transpose_b=True)
@@ -119,27 +118,6 @@ def is_lora_cell(cell: nn.Cell) -> bool:
     return getattr(type(cell), "pet_hooks_lora", False) is True
 
 
-_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
-
-
-def _patched_class(mixin: type, original: type) -> type:
-    """One generated subclass per (mixin, original class), reused so classes do not pile up."""
-    key = (mixin, original)
-    if key not in _CLASS_CACHE:
-        name = f"{mixin.__name__}_of_{original.__name__}"
-        _CLASS_CACHE[key] = type(name, (mixin, original), {"__module__": __name__})
-    return _CLASS_CACHE[key]
-
-
-@dataclass
-class LoraInjection:
-    """What was done to one cell, so that it can be undone exactly."""
-
-    path: str
-    cell: nn.Cell
-    original_class: type
-
-
 def select_targets(net: nn.Cell, cfg: LoraConfig) -> List[Tuple[str, nn.Cell]]:
     """The cells ``cfg`` selects; raises ValueError before anything is changed."""
     return select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=can_adapt,
@@ -150,11 +128,11 @@ def _io_channels(cell: nn.Cell) -> Tuple[int, int]:
     return int(cell.in_channels), int(cell.out_channels)
 
 
-def _compute_dtype(cell: nn.Cell, cfg: LoraConfig, mixin: type):
+def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
     if cfg.compute_dtype is not None:
         return getattr(mstype, cfg.compute_dtype)
     # Linear computes in its compute_dtype; Dense in its weight's dtype (x must match it).
-    return cell.dtype if mixin is LoraLinear else cell.weight.dtype
+    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else cell.weight.dtype
 
 
 def _init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.ndarray:
@@ -166,38 +144,14 @@ def _init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.n
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
-def init_rng(cfg: LoraConfig) -> np.random.Generator:
-    """Seeded by ``cfg.seed``, else by ``mindspore.set_seed`` when set (same deltas on every rank)."""
-    seed = cfg.seed if cfg.seed is not None else ms.get_seed()
-    return np.random.default_rng(seed)
-
-
-def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[LoraInjection]:
+def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injection]:
     """Give every target its LoRA branch. All or nothing: on error the done part is undone."""
     rng = init_rng(cfg)
-    done: List[LoraInjection] = []
-    try:
-        for path, cell in targets:
-            clash = [name for name in _ADDED_ATTRS if hasattr(cell, name)]
-            if clash:
-                raise ValueError(f"cell '{path}' ({type(cell).__name__}) already has attribute(s) {clash}")
-            mixin, _ = _mixin_for(cell)
-            record = LoraInjection(path, cell, type(cell))
-            try:
-                _add_branch(path, cell, cfg, rng, mixin)
-            except BaseException:
-                _strip_attrs(cell)
-                raise
-            cell.__class__ = _patched_class(mixin, type(cell))
-            done.append(record)
-    except BaseException:
-        for record in reversed(done):
-            eject(record)
-        raise
-    return done
+    return inject_all(targets, _ADDED_ATTRS, lambda index, path, cell: _add_branch(path, cell, cfg, rng),
+                      mixin_of=lambda cell: _mixin_for(cell)[0])
 
 
-def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator, mixin: type) -> None:
+def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator) -> List[Parameter]:
     in_ch, out_ch = _io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
     lora_a = Tensor(_init_a(rng, cfg, in_ch)).astype(param_dtype)
@@ -208,29 +162,21 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
     cell.lora_dropout.set_train(cell.training)
     cell.lora_scaling = cfg.scaling
-    cell.lora_compute_dtype = _compute_dtype(cell, cfg, mixin)
+    cell.lora_compute_dtype = _compute_dtype(cell, cfg)
     cell.pet_lora_active = True
+    return [cell.lora_A, cell.lora_B]
 
 
-def _strip_attrs(cell: nn.Cell) -> None:
-    for name in _ADDED_ATTRS:
-        if name in cell.__dict__ or name in cell._params or name in cell._cells:  # pylint: disable=protected-access
-            delattr(cell, name)
+eject = restore  # the mirror of inject for one cell
 
 
-def eject(record: LoraInjection) -> None:
-    """The mirror of inject for one cell: original class back, added attributes gone."""
-    record.cell.__class__ = record.original_class
-    _strip_attrs(record.cell)
-
-
-def set_active(record: LoraInjection, active: bool) -> None:
+def set_active(record: Injection, active: bool) -> None:
     """Turn the branch on or off (graph mode needs force_recompile afterwards)."""
     record.cell.pet_lora_active = bool(active)
 
 
-def deltas_of(record: LoraInjection) -> List[Parameter]:
-    return [record.cell.lora_A, record.cell.lora_B]
+def deltas_of(record: Injection) -> List[Parameter]:
+    return list(record.params)
 
 
 def _delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
@@ -243,7 +189,7 @@ def _delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
     return delta
 
 
-def merge_weight(record: LoraInjection, sign: int) -> None:
+def merge_weight(record: Injection, sign: int) -> None:
     """Fold (+1) or unfold (-1) the branch into the base weight, computed in float32."""
     cell = record.cell
     weight = cell.weight

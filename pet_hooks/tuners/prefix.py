@@ -18,7 +18,6 @@ checked against the MindFormers model_config beside the pet_config when it gives
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -27,9 +26,9 @@ from mindspore import Parameter, Tensor, nn
 from ..config import PetConfig, PrefixTuningConfig, PTuning2Config
 from ..matching import named_cells, select_cells
 from .attention import adapter_for, known_attention_names
-from .lora import init_rng
+from .common import Injection, init_rng, inject_all, restore
 
-__all__ = ["PrefixInjection", "select_targets", "inject", "eject", "set_active", "deltas_of", "encoder_shapes"]
+__all__ = ["select_targets", "inject", "eject", "set_active", "deltas_of", "encoder_shapes"]
 
 _ADDED_ATTRS = ("pet_prefix_embedding", "pet_prefix_w_in", "pet_prefix_b_in", "pet_prefix_w_out",
                 "pet_prefix_b_out", "pet_prefix_projected", "pet_prefix_len", "pet_kv_heads", "pet_head_dim",
@@ -132,76 +131,38 @@ def _encoder(cfg: PetConfig, shapes: Dict[str, tuple]) -> Dict[str, Parameter]:
     return params
 
 
-@dataclass
-class PrefixInjection:
-    """What was done to one attention cell, so that it can be undone exactly."""
-
-    path: str
-    cell: nn.Cell
-    original_class: type
-    params: List[Parameter]
-
-
-def _patched_class(adapter: type, original: type) -> type:
-    # pet_base_construct: graph mode cannot follow super().construct from the mixin.
-    return type(f"{adapter.__name__}_of_{original.__name__}", (adapter, original),
-                {"__module__": adapter.__module__, "pet_base_construct": original.construct})
-
-
-def inject(targets: List[Tuple[str, nn.Cell]], cfg: PetConfig) -> List[PrefixInjection]:
-    """Give every attention cell its layer's prefix. All or nothing."""
+def inject(targets: List[Tuple[str, nn.Cell]], cfg: PetConfig) -> List[Injection]:
+    """Give every attention cell its layer's prefix (the encoder parameters shared). All or nothing."""
     num_layers, kv_heads, head_dim, hidden = _geometry(targets, cfg)
     kv_dim = kv_heads * head_dim
     params = _encoder(cfg, encoder_shapes(cfg, num_layers, kv_dim, hidden))
     shared = list(params.values())
     projected = len(params) > 1
-    done: List[PrefixInjection] = []
-    try:
-        for layer, (path, cell) in enumerate(targets):
-            clash = [name for name in _ADDED_ATTRS if hasattr(cell, name)]
-            if clash:
-                raise ValueError(f"cell '{path}' ({type(cell).__name__}) already has attribute(s) {clash}")
-            record = PrefixInjection(path, cell, type(cell), shared)
-            try:
-                cell.pet_prefix_embedding = params[f"{ENCODER}.embedding"]
-                for attr, key in (("pet_prefix_w_in", "dense_in.weight"), ("pet_prefix_b_in", "dense_in.bias"),
-                                  ("pet_prefix_w_out", "dense_out.weight"), ("pet_prefix_b_out", "dense_out.bias")):
-                    setattr(cell, attr, params.get(f"{ENCODER}.{key}"))
-                cell.pet_prefix_projected = projected
-                cell.pet_prefix_len = _prefix_len(cfg)
-                cell.pet_kv_heads, cell.pet_head_dim, cell.pet_kv_dim = kv_heads, head_dim, kv_dim
-                cell.pet_kv_start, cell.pet_kv_stop = layer * 2 * kv_dim, (layer + 1) * 2 * kv_dim
-                cell.pet_prefix_dropout = nn.Dropout(p=float(cfg.dropout_rate))
-                cell.pet_prefix_dropout.set_train(cell.training)
-                cell.pet_prefix_active = True
-            except BaseException:
-                _strip_attrs(cell)
-                raise
-            cell.__class__ = _patched_class(adapter_for(cell), type(cell))
-            done.append(record)
-    except BaseException:
-        for record in reversed(done):
-            eject(record)
-        raise
-    return done
+
+    def add(layer: int, path: str, cell: nn.Cell) -> List[Parameter]:
+        cell.pet_prefix_embedding = params[f"{ENCODER}.embedding"]
+        for attr, key in (("pet_prefix_w_in", "dense_in.weight"), ("pet_prefix_b_in", "dense_in.bias"),
+                          ("pet_prefix_w_out", "dense_out.weight"), ("pet_prefix_b_out", "dense_out.bias")):
+            setattr(cell, attr, params.get(f"{ENCODER}.{key}"))
+        cell.pet_prefix_projected = projected
+        cell.pet_prefix_len = _prefix_len(cfg)
+        cell.pet_kv_heads, cell.pet_head_dim, cell.pet_kv_dim = kv_heads, head_dim, kv_dim
+        cell.pet_kv_start, cell.pet_kv_stop = layer * 2 * kv_dim, (layer + 1) * 2 * kv_dim
+        cell.pet_prefix_dropout = nn.Dropout(p=float(cfg.dropout_rate))
+        cell.pet_prefix_dropout.set_train(cell.training)
+        cell.pet_prefix_active = True
+        return shared
+
+    return inject_all(targets, _ADDED_ATTRS, add, mixin_of=adapter_for)
 
 
-def _strip_attrs(cell: nn.Cell) -> None:
-    for name in _ADDED_ATTRS:
-        if name in cell.__dict__ or name in cell._params or name in cell._cells:  # pylint: disable=protected-access
-            delattr(cell, name)
+eject = restore  # the mirror of inject for one cell
 
 
-def eject(record: PrefixInjection) -> None:
-    """The mirror of inject for one cell: original class back, added attributes gone."""
-    record.cell.__class__ = record.original_class
-    _strip_attrs(record.cell)
-
-
-def set_active(record: PrefixInjection, active: bool) -> None:
+def set_active(record: Injection, active: bool) -> None:
     record.cell.pet_prefix_active = bool(active)
 
 
-def deltas_of(record: PrefixInjection) -> List[Parameter]:
+def deltas_of(record: Injection) -> List[Parameter]:
     """The shared encoder parameters (the same objects for every layer)."""
     return list(record.params)

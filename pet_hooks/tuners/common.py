@@ -1,0 +1,96 @@
+"""What every tuner does the same way: the generated class, the all-or-nothing injection, the undo.
+
+A tuner adds attributes to each target cell and moves the cell onto a generated subclass
+``(mixin, original class)`` whose ``construct`` graph mode compiles; ``restore`` is the exact
+mirror::
+
+    records = inject_all(targets, ADDED_ATTRS, add=lambda i, path, cell: [...params...],
+                         mixin_of=lambda cell: MyMixin)
+    for record in reversed(records):
+        restore(record)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, nn
+
+__all__ = ["Injection", "init_rng", "patched_class", "inject_all", "restore", "strip_attrs"]
+
+
+@dataclass
+class Injection:
+    """What was done to one cell, so that it can be undone exactly."""
+
+    path: str
+    cell: nn.Cell
+    original_class: type
+    added: Tuple[str, ...]
+    params: List[Parameter] = field(default_factory=list)
+
+
+def init_rng(cfg) -> np.random.Generator:
+    """Seeded by ``cfg.seed``, else by ``mindspore.set_seed`` when set (the same deltas on every rank)."""
+    seed = cfg.seed if cfg.seed is not None else ms.get_seed()
+    return np.random.default_rng(seed)
+
+
+_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
+
+
+def patched_class(mixin: type, original: type) -> type:
+    """One generated subclass per (mixin, original class), reused so classes do not pile up.
+
+    ``pet_base_construct`` is the original computation: graph mode cannot follow
+    ``super().construct`` from a mixin (it recurses), but it can call this.
+    """
+    key = (mixin, original)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"{mixin.__name__}_of_{original.__name__}", (mixin, original),
+                                 {"__module__": mixin.__module__, "pet_base_construct": original.construct})
+    return _CLASS_CACHE[key]
+
+
+def strip_attrs(cell: nn.Cell, names: Sequence[str]) -> None:
+    """Delete whichever of ``names`` the cell holds (plain attributes, parameters or sub-cells)."""
+    for name in names:
+        if name in cell.__dict__ or name in cell._params or name in cell._cells:  # pylint: disable=protected-access
+            delattr(cell, name)
+
+
+def restore(record: Injection) -> None:
+    """The mirror of the injection for one cell: original class back, added attributes gone."""
+    record.cell.__class__ = record.original_class
+    strip_attrs(record.cell, record.added)
+
+
+def inject_all(targets: List[Tuple[str, nn.Cell]], added: Tuple[str, ...],
+               add: Callable[[int, str, nn.Cell], List[Parameter]],
+               mixin_of: Callable[[nn.Cell], type]) -> List[Injection]:
+    """Patch every target: ``add(index, path, cell)`` sets the attributes and returns the cell's deltas.
+
+    All or nothing: an error undoes what was done, and a cell already holding one of the
+    attribute names is refused before anything is written to it.
+    """
+    done: List[Injection] = []
+    try:
+        for index, (path, cell) in enumerate(targets):
+            clash = [name for name in added if hasattr(cell, name)]
+            if clash:
+                raise ValueError(f"cell '{path}' ({type(cell).__name__}) already has attribute(s) {clash}")
+            mixin = mixin_of(cell)
+            try:
+                params = add(index, path, cell)
+            except BaseException:
+                strip_attrs(cell, added)
+                raise
+            done.append(Injection(path, cell, type(cell), added, list(params)))
+            cell.__class__ = patched_class(mixin, type(cell))
+    except BaseException:
+        for record in reversed(done):
+            restore(record)
+        raise
+    return done
