@@ -293,3 +293,25 @@ def test_callback_on_llama_from_the_run_yaml(mode, tmp_path):
     assert callback.model is net and callback.config.model_hints["num_layers"] == 2
     assert_params_equal(base, net)
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@NEEDS_MINDFORMERS
+def test_enable_on_llama_and_use_past_is_refused(mode):
+    with pet_hooks.enable(CONFIGS["ptuning2"]) as session:
+        net = tiny_llama()
+        optimizer = nn.AdamWeightDecay(net.trainable_params(), 1e-2)
+    assert session.models == [net]
+    assert [p.name for p in optimizer.parameters] == ["pet_prefix_encoder.embedding"]
+    step = nn.TrainOneStepCell(net, optimizer)
+    step.set_train(True)
+    ids = Tensor(np.random.default_rng(0).integers(0, 64, (2, 9)).astype(np.int32))
+    losses = [float(step(ids).asnumpy()) for _ in range(4)]
+    assert losses[-1] < losses[0]
+
+    from mindformers import LlamaConfig, LlamaForCausalLM
+    decoding = LlamaForCausalLM(LlamaConfig(num_layers=1, hidden_size=32, num_heads=4, vocab_size=64, seq_length=8,
+                                            use_past=True, use_flash_attention=False, compute_dtype="float32",
+                                            param_init_type="float32", batch_size=1))
+    with pytest.raises(ValueError, match=r"'model.layers.0.attention'.*use_past=True"):
+        pet_hooks.apply(decoding, CONFIGS["ptuning2"])
+    assert not pet_hooks.surgery.has_pet(decoding)

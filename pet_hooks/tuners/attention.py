@@ -106,6 +106,8 @@ class LlamaAttentionPrefix(PrefixAttention):
 
     @staticmethod
     def geometry(cell):
+        if cell.use_past:
+            raise ValueError("incremental decoding (use_past=True) is not supported by the prefix methods yet")
         return cell.n_kv_head, cell.head_dim, cell.hidden_size
 
     def construct(self, x, freqs_cis, mask=None, batch_valid_length=None, block_tables=None, slot_mapping=None,

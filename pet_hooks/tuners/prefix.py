@@ -79,8 +79,8 @@ def _geometry(targets: List[Tuple[str, nn.Cell]], cfg: PetConfig) -> Tuple[int, 
     for path, cell in targets:
         try:
             found.add(tuple(adapter_for(cell).geometry(cell)))
-        except AttributeError as err:
-            raise ValueError(f"cannot read the attention geometry of '{path}' ({type(cell).__name__}): {err}") from None
+        except (AttributeError, ValueError) as err:
+            raise ValueError(f"cannot adapt the attention cell '{path}' ({type(cell).__name__}): {err}") from None
     if len(found) > 1:
         raise ValueError(f"the attention cells {[p for p, _ in targets]} differ in (kv heads, head size, hidden): "
                          f"{sorted(found)}; one prefix encoder needs them equal")
