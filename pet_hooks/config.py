@@ -27,8 +27,8 @@ __all__ = [
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict",
 ]
 
-# Where a MindFormers run YAML keeps the block, outermost first.
 logger = logging.getLogger("pet_hooks")
+# Where a MindFormers run YAML keeps the block, outermost first.
 _MINDFORMERS_PATH = ("model", "model_config", "pet_config")
 # model_config entries the prefix methods may need when they cannot read them off the model.
 _MODEL_HINT_KEYS = ("num_layers", "num_heads", "num_attention_heads", "n_kv_heads",
@@ -129,6 +129,9 @@ class PetConfig:
     # model_config values (num_layers, kv_channels, ...) found beside a pet_config block.
     model_hints: dict = field(default_factory=dict, repr=False, compare=False,
                               metadata={"help": "model_config values found next to the pet_config block"})
+    # Init-only (compare=False): two configs that differ only here describe the same adapter.
+    seed: Optional[int] = field(default=None, compare=False,
+                                metadata={"help": "seed for the deltas' init (the same deltas on every rank)"})
 
     PET_TYPE: ClassVar[str] = ""
 
@@ -149,6 +152,8 @@ class PetConfig:
                 setattr(self, name, list(value))
         if not isinstance(self.model_hints, dict):
             raise PetConfigTypeError(f"model_hints must be a mapping, got {self.model_hints!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
         self.validate()
 
     def validate(self) -> None:
@@ -179,7 +184,6 @@ class LoraConfig(PetConfig):
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
     param_init_type: str = field(default="float32", metadata={"help": "dtype of the delta parameters"})
     compute_dtype: Optional[str] = field(default=None, metadata={"help": "branch dtype; None = the layer's own"})
-    seed: Optional[int] = field(default=None, compare=False, metadata={"help": "seed for A's init (same deltas on every rank)"})
 
     _A_INITS: ClassVar[dict] = {"kaiming_uniform": "kaiming_uniform", "he_uniform": "kaiming_uniform",
                                 "heuniform": "kaiming_uniform", "normal": "normal"}
@@ -203,8 +207,6 @@ class LoraConfig(PetConfig):
         self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
         if self.compute_dtype is not None:
             self.compute_dtype = _dtype_name("compute_dtype", self.compute_dtype)
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
 
     @property
     def scaling(self) -> float:
@@ -223,7 +225,6 @@ class PTuning2Config(PetConfig):
     projection_dim: Optional[int] = field(default=None, metadata={"help": "MLP width when prefix_projection"})
     dropout_rate: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values"})
     target_modules: Union[str, list, None] = field(default=None, metadata={"help": "attention cells; None = known"})
-    seed: Optional[int] = field(default=None, compare=False, metadata={"help": "seed for the encoder's init"})
 
     def validate(self) -> None:
         _check_int("pre_seq_len", self.pre_seq_len)
@@ -237,8 +238,6 @@ class PTuning2Config(PetConfig):
             _check_int("projection_dim", self.projection_dim)
         _check_rate("dropout_rate", self.dropout_rate)
         _check_targets(self)
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
 
 
 @dataclass
@@ -251,7 +250,6 @@ class PrefixTuningConfig(PetConfig):
     mid_dim: int = field(default=512, metadata={"help": "width of the reparametrisation MLP"})
     dropout_rate: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values"})
     target_modules: Union[str, list, None] = field(default=None, metadata={"help": "attention cells; None = known"})
-    seed: Optional[int] = field(default=None, compare=False, metadata={"help": "seed for the encoder's init"})
 
     def validate(self) -> None:
         _check_int("prefix_token_num", self.prefix_token_num)
@@ -259,8 +257,6 @@ class PrefixTuningConfig(PetConfig):
         _check_int("mid_dim", self.mid_dim)
         _check_rate("dropout_rate", self.dropout_rate)
         _check_targets(self)
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
 
 
 _CONFIG_CLASSES: dict = {cls.PET_TYPE: cls for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig)}

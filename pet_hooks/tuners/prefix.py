@@ -58,8 +58,7 @@ def select_targets(net: nn.Cell, cfg: PetConfig) -> List[Tuple[str, nn.Cell]]:
             raise ValueError(f"{type(net).__name__} has no attention cell the prefix adapters know "
                              f"(known: {', '.join(known_attention_names())}); name yours with target_modules "
                              f"and teach pet_hooks its layout with pet_hooks.register_attention")
-    _geometry(targets, cfg)
-    return targets
+    return targets  # (inject reads and checks their geometry before it changes anything)
 
 
 def _prefix_len(cfg: PetConfig) -> int:
