@@ -25,9 +25,9 @@ from mindspore.common import dtype as mstype
 
 from ._version import __version__
 from .config import PetConfigError, load_config
-from .surgery import apply, get_state, remove, saved_parameters
+from .surgery import all_delta_parameters, apply, get_state, remove, saved_parameters
 
-__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "load_tensors", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -88,9 +88,14 @@ def _read_tensors(path: str) -> Dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
 
-def _check_fit(net: nn.Cell, tensors: Dict[str, np.ndarray], path: str) -> list:
-    """Pair every adapter parameter with its tensor; any mismatch is an error naming it."""
-    params = {p.name: p for p in saved_parameters(net)}
+def _check_fit(net: nn.Cell, tensors: Dict[str, np.ndarray], path: str, *, deltas_only: bool = False,
+               cast_floats: bool = False) -> list:
+    """Pair every adapter parameter with its tensor; any mismatch is an error naming it.
+
+    ``deltas_only`` leaves out base parameters the config keeps trainable (a foreign file
+    does not hold them); ``cast_floats`` accepts a float tensor of another width.
+    """
+    params = {p.name: p for p in (all_delta_parameters(net) if deltas_only else saved_parameters(net))}
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise ValueError(f"{path} has no tensor for parameter(s) {missing[:5]}"
@@ -105,22 +110,56 @@ def _check_fit(net: nn.Cell, tensors: Dict[str, np.ndarray], path: str) -> list:
         if tuple(array.shape) != tuple(param.shape):
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(array.shape)}, "
                              f"the net's parameter has shape {tuple(param.shape)}")
-        expected = np.float32 if param.dtype == mstype.bfloat16 else mstype.dtype_to_nptype(param.dtype)
-        if array.dtype != np.dtype(expected):
+        expected = np.dtype(np.float32 if param.dtype == mstype.bfloat16 else mstype.dtype_to_nptype(param.dtype))
+        if array.dtype != expected and not (cast_floats and array.dtype.kind == "f" and expected.kind == "f"):
             raise ValueError(f"{path}: tensor '{name}' has dtype {array.dtype}, "
                              f"the net's parameter has dtype {param.dtype}")
-        pairs.append((param, array))
+        pairs.append((param, array.astype(expected, copy=False)))
     return pairs
 
 
-def load_adapter(net: nn.Cell, directory: str) -> nn.Cell:
-    """Load an adapter saved by :func:`save_adapter` into ``net`` and return it.
+def load_tensors(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str, *,
+                 deltas_only: bool = False, cast_floats: bool = False) -> nn.Cell:
+    """Apply ``cfg`` when ``net`` has no PET, then write ``tensors`` into its adapter parameters.
 
-    When ``net`` has no PET yet the saved config is applied first. Missing files raise
-    FileNotFoundError; a config that differs from the net's PET, a corrupt file or a missing
-    or mismatched tensor raise ValueError naming it. On any error the net is left as it was.
+    Everything is checked before anything is written; on error the net is left as it was.
+    """
+    state = get_state(net)
+    if state is not None and cfg is not None and state.config != cfg:
+        raise ValueError(f"{source} holds a different PET config than the one applied to "
+                         f"{type(net).__name__}: {cfg.to_dict()} vs {state.config.to_dict()}")
+    applied_here = state is None
+    if applied_here:
+        if cfg is None:
+            raise ValueError(f"{source} carries no PET config and {type(net).__name__} has no PET applied: "
+                             f"pass cfg=... (the pet_config the checkpoint was trained with)")
+        apply(net, cfg)
+    try:
+        pairs = _check_fit(net, tensors, source, deltas_only=deltas_only, cast_floats=cast_floats)
+    except BaseException:
+        if applied_here:
+            remove(net)
+        raise
+    for param, array in pairs:
+        param.set_data(Tensor(array).astype(param.dtype))
+    return net
+
+
+def load_adapter(net: nn.Cell, directory: str, cfg=None) -> nn.Cell:
+    """Load an adapter into ``net`` and return it.
+
+    ``directory`` is what :func:`save_adapter` wrote (its config is applied first when ``net``
+    has no PET yet), or a MindFormers LoRA checkpoint file (``.ckpt`` or ``.safetensors``
+    whose delta names end in ``mindpet_delta_lora_a`` / ``_b``; give ``cfg`` unless the net
+    already has the matching LoRA). Missing files raise FileNotFoundError; a config that
+    differs from the net's PET, a corrupt file or a missing or mismatched tensor raise
+    ValueError naming it. On any error the net is left as it was.
     """
     directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        from .mindformers_io import read_mindformers_lora
+        return load_tensors(net, None if cfg is None else load_config(cfg), read_mindformers_lora(directory),
+                            directory, deltas_only=True, cast_floats=True)
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isdir(directory):
@@ -129,24 +168,9 @@ def load_adapter(net: nn.Cell, directory: str) -> nn.Cell:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"adapter file not found: {path}")
     try:
-        cfg = load_config(config_path)
+        saved = load_config(config_path)
     except PetConfigError as err:
         raise PetConfigError(f"{config_path}: {err}") from None
-    tensors = _read_tensors(weights_path)
-
-    state = get_state(net)
-    if state is not None and state.config != cfg:
-        raise ValueError(f"{config_path} holds a different PET config than the one applied to "
-                         f"{type(net).__name__}: {cfg.to_dict()} vs {state.config.to_dict()}")
-    applied_here = state is None
-    if applied_here:
-        apply(net, cfg)
-    try:
-        pairs = _check_fit(net, tensors, weights_path)
-    except BaseException:
-        if applied_here:
-            remove(net)
-        raise
-    for param, array in pairs:
-        param.set_data(Tensor(array).astype(param.dtype))
-    return net
+    if cfg is not None and load_config(cfg) != saved:
+        raise ValueError(f"cfg differs from the config saved in {config_path}")
+    return load_tensors(net, saved, _read_tensors(weights_path), weights_path)

@@ -28,7 +28,7 @@ from .config import PetConfig, load_config
 from .tuners import get_tuner
 
 __all__ = ["PetState", "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters",
-           "saved_parameters", "trainable_summary", "get_state", "has_pet"]
+           "all_delta_parameters", "saved_parameters", "trainable_summary", "get_state", "has_pet"]
 
 logger = logging.getLogger("pet_hooks")
 _STATE_ATTR = "_pet_hooks_state"
@@ -191,6 +191,11 @@ def _all_deltas(state: PetState) -> List[Parameter]:
         for param in state.tuner.deltas_of(record):
             unique.setdefault(id(param), param)
     return list(unique.values())
+
+
+def all_delta_parameters(net: nn.Cell) -> List[Parameter]:
+    """Every delta Parameter, trainable or not (``freeze_include`` can freeze some)."""
+    return _all_deltas(_require_state(net, "list delta parameters"))
 
 
 def delta_parameters(net: nn.Cell) -> List[Parameter]:

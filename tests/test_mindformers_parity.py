@@ -68,3 +68,71 @@ def test_same_loss_and_delta_gradients_as_mindformers_lora(mode):
     for name, grad in our_grads.items():
         assert np.abs(grad).max() > 0, name
         np.testing.assert_allclose(grad, their_grads[mindformers_name(name)], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- checkpoints both ways
+def _mindformers_lora_with_random_deltas(seed=1):
+    from mindformers.pet import get_pet_model
+    theirs = get_pet_model(tiny_llama(), dict(CFG))
+    rng = np.random.default_rng(seed)
+    for param in theirs.get_parameters():
+        if "mindpet_delta" in param.name:
+            param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.1))
+    return theirs
+
+
+def _logits(net, ids):
+    net.set_train(False)
+    return net(ids)[0].asnumpy()
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_load_a_mindformers_lora_checkpoint(mode, tmp_path, fmt):
+    theirs = _mindformers_lora_with_random_deltas()
+    ids = Tensor(np.random.default_rng(2).integers(0, 64, (2, 8)).astype(np.int32))
+    expected = _logits(theirs, ids)
+    path = str(tmp_path / f"mf_lora.{fmt}")
+    if fmt == "ckpt":
+        ms.save_checkpoint(theirs, path)                 # the whole model, as MindFormers saves it
+    else:
+        from safetensors.numpy import save_file
+        save_file({p.name: p.asnumpy() for p in theirs.get_parameters() if "mindpet_delta" in p.name}, path)
+    ours = tiny_llama()
+    with pytest.raises(ValueError, match="carries no PET config"):
+        pet_hooks.load_adapter(ours, path)
+    assert not pet_hooks.surgery.has_pet(ours)
+    pet_hooks.load_adapter(ours, path, cfg=CFG)
+    np.testing.assert_allclose(_logits(ours, ids), expected, atol=1e-6)
+    wrong_rank = tiny_llama()
+    with pytest.raises(ValueError, match=r"model.layers.0.attention.wq.lora_A' has shape \(4, 32\).*\(2, 32\)"):
+        pet_hooks.load_adapter(wrong_rank, path, cfg={**CFG, "lora_rank": 2})
+    assert not pet_hooks.surgery.has_pet(wrong_rank)
+
+
+def test_a_checkpoint_without_lora_tensors_is_refused(tmp_path):
+    path = str(tmp_path / "plain.ckpt")
+    ms.save_checkpoint(tiny_llama(), path)
+    with pytest.raises(ValueError, match="plain.ckpt holds no MindFormers LoRA tensors"):
+        pet_hooks.load_adapter(tiny_llama(), path, cfg=CFG)
+    (tmp_path / "broken.ckpt").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="broken.ckpt: not a readable checkpoint"):
+        pet_hooks.load_adapter(tiny_llama(), str(tmp_path / "broken.ckpt"), cfg=CFG)
+
+
+def test_merged_checkpoint_loads_into_plain_mindformers(mode, tmp_path):
+    ours = pet_hooks.apply(tiny_llama(), CFG)
+    rng = np.random.default_rng(3)
+    for param in pet_hooks.delta_parameters(ours):
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.1))
+    ids = Tensor(rng.integers(0, 64, (2, 8)).astype(np.int32))
+    adapted = _logits(ours, ids)
+    before = {p.name: p.asnumpy().copy() for p in ours.get_parameters()}
+    pet_hooks.save_merged_checkpoint(ours, str(tmp_path / "merged.ckpt"))
+    for param in ours.get_parameters():                 # the net itself is untouched
+        np.testing.assert_array_equal(param.asnumpy(), before[param.name])
+
+    plain = tiny_llama()                                 # no pet_hooks on it
+    not_loaded, _ = ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")))
+    assert not not_loaded
+    assert not any("lora" in name for name in ms.load_checkpoint(str(tmp_path / "merged.ckpt")))
+    np.testing.assert_allclose(_logits(plain, ids), adapted, atol=1e-5, rtol=1e-5)

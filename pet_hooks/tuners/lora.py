@@ -26,7 +26,7 @@ from ..matching import select_cells
 from .common import Injection, init_rng, inject_all, restore
 
 __all__ = ["can_adapt", "is_lora_cell", "select_targets", "inject", "eject",
-           "set_active", "merge_weight", "deltas_of"]
+           "set_active", "merge_weight", "deltas_of", "delta_in_weight_layout"]
 
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
@@ -179,7 +179,7 @@ def deltas_of(record: Injection) -> List[Parameter]:
     return list(record.params)
 
 
-def _delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
+def delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
     """``scaling * B @ A`` (float32), transposed when the weight is stored [in, out]."""
     a = cell.lora_A.astype(mstype.float32).asnumpy()
     b = cell.lora_B.astype(mstype.float32).asnumpy()
@@ -193,5 +193,5 @@ def merge_weight(record: Injection, sign: int) -> None:
     """Fold (+1) or unfold (-1) the branch into the base weight, computed in float32."""
     cell = record.cell
     weight = cell.weight
-    merged = weight.astype(mstype.float32).asnumpy() + sign * _delta_in_weight_layout(cell)
+    merged = weight.astype(mstype.float32).asnumpy() + sign * delta_in_weight_layout(cell)
     weight.set_data(Tensor(merged, mstype.float32).astype(weight.dtype))
