@@ -104,17 +104,22 @@ def test_unknown_flag_is_rejected():
     ("ptuning2.yaml", "legacy_train.py", ["--mode", "1"]),
     ("llama_prefixtuning.yaml", "llama_train.py", ["--yaml", "samples/configs/llama_prefixtuning.yaml",
                                                     "--mode", "0"]),
+    ("llama_lora.yaml", "llama_train.py", ["--yaml", "samples/configs/llama_lora.yaml", "--mode", "1"]),
 ])
-def test_prefix_methods_through_the_launcher(tmp_path, config, script, extra):
+def test_prefix_methods_and_llama_through_the_launcher(tmp_path, config, script, extra):
     ckpt = tmp_path / "after.ckpt"
     out = _launch("--config", os.path.join("samples", "configs", config), "--save-dir", str(tmp_path / "ad"),
                   os.path.join("samples", script), "--steps", "6", "--save-ckpt", str(ckpt), *extra)
     assert out.returncode == 0, out.stderr[-3000:]
     saved = ms.load_checkpoint(str(ckpt))
-    deltas = {k: v.asnumpy() for k, v in saved.items() if k.startswith("pet_prefix_encoder.")}
+    deltas = {k: v.asnumpy() for k, v in saved.items() if k.startswith("pet_prefix_encoder.") or ".lora_" in k}
     assert deltas
     from safetensors.numpy import load_file
     adapter = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     assert sorted(adapter) == sorted(deltas)
     for name, value in adapter.items():
         np.testing.assert_array_equal(value, deltas[name])
+    if script == "llama_train.py":  # the base weights the script saved are the untrained ones
+        from samples.llama_train import build_llama
+        for param in build_llama(os.path.join(ROOT, "samples", "configs", config)).get_parameters():
+            np.testing.assert_array_equal(saved[param.name].asnumpy(), param.asnumpy(), err_msg=param.name)
