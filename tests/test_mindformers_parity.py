@@ -136,3 +136,27 @@ def test_merged_checkpoint_loads_into_plain_mindformers(mode, tmp_path):
     assert not not_loaded
     assert not any("lora" in name for name in ms.load_checkpoint(str(tmp_path / "merged.ckpt")))
     np.testing.assert_allclose(_logits(plain, ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_seed_yamls_load_unchanged():
+    import os
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "configs")
+    gpt2 = pet_hooks.load_config(os.path.join(configs, "gpt2_lora_mindformers.yaml"))
+    ptuning2 = pet_hooks.load_config(os.path.join(configs, "llama_ptuning2.yaml"))
+    prefix = pet_hooks.load_config(os.path.join(configs, "llama_prefixtuning.yaml"))
+    assert (gpt2.pet_type, gpt2.target_modules) == ("lora", ".*dense1|.*dense2|.*dense3")
+    assert (ptuning2.pet_type, ptuning2.pre_seq_len, ptuning2.prefix_projection) == ("ptuning2", 16, False)
+    assert (prefix.pet_type, prefix.prefix_token_num, prefix.mid_dim) == ("prefixtuning", 16, 128)
+    assert ptuning2.model_hints == {"num_layers": 2, "num_heads": 4, "hidden_size": 64}
+
+
+def test_a_pattern_that_matches_no_llama_cell_names_it_and_the_real_names():
+    net = tiny_llama()
+    values = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    with pytest.raises(ValueError) as info:
+        pet_hooks.apply(net, {**CFG, "target_modules": ".*q_proj|.*v_proj"})   # Hugging Face names
+    message = str(info.value)
+    assert "'.*q_proj|.*v_proj' matches no cell of LlamaForCausalLM" in message
+    assert all(name in message for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    assert not pet_hooks.surgery.has_pet(net)
+    assert {p.name for p in net.get_parameters()} == set(values)
