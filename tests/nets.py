@@ -107,3 +107,14 @@ CASES = [
     Case("mf_linear_fp16_compute", lambda: TwoLinear(True, compute_dtype=ms.float16), ("linear1", "linear2"),
          (2, 3, 6), tol=2e-2, needs_mindformers=True),
 ]
+
+
+def tiny_llama():
+    """MindFormers' LlamaForCausalLM, 2 layers, hidden 32, with the settings it needs on the CPU."""
+    from mindformers import LlamaConfig, LlamaForCausalLM
+    ms.set_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        num_layers=2, hidden_size=32, num_heads=4, vocab_size=64, seq_length=8, intermediate_size=64,
+        use_flash_attention=False, use_past=False, compute_dtype="float32", param_init_type="float32",
+        layernorm_compute_type="float32", softmax_compute_type="float32", rotary_dtype="float32",
+        use_rope_slice=True, fused_rms_norm=False, batch_size=2))

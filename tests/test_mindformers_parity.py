@@ -12,21 +12,12 @@ import mindspore as ms
 from mindspore import Tensor
 
 import pet_hooks
+from tests.nets import tiny_llama
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
                                 reason="mindformers is not installed")
 CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
        "target_modules": ".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3"}
-
-
-def tiny_llama():
-    from mindformers import LlamaConfig, LlamaForCausalLM
-    ms.set_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        num_layers=2, hidden_size=32, num_heads=4, vocab_size=64, seq_length=8, intermediate_size=64,
-        use_flash_attention=False, use_past=False, compute_dtype="float32", param_init_type="float32",
-        layernorm_compute_type="float32", softmax_compute_type="float32", rotary_dtype="float32",
-        use_rope_slice=True, fused_rms_norm=False, batch_size=2))
 
 
 def mindformers_name(name: str) -> str:

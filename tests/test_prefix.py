@@ -11,12 +11,12 @@ import logging
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 import pet_hooks
 from samples.tiny_gpt import GPTWithLoss, build
 from tests.conftest import assert_params_equal, snapshot
+from tests.nets import tiny_llama
 
 SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
 CONFIGS = {
@@ -205,16 +205,6 @@ def test_register_attention_for_a_user_class(mode, rng):
 
 
 # ----------------------------------------------------------------------------- MindFormers' Llama
-def tiny_llama():
-    from mindformers import LlamaConfig, LlamaForCausalLM
-    ms.set_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        num_layers=2, hidden_size=32, num_heads=4, vocab_size=64, seq_length=8, intermediate_size=64,
-        use_flash_attention=False, use_past=False, compute_dtype="float32", param_init_type="float32",
-        layernorm_compute_type="float32", softmax_compute_type="float32", rotary_dtype="float32",
-        use_rope_slice=True, fused_rms_norm=False, batch_size=2))
-
-
 @NEEDS_MINDFORMERS
 @pytest.mark.parametrize("cfg", [pytest.param(CONFIGS["ptuning2"], id="ptuning2"),
                                  pytest.param(CONFIGS["prefixtuning"], id="prefixtuning")])
