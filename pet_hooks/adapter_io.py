@@ -56,8 +56,22 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def save_adapter(net: nn.Cell, directory: str) -> str:
-    """Write the adapter of ``net`` to ``directory`` (created if needed); returns the directory."""
+def save_adapter(net: nn.Cell, directory: str, format: str = "pet_hooks", name_map=None,  # pylint: disable=redefined-builtin
+                 **peft_fields) -> str:
+    """Write the adapter of ``net`` to ``directory`` (created if needed); returns the directory.
+
+    ``format="peft"`` writes a LoRA adapter as Hugging Face PEFT does, the cell paths turned
+    into the other framework's names by ``name_map`` (``"llama"``, a mapping or a callable;
+    see :mod:`pet_hooks.peft_format`); ``peft_fields`` may set ``task_type`` and
+    ``base_model_name_or_path`` there.
+    """
+    if format == "peft":
+        from .peft_format import save_peft
+        return save_peft(net, directory, name_map, **peft_fields)
+    if format != "pet_hooks":
+        raise ValueError(f"unknown adapter format {format!r}; use 'pet_hooks' or 'peft'")
+    if name_map is not None or peft_fields:
+        raise ValueError("name_map, task_type and base_model_name_or_path apply to format='peft' only")
     from safetensors.numpy import save  # local: only saving and loading need it
 
     state = get_state(net)
@@ -140,16 +154,36 @@ def load_tensors(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str,
         if applied_here:
             remove(net)
         raise
-    for param, array in pairs:
-        param.set_data(Tensor(array).astype(param.dtype))
+    # Writing can still fail half-way (an interrupt, memory): keep copies to put back, so the
+    # net ends up either fully loaded or exactly as it was.
+    originals = [(param, param.data.copy()) for param, _ in pairs]
+    try:
+        for param, array in pairs:
+            param.set_data(Tensor(array).astype(param.dtype))
+    except BaseException:
+        for param, value in originals:
+            param.set_data(value)
+        if applied_here:
+            remove(net)
+        raise
     return net
 
 
-def load_adapter(net: nn.Cell, directory: str, cfg=None) -> nn.Cell:
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from None
+
+
+def load_adapter(net: nn.Cell, directory: str, cfg=None, name_map=None) -> nn.Cell:
     """Load an adapter into ``net`` and return it.
 
     ``directory`` is what :func:`save_adapter` wrote (its config is applied first when ``net``
-    has no PET yet), or a MindFormers LoRA checkpoint file (``.ckpt`` or ``.safetensors``
+    has no PET yet), a Hugging Face PEFT LoRA directory (detected by ``peft_type`` in its
+    config; ``name_map`` as for saving, by default the first of the same names and the
+    built-in maps that fits the net), or a MindFormers LoRA checkpoint file (``.ckpt`` or ``.safetensors``
     whose delta names end in ``mindpet_delta_lora_a`` / ``_b``; give ``cfg`` unless the net
     already has the matching LoRA). Missing files raise FileNotFoundError; a config that
     differs from the net's PET, a corrupt file or a missing or mismatched tensor raise
@@ -167,6 +201,12 @@ def load_adapter(net: nn.Cell, directory: str, cfg=None) -> nn.Cell:
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"adapter file not found: {path}")
+    from .peft_format import is_peft_config, load_peft
+    doc = _read_json(config_path)
+    if is_peft_config(doc):
+        return load_peft(net, directory, doc, name_map, cfg)
+    if name_map is not None:
+        raise ValueError(f"name_map applies to PEFT adapters; {config_path} is a pet_hooks adapter")
     try:
         saved = load_config(config_path)
     except PetConfigError as err:
