@@ -39,6 +39,10 @@ def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[di
     env = dict(os.environ if base is None else base)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != BOOTSTRAP_DIR]
     env["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR] + paths)
+    # This Python first on PATH: msrun starts its workers as plain `python script.py`, and they
+    # need the interpreter pet_hooks (and MindSpore) are installed in, venv activated or not.
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir])
     env[CONFIG_ENV] = json.dumps({"pet_config": cfg.to_dict(), "model_hints": cfg.model_hints})
     if save_dir:
         env[SAVE_DIR_ENV] = os.path.abspath(save_dir)
@@ -87,17 +91,35 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
     return code
 
 
+def _find_command(name: str) -> Optional[str]:
+    """A command on PATH or, failing that, beside this Python (``msrun`` in a venv not activated)."""
+    return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+
+
 def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str] = None) -> int:
     """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code."""
-    if not os.path.isfile(script) and shutil.which(script) is None:
+    if not os.path.isfile(script) and _find_command(script) is None:
         raise FileNotFoundError(f"script not found: {script}")
     # Children started by the script (or the command itself) inherit this environment.
     env = child_environment(cfg, save_dir)
-    for key in ("PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV):
-        if key in env:
-            os.environ[key] = env[key]
-        else:
-            os.environ.pop(key, None)
-    if os.path.isfile(script):
-        return _run_python(script, args, cfg, save_dir)
-    return subprocess.call([shutil.which(script)] + list(args))
+    keys = ("PATH", "PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV)
+    before = {key: os.environ.get(key) for key in keys}
+    try:
+        for key in keys:
+            if key in env:
+                os.environ[key] = env[key]
+            else:
+                os.environ.pop(key, None)
+        if os.path.isfile(script):
+            return _run_python(script, args, cfg, save_dir)
+        try:
+            return subprocess.call([_find_command(script)] + list(args))
+        except KeyboardInterrupt:  # the child was killed by subprocess.call; exit as Python would
+            return 130
+    finally:
+        # Called as a function (not the CLI), the caller's environment must come back as it was.
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -29,7 +29,9 @@ def _start_hooks():
             block.__exit__(None, None, None)
         finally:
             if save_dir and session.models:
-                flow.save_for_rank(session.models[-1], save_dir)
+                path = flow.save_for_rank(session.models[-1], save_dir)
+                if path:  # said in the worker's own log, so one can see which rank wrote it
+                    print(f"pet-hooks: adapter saved to {path} (rank 0)", file=sys.stderr, flush=True)
 
     atexit.register(_finish)
 
