@@ -1,6 +1,7 @@
 """The ``pet-hooks`` command line (also ``python -m pet_hooks``).
 
     pet-hooks run --config pet.yaml [--save-dir adapter/] train.py [ARGS...]
+    pet-hooks inspect --config pet.yaml (--model MODULE:FACTORY | train.py [ARGS...]) [--json]
     pet-hooks check-config samples/configs/lora.yaml    # validate a config, print it normalised
     pet-hooks version
 
@@ -39,6 +40,27 @@ def _run(args: argparse.Namespace) -> int:
     return run_script(script, script_args, cfg, args.save_dir)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import build_from_factory, capture_script_model, format_report, inspect_net
+
+    cfg = load_config(args.config)
+    if bool(args.model) == bool(args.script):
+        raise ValueError("inspect needs exactly one of --model MODULE:FACTORY and SCRIPT [ARGS...]")
+    if args.model:
+        net = build_from_factory(args.model)
+    else:
+        script = args.script[1:] if args.script[0] == "--" else args.script
+        if not script:
+            raise ValueError("inspect needs a SCRIPT after '--'")
+        net = capture_script_model(script[0], script[1:], cfg)
+    report = inspect_net(net, cfg)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if report["error"]:
+        print(f"pet-hooks: error: {report['error']}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pet-hooks", description="Parameter-efficient tuning for MindSpore.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--save-dir", default=None, help="save the trained model's adapter here at the end")
     run.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...] or a command such as msrun")
     run.set_defaults(func=_run)
+    insp = sub.add_parser("inspect", help="show what a config will tune in a model, without training")
+    insp.add_argument("--config", required=True, help="the PET config (any form load_config takes)")
+    insp.add_argument("--model", default=None, help="MODULE:FACTORY, a function returning the model")
+    insp.add_argument("--json", action="store_true", help="print the report as JSON")
+    insp.add_argument("script", nargs=argparse.REMAINDER, help="or SCRIPT.py [ARGS...], stopped at its first model")
+    insp.set_defaults(func=_inspect)
     check = sub.add_parser("check-config", help="validate a PET config and print it normalised")
     check.add_argument("config", help="MindFormers run YAML, a YAML/JSON with pet_config, or a bare block")
     check.set_defaults(func=_check_config)

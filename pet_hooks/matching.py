@@ -18,7 +18,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from mindspore import nn
 
-__all__ = ["select_cells", "named_cells"]
+__all__ = ["select_cells", "named_cells", "nearest_names", "is_excluded"]
 
 Patterns = Union[str, Sequence[str], None]
 
@@ -38,6 +38,15 @@ def _is_excluded(path: str, excludes: Optional[Sequence[str]]) -> bool:
     parts = path.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(re.fullmatch(pattern, prefix) for pattern in excludes for prefix in prefixes)
+
+
+is_excluded = _is_excluded
+
+
+def nearest_names(pattern: str, candidates: List[str], limit: int = 4) -> List[str]:
+    """The ``limit`` candidate paths closest to ``pattern`` (its ``.*`` and escapes ignored)."""
+    text = pattern.replace(".*", "").replace("\\", "")
+    return difflib.get_close_matches(text, candidates, n=limit, cutoff=0.0)
 
 
 def _hint(pattern: str, candidates: List[str], limit: int = 4) -> str:
