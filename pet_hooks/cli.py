@@ -1,6 +1,6 @@
 """The ``pet-hooks`` command line (also ``python -m pet_hooks``).
 
-    pet-hooks run --config pet.yaml [--save-dir adapter/] train.py [ARGS...]
+    pet-hooks run --config pet.yaml [--save-dir adapter/] [--quiet] [--plot loss.png] train.py [ARGS...]
     pet-hooks inspect --config pet.yaml (--model MODULE:FACTORY | train.py [ARGS...]) [--json]
     pet-hooks check-config samples/configs/lora.yaml    # validate a config, print it normalised
     pet-hooks version
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -37,7 +38,20 @@ def _run(args: argparse.Namespace) -> int:
         script, script_args = (script_args[0], script_args[1:]) if script_args else (None, [])
         if script is None:
             raise ValueError("run needs a SCRIPT to run after '--'")
-    return run_script(script, script_args, cfg, args.save_dir)
+    from .progress import TrainingMonitor, write_loss_plot
+
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise ValueError(f"--plot writes a PNG; give a file name ending in .png, not {args.plot!r}")
+    monitor = TrainingMonitor(show=not args.quiet and sys.stdout.isatty())
+    code = run_script(script, script_args, cfg, args.save_dir, monitor=monitor)
+    if args.plot:
+        if monitor.losses:
+            write_loss_plot(monitor.losses, args.plot, title=f"pet-hooks run {os.path.basename(script)}")
+            print(f"pet-hooks: loss curve of {len(monitor.losses)} steps written to {args.plot}", file=sys.stderr)
+        else:
+            print("pet-hooks: no loss was recorded (no Model.train in this process), so no plot", file=sys.stderr)
+            code = code or 1
+    return code
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -67,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an unmodified training script with PET")
     run.add_argument("--config", required=True, help="the PET config (any form load_config takes)")
     run.add_argument("--save-dir", default=None, help="save the trained model's adapter here at the end")
+    run.add_argument("--quiet", action="store_true", help="no progress line (it is off anyway when stdout "
+                     "is not a terminal)")
+    run.add_argument("--plot", default=None, metavar="FILE.png", help="write the loss curve of the run here")
     run.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...] or a command such as msrun")
     run.set_defaults(func=_run)
     insp = sub.add_parser("inspect", help="show what a config will tune in a model, without training")

@@ -13,6 +13,7 @@ on ``PYTHONPATH`` and passes the config in ``PET_HOOKS_CONFIG``; the bootstrap e
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
@@ -51,15 +52,15 @@ def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[di
     return env
 
 
-def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str]) -> int:
+def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str], monitor=None) -> int:
     script = os.path.abspath(script)
     script_dir = os.path.dirname(script)
-    saved_argv = sys.argv[:]
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [script] + list(args)
     sys.path.insert(0, script_dir)
     code = 0
     try:
-        with enable(cfg) as session:
+        with enable(cfg) as session, (monitor.installed() if monitor else contextlib.nullcontext()):
             try:
                 runpy.run_path(script, run_name="__main__")
             except SystemExit as stop:
@@ -85,9 +86,9 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
             print("pet-hooks: no model was adapted, so no adapter was saved", file=sys.stderr)
             code = code or 1
     finally:
+        # As if the script had run in a process of its own: its sys.path edits go with it too.
         sys.argv = saved_argv
-        if sys.path and sys.path[0] == script_dir:
-            sys.path.pop(0)
+        sys.path[:] = saved_path
     return code
 
 
@@ -96,8 +97,13 @@ def _find_command(name: str) -> Optional[str]:
     return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
 
 
-def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str] = None) -> int:
-    """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code."""
+def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str] = None,
+               monitor=None) -> int:
+    """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code.
+
+    ``monitor`` (a :class:`pet_hooks.progress.TrainingMonitor`) follows the script's
+    ``Model.train`` runs; a command run as a child is not followed.
+    """
     if not os.path.isfile(script) and _find_command(script) is None:
         raise FileNotFoundError(f"script not found: {script}")
     # Children started by the script (or the command itself) inherit this environment.
@@ -111,7 +117,7 @@ def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[
             else:
                 os.environ.pop(key, None)
         if os.path.isfile(script):
-            return _run_python(script, args, cfg, save_dir)
+            return _run_python(script, args, cfg, save_dir, monitor)
         try:
             return subprocess.call([_find_command(script)] + list(args))
         except KeyboardInterrupt:  # the child was killed by subprocess.call; exit as Python would
