@@ -1,0 +1,185 @@
+"""The benchmark workloads: which model, at which size, with which training variant.
+
+Every worker process builds its model through :func:`build`, so all variants of one model
+share the exact architecture, initial weights and input batch, and differ only in what
+trains. A *variant* is one of :data:`VARIANTS`:
+
+``full``       every weight trains (full fine-tuning)
+``floor``      every weight frozen except the first layer's first norm weight, so the
+               gradient still flows back through every layer: the cost any PET method can reach
+``lora_qkvo``  pet_hooks LoRA r=8 on the attention's q/k/v/o projections
+``lora_all``   pet_hooks LoRA r=8 on every linear layer of the blocks
+``mflora_qkvo`` / ``mflora_all``  MindFormers' own LoRA (``mindformers.pet.get_pet_model``), same targets
+``ptuning2``   pet_hooks P-Tuning v2, 16 prefix positions
+``prefix``     pet_hooks Prefix-Tuning, 16 prefix positions, MLP encoder of width 64
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+VARIANTS = ("full", "floor", "lora_qkvo", "lora_all", "mflora_qkvo", "mflora_all", "ptuning2", "prefix")
+MODELS = ("gpt", "llama")
+
+# Targets per model: the same layers for pet_hooks and for MindFormers' LoRA.
+LORA_TARGETS = {
+    ("gpt", "qkvo"): r".*dense1|.*dense2|.*dense3|.*attention\.projection",
+    ("gpt", "all"): r".*dense1|.*dense2|.*dense3|.*attention\.projection|.*mlp\.mapping|.*mlp\.projection",
+    ("llama", "qkvo"): r".*wq|.*wk|.*wv|.*wo",
+    ("llama", "all"): r".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3",
+}
+# MindFormers matches target_modules with re.match on each child's own name, so on the GPT
+# "projection" alone cannot tell attention from MLP: qkvo is applied under each block's
+# attention cell only (see _mindformers_lora).
+MF_LORA_TARGETS = {
+    ("gpt", "qkvo"): r"dense1$|dense2$|dense3$|projection$",
+    ("gpt", "all"): r"dense1$|dense2$|dense3$|projection$|mapping$",
+    ("llama", "qkvo"): r".*wq|.*wk|.*wv|.*wo",
+    ("llama", "all"): r".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3",
+}
+FLOOR_PARAM = {"gpt": "blocks.0.ln1.gamma", "llama": "model.layers.0.attention_norm.weight"}
+VOCAB = 512
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str = "llama"
+    hidden: int = 256
+    layers: int = 4
+    seq: int = 128
+    batch: int = 4
+    heads: int = 8
+    dtype: str = "float32"
+
+
+def rss_mb() -> float:
+    """The process's resident memory now, in MiB (Linux)."""
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def import_everything() -> None:
+    """Import the same packages in every variant, so the RSS baseline is comparable."""
+    import mindspore  # noqa: F401
+    import mindformers  # noqa: F401
+    import mindformers.pet  # noqa: F401
+    import pet_hooks  # noqa: F401
+    import samples.tiny_gpt  # noqa: F401
+
+
+def build_base(shape: Shape, num_layers: int = 0):
+    """The untouched model with seed-0 weights."""
+    import mindspore as ms
+    layers = num_layers or shape.layers
+    ms.set_seed(0)
+    if shape.model == "gpt":
+        from samples.tiny_gpt import build as build_gpt
+        if shape.dtype != "float32":
+            raise ValueError("the sample GPT runs in float32 only")
+        return build_gpt(0, vocab_size=VOCAB, hidden_size=shape.hidden, num_layers=layers,
+                         num_heads=shape.heads, seq_length=shape.seq)
+    from mindformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(
+        num_layers=layers, hidden_size=shape.hidden, num_heads=shape.heads, vocab_size=VOCAB,
+        seq_length=shape.seq, intermediate_size=2 * shape.hidden, use_flash_attention=False,
+        use_past=False, compute_dtype=shape.dtype, param_init_type="float32",
+        layernorm_compute_type="float32", softmax_compute_type="float32", rotary_dtype="float32",
+        use_rope_slice=True, fused_rms_norm=False, batch_size=shape.batch))
+
+
+def pet_config(shape: Shape, variant: str):
+    """The pet_hooks config of a pet_hooks variant."""
+    import pet_hooks
+    if variant.startswith("lora_"):
+        return pet_hooks.LoraConfig(lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+                                    target_modules=LORA_TARGETS[(shape.model, variant[5:])])
+    if variant == "ptuning2":
+        return pet_hooks.PTuning2Config(pre_seq_len=16)
+    if variant == "prefix":
+        return pet_hooks.PrefixTuningConfig(prefix_token_num=16, mid_dim=64)
+    raise ValueError(f"{variant!r} is not a pet_hooks variant")
+
+
+def apply_variant(net, shape: Shape, variant: str):
+    """Make ``net`` train as ``variant`` wants; returns the (possibly new) net."""
+    if variant == "full":
+        return net
+    if variant == "floor":
+        name = FLOOR_PARAM[shape.model]
+        for param in net.get_parameters():
+            param.requires_grad = param.name == name
+        return net
+    if variant.startswith("mflora_"):
+        return _mindformers_lora(net, shape, variant[7:])
+    import pet_hooks
+    return pet_hooks.apply(net, pet_config(shape, variant))
+
+
+def _mindformers_lora(net, shape: Shape, targets: str):
+    """MindFormers' own LoRA (mindpet's LoRADense replacing the matched layers), base frozen."""
+    config = {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+              "target_modules": MF_LORA_TARGETS[(shape.model, targets)]}
+    if shape.model == "llama":
+        from mindformers.pet import get_pet_model
+        return get_pet_model(net, config)
+    # get_pet_model wants a MindFormers PreTrainedModel; for the sample GPT call the same
+    # replacement and freezing it runs inside.
+    from mindformers.pet.constants import PetType
+    from mindformers.pet.pet_config import LoraConfig as MindFormersLoraConfig
+    from mindformers.pet.tuners.lora_adapter import recursive_replace_dense_cell
+    from mindformers.pet.tuners.pet_adapter import PetAdapter
+    config.pop("pet_type")
+    roots = [block.attention for block in net.blocks] if targets == "qkvo" else [net]
+    for root in roots:
+        recursive_replace_dense_cell(root, MindFormersLoraConfig(**config))
+    net.update_parameters_name()
+    PetAdapter.freeze_pretrained_model(net, PetType.LORA)
+    return net
+
+
+def batch(shape: Shape) -> np.ndarray:
+    """One fixed batch of token ids, one longer than seq (the language-model shift)."""
+    return np.random.RandomState(0).randint(0, VOCAB, (shape.batch, shape.seq + 1)).astype(np.int32)
+
+
+def loss_cell_and_inputs(net, shape: Shape) -> Tuple[object, List]:
+    """A cell computing the training loss, and the tensors to call it with."""
+    import mindspore as ms
+    ids = batch(shape)
+    if shape.model == "gpt":
+        from samples.tiny_gpt import GPTWithLoss
+        return GPTWithLoss(net), [ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:])]
+    return net, [ms.Tensor(ids)]            # LlamaForCausalLM shifts the labels itself
+
+
+def forward_inputs(shape: Shape) -> List:
+    """Inputs of an inference forward pass."""
+    import mindspore as ms
+    return [ms.Tensor(batch(shape)[:, :-1])]
+
+
+def train_step(loss_cell, params) -> Callable:
+    """MindSpore's plain training step: AdamWeightDecay over ``params``."""
+    from mindspore import nn
+    step = nn.TrainOneStepCell(loss_cell, nn.AdamWeightDecay(params, learning_rate=1e-4))
+    step.set_train(True)
+    return step
+
+
+def count(params) -> int:
+    return int(sum(int(np.prod(p.shape)) for p in params))

@@ -1,0 +1,163 @@
+"""Every benchmark of issue 6 in one run, written to BENCHMARKS.md.
+
+    .venv/bin/python -m bench.run                 # the full run (about 30 minutes on 2 cores)
+    .venv/bin/python -m bench.run --quick --out /tmp/b.md   # tiny sizes, one round: checks the scripts
+
+Training variants each run in their own process (:mod:`bench.train_worker`), their timed
+steps interleaved round by round; inference and the cost of the hooks run in their own
+processes too. The PyTorch comparison runs when torch, transformers and peft import.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Tuple
+
+from bench import report
+from bench.models import ROOT, VARIANTS
+from bench.runner import run_interleaved, run_once, torch_available
+from bench.torch_worker import TORCH_VARIANTS
+
+
+def plan(quick: bool) -> dict:
+    """What to measure: the full issue-6 plan, or a tiny one that only exercises the scripts."""
+    if quick:
+        shape = ["--layers", "2", "--seq", "16", "--batch", "2"]
+        return {"shape": shape, "rounds": 1, "warmup": "1",
+                "training": [("llama", 32, "float32", ("full", "floor", "lora_qkvo", "mflora_qkvo", "ptuning2")),
+                             ("gpt", 32, "float32", ("full", "prefix"))],
+                "inference": [("llama", 32)], "torch_hidden": [32],
+                "apply": ["--layers", "4", "--hidden", "32", "--reps", "1"],
+                "enable": ["--hidden", "32", "--reps", "1", *shape],
+                "callback": ["--hidden", "32", "--steps", "4", *shape],
+                "size": ["--hidden", "32", *shape]}
+    gpt_variants = tuple(v for v in VARIANTS)
+    return {"shape": [], "rounds": 7, "warmup": "2",
+            "training": [("gpt", 256, "float32", gpt_variants), ("llama", 256, "float32", VARIANTS),
+                         ("gpt", 1024, "float32", gpt_variants), ("llama", 1024, "float32", VARIANTS),
+                         ("llama", 256, "bfloat16", ("full", "floor", "lora_qkvo", "mflora_qkvo"))],
+            "inference": [("gpt", 1024), ("llama", 1024)], "torch_hidden": [256, 1024],
+            "apply": ["--layers", "32", "--hidden", "1024", "--reps", "5"],
+            "enable": ["--hidden", "1024", "--reps", "5"],
+            "callback": ["--hidden", "256", "--steps", "20"],
+            "size": ["--hidden", "1024"]}
+
+
+def machine() -> str:
+    import mindspore
+    import mindformers
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, Python "
+            f"{platform.python_version()}, MindSpore {mindspore.__version__}, MindFormers {mindformers.__version__}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one round, to check the scripts")
+    parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    args = parser.parse_args(argv)
+    todo = plan(args.quick)
+    started = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {text}", flush=True)
+
+    training: Dict[Tuple[str, int, str], Dict[str, dict]] = {}
+    for model, hidden, dtype, variants in todo["training"]:
+        say(f"training: {model} hidden {hidden} {dtype}: {', '.join(variants)}")
+        commands = {v: ["-m", "bench.train_worker", "--model", model, "--hidden", str(hidden), "--dtype", dtype,
+                        "--variant", v, "--warmup", todo["warmup"], *todo["shape"]] for v in variants}
+        training[(model, hidden, dtype)] = run_interleaved(commands, todo["rounds"], progress=say)
+
+    inference = {}
+    for model, hidden in todo["inference"]:
+        say(f"inference: {model} hidden {hidden}")
+        inference[(model, hidden)] = run_once(f"inference-{model}", [
+            "-m", "bench.inference_worker", "--model", model, "--hidden", str(hidden),
+            "--reps", str(max(3, 2 * todo["rounds"] + 1)), *todo["shape"]], "inference")
+
+    hooks = {}
+    for what in ("apply", "enable", "callback", "size"):
+        say(f"hooks: {what}")
+        hooks[what] = run_once(what, ["-m", "bench.hooks_worker", what, *todo[what]], what)
+
+    torch_results: Dict[int, Dict[str, dict]] = {}
+    versions = None if args.no_torch else torch_available()
+    if versions:
+        for hidden in todo["torch_hidden"]:
+            say(f"pytorch: hidden {hidden}")
+            commands = {v: ["-m", "bench.torch_worker", "--hidden", str(hidden), "--variant", v,
+                            "--warmup", todo["warmup"], *todo["shape"]] for v in TORCH_VARIANTS}
+            torch_results[hidden] = run_interleaved(commands, todo["rounds"], progress=say)
+
+    seconds = time.perf_counter() - started
+    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    text = document(todo, training, inference, hooks, torch_results, versions, command, seconds,
+                    kept_analysis(args.out))
+    with open(args.out, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"training": {"/".join(map(str, k)): v for k, v in training.items()},
+                       "inference": {"/".join(map(str, k)): v for k, v in inference.items()},
+                       "hooks": hooks, "torch": {str(k): v for k, v in torch_results.items()}}, handle, indent=1)
+    say(f"wrote {args.out}")
+    return 0
+
+
+def kept_analysis(path: str) -> str:
+    """The hand-written part of an existing BENCHMARKS.md, from the marker on."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError:
+        return ""
+    index = text.find(report.ANALYSIS_MARKER)
+    return text[index:] if index >= 0 else ""
+
+
+def document(todo, training, inference, hooks, torch_results, versions, command, seconds, analysis) -> str:
+    shape = " ".join(todo["shape"]) or "--layers 4 --seq 128 --batch 4"
+    lines: List[str] = [
+        "# Benchmarks", "",
+        f"Written by `{command}` on {datetime.date.today().isoformat()} in {seconds / 60:.1f} minutes.",
+        f"Machine: {machine()}.", "",
+        f"Workload: {shape}, vocabulary 512, 8 heads, graph mode (`mode=0`), AdamWeightDecay, one fixed batch. "
+        "The Llama is MindFormers' `LlamaForCausalLM` (intermediate size 2 x hidden); the GPT is "
+        "`samples/tiny_gpt.py` (MLP 4 x hidden). Each training variant runs in its own process: it is built, "
+        f"compiled and warmed up ({todo['warmup']} steps), then the orchestrator hands out "
+        f"{todo['rounds']} timed steps to each variant round-robin, reversing the order every round "
+        "(A B C, C B A, ...), so only one variant computes at a time. Peak memory is the process's peak "
+        "RSS above its RSS just before the model was built (all variants import the same packages). "
+        "Ratios are of medians measured in this one run; absolute times are for context only.", "",
+        "## Targets", "", *report.targets(training, inference, hooks), "",
+    ]
+    for (model, hidden, dtype), results in training.items():
+        lines += [f"## Training step: {model}, hidden {hidden}, {dtype}", "", *report.training_table(results), ""]
+    lines += ["## Inference (forward pass, one process, alternating)", "", *report.inference_table(inference), "",
+              "## Cost of the hooks, and adapter size", "", *report.hooks_lines(hooks)]
+    lines += ["## PyTorch + PEFT, same Llama shape", ""]
+    if torch_results:
+        lines += [f"torch / peft {versions}; Hugging Face `LlamaForCausalLM`, AdamW, 2 threads, same "
+                  "interleaving.", "", *report.torch_table(torch_results, training), ""]
+    else:
+        lines += ["Not run: torch, transformers and peft do not all import here "
+                  "(`pip install torch==2.13.0 peft` enables it).", ""]
+    lines += [analysis.rstrip() or report.ANALYSIS_MARKER, ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
