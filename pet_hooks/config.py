@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> None:
 def _check_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PetConfigTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    # nan passes every comparison check below (nan <= 0 is False) and would poison the weights.
+    if not math.isfinite(value):
+        raise PetConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 def _check_rate(name: str, value: Any) -> None:

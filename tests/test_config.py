@@ -7,7 +7,7 @@ import os
 import pytest
 
 import pet_hooks
-from pet_hooks import LoraConfig, PetConfigError, PrefixTuningConfig, PTuning2Config, load_config
+from pet_hooks import LoraConfig, PrefixTuningConfig, PTuning2Config, load_config
 
 SEED = {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.1,
         "target_modules": ".*dense1|.*dense2|.*dense3"}
@@ -49,64 +49,8 @@ def test_prefix_configs_validate():
     assert isinstance(load_config({"pet_type": "ptuning2", "pre_seq_len": 4, "dropout_prob": 0.1}), PTuning2Config)
 
 
-BAD_CONFIGS = [
-    # (mapping, exception, words the message must contain)
-    ({**SEED, "lora_rank": 0}, ValueError, ["lora_rank", "0"]),
-    ({**SEED, "lora_rank": -2}, ValueError, ["lora_rank", "-2"]),
-    ({**SEED, "lora_rank": "8"}, TypeError, ["lora_rank", "'8'"]),
-    ({**SEED, "lora_rank": 2.5}, TypeError, ["lora_rank", "2.5"]),
-    ({**SEED, "lora_rank": True}, TypeError, ["lora_rank", "True"]),
-    ({**SEED, "lora_alpha": 0}, ValueError, ["lora_alpha", "0"]),
-    ({**SEED, "lora_alpha": "big"}, TypeError, ["lora_alpha", "big"]),
-    ({**SEED, "lora_dropout": 1.0}, ValueError, ["lora_dropout", "1.0"]),
-    ({**SEED, "lora_dropout": -0.1}, ValueError, ["lora_dropout", "-0.1"]),
-    ({**SEED, "target_modules": ""}, ValueError, ["target_modules", "empty"]),
-    ({**SEED, "target_modules": "(unclosed"}, ValueError, ["target_modules", "(unclosed"]),
-    ({**SEED, "target_modules": []}, ValueError, ["target_modules", "empty"]),
-    ({**SEED, "target_modules": ["ok", 3]}, TypeError, ["target_modules", "3"]),
-    ({**SEED, "target_modules": None}, ValueError, ["target_modules", "required"]),
-    ({**SEED, "exclude_layers": ["[bad"]}, ValueError, ["exclude_layers", "[bad"]),
-    ({**SEED, "lora_a_init": "xavier"}, ValueError, ["lora_a_init", "xavier"]),
-    ({**SEED, "lora_b_init": "normal"}, ValueError, ["lora_b_init", "normal"]),
-    ({**SEED, "use_rslora": "yes"}, TypeError, ["use_rslora", "yes"]),
-    ({**SEED, "param_init_type": "int8"}, ValueError, ["param_init_type", "int8"]),
-    ({**SEED, "freeze_exclude": [1]}, TypeError, ["freeze_exclude"]),
-    ({**SEED, "lora_rnak": 4}, ValueError, ["lora_rnak"]),
-    ({**SEED, "pet_type": "adapterx"}, ValueError, ["pet_type", "adapterx"]),
-    ({"lora_rank": 8}, ValueError, ["pet_type"]),
-    ({"pet_type": "ptuning2", "pre_seq_len": 0}, ValueError, ["pre_seq_len", "0"]),
-    ({"pet_type": "ptuning2", "prefix_projection": True}, ValueError, ["projection_dim"]),
-    ({"pet_type": "prefixtuning", "mid_dim": -1}, ValueError, ["mid_dim", "-1"]),
-]
-
-
-@pytest.mark.parametrize("mapping,exc,words", BAD_CONFIGS, ids=[str(i) for i in range(len(BAD_CONFIGS))])
-def test_bad_config_values(mapping, exc, words):
-    with pytest.raises(exc) as info:
-        load_config(mapping)
-    assert isinstance(info.value, ValueError)  # every config error is also a ValueError
-    for word in words:
-        assert word in str(info.value), (word, str(info.value))
-
-
-BAD_FILES = [
-    ("list.yaml", b"- 1\n- 2\n", ["top level must be a mapping"]),
-    ("none.yaml", b"model:\n  model_config:\n    num_layers: 2\n", ["no PET configuration"]),
-    ("latin1.yaml", "pet_type: lora  # caf\xe9\n".encode("latin-1"), ["not UTF-8"]),
-    ("broken.yaml", b"pet_config: {pet_type: lora, lora_rank: [\n", ["cannot parse"]),
-    ("broken.json", b"{\"pet_type\": ", ["cannot parse"]),
-    ("tag.yaml", b"pet_config: !!python/object/apply:os.system ['echo hacked']\n", ["cannot parse"]),
-]
-
-
-@pytest.mark.parametrize("name,content,words", BAD_FILES, ids=[b[0] for b in BAD_FILES])
-def test_bad_config_files(tmp_path, name, content, words):
-    path = tmp_path / name
-    path.write_bytes(content)
-    with pytest.raises(PetConfigError) as info:
-        load_config(str(path))
-    for word in words + [name]:
-        assert word in str(info.value)
+# Bad values and bad files: the consolidated table in tests/test_bad_input.py (each row also
+# checks the model is untouched and the traceback never reaches into MindSpore).
 
 
 def test_missing_file_and_wrong_source_type(tmp_path):

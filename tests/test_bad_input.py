@@ -1,0 +1,435 @@
+"""Bad input everywhere a user can give it: one table, one clear error each, nothing touched.
+
+Rows are config mappings (through ``apply``), config files (through ``apply``), adapter
+directories and checkpoint files (through ``load_adapter``) and command lines (through the
+``pet-hooks`` entry point, in process). Every row must raise one error of the right type whose
+message names the culprit (the field, pattern, file or tensor), with no frame from inside
+MindSpore in its traceback, and must leave the model (classes, parameter names, values and
+flags), the global patches and the environment exactly as they were. A property test throws
+random mappings at ``load_config`` / ``apply`` with the same promise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, List
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+from safetensors.numpy import load_file, save_file
+
+import pet_hooks
+from pet_hooks import cli
+from pet_hooks.hooks import context
+from samples.tiny_gpt import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "samples", "configs", "lora.yaml")
+MS_DIR = os.path.dirname(os.path.abspath(ms.__file__))
+PET_DIR = os.path.dirname(os.path.abspath(pet_hooks.__file__))
+SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
+SEED = {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+        "target_modules": ".*dense1|.*dense2|.*dense3"}
+CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*dense1|.*dense3|.*mapping"}
+NAME = "blocks.0.attention.dense1.lora_A"
+
+
+@dataclass
+class Row:
+    """One bad input: where it goes in, the error it must raise, the words its message must hold."""
+
+    id: str
+    kind: str                     # mapping | file | adapter | cli
+    given: Any                    # the mapping; the file bytes; damage(dir) -> load_adapter args; argv
+    exc: type
+    words: List[str]
+    name: str = "pet.yaml"        # file rows: the file name
+
+
+def M(id, mapping, exc, *words):
+    return Row(id, "mapping", mapping, exc, list(words))
+
+
+def F(name, content, exc, *words, names_file=True):
+    """A config file row; a file that cannot be read is named, a bad value in it names its field."""
+    return Row(name, "file", content, exc, list(words) + ([name] if names_file else []), name=name)
+
+
+def A(id, damage, exc, *words):
+    return Row(id, "adapter", damage, exc, list(words))
+
+
+def C(id, argv, *words):
+    return Row(id, "cli", argv, SystemExit, list(words))
+
+
+# ----------------------------------------------------------------------------- damage to an adapter
+def _rewrite(path, change):
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def _weights(d):
+    return d / "adapter_model.safetensors"
+
+
+def _config(d):
+    return d / "adapter_config.json"
+
+
+def _set(d, key, value):
+    _rewrite(_weights(d), lambda t: t.__setitem__(key, value))
+
+
+def _write_config(d, doc):
+    _config(d).write_text(json.dumps(doc))
+
+
+_BOMB_MARK = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"pet_hooks_unpickled_{os.getpid()}")
+
+
+class _Bomb:
+    """A pickle that would leave a mark if anything unpickled it."""
+
+    def __reduce__(self):
+        return (open, (_BOMB_MARK, "w"))
+
+
+def _file_arg(d, name, content):
+    (d / name).write_bytes(content)
+    return {"path": d / name}
+
+
+def _ckpt_without_lora(d):
+    ms.save_checkpoint(nn.Dense(2, 2), str(d / "base.ckpt"))
+    return {"path": d / "base.ckpt", "cfg": CFG}
+
+
+ROWS: List[Row] = [
+    # ---- config values, as mappings (MindFormers field names) ----
+    M("rank-0", {**SEED, "lora_rank": 0}, ValueError, "lora_rank", "0"),
+    M("rank-negative", {**SEED, "lora_rank": -2}, ValueError, "lora_rank", "-2"),
+    M("rank-str", {**SEED, "lora_rank": "8"}, TypeError, "lora_rank", "'8'"),
+    M("rank-float", {**SEED, "lora_rank": 2.5}, TypeError, "lora_rank", "2.5"),
+    M("rank-bool", {**SEED, "lora_rank": True}, TypeError, "lora_rank", "True"),
+    M("rank-none", {**SEED, "lora_rank": None}, TypeError, "lora_rank", "None"),
+    M("alpha-0", {**SEED, "lora_alpha": 0}, ValueError, "lora_alpha", "0"),
+    M("alpha-str", {**SEED, "lora_alpha": "big"}, TypeError, "lora_alpha", "big"),
+    M("alpha-nan", {**SEED, "lora_alpha": float("nan")}, ValueError, "lora_alpha", "nan"),
+    M("alpha-inf", {**SEED, "lora_alpha": float("inf")}, ValueError, "lora_alpha", "inf"),
+    M("dropout-1", {**SEED, "lora_dropout": 1.0}, ValueError, "lora_dropout", "1.0"),
+    M("dropout-negative", {**SEED, "lora_dropout": -0.1}, ValueError, "lora_dropout", "-0.1"),
+    M("dropout-str", {**SEED, "lora_dropout": "0.1"}, TypeError, "lora_dropout", "'0.1'"),
+    M("target-empty", {**SEED, "target_modules": ""}, ValueError, "target_modules", "empty"),
+    M("target-blank", {**SEED, "target_modules": "   "}, ValueError, "target_modules", "empty"),
+    M("target-unclosed", {**SEED, "target_modules": "(unclosed"}, ValueError, "target_modules", "(unclosed"),
+    M("target-nothing-to-repeat", {**SEED, "target_modules": "*dense"}, ValueError, "target_modules", "*dense"),
+    M("target-empty-list", {**SEED, "target_modules": []}, ValueError, "target_modules", "empty"),
+    M("target-list-int", {**SEED, "target_modules": ["ok", 3]}, TypeError, "target_modules", "3"),
+    M("target-int", {**SEED, "target_modules": 42}, TypeError, "target_modules", "42"),
+    M("target-mapping", {**SEED, "target_modules": {"a": 1}}, TypeError, "target_modules", "'a'"),
+    M("target-missing", {**SEED, "target_modules": None}, ValueError, "target_modules", "required"),
+    M("exclude-bad-regex", {**SEED, "exclude_layers": ["[bad"]}, ValueError, "exclude_layers", "[bad"),
+    M("a-init", {**SEED, "lora_a_init": "xavier"}, ValueError, "lora_a_init", "xavier"),
+    M("b-init", {**SEED, "lora_b_init": "normal"}, ValueError, "lora_b_init", "normal"),
+    M("rslora-str", {**SEED, "use_rslora": "yes"}, TypeError, "use_rslora", "yes"),
+    M("param-dtype", {**SEED, "param_init_type": "int8"}, ValueError, "param_init_type", "int8"),
+    M("compute-dtype", {**SEED, "compute_dtype": "float64"}, ValueError, "compute_dtype", "float64"),
+    M("seed-negative", {**SEED, "seed": -1}, ValueError, "seed", "-1"),
+    M("freeze-exclude-int", {**SEED, "freeze_exclude": [1]}, TypeError, "freeze_exclude"),
+    M("freeze-exclude-empty", {**SEED, "freeze_exclude": [""]}, TypeError, "freeze_exclude"),
+    M("unknown-key", {**SEED, "lora_rnak": 4}, ValueError, "lora_rnak", "lora_rank"),
+    M("unknown-pet-type", {**SEED, "pet_type": "adapterx"}, ValueError, "pet_type", "adapterx", "lora"),
+    M("pet-type-int", {**SEED, "pet_type": 5}, ValueError, "pet_type", "5"),
+    M("pet-type-missing", {"lora_rank": 8}, ValueError, "pet_type"),
+    M("key-not-str", {**SEED, 1: 2}, TypeError, "keys must be strings", "1"),
+    M("ptuning2-len-0", {"pet_type": "ptuning2", "pre_seq_len": 0}, ValueError, "pre_seq_len", "0"),
+    M("ptuning2-dropout", {"pet_type": "ptuning2", "dropout_rate": 1.5}, ValueError, "dropout_rate", "1.5"),
+    M("ptuning2-no-dim", {"pet_type": "ptuning2", "prefix_projection": True}, ValueError, "projection_dim"),
+    M("ptuning2-dim-negative", {"pet_type": "ptuning2", "prefix_projection": True, "projection_dim": -3},
+      ValueError, "projection_dim", "-3"),
+    M("prefix-mid-negative", {"pet_type": "prefixtuning", "mid_dim": -1}, ValueError, "mid_dim", "-1"),
+    M("prefix-len-str", {"pet_type": "prefixtuning", "prefix_token_num": "16"}, TypeError, "prefix_token_num"),
+    M("prefix-lora-key", {"pet_type": "prefixtuning", "lora_rank": 4}, ValueError, "lora_rank", "prefixtuning"),
+    M("block-not-mapping", {"pet_config": [1, 2]}, TypeError, "pet_config must be a mapping", "list"),
+    M("mindformers-null-block", {"model": {"model_config": {"pet_config": None}}}, ValueError,
+      "no PET configuration", "model.model_config.pet_config"),
+    M("source-none", None, TypeError, "NoneType"),
+    M("source-list", [("pet_type", "lora")], TypeError, "list"),
+    # ---- configs that are valid but do not fit the model ----
+    M("pattern-matches-nothing", {**CFG, "target_modules": ".*wq"}, ValueError, "'.*wq' matches no cell",
+      "TinyGPT", "dense1"),
+    M("list-entry-matches-nothing", {**CFG, "target_modules": ["dense1", "q_proj"]}, ValueError,
+      "'q_proj' matches no cell"),
+    M("pattern-hits-layernorm", {**CFG, "target_modules": ".*ln1"}, ValueError, "blocks.0.ln1", "LayerNorm"),
+    M("pattern-hits-attention-block", {**CFG, "target_modules": ".*attention"}, ValueError,
+      "blocks.0.attention", "type Attention"),
+    M("exclude-everything", {**CFG, "exclude_layers": ["blocks.*"]}, ValueError, "excludes all"),
+    M("freeze-exclude-matches-nothing", {**CFG, "freeze_exclude": ["no_such_param*"]}, ValueError,
+      "freeze_exclude", "no_such_param*"),
+    M("prefix-on-a-dense", {"pet_type": "prefixtuning", "target_modules": [".*dense1"]}, ValueError,
+      ".*dense1"),
+    # ---- config files ----
+    F("list.yaml", b"- 1\n- 2\n", ValueError, "top level must be a mapping"),
+    F("empty.yaml", b"", ValueError, "top level must be a mapping", "NoneType"),
+    F("scalar.yaml", b"lora\n", ValueError, "top level must be a mapping", "str"),
+    F("list.json", b"[1]", ValueError, "top level must be a mapping"),
+    F("none.yaml", b"model:\n  model_config:\n    num_layers: 2\n", ValueError, "no PET configuration"),
+    F("latin1.yaml", "pet_type: lora  # caf\xe9\n".encode("latin-1"), ValueError, "not UTF-8"),
+    F("binary.yaml", b"\xff\xfe\x00\x01\x80", ValueError, "not UTF-8"),
+    F("broken.yaml", b"pet_config: {pet_type: lora, lora_rank: [\n", ValueError, "cannot parse"),
+    F("broken.json", b"{\"pet_type\": ", ValueError, "cannot parse"),
+    F("tag.yaml", b"pet_config: !!python/object/apply:os.system ['echo hacked']\n", ValueError,
+      "cannot parse", "python/object/apply"),
+    F("name-tag.yaml", b"pet_type: !!python/name:os.system ''\n", ValueError, "cannot parse", "python/name"),
+    F("mf-bad-type.yaml", b"model:\n  model_config:\n    pet_config:\n      pet_type: qlora\n", ValueError,
+      "pet_type", "qlora", names_file=False),
+    F("unknown-key.yaml", b"pet_type: lora\ntarget_modules: '.*dense1'\nrank: 4\n", ValueError, "'rank'",
+      names_file=False),
+    F("bad-value.json", json.dumps({**CFG, "lora_dropout": 2}).encode(), ValueError, "lora_dropout", "2",
+      names_file=False),
+    Row("missing.yaml", "file", None, FileNotFoundError, ["missing.yaml", "not found"], name="missing.yaml"),
+    Row("a-directory", "file", "dir", ValueError, ["is a directory"], name="confdir"),
+    # ---- adapter directories and checkpoint files ----
+    A("missing-directory", lambda d: {"path": d / "nowhere"}, FileNotFoundError, "nowhere"),
+    A("missing-weights", lambda d: os.remove(_weights(d)), FileNotFoundError, "adapter_model.safetensors"),
+    A("missing-config", lambda d: os.remove(_config(d)), FileNotFoundError, "adapter_config.json"),
+    A("weights-is-a-directory", lambda d: (os.remove(_weights(d)), os.mkdir(_weights(d))), FileNotFoundError,
+      "adapter_model.safetensors"),
+    A("empty-weights", lambda d: _weights(d).write_bytes(b""), ValueError, "adapter_model.safetensors",
+      "not a readable safetensors"),
+    A("truncated-weights", lambda d: _weights(d).write_bytes(_weights(d).read_bytes()[:100]), ValueError,
+      "adapter_model.safetensors", "not a readable safetensors"),
+    A("garbage-weights", lambda d: _weights(d).write_bytes(b"\x00" * 64), ValueError, "not a readable safetensors"),
+    A("corrupt-header", lambda d: _weights(d).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}"),
+      ValueError, "not a readable safetensors"),
+    A("pickle-as-weights", lambda d: _weights(d).write_bytes(pickle.dumps(_Bomb())), ValueError,
+      "not a readable safetensors"),
+    A("wrong-shape", lambda d: _set(d, NAME, np.zeros((4, 32), np.float32)), ValueError, NAME, "(4, 32)", "(4, 16)"),
+    A("wrong-dtype-float16", lambda d: _set(d, NAME, np.zeros((4, 16), np.float16)), ValueError, NAME, "float16"),
+    A("wrong-dtype-int32", lambda d: _set(d, NAME, np.zeros((4, 16), np.int32)), ValueError, NAME, "int32"),
+    A("missing-tensor", lambda d: _rewrite(_weights(d), lambda t: t.pop(NAME)), ValueError, NAME, "no tensor"),
+    A("extra-tensor", lambda d: _set(d, "head.lora_A", np.zeros((4, 16), np.float32)), ValueError,
+      "head.lora_A", "match no adapter parameter"),
+    A("corrupt-config", lambda d: _config(d).write_text("{not json"), ValueError, "adapter_config.json",
+      "not a readable JSON"),
+    A("config-not-utf8", lambda d: _config(d).write_bytes(b"{\"pet_config\": \"\xff\"}"), ValueError,
+      "adapter_config.json", "not a readable JSON", "utf-8"),
+    A("config-not-a-mapping", lambda d: _config(d).write_text("[]"), ValueError, "adapter_config.json",
+      "top level must be a mapping"),
+    A("config-without-pet-config", lambda d: _write_config(d, {"format": "pet_hooks"}), ValueError,
+      "adapter_config.json", "no PET configuration"),
+    A("config-bad-value", lambda d: _write_config(d, {"pet_config": {**CFG, "lora_rank": 0}}), ValueError,
+      "adapter_config.json", "lora_rank"),
+    A("config-unknown-key", lambda d: _write_config(d, {"pet_config": {**CFG, "rank": 8}}), ValueError,
+      "adapter_config.json", "'rank'"),
+    A("config-for-a-bigger-rank", lambda d: _write_config(d, {"pet_config": {**CFG, "lora_rank": 8}}), ValueError,
+      NAME, "(8, 16)"),
+    A("config-for-another-method", lambda d: _write_config(d, {"pet_config": {"pet_type": "ptuning2",
+                                                                              "pre_seq_len": 4}}),
+      ValueError, "pet_prefix_encoder", "no tensor"),
+    A("config-for-another-model", lambda d: _write_config(d, {"pet_config": {**CFG, "target_modules": ".*wq"}}),
+      ValueError, "'.*wq' matches no cell"),
+    A("net-has-another-pet", lambda d: {"pre_apply": {**CFG, "lora_rank": 2}}, ValueError, "different PET config"),
+    A("cfg-differs-from-saved", lambda d: {"cfg": {**CFG, "lora_rank": 2}}, ValueError, "cfg differs",
+      "adapter_config.json"),
+    A("text-file-as-checkpoint", lambda d: _file_arg(d, "notes.txt", b"hello"), ValueError, "notes.txt",
+      ".ckpt or .safetensors"),
+    A("corrupt-ckpt", lambda d: {**_file_arg(d, "lora.ckpt", b"\x00garbage" * 8), "cfg": CFG}, ValueError,
+      "lora.ckpt", "not a readable checkpoint"),
+    A("pickle-as-ckpt", lambda d: {**_file_arg(d, "lora.ckpt", pickle.dumps(_Bomb())), "cfg": CFG}, ValueError,
+      "lora.ckpt", "not a readable checkpoint"),
+    A("ckpt-without-lora", _ckpt_without_lora, ValueError, "base.ckpt", "no MindFormers LoRA tensors"),
+    # ---- the command line ----
+    C("no-command", [], "required: command"),
+    C("unknown-command", ["train"], "invalid choice: 'train'"),
+    C("run-without-config", ["run", "x.py"], "required: --config"),
+    C("misspelt-flag", ["run", "--conifg", CONFIG, "x.py"], "--config"),
+    C("config-without-value", ["run", "--config"], "--config", "expected one argument"),
+    C("save-dir-without-value", ["run", "--config", CONFIG, "--save-dir"], "--save-dir", "expected one argument"),
+    C("missing-config-file", ["run", "--config", "{tmp}/missing.yaml", "x.py"], "missing.yaml"),
+    C("bad-config-file", ["run", "--config", "{tmp}/bad.yaml", "x.py"], "lora_rank", "0"),
+    C("missing-script", ["run", "--config", CONFIG], "needs a SCRIPT"),
+    C("nothing-after-dashes", ["run", "--config", CONFIG, "--"], "after '--'"),
+    C("script-not-found", ["run", "--config", CONFIG, "{tmp}/no_such_script.py"], "script not found",
+      "no_such_script.py"),
+    C("command-not-found", ["run", "--config", CONFIG, "--", "no-such-command-xyz"], "script not found",
+      "no-such-command-xyz"),
+    C("check-config-missing", ["check-config"], "required: config"),
+    C("check-config-tag", ["check-config", "{tmp}/tag.yaml"], "tag.yaml", "python/object"),
+    C("check-config-directory", ["check-config", "{tmp}"], "is a directory"),
+    C("version-extra", ["version", "extra"], "unrecognized arguments: extra"),
+]
+
+
+def test_the_table_is_big_and_covers_every_door():
+    kinds = [row.kind for row in ROWS]
+    assert len(ROWS) >= 40 and len({row.id for row in ROWS}) == len(ROWS)
+    assert all(kinds.count(kind) >= 10 for kind in ("mapping", "file", "adapter", "cli"))
+
+
+# ----------------------------------------------------------------------------- what must not change
+PATCHED = [(nn.Cell, "__init__"), (nn.Cell, "__new__"), (nn.Optimizer, "__init__"), (nn.Optimizer, "__new__")]
+
+
+def world(net) -> dict:
+    """Everything a bad input must leave alone."""
+    return {
+        "classes": [(name, type(cell)) for name, cell in net.cells_and_names()],
+        "params": [(p.name, p.requires_grad, p.shape, p.dtype) for p in net.get_parameters()],
+        "values": {p.name: p.asnumpy().copy() for p in net.get_parameters()},
+        "pet": pet_hooks.surgery.has_pet(net),
+        "patches": [id(owner.__dict__.get(name)) for owner, name in PATCHED],
+        "session": context.active_session(),
+        "env": dict(os.environ),
+    }
+
+
+def assert_same_world(before: dict, net) -> None:
+    after = world(net)
+    values_before, values_after = before.pop("values"), after.pop("values")
+    assert after == before
+    assert values_after.keys() == values_before.keys()
+    for name, value in values_before.items():
+        np.testing.assert_array_equal(values_after[name], value, err_msg=name)
+
+
+def assert_clear_error(err: BaseException, row: Row) -> None:
+    assert isinstance(err, row.exc), (type(err), err)
+    message = str(err)
+    for word in row.words:
+        assert word in message, (word, message)
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    assert MS_DIR not in text, text                    # no frame from inside MindSpore, chained or not
+    frames = traceback.extract_tb(err.__traceback__)
+    assert frames[-1].filename.startswith(PET_DIR), frames[-1]   # raised by pet_hooks itself
+
+
+# ----------------------------------------------------------------------------- the runs
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """A LoRA adapter with non-zero deltas for the sample GPT (made once, copied per row)."""
+    directory = tmp_path_factory.mktemp("adapter")
+    net = pet_hooks.apply(build(seed=0, **SMALL), CFG)
+    rng = np.random.default_rng(0)
+    for param in pet_hooks.delta_parameters(net):
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32)))
+    pet_hooks.save_adapter(net, directory)
+    return directory
+
+
+def prepare(row: Row, net, tmp_path, saved_adapter) -> Callable[[], Any]:
+    """Set the row up (write the file, damage a copy of the adapter) and return the call that must fail."""
+    if row.kind == "mapping":
+        return lambda: pet_hooks.apply(net, row.given)
+    if row.kind == "file":
+        path = tmp_path / row.name
+        if row.given == "dir":
+            path.mkdir()
+        elif row.given is not None:
+            path.write_bytes(row.given)
+        return lambda: pet_hooks.apply(net, str(path))
+    directory = tmp_path / "adapter"
+    shutil.copytree(saved_adapter, directory)
+    args = row.given(directory)
+    args = args if isinstance(args, dict) else {}         # (most damage returns nothing useful)
+    if "pre_apply" in args:                              # the net already has (other) PET
+        pet_hooks.apply(net, args["pre_apply"])
+    return lambda: pet_hooks.load_adapter(net, args.get("path", directory), cfg=args.get("cfg"))
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.kind != "cli"], ids=lambda r: f"{r.kind}-{r.id}")
+def test_bad_input_raises_one_clear_error_and_touches_nothing(row, tmp_path, saved_adapter):
+    if os.path.exists(_BOMB_MARK):
+        os.remove(_BOMB_MARK)
+    net = build(seed=1, **SMALL)
+    call = prepare(row, net, tmp_path, saved_adapter)
+    before = world(net)
+    with pytest.raises(BaseException) as info:
+        call()
+    assert_clear_error(info.value, row)
+    assert_same_world(before, net)
+    assert not os.path.exists(_BOMB_MARK)                # nothing was unpickled
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.kind == "cli"], ids=lambda r: f"cli-{r.id}")
+def test_bad_command_line_is_one_error_line_and_exit_2(row, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("pet_type: lora\nlora_rank: 0\ntarget_modules: '.*'\n")
+    (tmp_path / "tag.yaml").write_bytes(b"pet_config: !!python/object/apply:os.system ['echo hacked']\n")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in row.given]
+    net = build(seed=1, **SMALL)
+    before = world(net)
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:                           # argparse's own usage errors
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    for word in row.words:
+        assert word in errors[0], (word, err)
+    assert "Traceback" not in err
+    assert_same_world(before, net)
+
+
+# ----------------------------------------------------------------------------- random mappings
+KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "exclude_layers", "lora_a_init",
+        "lora_b_init", "use_rslora", "param_init_type", "compute_dtype", "freeze_include", "freeze_exclude", "seed",
+        "pre_seq_len", "prefix_projection", "projection_dim", "dropout_rate", "dropout_prob", "prefix_token_num",
+        "mid_dim", "rank", "pet_config"]
+PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
+            "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq"]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(-1.5, 20),
+                    st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+                    st.sampled_from(PATTERNS + ["lora", "ptuning2", "prefixtuning", "float16", "zeros", "normal"]),
+                    st.text(max_size=6))
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=4), SCALARS, max_size=2))
+VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"},
+         "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 3},
+         "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 2, "mid_dim": 8}}
+# A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
+NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),
+                       st.one_of(st.just({}), st.dictionaries(st.sampled_from(KEYS[1:-1]), SCALARS, max_size=1),
+                                 st.dictionaries(st.sampled_from(KEYS[1:-1]), VALUES, max_size=2)))
+MAPPINGS = st.one_of(
+    NEAR_VALID,
+    NEAR_VALID.map(lambda block: {"pet_config": block}),
+    NEAR_VALID.map(lambda block: {"model": {"model_config": {"num_layers": 2, "pet_config": block}}}),
+    st.fixed_dictionaries({"pet_type": st.sampled_from(["lora", "ptuning2", "prefixtuning", "LoRA", "qlora", 3])},
+                          optional={k: VALUES for k in KEYS[1:]}),
+    st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=5), st.integers()), VALUES, max_size=5),
+)
+_NET = {}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mapping=MAPPINGS)
+def test_random_configs_either_work_or_raise_value_or_type_error_untouched(mapping):
+    net = _NET.setdefault("gpt", build(seed=1, **SMALL))
+    before = world(net)
+    try:
+        cfg = pet_hooks.load_config(mapping)
+        pet_hooks.apply(net, cfg)
+    except (ValueError, TypeError) as err:
+        event(f"refused: {type(err).__name__}")
+        assert str(err)                                   # says something
+        assert MS_DIR not in "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        assert_same_world(before, net)
+        return
+    event(f"applied: {cfg.pet_type}")
+    # It worked: only deltas are trainable, and remove brings back exactly the model from before.
+    assert pet_hooks.surgery.has_pet(net)
+    kept = {p.name for p in net.trainable_params()} - {p.name for p in pet_hooks.delta_parameters(net)}
+    if not cfg.freeze_exclude:                           # only freeze_exclude keeps base weights trainable
+        assert not kept, kept
+    pet_hooks.remove(net)
+    assert_same_world(before, net)
