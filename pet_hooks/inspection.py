@@ -75,8 +75,22 @@ def _pattern_rows(targets: Any, cells: List[Tuple[str, nn.Cell]], adaptable: Lis
         count = sum(1 for path, _ in cells if hit(path))
         rows.append({"pattern": pattern, "cells": count,
                      "nearest": [] if count else list(dict.fromkeys(
-                         nearest_names(pattern, leaves, 3) + nearest_names(pattern, adaptable, 1)))})
+                         nearest_names(pattern, leaves, 3) + nearest_names(pattern, adaptable, 1))),
+                     "under_name_maps": {} if count else _under_name_maps(hit, adaptable)})
     return rows
+
+
+def _under_name_maps(hit, adaptable: List[str]) -> Dict[str, List[str]]:
+    """name map -> the cells a pattern would select if it is written in that map's names
+    (``.*q_proj`` on a MindFormers Llama: the ``wq`` cells, under ``llama``)."""
+    from .peft_format import NAME_MAPS, resolve_name_map
+    found = {}
+    for name in sorted(NAME_MAPS):
+        _, to_other = resolve_name_map(name)
+        paths = [path for path in adaptable if isinstance(to_other(path), str) and hit(to_other(path))]
+        if paths:
+            found[name] = paths
+    return found
 
 
 def _type_name(cls: type) -> str:
@@ -184,6 +198,11 @@ def format_report(report: Dict[str, Any]) -> str:
         for row in report["patterns"]:
             rows.append([row["pattern"], str(row["cells"]), ", ".join(row["nearest"])])
         lines += ["", "patterns"] + _table(rows)
+    for row in report["patterns"]:
+        for name, paths in row.get("under_name_maps", {}).items():
+            ours = sorted({path.rsplit(".", 1)[-1] for path in paths})
+            lines.append(f"  {row['pattern']} uses the names of name map {name!r}, where it selects the "
+                         f"{len(paths)} cell(s) named {', '.join(ours)} here (e.g. {paths[0]})")
     idle = [row["pattern"] for row in report["patterns"] if not row["cells"]]
     if idle and not report["error"]:
         lines += ["", f"note: {len(idle)} of {len(report['patterns'])} patterns select nothing: {', '.join(idle)}"]

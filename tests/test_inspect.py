@@ -155,6 +155,8 @@ def test_cli_no_match_on_llama_names_the_nearest_and_exits_2(tmp_path):
     assert out.returncode == 2
     assert "'.*q_proj|.*v_proj' matches no cell" in out.stdout
     assert re.search(r"\.\*q_proj\s+0\s+wq", out.stdout), out.stdout
+    assert (".*v_proj uses the names of name map 'llama', where it selects the 2 cell(s) named wv here "
+            "(e.g. model.layers.0.attention.wv)") in out.stdout
     lines = [l for l in out.stderr.splitlines() if l.startswith("pet-hooks:")]
     assert len(lines) == 1 and "matches no cell" in lines[0]
 
