@@ -41,7 +41,7 @@ from .surgery import get_state
 from .tuners import lora
 
 __all__ = ["NAME_MAPS", "NameMapSpec", "register_name_map", "resolve_name_map", "save_peft", "load_peft",
-           "is_peft_config", "PEFT_PREFIX"]
+           "is_peft_config", "read_safetensors", "PEFT_PREFIX"]
 
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
@@ -197,6 +197,36 @@ def _check_doc(doc: Mapping, config_path: str) -> None:
             raise ValueError(f"{config_path}: field {key!r} is missing or not a number")
 
 
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """All tensors of a safetensors file as NumPy arrays; bfloat16 (PEFT's usual dtype, which NumPy
+    lacks) is widened to float32 exactly, by reading the file's own layout."""
+    from .adapter_io import _read_tensors
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+            if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+                raise LookupError
+            data = handle.read()
+    except (OSError, ValueError, LookupError):
+        return _read_tensors(path)  # the ordinary reader (and its error for a broken file)
+    tensors = {}
+    try:
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            if entry["dtype"] == "BF16":
+                bits = np.frombuffer(data[start:end], "<u2").astype(np.uint32) << 16
+                tensors[name] = bits.view(np.float32).reshape(entry["shape"])
+            else:
+                dtype = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}[entry["dtype"]]
+                tensors[name] = np.frombuffer(data[start:end], dtype).reshape(entry["shape"]).copy()
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return tensors
+
+
 def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str) -> Dict[str, Dict[str, np.ndarray]]:
     """module path -> {"A": array, "B": array} from PEFT keys; any other key is an error naming it."""
     modules: Dict[str, Dict[str, np.ndarray]] = {}
@@ -250,12 +280,12 @@ def _choose_map(net: nn.Cell, modules: List[str], name_map: NameMapSpec,
 
 def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None) -> nn.Cell:
     """Load a PEFT LoRA directory into ``net`` (applying LoRA first when it has no PET); returns ``net``."""
-    from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, _read_tensors, load_tensors
+    from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_tensors
 
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     _check_doc(doc, config_path)
-    modules = _modules_of(_read_tensors(weights_path), weights_path)
+    modules = _modules_of(read_safetensors(weights_path), weights_path)
     if not modules:
         raise ValueError(f"{weights_path} holds no LoRA tensors")
     ours = _choose_map(net, sorted(modules), name_map, weights_path)

@@ -259,3 +259,34 @@ def test_peft_only_options_are_refused_for_the_own_format(tmp_path):
         pet_hooks.save_adapter(net, tmp_path, name_map="llama")
     with pytest.raises(ValueError, match="unknown adapter format 'hf'"):
         pet_hooks.save_adapter(net, tmp_path, format="hf")
+
+
+def _bf16_safetensors(path, tensors):
+    """Write float32 arrays as a bfloat16 safetensors file by hand (NumPy has no bfloat16)."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, array in tensors.items():
+        blob = (np.ascontiguousarray(array, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_a_bfloat16_peft_adapter_is_read_exactly(tmp_path):
+    rng = np.random.default_rng(4)
+    path = "blocks.0.attention.dense1"
+    # values that bfloat16 holds exactly: float32 with the low 16 bits cleared
+    a = (rng.standard_normal((2, 64)).astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+    b = (rng.standard_normal((64, 2)).astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+    directory = _write_peft(tmp_path / "bf16", {"base_model.model.x.lora_A.weight": np.zeros((1, 1), np.float32)},
+                            target_modules=["dense1"])
+    _bf16_safetensors(os.path.join(directory, "adapter_model.safetensors"),
+                      {f"base_model.model.{path}.lora_A.weight": a, f"base_model.model.{path}.lora_B.weight": b})
+    net = pet_hooks.load_adapter(build(seed=0), directory)
+    params = {p.name: p.asnumpy() for p in pet_hooks.delta_parameters(net)}
+    assert sorted(params) == [f"{path}.lora_A", f"{path}.lora_B"]
+    np.testing.assert_array_equal(params[f"{path}.lora_A"], a)
+    np.testing.assert_array_equal(params[f"{path}.lora_B"], b)
+    assert get_state(net).config.scaling == 2.0
