@@ -194,3 +194,24 @@ def test_kill_tree_reaches_workers_in_their_own_sessions(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail("the grandchild outlived kill_tree")
+
+
+@pytest.mark.parametrize("cfg", [{"pet_type": "lora", "target_modules": ".*dense1"},
+                                 {"pet_type": "ptuning2", "pre_seq_len": 2}], ids=["lora", "ptuning2"])
+def test_unseeded_deltas_start_identical_in_a_distributed_job(monkeypatch, cfg):
+    """No seed anywhere: separate processes would draw different deltas, unless they are ranks of one job."""
+    from pet_hooks.tuners import common
+    monkeypatch.setattr(common.ms, "get_seed", lambda: None)      # as in a script that never seeds
+
+    def initial():
+        net = pet_hooks.apply(build(seed=0, num_layers=1, hidden_size=16, num_heads=2, seq_length=8), cfg)
+        return [p.asnumpy() for p in pet_hooks.delta_parameters(net)]
+
+    for var in ("MS_WORKER_NUM", "RANK_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    alone = [initial(), initial()]
+    assert any(not np.array_equal(a, b) for a, b in zip(*alone))   # a single process: random, as asked
+    monkeypatch.setenv("MS_WORKER_NUM", "2")                       # what msrun exports to its workers
+    ranks = [initial(), initial()]
+    assert all(np.array_equal(a, b) for a, b in zip(*ranks))
+    assert any(a.std() > 0 for a in ranks[0])

@@ -11,6 +11,8 @@ mirror::
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -19,6 +21,8 @@ import mindspore as ms
 from mindspore import Parameter, nn
 
 __all__ = ["Injection", "init_rng", "patched_class", "inject_all", "restore", "strip_attrs"]
+
+logger = logging.getLogger("pet_hooks")
 
 
 @dataclass
@@ -32,9 +36,29 @@ class Injection:
     params: List[Parameter] = field(default_factory=list)
 
 
+def _in_multi_process_job() -> bool:
+    """True in one process of a distributed job (msrun sets MS_WORKER_NUM, rank tables RANK_SIZE)."""
+    for var in ("MS_WORKER_NUM", "RANK_SIZE"):
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
 def init_rng(cfg) -> np.random.Generator:
-    """Seeded by ``cfg.seed``, else by ``mindspore.set_seed`` when set (the same deltas on every rank)."""
+    """Seeded by ``cfg.seed``, else by ``mindspore.set_seed`` when set (the same deltas on every rank).
+
+    With neither, a process of a distributed job uses seed 0: nothing broadcasts initial
+    parameters between ranks, and differently initialised deltas would silently train a
+    different model on every rank.
+    """
     seed = cfg.seed if cfg.seed is not None else ms.get_seed()
+    if seed is None and _in_multi_process_job():
+        logger.warning("pet_hooks: no seed given (config 'seed' or mindspore.set_seed) in a distributed job; "
+                       "initialising the deltas with seed 0 so that every rank starts from the same values")
+        seed = 0
     return np.random.default_rng(seed)
 
 
