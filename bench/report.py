@@ -44,8 +44,8 @@ def _fmt(value: Optional[float], digits: int = 2, suffix: str = "x") -> str:
 
 def training_table(results: Dict[str, dict]) -> List[str]:
     lines = ["| variant | trainable params | step ms: median (min-max) | x full | x floor | x MindFormers LoRA "
-             "| peak RSS above baseline, MB | x full | CPU/wall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak RSS above baseline, MB | x full | of which before the first step, MB | CPU/wall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
         steps = [s["ms"] for s in result["steps"]]
         mf = {"lora_qkvo": "mflora_qkvo", "lora_all": "mflora_all"}.get(name)
@@ -54,7 +54,8 @@ def training_table(results: Dict[str, dict]) -> List[str]:
             f"| {VARIANT_TEXT.get(name, name)} | {result['ready']['trainable']:,} | "
             f"{statistics.median(steps):.1f} ({min(steps):.1f}-{max(steps):.1f}) | {_fmt(ratio(results, name, 'full'))} | "
             f"{_fmt(ratio(results, name, 'floor'))} | {_fmt(ratio(results, name, mf) if mf else None)} | "
-            f"{result['done']['peak_rss_above_baseline_mb']:.0f} | {_fmt(mem_ratio(results, name, 'full'))} | {cpu:.2f} |")
+            f"{result['done']['peak_rss_above_baseline_mb']:.0f} | {_fmt(mem_ratio(results, name, 'full'))} | "
+            f"{result['ready'].get('rss_before_compile_mb', float('nan')):.0f} | {cpu:.2f} |")
     return lines
 
 

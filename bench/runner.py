@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench.models import ROOT
 
@@ -71,15 +71,23 @@ class Worker:
         os.unlink(self.log.name)
 
 
-def run_once(name: str, argv: Sequence[str], event: str) -> dict:
-    """Run a one-shot worker to completion and return its ``event`` line."""
-    worker = Worker(name, argv)
+def run_many(jobs: Sequence[Tuple[str, Sequence[str], str]], parallel: int = 1) -> List[dict]:
+    """Run one-shot workers to completion, ``parallel`` at a time (1 when they time things); their ``event`` lines."""
+    results: List[Optional[dict]] = [None] * len(jobs)
+    running: List[Tuple[int, Worker]] = []
     try:
-        message = worker.read(event)
-        worker.proc.wait()
-        return message
+        for index, (name, argv, event) in enumerate(jobs):
+            running.append((index, Worker(name, argv)))
+            if len(running) >= parallel or index == len(jobs) - 1:
+                while running:
+                    done_index, worker = running.pop(0)
+                    results[done_index] = worker.read(jobs[done_index][2])
+                    worker.proc.wait()
+                    worker.close()
     finally:
-        worker.close()
+        for _, worker in running:
+            worker.close()
+    return results
 
 
 def run_interleaved(commands: Dict[str, List[str]], rounds: int, parallel_setup: int = 2,

@@ -48,12 +48,14 @@ def main(argv=None) -> int:
     loss_cell, inputs = loss_cell_and_inputs(net, shape)
     trainable = net.trainable_params()
     step = train_step(loss_cell, trainable)
+    before_compile = rss_mb() - baseline       # model, deltas and optimizer, before the first step
     first_loss = None
     for _ in range(args.warmup):
         loss = float(step(*inputs).asnumpy())
         first_loss = loss if first_loss is None else first_loss
     _say(event="ready", trainable=count(trainable), total=count(net.get_parameters()),
-         setup_s=round(time.perf_counter() - start, 2), first_loss=first_loss)
+         setup_s=round(time.perf_counter() - start, 2), first_loss=first_loss,
+         rss_before_compile_mb=round(before_compile, 1))
 
     for line in sys.stdin:
         command = line.strip()

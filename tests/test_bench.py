@@ -1,0 +1,68 @@
+"""Smoke test of bench/: the whole benchmark at tiny sizes, one round, checking what it writes.
+
+Timings are never asserted (shared machines are noisy); what is checked is that every
+worker runs, that the variants train what they should (counts against the LoRA formula and
+MindFormers' own LoRA), and that BENCHMARKS.md has its tables and keeps the analysis.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    out, raw = out_dir / "BENCHMARKS.md", out_dir / "results.json"
+    out.write_text("# old\n\n<!-- analysis: kept when the benchmark rewrites this file -->\nWHY IT IS SO\n")
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--no-torch", "--out", str(out),
+                           "--json", str(raw)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out.read_text(), json.loads(raw.read_text())
+
+
+def test_training_variants_train_what_they_should(quick_run):
+    _, results = quick_run
+    llama, gpt = results["training"]["llama/32/float32"], results["training"]["gpt/32/float32"]
+    hidden, layers, rank = 32, 2, 8
+    # LoRA on q/k/v/o: per layer 4 x (r*h + h*r); pet_hooks and MindFormers must agree.
+    assert llama["lora_qkvo"]["ready"]["trainable"] == layers * 4 * 2 * rank * hidden
+    assert llama["mflora_qkvo"]["ready"]["trainable"] == llama["lora_qkvo"]["ready"]["trainable"]
+    assert gpt["mflora_all"]["ready"]["trainable"] == gpt["lora_all"]["ready"]["trainable"]
+    assert llama["floor"]["ready"]["trainable"] == hidden          # one norm weight
+    assert llama["full"]["ready"]["trainable"] == llama["full"]["ready"]["total"]
+    assert llama["ptuning2"]["ready"]["trainable"] == 16 * 2 * layers * hidden
+    for group in (llama, gpt):
+        for name, result in group.items():
+            assert len(result["steps"]) == 1, name
+            assert result["steps"][0]["ms"] > 0 and result["done"]["peak_rss_above_baseline_mb"] > 0, name
+            assert result["steps"][0]["loss"] == pytest.approx(result["ready"]["first_loss"], rel=0.2), name
+
+
+def test_hooks_and_inference_results(quick_run):
+    _, results = quick_run
+    hooks = results["hooks"]
+    assert hooks["apply"]["qkvo"]["cells"] == 4 * 4 and hooks["apply"]["all"]["cells"] == 4 * 7
+    size = hooks["size"]["qkvo"]
+    assert size["raw_bytes"] == 4 * size["delta_params"] and size["weights_file_bytes"] > size["raw_bytes"]
+    assert 0 < hooks["callback"]["overhead_fraction"] < 1
+    inference = results["inference"]["gpt/32"]
+    assert set(inference["median_ms"]) == {"base", "adapter", "merged"}
+
+
+def test_markdown_has_every_section_and_keeps_the_analysis(quick_run):
+    text, _ = quick_run
+    for heading in ("## Targets", "## Training step: llama, hidden 32, float32", "## Training step: gpt, hidden 32",
+                    "## Inference", "## Cost of the hooks, and adapter size", "## PyTorch + PEFT"):
+        assert heading in text, heading
+    assert "MindSpore 2.9.0" in text and "python -m bench.run --quick" in text
+    assert text.rstrip().endswith("WHY IT IS SO"), "the hand-written analysis must survive a rewrite"
+    target_rows = [line for line in text.splitlines() if re.match(r"\| .* \| (met|\*\*missed\*\*) \|$", line)]
+    assert len(target_rows) >= 8, target_rows
+    row = next(line for line in text.splitlines() if line.startswith("| pet_hooks LoRA r=8, q/k/v/o"))
+    assert re.search(r"\| [\d.]+ \([\d.]+-[\d.]+\) \| [\d.]+x \|", row), row
