@@ -127,6 +127,8 @@ def _map_all(paths: List[str], fn: _MapFn, label: str, net: nn.Cell) -> Dict[str
 def _peft_targets(mapped: Dict[str, str], net: nn.Cell, fn: _MapFn) -> Union[List[str], str]:
     """PEFT's ``target_modules``: the last names when they select exactly these cells, else a regex."""
     leaves = sorted({theirs.rsplit(".", 1)[-1] for theirs in mapped.values()})
+    # The adapted cells are not "adaptable" any more (can_adapt refuses the generated classes):
+    # these are the cells PEFT would also pick up if the last names were all it had.
     adaptable = [path for path, cell in net.cells_and_names() if path and lora.can_adapt(cell) is None]
     would_match = set()
     for path in adaptable:
