@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor
 
 import pet_hooks

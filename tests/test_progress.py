@@ -14,7 +14,6 @@ import zlib
 
 import numpy as np
 import pytest
-import mindspore as ms
 import mindspore.dataset as ds
 from mindspore import nn
 from mindspore.train import Callback, Model
