@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -289,3 +290,22 @@ def test_a_bfloat16_peft_adapter_is_read_exactly(tmp_path):
     np.testing.assert_array_equal(params[f"{path}.lora_A"], a)
     np.testing.assert_array_equal(params[f"{path}.lora_B"], b)
     assert get_state(net).config.scaling == 2.0
+
+
+@needs_mindformers
+@pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
+def test_the_interop_sample_prints_what_the_readme_shows(tmp_path):
+    from samples.llama_train import build_llama
+    yaml = os.path.join(os.path.dirname(HERE), "samples", "configs", "llama_lora.yaml")
+    net = pet_hooks.apply(build_llama(yaml), yaml)
+    randomize(pet_hooks.delta_parameters(net), seed=8, scale=0.1)
+    pet_hooks.save_adapter(net, tmp_path / "ours")
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "samples", "peft_interop.py"),
+                          "--yaml", yaml, "--adapter", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "target_modules=['k_proj', 'o_proj', 'q_proj', 'v_proj']" in out.stdout
+    assert "read back into MindSpore: max |logits difference| 0.0e+00" in out.stdout
+    found = re.search(r"PyTorch \(transformers \+ peft\) vs MindSpore: \|logits difference\| max ([0-9.e+-]+)",
+                      out.stdout)
+    assert found and float(found.group(1)) < 1e-4, out.stdout
