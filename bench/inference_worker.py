@@ -5,7 +5,7 @@
 Three copies of the same seed-0 model live in this one process: untouched, with pet_hooks
 LoRA (r=8 on q/k/v/o) active, and with that LoRA merged into the weights. Each forward is
 compiled (graph mode) and warmed up, then the three are timed in turn, alternating the
-order every round. Prints one JSON line.
+order every round (after a few rounds not kept). Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warm-reps", type=int, default=3)
     args = parser.parse_args(argv)
     shape = Shape(args.model, args.hidden, args.layers, args.seq, args.batch)
 
@@ -44,12 +45,13 @@ def main(argv=None) -> int:
             net(*inputs)
     times = {name: [] for name in nets}
     names = list(nets)
-    for rep in range(args.reps):
+    for rep in range(-args.warm_reps, args.reps):   # negative reps warm up and are not kept
         for name in (names if rep % 2 == 0 else names[::-1]):
             start = time.perf_counter()
             out = nets[name](*inputs)
             (out[0] if isinstance(out, tuple) else out).asnumpy()
-            times[name].append(1000 * (time.perf_counter() - start))
+            if rep >= 0:
+                times[name].append(1000 * (time.perf_counter() - start))
     print(json.dumps({"event": "inference", "model": args.model, "hidden": args.hidden,
                       "ms": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
                       "median_ms": {name: round(statistics.median(ts), 3) for name, ts in times.items()}}),

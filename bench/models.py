@@ -12,6 +12,8 @@ trains. A *variant* is one of :data:`VARIANTS`:
 ``mflora_qkvo`` / ``mflora_all``  MindFormers' own LoRA (``mindformers.pet.get_pet_model``), same targets
 ``ptuning2``   pet_hooks P-Tuning v2, 16 prefix positions
 ``prefix``     pet_hooks Prefix-Tuning, 16 prefix positions, MLP encoder of width 64
+``forward``    no training at all: the compiled forward pass of the loss only (where the memory
+               of a compiled MindSpore graph starts)
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-VARIANTS = ("full", "floor", "lora_qkvo", "lora_all", "mflora_qkvo", "mflora_all", "ptuning2", "prefix")
+VARIANTS = ("full", "floor", "lora_qkvo", "lora_all", "mflora_qkvo", "mflora_all", "ptuning2", "prefix", "forward")
 MODELS = ("gpt", "llama")
 
 # Targets per model: the same layers for pet_hooks and for MindFormers' LoRA.
@@ -117,7 +119,7 @@ def pet_config(shape: Shape, variant: str):
 
 def apply_variant(net, shape: Shape, variant: str):
     """Make ``net`` train as ``variant`` wants; returns the (possibly new) net."""
-    if variant == "full":
+    if variant in ("full", "forward"):
         return net
     if variant == "floor":
         name = FLOOR_PARAM[shape.model]
@@ -173,9 +175,12 @@ def forward_inputs(shape: Shape) -> List:
     return [ms.Tensor(batch(shape)[:, :-1])]
 
 
-def train_step(loss_cell, params) -> Callable:
-    """MindSpore's plain training step: AdamWeightDecay over ``params``."""
+def train_step(loss_cell, params, variant: str = "full") -> Callable:
+    """MindSpore's plain training step: AdamWeightDecay over ``params`` (the bare loss for ``forward``)."""
     from mindspore import nn
+    if variant == "forward":
+        loss_cell.set_train(True)
+        return loss_cell
     step = nn.TrainOneStepCell(loss_cell, nn.AdamWeightDecay(params, learning_rate=1e-4))
     step.set_train(True)
     return step

@@ -19,6 +19,7 @@ VARIANT_TEXT = {
     "mflora_all": "MindFormers LoRA r=8, all linear",
     "ptuning2": "pet_hooks P-Tuning v2, 16 positions",
     "prefix": "pet_hooks Prefix-Tuning, 16 positions",
+    "forward": "forward pass only, no training (reference)",
 }
 
 
@@ -27,15 +28,21 @@ def median_ms(result: dict) -> float:
 
 
 def ratio(results: Dict[str, dict], a: str, b: str) -> Optional[float]:
+    """Median over the rounds of step(a) / step(b) in the same round (paired)."""
     if a not in results or b not in results:
         return None
-    return median_ms(results[a]) / median_ms(results[b])
+    return statistics.median(x["ms"] / y["ms"] for x, y in zip(results[a]["steps"], results[b]["steps"]))
 
 
 def mem_ratio(results: Dict[str, dict], a: str, b: str) -> Optional[float]:
     if a not in results or b not in results:
         return None
     return results[a]["done"]["peak_rss_above_baseline_mb"] / results[b]["done"]["peak_rss_above_baseline_mb"]
+
+
+def paired(times: Dict[str, List[float]], a: str, b: str) -> float:
+    """Median over repetitions of times[a][i] / times[b][i]."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def _fmt(value: Optional[float], digits: int = 2, suffix: str = "x") -> str:
@@ -88,9 +95,9 @@ def targets(training: Dict[Tuple[str, int, str], Dict[str, dict]], inference: Di
                 _target(rows, f"{tag}: {lora} peak memory / full", mem_ratio(results, lora, "full"), 0.45)
             _target(rows, f"{tag}: {lora} peak memory / MindFormers LoRA", mem_ratio(results, lora, mf), 1.02)
     for (model, hidden), result in inference.items():
-        med = result["median_ms"]
-        _target(rows, f"{model} h{hidden}: merged forward / base forward", med["merged"] / med["base"], 1.02)
-        _target(rows, f"{model} h{hidden}: adapter forward / base forward", med["adapter"] / med["base"], 1.10)
+        _target(rows, f"{model} h{hidden}: merged forward / base forward", paired(result["ms"], "merged", "base"), 1.02)
+        _target(rows, f"{model} h{hidden}: adapter forward / base forward", paired(result["ms"], "adapter", "base"),
+                1.10)
     if "apply" in hooks:
         apply = hooks["apply"]
         _target(rows, f"apply() on {apply['layers']}-layer Llama, q/k/v/o ({apply['qkvo']['cells']} cells), s",
@@ -115,7 +122,7 @@ def inference_table(inference: Dict[Tuple[str, int], dict]) -> List[str]:
     for (model, hidden), result in inference.items():
         med = result["median_ms"]
         lines.append(f"| {model} h{hidden} | {med['base']:.2f} | {med['adapter']:.2f} | {med['merged']:.2f} | "
-                     f"{med['adapter'] / med['base']:.3f}x | {med['merged'] / med['base']:.3f}x |")
+                     f"{paired(result['ms'], 'adapter', 'base'):.3f}x | {paired(result['ms'], 'merged', 'base'):.3f}x |")
     return lines
 
 
@@ -169,4 +176,17 @@ def torch_table(torch_results: Dict[int, Dict[str, dict]], training) -> List[str
         lines.append(f"| {hidden} | {_fmt(ratio(results, 'lora_qkvo', 'full'))} | {_fmt(ratio(results, 'lora_all', 'full'))} | "
                      f"{_fmt(ratio(ms_results, 'lora_qkvo', 'full'))} | {_fmt(ratio(ms_results, 'lora_all', 'full'))} | "
                      f"{median_ms(results['full']):.1f} | {_fmt(mem_ratio(results, 'lora_qkvo', 'full'))} |")
+    return lines
+
+
+def graph_table(graphs: List[dict]) -> List[str]:
+    """Kernel counts per (model, variant), and whether pet_hooks compiles to MindFormers' kernels."""
+    by_key = {(g["model"], g["variant"]): g for g in graphs}
+    lines = ["| model | variant | kernels | MatMul | Mul | same kernels as MindFormers LoRA, same targets |",
+             "|---|---|---:|---:|---:|---|"]
+    for g in graphs:
+        twin = by_key.get((g["model"], "mf" + g["variant"])) if g["variant"].startswith("lora_") else None
+        same = "n/a" if twin is None else ("yes" if twin["ops"] == g["ops"] else "**no**")
+        lines.append(f"| {g['model']} | {VARIANT_TEXT.get(g['variant'], g['variant'])} | {g['kernels']} | "
+                     f"{g['ops'].get('MatMul', 0)} | {g['ops'].get('Mul', 0)} | {same} |")
     return lines

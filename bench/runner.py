@@ -90,14 +90,15 @@ def run_many(jobs: Sequence[Tuple[str, Sequence[str], str]], parallel: int = 1) 
     return results
 
 
-def run_interleaved(commands: Dict[str, List[str]], rounds: int, parallel_setup: int = 2,
+def run_interleaved(commands: Dict[str, List[str]], rounds: int, warm_rounds: int = 0, parallel_setup: int = 2,
                     progress=None) -> Dict[str, dict]:
     """Start one stepping worker per variant, then hand out timed steps round-robin.
 
     Setup (build, compile, warm-up) runs ``parallel_setup`` workers at a time; during the
-    timed rounds exactly one worker computes at any moment, the others wait on stdin. The
-    order is reversed every other round (A B C, C B A, ...), so no variant always follows
-    the same neighbour.
+    rounds exactly one worker computes at any moment, the others wait on stdin. The order is
+    reversed every other round (A B C, C B A, ...), so no variant always follows the same
+    neighbour. The first ``warm_rounds`` rounds are not kept: right after setup every variant
+    steps slower for a while (seen here: the first three rounds 10-20% slower than the rest).
     """
     names = list(commands)
     workers: Dict[str, Worker] = {}
@@ -114,10 +115,12 @@ def run_interleaved(commands: Dict[str, List[str]], rounds: int, parallel_setup:
             results[name]["ready"] = workers[name].read("ready")
             if progress:
                 progress(f"  ready: {name} ({results[name]['ready'].get('setup_s', '?')} s)")
-        for index in range(rounds):
+        for index in range(warm_rounds + rounds):
             for name in (names if index % 2 == 0 else names[::-1]):
                 workers[name].send("step")
-                results[name]["steps"].append(workers[name].read("step"))
+                answer = workers[name].read("step")
+                if index >= warm_rounds:
+                    results[name]["steps"].append(answer)
         for name in names:
             workers[name].send("done")
             results[name]["done"] = workers[name].read("done")

@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     net = apply_variant(build_base(shape), shape, args.variant)
     loss_cell, inputs = loss_cell_and_inputs(net, shape)
-    trainable = net.trainable_params()
-    step = train_step(loss_cell, trainable)
+    trainable = [] if args.variant == "forward" else net.trainable_params()
+    step = train_step(loss_cell, trainable, args.variant)
     before_compile = rss_mb() - baseline       # model, deltas and optimizer, before the first step
     first_loss = None
     for _ in range(args.warmup):

@@ -55,10 +55,20 @@ def test_hooks_and_inference_results(quick_run):
     assert set(inference["median_ms"]) == {"base", "adapter", "merged"}
 
 
+def test_compiled_kernels_are_counted(quick_run):
+    _, results = quick_run
+    graphs = {g["variant"]: g for g in results["graphs"]}
+    # LoRA adds kernels to the floor's graph (its MatMuls and optimizer updates); with the same
+    # targets pet_hooks and MindFormers compile to the same operators.
+    assert graphs["lora_qkvo"]["ops"]["MatMul"] > graphs["floor"]["ops"]["MatMul"]
+    assert graphs["lora_qkvo"]["kernels"] == sum(graphs["lora_qkvo"]["ops"].values())
+    assert graphs["lora_qkvo"]["ops"] == graphs["mflora_qkvo"]["ops"]
+
+
 def test_markdown_has_every_section_and_keeps_the_analysis(quick_run):
     text, _ = quick_run
     for heading in ("## Targets", "## Training step: llama, hidden 32, float32", "## Training step: gpt, hidden 32",
-                    "## Inference", "## Cost of the hooks, and adapter size", "## PyTorch + PEFT"):
+                    "## Inference", "## Cost of the hooks, and adapter size", "## Compiled kernels", "## PyTorch + PEFT"):
         assert heading in text, heading
     assert "MindSpore 2.9.0" in text and "python -m bench.run --quick" in text
     assert text.rstrip().endswith("WHY IT IS SO"), "the hand-written analysis must survive a rewrite"
