@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 
-from bench.models import Shape, build_base, count, import_everything, loss_cell_and_inputs, pet_config
+from bench.models import (Shape, add_shape_arguments, build_base, count, import_everything, loss_cell_and_inputs,
+                          pet_config)
 
 
 def _stats(values):
@@ -156,11 +157,7 @@ def bench_size(shape: Shape) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("apply", "enable", "callback", "size"))
-    parser.add_argument("--model", choices=("gpt", "llama"), default="llama")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser, model_default="llama", hidden_default=256)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args(argv)

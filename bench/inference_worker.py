@@ -15,16 +15,12 @@ import statistics
 import sys
 import time
 
-from bench.models import Shape, build_base, forward_inputs, import_everything, pet_config
+from bench.models import Shape, add_shape_arguments, build_base, forward_inputs, import_everything, pet_config
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("gpt", "llama"), required=True)
-    parser.add_argument("--hidden", type=int, required=True)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warm-reps", type=int, default=3)
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,6 +61,17 @@ class Shape:
     batch: int = 4
     heads: int = 8
     dtype: str = "float32"
+
+
+def add_shape_arguments(parser, model: bool = True, model_default: Optional[str] = None,
+                        hidden_default: Optional[int] = None) -> None:
+    """The workload options every worker takes: --model, --hidden, --layers, --seq, --batch."""
+    if model:
+        parser.add_argument("--model", choices=MODELS, default=model_default, required=model_default is None)
+    parser.add_argument("--hidden", type=int, default=hidden_default, required=hidden_default is None)
+    parser.add_argument("--layers", type=int, default=Shape.layers)
+    parser.add_argument("--seq", type=int, default=Shape.seq)
+    parser.add_argument("--batch", type=int, default=Shape.batch)
 
 
 def rss_mb() -> float:

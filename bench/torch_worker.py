@@ -10,26 +10,18 @@ Only used when torch, transformers and peft import.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from bench.models import VOCAB, peak_rss_mb, rss_mb
+from bench.models import VOCAB, add_shape_arguments, rss_mb
+from bench.protocol import say, serve_steps
 
 TORCH_VARIANTS = ("full", "lora_qkvo", "lora_all")
 
 
-def _say(**fields) -> None:
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, required=True)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser, model=False)
     parser.add_argument("--variant", choices=TORCH_VARIANTS, required=True)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
@@ -63,21 +55,9 @@ def main(argv=None) -> int:
 
     for _ in range(args.warmup):
         first_loss = step()
-    _say(event="ready", trainable=sum(p.numel() for p in params), total=sum(p.numel() for p in model.parameters()),
+    say(event="ready", trainable=sum(p.numel() for p in params), total=sum(p.numel() for p in model.parameters()),
          setup_s=round(time.perf_counter() - start, 2), first_loss=first_loss)
-    for line in sys.stdin:
-        command = line.strip()
-        if command == "step":
-            wall, cpu = time.perf_counter(), time.process_time()
-            loss = step()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            _say(event="step", ms=round(1000 * wall, 3), cpu_per_wall=round(cpu / wall, 3), loss=loss)
-        elif command == "done":
-            _say(event="done", peak_rss_above_baseline_mb=round(peak_rss_mb() - baseline, 1),
-                 baseline_rss_mb=round(baseline, 1))
-            return 0
-    return 0
-
+    return serve_steps(step, baseline)
 
 if __name__ == "__main__":
     sys.exit(main())
