@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 
-from bench.models import Shape, apply_variant, build_base, import_everything, loss_cell_and_inputs, train_step
+from bench.models import Shape, apply_variant, build_base, start_mindspore, loss_cell_and_inputs, train_step
 
 # "  %12(name) = PrimFunc_MatMul(..." or "  %3(x) = Load(..." in a MindSpore 2.9 IR file
 _KERNEL = re.compile(r"^  %\d+\([^)]*\) = (?:PrimFunc_)?([A-Z][A-Za-z0-9]+)\(", re.MULTILINE)
@@ -34,12 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=("gpt", "llama"), required=True)
     parser.add_argument("--variant", required=True)
     args = parser.parse_args(argv)
-    import_everything()
-    import mindspore as ms
     shape = Shape(args.model, hidden=64, layers=2, seq=16, batch=2)
     with tempfile.TemporaryDirectory(prefix="bench-graph-") as out:
-        ms.set_device("CPU")
-        ms.set_context(mode=0, save_graphs=1, save_graphs_path=out)
+        start_mindspore(save_graphs=1, save_graphs_path=out)
         net = apply_variant(build_base(shape), shape, args.variant)
         loss_cell, inputs = loss_cell_and_inputs(net, shape)
         train_step(loss_cell, net.trainable_params(), args.variant)(*inputs).asnumpy()

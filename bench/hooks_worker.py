@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from bench.models import (Shape, add_shape_arguments, build_base, count, import_everything, loss_cell_and_inputs,
+from bench.models import (Shape, add_shape_arguments, build_base, count, start_mindspore, loss_cell_and_inputs,
                           pet_config)
 
 
@@ -138,10 +138,11 @@ def bench_size(shape: Shape) -> dict:
     import pet_hooks
     result = {"hidden": shape.hidden, "layers": shape.layers}
     with tempfile.TemporaryDirectory() as tmp:
-        full = os.path.join(tmp, "full.ckpt")
-        ms.save_checkpoint(build_base(shape), full)
+        full, base = os.path.join(tmp, "full.ckpt"), build_base(shape)
+        ms.save_checkpoint(base, full)
         result["full_checkpoint_bytes"] = os.path.getsize(full)
-        result["total_params"] = count(build_base(shape).get_parameters())
+        result["total_params"] = count(base.get_parameters())
+        del base
         for targets in ("qkvo", "all"):
             net = pet_hooks.apply(build_base(shape), pet_config(shape, "lora_" + targets))
             deltas = pet_hooks.delta_parameters(net)
@@ -162,10 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args(argv)
     shape = Shape(args.model, args.hidden, args.layers, args.seq, args.batch)
-    import_everything()
-    import mindspore as ms
-    ms.set_device("CPU")
-    ms.set_context(mode=0)
+    start_mindspore()
     if args.what == "apply":
         result = bench_apply(shape, args.reps)
     elif args.what == "enable":

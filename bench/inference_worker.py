@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 
-from bench.models import Shape, add_shape_arguments, build_base, forward_inputs, import_everything, pet_config
+from bench.models import Shape, add_shape_arguments, build_base, forward_inputs, start_mindspore, pet_config
 
 
 def main(argv=None) -> int:
@@ -26,11 +26,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shape = Shape(args.model, args.hidden, args.layers, args.seq, args.batch)
 
-    import_everything()
-    import mindspore as ms
+    start_mindspore()
     import pet_hooks
-    ms.set_device("CPU")
-    ms.set_context(mode=0)
     cfg = pet_config(shape, "lora_qkvo")
     nets = {"base": build_base(shape), "adapter": pet_hooks.apply(build_base(shape), cfg),
             "merged": pet_hooks.merge(pet_hooks.apply(build_base(shape), cfg))}

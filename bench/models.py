@@ -86,13 +86,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def import_everything() -> None:
-    """Import the same packages in every variant, so the RSS baseline is comparable."""
-    import mindspore  # noqa: F401
+def start_mindspore(**context) -> None:
+    """Import the same packages in every variant (so RSS baselines compare), then CPU, graph mode."""
+    import mindspore
     import mindformers  # noqa: F401
     import mindformers.pet  # noqa: F401
     import pet_hooks  # noqa: F401
     import samples.tiny_gpt  # noqa: F401
+    mindspore.set_device("CPU")
+    mindspore.set_context(mode=0, **context)
 
 
 def build_base(shape: Shape, num_layers: int = 0):

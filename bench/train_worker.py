@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from bench.models import (Shape, add_shape_arguments, apply_variant, build_base, count, import_everything,
+from bench.models import (Shape, add_shape_arguments, apply_variant, build_base, count, start_mindspore,
                           loss_cell_and_inputs, rss_mb, train_step)
 from bench.protocol import say, serve_steps
 
@@ -29,10 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shape = Shape(args.model, args.hidden, args.layers, args.seq, args.batch, dtype=args.dtype)
 
-    import_everything()
-    import mindspore as ms
-    ms.set_device("CPU")
-    ms.set_context(mode=0)
+    start_mindspore()
     baseline = rss_mb()
     start = time.perf_counter()
     net = apply_variant(build_base(shape), shape, args.variant)

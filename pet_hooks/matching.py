@@ -32,15 +32,12 @@ def _list_entry_matches(entry: str, path: str) -> bool:
     return path == entry or path.endswith("." + entry)
 
 
-def _is_excluded(path: str, excludes: Optional[Sequence[str]]) -> bool:
+def is_excluded(path: str, excludes: Optional[Sequence[str]]) -> bool:
     if not excludes:
         return False
     parts = path.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(re.fullmatch(pattern, prefix) for pattern in excludes for prefix in prefixes)
-
-
-is_excluded = _is_excluded
 
 
 def nearest_names(pattern: str, candidates: List[str], limit: int = 4) -> List[str]:
@@ -54,7 +51,7 @@ def _hint(pattern: str, candidates: List[str], limit: int = 4) -> str:
     if not candidates:
         return "the net has no cell this method can adapt"
     leaves = sorted({path.rsplit(".", 1)[-1] for path in candidates})
-    close = difflib.get_close_matches(pattern.replace(".*", ""), candidates, n=limit, cutoff=0.0)
+    close = nearest_names(pattern, candidates, limit)
     return (f"adaptable cells end in {', '.join(leaves)}; for example {', '.join(close or candidates[:limit])}"
             f" ({len(candidates)} in all)")
 
@@ -79,7 +76,7 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
             path and type.
     """
     cells = [(p, c) for p, c in named_cells(net) if not skip(p, c)]
-    adaptable = [p for p, c in cells if can_adapt(c) is None and not _is_excluded(p, excludes)]
+    adaptable = [p for p, c in cells if can_adapt(c) is None and not is_excluded(p, excludes)]
 
     if isinstance(targets, str):
         chosen = [(p, c) for p, c in cells if re.fullmatch(targets, p)]
@@ -92,7 +89,7 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
         raise ValueError(f"{what} pattern {pattern!r} matches no cell of {type(net).__name__}; "
                          f"{_hint(pattern, adaptable)}")
 
-    selected = [(p, c) for p, c in chosen if not _is_excluded(p, excludes)]
+    selected = [(p, c) for p, c in chosen if not is_excluded(p, excludes)]
     if not selected:
         raise ValueError(f"{what} {targets!r} matched {len(chosen)} cell(s) but exclude_layers "
                          f"{list(excludes or [])!r} excludes all of them")
