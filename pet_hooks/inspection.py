@@ -30,7 +30,7 @@ from . import flow
 from .config import load_config
 from .hooks.context import PetSession
 from .hooks.patching import PatchSet
-from .matching import is_excluded, named_cells, nearest_names
+from .matching import is_excluded, list_entry_matches, named_cells, nearest_names
 from .surgery import apply, get_state, remove, trainable_summary
 from .tuners import get_tuner
 
@@ -67,8 +67,7 @@ def _pattern_rows(targets: Any, cells: List[Tuple[str, nn.Cell]], adaptable: Lis
         entries = [(alt, lambda path, alt=alt: re.fullmatch(alt, path) is not None)
                    for alt in split_alternatives(targets)]
     else:
-        entries = [(entry, lambda path, entry=entry: path == entry or path.endswith("." + entry))
-                   for entry in targets]
+        entries = [(entry, lambda path, entry=entry: list_entry_matches(entry, path)) for entry in targets]
     leaves = sorted({path.rsplit(".", 1)[-1] for path in adaptable})
     rows = []
     for pattern, hit in entries:
@@ -112,7 +111,7 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
         raise TypeError(f"expected a mindspore.nn.Cell, got {type(net).__name__}")
     config = load_config(cfg)
     tuner = get_tuner(config.pet_type)
-    can_adapt = getattr(tuner, "can_adapt", None) or getattr(tuner, "_can_adapt")
+    can_adapt = tuner.can_adapt
     cells = named_cells(net)
     adaptable = [path for path, cell in cells if can_adapt(cell) is None]
     excludes = getattr(config, "exclude_layers", None)

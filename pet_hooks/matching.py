@@ -18,7 +18,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from mindspore import nn
 
-__all__ = ["select_cells", "named_cells", "nearest_names", "is_excluded"]
+__all__ = ["select_cells", "named_cells", "nearest_names", "is_excluded", "list_entry_matches"]
 
 Patterns = Union[str, Sequence[str], None]
 
@@ -28,7 +28,8 @@ def named_cells(net: nn.Cell) -> List[Tuple[str, nn.Cell]]:
     return [(name, cell) for name, cell in net.cells_and_names() if name]
 
 
-def _list_entry_matches(entry: str, path: str) -> bool:
+def list_entry_matches(entry: str, path: str) -> bool:
+    """A list entry of target_modules names a cell by its path or by its path's last parts."""
     return path == entry or path.endswith("." + entry)
 
 
@@ -83,8 +84,8 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
         unmatched: Iterable[str] = [] if chosen else [targets]
     else:
         entries = list(targets or [])
-        chosen = [(p, c) for p, c in cells if any(_list_entry_matches(e, p) for e in entries)]
-        unmatched = [e for e in entries if not any(_list_entry_matches(e, p) for p, _ in cells)]
+        chosen = [(p, c) for p, c in cells if any(list_entry_matches(e, p) for e in entries)]
+        unmatched = [e for e in entries if not any(list_entry_matches(e, p) for p, _ in cells)]
     for pattern in unmatched:
         raise ValueError(f"{what} pattern {pattern!r} matches no cell of {type(net).__name__}; "
                          f"{_hint(pattern, adaptable)}")

@@ -28,7 +28,7 @@ from ..matching import named_cells, select_cells
 from .attention import adapter_for, known_attention_names
 from .common import Injection, init_rng, inject_all, restore
 
-__all__ = ["select_targets", "inject", "eject", "set_active", "deltas_of", "encoder_shapes"]
+__all__ = ["can_adapt", "select_targets", "inject", "eject", "set_active", "deltas_of", "encoder_shapes"]
 
 _ADDED_ATTRS = ("pet_prefix_embedding", "pet_prefix_w_in", "pet_prefix_b_in", "pet_prefix_w_out",
                 "pet_prefix_b_out", "pet_prefix_projected", "pet_prefix_len", "pet_kv_heads", "pet_head_dim",
@@ -40,7 +40,7 @@ def _is_prefix_cell(cell: nn.Cell) -> bool:
     return getattr(type(cell), "pet_hooks_prefix", False) is True
 
 
-def _can_adapt(cell: nn.Cell) -> Optional[str]:
+def can_adapt(cell: nn.Cell) -> Optional[str]:
     if adapter_for(cell) is not None:
         return None
     return ("no prefix attention adapter knows this class (known: " + ", ".join(known_attention_names())
@@ -51,7 +51,7 @@ def select_targets(net: nn.Cell, cfg: PetConfig) -> List[Tuple[str, nn.Cell]]:
     """The attention cells, one per layer, in net order; ValueError before anything changes."""
     skip = lambda path, cell: _is_prefix_cell(cell) or path.rsplit(".", 1)[-1] == "pet_prefix_dropout"
     if cfg.target_modules is not None:
-        targets = select_cells(net, cfg.target_modules, None, can_adapt=_can_adapt, skip=skip)
+        targets = select_cells(net, cfg.target_modules, None, can_adapt=can_adapt, skip=skip)
     else:
         targets = [(p, c) for p, c in named_cells(net) if not skip(p, c) and adapter_for(c) is not None]
         if not targets:
