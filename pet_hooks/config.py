@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 
 import yaml
 
+from .strategy_ckpt import check_run_yaml
+
 __all__ = [
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig",
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict",
@@ -357,4 +359,6 @@ def load_config(src: Union[str, os.PathLike, Mapping, PetConfig]) -> PetConfig:
     if not isinstance(doc, Mapping):
         raise PetConfigError(f"{where}: the top level must be a mapping, got {type(doc).__name__}")
     block, hints = _find_block(doc, where)
-    return config_from_dict(block, hints)
+    config = config_from_dict(block, hints)
+    check_run_yaml(doc, where)      # after validation: a config that fails says only what is wrong
+    return config

@@ -22,8 +22,8 @@ from typing import Dict, Iterator, List, Optional
 
 from mindspore import Parameter, nn
 
-from . import optim
-from ._ms_compat import force_recompile
+from . import optim, strategy_ckpt
+from ._ms_compat import force_recompile, warn_unchecked_versions
 from .config import PetConfig, load_config
 from .tuners import get_tuner
 
@@ -85,6 +85,7 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
             adapt. The net is left as it was.
     """
     cfg = load_config(cfg)
+    warn_unchecked_versions()                           # once per process: copies of MindSpore code
     existing = get_state(net)
     if existing is not None:
         if existing.config == cfg:
@@ -104,6 +105,7 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
             tuner.eject(record)
         raise
     setattr(net, _STATE_ATTR, PetState(cfg, tuner, injections, before, kept=kept))
+    strategy_ckpt.enforce(net)                          # the strategy file must keep the base weights
     force_recompile()
     logger.info("pet_hooks: %s applied to %d cell(s) of %s", cfg.pet_type, len(injections), type(net).__name__)
     return net
@@ -126,6 +128,7 @@ def remove(net: nn.Cell) -> nn.Cell:
         state.tuner.eject(record)
     optim.restore_requires_grad(owner, state.requires_grad_before)
     delattr(owner, _STATE_ATTR)
+    strategy_ckpt.release(owner)
     force_recompile()
     return net
 
