@@ -1,4 +1,4 @@
-"""The one place pet_hooks touches MindSpore internals.
+"""The one place pet_hooks touches MindSpore internals, and the version check run at ``apply``.
 
 Graph mode caches a compiled graph per cell under a key that includes a global "hook
 version" (``mindspore/graph/api.py``); a cell whose structure changes after its first run
@@ -8,13 +8,30 @@ does :func:`force_recompile`, which every structural change in pet_hooks calls::
     cell.__class__ = patched_class
     force_recompile()          # the next call compiles the new structure
 
-``tests/test_ms_compat.py`` fails if MindSpore renames or drops the function.
+Everything pet_hooks relies on inside MindSpore and MindFormers (this function, the copied
+``construct`` bodies, private attributes) is listed in ``pet_hooks/_internals.py`` with the
+version it was checked against; ``tests/test_ms_compat.py`` checks each entry.
+:func:`warn_unchecked_versions` (called by ``surgery.apply``) warns once per process and
+package when the installed version is not the checked one.
+
+Warning, not refusal: most releases leave these internals alone, and refusing would block
+every upgrade (even a patch release) until pet_hooks is re-released. The warning names the
+package, both versions and, when the source can be read, which copied computations really
+changed. Whoever wants refusal turns the warning into an error::
+
+    warnings.simplefilter("error", pet_hooks._ms_compat.UncheckedVersionWarning)
 """
 from __future__ import annotations
 
+import warnings
+from typing import Optional, Set
+
 from mindspore.common import hook_handle as _hook_handle
 
-__all__ = ["force_recompile", "hook_version"]
+from . import _internals
+
+__all__ = ["force_recompile", "hook_version", "UncheckedVersionWarning", "warn_unchecked_versions",
+           "unchecked_version"]
 
 
 def force_recompile() -> None:
@@ -25,3 +42,46 @@ def force_recompile() -> None:
 def hook_version() -> int:
     """The current global hook version (part of MindSpore's graph cache key)."""
     return _hook_handle._hook_version()  # pylint: disable=protected-access
+
+
+class UncheckedVersionWarning(UserWarning):
+    """The installed MindSpore or MindFormers is not the version pet_hooks' copies were checked against."""
+
+
+# Packages already looked at in this process: the check (and its warning) happens once each.
+_LOOKED_AT: Set[str] = set()
+
+
+def unchecked_version(package: str) -> Optional[str]:
+    """Why ``package`` as installed is not what pet_hooks was checked against; None when it is (or not imported)."""
+    installed = _internals.installed_version(package)
+    if installed is None:
+        return None  # not imported: nothing of it can be in use
+    stale = [e for e in _internals.checked_versions().get(package, []) if e.checked != installed]
+    if not stale:
+        return None
+    checked = ", ".join(sorted({e.checked for e in stale}))
+    drift = _internals.source_drift(package)
+    if drift:
+        detail = "these copied or relied-on sources differ from the checked ones: " + "; ".join(
+            f"{entry.target} (used in {', '.join(entry.sites)})" for entry, _ in drift)
+    else:
+        detail = "its copied and relied-on sources still read the same, but were not tested with this version"
+    return (f"pet_hooks was checked against {package} {checked}, but {package} {installed} is installed; "
+            f"{detail}. tests/test_ms_compat.py shows what changed (pet_hooks/_internals.py lists each "
+            f"internal relied on).")
+
+
+def warn_unchecked_versions() -> None:
+    """Warn once per process and package when the installed version is not the checked one.
+
+    A package is looked at the first time this runs after it was imported (MindFormers is
+    often imported after the first ``apply``), and never again.
+    """
+    for package in _internals.checked_versions():
+        if package in _LOOKED_AT or _internals.installed_version(package) is None:
+            continue
+        _LOOKED_AT.add(package)
+        message = unchecked_version(package)
+        if message is not None:
+            warnings.warn(message, UncheckedVersionWarning, stacklevel=3)  # points at the caller of apply

@@ -136,10 +136,18 @@ def _init_signature(cls: type) -> inspect.Signature:
     signature = inspect.signature(init)
     kinds = [p.kind for p in signature.parameters.values()][1:]
     if kinds == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]:
-        for cell in getattr(init, "__closure__", None) or ():
-            inner = cell.cell_contents
-            if inspect.isfunction(inner) and inner.__name__ == "__init__":
-                return inspect.signature(inner)
+        # Breadth-first through nested closures: LazyAdam's __init__ is wrapped twice
+        # (deprecated around opt_init_args_register), so the original is two closures deep.
+        pending, seen = [init], set()
+        while pending:
+            func = pending.pop(0)
+            for cell in getattr(func, "__closure__", None) or ():
+                inner = cell.cell_contents
+                if inspect.isfunction(inner) and id(inner) not in seen:
+                    if inner.__name__ == "__init__":
+                        return inspect.signature(inner)
+                    seen.add(id(inner))
+                    pending.append(inner)
     return signature
 
 

@@ -1,0 +1,285 @@
+"""Registry of every MindSpore / MindFormers internal pet_hooks relies on, and of the code it copies.
+
+pet_hooks reproduces a few ``construct`` bodies (LoRA must add its branch *inside* the base
+layer's computation, because graph mode compiles the source of ``type(cell).construct``),
+touches private attributes (``Cell._params``, the hook version) and depends on the shape of
+undocumented behaviour (the optimizer signature decorator, ``TrainOneStepCell.weights``). A new
+MindSpore or MindFormers may change any of these silently. Each dependency is one
+:class:`Internal` below, saying what is relied on, where pet_hooks uses it, the version it
+was checked against, the SHA-256 of the relied-on source where the code is copied or its
+exact behaviour matters, and the test that guards it::
+
+    Internal(key="dense_construct", package="mindspore", checked="2.9.0",
+             target="mindspore.nn.Dense.construct", source_sha256="...",
+             relied_on="LoraDense.construct is this body with the LoRA branch added",
+             sites=("pet_hooks/tuners/lora.py",), names=(),
+             guard="tests/test_ms_compat.py::test_relied_on_source_is_the_checked_one")
+
+``tests/test_ms_compat.py`` checks every entry (hashes equal, private attributes present and
+behaving as relied on) and scans the package: a private access (``x._name``, a ``"_name"``
+string, an import of a private name) at a site no entry lists fails it. To add an entry: copy
+one, run ``python -m pet_hooks._internals`` for the current hashes, and name its guard.
+
+``surgery.apply`` calls :func:`pet_hooks._ms_compat.warn_unchecked_versions`, which warns
+once per process when the installed MindSpore or MindFormers is not the checked version.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import inspect
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["Internal", "REGISTRY", "OWN_PRIVATE_NAMES", "by_key", "checked_versions", "installed_version",
+           "resolve", "normalised_source", "source_hash", "source_drift"]
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One thing pet_hooks relies on in another package (or, package "pet_hooks", in its own privates).
+
+    Attributes:
+        key: short unique id.
+        package: "mindspore", "mindformers" or "pet_hooks".
+        checked: the version of ``package`` this entry was checked against ("" for pet_hooks).
+        target: dotted path of the relied-on object (module.Class.method), importable.
+        relied_on: what pet_hooks assumes about it, in a sentence.
+        sites: the pet_hooks files that rely on it (paths from the repository root).
+        names: the private names those files use for it (what the source scan finds there).
+        guard: the test that fails when the assumption breaks ("tests/file.py::test_name").
+        source_sha256: for copied code or code whose exact behaviour is relied on, the hash of
+            :func:`normalised_source` of ``target`` at ``checked``; None for attribute checks.
+    """
+
+    key: str
+    package: str
+    checked: str
+    target: str
+    relied_on: str
+    sites: Tuple[str, ...]
+    names: Tuple[str, ...]
+    guard: str
+    source_sha256: Optional[str] = None
+
+
+_MS, _MF = "2.9.0", "1.9.0"
+_COMPAT_TEST = "tests/test_ms_compat.py::"
+_SOURCE_TEST = _COMPAT_TEST + "test_relied_on_source_is_the_checked_one"
+
+REGISTRY: Tuple[Internal, ...] = (
+    # ---------------------------------------------------------------- the graph cache (DESIGN.md fact 2)
+    Internal(key="hook_version_bump", package="mindspore", checked=_MS,
+             target="mindspore.common.hook_handle._update_hook_version",
+             relied_on="bumping the global hook version makes every graph-mode cell recompile on its next call "
+                       "(the version is part of the compiled-graph cache key)",
+             sites=("pet_hooks/_ms_compat.py",), names=("_update_hook_version",),
+             guard=_COMPAT_TEST + "test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves",
+             source_sha256="16c9df353b8e0086357c6c95aa7e3bd967f464735ba561136ab373f593850827"),
+    Internal(key="hook_version_read", package="mindspore", checked=_MS,
+             target="mindspore.common.hook_handle._hook_version",
+             relied_on="returns the global hook version, which _update_hook_version increments by one",
+             sites=("pet_hooks/_ms_compat.py",), names=("_hook_version",),
+             guard=_COMPAT_TEST + "test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves",
+             source_sha256="625cfa8c9eed1ac8812103fd236c30f21e6576cfc5f8bf312a69804d6525351a"),
+    # ---------------------------------------------------------------- copied computations (LoRA)
+    Internal(key="dense_construct", package="mindspore", checked=_MS, target="mindspore.nn.Dense.construct",
+             relied_on="LoraDense.construct is this computation with the LoRA branch added before the activation",
+             sites=("pet_hooks/tuners/lora.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="6c4db750c999b60c1851203f79fad6d081686fe46cc8ff46a322db98a4dfb2db"),
+    Internal(key="linear_construct", package="mindformers", checked=_MF,
+             target="mindformers.modules.layers.Linear.construct",
+             relied_on="LoraLinear.construct is this computation (no experts, no gmm) with the LoRA branch added",
+             sites=("pet_hooks/tuners/lora.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="e1846911a113fbfd6ee4500410e12b4544b782f656db3b7f6f053fd550a298fb"),
+    Internal(key="linear_attributes", package="mindformers", checked=_MF, target="mindformers.modules.layers.Linear",
+             relied_on="an instance has expert_flag and use_gmm (LoRA refuses either), in_channels, out_channels, "
+                       "transpose_b and dtype (its compute dtype)",
+             sites=("pet_hooks/tuners/lora.py",), names=(),
+             guard=_COMPAT_TEST + "test_mindformers_linear_has_the_attributes_lora_reads"),
+    # ---------------------------------------------------------------- MindFormers' attention (prefix methods)
+    Internal(key="llama_attention_construct", package="mindformers", checked=_MF,
+             target="mindformers.models.llama.llama_transformer.LLamaAttention.construct",
+             relied_on="LlamaAttentionPrefix.construct passes this signature's arguments positionally, in this "
+                       "order; without flash attention or use_past the keys and values go through _cat_prefix",
+             sites=("pet_hooks/tuners/attention.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="f08b02270d831b62527498ad45e41d9dd444c2d4f2252cf8cda5ef5ef2291e1e"),
+    Internal(key="llama_attention_cat_prefix", package="mindformers", checked=_MF,
+             target="mindformers.models.llama.llama_transformer.LLamaAttention._cat_prefix",
+             relied_on="prefix_keys_values (2, batch, prefix_len, kv_dim) is put in front of the keys and values",
+             sites=("pet_hooks/tuners/attention.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="840c848562a375e2490bce8ae4980f090809ebe9dec06594373c4cad3f932bc3"),
+    Internal(key="llama_attention_attn", package="mindformers", checked=_MF,
+             target="mindformers.models.llama.llama_transformer.LLamaAttention._attn",
+             relied_on="the mask is added to the scores over the keys' axis, so prefix columns given 0 are visible",
+             sites=("pet_hooks/tuners/attention.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="1cc3b5cd6dc95016bab4c385b0448c099c01eee5cc9ced953e422f8e476eacfa"),
+    Internal(key="llama_attention_attributes", package="mindformers", checked=_MF,
+             target="mindformers.models.llama.llama_transformer.LLamaAttention",
+             relied_on="an instance has use_past, n_kv_head, head_dim and hidden_size (the adapter's geometry)",
+             sites=("pet_hooks/tuners/attention.py",), names=(),
+             guard=_COMPAT_TEST + "test_llama_attention_has_what_the_adapter_reads"),
+    # ---------------------------------------------------------------- Cell bookkeeping
+    Internal(key="cell_params_and_cells", package="mindspore", checked=_MS, target="mindspore.nn.Cell",
+             relied_on="a Parameter attribute lives in cell._params and a sub-cell in cell._cells (not in __dict__), "
+                       "cell._params_list exists, and delattr removes either",
+             sites=("pet_hooks/tuners/common.py", "pet_hooks/flow.py"), names=("_params", "_cells", "_params_list"),
+             guard=_COMPAT_TEST + "test_cell_keeps_parameters_and_children_where_pet_hooks_looks"),
+    Internal(key="wrapper_children", package="mindspore", checked=_MS, target="mindspore.nn.WithLossCell",
+             relied_on="WithLossCell holds the model as the child '_backbone'; TrainOneStepCell "
+                       "holds the loss cell as the child 'network' and has an 'optimizer'",
+             sites=("pet_hooks/flow.py",), names=("_backbone", "_cells"),
+             guard=_COMPAT_TEST + "test_wrappers_hold_the_model_where_unwrap_model_looks"),
+    # ---------------------------------------------------------------- the optimizer follows (DESIGN.md facts 4-5)
+    Internal(key="opt_init_args_register", package="mindspore", checked=_MS,
+             target="mindspore.nn.optim.optimizer.opt_init_args_register",
+             relied_on="the decorator hides __init__'s signature behind (self, *args, **kwargs) without "
+                       "functools.wraps and keeps the original __init__ in its closure (flow._init_signature)",
+             sites=("pet_hooks/flow.py",), names=(),
+             guard=_COMPAT_TEST + "test_optimizer_signatures_are_found_through_the_decorator",
+             source_sha256="5b39fcbcfb7e8f19b09ef2eb08aeb4f6b303588494a76753f94f47a36928952d"),
+    Internal(key="optimizer_new", package="mindspore", checked=_MS, target="mindspore.nn.Cell.__new__",
+             relied_on="nn.Optimizer defines no __new__ of its own and nn.Cell.__new__(cls, *args, **kwargs) "
+                       "accepts the constructor's arguments, so the recorder installed as nn.Optimizer.__new__ "
+                       "sees them",
+             sites=("pet_hooks/flow.py",), names=(),
+             guard=_COMPAT_TEST + "test_optimizer_recorder_sees_the_constructor_arguments"),
+    Internal(key="train_step_construct", package="mindspore", checked=_MS,
+             target="mindspore.nn.TrainOneStepCell.construct",
+             relied_on="with sens, the train step reads self.weights and self.optimizer on every call (so replacing "
+                       "both before the first compile trains only the new optimizer's parameters)",
+             sites=("pet_hooks/flow.py", "pet_hooks/hooks/callback.py"), names=(),
+             guard=_COMPAT_TEST + "test_train_step_reads_the_attributes_the_callback_replaces",
+             source_sha256="b08a065d5ff4aec936772f1e41a42e57097984ed08e8d5616e2b93b8e25d29b3"),
+    Internal(key="train_step_no_sens", package="mindspore", checked=_MS,
+             target="mindspore.nn.TrainOneStepCell._no_sens_impl",
+             relied_on="without sens (the default), the same: self.weights and self.optimizer read on every call",
+             sites=("pet_hooks/flow.py", "pet_hooks/hooks/callback.py"), names=(),
+             guard=_COMPAT_TEST + "test_train_step_reads_the_attributes_the_callback_replaces",
+             source_sha256="ed11afdbf57f0a69e805e5ef577483e12db16b5ebd36b07d688d8357a73058d3"),
+    Internal(key="train_step_attributes", package="mindspore", checked=_MS, target="mindspore.nn.TrainOneStepCell",
+             relied_on="an instance has optimizer, weights (is optimizer.parameters) and reducer_flag; in data "
+                       "parallel also mean and degree, which rebuild its DistributedGradReducer over new weights",
+             sites=("pet_hooks/flow.py",), names=(),
+             guard=_COMPAT_TEST + "test_train_step_reads_the_attributes_the_callback_replaces"),
+    # ---------------------------------------------------------------- pet_hooks' own privates across modules
+    Internal(key="pet_session_privates", package="pet_hooks", checked="", target="pet_hooks.hooks.context.PetSession",
+             relied_on="inspection reuses enable()'s session bookkeeping: PetSession._roots and _models_owning",
+             sites=("pet_hooks/inspection.py",), names=("_roots", "_models_owning"),
+             guard=_COMPAT_TEST + "test_pet_hooks_own_privates_exist"),
+)
+
+# pet_hooks' own private names that appear as strings (marks it sets on foreign objects, a
+# folder name): not internals of another package, listed so the source scan accepts them.
+OWN_PRIVATE_NAMES: Dict[str, str] = {
+    "_pet_hooks_state": "surgery: the PetState record kept on an adapted net",
+    "_pet_hooks_patched": "hooks/patching: the mark on what pet_hooks installed",
+    "_bootstrap": "launcher: the folder of the child-process sitecustomize",
+}
+
+
+def by_key(key: str) -> Internal:
+    for entry in REGISTRY:
+        if entry.key == key:
+            return entry
+    raise KeyError(key)
+
+
+def checked_versions() -> Dict[str, List[Internal]]:
+    """package -> its entries (each carries the version it was checked against)."""
+    result: Dict[str, List[Internal]] = {}
+    for entry in REGISTRY:
+        if entry.package != "pet_hooks":
+            result.setdefault(entry.package, []).append(entry)
+    return result
+
+
+def installed_version(package: str) -> Optional[str]:
+    """The version of ``package`` if it is imported in this process, else None (nothing is imported here)."""
+    module = sys.modules.get(package)
+    if module is None:
+        return None
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+            version = dist_version(package)
+        except Exception:  # pylint: disable=broad-except
+            return None
+    return str(version)
+
+
+def resolve(target: str):
+    """The object at dotted path ``target`` (the longest importable module, then attributes)."""
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"cannot import {target}")
+
+
+def normalised_source(obj) -> str:
+    """The code of ``obj`` without its formatting, comments and docstrings (``ast.unparse`` text).
+
+    What a copy depends on is the computation, not its layout: reformatting or re-commenting
+    upstream does not fail the pin; any change of a statement, name or argument does.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def source_hash(target: str) -> str:
+    """SHA-256 of the normalised source of the object at ``target``."""
+    return hashlib.sha256(normalised_source(resolve(target)).encode("utf-8")).hexdigest()
+
+
+def source_drift(package: Optional[str] = None) -> List[Tuple[Internal, str]]:
+    """(entry, what is wrong) for every pinned source of ``package`` (all when None) that differs.
+
+    Only packages already imported are looked at: importing MindFormers costs seconds.
+    """
+    drift = []
+    for entry in REGISTRY:
+        if entry.source_sha256 is None or (package is not None and entry.package != package):
+            continue
+        if entry.package not in sys.modules:
+            continue
+        try:
+            now = source_hash(entry.target)
+        except Exception as err:  # pylint: disable=broad-except
+            drift.append((entry, f"cannot read its source ({type(err).__name__}: {err})"))
+            continue
+        if now != entry.source_sha256:
+            drift.append((entry, f"source hash {now[:12]}... differs from the checked {entry.source_sha256[:12]}..."))
+    return drift
+
+
+def _main() -> None:
+    """Print every entry's current source hash (what to paste after checking a copy against a new version)."""
+    for entry in REGISTRY:
+        if entry.source_sha256 is None:
+            continue
+        try:
+            now = source_hash(entry.target)
+        except Exception as err:  # pylint: disable=broad-except
+            now = f"unavailable ({type(err).__name__}: {err})"
+        state = "ok" if now == entry.source_sha256 else "CHANGED"
+        print(f"{entry.key:28s} {state:8s} {now}  {entry.target}")
+
+
+if __name__ == "__main__":
+    _main()
