@@ -30,7 +30,8 @@ from .hooks.context import enable
 
 __all__ = ["run_script", "child_environment", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV"]
 
-BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+BOOTSTRAP_DIR = os.path.join(PACKAGE_DIR, "_bootstrap")
 CONFIG_ENV = "PET_HOOKS_CONFIG"        # the config, as JSON
 SAVE_DIR_ENV = "PET_HOOKS_SAVE_DIR"
 
@@ -67,13 +68,12 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
                 if stop.code is not None and not isinstance(stop.code, int):
                     print(stop.code, file=sys.stderr)
-            except BaseException:  # the script's own error, shown as python would show it
-                exc_type, exc, tb = sys.exc_info()
-                # Drop the launcher's frames so the traceback starts in the script.
-                while tb is not None and tb.tb_frame.f_code.co_filename != script:
-                    tb = tb.tb_next
-                traceback.print_exception(exc_type, exc, tb)
-                code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+            except BaseException as err:  # pylint: disable=broad-except
+                if _raised_by_pet_hooks(err):   # bad input to pet_hooks: one line, as the CLI's own errors
+                    print(f"pet-hooks: error: {err}", file=sys.stderr)
+                    code = 2
+                else:                           # the script's own error, shown as python would show it
+                    code = _print_script_error(script)
         if save_dir and session.models:
             if len(session.models) > 1:
                 print(f"pet-hooks: {len(session.models)} models were adapted; saving the last one",
@@ -81,7 +81,7 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
             path = flow.save_for_rank(session.models[-1], save_dir)
             if path:
                 print(f"pet-hooks: adapter saved to {path}", file=sys.stderr)
-        elif save_dir and not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
+        elif save_dir and code != 2 and not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
             # (a child process, such as an msrun worker, may have saved it instead)
             print("pet-hooks: no model was adapted, so no adapter was saved", file=sys.stderr)
             code = code or 1
@@ -90,6 +90,28 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
         sys.argv = saved_argv
         sys.path[:] = saved_path
     return code
+
+
+def _raised_by_pet_hooks(err: BaseException) -> bool:
+    """Did pet_hooks itself raise ``err`` (a ValueError, TypeError or FileNotFoundError whose innermost
+    frame is in the package)? Then it is bad input to pet_hooks (a config, a pattern, an adapter),
+    reported as one line rather than a traceback through the script's frames."""
+    if not isinstance(err, (ValueError, TypeError, FileNotFoundError)):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep)
+
+
+def _print_script_error(script: str) -> int:
+    """Print the exception being handled as python would for the script; the exit code python gives."""
+    exc_type, exc, tb = sys.exc_info()
+    # Drop the launcher's frames so the traceback starts in the script.
+    while tb is not None and tb.tb_frame.f_code.co_filename != script:
+        tb = tb.tb_next
+    traceback.print_exception(exc_type, exc, tb)
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
 
 
 def _find_command(name: str) -> Optional[str]:

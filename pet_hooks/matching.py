@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from mindspore import nn
 
-__all__ = ["select_cells", "named_cells", "nearest_names", "is_excluded", "list_entry_matches"]
+__all__ = ["select_cells", "named_cells", "nearest_names", "is_excluded", "list_entry_matches",
+           "split_alternatives", "under_name_maps"]
 
 Patterns = Union[str, Sequence[str], None]
 
@@ -47,14 +48,64 @@ def nearest_names(pattern: str, candidates: List[str], limit: int = 4) -> List[s
     return difflib.get_close_matches(text, candidates, n=limit, cutoff=0.0)
 
 
-def _hint(pattern: str, candidates: List[str], limit: int = 4) -> str:
-    """The adaptable cells' distinct last names, and a few full paths, the closest first."""
+def split_alternatives(pattern: str) -> List[str]:
+    """The top-level ``|`` alternatives of a regex (bars inside groups, classes or escapes stay)."""
+    parts, depth, in_class, escaped, start = [], 0, False, False, 0
+    for index, char in enumerate(pattern):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            parts.append(pattern[start:index])
+            start = index + 1
+    parts.append(pattern[start:])
+    return parts
+
+
+def under_name_maps(hit: Callable[[str], bool], adaptable: List[str]) -> Dict[str, List[str]]:
+    """name map -> the cells a pattern would select if it is written in that map's names
+    (``.*q_proj`` on a MindFormers Llama: the ``wq`` cells, under ``llama``)."""
+    from .peft_format import NAME_MAPS, resolve_name_map  # the maps live with the format that uses them
+    found = {}
+    for name in sorted(NAME_MAPS):
+        _, to_other = resolve_name_map(name)
+        paths = [path for path in adaptable if isinstance(to_other(path), str) and hit(to_other(path))]
+        if paths:
+            found[name] = paths
+    return found
+
+
+def _name_map_hint(pattern: str, adaptable: List[str], regex: bool) -> str:
+    """'; .*q_proj is written in the names of name map 'llama' ...' when a known map explains it."""
+    notes = []
+    for alternative in split_alternatives(pattern) if regex else [pattern]:
+        hit = ((lambda path: re.fullmatch(alternative, path) is not None) if regex
+               else (lambda path: list_entry_matches(alternative, path)))
+        for name, paths in under_name_maps(hit, adaptable).items():
+            ours = sorted({path.rsplit(".", 1)[-1] for path in paths})
+            notes.append(f"{alternative!r} is written in the names of name map {name!r}: here it would be the "
+                         f"{len(paths)} cell(s) named {', '.join(ours)} (e.g. {paths[0]})")
+    return "".join(f"; {note}" for note in notes)
+
+
+def _hint(pattern: str, candidates: List[str], regex: bool, limit: int = 4) -> str:
+    """The adaptable cells' distinct last names, and a few full paths, the closest first; and the
+    cells the pattern means when it is written in another framework's names (Hugging Face's)."""
     if not candidates:
         return "the net has no cell this method can adapt"
     leaves = sorted({path.rsplit(".", 1)[-1] for path in candidates})
     close = nearest_names(pattern, candidates, limit)
     return (f"adaptable cells end in {', '.join(leaves)}; for example {', '.join(close or candidates[:limit])}"
-            f" ({len(candidates)} in all)")
+            f" ({len(candidates)} in all){_name_map_hint(pattern, candidates, regex)}")
 
 
 def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
@@ -88,7 +139,7 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
         unmatched = [e for e in entries if not any(list_entry_matches(e, p) for p, _ in cells)]
     for pattern in unmatched:
         raise ValueError(f"{what} pattern {pattern!r} matches no cell of {type(net).__name__}; "
-                         f"{_hint(pattern, adaptable)}")
+                         f"{_hint(pattern, adaptable, isinstance(targets, str))}")
 
     selected = [(p, c) for p, c in chosen if not is_excluded(p, excludes)]
     if not selected:
