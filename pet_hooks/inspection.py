@@ -12,6 +12,11 @@ nearest names; every matched cell (path, type, input/output size, its delta para
 their shapes); the cells that almost matched (the same type as a matched cell, or a type the
 method adapts, not selected); and the trainable summary. It is built by running the core flow
 (``apply``) on the net and undoing it (``remove``), so what it shows is what training gets.
+
+A matched cell whose parent never calls it but reads its weights (seen in the source of the
+parent's class: ``self.<name>.weight`` and no ``self.<name>(``) would train nothing; its row
+carries an ``unreached`` note and the table ends with a warning. Parents pet_hooks computes
+itself (``nn.MultiheadAttention``'s ``out_proj``) are not flagged.
 """
 from __future__ import annotations
 
@@ -118,7 +123,7 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "model": _type_name(type(net)), "pet_type": config.pet_type, "config": config.to_dict(),
         "patterns": _pattern_rows(getattr(config, "target_modules", None), cells, adaptable),
-        "matched": [], "shared": [], "near_misses": [], "error": None,
+        "matched": [], "shared": [], "near_misses": [], "unreached": [], "error": None,
     }
     applied_here = get_state(net) is None
     try:
@@ -131,6 +136,7 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
     try:
         if state is not None:
             _fill(report, state, net, cells, adaptable, excludes)
+            _flag_unreached(report, net)
         params = net.get_parameters()
         total = trainable = 0
         for param in params:
@@ -156,9 +162,11 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
                 own.append({"name": param.name[len(prefix):], "shape": list(param.shape)})
             else:
                 shared.setdefault(param.name, list(param.shape))
+        io = getattr(state.tuner, "io_channels", None)  # LoRA knows an attention cell's in-projection
+        size = io(record.cell) if io is not None else (_size(record.cell, "in_channels"),
+                                                      _size(record.cell, "out_channels"))
         report["matched"].append({"path": record.path, "type": record.original_class.__name__,
-                                  "in": _size(record.cell, "in_channels"), "out": _size(record.cell, "out_channels"),
-                                  "deltas": own})
+                                  "in": size[0], "out": size[1], "deltas": own})
         matched_paths.add(record.path)
         matched_types.add(record.original_class)
     report["shared"] = [{"name": name, "shape": shape} for name, shape in shared.items()]
@@ -171,6 +179,48 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
             report["near_misses"].append({"path": path, "type": type(cell).__name__,
                                           "in": _size(cell, "in_channels"), "out": _size(cell, "out_channels"),
                                           "reason": reason})
+
+
+def _class_source(cls: type) -> str:
+    """The source of ``cls`` and of its bases up to ``nn.Cell`` ('' where it cannot be read)."""
+    texts = []
+    for klass in cls.__mro__:
+        if klass in (nn.Cell, object) or getattr(klass, "pet_hooks_lora", False):
+            continue  # pet_hooks' own mixins: their construct is not the parent's code
+        try:
+            texts.append(inspect.getsource(klass))
+        except (OSError, TypeError):
+            pass
+    return "\n".join(texts)
+
+
+def unreached_note(parent: nn.Cell, child_name: str) -> Optional[str]:
+    """Why ``parent`` never runs its child ``child_name``, when its source shows it; else None.
+
+    The evidence is textual: the parent's class reads ``self.<child>.<attr>`` and nowhere calls
+    ``self.<child>(``. A parent pet_hooks computes itself (it reads the weights on purpose and
+    adds the delta) is not flagged.
+    """
+    if getattr(type(parent), "pet_lora_reads_weights", False):
+        return None
+    source = _class_source(type(parent))
+    name = re.escape(child_name)
+    if not source or re.search(rf"self\.{name}\s*\(", source):
+        return None
+    reads = sorted(set(re.findall(rf"self\.{name}\.([A-Za-z_]\w*)\b(?!\s*\()", source)))
+    if not reads:
+        return None
+    return (f"its parent {type(parent).__name__} never calls it, it reads "
+            f"{', '.join(f'{child_name}.{attr}' for attr in reads)}: the deltas would get no gradient")
+
+
+def _flag_unreached(report: Dict[str, Any], net: nn.Cell) -> None:
+    by_path = dict(net.cells_and_names())
+    for row in report["matched"]:
+        parent_path, _, leaf = row["path"].rpartition(".")
+        parent = by_path.get(parent_path)
+        row["unreached"] = unreached_note(parent, leaf) if parent is not None else None
+    report["unreached"] = [row["path"] for row in report["matched"] if row["unreached"]]
 
 
 # ----------------------------------------------------------------------------- the text table
@@ -213,6 +263,10 @@ def format_report(report: Dict[str, Any]) -> str:
             rows.append([cell["path"], cell["type"], _num(cell["in"]), _num(cell["out"]),
                          ", ".join(f"{d['name']} {_shape(d['shape'])}" for d in cell["deltas"]) or "-"])
         lines += ["", f"matched ({len(report['matched'])} cells)"] + _table(rows)
+        flagged = [cell for cell in report["matched"] if cell.get("unreached")]
+        if flagged:
+            lines += ["", f"warning: {len(flagged)} matched cell(s) are never called, so they would train nothing"]
+            lines += [f"  {cell['path']}: {cell['unreached']}" for cell in flagged]
     if report["shared"]:
         lines += ["", "shared delta parameters"] + _table(
             [["name", "shape"]] + [[d["name"], _shape(d["shape"])] for d in report["shared"]])

@@ -5,8 +5,9 @@
 
 At train begin it adapts the model inside the train network and gives the train step an
 optimizer of the same class and settings over the deltas only; it saves the adapter every
-``save_steps`` steps and at train end (rank 0 only). It holds no PET logic of its own: the
-work is ``pet_hooks.flow``.
+``save_steps`` steps and at train end (rank 0 only). After step 2 and at train end it warns
+about adapted cells that received no gradient (``pet_hooks.grad_guard``). It holds no PET
+logic of its own: the work is ``pet_hooks.flow``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Optional
 from mindspore.train import Callback
 
 from .. import flow
+from ..grad_guard import GradGuard
 from .._ms_compat import force_recompile
 from ..config import load_config
 
@@ -44,6 +46,7 @@ class PetCallback(Callback):
         self.save_dir = save_dir
         self.save_steps = save_steps
         self.model = None
+        self._guard: Optional[GradGuard] = None
 
     def on_train_begin(self, run_context):
         params = run_context.original_args()
@@ -55,13 +58,19 @@ class PetCallback(Callback):
             params.optimizer = new_optimizer
         force_recompile()  # the train step may have been compiled already (Model.build, sink mode)
         self.model = model
+        self._guard = GradGuard(model)  # the deltas as training starts
 
     def on_train_step_end(self, run_context):
+        step = run_context.original_args().cur_step_num
+        if self._guard is not None:
+            self._guard.check_early(step)
         if self.save_steps and self.model is not None:
-            step = run_context.original_args().cur_step_num
             if step % self.save_steps == 0:
                 flow.save_for_rank(self.model, self.save_dir)
 
     def on_train_end(self, run_context):
+        if self._guard is not None:
+            self._guard.check("at train end")
+            self._guard = None
         if self.save_dir is not None and self.model is not None:
             flow.save_for_rank(self.model, self.save_dir)

@@ -17,7 +17,9 @@ back to the identical original object:
   keeping parameter groups and their settings.
 
 Models built inside the block but given no optimizer there are adapted when the block ends
-normally. Loss cells, optimizers and train-step wrappers are not models: the adapted cell
+normally. When it ends normally, adapted cells of a model given an optimizer whose deltas did not
+change since then are reported in a warning (``pet_hooks.grad_guard``: no gradient reached them).
+Loss cells, optimizers and train-step wrappers are not models: the adapted cell
 is the model inside them (``flow.unwrap_model``). ``enable`` does not nest: entering it while
 it is active raises RuntimeError.
 """
@@ -32,6 +34,7 @@ from typing import Iterator, List, Optional
 from mindspore import Parameter, nn
 
 from .. import flow
+from ..grad_guard import GradGuard
 from ..config import PetConfig, load_config
 from ..surgery import has_pet
 from .patching import PatchSet
@@ -50,6 +53,7 @@ class PetSession:
         self.config = config
         self.models: List[nn.Cell] = []
         self._built: "weakref.WeakSet[nn.Cell]" = weakref.WeakSet()
+        self._guards: List[GradGuard] = []
 
     # -- the two interceptions ------------------------------------------------------------
     def note_cell(self, wrapped, instance, args, kwargs):
@@ -68,6 +72,8 @@ class PetSession:
         if models:
             for model in models:
                 self._adapt(model)
+                if all(guard.model is not model for guard in self._guards):
+                    self._guards.append(GradGuard(model))  # the deltas as the optimizer gets them
             bound.arguments["parameters"] = (flow.params_for_optimizer(params, models[0]) if len(models) == 1
                                              else [p for m in models for p in m.trainable_params()])
         return wrapped(*bound.args[1:], **bound.kwargs)
@@ -97,6 +103,11 @@ class PetSession:
             flow.apply(model, self.config)
         if all(model is not m for m in self.models):
             self.models.append(model)
+
+    def check_gradients(self) -> None:
+        """Warn about adapted cells whose deltas did not move since their optimizer was built."""
+        for guard in self._guards:
+            guard.check("by the end of the enable() block")
 
     def adapt_remaining(self) -> None:
         """Adapt models built in the block that no optimizer claimed (those the config matches)."""
@@ -132,6 +143,7 @@ def enable(cfg) -> Iterator[PetSession]:
         _ACTIVE = session
         yield session
         session.adapt_remaining()
+        session.check_gradients()
     finally:
         _ACTIVE = None
         patches.undo()

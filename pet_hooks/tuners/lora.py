@@ -1,4 +1,4 @@
-"""LoRA injected into ``nn.Dense`` and MindFormers' ``Linear`` by swapping the instance's class.
+"""LoRA injected into ``nn.Dense``, MindFormers' ``Linear`` and ``nn.MultiheadAttention`` by swapping classes.
 
 Graph mode compiles the *source* of ``type(cell).construct`` and ignores a wrapped
 method, so each matched cell is moved onto a generated subclass (``LoraDense_of_Dense``)
@@ -10,27 +10,39 @@ the activation::
 The base parameters stay where they were (same objects, same names); the deltas are new
 Parameters named ``<cell path>.lora_A`` ([r, in]) and ``<cell path>.lora_B`` ([out, r], zeros).
 Undo is the mirror: the original class back, the added attributes deleted.
+
+A cell whose parent reads its weights instead of calling it (``out_proj`` inside
+``nn.MultiheadAttention``) would never run its branch; for those the parent is patched too,
+computing with the effective weight (``lora_mha.py``, which also adapts the attention cell's
+own input projection).
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
 from ..config import LoraConfig
-from ..matching import select_cells
-from .common import Injection, init_rng, inject_all, restore
+from ..matching import is_excluded, select_cells
+from . import lora_mha
+from .common import Injection, init_rng, inject_all, patched_class, restore
 
 __all__ = ["can_adapt", "is_lora_cell", "select_targets", "inject", "eject",
-           "set_active", "merge_weight", "deltas_of", "delta_in_weight_layout"]
+           "set_active", "merge_weight", "deltas_of", "delta_in_weight_layout", "grad_sentinels",
+           "base_weight", "io_channels", "LoraTargets", "LoraInjection"]
+
+logger = logging.getLogger("pet_hooks")
 
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
-_ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_active")
+_ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_active",
+                "pet_lora_in", "pet_lora_out")
 
 
 class LoraLayer:
@@ -100,6 +112,9 @@ def _mindformers_linear() -> Optional[type]:
 def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
     """(mixin, None) when LoRA can adapt ``cell``, else (None, reason)."""
     linear = _mindformers_linear()
+    if lora_mha.is_mha(cell):
+        reason = lora_mha.mha_reason(cell)
+        return (None, reason) if reason else (lora_mha.LoraMultiheadAttention, None)
     if isinstance(cell, nn.Dense):
         base, mixin = nn.Dense, LoraDense
     elif linear is not None and isinstance(cell, linear):
@@ -107,7 +122,8 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
             return None, "Linear with experts (expert_num > 1 or use_gmm) is not supported"
         base, mixin = linear, LoraLinear
     else:
-        return None, "LoRA adapts mindspore.nn.Dense and mindformers.modules.layers.Linear"
+        return None, ("LoRA adapts mindspore.nn.Dense, mindspore.nn.MultiheadAttention and "
+                      "mindformers.modules.layers.Linear")
     if type(cell).construct is not base.construct:
         return None, (f"{type(cell).__name__} overrides {base.__name__}.construct, whose computation "
                       f"pet_hooks cannot reproduce")
@@ -123,21 +139,58 @@ def is_lora_cell(cell: nn.Cell) -> bool:
     return getattr(type(cell), "pet_hooks_lora", False) is True
 
 
-def select_targets(net: nn.Cell, cfg: LoraConfig) -> List[Tuple[str, nn.Cell]]:
-    """The cells ``cfg`` selects; raises ValueError before anything is changed."""
-    return select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=can_adapt,
-                        skip=lambda path, cell: is_lora_cell(cell) or path.rsplit(".", 1)[-1] == "lora_dropout")
+class LoraTargets(list):
+    """The ``[(path, cell)]`` that ``select_targets`` chose, plus ``parents``: path -> the parent
+    of each cell that its parent reads instead of calling (``out_proj`` in a MultiheadAttention)."""
+
+    def __init__(self, items, parents: Dict[str, nn.Cell]):
+        super().__init__(items)
+        self.parents = parents
 
 
-def _io_channels(cell: nn.Cell) -> Tuple[int, int]:
+def select_targets(net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
+    """The cells ``cfg`` selects; raises ValueError before anything is changed.
+
+    A selected ``nn.MultiheadAttention`` brings its ``out_proj`` along (PEFT's rule) unless
+    ``exclude_layers`` excludes it.
+    """
+    chosen = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=can_adapt,
+                          skip=lambda path, cell: is_lora_cell(cell) or path.rsplit(".", 1)[-1] == "lora_dropout")
+    paths = {path for path, _ in chosen}
+    targets: List[Tuple[str, nn.Cell]] = []
+    for path, cell in chosen:
+        targets.append((path, cell))
+        out_path = f"{path}.out_proj"
+        if lora_mha.is_mha(cell) and out_path not in paths and not is_excluded(out_path, cfg.exclude_layers):
+            targets.append((out_path, cell.out_proj))
+            paths.add(out_path)
+    by_path = dict(net.cells_and_names())
+    parents = {}
+    for path, _ in targets:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = by_path.get(parent_path)
+        if lora_mha.reads_child(parent, leaf):
+            parents[path] = parent
+    return LoraTargets(targets, parents)
+
+
+def io_channels(cell: nn.Cell) -> Tuple[int, int]:
+    """(in, out) of the projection the branch of ``cell`` adds to."""
+    if lora_mha.is_mha(cell):
+        return lora_mha.in_out_channels(cell)
     return int(cell.in_channels), int(cell.out_channels)
+
+
+def base_weight(cell: nn.Cell) -> Parameter:
+    """The base weight the branch of ``cell`` adds to (``in_proj_weight`` for an attention cell)."""
+    return cell.in_proj_weight if lora_mha.is_mha(cell) else cell.weight
 
 
 def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
     if cfg.compute_dtype is not None:
         return getattr(mstype, cfg.compute_dtype)
     # Linear computes in its compute_dtype; Dense in its weight's dtype (x must match it).
-    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else cell.weight.dtype
+    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else base_weight(cell).dtype
 
 
 def _init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.ndarray:
@@ -149,11 +202,44 @@ def _init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.n
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
+@dataclass
+class LoraInjection(Injection):
+    """An Injection that may also have patched the cell's parent (which reads the cell's weights).
+
+    ``parent_original`` is the parent's class before, when this injection swapped it (else None).
+    """
+
+    parent: Optional[nn.Cell] = None
+    parent_original: Optional[type] = None
+
+
 def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injection]:
     """Give every target its LoRA branch. All or nothing: on error the done part is undone."""
     rng = init_rng(cfg)
-    return inject_all(targets, _ADDED_ATTRS, lambda index, path, cell: _add_branch(path, cell, cfg, rng),
-                      mixin_of=lambda cell: _mixin_for(cell)[0])
+    parents: Dict[str, nn.Cell] = getattr(targets, "parents", {})
+    records = inject_all(targets, _ADDED_ATTRS,
+                         lambda index, path, cell: _add_branch(path, cell, cfg, rng, path in parents),
+                         mixin_of=lambda cell: _mixin_for(cell)[0])
+    done: List[LoraInjection] = []
+    try:
+        for record in records:
+            done.append(LoraInjection(**vars(record)))
+            parent = parents.get(record.path)
+            if parent is not None:
+                original = type(parent)
+                swapped = lora_mha.attach_out_proj(parent, patched_class)
+                done[-1].parent, done[-1].parent_original = parent, (original if swapped else None)
+    except BaseException:
+        for record in reversed(done):
+            eject(record)
+        for record in reversed(records[len(done):]):
+            restore(record)
+        raise
+    weight_read = [r.path for r in records if lora_mha.is_mha(r.cell) or r.path in parents]
+    if weight_read and cfg.lora_dropout > 0:
+        logger.warning("pet_hooks: lora_dropout %s is not applied on %s: the delta goes into the weight that "
+                       "MultiheadAttention reads (as in PEFT)", cfg.lora_dropout, ", ".join(weight_read))
+    return done
 
 
 _NUMPY_DTYPES = {mstype.float32: np.float32, mstype.float16: np.float16}
@@ -170,8 +256,9 @@ def _tensor(values: np.ndarray, dtype):
     return Tensor(values).astype(dtype)
 
 
-def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator) -> List[Parameter]:
-    in_ch, out_ch = _io_channels(cell)
+def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator,
+                read_by_parent: bool = False) -> List[Parameter]:
+    in_ch, out_ch = io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
     lora_a = _tensor(_init_a(rng, cfg, in_ch), param_dtype)
     lora_b = _tensor(np.zeros((out_ch, cfg.lora_rank), np.float32), param_dtype)
@@ -179,21 +266,46 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     cell.lora_A = Parameter(lora_a, name=f"{path}.lora_A", requires_grad=True)
     cell.lora_B = Parameter(lora_b, name=f"{path}.lora_B", requires_grad=True)
     cell.lora_dropout = None
-    if cfg.lora_dropout > 0:
+    # A branch folded into a weight (attention cells) has no input of its own to drop.
+    weight_read = read_by_parent or lora_mha.is_mha(cell)
+    if cfg.lora_dropout > 0 and not weight_read:
         cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
         cell.lora_dropout.set_train(cell.training)
     cell.lora_scaling = cfg.scaling
     cell.lora_compute_dtype = _compute_dtype(cell, cfg)
     cell.pet_lora_active = True
+    if lora_mha.is_mha(cell):
+        cell.pet_lora_in, cell.pet_lora_out = True, False
     return [cell.lora_A, cell.lora_B]
 
 
-eject = restore  # the mirror of inject for one cell
+def eject(record: Injection) -> None:
+    """The mirror of inject for one cell (and of the patch of its parent, if it made one)."""
+    parent = getattr(record, "parent", None)
+    if parent is not None:
+        lora_mha.detach_out_proj(parent, record.parent_original)
+    restore(record)
 
 
 def set_active(record: Injection, active: bool) -> None:
     """Turn the branch on or off (graph mode needs force_recompile afterwards)."""
-    record.cell.pet_lora_active = bool(active)
+    cell = record.cell
+    cell.pet_lora_active = bool(active)
+    if lora_mha.is_mha(cell):
+        cell.pet_lora_in = bool(active)
+    parent = getattr(record, "parent", None)
+    if parent is not None:
+        lora_mha.set_out_active(parent, active)
+
+
+def grad_sentinels(record: Injection) -> List[Parameter]:
+    """The deltas whose change shows that the branch received a gradient: ``lora_B``.
+
+    B starts at zero and gets a gradient from the first step whenever the branch is reached
+    (A's gradient is ``B^T @ ...``, zero until B moves); a B with no gradient stays exactly
+    zero even under weight decay.
+    """
+    return [record.cell.lora_B]
 
 
 def deltas_of(record: Injection) -> List[Parameter]:
@@ -213,6 +325,6 @@ def delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
 def merge_weight(record: Injection, sign: int) -> None:
     """Fold (+1) or unfold (-1) the branch into the base weight, computed in float32."""
     cell = record.cell
-    weight = cell.weight
+    weight = base_weight(cell)
     merged = weight.astype(mstype.float32).asnumpy() + sign * delta_in_weight_layout(cell)
     weight.set_data(Tensor(merged, mstype.float32).astype(weight.dtype))

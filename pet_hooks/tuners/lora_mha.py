@@ -1,0 +1,171 @@
+"""LoRA on ``mindspore.nn.MultiheadAttention``, whose projections are read, never called.
+
+MindSpore 2.9's ``MultiheadAttention.construct`` hands ``in_proj_weight`` and
+``out_proj.weight`` / ``out_proj.bias`` to ``multi_head_attention_forward``: it never calls
+``self.out_proj``, so a branch added to ``out_proj``'s own ``construct`` would never run (and
+train nothing). The interception is therefore on the attention cell: it moves onto a generated
+subclass whose ``construct`` is ``MultiheadAttention.construct`` (copied, MindSpore 2.9) computing
+with effective weights::
+
+    in_proj_weight  + scaling * B @ A      when the attention cell itself is a target
+    out_proj.weight + scaling * B @ A      when its out_proj is a target (the deltas live on out_proj)
+
+Addressing (PEFT's rules for torch's ``MultiheadAttention``):
+
+- a pattern that selects the attention cell ``P`` adapts its input projection, deltas
+  ``P.lora_A`` ([r, embed_dim]) and ``P.lora_B`` ([3 * embed_dim, r]) in ``in_proj_weight``'s
+  layout (rows q, k, v), *and* its ``P.out_proj`` (``P.out_proj.lora_A`` / ``.lora_B``), as PEFT
+  does; ``exclude_layers`` with ``.*out_proj`` leaves the output projection out;
+- a pattern that selects only ``P.out_proj`` adapts the output projection alone.
+
+Only the packed input projection is supported (``kdim == vdim == embed_dim``), as in PEFT;
+with separate ``q/k/v_proj_weight`` the out_proj can still be adapted. ``lora_dropout`` is not
+applied on these branches (there is no branch input to drop: the delta is folded into the
+weight for the call), again as PEFT; ``apply`` says so in a warning.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import mindspore
+from mindspore import nn, ops
+
+__all__ = ["LoraMultiheadAttention", "is_mha", "mha_reason", "reads_child", "in_out_channels",
+           "attach_out_proj", "detach_out_proj", "set_out_active", "COPIED_FROM"]
+
+# The MindSpore function whose computation LoraMultiheadAttention.construct copies (for the source pin).
+COPIED_FROM = "mindspore.nn.layer.transformer.MultiheadAttention.construct"
+
+_MATMUL = ops.MatMul()
+# What an attention cell gains when it is patched because of its out_proj only.
+PARENT_ATTRS = ("pet_lora_in", "pet_lora_out")
+
+
+class LoraMultiheadAttention:
+    """``nn.MultiheadAttention.construct`` (MindSpore 2.9) with the LoRA deltas in the weights.
+
+    ``pet_lora_in`` / ``pet_lora_out`` are Python booleans (compile-time constants in graph
+    mode, which prunes the untaken branch, so ``self.out_proj.lora_A`` need not exist when
+    ``pet_lora_out`` is False); every change to them is followed by ``force_recompile``.
+    """
+
+    pet_hooks_lora = True
+    pet_lora_reads_weights = True  # marker: the branch is computed in the weight, not on the input
+
+    def construct(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                  average_attn_weights=True):
+        in_proj_weight = self.in_proj_weight
+        if self.pet_lora_in:
+            delta = _MATMUL(ops.cast(self.lora_B, self.lora_compute_dtype),
+                            ops.cast(self.lora_A * self.lora_scaling, self.lora_compute_dtype))
+            in_proj_weight = in_proj_weight + ops.cast(delta, ops.dtype(in_proj_weight))
+        out_proj_weight = self.out_proj.weight
+        if self.pet_lora_out:
+            out = self.out_proj
+            delta = _MATMUL(ops.cast(out.lora_B, out.lora_compute_dtype),
+                            ops.cast(out.lora_A * out.lora_scaling, out.lora_compute_dtype))
+            out_proj_weight = out_proj_weight + ops.cast(delta, ops.dtype(out_proj_weight))
+
+        # From here on MultiheadAttention.construct of MindSpore 2.9, with in_proj_weight and
+        # out_proj_weight in place of self.in_proj_weight and self.out_proj.weight.
+        is_batched = query.ndim == 3
+        if key_padding_mask is not None:
+            _kpm_dtype = key_padding_mask.dtype
+            if _kpm_dtype != mindspore.bool_ and not ops.is_floating_point(key_padding_mask):
+                raise ValueError(
+                    "only bool and floating types of key_padding_mask are supported")
+
+        if self.batch_first and is_batched:
+            # k_is_v and q_is_k preprocess in __call__ since Graph mode do not support `is`
+            if self.k_is_v:
+                if self.q_is_k:
+                    query = key = value = query.swapaxes(1, 0)
+                else:
+                    query, key = [x.swapaxes(1, 0) for x in (query, key)]
+                    value = key
+            else:
+                query, key, value = [x.swapaxes(1, 0) for x in (query, key, value)]
+
+        if not self._qkv_same_embed_dim:
+            attn_output, attn_output_weights = ops.function.nn_func.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads,
+                self.in_proj_weight, self.in_proj_bias,
+                self.bias_k, self.bias_v, self.add_zero_attn,
+                self.dropout, out_proj_weight, self.out_proj.bias,
+                training=self.training,
+                key_padding_mask=key_padding_mask,
+                attn_mask=attn_mask, use_separate_proj_weight=True,
+                q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight,
+                v_proj_weight=self.v_proj_weight, average_attn_weights=average_attn_weights,
+                k_is_v=self.k_is_v, q_is_k=self.q_is_k, dtype=self.dtype)
+        else:
+            attn_output, attn_output_weights = ops.function.nn_func.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads,
+                in_proj_weight, self.in_proj_bias,
+                self.bias_k, self.bias_v, self.add_zero_attn,
+                self.dropout, out_proj_weight, self.out_proj.bias,
+                training=self.training,
+                key_padding_mask=key_padding_mask,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                k_is_v=self.k_is_v, q_is_k=self.q_is_k, dtype=self.dtype)
+
+        if self.batch_first and is_batched:
+            attn_output = attn_output.swapaxes(1, 0)
+        if need_weights:
+            return attn_output, attn_output_weights
+        return (attn_output,)
+
+
+def is_mha(cell: nn.Cell) -> bool:
+    return isinstance(cell, nn.MultiheadAttention)
+
+
+def mha_reason(cell: nn.Cell) -> Optional[str]:
+    """None when the attention cell's input projection can take a branch, else why not."""
+    construct = type(cell).construct
+    if construct is not nn.MultiheadAttention.construct and construct is not LoraMultiheadAttention.construct:
+        return (f"{type(cell).__name__} overrides MultiheadAttention.construct, whose computation pet_hooks "
+                f"cannot reproduce")
+    if not cell._qkv_same_embed_dim:  # pylint: disable=protected-access
+        return ("MultiheadAttention with kdim/vdim other than embed_dim (separate q/k/v_proj_weight) has no "
+                "packed input projection to adapt; target its out_proj alone")
+    return None
+
+
+def reads_child(parent: Optional[nn.Cell], child_name: str) -> bool:
+    """True when ``parent`` reads ``child_name``'s weights instead of calling it (and pet_hooks
+    knows how to put the branch into its computation)."""
+    if parent is None or not is_mha(parent) or child_name != "out_proj":
+        return False
+    construct = type(parent).construct
+    return construct is nn.MultiheadAttention.construct or construct is LoraMultiheadAttention.construct
+
+
+def in_out_channels(cell: nn.Cell):
+    """(in, out) of the packed input projection: ``in_proj_weight`` is [3 * embed_dim, embed_dim]."""
+    return int(cell.embed_dim), 3 * int(cell.embed_dim)
+
+
+def attach_out_proj(parent: nn.Cell, patched_class) -> bool:
+    """Make ``parent`` compute with its out_proj's delta; True when this call swapped its class."""
+    swapped = not isinstance(parent, LoraMultiheadAttention)
+    if swapped:
+        original = type(parent)
+        parent.pet_lora_in = False
+        parent.__class__ = patched_class(LoraMultiheadAttention, original)
+    parent.pet_lora_out = True
+    return swapped
+
+
+def set_out_active(parent: nn.Cell, active: bool) -> None:
+    parent.pet_lora_out = bool(active)
+
+
+def detach_out_proj(parent: nn.Cell, original_class: Optional[type]) -> None:
+    """The mirror of ``attach_out_proj``: ``original_class`` when that call swapped the class, else None."""
+    parent.pet_lora_out = False
+    if original_class is not None:
+        parent.__class__ = original_class
+        for name in PARENT_ATTRS:
+            if name in parent.__dict__:
+                delattr(parent, name)
