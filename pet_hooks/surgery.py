@@ -25,6 +25,7 @@ from mindspore import Parameter, nn
 from . import optim, strategy_ckpt
 from ._ms_compat import force_recompile, warn_unchecked_versions
 from .config import PetConfig, load_config
+from .foreign_pet import refuse_foreign_pet
 from .tuners import get_tuner
 
 __all__ = ["PetState", "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters",
@@ -93,6 +94,7 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
             return net
         raise ValueError(f"{type(net).__name__} already has PET ({existing.config.pet_type}) with a different "
                          f"config; call pet_hooks.remove(net) before applying another")
+    refuse_foreign_pet(net)                             # MindFormers' own PET already there: no second layer
     tuner = get_tuner(cfg.pet_type)
     targets = tuner.select_targets(net, cfg)            # validates; changes nothing
     injections = tuner.inject(targets, cfg)             # all or nothing
