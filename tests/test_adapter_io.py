@@ -67,9 +67,12 @@ def test_load_into_a_net_that_already_has_the_same_pet(mode, rng, tmp_path):
     _train(net, rng, steps=2)
     pet_hooks.save_adapter(net, tmp_path)
     other = pet_hooks.apply(_gpt(), {**CFG, "seed": 99})  # seed only changes the init
+    ours, theirs = pet_hooks.delta_parameters(net), pet_hooks.delta_parameters(other)
+    assert len(ours) == len(theirs) == 12 and [p.name for p in ours] == [p.name for p in theirs]
+    assert not any(np.array_equal(a.asnumpy(), b.asnumpy()) for a, b in zip(ours, theirs) if a.name.endswith("lora_A"))
     pet_hooks.load_adapter(other, tmp_path)
-    for a, b in zip(pet_hooks.delta_parameters(net), pet_hooks.delta_parameters(other)):
-        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+    for a, b in zip(ours, pet_hooks.delta_parameters(other)):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
 
 
 def test_freeze_exclude_params_travel_with_the_adapter(mode, rng, tmp_path):
@@ -79,12 +82,17 @@ def test_freeze_exclude_params_travel_with_the_adapter(mode, rng, tmp_path):
     pet_hooks.save_adapter(net, tmp_path)
     assert {"ln_f.gamma", "ln_f.beta"} <= set(load_file(str(tmp_path / "adapter_model.safetensors")))
     fresh = _gpt()
+    assert not np.array_equal(fresh.ln_f.gamma.asnumpy(), net.ln_f.gamma.asnumpy())  # training moved it
     pet_hooks.load_adapter(fresh, tmp_path)
     np.testing.assert_array_equal(fresh.ln_f.gamma.asnumpy(), net.ln_f.gamma.asnumpy())
+    np.testing.assert_array_equal(fresh.ln_f.beta.asnumpy(), net.ln_f.beta.asnumpy())
 
 
 def test_save_is_atomic(rng, tmp_path, monkeypatch):
     net = pet_hooks.apply(_gpt(), CFG)
+    for param in pet_hooks.delta_parameters(net):                  # the previous adapter: non-zero values
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32)))
+    previous = {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(net)}
     pet_hooks.save_adapter(net, tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     net.blocks[0].attention.dense1.lora_B.set_data(Tensor(np.ones((16, 4), np.float32)))
@@ -97,7 +105,10 @@ def test_save_is_atomic(rng, tmp_path, monkeypatch):
         pet_hooks.save_adapter(net, tmp_path)
     monkeypatch.undo()
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before  # no temp left
-    pet_hooks.load_adapter(_gpt(), tmp_path)       # the previous adapter is still complete
+    loaded = pet_hooks.load_adapter(_gpt(), tmp_path)       # the previous adapter is still complete
+    assert sorted(p.name for p in pet_hooks.delta_parameters(loaded)) == sorted(previous)
+    for param in pet_hooks.delta_parameters(loaded):
+        np.testing.assert_array_equal(param.asnumpy(), previous[param.name], err_msg=param.name)
 
 
 def _saved(tmp_path, rng):

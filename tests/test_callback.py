@@ -1,12 +1,15 @@
 """PetCallback with Model.train, every optimizer kind, in graph and PyNative mode."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import mindspore as ms
 import mindspore.dataset as ds
 from mindspore import nn
-from mindspore.train import LossMonitor, Model, ModelCheckpoint, CheckpointConfig
+from mindspore.train import Callback, CheckpointConfig, LossMonitor, Model, ModelCheckpoint
+from safetensors.numpy import load_file
 
 import pet_hooks
 from pet_hooks import PetCallback
@@ -78,13 +81,42 @@ def test_rebuilt_optimizer_keeps_its_settings(mode):
     assert not new.is_group_lr  # the lr=0.05 group held no layer weight, so no delta joined it
 
 
+class AdapterSpy(Callback):
+    """After PetCallback at each step end: what the adapter file holds then, and the net's deltas."""
+
+    def __init__(self, directory, pet_callback):
+        super().__init__()
+        self.directory, self.pet_callback = directory, pet_callback
+        self.files, self.deltas = {}, {}
+
+    def on_train_step_end(self, run_context):
+        step = run_context.original_args().cur_step_num
+        path = os.path.join(self.directory, "adapter_model.safetensors")
+        self.files[step] = load_file(path) if os.path.exists(path) else None
+        self.deltas[step] = {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(self.pet_callback.model)}
+
+
 def test_callback_with_checkpoint_and_save_steps(mode, tmp_path):
     net = build(seed=0, **SMALL)
     model = Model(net, LMLoss(), nn.Adam(net.trainable_params(), 1e-2))
     ckpt = ModelCheckpoint(prefix="gpt", directory=str(tmp_path / "ckpt"),
                            config=CheckpointConfig(save_checkpoint_steps=2, keep_checkpoint_max=2))
-    model.train(1, _dataset(4), callbacks=[PetCallback(CFG, save_dir=str(tmp_path / "ad"), save_steps=2), ckpt])
-    assert sorted(__import__("os").listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    callback = PetCallback(CFG, save_dir=str(tmp_path / "ad"), save_steps=2)
+    spy = AdapterSpy(str(tmp_path / "ad"), callback)
+    model.train(1, _dataset(5), callbacks=[callback, spy, ckpt])
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    # Saved at steps 2 and 4 as they ended (not only at the end): nothing before step 2, the
+    # file at steps 2-3 holds step 2's deltas, at step 4 step 4's; every step moved the deltas.
+    assert spy.files[1] is None
+    for step, saved_at in ((2, 2), (3, 2), (4, 4), (5, 4)):
+        assert spy.files[step] is not None, f"no adapter on disk after step {step}"
+        assert sorted(spy.files[step]) == sorted(spy.deltas[saved_at]), step
+        for name, value in spy.deltas[saved_at].items():
+            np.testing.assert_array_equal(spy.files[step][name], value, err_msg=f"step {step}: {name}")
+    lora_b = [n for n in spy.deltas[2] if n.endswith("lora_B")]
+    assert all(not np.array_equal(spy.deltas[2][n], spy.deltas[4][n]) for n in lora_b)
+    final = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))     # and at the end: step 5's
+    assert all(np.array_equal(final[n], spy.deltas[5][n]) for n in spy.deltas[5])
     saved = ms.load_checkpoint(str(sorted((tmp_path / "ckpt").glob("*.ckpt"))[-1]))
     assert "blocks.0.attention.dense1.weight" in saved
 

@@ -167,11 +167,22 @@ def test_dropout_only_on_the_branch(mode, rng):
 def test_apply_twice_does_not_double_wrap(mode, rng):
     net = CASES[0].build()
     cfg = _lora(CASES[0])
+    x = CASES[0].input(rng)
     pet_hooks.apply(net, cfg)
     cls = type(net.dense1)
+    deltas = pet_hooks.delta_parameters(net)
+    _randomise_deltas(net, CASES[0], rng)
+    once = _out(net, x)
     pet_hooks.apply(net, cfg)
-    assert type(net.dense1) is cls and type(net.dense1).__mro__.count(type(net.dense1).__mro__[1]) == 1
+    assert type(net.dense1) is cls
+    # One generated class straight over nn.Dense: a second wrap would add a class carrying its
+    # own pet_base_construct (the first wrap's construct) to the MRO.
+    generated = [k for k in cls.__mro__ if "pet_base_construct" in vars(k)]
+    assert len(generated) == 1 and generated[0].pet_base_construct is nn.Dense.construct, cls.__mro__
+    assert [k for k in cls.__mro__ if issubclass(k, nn.Cell)][:2] == [cls, nn.Dense]  # nothing in between
     assert len(pet_hooks.delta_parameters(net)) == 4
+    assert all(a is b for a, b in zip(pet_hooks.delta_parameters(net), deltas))  # the same Parameters, not new ones
+    np.testing.assert_array_equal(_out(net, x), once)  # the branch is added once, with the trained values
     with pytest.raises(ValueError, match="different config"):
         pet_hooks.apply(net, {**cfg, "lora_rank": 5})
 

@@ -69,8 +69,8 @@ def test_relied_on_source_is_the_checked_one(entry):
     installed = _internals.installed_version(entry.package) or "?"
     now = _internals.source_hash(entry.target)
     assert now == entry.source_sha256, (
-        f"{entry.target} in {entry.package} {installed} differs from {entry.package} {entry.checked}, the version "
-        f"pet_hooks was checked against. Relied on: {entry.relied_on}. Compare it with {', '.join(entry.sites)}, "
+        f"the installed {entry.target} ({entry.package} {installed}) differs from the source pet_hooks was "
+        f"checked against ({entry.package} {entry.checked}). Relied on: {entry.relied_on}. Compare it with {', '.join(entry.sites)}, "
         f"update the copy if the computation changed, then record the new hash and version in "
         f"pet_hooks/_internals.py (python -m pet_hooks._internals prints it). Installed source:\n"
         + _internals.normalised_source(_internals.resolve(entry.target)))

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
+from mindspore.train import Callback
 
 import pet_hooks
 from samples.tiny_gpt import GPTWithLoss, build
@@ -131,7 +132,10 @@ def test_geometry_is_checked_against_the_model_config():
     assert_params_equal(values, net)
     ok = pet_hooks.config.config_from_dict({"pet_type": "ptuning2", "pre_seq_len": 2},
                                            {"num_layers": 2, "kv_channels": 8, "num_heads": 2})
-    pet_hooks.apply(net, ok)
+    pet_hooks.apply(net, ok)                       # hints that agree with the model: applied as usual
+    assert pet_hooks.surgery.has_pet(net)
+    assert [(p.name, p.shape) for p in pet_hooks.delta_parameters(net)] == [
+        ("pet_prefix_encoder.embedding", (2, 2 * 2 * 2 * 8))]  # pre_seq_len x layers * (k, v) * heads * head_dim
 
 
 def test_long_prefix_warns(caplog):
@@ -257,13 +261,29 @@ def test_callback_and_enable_on_the_sample_gpt(mode, tmp_path):
     assert {p.name for p in model.train_network.optimizer.parameters} == {
         p.name for p in pet_hooks.delta_parameters(net)} and len(pet_hooks.delta_parameters(net)) == 5
     assert_params_equal(base, net)
-    pet_hooks.load_adapter(build(seed=0, **SMALL), tmp_path / "cb")
+    ids = Tensor(np.random.default_rng(3).integers(0, 256, (2, 8)).astype(np.int32))
+    loaded = pet_hooks.load_adapter(build(seed=0, **SMALL), tmp_path / "cb")   # the trained prefix, saved at the end
+    initial = pet_hooks.apply(build(seed=0, **SMALL), CONFIGS["ptuning2_projection"])   # the same prefix untrained
+    net.set_train(False)
+    np.testing.assert_allclose(loaded(ids).asnumpy(), net(ids).asnumpy(), atol=1e-6)
+    assert np.abs(initial(ids).asnumpy() - net(ids).asnumpy()).max() > 1e-4
 
     with pet_hooks.enable(CONFIGS["prefixtuning"]) as session:
         other = build(seed=0, **SMALL)
         optimizer = nn.Adam(other.get_parameters(), 1e-2)
     assert session.models == [other]
     assert [p.name for p in optimizer.parameters] == [p.name for p in pet_hooks.delta_parameters(other)]
+
+
+class InitialDeltas(Callback):
+    """Placed after a PetCallback: the deltas as they were when training began."""
+
+    def __init__(self, pet_callback):
+        super().__init__()
+        self.pet_callback, self.initial = pet_callback, None
+
+    def on_train_begin(self, run_context):
+        self.initial = {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(self.pet_callback.model)}
 
 
 @NEEDS_MINDFORMERS
@@ -279,10 +299,19 @@ def test_callback_on_llama_from_the_run_yaml(mode, tmp_path):
     rows = np.random.default_rng(0).integers(0, 256, (3, 2, 33)).astype(np.int32)
     model = Model(net, optimizer=nn.Adam(net.trainable_params(), 1e-2))
     callback = pet_hooks.PetCallback(yaml_path, save_dir=str(tmp_path / "ad"))
-    model.train(1, ds.GeneratorDataset([(r,) for r in rows], ["input_ids"], shuffle=False), callbacks=[callback])
+    spy = InitialDeltas(callback)
+    model.train(1, ds.GeneratorDataset([(r,) for r in rows], ["input_ids"], shuffle=False),
+                callbacks=[callback, spy])
     assert callback.model is net and callback.config.model_hints["num_layers"] == 2
     assert_params_equal(base, net)
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    from safetensors.numpy import load_file
+    saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))    # the trained encoder, not its init
+    deltas = {p.name: p.asnumpy() for p in pet_hooks.delta_parameters(net)}
+    assert sorted(saved) == sorted(deltas) and {n.split(".")[0] for n in deltas} == {"pet_prefix_encoder"}
+    for name, value in deltas.items():
+        np.testing.assert_array_equal(saved[name], value, err_msg=name)
+    assert any(not np.array_equal(spy.initial[name], value) for name, value in deltas.items())  # training moved it
 
 
 @NEEDS_MINDFORMERS

@@ -27,6 +27,8 @@ def test_demo_trains_and_saves(tmp_path):
     fresh = build(seed=0)
     pet_hooks.load_adapter(fresh, tmp_path / "adapter")
     assert len(pet_hooks.delta_parameters(fresh)) == 2 * 6 * fresh.config.num_layers
+    # the trained values were saved and loaded (at init every lora_B is zero)
+    assert all(p.asnumpy().any() for p in pet_hooks.delta_parameters(fresh) if p.name.endswith("lora_B"))
 
 
 def test_seed_yaml_selects_the_sample_gpts_query_key_value():

@@ -33,6 +33,11 @@ def test_trainer_with_pet_callback(mode, tmp_path):
     assert_params_equal(base, net)
     assert _lora_b_moved(net) and len(pet_hooks.delta_parameters(net)) == 16
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    from safetensors.numpy import load_file
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))   # the trained deltas
+    assert sorted(saved) == sorted(p.name for p in pet_hooks.delta_parameters(net))
+    for param in pet_hooks.delta_parameters(net):
+        np.testing.assert_array_equal(saved[param.name], param.asnumpy(), err_msg=param.name)
 
 
 def test_trainer_built_inside_enable(mode, tmp_path):
