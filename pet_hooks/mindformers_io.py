@@ -63,6 +63,22 @@ def read_mindformers_lora(path: str) -> Dict[str, np.ndarray]:
     return deltas
 
 
+def _refuse_tied(net: nn.Cell, state) -> None:
+    """A LoRA weight that another cell also holds (tied embeddings: ``lm_head.weight`` is the
+    token embedding) cannot be merged into one tensor without changing that other cell too."""
+    owners: Dict[int, list] = {}
+    for path, cell in net.cells_and_names():
+        for param in cell.get_parameters(expand=False):
+            owners.setdefault(id(param), []).append(path)
+    for record in state.injections:
+        others = [p for p in owners.get(id(record.cell.weight), []) if p != record.path]
+        if others:
+            raise ValueError(f"cannot merge the LoRA of '{record.path}': its weight "
+                             f"'{record.cell.weight.name}' is tied to '{others[0]}' (tie_word_embeddings), so "
+                             f"merging would change that cell too; leave '{record.path}' out of target_modules "
+                             f"or keep the adapter separate")
+
+
 def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
     """Write a full checkpoint of ``net`` with every LoRA delta folded into its base weight.
 
@@ -73,6 +89,7 @@ def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
     if state is None or state.config.pet_type != "lora":
         raise ValueError(f"save_merged_checkpoint needs a net with LoRA applied; {type(net).__name__} has "
                          f"{'no PET' if state is None else state.config.pet_type}")
+    _refuse_tied(net, state)
     deltas = {id(p) for p in all_delta_parameters(net)}
     merged = {}
     if not state.merged:  # a merged net already holds the merged weights

@@ -179,13 +179,19 @@ def load_smollm2(num_layers: Optional[int] = None, seq_length: int = 256, batch_
     ``seq_length`` and ``batch_size`` are MindFormers' static shapes; a training batch of
     ``seq_length + 1`` tokens gives ``seq_length`` predictions (the model shifts the labels).
     ``overrides`` go to ``LlamaConfig``. Every parameter of the net is written (a missing
-    one is an error), so nothing of the random initialisation survives.
+    one is an error); the net is built under MindSpore's ``no_init_parameters``, so no random
+    initialisation is drawn at all.
     """
     import mindspore as ms
     from mindformers import LlamaForCausalLM
     config = smollm2_config(num_layers, seq_length, batch_size, **overrides)
-    ms.set_seed(0)
-    net = LlamaForCausalLM(config)
+    try:  # skip the random initialisation (6 s of normal draws): every parameter is written below
+        from mindspore.nn.utils import no_init_parameters
+    except ImportError:  # an older MindSpore: initialise, then overwrite
+        import contextlib
+        no_init_parameters = contextlib.nullcontext
+    with no_init_parameters():
+        net = LlamaForCausalLM(config)
     weights = load_weights(config.num_layers)
     params = {p.name: p for p in net.get_parameters()}
     missing = sorted(set(params) - set(weights))
