@@ -100,6 +100,18 @@ REGISTRY: Tuple[Internal, ...] = (
                        "transpose_b and dtype (its compute dtype)",
              sites=("pet_hooks/tuners/lora.py",), names=(),
              guard=_COMPAT_TEST + "test_mindformers_linear_has_the_attributes_lora_reads"),
+    Internal(key="mha_construct", package="mindspore", checked=_MS,
+             target="mindspore.nn.MultiheadAttention.construct",
+             relied_on="LoraMultiheadAttention.construct is this computation with in_proj_weight and out_proj.weight "
+                       "replaced by their effective weights W + scaling * B @ A (it reads out_proj.weight and "
+                       "out_proj.bias and never calls out_proj)",
+             sites=("pet_hooks/tuners/lora_mha.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="84ddac63dd8c15042a16007a6ffb2ebb8c184a48d5b97249fde4aeffdc7b6600"),
+    Internal(key="mha_attributes", package="mindspore", checked=_MS, target="mindspore.nn.MultiheadAttention",
+             relied_on="an instance has _qkv_same_embed_dim (True exactly when in_proj_weight is the packed "
+                       "[3 * embed_dim, embed_dim] input projection), embed_dim and out_proj (a Dense)",
+             sites=("pet_hooks/tuners/lora_mha.py",), names=("_qkv_same_embed_dim",),
+             guard="tests/test_unreached_cells.py::test_multihead_attention_has_what_lora_reads"),
     # ---------------------------------------------------------------- MindFormers' attention (prefix methods)
     Internal(key="llama_attention_construct", package="mindformers", checked=_MF,
              target="mindformers.models.llama.llama_transformer.LLamaAttention.construct",

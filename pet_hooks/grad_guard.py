@@ -86,7 +86,8 @@ class GradGuard:
         if not unmoved or (not final and len(self.unmoved()) == len(self._cells)):
             return []
         self._reported.update(unmoved)
-        names = [name for path in unmoved for name in self._cells[path][0]]
+        # dict.fromkeys: a shared delta (one prefix encoder for every layer) is named once
+        names = list(dict.fromkeys(name for path in unmoved for name in self._cells[path][0]))
         everything = len(self.unmoved()) == len(self._cells)
         logger.warning(
             "pet_hooks: %d adapted cell(s) of %s received no gradient (%s, their deltas unchanged): %s. "

@@ -21,6 +21,7 @@ itself (``nn.MultiheadAttention``'s ``out_proj``) are not flagged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import os
@@ -181,6 +182,7 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
                                           "reason": reason})
 
 
+@functools.lru_cache(maxsize=None)
 def _class_source(cls: type) -> str:
     """The source of ``cls`` and of its bases up to ``nn.Cell`` ('' where it cannot be read)."""
     texts = []

@@ -61,10 +61,10 @@ class PetCallback(Callback):
         self._guard = GradGuard(model)  # the deltas as training starts
 
     def on_train_step_end(self, run_context):
-        step = run_context.original_args().cur_step_num
         if self._guard is not None:
-            self._guard.check_early(step)
+            self._guard.check_early(run_context.original_args().cur_step_num)
         if self.save_steps and self.model is not None:
+            step = run_context.original_args().cur_step_num
             if step % self.save_steps == 0:
                 flow.save_for_rank(self.model, self.save_dir)
 
