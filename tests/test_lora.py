@@ -50,6 +50,9 @@ def test_output_unchanged_at_init_and_formula(mode, case, rng):
         cell = _get(net, path)
         assert cell.lora_A.shape == (3, cell.in_channels) and cell.lora_B.shape == (cell.out_channels, 3)
         assert not cell.lora_B.asnumpy().any() and cell.lora_A.asnumpy().any()
+        # case.reference reads the scaling off the cell: pin it to lora_alpha / lora_rank here, or
+        # a wrong scaling would be compared with itself
+        assert cell.lora_scaling == pytest.approx(6 / 3)
     _randomise_deltas(net, case, rng)
     out = net(x)
     assert out.dtype == case.dtype
