@@ -13,6 +13,7 @@ from .config import LoraConfig, PetConfig, PetConfigError, PrefixTuningConfig, P
 from .surgery import (apply, delta_parameters, disable_adapters, merge, remove, trainable_summary,
                       unmerge)
 from .flow import install_optimizer_recorder as _install_optimizer_recorder
+from ._ms_compat import UncheckedVersionWarning
 from .mindformers_io import save_merged_checkpoint
 from .hooks.callback import PetCallback
 from .hooks.context import enable
@@ -28,4 +29,5 @@ __all__ = [
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint",
+    "UncheckedVersionWarning",
 ]

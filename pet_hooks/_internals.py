@@ -174,7 +174,8 @@ REGISTRY: Tuple[Internal, ...] = (
              source_sha256="ed11afdbf57f0a69e805e5ef577483e12db16b5ebd36b07d688d8357a73058d3"),
     Internal(key="train_step_attributes", package="mindspore", checked=_MS, target="mindspore.nn.TrainOneStepCell",
              relied_on="an instance has optimizer, weights (is optimizer.parameters) and reducer_flag; in data "
-                       "parallel also mean and degree, which rebuild its DistributedGradReducer over new weights",
+                       "parallel also mean and degree, which rebuild its DistributedGradReducer over new weights; "
+                       "with return_grad, weights_name names the gradients it returns, in weights' order",
              sites=("pet_hooks/flow.py",), names=(),
              guard=_COMPAT_TEST + "test_train_step_reads_the_attributes_the_callback_replaces"),
     # ---------------------------------------------------------------- pet_hooks' own privates across modules

@@ -199,6 +199,8 @@ def attach_to_train_step(train_cell: nn.Cell, model: nn.Cell) -> Optional[nn.Opt
     new = rebuild_optimizer(optimizer, model)
     train_cell.optimizer = new
     train_cell.weights = new.parameters
+    if getattr(train_cell, "return_grad", False):  # the names it pairs with the gradients it returns
+        train_cell.weights_name = [param.name for param in new.parameters]
     if getattr(train_cell, "reducer_flag", False):  # data parallel: the reducer is sized by the weights
         from mindspore.nn.wrap.grad_reducer import DistributedGradReducer
         train_cell.grad_reducer = DistributedGradReducer(new.parameters, train_cell.mean, train_cell.degree)

@@ -173,3 +173,15 @@ def test_optimizer_recorder_installs_once_and_uninstalls():
         flow.install_optimizer_recorder()
     recorded = nn.Adam(net.trainable_params(), 1e-3)
     assert flow._RECORDED[recorded][1] == {} and flow._RECORDED[recorded][0][1] == 1e-3
+
+
+def test_train_step_returning_gradients_names_the_deltas(mode):
+    """TrainOneStepCell(return_grad=True) pairs its gradients with weights_name: it must name the deltas."""
+    from pet_hooks import flow
+    net = build(seed=0, **SMALL)
+    step = nn.TrainOneStepCell(GPTWithLoss(net), nn.Adam(net.trainable_params(), 1e-2), return_grad=True)
+    pet_hooks.apply(net, CFG)
+    flow.attach_to_train_step(step, net)
+    ids, labels = next(lm_batches(seq_length=8, batch_size=4, seed=1))
+    _, grads = step(ms.Tensor(ids), ms.Tensor(labels))
+    assert sorted(grads) == sorted(p.name for p in pet_hooks.delta_parameters(net))
