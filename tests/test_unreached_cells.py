@@ -265,7 +265,8 @@ def _guard_warnings(caplog):
 
 def test_callback_warns_about_the_cell_its_parent_never_calls(mode, rng, caplog):
     net = ReadsWeights()
-    model = Model(net, nn.MSELoss(), nn.Momentum(net.trainable_params(), 0.1, 0.9))
+    # Weight decay moves proj.lora_A without any gradient: only lora_B (still exactly 0) tells.
+    model = Model(net, nn.MSELoss(), nn.Momentum(net.trainable_params(), 0.1, 0.9, weight_decay=0.01))
     with caplog.at_level(logging.WARNING, logger="pet_hooks"):
         model.train(1, _dataset(rng), callbacks=[pet_hooks.PetCallback(_lora(".*proj|.*head"))],
                     dataset_sink_mode=False)
@@ -274,6 +275,8 @@ def test_callback_warns_about_the_cell_its_parent_never_calls(mode, rng, caplog)
     assert "after 2 steps" in warnings[0] and "proj.lora_A, proj.lora_B" in warnings[0]
     assert "head.lora" not in warnings[0]
     assert net.head.lora_B.asnumpy().any() and not net.proj.lora_B.asnumpy().any()  # head trained, proj did not
+    fresh = pet_hooks.apply(ReadsWeights(), _lora(".*proj|.*head"))  # seeded: proj.lora_A as training began
+    assert not np.array_equal(net.proj.lora_A.asnumpy(), fresh.proj.lora_A.asnumpy())  # decay moved it
 
 
 def test_callback_silent_when_every_delta_is_reached(mode, rng, caplog):
