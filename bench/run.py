@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.run                 # the full run (about 30 minutes on 2 cores)
     .venv/bin/python -m bench.run --quick --out /tmp/b.md   # tiny sizes, one round: checks the scripts
+    .venv/bin/python -m bench.run --smollm2       # only the SmolLM2-135M section (bench/smollm2.py, ~30 min)
 
 Training variants each run in their own process (:mod:`bench.train_worker`), their timed
 steps interleaved round by round; inference and the cost of the hooks run in their own
@@ -72,7 +73,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="run only the SmolLM2-135M parity/quality/speed section instead (python -m bench.smollm2; "
+                             "with --quick: 2 blocks, 2 steps)")
     args = parser.parse_args(argv)
+    if args.smollm2:
+        from bench import smollm2
+        return smollm2.main((["--quick"] if args.quick else []) + ["--out", args.out]
+                            + (["--json", args.json] if args.json else []))
     todo = plan(args.quick)
     started = time.perf_counter()
 
@@ -113,8 +121,9 @@ def main(argv=None) -> int:
 
     seconds = time.perf_counter() - started
     command = "python -m bench.run" + (" --quick" if args.quick else "")
+    from bench.smollm2 import kept_section
     text = document(todo, training, inference, hooks, graphs, torch_results, versions, command, seconds,
-                    kept_analysis(args.out))
+                    kept_analysis(args.out), kept_section(args.out))
     with open(args.out, "w", encoding="utf-8") as handle:
         handle.write(text)
     if args.json:
@@ -138,7 +147,8 @@ def kept_analysis(path: str) -> str:
     return text[index:] if index >= 0 else ""
 
 
-def document(todo, training, inference, hooks, graphs, torch_results, versions, command, seconds, analysis) -> str:
+def document(todo, training, inference, hooks, graphs, torch_results, versions, command, seconds, analysis,
+             smollm2_section: str = "") -> str:
     shape = " ".join(todo["shape"]) or "--layers 4 --seq 128 --batch 4"
     lines: List[str] = [
         "# Benchmarks", "",
@@ -175,6 +185,8 @@ def document(todo, training, inference, hooks, graphs, torch_results, versions, 
     else:
         lines += ["Not run: torch, transformers and peft do not all import here "
                   "(`pip install torch==2.13.0 peft` enables it).", ""]
+    if smollm2_section:     # written by bench.smollm2, kept as it is
+        lines += [smollm2_section, ""]
     lines += [analysis.rstrip() or report.ANALYSIS_MARKER, ""]
     return "\n".join(lines)
 

@@ -43,9 +43,11 @@ METHODS = {
 
 def plan(quick: bool) -> dict:
     if quick:
-        return {"layers": ["--layers", "2"], "parity_steps": 2, "quality_steps": 2, "eval_batches": 1,
+        return {"layers": ["--layers", "2"], "parity_steps": 2, "parity_shape": ["--batch", "2", "--seq", "64"], "quality_steps": 2, "eval_batches": 1,
                 "rounds": 1, "warm_rounds": 0}
-    return {"layers": [], "parity_steps": 20, "quality_steps": 40, "eval_batches": 8, "rounds": 6, "warm_rounds": 1}
+    # parity at batch 2 x 64 (not 4 x 128): on a shared 2-core machine at load 15 the full model's
+    # steps took minutes; the comparison is the same at any size.
+    return {"layers": [], "parity_steps": 20, "parity_shape": ["--batch", "2", "--seq", "64"], "quality_steps": 30, "eval_batches": 4, "rounds": 5, "warm_rounds": 1}
 
 
 def worker_argv(framework: str, variant: str, todo: dict, *extra: str) -> List[str]:
@@ -61,11 +63,11 @@ def load_average() -> str:
         return "?"
 
 
-def run_steps(worker: Worker, steps: int, evals=(), progress=None) -> dict:
+def run_steps(worker: Worker, steps: int, evals=(), progress=None, final_eval: bool = True) -> dict:
     """``ready``, then ``steps`` steps (an ``eval`` before the steps listed in ``evals``, and after the last), ``done``."""
     out = {"ready": worker.read("ready"), "steps": [], "evals": {}}
     for index in range(steps + 1):
-        if index in evals or index == steps:
+        if index in evals or (index == steps and final_eval):
             worker.send("eval")
             out["evals"][str(index)] = worker.read("eval")
         if index == steps:
@@ -85,28 +87,30 @@ def parity(todo: dict, progress=print) -> dict:
     """pet_hooks LoRA q/k/v/o (MindSpore, graph mode) against PEFT LoRA (PyTorch), A copied from PEFT, one after the other."""
     steps = todo["parity_steps"]
     lora_a = os.path.join(tempfile.mkdtemp(prefix="smollm2-parity-"), "lora_a.npz")
-    common = ["--lr", "1e-3", "--wd", "0.01"]
+    common = ["--lr", "1e-3", "--wd", "0.01", *todo["parity_shape"]]
     results = {}
     for name, argv in (("peft", worker_argv("torch", "lora_qkvo", todo, *common, "--save-lora-a", lora_a)),
                        ("pet_hooks", worker_argv("ms", "lora_qkvo", todo, *common, "--load-lora-a", lora_a))):
         progress(f"parity: {name}, {steps} steps (load average {load_average()})")
         worker = Worker(f"parity-{name}", argv)
         try:
-            results[name] = run_steps(worker, steps, evals=(), progress=progress)
+            results[name] = run_steps(worker, steps, evals=(), progress=progress, final_eval=False)
         finally:
             worker.close()
     ours = [s["loss"] for s in results["pet_hooks"]["steps"]]
     theirs = [s["loss"] for s in results["peft"]["steps"]]
     rel = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
-    return {"steps": steps, "lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8,
+    timing = {name: {"step_ms": [x["ms"] for x in r["steps"]], "peak_rss_above_baseline_mb":
+                     r["done"]["peak_rss_above_baseline_mb"], "rss_after_load_mb": r["ready"]["rss_after_load_mb"],
+                     "setup_s": r["ready"]["setup_s"]} for name, r in results.items()}
+    return {"steps": steps, "shape": " ".join(todo["parity_shape"]), "timing": timing, "lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8,
             "pet_hooks_loss": ours, "peft_loss": theirs, "relative_difference": rel,
-            "max_relative_difference": max(rel), "eval_pet_hooks": results["pet_hooks"]["evals"],
-            "eval_peft": results["peft"]["evals"], "trainable": {k: v["ready"]["trainable"] for k, v in results.items()},
+            "max_relative_difference": max(rel), "trainable": {k: v["ready"]["trainable"] for k, v in results.items()},
             "pass": max(rel) <= 1e-3}
 
 
 # ----------------------------------------------------------------------------- (b) quality
-def quality(todo: dict, progress=print) -> dict:
+def quality(todo: dict, progress=print, save=None) -> dict:
     """Each method trained the same steps on the same batches, held-out loss before and after; one MindSpore at a time.
 
     The PyTorch run shares the machine with the first MindSpore run (it is not timed here).
@@ -129,6 +133,8 @@ def quality(todo: dict, progress=print) -> dict:
                 results[method] = run_steps(worker, steps, evals=(0,), progress=progress)
             finally:
                 worker.close()
+            if save:
+                save({"steps": steps, "results": results, "partial": True})
             if torch_worker is not None:
                 progress(f"quality: {torch_method} (started alongside)")
                 results[torch_method] = run_steps(torch_worker, steps, evals=(0,), progress=progress)
@@ -146,6 +152,8 @@ def speed(todo: dict, progress=print) -> dict:
     groups = {}
     warm = ["--warmup", "1"]
     for group, ms_variant in (("A", "lora_qkvo"), ("B", "full")):
+        if group not in todo.get("speed_groups", "AB"):
+            continue
         lr = "2e-5" if ms_variant == "full" else "1e-3"
         commands = {f"ms_{ms_variant}": worker_argv("ms", ms_variant, todo, "--lr", lr, *warm),
                     "torch_lora_qkvo": worker_argv("torch", "lora_qkvo", todo, "--lr", "1e-3", *warm),
@@ -212,16 +220,27 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
              ""]
     if "parity" in data:
         p = data["parity"]
-        lines += [f"### Step-for-step parity with PEFT ({p['steps']} steps)", "",
+        lines += [f"### Step-for-step parity with PEFT ({p['steps']} steps, {p.get('shape', '--batch 4 --seq 128')})", "",
                   "pet_hooks LoRA r=8, alpha 16, dropout 0 on q/k/v/o (MindSpore graph mode) against PEFT LoRA with the same "
                   "settings on transformers; PEFT's initial A matrices are written to a file and loaded into pet_hooks' "
-                  "(B is zero on both sides); lr 1e-3. The two sides run one after the other (`bench/smollm2_parity.py`).", "",
+                  "(B is zero on both sides); lr 1e-3, weight decay 0.01. The two sides run one after the other "
+                  "(`bench/smollm2_parity.py`), each on the same batches; here batches of 2 x 64 predictions (65-token windows "
+                  "cut the same way) instead of 4 x 128, because the shared machine ran at a load average of 12-16 on its "
+                  "2 cores during this session and full-size steps took minutes.", "",
                   f"**Largest relative difference of the per-step training loss: {p['max_relative_difference']:.2e}** "
                   f"({'within' if p['pass'] else 'NOT within'} 1e-3).", "",
                   "| step | pet_hooks (MindSpore) | PEFT (PyTorch) | relative difference |", "|---:|---:|---:|---:|"]
         for i, (a, b, r) in enumerate(zip(p["pet_hooks_loss"], p["peft_loss"], p["relative_difference"]), 1):
             lines.append(f"| {i} | {a:.6f} | {b:.6f} | {r:.1e} |")
         lines.append("")
+        if "timing" in p:
+            lines += ["The same two runs, timed (one after the other, not interleaved: indicative only on a loaded machine):", "",
+                      "| side | first step s | later steps: median s | peak RSS above baseline, MB | RSS after load, MB |",
+                      "|---|---:|---:|---:|---:|"]
+            for name, t in p["timing"].items():
+                lines.append(f"| {name} | {t['step_ms'][0] / 1000:.1f} | {median(t['step_ms'][1:] or t['step_ms']) / 1000:.2f} | "
+                             f"{t['peak_rss_above_baseline_mb']:,.0f} | {t['rss_after_load_mb']:,.0f} |")
+            lines.append("")
     if "quality" in data:
         q = data["quality"]
         steps = q["steps"]
@@ -246,7 +265,6 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
             lines += [f"![training loss per step of each method]({plot_name})", ""]
     if "speed" in data:
         s = data["speed"]
-        ga, gb = s["groups"]["A"], s["groups"]["B"]
         lines += [f"### Speed and memory ({s['rounds']} timed rounds per group)", "",
                   "Two interleaved groups, each one MindSpore process with the two PyTorch ones: A = pet_hooks LoRA q/k/v/o, "
                   "PEFT LoRA q/k/v/o, PyTorch full fine-tuning; B = MindSpore full fine-tuning and the same two PyTorch ones "
@@ -260,7 +278,7 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
                   "| process (group) | trainable params | step s: median (min-max) | tokens/s | first step s | "
                   "RSS after load, MB | peak RSS above baseline, MB | CPU/wall |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for group_name, group in (("A", ga), ("B", gb)):
+        for group_name, group in s["groups"].items():
             for name, r in group.items():
                 if not isinstance(r, dict) or "steps" not in r:
                     continue
@@ -273,30 +291,38 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
         for label, value in ratios(s).items():
             lines.append(f"| {label} | {value['time']:.2f}x | {value['memory']:.2f}x |")
         lines.append("")
+    missing = [part for part in ("parity", "quality", "speed") if part not in data]
+    if missing:
+        lines += [f"Not measured in this run: {', '.join(missing)} (`python -m bench.smollm2 "
+                  + " ".join(f"--only {m}" for m in missing) + "` adds them to this section and to the JSON).", ""]
     lines += [SECTION_END]
     return lines
 
 
 def ratios(s: dict) -> Dict[str, dict]:
-    ga, gb = s["groups"]["A"], s["groups"]["B"]
-    mem = {f"{k}@{g}": r["done"]["peak_rss_above_baseline_mb"] for g, grp in (("A", ga), ("B", gb))
+    """The time (paired, median) and peak-memory ratios the groups that ran allow."""
+    groups = s["groups"]
+    mem = {f"{k}@{g}": r["done"]["peak_rss_above_baseline_mb"] for g, grp in groups.items()
            for k, r in grp.items() if isinstance(r, dict) and "done" in r}
-    lora_over_tfull = paired_ratio(ga, "ms_lora_qkvo", "torch_full")
-    tfull_over_full = 1 / paired_ratio(gb, "ms_full", "torch_full")
-    return {
-        "pet_hooks LoRA / PEFT LoRA (A)": {"time": paired_ratio(ga, "ms_lora_qkvo", "torch_lora_qkvo"),
-                                           "memory": mem["ms_lora_qkvo@A"] / mem["torch_lora_qkvo@A"]},
-        "pet_hooks LoRA / MindSpore full (via the PyTorch full of A and B)": {
-            "time": lora_over_tfull * tfull_over_full, "memory": mem["ms_lora_qkvo@A"] / mem["ms_full@B"]},
-        "PEFT LoRA / PyTorch full (A)": {"time": paired_ratio(ga, "torch_lora_qkvo", "torch_full"),
-                                        "memory": mem["torch_lora_qkvo@A"] / mem["torch_full@A"]},
-        "PEFT LoRA / PyTorch full (B)": {"time": paired_ratio(gb, "torch_lora_qkvo", "torch_full"),
-                                        "memory": mem["torch_lora_qkvo@B"] / mem["torch_full@B"]},
-        "MindSpore full / PyTorch full (B)": {"time": paired_ratio(gb, "ms_full", "torch_full"),
-                                             "memory": mem["ms_full@B"] / mem["torch_full@B"]},
-        "pet_hooks LoRA / PyTorch full (A)": {"time": lora_over_tfull,
-                                             "memory": mem["ms_lora_qkvo@A"] / mem["torch_full@A"]},
-    }
+    out: Dict[str, dict] = {}
+
+    def add(label, group, a, b):
+        if group in groups and a in groups[group] and b in groups[group]:
+            out[f"{label} ({group})"] = {"time": paired_ratio(groups[group], a, b),
+                                         "memory": mem[f"{a}@{group}"] / mem[f"{b}@{group}"]}
+
+    add("pet_hooks LoRA / PEFT LoRA", "A", "ms_lora_qkvo", "torch_lora_qkvo")
+    add("pet_hooks LoRA / PyTorch full", "A", "ms_lora_qkvo", "torch_full")
+    add("PEFT LoRA / PyTorch full", "A", "torch_lora_qkvo", "torch_full")
+    add("MindSpore full / PyTorch full", "B", "ms_full", "torch_full")
+    add("MindSpore full / PEFT LoRA", "B", "ms_full", "torch_lora_qkvo")
+    add("PEFT LoRA / PyTorch full", "B", "torch_lora_qkvo", "torch_full")
+    if "A" in groups and "B" in groups:
+        out["pet_hooks LoRA / MindSpore full (via the PyTorch full of A and B)"] = {
+            "time": paired_ratio(groups["A"], "ms_lora_qkvo", "torch_full")
+            / paired_ratio(groups["B"], "ms_full", "torch_full"),
+            "memory": mem["ms_lora_qkvo@A"] / mem["ms_full@B"]}
+    return out
 
 
 def write_section(path: str, lines: List[str]) -> None:
@@ -334,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 blocks, 2 steps, 1 round: checks the scripts")
     parser.add_argument("--only", choices=("parity", "quality", "speed"), action="append",
                         help="run only these parts (repeatable); the section shows what ran")
+    parser.add_argument("--quality-steps", type=int, default=None, help="training steps per method in the quality table")
+    parser.add_argument("--speed-groups", default=None, help="A (MindSpore LoRA), B (MindSpore full) or AB (default)")
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help=f"raw results (default: {JSON_DEFAULT}, not with --quick)")
     parser.add_argument("--plot", default=None, help=f"loss-curve plot (default: {PLOT_DEFAULT}, not with --quick)")
@@ -342,6 +370,11 @@ def main(argv=None) -> int:
     json_path = args.json or (None if args.quick else JSON_DEFAULT)
     plot_path = args.plot or (os.path.join(os.path.dirname(os.path.abspath(args.out)), "smollm2_quality.png")
                               if args.quick else PLOT_DEFAULT)
+    if args.speed_groups:
+        todo["speed_groups"] = args.speed_groups
+    parser_steps = args.quality_steps
+    if parser_steps:
+        todo["quality_steps"] = parser_steps
     parts = args.only or ["parity", "quality", "speed"]
     started = time.perf_counter()
 
@@ -358,7 +391,14 @@ def main(argv=None) -> int:
         data.update({k: old[k] for k in ("parity", "quality", "speed") if k in old and k not in parts})
     for part in ("parity", "quality", "speed"):
         if part in parts:
-            data[part] = {"parity": parity, "quality": quality, "speed": speed}[part](todo, say)
+            def save(partial, part=part):
+                if json_path:
+                    with open(json_path, "w", encoding="utf-8") as handle:
+                        json.dump({**data, part: partial}, handle, indent=1)
+            if part == "quality":
+                data[part] = quality(todo, say, save)
+            else:
+                data[part] = {"parity": parity, "speed": speed}[part](todo, say)
             if part == "parity":
                 say(f"parity: max relative difference {data['parity']['max_relative_difference']:.2e}")
             if json_path:

@@ -76,3 +76,29 @@ def test_markdown_has_every_section_and_keeps_the_analysis(quick_run):
     assert len(target_rows) >= 8, target_rows
     row = next(line for line in text.splitlines() if line.startswith("| pet_hooks LoRA r=8, q/k/v/o"))
     assert re.search(r"\| [\d.]+ \([\d.]+-[\d.]+\) \| [\d.]+x \|", row), row
+
+
+@pytest.mark.slow
+def test_smollm2_quick_run(tmp_path):
+    """bench/smollm2.py at 2 blocks and 2 steps: parity, quality and speed run and write their section."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    pytest.importorskip("gguf")
+    out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "smollm2.json"
+    marker = "<!-- analysis: kept when the benchmark rewrites this file -->"
+    out.write_text(f"# old\n\nEARLIER SECTIONS\n\n{marker}\nWHY IT IS SO\n")
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--smollm2", "--quick", "--out", str(out),
+                           "--json", str(raw)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data, text = json.loads(raw.read_text()), out.read_text()
+    parity = data["parity"]
+    assert len(parity["pet_hooks_loss"]) == len(parity["peft_loss"]) == 2
+    assert parity["trainable"]["pet_hooks"] == parity["trainable"]["peft"] == 2 * 2 * 8 * (576 + 576 + 576 + 192)
+    assert parity["max_relative_difference"] < 1e-3
+    quality = data["quality"]["results"]
+    assert set(quality) == {"lora_qkvo", "lora_all", "ptuning2", "prefix", "full", "peft_lora_qkvo"}
+    assert all(len(r["steps"]) == 2 and {"0", "2"} <= set(r["evals"]) for r in quality.values())
+    assert quality["full"]["ready"]["trainable"] == quality["full"]["ready"]["total"]
+    assert set(data["ratios"]) and all(v["time"] > 0 and v["memory"] > 0 for v in data["ratios"].values())
+    assert text.index("EARLIER SECTIONS") < text.index("## SmolLM2-135M-Instruct (real weights)") < text.index(marker)
+    assert text.rstrip().endswith("WHY IT IS SO") and (tmp_path / "smollm2_quality.png").is_file()
