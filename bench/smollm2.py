@@ -155,9 +155,11 @@ def speed(todo: dict, progress=print) -> dict:
         if group not in todo.get("speed_groups", "AB"):
             continue
         lr = "2e-5" if ms_variant == "full" else "1e-3"
-        commands = {f"ms_{ms_variant}": worker_argv("ms", ms_variant, todo, "--lr", lr, *warm),
-                    "torch_lora_qkvo": worker_argv("torch", "lora_qkvo", todo, "--lr", "1e-3", *warm),
-                    "torch_full": worker_argv("torch", "full", todo, "--lr", "2e-5", *warm)}
+        wait = ["--wait-for-pid", str(todo["wait_pid"])] if todo.get("wait_pid") else []
+        # PyTorch first: their setup runs while an earlier MindSpore job (--wait-for-pid) ends
+        commands = {"torch_lora_qkvo": worker_argv("torch", "lora_qkvo", todo, "--lr", "1e-3", *warm),
+                    "torch_full": worker_argv("torch", "full", todo, "--lr", "2e-5", *warm),
+                    f"ms_{ms_variant}": worker_argv("ms", ms_variant, todo, "--lr", lr, *warm, *wait)}
         progress(f"speed: group {group}: {', '.join(commands)} (load average {load_average()})")
         result = run_interleaved(commands, todo["rounds"], todo["warm_rounds"], parallel_setup=1, progress=progress)
         result["load_average_after"] = load_average()
@@ -361,6 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("parity", "quality", "speed"), action="append",
                         help="run only these parts (repeatable); the section shows what ran")
     parser.add_argument("--quality-steps", type=int, default=None, help="training steps per method in the quality table")
+    parser.add_argument("--wait-for-pid", type=int, default=None,
+                        help="MindSpore speed workers load their model only once this process has ended")
     parser.add_argument("--speed-groups", default=None, help="A (MindSpore LoRA), B (MindSpore full) or AB (default)")
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help=f"raw results (default: {JSON_DEFAULT}, not with --quick)")
@@ -370,6 +374,8 @@ def main(argv=None) -> int:
     json_path = args.json or (None if args.quick else JSON_DEFAULT)
     plot_path = args.plot or (os.path.join(os.path.dirname(os.path.abspath(args.out)), "smollm2_quality.png")
                               if args.quick else PLOT_DEFAULT)
+    if args.wait_for_pid:
+        todo["wait_pid"] = args.wait_for_pid
     if args.speed_groups:
         todo["speed_groups"] = args.speed_groups
     parser_steps = args.quality_steps

@@ -197,11 +197,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-lora-a", default=None, help="torch: write PEFT's initial A matrices here (.npz)")
     parser.add_argument("--load-lora-a", default=None, help="ms: start pet_hooks' A matrices from this .npz")
+    parser.add_argument("--wait-for-pid", type=int, default=None, help="start only once this process has ended")
     args = parser.parse_args(argv)
     allowed = MS_VARIANTS if args.framework == "ms" else TORCH_VARIANTS
     if args.variant not in allowed:
         parser.error(f"--variant {args.variant!r}: {args.framework} runs {', '.join(allowed)}")
 
+    while args.wait_for_pid and os.path.exists(f"/proc/{args.wait_for_pid}"):   # one big MindSpore job at a time
+        time.sleep(2)
     if args.framework == "ms":
         from bench.models import start_mindspore
         start_mindspore()
