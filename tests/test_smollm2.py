@@ -17,7 +17,7 @@ need the ``interop`` extra (torch, transformers, peft). Skipped cleanly without 
 
 Runtime on the shared 2-core machine (load average about 12): the 14 fast tests 6.4 min
 (``-m "not slow"``; loading transformers' reference, 20 to 70 s, is most of the setup), the
-two slow ones 9.1 min (about 3 GB RSS for the 30 blocks in graph mode plus transformers).
+two slow ones 9.1 min (graph mode; one process, never beside another full-model run).
 """
 from __future__ import annotations
 
