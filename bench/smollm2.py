@@ -116,15 +116,16 @@ def quality(todo: dict, progress=print, save=None) -> dict:
     The PyTorch run shares the machine with the first MindSpore run (it is not timed here).
     """
     steps = todo["quality_steps"]
+    methods = {m: v for m, v in METHODS.items() if m in todo.get("methods", METHODS)}
     results: Dict[str, dict] = {}
     torch_worker: Optional[Worker] = None
     try:
-        for method, (framework, variant, lr, _) in METHODS.items():
+        for method, (framework, variant, lr, _) in methods.items():
             if framework != "torch":
                 continue
             torch_worker = Worker(f"quality-{method}", worker_argv(framework, variant, todo, "--lr", str(lr)))
             torch_method = method
-        for method, (framework, variant, lr, _) in METHODS.items():
+        for method, (framework, variant, lr, _) in methods.items():
             if framework != "ms":
                 continue
             progress(f"quality: {method}, {steps} steps, lr {lr} (load average {load_average()})")
@@ -140,6 +141,8 @@ def quality(todo: dict, progress=print, save=None) -> dict:
                 results[torch_method] = run_steps(torch_worker, steps, evals=(0,), progress=progress)
                 torch_worker.close()
                 torch_worker = None
+        if torch_worker is not None:        # no MindSpore method asked for
+            results[torch_method] = run_steps(torch_worker, steps, evals=(0,), progress=progress)
     finally:
         if torch_worker is not None:
             torch_worker.close()
@@ -270,7 +273,9 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
         lines += [f"### Speed and memory ({s['rounds']} timed rounds per group)", "",
                   "Two interleaved groups, each one MindSpore process with the two PyTorch ones: A = pet_hooks LoRA q/k/v/o, "
                   "PEFT LoRA q/k/v/o, PyTorch full fine-tuning; B = MindSpore full fine-tuning and the same two PyTorch ones "
-                  "(never two MindSpore processes of the full model at once: each takes up to ~8 GB). In a round each "
+                  "(never two MindSpore processes of the full model at once: each takes up to ~8 GB)"
+                  + ("" if "B" in s["groups"] else "; **only group A ran in this session**, so MindSpore full fine-tuning "
+                     "has no figure here") + ". In a round each "
                   "process takes one step in turn, the order reversed every round; "
                   f"{s['warm_rounds']} round not kept. Ratios are medians of same-round ratios; MindSpore LoRA against "
                   "MindSpore full goes through the PyTorch processes both groups share (LoRA/torch-full in A times "
@@ -365,6 +370,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quality-steps", type=int, default=None, help="training steps per method in the quality table")
     parser.add_argument("--wait-for-pid", type=int, default=None,
                         help="MindSpore speed workers load their model only once this process has ended")
+    parser.add_argument("--methods", default=None, help=f"quality: a comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--speed-groups", default=None, help="A (MindSpore LoRA), B (MindSpore full) or AB (default)")
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help=f"raw results (default: {JSON_DEFAULT}, not with --quick)")
@@ -374,6 +380,8 @@ def main(argv=None) -> int:
     json_path = args.json or (None if args.quick else JSON_DEFAULT)
     plot_path = args.plot or (os.path.join(os.path.dirname(os.path.abspath(args.out)), "smollm2_quality.png")
                               if args.quick else PLOT_DEFAULT)
+    if args.methods:
+        todo["methods"] = args.methods.split(",")
     if args.wait_for_pid:
         todo["wait_pid"] = args.wait_for_pid
     if args.speed_groups:
