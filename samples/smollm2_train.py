@@ -15,8 +15,10 @@ function or class of one of :data:`MODULES`, and the answer, the module's name (
 ``urllib.parse``). The prompt is SmolLM2's own chat format; the loss counts the answer's
 tokens only. The held-out docstrings belong to functions and classes never trained on, from
 the same modules (a module seen only at evaluation could not be learned, only guessed). The
-score is exact match of greedy generation (up to ``--max-new`` tokens, stopped at
-``<|im_end|>``), batched: one compiled graph for every generation step.
+score is exact match of greedy generation (the module's name, then ``<|im_end|>``) on every
+held-out docstring, read off one teacher-forced forward pass per batch (see :func:`score`);
+the first ``--show`` answers are also generated token by token (at most ``--max-new``) and
+printed before and after. Every call runs at one shape, ``(eval-batch, seq)``: one graph.
 """
 from __future__ import annotations
 
