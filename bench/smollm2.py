@@ -298,6 +298,8 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
         for label, value in ratios(s).items():
             lines.append(f"| {label} | {value['time']:.2f}x | {value['memory']:.2f}x |")
         lines.append("")
+    if data.get("quality_attempt"):
+        lines += ["### Quality", "", data["quality_attempt"], ""]
     missing = [part for part in ("parity", "quality", "speed") if part not in data]
     if missing:
         lines += [f"Not measured in this run: {', '.join(missing)} (`python -m bench.smollm2 "
