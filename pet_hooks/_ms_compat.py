@@ -26,12 +26,29 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Set
 
+import numpy as np
+from mindspore import Parameter, Tensor, ops
 from mindspore.common import hook_handle as _hook_handle
 
 from . import _internals
 
-__all__ = ["force_recompile", "hook_version", "UncheckedVersionWarning", "warn_unchecked_versions",
+__all__ = ["force_recompile", "hook_version", "write_values", "UncheckedVersionWarning", "warn_unchecked_versions",
            "unchecked_version"]
+
+
+def write_values(param: Parameter, values) -> None:
+    """Write ``values`` (an array or Tensor of ``param``'s shape) into ``param`` in place.
+
+    ``Parameter.set_data`` gives the Parameter a new tensor: a cell picks that up on its next
+    call, but a function graph compiled before (``mindspore.value_and_grad`` of a function in
+    graph mode) keeps reading the old one. ``ops.assign`` writes into the same memory, which
+    every compiled graph reads, so switching (the LoRA scale), merging and hot-swapping values
+    need no recompile (``tests/test_no_recompile.py`` guards this).
+    """
+    tensor = values if isinstance(values, Tensor) else Tensor(np.asarray(values))
+    if tensor.dtype != param.dtype:
+        tensor = tensor.astype(param.dtype)
+    ops.assign(param, tensor)
 
 
 def force_recompile() -> None:

@@ -20,9 +20,10 @@ import tempfile
 from typing import Dict
 
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import nn
 from mindspore.common import dtype as mstype
 
+from . import _ms_compat
 from ._version import __version__
 from .config import PetConfigError, load_config
 from .surgery import all_delta_parameters, apply, get_state, remove, saved_parameters
@@ -158,11 +159,11 @@ def load_tensors(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str,
     # net ends up either fully loaded or exactly as it was.
     originals = [(param, param.data.copy()) for param, _ in pairs]
     try:
-        for param, array in pairs:
-            param.set_data(Tensor(array).astype(param.dtype))
+        for param, array in pairs:      # in place: graphs compiled before see the new values (hot swap)
+            _ms_compat.write_values(param, array)
     except BaseException:
         for param, value in originals:
-            param.set_data(value)
+            _ms_compat.write_values(param, value)
         if applied_here:
             remove(net)
         raise

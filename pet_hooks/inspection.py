@@ -37,7 +37,7 @@ from .config import load_config
 from .hooks.context import PetSession
 from .hooks.patching import PatchSet
 from .matching import is_excluded, list_entry_matches, named_cells, nearest_names
-from .surgery import apply, get_state, remove, trainable_summary
+from .surgery import apply, get_state, parameter_counts, remove, trainable_summary
 from .tuners import get_tuner
 
 __all__ = ["inspect_net", "format_report", "build_from_factory", "capture_script_model", "split_alternatives"]
@@ -138,11 +138,7 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
         if state is not None:
             _fill(report, state, net, cells, adaptable, excludes)
             _flag_unreached(report, net)
-        params = net.get_parameters()
-        total = trainable = 0
-        for param in params:
-            total += param.size
-            trainable += param.size if param.requires_grad else 0
+        trainable, total = parameter_counts(net)
         report["summary"] = {"trainable": trainable, "all": total,
                              "percent": round(100.0 * trainable / total, 4) if total else 0.0,
                              "text": trainable_summary(net)}

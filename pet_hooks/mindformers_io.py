@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import nn
 from mindspore.common import dtype as mstype
 
-from .surgery import all_delta_parameters, get_state
+from .surgery import all_delta_parameters, get_state, switch_parameters
 
 __all__ = ["read_mindformers_lora", "save_merged_checkpoint", "to_mindformers_name", "from_mindformers_name"]
 
@@ -90,11 +90,11 @@ def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
         raise ValueError(f"save_merged_checkpoint needs a net with LoRA applied; {type(net).__name__} has "
                          f"{'no PET' if state is None else state.config.pet_type}")
     _refuse_tied(net, state)
-    deltas = {id(p) for p in all_delta_parameters(net)}
+    deltas = {id(p) for p in all_delta_parameters(net) + switch_parameters(net)}
     merged = {}
     if not state.merged:  # a merged net already holds the merged weights
         for record in state.injections:
-            weight = record.cell.weight
+            weight = state.tuner.base_weight(record.cell)
             value = weight.astype(mstype.float32).asnumpy() + state.tuner.delta_in_weight_layout(record.cell)
             merged[id(weight)] = ms.Tensor(value, mstype.float32).astype(weight.dtype)
     entries = [{"name": p.name, "data": merged.get(id(p), p.data)}

@@ -30,21 +30,26 @@ def kept_trainable(net: nn.Cell, cfg: PetConfig, delta_ids: set) -> List[Paramet
             and not _matches(p.name, cfg.freeze_include)]
 
 
-def freeze_for_pet(net: nn.Cell, deltas: Iterable[Parameter], cfg: PetConfig) -> Dict[str, bool]:
-    """Freeze every base parameter, unfreeze the deltas and the kept ones.
+def freeze_for_pet(net: nn.Cell, deltas: Iterable[Parameter], cfg: PetConfig,
+                   switches: Iterable[Parameter] = ()) -> Dict[str, bool]:
+    """Freeze every base parameter, unfreeze the deltas and the kept ones (never a switch).
 
     Returns the ``requires_grad`` flags before, keyed by parameter name, for the undo.
     """
     delta_ids = {id(p) for p in deltas}
-    before = {p.name: p.requires_grad for p in net.get_parameters() if id(p) not in delta_ids}
+    switch_ids = {id(p) for p in switches}
+    before = {p.name: p.requires_grad for p in net.get_parameters()
+              if id(p) not in delta_ids and id(p) not in switch_ids}
     if cfg.freeze_exclude:
         unmatched = [pat for pat in cfg.freeze_exclude if not any(fnmatch(n, pat) for n in before)]
         if unmatched:
             raise ValueError(f"freeze_exclude pattern(s) {unmatched} match no parameter of "
                              f"{type(net).__name__}")
-    keep = {id(p) for p in kept_trainable(net, cfg, delta_ids)}
+    keep = {id(p) for p in kept_trainable(net, cfg, delta_ids | switch_ids)}
     for param in net.get_parameters():
-        if id(param) in delta_ids:
+        if id(param) in switch_ids:
+            param.requires_grad = False
+        elif id(param) in delta_ids:
             param.requires_grad = not (_matches(param.name, cfg.freeze_include)
                                        and not _matches(param.name, cfg.freeze_exclude))
         else:

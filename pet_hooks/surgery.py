@@ -29,7 +29,8 @@ from .foreign_pet import refuse_foreign_pet
 from .tuners import get_tuner
 
 __all__ = ["PetState", "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters",
-           "all_delta_parameters", "saved_parameters", "trainable_summary", "get_state", "has_pet"]
+           "all_delta_parameters", "saved_parameters", "trainable_summary", "get_state", "has_pet",
+           "switch_parameters", "parameter_counts"]
 
 logger = logging.getLogger("pet_hooks")
 _STATE_ATTR = "_pet_hooks_state"
@@ -100,8 +101,9 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
     injections = tuner.inject(targets, cfg)             # all or nothing
     try:
         deltas = {id(p): p for record in injections for p in tuner.deltas_of(record)}.values()
-        before = optim.freeze_for_pet(net, deltas, cfg)
-        kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas})
+        switches = [p for p in net.get_parameters() if p.name in getattr(tuner, "SWITCH_PARAMS", ())]
+        before = optim.freeze_for_pet(net, deltas, cfg, switches)
+        kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas} | {id(p) for p in switches})
     except BaseException:
         for record in reversed(injections):
             tuner.eject(record)
@@ -138,7 +140,8 @@ def remove(net: nn.Cell) -> nn.Cell:
 def _set_active(state: PetState, active: bool) -> None:
     for record in state.injections:
         state.tuner.set_active(record, active)
-    force_recompile()
+    if not getattr(state.tuner, "SWITCH_IS_DATA", False):  # a switch of structure: graph mode must recompile
+        force_recompile()
 
 
 def merge(net: nn.Cell) -> nn.Cell:
@@ -216,10 +219,28 @@ def saved_parameters(net: nn.Cell) -> List[Parameter]:
 
 def trainable_summary(net: nn.Cell) -> str:
     """``"trainable params: X || all params: Y || trainable%: Z"``, as PEFT prints it."""
-    params = net.get_parameters()
-    total = trainable = 0
-    for param in params:
-        total += param.size
-        trainable += param.size if param.requires_grad else 0
+    trainable, total = parameter_counts(net)
     percent = 100.0 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+
+
+def switch_parameters(net: nn.Cell) -> List[Parameter]:
+    """pet_hooks' switches in ``net`` (LoRA's ``pet_lora_scale``): state, like PEFT's buffers, not
+    weights of the model; never trained, counted, merged into or saved."""
+    names = set()
+    for _, cell in net.cells_and_names():
+        state = cell.__dict__.get(_STATE_ATTR)
+        if isinstance(state, PetState):
+            names.update(getattr(state.tuner, "SWITCH_PARAMS", ()))
+    return [p for p in net.get_parameters() if p.name in names]
+
+
+def parameter_counts(net: nn.Cell) -> tuple:
+    """(trainable, all) parameter values of ``net``, its switches left out."""
+    switches = {id(p) for p in switch_parameters(net)}
+    total = trainable = 0
+    for param in net.get_parameters():
+        if id(param) not in switches:
+            total += param.size
+            trainable += param.size if param.requires_grad else 0
+    return trainable, total

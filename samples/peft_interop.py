@@ -27,8 +27,9 @@ def hf_weights(net) -> dict:
     """The base weights under Hugging Face's names (cell paths through the 'llama' name map)."""
     _, to_hf = resolve_name_map("llama")
     weights = {}
+    switches = {id(p) for p in pet_hooks.surgery.switch_parameters(net)}
     for param in net.get_parameters():
-        if ".lora_" in param.name:
+        if ".lora_" in param.name or id(param) in switches:   # deltas and pet_hooks' on/off switch
             continue
         path, attr = param.name.rsplit(".", 1)
         weights[f"{to_hf(path) or path}.{'weight' if attr == 'embedding_weight' else attr}"] = param.asnumpy()

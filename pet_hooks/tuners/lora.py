@@ -28,6 +28,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
+from .._ms_compat import write_values
 from ..config import LoraConfig
 from ..matching import is_excluded, select_cells
 from . import lora_mha
@@ -35,14 +36,20 @@ from .common import Injection, init_rng, inject_all, patched_class, restore
 
 __all__ = ["can_adapt", "is_lora_cell", "select_targets", "inject", "eject",
            "set_active", "merge_weight", "deltas_of", "delta_in_weight_layout", "grad_sentinels",
-           "base_weight", "io_channels", "LoraTargets", "LoraInjection"]
+           "base_weight", "io_channels", "LoraTargets", "LoraInjection", "scaled_a", "is_active",
+           "SWITCH_IS_DATA"]
 
 logger = logging.getLogger("pet_hooks")
 
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
-_ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_active",
+_ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
                 "pet_lora_in", "pet_lora_out")
+# Turning the branch on or off (disable_adapters, merge/unmerge) only writes pet_lora_scale's value:
+# the graph stays the same, so graph mode needs no recompile (surgery reads this flag).
+SWITCH_IS_DATA = True
+SCALE_NAME = "pet_lora_scale"
+SWITCH_PARAMS = (SCALE_NAME,)   # parameters that are switches, not weights (not counted, never saved)
 
 
 class LoraLayer:
@@ -60,8 +67,14 @@ class LoraLayer:
         h = ops.cast(x2, self.lora_compute_dtype)
         if self.lora_dropout is not None:       # None when the rate is 0: no cell to build or run
             h = self.lora_dropout(h)
-        h = _MATMUL_TB(h, ops.cast(self.lora_A * self.lora_scaling, self.lora_compute_dtype))
+        h = _MATMUL_TB(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
         return _MATMUL_TB(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+
+
+def scaled_a(cell):
+    """``A * scale`` in A's dtype, where ``scale`` (the Parameter ``pet_lora_scale``) holds ``scaling``
+    while the branch is on and 0 while it is off: a finite A times 0 adds exactly nothing."""
+    return cell.lora_A * ops.cast(cell.pet_lora_scale, ops.dtype(cell.lora_A))
 
 
 class LoraDense(LoraLayer):
@@ -73,8 +86,7 @@ class LoraDense(LoraLayer):
         out = self.matmul(x2, self.weight)
         if self.has_bias:
             out = self.bias_add(out, self.bias)
-        if self.pet_lora_active:
-            out = out + ops.cast(self._lora_branch(x2), ops.dtype(out))
+        out = out + ops.cast(self._lora_branch(x2), ops.dtype(out))
         if self.activation_flag:
             out = self.activation(out)
         if len(x_shape) != 2:
@@ -94,8 +106,7 @@ class LoraLinear(LoraLayer):
         out = self.matmul(x, weight)
         if self.has_bias:
             out = self.bias_add(out, self.cast(self.bias, self.dtype))
-        if self.pet_lora_active:
-            out = out + self.cast(self._lora_branch(x), self.dtype)
+        out = out + self.cast(self._lora_branch(x), self.dtype)
         if self.activation_flag:
             out = self.activation(out)
         out = ops.cast(out, ori_dtype)
@@ -217,8 +228,10 @@ def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injectio
     """Give every target its LoRA branch. All or nothing: on error the done part is undone."""
     rng = init_rng(cfg)
     parents: Dict[str, nn.Cell] = getattr(targets, "parents", {})
+    # One scale for the whole adapter, shared by its cells: switching it is one write.
+    scale = Parameter(np.array(cfg.scaling, np.float32), name=SCALE_NAME, requires_grad=False)
     records = inject_all(targets, _ADDED_ATTRS,
-                         lambda index, path, cell: _add_branch(path, cell, cfg, rng, path in parents),
+                         lambda index, path, cell: _add_branch(path, cell, cfg, rng, scale, path in parents),
                          mixin_of=lambda cell: _mixin_for(cell)[0])
     done: List[LoraInjection] = []
     try:
@@ -256,7 +269,7 @@ def _tensor(values: np.ndarray, dtype):
     return Tensor(values).astype(dtype)
 
 
-def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator,
+def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator, scale: Parameter,
                 read_by_parent: bool = False) -> List[Parameter]:
     in_ch, out_ch = io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
@@ -272,8 +285,8 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
         cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
         cell.lora_dropout.set_train(cell.training)
     cell.lora_scaling = cfg.scaling
+    cell.pet_lora_scale = scale
     cell.lora_compute_dtype = _compute_dtype(cell, cfg)
-    cell.pet_lora_active = True
     if lora_mha.is_mha(cell):
         cell.pet_lora_in, cell.pet_lora_out = True, False
     return [cell.lora_A, cell.lora_B]
@@ -288,14 +301,13 @@ def eject(record: Injection) -> None:
 
 
 def set_active(record: Injection, active: bool) -> None:
-    """Turn the branch on or off (graph mode needs force_recompile afterwards)."""
+    """Turn the branch on or off by writing its scale (``scaling`` or 0): data, not structure."""
     cell = record.cell
-    cell.pet_lora_active = bool(active)
-    if lora_mha.is_mha(cell):
-        cell.pet_lora_in = bool(active)
-    parent = getattr(record, "parent", None)
-    if parent is not None:
-        lora_mha.set_out_active(parent, active)
+    write_values(cell.pet_lora_scale, np.array(cell.lora_scaling if active else 0.0, np.float32))
+
+
+def is_active(record: Injection) -> bool:
+    return float(record.cell.pet_lora_scale.asnumpy()) != 0.0
 
 
 def grad_sentinels(record: Injection) -> List[Parameter]:
@@ -327,4 +339,4 @@ def merge_weight(record: Injection, sign: int) -> None:
     cell = record.cell
     weight = base_weight(cell)
     merged = weight.astype(mstype.float32).asnumpy() + sign * delta_in_weight_layout(cell)
-    weight.set_data(Tensor(merged, mstype.float32).astype(weight.dtype))
+    write_values(weight, Tensor(merged, mstype.float32))

@@ -31,7 +31,7 @@ import mindspore
 from mindspore import nn, ops
 
 __all__ = ["LoraMultiheadAttention", "is_mha", "mha_reason", "reads_child", "in_out_channels",
-           "attach_out_proj", "detach_out_proj", "set_out_active", "COPIED_FROM"]
+           "attach_out_proj", "detach_out_proj", "COPIED_FROM"]
 
 # The MindSpore function whose computation LoraMultiheadAttention.construct copies (for the source pin).
 COPIED_FROM = "mindspore.nn.layer.transformer.MultiheadAttention.construct"
@@ -44,9 +44,11 @@ PARENT_ATTRS = ("pet_lora_in", "pet_lora_out")
 class LoraMultiheadAttention:
     """``nn.MultiheadAttention.construct`` (MindSpore 2.9) with the LoRA deltas in the weights.
 
-    ``pet_lora_in`` / ``pet_lora_out`` are Python booleans (compile-time constants in graph
-    mode, which prunes the untaken branch, so ``self.out_proj.lora_A`` need not exist when
-    ``pet_lora_out`` is False); every change to them is followed by ``force_recompile``.
+    ``pet_lora_in`` / ``pet_lora_out`` are Python booleans saying which projections carry a
+    branch (compile-time constants in graph mode, which prunes the untaken branch, so
+    ``self.out_proj.lora_A`` need not exist when ``pet_lora_out`` is False); they change only
+    with the structure (inject / eject, then ``force_recompile``). Turning the branches off is
+    their scale's value (``pet_lora_scale`` 0), as for every LoRA cell.
     """
 
     pet_hooks_lora = True
@@ -57,13 +59,15 @@ class LoraMultiheadAttention:
         in_proj_weight = self.in_proj_weight
         if self.pet_lora_in:
             delta = _MATMUL(ops.cast(self.lora_B, self.lora_compute_dtype),
-                            ops.cast(self.lora_A * self.lora_scaling, self.lora_compute_dtype))
+                            ops.cast(self.lora_A * ops.cast(self.pet_lora_scale, ops.dtype(self.lora_A)),
+                                     self.lora_compute_dtype))
             in_proj_weight = in_proj_weight + ops.cast(delta, ops.dtype(in_proj_weight))
         out_proj_weight = self.out_proj.weight
         if self.pet_lora_out:
             out = self.out_proj
             delta = _MATMUL(ops.cast(out.lora_B, out.lora_compute_dtype),
-                            ops.cast(out.lora_A * out.lora_scaling, out.lora_compute_dtype))
+                            ops.cast(out.lora_A * ops.cast(out.pet_lora_scale, ops.dtype(out.lora_A)),
+                                     out.lora_compute_dtype))
             out_proj_weight = out_proj_weight + ops.cast(delta, ops.dtype(out_proj_weight))
 
         # From here on MultiheadAttention.construct of MindSpore 2.9, with in_proj_weight and
@@ -155,10 +159,6 @@ def attach_out_proj(parent: nn.Cell, patched_class) -> bool:
         parent.__class__ = patched_class(LoraMultiheadAttention, original)
     parent.pet_lora_out = True
     return swapped
-
-
-def set_out_active(parent: nn.Cell, active: bool) -> None:
-    parent.pet_lora_out = bool(active)
 
 
 def detach_out_proj(parent: nn.Cell, original_class: Optional[type]) -> None:
