@@ -1,0 +1,156 @@
+"""Switching LoRA is data, not structure: disable_adapters, merge/unmerge and loading new values into
+existing deltas (hot swap) compile nothing in graph mode, and stay exact.
+
+"Compiled nothing" is read off MindSpore itself: a cell's ``compile_cache`` gains a phase for every
+graph compiled for it, and the global hook version (part of every graph's cache key) must not move.
+Outputs are compared with the unadapted net (bit for bit where the branch is off) and with NumPy.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, ops
+
+import pet_hooks
+from pet_hooks._ms_compat import hook_version
+from tests.nets import tiny_llama
+
+pytest.importorskip("mindformers")
+CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*wq|.*wv|.*w2"}
+
+
+def _ids(seed=0):
+    return Tensor(np.random.default_rng(seed).integers(1, 64, (2, 8)).astype(np.int32))
+
+
+def _logits(net, ids):
+    return net(ids)[0].asnumpy()
+
+
+def _randomise(net, seed=1):
+    rng = np.random.default_rng(seed)
+    for param in pet_hooks.delta_parameters(net):
+        pet_hooks._ms_compat.write_values(param, rng.standard_normal(param.shape).astype(np.float32) * 0.2)
+
+
+@pytest.fixture
+def adapted():
+    """(net, ids, base logits) with LoRA applied, non-zero deltas, and the adapted graph compiled."""
+    net = tiny_llama()
+    net.set_train(False)
+    ids = _ids()
+    base = _logits(net, ids)
+    pet_hooks.apply(net, CFG)
+    _randomise(net)
+    _logits(net, ids)
+    return net, ids, base
+
+
+class _NoCompile:
+    """Asserts that nothing was compiled for ``net`` and the graph cache key did not move."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __enter__(self):
+        self.phases, self.version = set(self.net.compile_cache), hook_version()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            assert hook_version() == self.version, "the hook version moved: every graph recompiles"
+            assert set(self.net.compile_cache) == self.phases, "a new graph was compiled"
+
+
+def test_disable_adapters_compiles_nothing_and_gives_the_base_bit_for_bit(adapted):
+    ms.set_context(mode=0)
+    net, ids, base = adapted
+    active = _logits(net, ids)
+    assert not np.allclose(active, base, atol=1e-4)
+    with _NoCompile(net):
+        with pet_hooks.disable_adapters(net):
+            np.testing.assert_array_equal(_logits(net, ids), base)
+        np.testing.assert_array_equal(_logits(net, ids), active)
+
+
+def test_merge_and_unmerge_compile_nothing(adapted):
+    ms.set_context(mode=0)
+    net, ids, base = adapted
+    active = _logits(net, ids)
+    wq = net.model.layers[0].attention.wq
+    weight = wq.weight.asnumpy().copy()
+    expected = weight + wq.lora_scaling * (wq.lora_B.asnumpy() @ wq.lora_A.asnumpy())
+    with _NoCompile(net):
+        pet_hooks.merge(net)
+        np.testing.assert_allclose(wq.weight.asnumpy(), expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_logits(net, ids), active, rtol=1e-4, atol=1e-5)
+        pet_hooks.unmerge(net)
+        np.testing.assert_allclose(wq.weight.asnumpy(), weight, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_logits(net, ids), active, rtol=1e-5, atol=1e-6)
+
+
+def test_hot_swap_loads_new_values_without_a_compile(adapted, tmp_path):
+    ms.set_context(mode=0)
+    net, ids, _ = adapted
+    other = pet_hooks.apply(tiny_llama(), CFG)
+    _randomise(other, seed=7)
+    other.set_train(False)
+    expected = _logits(other, ids)
+    pet_hooks.save_adapter(other, tmp_path)
+    _logits(net, ids)                 # building `other` was a structural change of the process: warm up again
+    with _NoCompile(net):
+        pet_hooks.load_adapter(net, tmp_path)
+        np.testing.assert_allclose(_logits(net, ids), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("switch", ["disable", "merge", "hot_swap"])
+def test_a_function_graph_compiled_before_sees_the_switch(mode, switch, tmp_path):
+    """value_and_grad of a function (compiled once in graph mode) reads the values the switch wrote:
+    the writes are in place (Parameter.set_data would leave that graph with the old tensors)."""
+    zero = pet_hooks.apply(tiny_llama(), CFG)       # B = 0: loading it turns the net back into the base
+    pet_hooks.save_adapter(zero, tmp_path)
+    net = tiny_llama()
+    net.set_train(False)
+    ids = _ids()
+    base = float(net(ids)[0].sum().asnumpy())
+    pet_hooks.apply(net, CFG)
+    _randomise(net)
+
+    def total(x):
+        return net(x)[0].sum()
+
+    grad_fn = ms.value_and_grad(total, None, pet_hooks.delta_parameters(net))
+    active = float(grad_fn(ids)[0].asnumpy())
+    assert abs(active - base) > 1e-3
+    if switch == "disable":
+        with pet_hooks.disable_adapters(net):
+            assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(base, rel=1e-6)
+    elif switch == "merge":
+        pet_hooks.merge(net)                      # weights hold the delta, the branch is off...
+        for param in pet_hooks.delta_parameters(net):   # ...so other deltas must change nothing
+            ops.assign(param, Tensor(np.full(param.shape, 0.5, np.float32)))
+        assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(active, rel=1e-5)
+    else:
+        pet_hooks.load_adapter(net, tmp_path)
+        assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(base, rel=1e-6)
+
+
+def test_the_switch_is_not_a_weight(mode, tmp_path):
+    """The scale is state: never trainable, not counted, not in adapters or merged checkpoints."""
+    net = tiny_llama()
+    plain = pet_hooks.trainable_summary(net)
+    pet_hooks.apply(net, CFG)
+    (scale,) = pet_hooks.surgery.switch_parameters(net)
+    assert not scale.requires_grad and all(p is not scale for p in net.trainable_params())
+    assert pet_hooks.trainable_summary(net).split("||")[1] != plain.split("||")[1]   # deltas counted
+    trainable, total = pet_hooks.surgery.parameter_counts(net)
+    assert total == sum(p.size for p in net.get_parameters()) - 1
+    pet_hooks.save_adapter(net, tmp_path / "adapter")
+    from safetensors.numpy import load_file
+    assert scale.name not in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    pet_hooks.save_merged_checkpoint(net, str(tmp_path / "merged.ckpt"))
+    assert scale.name not in ms.load_checkpoint(str(tmp_path / "merged.ckpt"))
+    pet_hooks.remove(net)
+    assert all(p.name != scale.name for p in net.get_parameters())
+    assert pet_hooks.trainable_summary(net) == plain
