@@ -79,6 +79,13 @@ REGISTRY: Tuple[Internal, ...] = (
              sites=("pet_hooks/_ms_compat.py",), names=("_update_hook_version",),
              guard=_COMPAT_TEST + "test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves",
              source_sha256="16c9df353b8e0086357c6c95aa7e3bd967f464735ba561136ab373f593850827"),
+    Internal(key="compiled_graph_release", package="mindspore", checked=_MS,
+             target="mindspore.graph.api._CellGraphExecutor.del_net_res",
+             relied_on="a cell's compile_cache holds the phases compiled for it; _cell_graph_executor."
+                       "del_net_res(cell, phases) frees them (as Cell.__del__ does) and the next call compiles "
+                       "again; other cells' graphs stay",
+             sites=("pet_hooks/_ms_compat.py",), names=("_cell_graph_executor",),
+             guard="tests/test_no_recompile.py::test_structural_changes_release_the_nets_stale_graphs"),
     Internal(key="hook_version_read", package="mindspore", checked=_MS,
              target="mindspore.common.hook_handle._hook_version",
              relied_on="returns the global hook version, which _update_hook_version increments by one",

@@ -27,12 +27,13 @@ import warnings
 from typing import Optional, Set
 
 import numpy as np
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import hook_handle as _hook_handle
+from mindspore.graph.api import _cell_graph_executor  # pylint: disable=no-name-in-module
 
 from . import _internals
 
-__all__ = ["force_recompile", "hook_version", "write_values", "UncheckedVersionWarning", "warn_unchecked_versions",
+__all__ = ["force_recompile", "hook_version", "write_values", "release_compiled_graphs", "UncheckedVersionWarning", "warn_unchecked_versions",
            "unchecked_version"]
 
 
@@ -49,6 +50,26 @@ def write_values(param: Parameter, values) -> None:
     if tensor.dtype != param.dtype:
         tensor = tensor.astype(param.dtype)
     ops.assign(param, tensor)
+
+
+def release_compiled_graphs(net: nn.Cell) -> int:
+    """Free the graph-mode graphs compiled for ``net`` and its sub-cells; returns how many phases.
+
+    A structural change makes them stale for good (their cache key holds the old hook version),
+    yet MindSpore keeps them: about 8 of the 13 MB a recompile of a small Llama adds. This is
+    what ``Cell.__del__`` does for a cell that goes away (``del_net_res`` on its ``compile_cache``),
+    done for the cells of ``net`` only, so other nets keep their graphs. The next call compiles
+    again, as it would after ``force_recompile`` anyway. What MindSpore's compiler keeps beyond
+    that (about 5.5 MB per compile, also for a new net) no API frees: see BENCHMARKS.md.
+    """
+    released = 0
+    for _, cell in net.cells_and_names():
+        phases = cell.compile_cache
+        if phases:
+            _cell_graph_executor.del_net_res(cell, set(phases))
+            released += len(phases)
+            phases.clear()
+    return released
 
 
 def force_recompile() -> None:

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional
 from mindspore import Parameter, nn
 
 from . import optim, strategy_ckpt
-from ._ms_compat import force_recompile, warn_unchecked_versions
+from ._ms_compat import force_recompile, release_compiled_graphs, warn_unchecked_versions
 from .config import PetConfig, load_config
 from .foreign_pet import refuse_foreign_pet
 from .tuners import get_tuner
@@ -110,6 +110,7 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
         raise
     setattr(net, _STATE_ATTR, PetState(cfg, tuner, injections, before, kept=kept))
     strategy_ckpt.enforce(net)                          # the strategy file must keep the base weights
+    release_compiled_graphs(net)                        # stale from now on: free them
     force_recompile()
     logger.info("pet_hooks: %s applied to %d cell(s) of %s", cfg.pet_type, len(injections), type(net).__name__)
     return net
@@ -133,14 +134,16 @@ def remove(net: nn.Cell) -> nn.Cell:
     optim.restore_requires_grad(owner, state.requires_grad_before)
     delattr(owner, _STATE_ATTR)
     strategy_ckpt.release(owner)
+    release_compiled_graphs(net)
     force_recompile()
     return net
 
 
-def _set_active(state: PetState, active: bool) -> None:
+def _set_active(net: nn.Cell, state: PetState, active: bool) -> None:
     for record in state.injections:
         state.tuner.set_active(record, active)
     if not getattr(state.tuner, "SWITCH_IS_DATA", False):  # a switch of structure: graph mode must recompile
+        release_compiled_graphs(net)
         force_recompile()
 
 
@@ -155,7 +158,7 @@ def merge(net: nn.Cell) -> nn.Cell:
     for record in state.injections:
         state.tuner.merge_weight(record, +1)
     state.merged = True
-    _set_active(state, False)
+    _set_active(net, state, False)
     return net
 
 
@@ -168,7 +171,7 @@ def unmerge(net: nn.Cell) -> nn.Cell:
     for record in state.injections:
         state.tuner.merge_weight(record, -1)
     state.merged = False
-    _set_active(state, True)
+    _set_active(net, state, True)
     return net
 
 
@@ -183,11 +186,11 @@ def disable_adapters(net: nn.Cell) -> Iterator[nn.Cell]:
     if was_merged:
         logger.warning("pet_hooks: disable_adapters on a merged net unmerges it for the block")
         unmerge(net)
-    _set_active(state, False)
+    _set_active(net, state, False)
     try:
         yield net
     finally:
-        _set_active(state, True)
+        _set_active(net, state, True)
         if was_merged:
             merge(net)
 

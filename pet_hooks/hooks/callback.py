@@ -18,7 +18,7 @@ from mindspore.train import Callback
 
 from .. import flow
 from ..grad_guard import GradGuard
-from .._ms_compat import force_recompile
+from .._ms_compat import force_recompile, release_compiled_graphs
 from ..config import load_config
 
 __all__ = ["PetCallback"]
@@ -56,7 +56,8 @@ class PetCallback(Callback):
         new_optimizer = flow.attach_to_train_step(train_network, model)
         if new_optimizer is not None:
             params.optimizer = new_optimizer
-        force_recompile()  # the train step may have been compiled already (Model.build, sink mode)
+        release_compiled_graphs(train_network)   # compiled already (Model.build, sink mode): stale now
+        force_recompile()
         self.model = model
         self._guard = GradGuard(model)  # the deltas as training starts
 
