@@ -1,0 +1,108 @@
+"""What switching an adapter costs in graph mode: RSS growth per cycle, and the first call after a switch.
+
+    .venv/bin/python -m bench.switch_cost            # prints the markdown table of BENCHMARKS.md
+
+Each row runs in its own process on a 2-layer hidden-64 MindFormers Llama (tests.nets.tiny_llama),
+graph mode: 40 cycles, growth averaged over cycles 11-40 (the first ten warm the allocator up).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = {
+    "call": "`net(x)` alone",
+    "bump": "`force_recompile(); net(x)` (MindSpore's own cost of one recompile)",
+    "apply_remove": "`apply; net(x); remove`",
+    "disable": "`with disable_adapters(net): net(x)` then `net(x)`",
+    "merge": "`merge; net(x); unmerge; net(x)`",
+}
+CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*wq|.*wv"}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def measure(row: str, cycles: int = 40, skip: int = 10) -> dict:
+    """One row, in this process."""
+    sys.path.insert(0, ROOT)
+    import numpy as np
+    import mindspore as ms
+    ms.set_device("CPU")
+    ms.set_context(mode=0)
+    import pet_hooks
+    from pet_hooks._ms_compat import force_recompile
+    from tests.nets import tiny_llama
+
+    net = tiny_llama()
+    net.set_train(False)
+    x = ms.Tensor(np.random.default_rng(0).integers(1, 64, (2, 8)).astype(np.int32))
+    if row in ("disable", "merge"):
+        pet_hooks.apply(net, CFG)
+    net(x)
+
+    def cycle():
+        if row == "call":
+            net(x)
+        elif row == "bump":
+            force_recompile()
+            net(x)
+        elif row == "apply_remove":
+            pet_hooks.apply(net, CFG)
+            net(x)
+            pet_hooks.remove(net)
+        elif row == "disable":
+            with pet_hooks.disable_adapters(net):
+                net(x)
+            net(x)
+        elif row == "merge":
+            pet_hooks.merge(net)
+            net(x)
+            pet_hooks.unmerge(net)
+            net(x)
+
+    values = []
+    for _ in range(cycles):
+        cycle()
+        values.append(_rss_mb())
+    result = {"row": row, "mb_per_cycle": (values[-1] - values[skip - 1]) / (cycles - skip)}
+    if row in ("disable", "merge"):   # the first call after the switch against warm calls
+        warm = []
+        for _ in range(5):
+            start = time.perf_counter()
+            net(x)
+            warm.append(time.perf_counter() - start)
+        context = pet_hooks.disable_adapters(net) if row == "disable" else None
+        if context is not None:
+            context.__enter__()
+        else:
+            pet_hooks.merge(net)
+        start = time.perf_counter()
+        net(x)
+        result["first_over_warm"] = (time.perf_counter() - start) / sorted(warm)[2]
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--row":
+        print(json.dumps(measure(sys.argv[2])))
+        return
+    lines = ["| cycle (graph mode) | RSS growth per cycle | first call after the switch / warm call |",
+             "| --- | --- | --- |"]
+    for row, label in ROWS.items():
+        out = subprocess.run([sys.executable, "-m", "bench.switch_cost", "--row", row], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        ratio = f"{result['first_over_warm']:.2f}x" if "first_over_warm" in result else "-"
+        lines.append(f"| {label} | {result['mb_per_cycle']:.2f} MB | {ratio} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
