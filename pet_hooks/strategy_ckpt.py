@@ -7,7 +7,7 @@ lost, and the checkpoint can later be neither converted to another layout nor me
 net carries PET, pet_hooks keeps the flag False::
 
     apply(net, cfg)        # enforce(net): only_trainable_params True -> False, other keys kept
-    remove(net)            # release(net): the user's True comes back once no PET net is left
+    remove(net)            # release(net): the True that apply(net) found comes back
 
 A run YAML that asks for ``parallel.strategy_ckpt_config.only_trainable_params: true`` is
 warned about when it is read (:func:`check_run_yaml`); the fix itself happens at ``apply``, which
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 __all__ = ["KEY", "YAML_KEY", "check_run_yaml", "enforce", "release"]
 
@@ -31,9 +31,8 @@ _WHY = ("with PET the trainable parameters are only the deltas, so a strategy fi
 # Parallel modes in which MindSpore writes or reads a strategy file of its own accord.
 _STRATEGY_MODES = ("semi_auto_parallel", "auto_parallel", "hybrid_parallel")
 
-# The nets whose apply() turned the flag off; the user's value comes back when the last one goes.
-_HOLDERS: "weakref.WeakSet" = weakref.WeakSet()
-_user_value: Optional[bool] = None
+# The nets whose apply() turned the flag off: their remove() turns it back on (the undo of that apply).
+_CHANGED_BY: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def check_run_yaml(doc: Any, where: str) -> bool:
@@ -76,26 +75,23 @@ def enforce(owner: object) -> None:
     with no strategy file (MindSpore's default context, where the flag is True but unused) the
     change is logged at debug level only, so that every plain ``apply`` does not warn.
     """
-    global _user_value  # pylint: disable=global-statement
     config = _context()
-    if config.get(KEY) is True:
-        _set_flag(False)
-        if not _HOLDERS:
-            _user_value = True
-        level = logging.WARNING if _in_use(config) else logging.DEBUG
-        logger.log(level, "pet_hooks: set strategy_ckpt_config %s=False (was True; save_file=%r, load_file=%r "
-                   "kept): %s; pet_hooks.remove() puts True back", KEY, config.get("save_file", ""),
-                   config.get("load_file", ""), _WHY)
-    if _user_value is not None:
-        _HOLDERS.add(owner)
+    if config.get(KEY) is not True:
+        return
+    _set_flag(False)
+    _CHANGED_BY.add(owner)
+    level = logging.WARNING if _in_use(config) else logging.DEBUG
+    logger.log(level, "pet_hooks: set strategy_ckpt_config %s=False (was True; save_file=%r, load_file=%r "
+               "kept): %s; pet_hooks.remove() puts True back", KEY, config.get("save_file", ""),
+               config.get("load_file", ""), _WHY)
 
 
 def release(owner: object) -> None:
-    """``owner`` no longer carries PET: give the user's value back when no PET net is left."""
-    global _user_value  # pylint: disable=global-statement
-    if owner not in _HOLDERS:
-        return
-    _HOLDERS.discard(owner)
-    if not _HOLDERS and _user_value is not None:
-        _set_flag(_user_value)
-        _user_value = None
+    """``owner`` no longer carries PET: undo what its ``enforce`` changed (the flag back to True).
+
+    Only the net whose ``apply`` turned the flag off turns it back on: a net adapted while it
+    was already off changed nothing and restores nothing.
+    """
+    if owner in _CHANGED_BY:
+        _CHANGED_BY.discard(owner)
+        _set_flag(True)

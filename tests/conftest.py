@@ -39,3 +39,24 @@ def assert_params_equal(before: dict, net, names=None) -> None:
     for name in names or before:
         assert name in now, f"parameter {name} disappeared"
         np.testing.assert_array_equal(now[name].asnumpy(), before[name], err_msg=name)
+
+
+# ----------------------------------------------------------------------------- the fast lane
+_SLOW_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_tests.txt")
+
+
+def _slow_entries() -> set:
+    with open(_SLOW_LIST, encoding="utf-8") as handle:
+        return {line.strip() for line in handle if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark as ``slow`` the modules and tests listed in tests/slow_tests.txt (``-m "not slow"`` skips them).
+
+    A test not listed runs in the fast lane; one that grows slow is added to the list.
+    """
+    slow = _slow_entries()
+    for item in items:
+        module = os.path.basename(str(item.fspath))
+        if module in slow or item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)

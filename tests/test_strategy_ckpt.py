@@ -60,13 +60,13 @@ def test_apply_turns_the_flag_off_and_remove_puts_it_back(mode, user_strategy, c
     assert _strategy() == {**user_strategy, KEY: True}
 
 
-def test_flag_stays_off_while_any_pet_net_is_left(mode, user_strategy):
+def test_each_remove_undoes_its_own_apply(mode, user_strategy):
     first, second = TwoDense(), TwoDense()
-    pet_hooks.apply(first, CFG)
-    pet_hooks.apply(second, CFG)
-    pet_hooks.remove(first)
-    assert _strategy()[KEY] is False
+    pet_hooks.apply(first, CFG)                      # True -> False
+    pet_hooks.apply(second, CFG)                     # already False: changes nothing
     pet_hooks.remove(second)
+    assert _strategy()[KEY] is False
+    pet_hooks.remove(first)
     assert _strategy()[KEY] is True
 
 
