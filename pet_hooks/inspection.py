@@ -36,34 +36,12 @@ from . import flow
 from .config import load_config
 from .hooks.context import PetSession
 from .hooks.patching import PatchSet
-from .matching import is_excluded, list_entry_matches, named_cells, nearest_names
+from .matching import (is_excluded, list_entry_matches, named_cells, nearest_names, split_alternatives,
+                       under_name_maps)
 from .surgery import apply, get_state, parameter_counts, remove, trainable_summary
 from .tuners import get_tuner
 
 __all__ = ["inspect_net", "format_report", "build_from_factory", "capture_script_model", "split_alternatives"]
-
-
-def split_alternatives(pattern: str) -> List[str]:
-    """The top-level ``|`` alternatives of a regex (bars inside groups, classes or escapes stay)."""
-    parts, depth, in_class, escaped, start = [], 0, False, False, 0
-    for index, char in enumerate(pattern):
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif char == "|" and depth == 0:
-            parts.append(pattern[start:index])
-            start = index + 1
-    parts.append(pattern[start:])
-    return parts
 
 
 def _pattern_rows(targets: Any, cells: List[Tuple[str, nn.Cell]], adaptable: List[str]) -> List[Dict[str, Any]]:
@@ -81,21 +59,8 @@ def _pattern_rows(targets: Any, cells: List[Tuple[str, nn.Cell]], adaptable: Lis
         rows.append({"pattern": pattern, "cells": count,
                      "nearest": [] if count else list(dict.fromkeys(
                          nearest_names(pattern, leaves, 3) + nearest_names(pattern, adaptable, 1))),
-                     "under_name_maps": {} if count else _under_name_maps(hit, adaptable)})
+                     "under_name_maps": {} if count else under_name_maps(hit, adaptable)})
     return rows
-
-
-def _under_name_maps(hit, adaptable: List[str]) -> Dict[str, List[str]]:
-    """name map -> the cells a pattern would select if it is written in that map's names
-    (``.*q_proj`` on a MindFormers Llama: the ``wq`` cells, under ``llama``)."""
-    from .peft_format import NAME_MAPS, resolve_name_map
-    found = {}
-    for name in sorted(NAME_MAPS):
-        _, to_other = resolve_name_map(name)
-        paths = [path for path in adaptable if isinstance(to_other(path), str) and hit(to_other(path))]
-        if paths:
-            found[name] = paths
-    return found
 
 
 def _type_name(cls: type) -> str:
