@@ -36,7 +36,7 @@ from .common import Injection, init_rng, inject_all, patched_class, restore
 
 __all__ = ["can_adapt", "is_lora_cell", "select_targets", "inject", "eject",
            "set_active", "merge_weight", "deltas_of", "delta_in_weight_layout", "grad_sentinels",
-           "base_weight", "io_channels", "LoraTargets", "LoraInjection", "scaled_a", "is_active",
+           "base_weight", "io_channels", "LoraTargets", "LoraInjection", "scaled_a",
            "SWITCH_IS_DATA"]
 
 logger = logging.getLogger("pet_hooks")
@@ -304,10 +304,6 @@ def set_active(record: Injection, active: bool) -> None:
     """Turn the branch on or off by writing its scale (``scaling`` or 0): data, not structure."""
     cell = record.cell
     write_values(cell.pet_lora_scale, np.array(cell.lora_scaling if active else 0.0, np.float32))
-
-
-def is_active(record: Injection) -> bool:
-    return float(record.cell.pet_lora_scale.asnumpy()) != 0.0
 
 
 def grad_sentinels(record: Injection) -> List[Parameter]:
