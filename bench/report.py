@@ -23,6 +23,15 @@ VARIANT_TEXT = {
 }
 
 
+def read_existing(path: str) -> str:
+    """The text of an existing BENCHMARKS.md, or "" when there is none (the parts a rewrite keeps)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
 def median_ms(result: dict) -> float:
     return statistics.median(step["ms"] for step in result["steps"])
 

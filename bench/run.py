@@ -138,11 +138,7 @@ def main(argv=None) -> int:
 
 def kept_analysis(path: str) -> str:
     """The hand-written part of an existing BENCHMARKS.md, from the marker on."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError:
-        return ""
+    text = report.read_existing(path)
     index = text.find(report.ANALYSIS_MARKER)
     return text[index:] if index >= 0 else ""
 

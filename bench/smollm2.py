@@ -355,11 +355,7 @@ def write_section(path: str, lines: List[str]) -> None:
 
 def kept_section(path: str) -> str:
     """The SmolLM2 section of an existing BENCHMARKS.md (for bench.run, which rewrites the rest)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError:
-        return ""
+    text = report.read_existing(path)
     start, end = text.find(SECTION_START), text.find(SECTION_END)
     return text[start:end + len(SECTION_END)] if start >= 0 and end > start else ""
 
