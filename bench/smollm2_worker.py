@@ -9,16 +9,23 @@ is ``samples.smollm2.load_reference_transformers`` (transformers' own load of th
 with PEFT LoRA, or nothing frozen. Both speak the stepping protocol of :mod:`bench.protocol`
 (``step``, ``eval``, ``done``) so :mod:`bench.smollm2` can run them in turn or interleaved.
 
+Two tasks (``--task``): ``lm`` (the default, used for parity and speed) and ``module``, the
+README demo's task (:mod:`samples.stdlib_task`: a docstring in SmolLM2's chat format, the
+answer its module's name, the loss on the answer's tokens only), whose ``eval`` returns the
+held-out exact match and answer loss, scored as the demo scores them.
+
 What makes the two sides comparable step for step:
 
-* **The data.** :func:`batches` cuts the repository's ``samples/data/stdlib_docstrings.txt``
+* **The data.** For ``module``: the demo's rows, in the demo's order for ``--task-steps``
+  steps (``stdlib_task.training_order``). For ``lm``: :func:`batches` cuts the repository's ``samples/data/stdlib_docstrings.txt``
   into docstrings (blank-line separated blocks), keeps every 10th for evaluation, tokenizes
   each part with ``smollm2_tokenizer()`` and cuts it into windows of ``seq + 1`` tokens, shuffled
   once with a fixed seed; step ``i`` takes windows ``batch*i ... batch*i + batch - 1``.
 * **The loss.** MindFormers' Llama takes the ``seq + 1`` tokens, predicts tokens 1..seq from
   tokens 0..seq-1 and averages the cross-entropy over all ``batch * seq`` predictions (its
-  ``pad_token_id`` is ``NO_PAD``, so nothing is masked). The PyTorch side computes exactly
-  that: the logits of tokens 0..seq-1, ``F.cross_entropy`` against tokens 1..seq, mean.
+  ``pad_token_id`` is ``NO_PAD``, so nothing is masked; with ``module``'s labels, over the
+  predictions whose label is not -100). The PyTorch side computes exactly that: the logits of
+  tokens 0..seq-1, ``F.cross_entropy`` against tokens (labels) 1..seq, mean.
 * **The optimizer.** ``torch.optim.AdamW`` and ``mindspore.experimental.optim.AdamW`` compute
   the same update: decoupled decay ``p *= 1 - lr * wd``, then
   ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``. (MindSpore's usual
@@ -44,6 +51,7 @@ from bench.protocol import say, serve_steps
 DATA = os.path.join(ROOT, "samples", "data", "stdlib_docstrings.txt")
 MS_VARIANTS = ("none", "lora_qkvo", "lora_all", "ptuning2", "prefix", "full")
 TORCH_VARIANTS = ("none", "lora_qkvo", "lora_all", "full")
+EVAL_BATCH, MAX_NEW = 8, 8      # the demo's defaults (samples/smollm2_train.py)
 # Hugging Face module path -> MindFormers cell path (inside model.layers.<i>.)
 HF_TO_MS = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
@@ -78,6 +86,39 @@ def batches(seq: int, batch: int, split: str) -> np.ndarray:
     return rows[:n * batch].reshape(n, batch, seq + 1)
 
 
+class Task:
+    """What a side trains on and how it is evaluated: ``train[i]`` holds step i's inputs
+    (``(ids,)`` or ``(ids, labels)``, each ``[batch, seq + 1]``); ``held`` the held-out batches
+    (``lm``) or examples (``module``)."""
+
+    def __init__(self, args):
+        self.name, self.seq = args.task, args.seq
+        if args.task == "lm":
+            self.train = [(ids,) for ids in batches(args.seq, args.batch, "train")]
+            self.held = batches(args.seq, args.batch, "held")[:args.eval_batches]
+            return
+        from samples.smollm2 import smollm2_tokenizer
+        from samples.stdlib_task import stdlib_examples, train_rows, training_order
+        self.tok = smollm2_tokenizer()
+        train, held = stdlib_examples(args.seed)
+        self.held = held[:args.eval_batches * EVAL_BATCH] if args.eval_batches else held
+        ids, labels = train_rows(self.tok, train, args.seq)
+        self.train = [(ids[rows], labels[rows]) for rows in training_order(len(train), args.task_steps, args.batch,
+                                                                              args.seed)]
+
+    def evaluate(self, loss_of, logits_of) -> dict:
+        """``lm``: the mean of ``loss_of(ids)`` over the held-out batches; ``module``: the demo's score."""
+        started = time.perf_counter()
+        if self.name == "lm":
+            losses = [loss_of(ids) for ids in self.held]
+            out = {"loss": float(np.mean(losses)), "losses": losses}
+        else:
+            from samples.stdlib_task import score
+            right, loss = score(logits_of, self.tok, self.held, self.seq, MAX_NEW, EVAL_BATCH)
+            out = {"loss": loss, "exact_match": right / len(self.held), "right": right, "count": len(self.held)}
+        return {**out, "s": round(time.perf_counter() - started, 2)}
+
+
 # ----------------------------------------------------------------------------- MindSpore
 def mindspore_side(args):
     """(step, evaluate, trainable, total) for the MindSpore variant."""
@@ -108,18 +149,24 @@ def mindspore_side(args):
         optimizer = AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.wd)
         step_cell = nn.TrainOneStepCell(net, optimizer)
         step_cell.set_train(True)
-    data, held = batches(args.seq, args.batch, "train"), batches(args.seq, args.batch, "held")[:args.eval_batches]
+    task = Task(args)
     state = {"i": 0}
 
     def step() -> float:
-        ids = ms.Tensor(data[state["i"] % len(data)])
+        inputs = task.train[state["i"] % len(task.train)]
         state["i"] += 1
-        return float(step_cell(ids).asnumpy())
+        return float(step_cell(*[ms.Tensor(x) for x in inputs]).asnumpy())
+
+    def logits_of(ids: np.ndarray) -> np.ndarray:
+        out = net(ms.Tensor(ids))
+        return (out[0] if isinstance(out, tuple) else out).asnumpy().reshape(*ids.shape, -1)
 
     def evaluate() -> dict:
-        started = time.perf_counter()
-        losses = [float(net(ms.Tensor(ids)).asnumpy()) for ids in held]   # training mode: the loss
-        return {"loss": float(np.mean(losses)), "losses": losses, "s": round(time.perf_counter() - started, 2)}
+        net.set_train(task.name == "lm")     # lm: training mode returns the loss; module: predict mode, logits
+        try:
+            return task.evaluate(lambda ids: float(net(ms.Tensor(ids)).asnumpy()), logits_of)
+        finally:
+            net.set_train(True)
 
     return step, evaluate, trainable, list(net.get_parameters())
 
@@ -152,27 +199,33 @@ def torch_side(args):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=args.wd) if trainable else None
-    data, held = batches(args.seq, args.batch, "train"), batches(args.seq, args.batch, "held")[:args.eval_batches]
+    task = Task(args)
     state = {"i": 0}
 
-    def loss_of(ids: np.ndarray):
+    def loss_of(ids: np.ndarray, labels: Optional[np.ndarray] = None):
         ids = torch.as_tensor(ids.astype(np.int64))
+        targets = ids if labels is None else torch.as_tensor(labels.astype(np.int64))
         logits = model(input_ids=ids[:, :-1]).logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1), ignore_index=-100)
 
     def step() -> float:
-        loss = loss_of(data[state["i"] % len(data)])
+        loss = loss_of(*task.train[state["i"] % len(task.train)])
         state["i"] += 1
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    def logits_of(ids: np.ndarray) -> np.ndarray:
+        return model(input_ids=torch.as_tensor(ids.astype(np.int64))).logits.float().numpy()
+
     def evaluate() -> dict:
-        started = time.perf_counter()
-        with torch.no_grad():
-            losses = [float(loss_of(ids)) for ids in held]
-        return {"loss": float(np.mean(losses)), "losses": losses, "s": round(time.perf_counter() - started, 2)}
+        model.eval()
+        try:
+            with torch.no_grad():
+                return task.evaluate(lambda ids: float(loss_of(ids)), logits_of)
+        finally:
+            model.train()
 
     # every distinct tensor once (the tied embedding is one Parameter on both sides)
     return step, evaluate, trainable, list({id(p): p for p in model.parameters()}.values())
@@ -191,7 +244,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--wd", type=float, default=0.01)
-    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--eval-batches", type=int, default=8,
+                        help="held-out batches evaluated (module: of 8 examples; 0: every held-out example)")
+    parser.add_argument("--task", choices=("lm", "module"), default="lm",
+                        help="lm: docstring text windows (parity, speed); module: the README demo's task")
+    parser.add_argument("--task-steps", type=int, default=60, help="module: the steps the demo's data order is cut for")
     parser.add_argument("--warmup", type=int, default=0, help="steps run (and timed as first_step_s) before 'ready'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -209,13 +266,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from bench.models import start_mindspore
         start_mindspore()
         import samples.smollm2  # noqa: F401
-        batches(args.seq, args.batch, "train")     # tokenizer and GGUF reader before the baseline
+        Task(args)     # tokenizer, GGUF reader and the task's imports before the baseline
     else:
         import torch  # noqa: F401
         import transformers  # noqa: F401
         import peft  # noqa: F401
         import samples.smollm2  # noqa: F401
-        batches(args.seq, args.batch, "train")
+        Task(args)
     baseline = rss_mb()
     started = time.perf_counter()
     side = mindspore_side if args.framework == "ms" else torch_side

@@ -1,9 +1,13 @@
 """What switching an adapter costs in graph mode: RSS growth per cycle, and the first call after a switch.
 
     .venv/bin/python -m bench.switch_cost            # prints the markdown table of BENCHMARKS.md
+    .venv/bin/python -m bench.switch_cost --smollm2  # the first call after each switch on the real model
 
 Each row runs in its own process on a 2-layer hidden-64 MindFormers Llama (tests.nets.tiny_llama),
 graph mode: 40 cycles, growth averaged over cycles 11-40 (the first ten warm the allocator up).
+``--smollm2`` runs one process on SmolLM2-135M-Instruct (all 30 blocks, ``samples.smollm2``,
+LoRA r=8 on q/k/v/o, predict mode, batch 1 x 64): the first call after each switch, and after a
+forced recompile (what each switch cost before it became data), against warm calls.
 """
 from __future__ import annotations
 
@@ -89,9 +93,73 @@ def measure(row: str, cycles: int = 40, skip: int = 10) -> dict:
     return result
 
 
+def measure_smollm2(warm_calls: int = 5) -> dict:
+    """Seconds of the first call after each switch on the real model, and of warm calls, in this process."""
+    sys.path.insert(0, ROOT)
+    import tempfile
+    import numpy as np
+    import mindspore as ms
+    ms.set_device("CPU")
+    ms.set_context(mode=0)
+    import pet_hooks
+    from pet_hooks._ms_compat import force_recompile, write_values
+    from samples.smollm2 import load_smollm2
+
+    net = load_smollm2(seq_length=64, batch_size=1)
+    net.set_train(False)
+    pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "target_modules": ".*wq|.*wk|.*wv|.*wo"})
+    x = ms.Tensor(np.random.default_rng(0).integers(1, 49152, (1, 64)).astype(np.int32))
+
+    def timed() -> float:
+        start = time.perf_counter()
+        net(x).asnumpy()
+        return time.perf_counter() - start
+
+    out = {"compile_s": timed()}
+    out["warm_s"] = sorted(timed() for _ in range(warm_calls))[warm_calls // 2]
+    for param in pet_hooks.delta_parameters(net):      # B != 0: the branches change the output
+        if ".lora_B" in param.name:
+            write_values(param, np.full(param.shape, 0.01, np.float32))
+    out["after_writing_B_s"] = timed()
+    with pet_hooks.disable_adapters(net):
+        out["disable_s"] = timed()
+    out["enable_s"] = timed()
+    pet_hooks.merge(net)
+    out["merge_s"] = timed()
+    pet_hooks.unmerge(net)
+    out["unmerge_s"] = timed()
+    folder = tempfile.mkdtemp(prefix="switch-cost-")
+    pet_hooks.save_adapter(net, folder)
+    pet_hooks.load_adapter(net, folder)                  # hot swap: new values into the existing deltas
+    out["hot_swap_s"] = timed()
+    force_recompile()
+    out["forced_recompile_s"] = timed()
+    return out
+
+
+def smollm2_table(result: dict) -> str:
+    warm = result["warm_s"]
+    lines = [f"SmolLM2-135M-Instruct, 30 blocks, LoRA r=8 q/k/v/o, predict mode, batch 1 x 64: a warm call takes "
+             f"{warm:.2f} s, the first call (compile) {result['compile_s']:.1f} s.", "",
+             "| first call after | seconds | / warm call |", "| --- | ---: | ---: |"]
+    labels = {"after_writing_B_s": "writing new values into B (`write_values`)",
+              "disable_s": "entering `disable_adapters`", "enable_s": "leaving it",
+              "merge_s": "`merge`", "unmerge_s": "`unmerge`",
+              "hot_swap_s": "`load_adapter` into the existing deltas (hot swap)",
+              "forced_recompile_s": "`force_recompile()` (what each switch cost before issue 16)"}
+    for key, label in labels.items():
+        lines.append(f"| {label} | {result[key]:.2f} | {result[key] / warm:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--row":
         print(json.dumps(measure(sys.argv[2])))
+        return
+    if sys.argv[1:] == ["--smollm2"]:
+        result = measure_smollm2()
+        print(json.dumps(result))
+        print(smollm2_table(result))
         return
     lines = ["| cycle (graph mode) | RSS growth per cycle | first call after the switch / warm call |",
              "| --- | --- | --- |"]

@@ -9,27 +9,20 @@ launcher the optimizer it builds holds only LoRA's deltas::
     pet-hooks run --config samples/configs/smollm2_lora.yaml --save-dir smollm2_adapter \\
         samples/smollm2_train.py
 
-The task, built at run time from the Python running it (deterministic: a fixed list of
-modules, names sorted, a fixed seed): the first sentence of the docstring of a public
-function or class of one of :data:`MODULES`, and the answer, the module's name (``json``,
-``urllib.parse``). The prompt is SmolLM2's own chat format; the loss counts the answer's
-tokens only. The held-out docstrings belong to functions and classes never trained on, from
-the same modules (a module seen only at evaluation could not be learned, only guessed). The
+The task and its score are :mod:`samples.stdlib_task` (docstring in, module name out; the
+loss counts the answer's tokens only; held-out docstrings of objects never trained on). The
 score is exact match of greedy generation (the module's name, then ``<|im_end|>``) on every
-held-out docstring, read off one teacher-forced forward pass per batch (see :func:`score`);
+held-out docstring, read off one teacher-forced forward pass per batch (``stdlib_task.score``);
 the first ``--show`` answers are also generated token by token (at most ``--max-new``) and
 printed before and after. Every call runs at one shape, ``(eval-batch, seq)``: one graph.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import os
 import re
 import sys
 import time
-import warnings
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -39,118 +32,19 @@ from mindspore import Tensor, nn
 from mindspore.train import Callback, Model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from samples.smollm2 import EOS_ID, FILL_ID, IGNORE, load_smollm2, smollm2_tokenizer  # noqa: E402
-
-MODULES = ["abc", "argparse", "bisect", "collections", "contextlib", "copy", "csv", "dataclasses",
-           "datetime", "decimal", "difflib", "enum", "fractions", "functools", "heapq", "inspect",
-           "itertools", "json", "logging", "operator", "os", "pathlib", "pickle", "pprint", "queue",
-           "random", "re", "shutil", "statistics", "string", "subprocess", "tempfile", "textwrap",
-           "threading", "typing", "unittest", "urllib.parse", "uuid", "warnings", "zipfile"]
-SYSTEM = "Name the Python standard-library module this docstring is from."
-MAX_CHARS = 100      # of a docstring's first sentence
-PER_MODULE = 16      # at most this many docstrings of one module (typing alone has over 100)
-HELD_OUT = 0.25      # of each module's docstrings (at least one when it has two or more)
-
-
-Example = Tuple[str, str, str]   # (module, object name, docstring)
-
-
-def first_sentence(doc: str) -> str:
-    text = " ".join(doc.strip().split("\n\n")[0].split())
-    match = re.match(r"(.+?[.!?])(\s+[A-Z]|$)", text)
-    text = match.group(1) if match else text
-    return text if len(text) <= MAX_CHARS else text[:MAX_CHARS].rsplit(" ", 1)[0] + " ..."
-
-
-def stdlib_examples(seed: int = 0) -> Tuple[List[Example], List[Example]]:
-    """(train, held_out): docstrings of the public functions and classes of MODULES, split per module."""
-    found: List[Example] = []
-    with warnings.catch_warnings():   # typing.io, typing.re: deprecated on any access
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in MODULES:
-            module = importlib.import_module(name)
-            for attr in sorted(vars(module)):
-                obj = getattr(module, attr)
-                if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)
-                                                or inspect.isbuiltin(obj)):
-                    continue
-                if getattr(obj, "__module__", None) != module.__name__ or not isinstance(obj.__doc__, str):
-                    continue   # (obj.__doc__: its own docstring; inspect.getdoc would inherit a base class's)
-                text = first_sentence(obj.__doc__)
-                if len(text) >= 24 and not text.startswith(attr + "("):   # not a bare signature
-                    found.append((name, attr, text))
-    counts = {}
-    for _, _, text in found:
-        counts[text] = counts.get(text, 0) + 1
-    rng = np.random.default_rng(seed)
-    train: List[Example] = []
-    held_out: List[Example] = []
-    for name in MODULES:
-        mine = [e for e in found if e[0] == name and counts[e[2]] == 1]   # a text twice is ambiguous
-        mine = [mine[i] for i in rng.permutation(len(mine))][:PER_MODULE]
-        cut = int(round(len(mine) * HELD_OUT)) if len(mine) >= 4 else min(1, len(mine) - 1)
-        held_out += mine[:cut]
-        train += mine[cut:]
-    train = [train[i] for i in rng.permutation(len(train))]
-    held_out = [held_out[i] for i in rng.permutation(len(held_out))]
-    return train, held_out
-
-
-def prompt_ids(tok, doc: str, limit: int = 10 ** 9) -> List[int]:
-    """The chat prompt (system, user: the docstring, then the assistant's turn), the docstring cut to fit ``limit``."""
-    words = doc.split(" ")
-    while True:
-        ids = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": doc}])
-        if len(ids) <= limit or len(words) <= 1:
-            return ids
-        words = words[:-1]
-        doc = " ".join(words) + " ..."
-
-
-def train_rows(tok, examples: Sequence[Example], seq: int) -> Tuple[np.ndarray, np.ndarray]:
-    """input_ids and labels, (n, seq + 1) int32 each: labels are -100 except on the answer and <|im_end|>."""
-    ids = np.full((len(examples), seq + 1), FILL_ID, np.int32)
-    labels = np.full((len(examples), seq + 1), IGNORE, np.int32)
-    for row, (module, _, doc) in enumerate(examples):
-        prompt = prompt_ids(tok, doc, seq - len(tok.encode(module)))
-        answer = tok.encode(module) + [EOS_ID]
-        full = (prompt + answer)[:seq + 1]
-        ids[row, :len(full)] = full
-        labels[row, len(prompt):len(full)] = full[len(prompt):]
-    return ids, labels
-
+from samples.smollm2 import EOS_ID, load_smollm2, smollm2_tokenizer  # noqa: E402
+from samples.stdlib_task import (MODULES, Example, padded, prompt_ids, score, stdlib_examples,  # noqa: E402
+                                 train_rows, training_order)
 
 def forward(net, rows: Sequence[Sequence[int]], batch: int, seq: int) -> np.ndarray:
     """(len(rows), seq, vocab) logits: the rows right-padded to ``seq`` in one ``(batch, seq)`` call (one graph)."""
-    ids = np.full((batch, seq), FILL_ID, np.int32)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = row
+    return logits(net, padded(rows, batch, seq))[:len(rows)]
+
+
+def logits(net, ids: np.ndarray) -> np.ndarray:
+    """``(batch, seq, vocab)`` logits of ``(batch, seq)`` token ids (the net in predict mode)."""
     out = net(Tensor(ids))
-    return (out[0] if isinstance(out, tuple) else out).asnumpy().reshape(batch, seq, -1)[:len(rows)]
-
-
-def score(net, tok, examples: Sequence[Example], args) -> Tuple[int, float]:
-    """(exact matches, mean loss per answer token): one forward per ``eval_batch`` prompts.
-
-    Greedy generation answers exactly ``module<|im_end|>`` if and only if, fed that answer,
-    the model's arg-max at every answer position is the answer's next token: so exact match of
-    greedy generation is read off a single forward over prompt + answer (teacher forcing),
-    instead of one forward per generated token.
-    """
-    net.set_train(False)
-    right, losses = 0, []
-    for start in range(0, len(examples), args.eval_batch):
-        part = examples[start:start + args.eval_batch]
-        prompts = [prompt_ids(tok, doc, args.seq - args.max_new) for _, _, doc in part]
-        answers = [tok.encode(module) + [EOS_ID] for module, _, _ in part]
-        logits = forward(net, [p + a for p, a in zip(prompts, answers)], args.eval_batch, args.seq)
-        for row, prompt, answer in zip(logits, prompts, answers):
-            at = row[len(prompt) - 1:len(prompt) - 1 + len(answer)]           # the logits predicting the answer
-            right += bool((at.argmax(-1) == answer).all())
-            top = at.max(-1, keepdims=True)
-            logz = (top + np.log(np.exp(at - top).sum(-1, keepdims=True)))[:, 0]
-            losses += list(logz - at[np.arange(len(answer)), answer])
-    return right, float(np.mean(losses))
+    return (out[0] if isinstance(out, tuple) else out).asnumpy().reshape(ids.shape[0], ids.shape[1], -1)
 
 
 def greedy_answers(net, tok, docs: Sequence[str], args) -> List[str]:
@@ -176,7 +70,8 @@ def greedy_answers(net, tok, docs: Sequence[str], args) -> List[str]:
 def evaluate(net, tok, examples: Sequence[Example], args, label: str) -> Tuple[float, float, List[str]]:
     """Score every held-out docstring, and generate the answers to the first ``show`` of them."""
     started = time.perf_counter()
-    right, loss = score(net, tok, examples, args)
+    net.set_train(False)
+    right, loss = score(lambda ids: logits(net, ids), tok, examples, args.seq, args.max_new, args.eval_batch)
     answers = greedy_answers(net, tok, [doc for _, _, doc in examples[:args.show]], args)
     print(f"{label}: exact match {right}/{len(examples)} = {100.0 * right / len(examples):.1f}% on held-out "
           f"docstrings, answer loss {loss:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -243,8 +138,7 @@ def main() -> int:
     before, loss_before, answers_before = evaluate(net, tok, held_out, args, "before")
 
     ids, labels = train_rows(tok, train, args.seq)
-    order = np.random.default_rng(args.seed).permutation(np.resize(np.arange(len(train)), args.steps * args.batch_size))
-    rows = [order[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps)]
+    rows = training_order(len(train), args.steps, args.batch_size, args.seed)
     dataset = ds.GeneratorDataset([(ids[r], labels[r]) for r in rows], ["input_ids", "labels"], shuffle=False)
     optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=args.lr, weight_decay=0.0)
     tuned = sum(int(np.prod(p.shape)) for p in optimizer.parameters)

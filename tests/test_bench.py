@@ -101,6 +101,12 @@ def test_smollm2_quick_run(tmp_path):
     assert set(quality) == {"lora_qkvo", "lora_all", "ptuning2", "prefix", "full", "peft_lora_qkvo"}
     assert all(len(r["steps"]) == 2 and {"0", "2"} <= set(r["evals"]) for r in quality.values())
     assert quality["full"]["ready"]["trainable"] == quality["full"]["ready"]["total"]
+    # the demo's task, 8 held-out docstrings (--quick): the untouched model scores the same in both frameworks
+    before = {method: r["evals"]["0"] for method, r in quality.items()}
+    assert all(e["count"] == 8 and 0 <= e["exact_match"] <= 1 for e in before.values())
+    for method in ("lora_all", "full", "peft_lora_qkvo"):        # B = 0 / nothing changed yet: the same model
+        assert before[method]["right"] == before["lora_qkvo"]["right"], method
+        assert abs(before[method]["loss"] - before["lora_qkvo"]["loss"]) < 1e-3 * before["lora_qkvo"]["loss"], method
     assert set(data["ratios"]) and all(v["time"] > 0 and v["memory"] > 0 for v in data["ratios"].values())
     assert text.index("EARLIER SECTIONS") < text.index("## SmolLM2-135M-Instruct (real weights)") < text.index(marker)
     assert text.rstrip().endswith("WHY IT IS SO") and (tmp_path / "smollm2_quality.png").is_file()

@@ -30,7 +30,7 @@ SCRIPT = os.path.join(ROOT, "samples", "smollm2_train.py")
 
 
 def test_the_task_split_is_deterministic_and_held_out():
-    from samples.smollm2_train import MODULES, stdlib_examples
+    from samples.stdlib_task import MODULES, stdlib_examples
     train, held_out = stdlib_examples(0)
     assert (train, held_out) == stdlib_examples(0)
     assert len(train) >= 150 and len(held_out) >= 40
