@@ -24,8 +24,8 @@ import traceback
 from typing import List, Optional
 
 from . import flow
-from .adapter_io import CONFIG_NAME
 from .config import PetConfig
+from .files import CONFIG_NAME
 from .hooks.context import enable
 
 __all__ = ["run_script", "child_environment", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV"]

@@ -5,7 +5,7 @@ import pytest
 from mindspore import Tensor, nn
 
 import pet_hooks
-from pet_hooks.hooks.patching import PatchSet, is_patched
+from pet_hooks.patching import PatchSet, is_patched
 from pet_hooks.surgery import has_pet
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, build

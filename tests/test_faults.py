@@ -28,7 +28,7 @@ from mindspore.train import Model
 import pet_hooks
 from pet_hooks import launcher
 from pet_hooks.hooks import context
-from pet_hooks.hooks.patching import is_patched
+from pet_hooks.patching import is_patched
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, LMLoss, build
 from tests.conftest import snapshot
