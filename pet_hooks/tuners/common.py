@@ -22,7 +22,7 @@ from mindspore import Parameter, nn
 from ..errors import UnsupportedCellError
 from .base import Injection
 
-__all__ = ["Injection", "init_rng", "patched_class", "inject_all", "restore", "strip_attrs"]
+__all__ = ["init_rng", "patched_class", "inject_all", "restore", "strip_attrs"]
 
 logger = logging.getLogger("pet_hooks")
 
