@@ -15,10 +15,9 @@ import pet_hooks
 from pet_hooks import PetCallback
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, LMLoss, build
-from tests.conftest import assert_params_equal, snapshot
+from tests.conftest import GPT_LORA, SMALL, assert_params_equal, snapshot
 
-CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3|.*mapping"}
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
+CFG = GPT_LORA
 
 
 def _dataset(steps=4):

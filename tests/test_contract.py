@@ -92,9 +92,10 @@ def test_enable_skips_models_no_pattern_matches_but_not_other_errors():
         other = nn.SequentialCell([nn.Dense(2, 2)])                     # .*dense1 matches no cell: skipped
         gpt = build(seed=0, **SMALL)
     assert session.models == [gpt] and not pet_hooks.surgery.has_pet(other)
+    kept = []  # enable() holds the models built in it weakly
     with pytest.raises(errors.PetConfigError, match="excludes all of them"):
         with pet_hooks.enable({"pet_type": "lora", "target_modules": ".*dense1", "exclude_layers": ".*blocks.*"}):
-            kept = build(seed=0, **SMALL)  # noqa: F841  (enable() holds the models built only weakly)
+            kept.append(build(seed=0, **SMALL))
 
 
 # ----------------------------------------------------------------------------- import pet_hooks

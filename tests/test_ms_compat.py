@@ -8,7 +8,6 @@ registry does not list. ``apply`` warns once per process on an unchecked version
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 import os
 import re
@@ -24,11 +23,9 @@ import pet_hooks
 from pet_hooks import _internals, _ms_compat
 from pet_hooks._internals import REGISTRY, Internal
 from pet_hooks._ms_compat import force_recompile, hook_version
+from tests.conftest import NEEDS_MINDFORMERS, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "pet_hooks")
-HAS_MINDFORMERS = importlib.util.find_spec("mindformers") is not None
-NEEDS_MINDFORMERS = pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not installed")
 
 
 def _param(entry: Internal):
