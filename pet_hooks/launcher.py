@@ -10,6 +10,8 @@ here get the hooks too: the launcher puts ``pet_hooks/_bootstrap`` (a ``sitecust
 on ``PYTHONPATH`` and passes the config in ``PET_HOOKS_CONFIG``; the bootstrap enters
 ``enable`` for the whole child process, saves the adapter from rank 0 at exit when
 ``PET_HOOKS_SAVE_DIR`` is set, and then still loads the user's own ``sitecustomize``.
+``PET_HOOKS_DISABLE=1`` turns the hooks off in such children; a child in which they cannot
+start prints one line naming the cause and runs on without them.
 """
 from __future__ import annotations
 
