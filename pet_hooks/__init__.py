@@ -6,22 +6,37 @@
     print(pet_hooks.trainable_summary(net))
     ... train ...
     pet_hooks.save_adapter(net, "adapter/")
-"""
-from ._version import __version__
-from .adapter_io import load_adapter, save_adapter
-from .config import LoraConfig, PetConfig, PetConfigError, PrefixTuningConfig, PTuning2Config, load_config
-from .surgery import (apply, delta_parameters, disable_adapters, merge, remove, trainable_summary,
-                      unmerge)
-from .flow import install_optimizer_recorder as _install_optimizer_recorder
-from ._ms_compat import UncheckedVersionWarning
-from .mindformers_io import save_merged_checkpoint
-from .hooks.callback import PetCallback
-from .hooks.context import enable
-from .tuners.attention import PrefixAttention, register_attention, unregister_attention
 
-# Optimizers do not keep their constructor arguments; record them from now on so that the
-# front doors can rebuild "the same optimizer over the deltas" (see flow.py).
-_install_optimizer_recorder()
+Importing the package is cheap: the public names below are loaded from their modules on
+first use (``pet-hooks check-config`` and ``pet-hooks version`` never import MindSpore).
+One thing happens at import: MindSpore optimizers do not keep their constructor arguments,
+so the optimizer recorder (``pet_hooks.recorder``) is installed as soon as
+``mindspore.nn`` is imported (at once if it already is), for the front doors to rebuild
+"the same optimizer over the deltas". ``pet_hooks.recorder.uninstall()`` undoes it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+from .errors import (AdapterFileError, AdapterNotFoundError, NoMatchError, OptimizerRebuildError, PetConfigError,
+                     PetConfigTypeError, PetError, PetStateError, UnsupportedCellError)
+from . import recorder as _recorder
+
+# public name -> the module that defines it (imported on first use)
+_LAZY = {
+    "PetConfig": "config", "LoraConfig": "config", "PTuning2Config": "config", "PrefixTuningConfig": "config",
+    "load_config": "config",
+    "apply": "surgery", "remove": "surgery", "merge": "surgery", "unmerge": "surgery",
+    "disable_adapters": "surgery", "delta_parameters": "surgery", "trainable_summary": "surgery",
+    "save_adapter": "adapter_io", "load_adapter": "adapter_io",
+    "PetCallback": "hooks.callback", "enable": "hooks.context",
+    "register_attention": "tuners.attention", "unregister_attention": "tuners.attention",
+    "PrefixAttention": "tuners.attention",
+    "save_merged_checkpoint": "mindformers_io",
+    "UncheckedVersionWarning": "_ms_compat",
+}
 
 __all__ = [
     "__version__",
@@ -30,4 +45,29 @@ __all__ = [
     "save_adapter", "load_adapter", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint",
     "UncheckedVersionWarning",
+    "PetError", "PetConfigTypeError", "NoMatchError", "UnsupportedCellError", "PetStateError",
+    "AdapterFileError", "AdapterNotFoundError", "OptimizerRebuildError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name (or a submodule, ``pet_hooks.surgery``) loaded on first use."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))
+
+
+# Optimizers built from now on record their constructor arguments (see pet_hooks.recorder).
+_recorder.install_when_imported()

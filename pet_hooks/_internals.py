@@ -156,7 +156,7 @@ REGISTRY: Tuple[Internal, ...] = (
     Internal(key="opt_init_args_register", package="mindspore", checked=_MS,
              target="mindspore.nn.optim.optimizer.opt_init_args_register",
              relied_on="the decorator hides __init__'s signature behind (self, *args, **kwargs) without "
-                       "functools.wraps and keeps the original __init__ in its closure (flow._init_signature)",
+                       "functools.wraps and keeps the original __init__ in its closure (flow.init_signature)",
              sites=("pet_hooks/flow.py",), names=(),
              guard=_COMPAT_TEST + "test_optimizer_signatures_are_found_through_the_decorator",
              source_sha256="5b39fcbcfb7e8f19b09ef2eb08aeb4f6b303588494a76753f94f47a36928952d"),
@@ -164,7 +164,7 @@ REGISTRY: Tuple[Internal, ...] = (
              relied_on="nn.Optimizer defines no __new__ of its own and nn.Cell.__new__(cls, *args, **kwargs) "
                        "accepts the constructor's arguments, so the recorder installed as nn.Optimizer.__new__ "
                        "sees them",
-             sites=("pet_hooks/flow.py",), names=(),
+             sites=("pet_hooks/recorder.py",), names=(),
              guard=_COMPAT_TEST + "test_optimizer_recorder_sees_the_constructor_arguments"),
     Internal(key="train_step_construct", package="mindspore", checked=_MS,
              target="mindspore.nn.TrainOneStepCell.construct",
@@ -185,18 +185,14 @@ REGISTRY: Tuple[Internal, ...] = (
                        "with return_grad, weights_name names the gradients it returns, in weights' order",
              sites=("pet_hooks/flow.py",), names=(),
              guard=_COMPAT_TEST + "test_train_step_reads_the_attributes_the_callback_replaces"),
-    # ---------------------------------------------------------------- pet_hooks' own privates across modules
-    Internal(key="pet_session_privates", package="pet_hooks", checked="", target="pet_hooks.hooks.context.PetSession",
-             relied_on="inspection reuses enable()'s session bookkeeping: PetSession._roots and _models_owning",
-             sites=("pet_hooks/inspection.py",), names=("_roots", "_models_owning"),
-             guard=_COMPAT_TEST + "test_pet_hooks_own_privates_exist"),
 )
 
 # pet_hooks' own private names that appear as strings (marks it sets on foreign objects, a
 # folder name): not internals of another package, listed so the source scan accepts them.
 OWN_PRIVATE_NAMES: Dict[str, str] = {
     "_pet_hooks_state": "surgery: the PetState record kept on an adapted net",
-    "_pet_hooks_patched": "hooks/patching: the mark on what pet_hooks installed",
+    "_pet_hooks_patched": "patching: the mark on what pet_hooks installed",
+    "_ms_compat": "__init__: the module the lazily loaded UncheckedVersionWarning comes from",
     "_bootstrap": "launcher: the folder of the child-process sitecustomize",
 }
 

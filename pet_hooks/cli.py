@@ -3,7 +3,10 @@
     pet-hooks run --config pet.yaml [--save-dir adapter/] [--quiet] [--plot loss.png] train.py [ARGS...]
     pet-hooks inspect --config pet.yaml (--model MODULE:FACTORY | train.py [ARGS...]) [--json]
     pet-hooks check-config samples/configs/lora.yaml    # validate a config, print it normalised
-    pet-hooks version
+    pet-hooks check-config --explain samples/configs/lora.yaml   # each field: value and meaning
+    pet-hooks version                                   # or pet-hooks --version
+
+``check-config`` and ``version`` do not import MindSpore.
 
 Errors are one line on stderr naming the cause, with exit code 2.
 """
@@ -16,13 +19,16 @@ import sys
 from typing import List, Optional
 
 from ._version import __version__
-from .config import load_config
+from .config import explain, load_config
 
 __all__ = ["main"]
 
 
 def _check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    if args.explain:
+        print(explain(cfg))
+        return 0
     print(json.dumps({"pet_config": cfg.to_dict(), "model_hints": cfg.model_hints}, indent=2, sort_keys=True))
     return 0
 
@@ -77,6 +83,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pet-hooks", description="Parameter-efficient tuning for MindSpore.")
+    parser.add_argument("--version", action="version", version=__version__, help="print the pet_hooks version")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an unmodified training script with PET")
     run.add_argument("--config", required=True, help="the PET config (any form load_config takes)")
@@ -94,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     insp.set_defaults(func=_inspect)
     check = sub.add_parser("check-config", help="validate a PET config and print it normalised")
     check.add_argument("config", help="MindFormers run YAML, a YAML/JSON with pet_config, or a bare block")
+    check.add_argument("--explain", action="store_true", help="print each field with its value and meaning")
     check.set_defaults(func=_check_config)
     version = sub.add_parser("version", help="print the pet_hooks version")
     version.set_defaults(func=lambda args: print(__version__) or 0)

@@ -23,11 +23,12 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 
 import yaml
 
+from .errors import PetConfigError, PetConfigTypeError
 from .strategy_ckpt import check_run_yaml
 
 __all__ = [
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig",
-    "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict",
+    "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain",
 ]
 
 logger = logging.getLogger("pet_hooks")
@@ -37,14 +38,6 @@ _MINDFORMERS_PATH = ("model", "model_config", "pet_config")
 _MODEL_HINT_KEYS = ("num_layers", "num_heads", "num_attention_heads", "n_kv_heads",
                     "kv_channels", "hidden_size")
 _DTYPES = ("float32", "float16", "bfloat16")
-
-
-class PetConfigError(ValueError):
-    """A configuration value, key or file that pet_hooks cannot use."""
-
-
-class PetConfigTypeError(PetConfigError, TypeError):
-    """A configuration value of the wrong type (catchable as TypeError or ValueError)."""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -129,7 +122,7 @@ class PetConfig:
     and not ``freeze_exclude`` are frozen even if they are deltas.
     """
 
-    pet_type: str = ""
+    pet_type: str = field(default="", metadata={"help": "the method: lora, ptuning2 or prefixtuning"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
     # model_config values (num_layers, kv_channels, ...) found beside a pet_config block.
@@ -168,6 +161,19 @@ class PetConfig:
     def to_dict(self) -> dict:
         """The fields a user sets (what ``adapter_config.json`` stores), without ``model_hints``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_hints"}
+
+
+def explain(cfg: PetConfig) -> str:
+    """One line per field of ``cfg``: its value and its ``help`` (``pet-hooks check-config --explain``)."""
+    rows = [(f.name, json.dumps(getattr(cfg, f.name)), f.metadata.get("help", ""))
+            for f in dataclasses.fields(cfg) if f.name != "model_hints"]
+    if cfg.model_hints:
+        rows.append(("model_hints", json.dumps(cfg.model_hints, sort_keys=True),
+                     next(f.metadata["help"] for f in dataclasses.fields(cfg) if f.name == "model_hints")))
+    name_width = max(len(name) for name, _, _ in rows)
+    value_width = min(24, max(len(value) for _, value, _ in rows))
+    return "\n".join(f"{name.ljust(name_width)}  {value.ljust(value_width)}  {text}".rstrip()
+                     for name, value, text in rows)
 
 
 @dataclass

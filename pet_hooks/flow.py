@@ -6,25 +6,25 @@
 
 ``PetCallback``, ``enable()`` and ``pet-hooks run`` only decide *when* these run. MindSpore
 optimizers do not keep their constructor arguments, so importing pet_hooks installs a light
-recorder on ``nn.Optimizer.__new__`` (which sees the subclass's own arguments); rebuilding
-"the same optimizer over the deltas" replays them with the parameters swapped.
+recorder (``pet_hooks.recorder``); rebuilding "the same optimizer over the deltas" replays
+what it recorded with the parameters swapped.
 """
 from __future__ import annotations
 
 import inspect
 import logging
 import os
-import weakref
 from typing import Any, Dict, Iterable, List, Optional
 
 from mindspore import Parameter, nn
 
-from .hooks.patching import MARK, is_patched
-from .surgery import apply, get_state  # apply is idempotent: a model is adapted once
 from .adapter_io import save_adapter
+from .errors import OptimizerRebuildError
+from .recorder import recorded_arguments
+from .surgery import apply, get_state  # apply is idempotent: a model is adapted once
 
 __all__ = ["unwrap_model", "apply", "params_for_optimizer", "rebuild_optimizer", "attach_to_train_step",
-           "install_optimizer_recorder", "uninstall_optimizer_recorder", "save_for_rank", "is_rank_zero"]
+           "init_signature", "save_for_rank", "is_rank_zero"]
 
 logger = logging.getLogger("pet_hooks")
 
@@ -64,9 +64,9 @@ def _home_of(model: nn.Cell) -> Dict[int, Parameter]:
     state = get_state(model)
     homes: Dict[int, Parameter] = {}
     for record in state.injections:
-        home = getattr(record.cell, "weight", None)
+        home = state.tuner.group_anchor(record)
         for delta in state.tuner.deltas_of(record):
-            if isinstance(home, Parameter):
+            if home is not None:
                 homes[id(delta)] = home
     for kept in state.kept:
         homes[id(kept)] = kept
@@ -100,36 +100,7 @@ def params_for_optimizer(params: Any, model: nn.Cell) -> Any:
     return result
 
 
-_RECORDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _recording_new(cls, *args, **kwargs):
-    this = nn.Cell.__new__(cls, *args, **kwargs)
-    try:
-        _RECORDED[this] = (args, dict(kwargs))
-    except TypeError:  # not weak-referenceable: nothing to record, nothing breaks
-        pass
-    return this
-
-
-setattr(_recording_new, MARK, True)
-
-
-def install_optimizer_recorder() -> None:
-    """Record the constructor arguments of every optimizer built from now on (idempotent)."""
-    current = nn.Optimizer.__dict__.get("__new__")
-    if current is not None and is_patched(getattr(current, "__func__", current)):
-        return
-    nn.Optimizer.__new__ = staticmethod(_recording_new)
-
-
-def uninstall_optimizer_recorder() -> None:
-    current = nn.Optimizer.__dict__.get("__new__")
-    if current is not None and is_patched(getattr(current, "__func__", current)):
-        del nn.Optimizer.__new__
-
-
-def _init_signature(cls: type) -> inspect.Signature:
+def init_signature(cls: type) -> inspect.Signature:
     """The signature of ``cls.__init__``, seen through MindSpore's ``opt_init_args_register``
     decorator, which hides it behind ``(self, *args, **kwargs)`` without ``functools.wraps``."""
     init = cls.__init__
@@ -155,30 +126,30 @@ def rebuild_optimizer(optimizer: nn.Optimizer, model: nn.Cell) -> nn.Optimizer:
     """An optimizer of the same class and settings as ``optimizer``, over the PET parameters.
 
     Raises:
-        ValueError: the constructor arguments were not recorded (the optimizer was built
-            before pet_hooks was imported) or replaying them failed; names the class.
+        OptimizerRebuildError (a ValueError): the constructor arguments were not recorded (the
+            optimizer was built before pet_hooks was imported) or replaying them failed; names the class.
     """
     cls = type(optimizer)
-    record = _RECORDED.get(optimizer)
+    record = recorded_arguments(optimizer)
     if record is None:
-        raise ValueError(f"cannot rebuild optimizer {cls.__name__} over the PET parameters: its constructor "
+        raise OptimizerRebuildError(f"cannot rebuild optimizer {cls.__name__} over the PET parameters: its constructor "
                          f"arguments were not recorded (import pet_hooks before building the optimizer, or "
                          f"build it over net.trainable_params() after pet_hooks.apply)")
     args, kwargs = record
     try:
-        bound = _init_signature(cls).bind(optimizer, *args, **kwargs)
+        bound = init_signature(cls).bind(optimizer, *args, **kwargs)
     except TypeError as err:
-        raise ValueError(f"cannot rebuild optimizer {cls.__name__}: recorded arguments do not fit ({err})") from None
+        raise OptimizerRebuildError(f"cannot rebuild optimizer {cls.__name__}: recorded arguments do not fit ({err})") from None
     first = next(iter(list(bound.signature.parameters.values())[1:]), None)
     first = first.name if first is not None and first.kind in (
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY) else None
     if first is None or first not in bound.arguments:
-        raise ValueError(f"cannot rebuild optimizer {cls.__name__}: cannot tell which argument holds the parameters")
+        raise OptimizerRebuildError(f"cannot rebuild optimizer {cls.__name__}: cannot tell which argument holds the parameters")
     bound.arguments[first] = params_for_optimizer(bound.arguments[first], model)
     try:
         return cls(*bound.args[1:], **bound.kwargs)
     except Exception as err:
-        raise ValueError(f"cannot rebuild optimizer {cls.__name__} over the PET parameters: {err}") from err
+        raise OptimizerRebuildError(f"cannot rebuild optimizer {cls.__name__} over the PET parameters: {err}") from err
 
 
 def _holds_exactly(optimizer: nn.Optimizer, params: Iterable[Parameter]) -> bool:
@@ -192,7 +163,7 @@ def attach_to_train_step(train_cell: nn.Cell, model: nn.Cell) -> Optional[nn.Opt
     """
     optimizer = getattr(train_cell, "optimizer", None)
     if not isinstance(optimizer, nn.Optimizer) or not hasattr(train_cell, "weights"):
-        raise ValueError(f"{type(train_cell).__name__} is not a train-step cell with an optimizer "
+        raise OptimizerRebuildError(f"{type(train_cell).__name__} is not a train-step cell with an optimizer "
                          f"(expected TrainOneStepCell, TrainOneStepWithLossScaleCell or a subclass)")
     if _holds_exactly(optimizer, model.trainable_params()):
         return None

@@ -12,7 +12,7 @@ training "succeeds" while training nothing there. The doors snapshot each adapte
 
 The rule (what can be told reliably from values alone): an adapted cell is reported when none
 of its sentinel deltas changed bit for bit. The sentinels are what the tuner names in
-``grad_sentinels(record)``, else the cell's trainable deltas. For LoRA it is ``lora_B``: it
+``grad_sentinels(record)`` (by default the cell's deltas). For LoRA it is ``lora_B``: it
 starts at zero, gets a gradient from the first step whenever the branch is reached (A's
 gradient is zero until B moves, so A is no witness), and with no gradient it stays exactly
 zero even under weight decay. Not caught: a B that starts non-zero (a loaded adapter) under
@@ -41,9 +41,7 @@ EARLY_STEP = 2  # by the end of step 2 every reached LoRA delta has had a gradie
 
 
 def _sentinels(state, record) -> List[Parameter]:
-    pick = getattr(state.tuner, "grad_sentinels", None)
-    params = pick(record) if pick is not None else state.tuner.deltas_of(record)
-    return [p for p in params if p.requires_grad]
+    return [p for p in state.tuner.grad_sentinels(record) if p.requires_grad]
 
 
 class GradGuard:

@@ -35,7 +35,7 @@ from mindspore import nn
 from . import flow
 from .config import load_config
 from .hooks.context import PetSession
-from .hooks.patching import PatchSet
+from .patching import PatchSet
 from .matching import (is_excluded, list_entry_matches, named_cells, nearest_names, split_alternatives,
                        under_name_maps)
 from .surgery import apply, get_state, parameter_counts, remove, trainable_summary
@@ -124,9 +124,7 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
                 own.append({"name": param.name[len(prefix):], "shape": list(param.shape)})
             else:
                 shared.setdefault(param.name, list(param.shape))
-        io = getattr(state.tuner, "io_channels", None)  # LoRA knows an attention cell's in-projection
-        size = io(record.cell) if io is not None else (_size(record.cell, "in_channels"),
-                                                      _size(record.cell, "out_channels"))
+        size = state.tuner.io_channels(record)
         report["matched"].append({"path": record.path, "type": record.original_class.__name__,
                                   "in": size[0], "out": size[1], "deltas": own})
         matched_paths.add(record.path)
@@ -282,7 +280,7 @@ class _ModelBuilt(BaseException):
 
 
 def _largest_root(session: PetSession) -> Optional[nn.Cell]:
-    models = [flow.unwrap_model(root) for root in session._roots()]  # pylint: disable=protected-access
+    models = [flow.unwrap_model(root) for root in session.roots()]
     models = [m for m in models if next(iter(m.get_parameters()), None) is not None]
     return max(models, key=lambda m: sum(p.size for p in m.get_parameters()), default=None)
 
@@ -307,7 +305,7 @@ def capture_script_model(script: str, args: List[str], cfg=None) -> nn.Cell:
     def stop_at_optimizer(wrapped, instance, a, kw):
         params = inspect.signature(nn.Optimizer.__init__).bind(instance, *a, **kw).arguments.get("parameters") or []
         params = list(params) if not isinstance(params, (list, tuple)) else params
-        models = session._models_owning(params)  # pylint: disable=protected-access
+        models = session.models_owning(params)
         if models:
             raise _ModelBuilt(models[0])
         return wrapped(*a, **kw)

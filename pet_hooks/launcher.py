@@ -10,6 +10,8 @@ here get the hooks too: the launcher puts ``pet_hooks/_bootstrap`` (a ``sitecust
 on ``PYTHONPATH`` and passes the config in ``PET_HOOKS_CONFIG``; the bootstrap enters
 ``enable`` for the whole child process, saves the adapter from rank 0 at exit when
 ``PET_HOOKS_SAVE_DIR`` is set, and then still loads the user's own ``sitecustomize``.
+``PET_HOOKS_DISABLE=1`` turns the hooks off in such children; a child in which they cannot
+start prints one line naming the cause and runs on without them.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import traceback
 from typing import List, Optional
 
 from . import flow
-from .adapter_io import CONFIG_NAME
 from .config import PetConfig
+from .files import CONFIG_NAME
 from .hooks.context import enable
 
 __all__ = ["run_script", "child_environment", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV"]

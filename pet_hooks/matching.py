@@ -18,6 +18,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 from mindspore import nn
 
+from .errors import NoMatchError, PetConfigError, UnsupportedCellError
+from .name_maps import NAME_MAPS, resolve_name_map
+
 __all__ = ["select_cells", "named_cells", "nearest_names", "is_excluded", "list_entry_matches",
            "split_alternatives", "under_name_maps"]
 
@@ -74,7 +77,6 @@ def split_alternatives(pattern: str) -> List[str]:
 def under_name_maps(hit: Callable[[str], bool], adaptable: List[str]) -> Dict[str, List[str]]:
     """name map -> the cells a pattern would select if it is written in that map's names
     (``.*q_proj`` on a MindFormers Llama: the ``wq`` cells, under ``llama``)."""
-    from .peft_format import NAME_MAPS, resolve_name_map  # the maps live with the format that uses them
     found = {}
     for name in sorted(NAME_MAPS):
         _, to_other = resolve_name_map(name)
@@ -123,9 +125,10 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
         what: the config field name used in error messages.
 
     Raises:
-        ValueError: a pattern (or list entry) that selects nothing, naming it and listing
-            a few adaptable names; or a selected cell the method cannot adapt, naming its
-            path and type.
+        NoMatchError: a pattern (or list entry) that selects nothing, naming it and listing
+            a few adaptable names. PetConfigError: exclude_layers excludes everything selected.
+        UnsupportedCellError: a selected cell the method cannot adapt, naming its path and type.
+        (Both are PetConfigError, a ValueError.)
     """
     cells = [(p, c) for p, c in named_cells(net) if not skip(p, c)]
     adaptable = [p for p, c in cells if can_adapt(c) is None and not is_excluded(p, excludes)]
@@ -138,16 +141,16 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
         chosen = [(p, c) for p, c in cells if any(list_entry_matches(e, p) for e in entries)]
         unmatched = [e for e in entries if not any(list_entry_matches(e, p) for p, _ in cells)]
     for pattern in unmatched:
-        raise ValueError(f"{what} pattern {pattern!r} matches no cell of {type(net).__name__}; "
+        raise NoMatchError(f"{what} pattern {pattern!r} matches no cell of {type(net).__name__}; "
                          f"{_hint(pattern, adaptable, isinstance(targets, str))}")
 
     selected = [(p, c) for p, c in chosen if not is_excluded(p, excludes)]
     if not selected:
-        raise ValueError(f"{what} {targets!r} matched {len(chosen)} cell(s) but exclude_layers "
+        raise PetConfigError(f"{what} {targets!r} matched {len(chosen)} cell(s) but exclude_layers "
                          f"{list(excludes or [])!r} excludes all of them")
     for path, cell in selected:
         reason = can_adapt(cell)
         if reason is not None:
-            raise ValueError(f"{what} {targets!r} matches cell '{path}' of type {type(cell).__name__}, "
+            raise UnsupportedCellError(f"{what} {targets!r} matches cell '{path}' of type {type(cell).__name__}, "
                              f"which this method cannot adapt: {reason}")
     return selected

@@ -11,38 +11,36 @@ MindSpore's own reader (protobuf, no pickle) or safetensors.
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import numpy as np
 import mindspore as ms
 from mindspore import nn
 from mindspore.common import dtype as mstype
 
+from .errors import AdapterFileError, PetStateError
+from .files import load_safetensors
 from .surgery import all_delta_parameters, get_state, switch_parameters
+from .tuners import all_tuners
 
-__all__ = ["read_mindformers_lora", "save_merged_checkpoint", "to_mindformers_name", "from_mindformers_name"]
+__all__ = ["read_mindformers_lora", "save_merged_checkpoint", "from_mindformers_name"]
 
-_SUFFIXES = {".mindpet_delta_lora_a": ".lora_A", ".mindpet_delta_lora_b": ".lora_B"}
+
+def _suffixes() -> List[Tuple[str, str]]:
+    """[(".mindpet_delta_lora_a", ".lora_A"), ...]: MindFormers' delta name endings and ours, every method's."""
+    return [(f".{theirs}", f".{ours}") for tuner in all_tuners() for theirs, ours in tuner.mindformers_weights.items()]
 
 
 def from_mindformers_name(name: str) -> str:
-    for theirs, ours in _SUFFIXES.items():
+    for theirs, ours in _suffixes():
         if name.endswith(theirs):
             return name[: -len(theirs)] + ours
     return name
 
 
-def to_mindformers_name(name: str) -> str:
-    for theirs, ours in _SUFFIXES.items():
-        if name.endswith(ours):
-            return name[: -len(ours)] + theirs
-    return name
-
-
 def _read(path: str) -> Dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return load_file(path)
+        return load_safetensors(path)
     return {name: param.astype(mstype.float32).asnumpy() if param.dtype == mstype.bfloat16 else param.asnumpy()
             for name, param in ms.load_checkpoint(path).items()}
 
@@ -50,16 +48,16 @@ def _read(path: str) -> Dict[str, np.ndarray]:
 def read_mindformers_lora(path: str) -> Dict[str, np.ndarray]:
     """The LoRA deltas of a MindFormers checkpoint, keyed by pet_hooks' names (base weights ignored)."""
     if not path.endswith((".ckpt", ".safetensors")):
-        raise ValueError(f"{path}: expected a MindFormers checkpoint ending in .ckpt or .safetensors")
+        raise AdapterFileError(f"{path}: expected a MindFormers checkpoint ending in .ckpt or .safetensors")
     try:
         tensors = _read(path)
     except Exception as err:  # the readers' own errors: corrupt or truncated files
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from None
-    deltas = {from_mindformers_name(name): value for name, value in tensors.items()
-              if name.endswith(tuple(_SUFFIXES))}
+        raise AdapterFileError(f"{path}: not a readable checkpoint ({err})") from None
+    theirs = tuple(suffix for suffix, _ in _suffixes())
+    deltas = {from_mindformers_name(name): value for name, value in tensors.items() if name.endswith(theirs)}
     if not deltas:
-        raise ValueError(f"{path} holds no MindFormers LoRA tensors (names ending in "
-                         f"{' or '.join(_SUFFIXES)})")
+        raise AdapterFileError(f"{path} holds no MindFormers LoRA tensors (names ending in "
+                               f"{' or '.join(theirs)})")
     return deltas
 
 
@@ -71,12 +69,13 @@ def _refuse_tied(net: nn.Cell, state) -> None:
         for param in cell.get_parameters(expand=False):
             owners.setdefault(id(param), []).append(path)
     for record in state.injections:
-        others = [p for p in owners.get(id(record.cell.weight), []) if p != record.path]
-        if others:
-            raise ValueError(f"cannot merge the LoRA of '{record.path}': its weight "
-                             f"'{record.cell.weight.name}' is tied to '{others[0]}' (tie_word_embeddings), so "
-                             f"merging would change that cell too; leave '{record.path}' out of target_modules "
-                             f"or keep the adapter separate")
+        for weight, _ in state.tuner.weight_deltas(record):
+            others = [p for p in owners.get(id(weight), []) if p != record.path]
+            if others:
+                raise PetStateError(f"cannot merge the LoRA of '{record.path}': its weight "
+                                    f"'{weight.name}' is tied to '{others[0]}' (tie_word_embeddings), so "
+                                    f"merging would change that cell too; leave '{record.path}' out of "
+                                    f"target_modules or keep the adapter separate")
 
 
 def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
@@ -86,17 +85,17 @@ def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
     holds the base parameter names only, so a plain model without pet_hooks loads it.
     """
     state = get_state(net)
-    if state is None or state.config.pet_type != "lora":
-        raise ValueError(f"save_merged_checkpoint needs a net with LoRA applied; {type(net).__name__} has "
+    if state is None or not state.tuner.can_merge:
+        raise PetStateError(f"save_merged_checkpoint needs a net with LoRA applied; {type(net).__name__} has "
                          f"{'no PET' if state is None else state.config.pet_type}")
     _refuse_tied(net, state)
     deltas = {id(p) for p in all_delta_parameters(net) + switch_parameters(net)}
     merged = {}
     if not state.merged:  # a merged net already holds the merged weights
         for record in state.injections:
-            weight = state.tuner.base_weight(record.cell)
-            value = weight.astype(mstype.float32).asnumpy() + state.tuner.delta_in_weight_layout(record.cell)
-            merged[id(weight)] = ms.Tensor(value, mstype.float32).astype(weight.dtype)
+            for weight, delta in state.tuner.weight_deltas(record):
+                value = weight.astype(mstype.float32).asnumpy() + delta
+                merged[id(weight)] = ms.Tensor(value, mstype.float32).astype(weight.dtype)
     entries = [{"name": p.name, "data": merged.get(id(p), p.data)}
                for p in net.get_parameters() if id(p) not in deltas]
     directory = os.path.dirname(os.path.abspath(path))

@@ -31,7 +31,8 @@ from typing import Iterator, List, Optional, Sequence, TextIO, Tuple
 import numpy as np
 from mindspore.train import Callback
 
-from .hooks.patching import PatchSet
+from .files import write_bytes
+from .patching import PatchSet
 
 __all__ = ["TrainingMonitor", "ProgressCallback", "write_loss_plot", "write_png_plot", "loss_value",
            "PLOT_SIZE", "PLOT_MARGINS", "CURVE_RGB"]
@@ -228,10 +229,9 @@ def write_png_plot(points: Sequence[Tuple[float, float]], path: str) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    from .adapter_io import _atomic_write
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.abspath(path), lambda handle: handle.write(data))
+    write_bytes(os.path.abspath(path), data)
 
 
 def write_loss_plot(points: Sequence[Tuple[float, float]], path: str, title: str = "loss",

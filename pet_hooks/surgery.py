@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Dict, Iterator, List, Optional
 
 from mindspore import Parameter, nn
@@ -25,8 +24,9 @@ from mindspore import Parameter, nn
 from . import optim, strategy_ckpt
 from ._ms_compat import force_recompile, release_compiled_graphs, warn_unchecked_versions
 from .config import PetConfig, load_config
+from .errors import PetStateError
 from .foreign_pet import refuse_foreign_pet
-from .tuners import get_tuner
+from .tuners import Tuner, get_tuner
 
 __all__ = ["PetState", "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters",
            "all_delta_parameters", "saved_parameters", "trainable_summary", "get_state", "has_pet",
@@ -41,7 +41,7 @@ class PetState:
     """Everything ``apply`` changed on one net, kept on that net for the other operations."""
 
     config: PetConfig
-    tuner: ModuleType
+    tuner: Tuner
     injections: list
     requires_grad_before: Dict[str, bool]
     merged: bool = False
@@ -71,7 +71,7 @@ def has_pet(net: nn.Cell) -> bool:
 def _require_state(net: nn.Cell, action: str) -> PetState:
     state = get_state(net)
     if state is None:
-        raise ValueError(f"cannot {action}: {type(net).__name__} has no PET applied (call pet_hooks.apply first)")
+        raise PetStateError(f"cannot {action}: {type(net).__name__} has no PET applied (call pet_hooks.apply first)")
     return state
 
 
@@ -93,7 +93,7 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
         if existing.config == cfg:
             logger.info("pet_hooks: %s already has this PET config; nothing to do", type(net).__name__)
             return net
-        raise ValueError(f"{type(net).__name__} already has PET ({existing.config.pet_type}) with a different "
+        raise PetStateError(f"{type(net).__name__} already has PET ({existing.config.pet_type}) with a different "
                          f"config; call pet_hooks.remove(net) before applying another")
     refuse_foreign_pet(net)                             # MindFormers' own PET already there: no second layer
     tuner = get_tuner(cfg.pet_type)
@@ -101,7 +101,7 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
     injections = tuner.inject(targets, cfg)             # all or nothing
     try:
         deltas = {id(p): p for record in injections for p in tuner.deltas_of(record)}.values()
-        switches = [p for p in net.get_parameters() if p.name in getattr(tuner, "SWITCH_PARAMS", ())]
+        switches = tuner.switch_parameters(injections)
         before = optim.freeze_for_pet(net, deltas, cfg, switches)
         kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas} | {id(p) for p in switches})
     except BaseException:
@@ -123,7 +123,7 @@ def remove(net: nn.Cell) -> nn.Cell:
     """
     owner = _state_owner(net)
     if owner is None:
-        raise ValueError(f"cannot remove: {type(net).__name__} has no PET applied")
+        raise PetStateError(f"cannot remove: {type(net).__name__} has no PET applied")
     state: PetState = owner.__dict__[_STATE_ATTR]
     if state.merged:
         logger.warning("pet_hooks: removing PET from a merged net; unmerging first (base weights are "
@@ -140,9 +140,8 @@ def remove(net: nn.Cell) -> nn.Cell:
 
 
 def _set_active(net: nn.Cell, state: PetState, active: bool) -> None:
-    for record in state.injections:
-        state.tuner.set_active(record, active)
-    if not getattr(state.tuner, "SWITCH_IS_DATA", False):  # a switch of structure: graph mode must recompile
+    state.tuner.set_active(state.injections, active)   # each switch written once
+    if not state.tuner.switch_is_data:                  # a switch of structure: graph mode must recompile
         release_compiled_graphs(net)
         force_recompile()
 
@@ -153,10 +152,10 @@ def merge(net: nn.Cell) -> nn.Cell:
     if state.merged:
         logger.warning("pet_hooks: the adapter is already merged; merge() did nothing")
         return net
-    if not hasattr(state.tuner, "merge_weight"):
-        raise ValueError(f"pet_type {state.config.pet_type!r} has no weights to merge")
+    if not state.tuner.can_merge:
+        raise PetStateError(f"pet_type {state.config.pet_type!r} has no weights to merge")
     for record in state.injections:
-        state.tuner.merge_weight(record, +1)
+        state.tuner.merge(record, +1)
     state.merged = True
     _set_active(net, state, False)
     return net
@@ -169,7 +168,7 @@ def unmerge(net: nn.Cell) -> nn.Cell:
         logger.warning("pet_hooks: the adapter is not merged; unmerge() did nothing")
         return net
     for record in state.injections:
-        state.tuner.merge_weight(record, -1)
+        state.tuner.merge(record, -1)
     state.merged = False
     _set_active(net, state, True)
     return net
@@ -230,12 +229,12 @@ def trainable_summary(net: nn.Cell) -> str:
 def switch_parameters(net: nn.Cell) -> List[Parameter]:
     """pet_hooks' switches in ``net`` (LoRA's ``pet_lora_scale``): state, like PEFT's buffers, not
     weights of the model; never trained, counted, merged into or saved."""
-    names = set()
+    ids = set()
     for _, cell in net.cells_and_names():
         state = cell.__dict__.get(_STATE_ATTR)
         if isinstance(state, PetState):
-            names.update(getattr(state.tuner, "SWITCH_PARAMS", ()))
-    return [p for p in net.get_parameters() if p.name in names]
+            ids.update(id(p) for p in state.tuner.switch_parameters(state.injections))
+    return [p for p in net.get_parameters() if id(p) in ids]
 
 
 def parameter_counts(net: nn.Cell) -> tuple:

@@ -1,4 +1,4 @@
-"""A small GPT in plain MindSpore that knows nothing about PET (the sample model).
+"""A small GPT in plain MindSpore (the sample model); it knows nothing about PET but one thing.
 
 Layout (names chosen like MindFormers' GPT2 so its LoRA patterns apply unchanged)::
 
@@ -11,6 +11,10 @@ Layout (names chosen like MindFormers' GPT2 so its LoRA patterns apply unchanged
 
     net = TinyGPT(GPTConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4))
     logits = net(input_ids)                  # (batch, seq, vocab)
+
+The one thing: at the end, how its ``CoreAttention`` takes the prefix key/values of P-Tuning v2
+and Prefix-Tuning, registered through ``pet_hooks.register_attention`` as any model's author
+would (pet_hooks itself knows only MindFormers' attention).
 """
 from __future__ import annotations
 
@@ -146,3 +150,24 @@ def build(seed: int = 0, **overrides) -> TinyGPT:
     """A TinyGPT with reproducible weights."""
     ms.set_seed(seed)
     return TinyGPT(GPTConfig(**overrides))
+
+
+# ----------------------------------------------------------------------------- prefix methods
+from pet_hooks import PrefixAttention, register_attention  # noqa: E402  (the one PET-aware part)
+
+
+class CoreAttentionPrefix(PrefixAttention):
+    """``CoreAttention(query, key, value, mask)`` with a prefix: (b, h, s, d) tensors, mask 1 = attend."""
+
+    @staticmethod
+    def geometry(cell):
+        return cell.num_heads, cell.head_dim, cell.num_heads * cell.head_dim
+
+    def construct(self, query, key, value, mask):
+        if self.pet_prefix_active:
+            key, value = self.prefix_concat(key, value)
+            mask = ops.concat((ops.ones((mask.shape[0], self.pet_prefix_len), mask.dtype), mask), -1)
+        return self.pet_base_construct(query, key, value, mask)
+
+
+register_attention(CoreAttention, CoreAttentionPrefix)

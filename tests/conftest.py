@@ -1,6 +1,12 @@
-"""Shared fixtures: the execution mode (every feature runs in graph and PyNative mode) and tiny nets."""
+"""Shared fixtures, constants and markers: the execution mode (every feature runs in graph and PyNative
+mode), the small sample GPT, the common LoRA config, the MindFormers skip marker, the fast lane.
+
+Test modules import the constants from here (``from tests.conftest import ROOT, SMALL, ...``);
+the nets are in ``tests/nets.py``.
+"""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -15,12 +21,27 @@ if ROOT not in sys.path:
 ms.set_device("CPU")
 MODES = [pytest.param(0, id="graph"), pytest.param(1, id="pynative")]
 
+#: keyword arguments of ``samples.tiny_gpt.build`` for a GPT small enough to compile in a moment
+SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
+#: LoRA on the sample GPT's query, value and first MLP layers
+GPT_LORA = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3|.*mapping"}
+#: a valid LoRA block that the config and bad-input tests vary
+SEED_CONFIG = {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+               "target_modules": ".*dense1|.*dense2|.*dense3"}
+
+HAS_MINDFORMERS = importlib.util.find_spec("mindformers") is not None
+NEEDS_MINDFORMERS = pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not installed")
+HAS_TORCH_PEFT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
+NEEDS_TORCH_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
+
 
 @pytest.fixture(params=MODES)
 def mode(request):
-    """Run the test once in graph mode (mode=0) and once in PyNative mode (mode=1)."""
+    """Run the test once in graph mode (mode=0) and once in PyNative mode (mode=1); the mode before comes back."""
+    before = ms.get_context("mode")
     ms.set_context(mode=request.param)
     yield request.param
+    ms.set_context(mode=before)
 
 
 @pytest.fixture

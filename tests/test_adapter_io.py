@@ -12,10 +12,9 @@ from safetensors.numpy import load_file
 import pet_hooks
 from pet_hooks import adapter_io
 from samples.tiny_gpt import GPTWithLoss, build
-from tests.conftest import assert_params_equal
+from tests.conftest import GPT_LORA, SMALL, assert_params_equal
 
-CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*dense1|.*dense3|.*mapping"}
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
+CFG = {**GPT_LORA, "lora_alpha": 8}
 
 
 def _gpt(seed=0):

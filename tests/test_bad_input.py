@@ -29,15 +29,13 @@ import pet_hooks
 from pet_hooks import cli
 from pet_hooks.hooks import context
 from samples.tiny_gpt import build
+from tests.conftest import GPT_LORA, ROOT, SEED_CONFIG, SMALL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "samples", "configs", "lora.yaml")
 MS_DIR = os.path.dirname(os.path.abspath(ms.__file__))
 PET_DIR = os.path.dirname(os.path.abspath(pet_hooks.__file__))
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
-SEED = {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.1,
-        "target_modules": ".*dense1|.*dense2|.*dense3"}
-CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*dense1|.*dense3|.*mapping"}
+SEED = SEED_CONFIG
+CFG = {**GPT_LORA, "lora_alpha": 8}
 NAME = "blocks.0.attention.dense1.lora_A"
 
 

@@ -15,10 +15,9 @@ import pet_hooks
 from pet_hooks import PetCallback
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, LMLoss, build
-from tests.conftest import assert_params_equal, snapshot
+from tests.conftest import GPT_LORA, SMALL, assert_params_equal, snapshot
 
-CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3|.*mapping"}
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
+CFG = GPT_LORA
 
 
 def _dataset(steps=4):
@@ -134,7 +133,7 @@ def test_unrecorded_optimizer_is_a_clear_error(monkeypatch):
     from pet_hooks import flow
     net = build(seed=0, **SMALL)
     optimizer = nn.Adam(net.trainable_params(), 1e-2)
-    monkeypatch.setattr(flow, "_RECORDED", __import__("weakref").WeakKeyDictionary())
+    monkeypatch.setattr(flow, "recorded_arguments", lambda optimizer: None)
     model = Model(net, LMLoss(), optimizer)
     with pytest.raises(ValueError, match="cannot rebuild optimizer Adam"):
         model.train(1, _dataset(1), callbacks=[PetCallback(CFG)])
@@ -159,20 +158,24 @@ def test_loss_scale_train_step_cell_gets_the_delta_optimizer():
 
 
 def test_optimizer_recorder_installs_once_and_uninstalls():
-    from pet_hooks import flow
-    from pet_hooks.hooks.patching import is_patched
+    from pet_hooks import recorder
+    from pet_hooks.patching import is_patched
     net = build(seed=0, **SMALL)
-    flow.install_optimizer_recorder()                      # already installed by the import: no double wrap
-    assert is_patched(nn.Optimizer.__dict__["__new__"].__func__)
-    flow.uninstall_optimizer_recorder()
+    installed = nn.Optimizer.__dict__["__new__"]
+    recorder.install()                                     # already installed by the import: no double wrap
+    assert nn.Optimizer.__dict__["__new__"] is installed and is_patched(installed)
+    assert not is_patched(installed.__wrapped__)
+    recorder.uninstall()
     try:
         assert "__new__" not in nn.Optimizer.__dict__      # back to Cell.__new__
+        assert not recorder.is_installed()
         unrecorded = nn.Adam(net.trainable_params(), 1e-3)
-        assert unrecorded not in flow._RECORDED             # pylint: disable=protected-access
+        assert recorder.recorded_arguments(unrecorded) is None
+        recorder.uninstall()                               # twice: harmless
     finally:
-        flow.install_optimizer_recorder()
+        recorder.install()
     recorded = nn.Adam(net.trainable_params(), 1e-3)
-    assert flow._RECORDED[recorded][1] == {} and flow._RECORDED[recorded][0][1] == 1e-3
+    assert recorder.recorded_arguments(recorded)[1] == {} and recorder.recorded_arguments(recorded)[0][1] == 1e-3
 
 
 def test_train_step_returning_gradients_names_the_deltas(mode):

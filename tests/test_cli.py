@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
@@ -30,3 +29,32 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     assert out.stderr.strip().splitlines() == ["pet-hooks: error: lora_rank must be >= 1, got 0"]
     missing = _run("check-config", str(tmp_path / "none.yaml"))
     assert missing.returncode == 2 and "none.yaml" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _modules_imported(*args) -> set:
+    """The top-level modules ``python -m pet_hooks ARGS`` imported (``-X importtime`` lists every import)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "pet_hooks", *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines()
+             if line.startswith("import time:") and "|" in line}
+    return names, out.stdout
+
+
+def test_check_config_and_version_do_not_import_mindspore():
+    for args in (["check-config", "samples/configs/lora.yaml"], ["--version"], ["version"]):
+        names, stdout = _modules_imported(*args)
+        assert "pet_hooks" in names and "yaml" in names or args[0] != "check-config", names
+        assert "mindspore" not in names, args
+        assert stdout.strip(), args
+    assert _modules_imported("--version")[1].strip() == _modules_imported("version")[1].strip()
+
+
+def test_check_config_explain_prints_each_field_with_its_help():
+    out = _run("check-config", "--explain", "samples/configs/gpt2_lora_mindformers.yaml")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert rows["lora_rank"].split()[1] == "8" and "rank r of A" in rows["lora_rank"]
+    assert '".*dense1|.*dense2|.*dense3"' in rows["target_modules"]
+    assert "model_config values" in rows["model_hints"] and '"num_layers": 2' in rows["model_hints"]
+    assert {"pet_type", "freeze_include", "lora_alpha", "use_rslora"} <= set(rows)

@@ -8,9 +8,9 @@ import pytest
 
 import pet_hooks
 from pet_hooks import LoraConfig, PrefixTuningConfig, PTuning2Config, load_config
+from tests.conftest import SEED_CONFIG
 
-SEED = {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.1,
-        "target_modules": ".*dense1|.*dense2|.*dense3"}
+SEED = SEED_CONFIG
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "configs")
 
 

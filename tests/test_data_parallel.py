@@ -30,8 +30,8 @@ from safetensors.numpy import load_file
 import pet_hooks
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, build
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "samples", "configs", "lora.yaml")
 STEPS, BATCH, LR, RANKS = 12, 8, 0.1, 2
 LOSS = re.compile(r"epoch: 1 step: (\d+), loss is ([\d.]+)")

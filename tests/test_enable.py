@@ -5,14 +5,13 @@ import pytest
 from mindspore import Tensor, nn
 
 import pet_hooks
-from pet_hooks.hooks.patching import PatchSet, is_patched
+from pet_hooks.patching import PatchSet, is_patched
 from pet_hooks.surgery import has_pet
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, build
-from tests.conftest import assert_params_equal, snapshot
+from tests.conftest import SMALL, assert_params_equal, snapshot
 
 CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"}
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
 PATCHED = [(nn.Cell, "__init__"), (nn.Optimizer, "__init__")]
 
 

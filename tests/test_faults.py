@@ -28,15 +28,13 @@ from mindspore.train import Model
 import pet_hooks
 from pet_hooks import launcher
 from pet_hooks.hooks import context
-from pet_hooks.hooks.patching import is_patched
+from pet_hooks.patching import is_patched
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, LMLoss, build
-from tests.conftest import snapshot
+from tests.conftest import GPT_LORA, ROOT, SMALL, snapshot
 from tests.nets import TwoDense
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3|.*mapping"}
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
+CFG = GPT_LORA
 WIDE = 1024          # the saver's layers: 2 x 2 x (128 x 1024) float32 deltas, 2 MiB on disk
 PATCHED = [(nn.Cell, "__init__"), (nn.Optimizer, "__init__")]
 

@@ -5,7 +5,6 @@ delta shapes and counts from the cells' own sizes, not from pet_hooks.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,12 +18,10 @@ import pet_hooks
 from pet_hooks.inspection import capture_script_model, format_report, inspect_net, split_alternatives
 from pet_hooks.surgery import has_pet
 from samples.tiny_gpt import build
+from tests.conftest import NEEDS_MINDFORMERS, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT_CFG = os.path.join(ROOT, "samples", "configs", "lora.yaml")
 LLAMA_CFG = os.path.join(ROOT, "samples", "configs", "llama_lora.yaml")
-needs_mindformers = pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
-                                       reason="mindformers is not installed")
 
 
 def _inspect(*args):
@@ -132,7 +129,7 @@ def test_cli_factory_table_and_json():
     assert out.returncode == 0 and len(json.loads(out.stdout)["matched"]) == 12
 
 
-@needs_mindformers
+@NEEDS_MINDFORMERS
 def test_cli_on_the_mindformers_llama_script_and_factory():
     out = _inspect("--config", LLAMA_CFG, "--json", "samples/llama_train.py", "--yaml", LLAMA_CFG)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -147,7 +144,7 @@ def test_cli_on_the_mindformers_llama_script_and_factory():
     assert re.search(r"model\.layers\.1\.attention\.wo +Linear +32 +32 +lora_A \[8, 32\]", out.stdout)
 
 
-@needs_mindformers
+@NEEDS_MINDFORMERS
 def test_cli_no_match_on_llama_names_the_nearest_and_exits_2(tmp_path):
     cfg = tmp_path / "hf.yaml"
     cfg.write_text("pet_type: lora\ntarget_modules: '.*q_proj|.*v_proj'\n")

@@ -11,8 +11,8 @@ import mindspore as ms
 
 import pet_hooks
 from samples.tiny_gpt import build
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "samples", "configs", "lora.yaml")
 
 
@@ -75,29 +75,10 @@ def test_child_processes_get_the_hooks(tmp_path):
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--config", "missing.yaml", "samples/legacy_train.py"], ["missing.yaml"]),
-    (["--config", CONFIG, "no_such_script.py"], ["script not found", "no_such_script.py"]),
-    (["--config", CONFIG], ["needs a SCRIPT"]),
-])
-def test_bad_input_is_one_line_and_non_zero(args, words):
-    out = _launch(*args)
-    assert out.returncode == 2
-    lines = [l for l in out.stderr.splitlines() if l.startswith("pet-hooks:")]
-    assert len(lines) == 1 and all(w in lines[0] for w in words), out.stderr
-    assert "Traceback" not in out.stderr
-
-
-def test_nothing_matches_fails_with_the_pattern(tmp_path):
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text("pet_type: lora\ntarget_modules: '.*wq'\n")
-    out = _launch("--config", str(cfg), "samples/legacy_train.py", "--steps", "2")
-    assert out.returncode != 0 and "'.*wq' matches no cell" in out.stderr
-
-
-def test_unknown_flag_is_rejected():
-    out = _launch("--conifg", CONFIG, "samples/legacy_train.py")
-    assert out.returncode == 2 and "--config" in out.stderr
+# Bad command lines (missing config file, script not found, no script, a misspelt flag) are the cli
+# rows of tests/test_bad_input.py (through cli.main, in process; tests/test_cli.py checks the exit
+# code of a real process); a pattern that matches nothing in a script run by the launcher is in
+# tests/test_launcher_errors.py.
 
 
 @pytest.mark.parametrize("config,script,extra", [

@@ -5,13 +5,12 @@ must tell it from the script's own errors, which keep their Python traceback and
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_NAMES = 'pet_type: lora\nlora_rank: 4\ntarget_modules: ".*q_proj|.*v_proj"\n'
 
 

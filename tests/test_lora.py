@@ -6,7 +6,6 @@ disable_adapters; the result is the same in both modes.
 """
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -14,11 +13,9 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 import pet_hooks
-from tests.conftest import assert_params_equal, snapshot
+from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
 from tests.nets import CASES, Case, _get
 
-NEEDS_MINDFORMERS = pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
-                                       reason="mindformers is not installed (pip install -e '.[mindformers]')")
 CASE_PARAMS = [pytest.param(c, id=c.name, marks=[NEEDS_MINDFORMERS] if c.needs_mindformers else [])
                for c in CASES]
 

@@ -4,7 +4,6 @@ Same base weights, same LoRA weights: the loss and the gradient of every delta m
 """
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ from mindspore import Tensor
 
 import pet_hooks
 from tests.nets import tiny_llama
+from tests.conftest import NEEDS_MINDFORMERS
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
-                                reason="mindformers is not installed")
+pytestmark = NEEDS_MINDFORMERS
 CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
        "target_modules": ".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3"}
 

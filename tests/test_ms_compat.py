@@ -8,7 +8,6 @@ registry does not list. ``apply`` warns once per process on an unchecked version
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 import os
 import re
@@ -24,11 +23,9 @@ import pet_hooks
 from pet_hooks import _internals, _ms_compat
 from pet_hooks._internals import REGISTRY, Internal
 from pet_hooks._ms_compat import force_recompile, hook_version
+from tests.conftest import NEEDS_MINDFORMERS, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "pet_hooks")
-HAS_MINDFORMERS = importlib.util.find_spec("mindformers") is not None
-NEEDS_MINDFORMERS = pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not installed")
 
 
 def _param(entry: Internal):
@@ -189,30 +186,30 @@ def _optimizer_classes() -> List[type]:
 
 
 def test_optimizer_signatures_are_found_through_the_decorator():
-    from pet_hooks.flow import _init_signature
+    from pet_hooks.flow import init_signature
     hidden = 0
     for cls in _optimizer_classes():
         kinds = [p.kind for p in inspect.signature(cls.__init__).parameters.values()][1:]
         hidden += kinds == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
-        params = list(_init_signature(cls).parameters.values())
+        params = list(init_signature(cls).parameters.values())
         assert params[0].name == "self" and params[1].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, (cls, params)
-    # The decorator is why _init_signature looks through a closure; if no optimizer hides its
+    # The decorator is why init_signature looks through a closure; if no optimizer hides its
     # signature any more, the look-through is dead code and the registry entry can go.
     assert hidden > 0
-    assert "momentum" in _init_signature(nn.Momentum).parameters
+    assert "momentum" in init_signature(nn.Momentum).parameters
 
 
 def test_optimizer_recorder_sees_the_constructor_arguments():
-    from pet_hooks import flow
-    from pet_hooks.hooks.patching import is_patched
-    assert is_patched(nn.Optimizer.__dict__["__new__"].__func__)          # installed by importing pet_hooks
+    from pet_hooks import recorder
+    from pet_hooks.patching import is_patched
+    assert is_patched(nn.Optimizer.__dict__["__new__"])                  # installed by importing pet_hooks
     for cls in _optimizer_classes():   # nothing between a MindSpore optimizer and nn.Optimizer has its own __new__
         owner = next(k for k in cls.__mro__ if "__new__" in vars(k))
         assert owner is nn.Optimizer, (cls, owner)
     assert list(inspect.signature(nn.Cell.__new__).parameters) == ["class_", "args", "kwargs"]
     net = nn.Dense(2, 2)
     optimizer = nn.Momentum(net.trainable_params(), 0.1, momentum=0.7)
-    args, kwargs = flow._RECORDED[optimizer]                             # pylint: disable=protected-access
+    args, kwargs = recorder.recorded_arguments(optimizer)
     assert args[1] == 0.1 and kwargs == {"momentum": 0.7}
 
 
@@ -254,12 +251,6 @@ def test_llama_attention_has_what_the_adapter_reads():
     # The adapter passes every argument on positionally: same names, same order.
     assert list(inspect.signature(LLamaAttention.construct).parameters) == list(
         inspect.signature(LlamaAttentionPrefix.construct).parameters)
-
-
-def test_pet_hooks_own_privates_exist():
-    from pet_hooks.hooks.context import PetSession
-    for name in _internals.by_key("pet_session_privates").names:
-        assert callable(getattr(PetSession, name, None)), name
 
 
 # ----------------------------------------------------------------------------- the registry itself

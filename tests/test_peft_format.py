@@ -6,7 +6,6 @@ adapter written by pet_hooks and read by PEFT, one written by PEFT and read by p
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import os
@@ -20,12 +19,9 @@ from mindspore import Tensor
 import pet_hooks
 from pet_hooks.surgery import get_state, has_pet
 from samples.tiny_gpt import build
-from tests.conftest import snapshot, assert_params_equal
+from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS, assert_params_equal, snapshot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HAS_MINDFORMERS = importlib.util.find_spec("mindformers") is not None
-HAS_TORCH_PEFT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
-needs_mindformers = pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not installed")
 LLAMA_ALL = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
              "target_modules": ".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3"}
 GPT_CFG = os.path.join(os.path.dirname(HERE), "samples", "configs", "lora.yaml")
@@ -117,7 +113,7 @@ def test_target_modules_is_a_regex_when_the_last_names_would_select_more(tmp_pat
     assert doc["target_modules"] == r"blocks\.1\.attention\.dense1"
 
 
-@needs_mindformers
+@NEEDS_MINDFORMERS
 def test_llama_name_map_both_ways(tmp_path, mode):
     net = pet_hooks.apply(llama_with_weights(), LLAMA_ALL)
     randomize(pet_hooks.delta_parameters(net), seed=5, scale=0.2)
@@ -141,7 +137,7 @@ def test_llama_name_map_both_ways(tmp_path, mode):
 
 
 # ----------------------------------------------------------------------------- PyTorch
-@needs_mindformers
+@NEEDS_MINDFORMERS
 @pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
 def test_same_logits_as_pytorch_peft_both_ways(tmp_path, mode):
     net = llama_with_weights()
@@ -292,7 +288,7 @@ def test_a_bfloat16_peft_adapter_is_read_exactly(tmp_path):
     assert get_state(net).config.scaling == 2.0
 
 
-@needs_mindformers
+@NEEDS_MINDFORMERS
 @pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
 def test_the_interop_sample_prints_what_the_readme_shows(tmp_path):
     from samples.llama_train import build_llama

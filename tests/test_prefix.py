@@ -6,7 +6,6 @@ the encoder's parameters with the formulas of the issue), and Llama's own
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import numpy as np
@@ -16,10 +15,9 @@ from mindspore.train import Callback
 
 import pet_hooks
 from samples.tiny_gpt import GPTWithLoss, build
-from tests.conftest import assert_params_equal, snapshot
+from tests.conftest import NEEDS_MINDFORMERS, SMALL, assert_params_equal, snapshot
 from tests.nets import tiny_llama
 
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
 CONFIGS = {
     "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 3, "seed": 1},
     "ptuning2_projection": {"pet_type": "ptuning2", "pre_seq_len": 3, "prefix_projection": True,
@@ -27,8 +25,6 @@ CONFIGS = {
     "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 4, "mid_dim": 6, "seed": 1},
 }
 CFG_PARAMS = [pytest.param(v, id=k) for k, v in CONFIGS.items()]
-NEEDS_MINDFORMERS = pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
-                                       reason="mindformers is not installed")
 
 
 def np_encoder_output(net) -> np.ndarray:

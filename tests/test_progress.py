@@ -22,8 +22,8 @@ from pet_hooks.progress import (CURVE_RGB, PLOT_MARGINS, PLOT_SIZE, TrainingMoni
                                 write_png_plot)
 from samples.data import lm_batches
 from samples.tiny_gpt import LMLoss, build
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "samples", "configs", "lora.yaml")
 
 

@@ -22,9 +22,9 @@ from safetensors.numpy import save_file
 import pet_hooks
 from pet_hooks import PetConfigError
 from samples.tiny_gpt import build
+from tests.conftest import SMALL
 
 PET_DIR = os.path.dirname(os.path.abspath(pet_hooks.__file__))
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
 CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"}
 
 TAGS = [

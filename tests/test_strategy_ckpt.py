@@ -6,7 +6,6 @@ gives the user's value back; a run YAML that sets it true is warned about when i
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,12 +20,11 @@ import pet_hooks
 from pet_hooks import cli
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, LMLoss, build
+from tests.conftest import ROOT, SMALL
 from tests.nets import TwoDense
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = {"pet_type": "lora", "lora_rank": 2, "target_modules": ".*dense1"}
 GPT_CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"}
-SMALL = dict(num_layers=2, hidden_size=16, num_heads=2, seq_length=8)
 KEY = "only_trainable_params"
 
 

@@ -1,18 +1,15 @@
 """MindFormers' Trainer with pet_hooks on the CPU: PetCallback beside it, and a Trainer built inside enable()."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 import pet_hooks
-from tests.conftest import assert_params_equal, snapshot
+from tests.conftest import NEEDS_MINDFORMERS, ROOT, assert_params_equal, snapshot
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
-                                reason="mindformers is not installed")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = NEEDS_MINDFORMERS
 YAML = os.path.join(ROOT, "samples", "configs", "llama_lora.yaml")
 
 

@@ -1,1 +1,1 @@
-"""The front doors: a Callback (callback.py), a context manager (context.py), and the patch set they share."""
+"""The front doors: a Callback (callback.py) and a context manager (context.py); they patch through ``pet_hooks.patching``."""

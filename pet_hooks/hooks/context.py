@@ -36,8 +36,9 @@ from mindspore import Parameter, nn
 from .. import flow
 from ..grad_guard import GradGuard
 from ..config import PetConfig, load_config
+from ..errors import NoMatchError
+from ..patching import PatchSet
 from ..surgery import has_pet
-from .patching import PatchSet
 
 __all__ = ["enable", "PetSession", "active_session"]
 
@@ -68,7 +69,7 @@ class PetSession:
         if params is not None and not isinstance(params, (list, tuple)):
             params = list(params)  # a generator such as net.get_parameters(): read it once
             bound.arguments["parameters"] = params
-        models = self._models_owning(params or [])
+        models = self.models_owning(params or [])
         if models:
             for model in models:
                 self._adapt(model)
@@ -79,7 +80,7 @@ class PetSession:
         return wrapped(*bound.args[1:], **bound.kwargs)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _roots(self) -> List[nn.Cell]:
+    def roots(self) -> List[nn.Cell]:
         """Cells built in the block that no other such cell contains, optimizers left out."""
         built = [c for c in list(self._built) if not isinstance(c, nn.Optimizer)]
         inner = set()
@@ -87,11 +88,12 @@ class PetSession:
             inner.update(id(sub) for name, sub in cell.cells_and_names() if name)
         return [c for c in built if id(c) not in inner]
 
-    def _models_owning(self, params) -> List[nn.Cell]:
+    def models_owning(self, params) -> List[nn.Cell]:
+        """The models (built in the block) that own any of ``params`` (a list, or parameter groups)."""
         wanted = {id(p) for g in params for p in (g.get("params", []) if isinstance(g, dict) else [g])
                   if isinstance(p, Parameter)}
         models = []
-        for root in self._roots():
+        for root in self.roots():
             if any(id(p) in wanted for p in root.get_parameters()):
                 model = flow.unwrap_model(root)
                 if all(model is not m for m in models):
@@ -111,15 +113,13 @@ class PetSession:
 
     def adapt_remaining(self) -> None:
         """Adapt models built in the block that no optimizer claimed (those the config matches)."""
-        for root in self._roots():
+        for root in self.roots():
             model = flow.unwrap_model(root)
             if has_pet(model) or next(iter(model.get_parameters()), None) is None:
                 continue
             try:
                 self._adapt(model)
-            except ValueError as err:
-                if "matches no cell" not in str(err):
-                    raise
+            except NoMatchError as err:  # its target_modules select nothing here: not a model for this config
                 logger.debug("pet_hooks: %s is not a model for this config: %s", type(model).__name__, err)
 
 

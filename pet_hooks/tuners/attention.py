@@ -20,9 +20,9 @@ so graph mode compiles the adapter's source::
 
     pet_hooks.register_attention(MyAttention, MyAttentionPrefix)
 
-Built in: the sample GPT's ``CoreAttention`` and MindFormers' ``LLamaAttention`` (which
-already takes ``prefix_keys_values``), registered by dotted name so that neither module is
-imported here. Note: graph mode cannot call ``super().construct`` from such a mixin (it
+Built in: MindFormers' ``LLamaAttention`` (which already takes ``prefix_keys_values``),
+registered by dotted name so that MindFormers is not imported here. Other models register
+their own (``samples/tiny_gpt.py`` does, for its ``CoreAttention``). Note: graph mode cannot call ``super().construct`` from such a mixin (it
 recurses), hence ``pet_base_construct``.
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Dict, Optional, Tuple, Union
 
 from mindspore import nn, ops
 
-__all__ = ["PrefixAttention", "CoreAttentionPrefix", "LlamaAttentionPrefix", "register_attention",
-           "unregister_attention",
+from ..errors import PetConfigError
+
+__all__ = ["PrefixAttention", "LlamaAttentionPrefix", "register_attention", "unregister_attention",
            "adapter_for", "known_attention_names"]
 
 
@@ -87,20 +88,6 @@ class PrefixAttention:
         return ops.broadcast_to(kv, (2, batch, self.pet_prefix_len, self.pet_kv_dim))
 
 
-class CoreAttentionPrefix(PrefixAttention):
-    """The sample GPT's ``CoreAttention(query, key, value, mask)``: (b, h, s, d) tensors, mask 1 = attend."""
-
-    @staticmethod
-    def geometry(cell):
-        return cell.num_heads, cell.head_dim, cell.num_heads * cell.head_dim
-
-    def construct(self, query, key, value, mask):
-        if self.pet_prefix_active:
-            key, value = self.prefix_concat(key, value)
-            mask = ops.concat((ops.ones((mask.shape[0], self.pet_prefix_len), mask.dtype), mask), -1)
-        return self.pet_base_construct(query, key, value, mask)
-
-
 class LlamaAttentionPrefix(PrefixAttention):
     """MindFormers 1.9 ``LLamaAttention``: its own ``prefix_keys_values`` path, mask widened as LlamaModel does."""
 
@@ -122,7 +109,6 @@ class LlamaAttentionPrefix(PrefixAttention):
 
 # A key is a class, or "module.QualName" for a class whose module need not be imported.
 _ADAPTERS: Dict[Union[type, str], type] = {
-    "samples.tiny_gpt.CoreAttention": CoreAttentionPrefix,
     "mindformers.models.llama.llama_transformer.LLamaAttention": LlamaAttentionPrefix,
 }
 
@@ -138,7 +124,7 @@ def register_attention(cls: Union[type, str], adapter: type) -> None:
     """
     if isinstance(cls, str):
         if not cls or "." not in cls:
-            raise ValueError(f"register_attention: {cls!r} is not a dotted class name such as 'pkg.mod.Attention'")
+            raise PetConfigError(f"register_attention: {cls!r} is not a dotted class name such as 'pkg.mod.Attention'")
     elif not (isinstance(cls, type) and issubclass(cls, nn.Cell)):
         raise TypeError(f"register_attention: {cls!r} is not a mindspore.nn.Cell class")
     if not (isinstance(adapter, type) and issubclass(adapter, PrefixAttention)):

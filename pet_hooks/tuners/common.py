@@ -13,27 +13,18 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, nn
 
-__all__ = ["Injection", "init_rng", "patched_class", "inject_all", "restore", "strip_attrs"]
+from ..errors import UnsupportedCellError
+from .base import Injection
+
+__all__ = ["init_rng", "patched_class", "inject_all", "restore", "strip_attrs"]
 
 logger = logging.getLogger("pet_hooks")
-
-
-@dataclass
-class Injection:
-    """What was done to one cell, so that it can be undone exactly."""
-
-    path: str
-    cell: nn.Cell
-    original_class: type
-    added: Tuple[str, ...]
-    params: List[Parameter] = field(default_factory=list)
 
 
 def _in_multi_process_job() -> bool:
@@ -104,7 +95,7 @@ def inject_all(targets: List[Tuple[str, nn.Cell]], added: Tuple[str, ...],
         for index, (path, cell) in enumerate(targets):
             clash = [name for name in added if hasattr(cell, name)]
             if clash:
-                raise ValueError(f"cell '{path}' ({type(cell).__name__}) already has attribute(s) {clash}")
+                raise UnsupportedCellError(f"cell '{path}' ({type(cell).__name__}) already has attribute(s) {clash}")
             mixin = mixin_of(cell)
             try:
                 params = add(index, path, cell)

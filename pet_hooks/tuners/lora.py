@@ -30,14 +30,13 @@ from mindspore.common import dtype as mstype
 
 from .._ms_compat import write_values
 from ..config import LoraConfig
+from ..errors import AdapterFileError
 from ..matching import is_excluded, select_cells
 from . import lora_mha
-from .common import Injection, init_rng, inject_all, patched_class, restore
+from .base import Injection, Tuner
+from .common import init_rng, inject_all, patched_class, restore
 
-__all__ = ["can_adapt", "is_lora_cell", "select_targets", "inject", "eject",
-           "set_active", "merge_weight", "deltas_of", "delta_in_weight_layout", "grad_sentinels",
-           "base_weight", "io_channels", "LoraTargets", "LoraInjection", "scaled_a",
-           "SWITCH_IS_DATA"]
+__all__ = ["LoraTuner", "LoraTargets", "LoraInjection", "LoraLayer", "is_lora_cell", "scaled_a"]
 
 logger = logging.getLogger("pet_hooks")
 
@@ -45,11 +44,7 @@ _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
 _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
                 "pet_lora_in", "pet_lora_out")
-# Turning the branch on or off (disable_adapters, merge/unmerge) only writes pet_lora_scale's value:
-# the graph stays the same, so graph mode needs no recompile (surgery reads this flag).
-SWITCH_IS_DATA = True
-SCALE_NAME = "pet_lora_scale"
-SWITCH_PARAMS = (SCALE_NAME,)   # parameters that are switches, not weights (not counted, never saved)
+SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
 
 class LoraLayer:
@@ -141,7 +136,7 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
     return mixin, None
 
 
-def can_adapt(cell: nn.Cell) -> Optional[str]:
+def _can_adapt(cell: nn.Cell) -> Optional[str]:
     """None when LoRA can adapt ``cell``, else the reason it cannot."""
     return _mixin_for(cell)[1]
 
@@ -159,13 +154,13 @@ class LoraTargets(list):
         self.parents = parents
 
 
-def select_targets(net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
+def _select_targets(net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
     """The cells ``cfg`` selects; raises ValueError before anything is changed.
 
     A selected ``nn.MultiheadAttention`` brings its ``out_proj`` along (PEFT's rule) unless
     ``exclude_layers`` excludes it.
     """
-    chosen = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=can_adapt,
+    chosen = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=_can_adapt,
                           skip=lambda path, cell: is_lora_cell(cell) or path.rsplit(".", 1)[-1] == "lora_dropout")
     paths = {path for path, _ in chosen}
     targets: List[Tuple[str, nn.Cell]] = []
@@ -185,14 +180,14 @@ def select_targets(net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
     return LoraTargets(targets, parents)
 
 
-def io_channels(cell: nn.Cell) -> Tuple[int, int]:
+def _io_channels(cell: nn.Cell) -> Tuple[int, int]:
     """(in, out) of the projection the branch of ``cell`` adds to."""
     if lora_mha.is_mha(cell):
         return lora_mha.in_out_channels(cell)
     return int(cell.in_channels), int(cell.out_channels)
 
 
-def base_weight(cell: nn.Cell) -> Parameter:
+def _base_weight(cell: nn.Cell) -> Parameter:
     """The base weight the branch of ``cell`` adds to (``in_proj_weight`` for an attention cell)."""
     return cell.in_proj_weight if lora_mha.is_mha(cell) else cell.weight
 
@@ -201,7 +196,7 @@ def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
     if cfg.compute_dtype is not None:
         return getattr(mstype, cfg.compute_dtype)
     # Linear computes in its compute_dtype; Dense in its weight's dtype (x must match it).
-    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else base_weight(cell).dtype
+    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else _base_weight(cell).dtype
 
 
 def _init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.ndarray:
@@ -224,7 +219,7 @@ class LoraInjection(Injection):
     parent_original: Optional[type] = None
 
 
-def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injection]:
+def _inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injection]:
     """Give every target its LoRA branch. All or nothing: on error the done part is undone."""
     rng = init_rng(cfg)
     parents: Dict[str, nn.Cell] = getattr(targets, "parents", {})
@@ -244,7 +239,7 @@ def inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injectio
                 done[-1].parent, done[-1].parent_original = parent, (original if swapped else None)
     except BaseException:
         for record in reversed(done):
-            eject(record)
+            _eject(record)
         for record in reversed(records[len(done):]):
             restore(record)
         raise
@@ -271,7 +266,7 @@ def _tensor(values: np.ndarray, dtype):
 
 def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator, scale: Parameter,
                 read_by_parent: bool = False) -> List[Parameter]:
-    in_ch, out_ch = io_channels(cell)
+    in_ch, out_ch = _io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
     lora_a = _tensor(_init_a(rng, cfg, in_ch), param_dtype)
     lora_b = _tensor(np.zeros((out_ch, cfg.lora_rank), np.float32), param_dtype)
@@ -292,7 +287,7 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     return [cell.lora_A, cell.lora_B]
 
 
-def eject(record: Injection) -> None:
+def _eject(record: Injection) -> None:
     """The mirror of inject for one cell (and of the patch of its parent, if it made one)."""
     parent = getattr(record, "parent", None)
     if parent is not None:
@@ -300,27 +295,7 @@ def eject(record: Injection) -> None:
     restore(record)
 
 
-def set_active(record: Injection, active: bool) -> None:
-    """Turn the branch on or off by writing its scale (``scaling`` or 0): data, not structure."""
-    cell = record.cell
-    write_values(cell.pet_lora_scale, np.array(cell.lora_scaling if active else 0.0, np.float32))
-
-
-def grad_sentinels(record: Injection) -> List[Parameter]:
-    """The deltas whose change shows that the branch received a gradient: ``lora_B``.
-
-    B starts at zero and gets a gradient from the first step whenever the branch is reached
-    (A's gradient is ``B^T @ ...``, zero until B moves); a B with no gradient stays exactly
-    zero even under weight decay.
-    """
-    return [record.cell.lora_B]
-
-
-def deltas_of(record: Injection) -> List[Parameter]:
-    return list(record.params)
-
-
-def delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
+def _delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
     """``scaling * B @ A`` (float32), transposed when the weight is stored [in, out]."""
     a = cell.lora_A.astype(mstype.float32).asnumpy()
     b = cell.lora_B.astype(mstype.float32).asnumpy()
@@ -330,9 +305,78 @@ def delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
     return delta
 
 
-def merge_weight(record: Injection, sign: int) -> None:
-    """Fold (+1) or unfold (-1) the branch into the base weight, computed in float32."""
-    cell = record.cell
-    weight = base_weight(cell)
-    merged = weight.astype(mstype.float32).asnumpy() + sign * delta_in_weight_layout(cell)
-    write_values(weight, Tensor(merged, mstype.float32))
+class LoraTuner(Tuner):
+    """LoRA as a :class:`~pet_hooks.tuners.base.Tuner`: branches on Dense / Linear / MultiheadAttention."""
+
+    label = "LoRA"
+    pet_types = ("lora",)
+    # Turning the branch on or off (disable_adapters, merge/unmerge) only writes pet_lora_scale's
+    # value: the graph stays the same, so graph mode needs no recompile.
+    switch_is_data = True
+    can_merge = True
+    peft_type = "LORA"
+    peft_weights = {"lora_A": "lora_A", "lora_B": "lora_B"}
+    mindformers_weights = {"mindpet_delta_lora_a": "lora_A", "mindpet_delta_lora_b": "lora_B"}
+
+    def can_adapt(self, cell: nn.Cell) -> Optional[str]:
+        return _can_adapt(cell)
+
+    def select_targets(self, net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
+        return _select_targets(net, cfg)
+
+    def inject(self, targets, cfg: LoraConfig) -> List[Injection]:
+        return _inject(targets, cfg)
+
+    def eject(self, record: Injection) -> None:
+        _eject(record)
+
+    def deltas_of(self, record: Injection) -> List[Parameter]:
+        return list(record.params)
+
+    def set_active(self, records, active: bool) -> None:
+        """Write each scale (``scaling`` or 0) once: one adapter's cells share one. Data, not structure."""
+        scales: Dict[int, Tuple[Parameter, float]] = {}
+        for record in records:
+            cell = record.cell
+            scales.setdefault(id(cell.pet_lora_scale), (cell.pet_lora_scale, cell.lora_scaling))
+        for scale, scaling in scales.values():
+            write_values(scale, np.array(scaling if active else 0.0, np.float32))
+
+    def switch_parameters(self, records) -> List[Parameter]:
+        return list({id(r.cell.pet_lora_scale): r.cell.pet_lora_scale for r in records}.values())
+
+    def grad_sentinels(self, record: Injection) -> List[Parameter]:
+        """``lora_B``: it starts at zero and gets a gradient from the first step whenever the branch
+        is reached (A's gradient is ``B^T @ ...``, zero until B moves); a B with no gradient stays
+        exactly zero even under weight decay."""
+        return [record.cell.lora_B]
+
+    def io_channels(self, record: Injection) -> Tuple[int, int]:
+        """(in, out) of the projection the branch adds to (an attention cell's packed in-projection)."""
+        return _io_channels(record.cell)
+
+    def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
+        return [(_base_weight(record.cell), _delta_in_weight_layout(record.cell))]
+
+    # -- Hugging Face PEFT's adapter_config.json ------------------------------------------------
+    def peft_fields(self, cfg: LoraConfig) -> dict:
+        return {"lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "r": cfg.lora_rank,
+                "use_dora": False, "use_rslora": cfg.use_rslora}
+
+    def check_peft_fields(self, doc, config_path: str) -> None:
+        for key in ("r", "lora_alpha"):
+            if not isinstance(doc.get(key), (int, float)) or isinstance(doc.get(key), bool):
+                raise AdapterFileError(f"{config_path}: field {key!r} is missing or not a number")
+
+    def config_from_peft(self, doc, target_modules: List[str]) -> LoraConfig:
+        return LoraConfig(pet_type="lora", lora_rank=int(doc["r"]), lora_alpha=doc["lora_alpha"],
+                          lora_dropout=float(doc.get("lora_dropout") or 0.0),
+                          target_modules=target_modules, use_rslora=bool(doc.get("use_rslora")))
+
+    def peft_mismatch(self, doc, config_path: str, net_name: str, applied) -> Optional[str]:
+        scaling = doc["lora_alpha"] / (math.sqrt(doc["r"]) if doc.get("use_rslora") else doc["r"])
+        if applied.pet_type in self.pet_types and math.isclose(applied.scaling, scaling, rel_tol=1e-6):
+            return None
+        return (f"{config_path}: LoRA scaling {scaling:g} (r={doc['r']}, lora_alpha={doc['lora_alpha']}) "
+                f"differs from the PET applied to {net_name} "
+                f"({applied.pet_type}, scaling {getattr(applied, 'scaling', 'n/a')})")

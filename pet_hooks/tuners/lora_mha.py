@@ -31,10 +31,7 @@ import mindspore
 from mindspore import nn, ops
 
 __all__ = ["LoraMultiheadAttention", "is_mha", "mha_reason", "reads_child", "in_out_channels",
-           "attach_out_proj", "detach_out_proj", "COPIED_FROM"]
-
-# The MindSpore function whose computation LoraMultiheadAttention.construct copies (for the source pin).
-COPIED_FROM = "mindspore.nn.layer.transformer.MultiheadAttention.construct"
+           "attach_out_proj", "detach_out_proj"]
 
 _MATMUL = ops.MatMul()
 # What an attention cell gains when it is patched because of its out_proj only.

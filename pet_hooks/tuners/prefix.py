@@ -24,11 +24,13 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn
 
 from ..config import PetConfig, PrefixTuningConfig, PTuning2Config
+from ..errors import PetConfigError, UnsupportedCellError
 from ..matching import named_cells, select_cells
 from .attention import adapter_for, known_attention_names
-from .common import Injection, init_rng, inject_all, restore
+from .base import Injection, Tuner
+from .common import init_rng, inject_all, restore
 
-__all__ = ["can_adapt", "select_targets", "inject", "eject", "set_active", "deltas_of", "encoder_shapes"]
+__all__ = ["PrefixTuner", "encoder_shapes", "ENCODER"]
 
 _ADDED_ATTRS = ("pet_prefix_embedding", "pet_prefix_w_in", "pet_prefix_b_in", "pet_prefix_w_out",
                 "pet_prefix_b_out", "pet_prefix_projected", "pet_prefix_len", "pet_kv_heads", "pet_head_dim",
@@ -40,22 +42,22 @@ def _is_prefix_cell(cell: nn.Cell) -> bool:
     return getattr(type(cell), "pet_hooks_prefix", False) is True
 
 
-def can_adapt(cell: nn.Cell) -> Optional[str]:
+def _can_adapt(cell: nn.Cell) -> Optional[str]:
     if adapter_for(cell) is not None:
         return None
     return ("no prefix attention adapter knows this class (known: " + ", ".join(known_attention_names())
             + "; see pet_hooks.register_attention)")
 
 
-def select_targets(net: nn.Cell, cfg: PetConfig) -> List[Tuple[str, nn.Cell]]:
+def _select_targets(net: nn.Cell, cfg: PetConfig) -> List[Tuple[str, nn.Cell]]:
     """The attention cells, one per layer, in net order; ValueError before anything changes."""
     skip = lambda path, cell: _is_prefix_cell(cell) or path.rsplit(".", 1)[-1] == "pet_prefix_dropout"
     if cfg.target_modules is not None:
-        targets = select_cells(net, cfg.target_modules, None, can_adapt=can_adapt, skip=skip)
+        targets = select_cells(net, cfg.target_modules, None, can_adapt=_can_adapt, skip=skip)
     else:
         targets = [(p, c) for p, c in named_cells(net) if not skip(p, c) and adapter_for(c) is not None]
         if not targets:
-            raise ValueError(f"{type(net).__name__} has no attention cell the prefix adapters know "
+            raise PetConfigError(f"{type(net).__name__} has no attention cell the prefix adapters know "
                              f"(known: {', '.join(known_attention_names())}); name yours with target_modules "
                              f"and teach pet_hooks its layout with pet_hooks.register_attention")
     return targets  # (inject reads and checks their geometry before it changes anything)
@@ -79,28 +81,28 @@ def _geometry(targets: List[Tuple[str, nn.Cell]], cfg: PetConfig) -> Tuple[int, 
         try:
             found.add(tuple(adapter_for(cell).geometry(cell)))
         except (AttributeError, ValueError) as err:
-            raise ValueError(f"cannot adapt the attention cell '{path}' ({type(cell).__name__}): {err}") from None
+            raise UnsupportedCellError(f"cannot adapt the attention cell '{path}' ({type(cell).__name__}): {err}") from None
     if len(found) > 1:
-        raise ValueError(f"the attention cells {[p for p, _ in targets]} differ in (kv heads, head size, hidden): "
+        raise UnsupportedCellError(f"the attention cells {[p for p, _ in targets]} differ in (kv heads, head size, hidden): "
                          f"{sorted(found)}; one prefix encoder needs them equal")
     kv_heads, head_dim, hidden = found.pop()
     heads_hint = hints.get("n_kv_heads") or hints.get("num_attention_heads") or hints.get("num_heads")
     if hints.get("hidden_size") and (hints.get("num_attention_heads") or hints.get("num_heads")):
         heads = hints.get("num_attention_heads") or hints["num_heads"]
         if hints["hidden_size"] % heads:
-            raise ValueError(f"model_config num_heads {heads} does not divide hidden_size {hints['hidden_size']}")
+            raise PetConfigError(f"model_config num_heads {heads} does not divide hidden_size {hints['hidden_size']}")
     kv_heads = kv_heads or heads_hint
     head_dim = head_dim or hints.get("kv_channels")
     hidden = hidden or hints.get("hidden_size")
     for name, value in (("num_heads", kv_heads), ("kv_channels", head_dim), ("hidden_size", hidden)):
         if not value:
-            raise ValueError(f"cannot tell {name} from the attention cells; give it in the model_config "
+            raise PetConfigError(f"cannot tell {name} from the attention cells; give it in the model_config "
                              f"beside pet_config")
     checks = [("num_layers", hints.get("num_layers"), len(targets)), ("kv_channels", hints.get("kv_channels"), head_dim),
               ("num_heads", heads_hint, kv_heads)]
     for name, hint, actual in checks:
         if hint is not None and hint != actual:
-            raise ValueError(f"model_config {name} is {hint} but the model has {actual} "
+            raise PetConfigError(f"model_config {name} is {hint} but the model has {actual} "
                              f"({len(targets)} attention cells, {kv_heads} key/value heads of size {head_dim})")
     return len(targets), kv_heads, head_dim, hidden
 
@@ -130,7 +132,7 @@ def _encoder(cfg: PetConfig, shapes: Dict[str, tuple]) -> Dict[str, Parameter]:
     return params
 
 
-def inject(targets: List[Tuple[str, nn.Cell]], cfg: PetConfig) -> List[Injection]:
+def _inject(targets: List[Tuple[str, nn.Cell]], cfg: PetConfig) -> List[Injection]:
     """Give every attention cell its layer's prefix (the encoder parameters shared). All or nothing."""
     num_layers, kv_heads, head_dim, hidden = _geometry(targets, cfg)
     kv_dim = kv_heads * head_dim
@@ -155,13 +157,29 @@ def inject(targets: List[Tuple[str, nn.Cell]], cfg: PetConfig) -> List[Injection
     return inject_all(targets, _ADDED_ATTRS, add, mixin_of=adapter_for)
 
 
-eject = restore  # the mirror of inject for one cell
+class PrefixTuner(Tuner):
+    """P-Tuning v2 and Prefix-Tuning as a :class:`~pet_hooks.tuners.base.Tuner`: one shared prefix encoder."""
 
+    label = "prefix"
+    pet_types = ("ptuning2", "prefixtuning")
 
-def set_active(record: Injection, active: bool) -> None:
-    record.cell.pet_prefix_active = bool(active)
+    def can_adapt(self, cell: nn.Cell) -> Optional[str]:
+        return _can_adapt(cell)
 
+    def select_targets(self, net: nn.Cell, cfg: PetConfig) -> List[Tuple[str, nn.Cell]]:
+        return _select_targets(net, cfg)
 
-def deltas_of(record: Injection) -> List[Parameter]:
-    """The shared encoder parameters (the same objects for every layer)."""
-    return list(record.params)
+    def inject(self, targets, cfg: PetConfig) -> List[Injection]:
+        return _inject(targets, cfg)
+
+    def eject(self, record: Injection) -> None:
+        restore(record)  # the mirror of inject for one cell
+
+    def deltas_of(self, record: Injection) -> List[Parameter]:
+        """The shared encoder parameters (the same objects for every layer)."""
+        return list(record.params)
+
+    def set_active(self, records, active: bool) -> None:
+        """A flag on each attention cell: structure, so graph mode recompiles (switch_is_data False)."""
+        for record in records:
+            record.cell.pet_prefix_active = bool(active)

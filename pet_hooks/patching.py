@@ -5,7 +5,8 @@ owner's own ``__dict__`` (never with ``getattr``, which would hand back a bound 
 an inherited attribute that was never the owner's). ``undo`` restores in reverse order: an
 attribute the owner had is set back to the identical object, one it only inherited is
 deleted again. What pet_hooks installs carries ``_pet_hooks_patched`` so nothing is
-wrapped twice::
+wrapped twice. The front doors (``hooks/``), the optimizer recorder (``recorder``), ``progress``
+and ``inspection`` all patch through this one mechanism; it imports nothing of pet_hooks::
 
     patches = PatchSet()
     patches.wrap(nn.Optimizer, "__init__", wrapper)      # a wrapt.FunctionWrapper
@@ -46,9 +47,6 @@ class PatchSet:
 
     def __init__(self) -> None:
         self._records: List[Tuple[Any, str, Any]] = []
-
-    def __len__(self) -> int:
-        return len(self._records)
 
     def set(self, owner: Any, attribute: str, value: Any) -> None:
         """``owner.attribute = value``, remembering what the owner itself held before."""

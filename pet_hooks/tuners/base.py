@@ -1,0 +1,149 @@
+"""The tuner contract: what every PET method provides, and all that the rest of pet_hooks may ask of it.
+
+A method is one module under ``tuners/`` with a :class:`Tuner` subclass, and one line in
+``tuners/__init__.py`` (``register_tuner(MyTuner())``)::
+
+    class IA3Tuner(Tuner):
+        pet_types = ("ia3",)
+        def can_adapt(self, cell): ...          # None, or why this cell cannot be adapted
+        def select_targets(self, net, cfg): ... # validate and choose cells; changes nothing
+        def inject(self, targets, cfg): ...     # all or nothing; returns one Injection per cell
+        def eject(self, record): ...            # the exact mirror of inject for one cell
+        def deltas_of(self, record): ...        # the new Parameters of that cell
+        def set_active(self, records, active): ...
+
+``surgery`` (apply / remove / merge / disable), ``flow`` (the optimizer), ``grad_guard``,
+``inspection`` and the file formats (``adapter_io``, ``peft_format``, ``mindformers_io``) talk
+to tuners through this class only. What a method does not have keeps the default here: no
+switch parameters, no merge (``can_merge = False``), no PEFT or MindFormers layout.
+
+Switching a net's adapters on or off (``disable_adapters``, merge/unmerge) is one call with
+all of its records, so a value shared by many cells (LoRA's scale) is written once. A method
+whose switch only writes values sets ``switch_is_data = True``; otherwise surgery makes graph
+mode recompile after the switch.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn
+from mindspore.common import dtype as mstype
+
+from .._ms_compat import write_values
+from ..config import PetConfig
+from ..errors import PetStateError
+
+__all__ = ["Tuner", "Injection", "Targets"]
+
+Targets = List[Tuple[str, nn.Cell]]
+
+
+@dataclass
+class Injection:
+    """What was done to one cell, so that it can be undone exactly."""
+
+    path: str
+    cell: nn.Cell
+    original_class: type
+    added: Tuple[str, ...]
+    params: List[Parameter] = field(default_factory=list)
+
+
+def _channels(cell: nn.Cell, attr: str) -> Optional[int]:
+    value = getattr(cell, attr, None)
+    return int(value) if isinstance(value, int) else None
+
+
+class Tuner(abc.ABC):
+    """One PET method. Instances are stateless: everything about a net lives in its records."""
+
+    #: the method's name in messages ("LoRA")
+    label: ClassVar[str] = ""
+    #: the ``pet_type`` values (config classes) this tuner serves
+    pet_types: ClassVar[Tuple[str, ...]] = ()
+    #: True when ``set_active`` only writes parameter values: graph mode need not recompile
+    switch_is_data: ClassVar[bool] = False
+    #: True when ``merge`` can fold the deltas into the base weights (and ``weight_deltas`` says how)
+    can_merge: ClassVar[bool] = False
+    #: Hugging Face PEFT's ``peft_type`` for this method, None when it has no PEFT layout
+    peft_type: ClassVar[Optional[str]] = None
+    #: PEFT's tensor key suffix (``<module>.<suffix>.weight``) -> the leaf of our delta's name
+    peft_weights: ClassVar[Mapping[str, str]] = {}
+    #: MindFormers' delta name suffix (``<cell>.<theirs>``) -> the leaf of our delta's name
+    mindformers_weights: ClassVar[Mapping[str, str]] = {}
+
+    # -- choose, inject, undo ----------------------------------------------------------------
+    @abc.abstractmethod
+    def can_adapt(self, cell: nn.Cell) -> Optional[str]:
+        """None when this method can adapt ``cell``, else the reason it cannot."""
+
+    @abc.abstractmethod
+    def select_targets(self, net: nn.Cell, cfg: PetConfig) -> Targets:
+        """The ``[(path, cell)]`` the config selects, in net order; raises before anything changes."""
+
+    @abc.abstractmethod
+    def inject(self, targets: Targets, cfg: PetConfig) -> List[Injection]:
+        """Adapt every target; all or nothing (on error what was done is undone)."""
+
+    @abc.abstractmethod
+    def eject(self, record: Injection) -> None:
+        """The exact mirror of ``inject`` for one cell."""
+
+    @abc.abstractmethod
+    def deltas_of(self, record: Injection) -> List[Parameter]:
+        """The delta Parameters of one adapted cell (shared ones are the same objects in every record)."""
+
+    # -- switches ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def set_active(self, records: Sequence[Injection], active: bool) -> None:
+        """Turn the adapters of these records (one net's) on or off, each switch written once."""
+
+    def switch_parameters(self, records: Sequence[Injection]) -> List[Parameter]:
+        """Parameters that are switches, not weights: never trained, counted, merged into or saved."""
+        return []
+
+    # -- what the rest of pet_hooks reads ------------------------------------------------------
+    def grad_sentinels(self, record: Injection) -> List[Parameter]:
+        """The deltas whose change shows that the cell's branch received a gradient (grad_guard)."""
+        return self.deltas_of(record)
+
+    def io_channels(self, record: Injection) -> Tuple[Optional[int], Optional[int]]:
+        """(in, out) sizes of the adapted computation, None where unknown (for ``pet-hooks inspect``)."""
+        return _channels(record.cell, "in_channels"), _channels(record.cell, "out_channels")
+
+    def group_anchor(self, record: Injection) -> Optional[Parameter]:
+        """The base parameter whose optimizer group this cell's deltas join (its layer's weight)."""
+        weight = getattr(record.cell, "weight", None)
+        return weight if isinstance(weight, Parameter) else None
+
+    # -- merging -----------------------------------------------------------------------------
+    def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
+        """``[(base weight, float32 change)]`` that merging this cell adds, in the weight's layout."""
+        return []
+
+    def merge(self, record: Injection, sign: int) -> None:
+        """Fold (+1) or unfold (-1) the cell's deltas into its base weights, computed in float32."""
+        if not self.can_merge:
+            raise PetStateError(f"{type(self).__name__} has no weights to merge")
+        for weight, delta in self.weight_deltas(record):
+            merged = weight.astype(mstype.float32).asnumpy() + sign * delta
+            write_values(weight, Tensor(merged, mstype.float32))
+
+    # -- the PEFT layout (methods with a peft_type) ---------------------------------------------
+    def peft_fields(self, cfg: PetConfig) -> dict:
+        """The method's own fields of a PEFT ``adapter_config.json`` written for ``cfg``."""
+        raise NotImplementedError(f"{type(self).__name__} has no PEFT layout")
+
+    def check_peft_fields(self, doc: Mapping, config_path: str) -> None:
+        """Raise naming ``config_path`` when the method's fields of a PEFT config are unusable."""
+
+    def config_from_peft(self, doc: Mapping, target_modules: List[str]) -> PetConfig:
+        """The config equivalent to a PEFT ``adapter_config.json``, adapting ``target_modules``."""
+        raise NotImplementedError(f"{type(self).__name__} has no PEFT layout")
+
+    def peft_mismatch(self, doc: Mapping, config_path: str, net_name: str, applied: PetConfig) -> Optional[str]:
+        """Why a PEFT adapter cannot load into a net that already has ``applied``; None when it can."""
+        return None

@@ -1,0 +1,125 @@
+"""The tuner contract, the error types, and what ``import pet_hooks`` does (and does not) do."""
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pet_hooks
+from pet_hooks import errors
+from pet_hooks.config import LoraConfig, PrefixTuningConfig, PTuning2Config
+from pet_hooks.tuners import Tuner, all_tuners, get_tuner, peft_tuner
+from samples.tiny_gpt import build
+from tests.conftest import ROOT
+
+SMALL = dict(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, seq_length=8)
+
+
+# ----------------------------------------------------------------------------- the tuner contract
+def test_every_pet_type_has_a_tuner_that_keeps_the_contract():
+    configs = {cls.PET_TYPE for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig)}
+    assert configs == {t for tuner in all_tuners() for t in tuner.pet_types}
+    for tuner in all_tuners():
+        assert isinstance(tuner, Tuner) and not inspect.isabstract(type(tuner))
+        assert tuner.label and tuner.pet_types
+        if tuner.peft_type is not None:
+            assert peft_tuner(tuner.peft_type) is tuner and tuner.peft_weights
+    assert peft_tuner("IA3") is None
+    with pytest.raises(errors.PetConfigError, match="unknown pet_type 'dora'"):
+        get_tuner("dora")
+
+
+def test_a_tuner_missing_part_of_the_contract_cannot_be_built():
+    class Half(Tuner):
+        pet_types = ("half",)
+
+        def can_adapt(self, cell):
+            return None
+    with pytest.raises(TypeError):
+        Half()
+
+
+def test_switching_lora_writes_the_shared_scale_once(mode, monkeypatch):
+    from pet_hooks.tuners import lora
+    net = pet_hooks.apply(build(seed=0, **SMALL), {"pet_type": "lora", "target_modules": ".*dense1|.*dense2|.*dense3"})
+    state = pet_hooks.surgery.get_state(net)
+    assert len(state.injections) == 6
+    writes = []
+    real = lora.write_values
+    monkeypatch.setattr(lora, "write_values", lambda param, value: writes.append(param.name) or real(param, value))
+    with pet_hooks.disable_adapters(net):
+        assert writes == ["pet_lora_scale"]
+        assert float(state.injections[0].cell.pet_lora_scale.asnumpy()) == 0.0
+    assert writes == ["pet_lora_scale"] * 2
+    assert float(state.injections[-1].cell.pet_lora_scale.asnumpy()) == pytest.approx(2.0)
+    assert [p.name for p in pet_hooks.surgery.switch_parameters(net)] == ["pet_lora_scale"]
+
+
+# ----------------------------------------------------------------------------- the error types
+def test_errors_are_types_exported_and_keep_their_builtin_bases():
+    for name in errors.__all__:
+        assert getattr(pet_hooks, name) is getattr(errors, name) and name in pet_hooks.__all__
+        assert issubclass(getattr(errors, name), errors.PetError)
+    assert issubclass(errors.NoMatchError, errors.PetConfigError) and issubclass(errors.NoMatchError, ValueError)
+    assert issubclass(errors.PetConfigTypeError, TypeError) and issubclass(errors.PetConfigTypeError, ValueError)
+    assert issubclass(errors.AdapterNotFoundError, FileNotFoundError)
+    for name in ("PetStateError", "AdapterFileError", "OptimizerRebuildError", "UnsupportedCellError"):
+        assert issubclass(getattr(errors, name), ValueError), name
+
+
+def test_each_error_is_raised_as_its_type(tmp_path):
+    cfg = {"pet_type": "lora", "target_modules": ".*dense1"}
+    with pytest.raises(errors.NoMatchError, match="'.*nothing' matches no cell"):
+        pet_hooks.apply(build(seed=0, **SMALL), {**cfg, "target_modules": ".*nothing"})
+    with pytest.raises(errors.UnsupportedCellError, match="which this method cannot adapt"):
+        pet_hooks.apply(build(seed=0, **SMALL), {**cfg, "target_modules": ".*ln1"})
+    with pytest.raises(errors.PetStateError, match="has no PET applied"):
+        pet_hooks.merge(build(seed=0, **SMALL))
+    with pytest.raises(errors.AdapterNotFoundError, match="adapter directory not found"):
+        pet_hooks.load_adapter(build(seed=0, **SMALL), tmp_path / "none")
+    (tmp_path / "adapter_config.json").write_text("{")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(errors.AdapterFileError, match="not a readable JSON file"):
+        pet_hooks.load_adapter(build(seed=0, **SMALL), tmp_path)
+
+
+def test_enable_skips_models_no_pattern_matches_but_not_other_errors():
+    from mindspore import nn
+    with pet_hooks.enable({"pet_type": "lora", "target_modules": ".*dense1"}) as session:
+        nn.SequentialCell([nn.ReLU()])                                  # no parameters: not a model
+        other = nn.SequentialCell([nn.Dense(2, 2)])                     # .*dense1 matches no cell: skipped
+        gpt = build(seed=0, **SMALL)
+    assert session.models == [gpt] and not pet_hooks.surgery.has_pet(other)
+    kept = []  # enable() holds the models built in it weakly
+    with pytest.raises(errors.PetConfigError, match="excludes all of them"):
+        with pet_hooks.enable({"pet_type": "lora", "target_modules": ".*dense1", "exclude_layers": ".*blocks.*"}):
+            kept.append(build(seed=0, **SMALL))
+
+
+# ----------------------------------------------------------------------------- import pet_hooks
+def test_import_is_lazy_and_the_recorder_waits_for_mindspore():
+    code = (
+        "import sys\n"
+        "import pet_hooks\n"
+        "assert 'mindspore' not in sys.modules, 'import pet_hooks imported mindspore'\n"
+        "from pet_hooks import *\n"
+        "assert 'mindspore' in sys.modules and callable(apply) and PetError\n"
+        "from mindspore import nn\n"
+        "from pet_hooks import recorder\n"
+        "assert recorder.is_installed()\n"
+        "opt = nn.Momentum(nn.Dense(2, 2).trainable_params(), 0.1, momentum=0.7)\n"
+        "assert recorder.recorded_arguments(opt)[1] == {'momentum': 0.7}\n"
+        "recorder.uninstall()\n"
+        "assert '__new__' not in nn.Optimizer.__dict__ and not recorder.is_installed()\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pet_hooks.no_such_name  # pylint: disable=pointless-statement
+    assert np.isclose(pet_hooks.LoraConfig(target_modules="x").scaling, 2.0)
