@@ -14,9 +14,14 @@ same rows in the same order and score them the same way.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import json
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
 from typing import Callable, List, Sequence, Tuple
 
@@ -45,12 +50,12 @@ def first_sentence(doc: str) -> str:
     return text if len(text) <= MAX_CHARS else text[:MAX_CHARS].rsplit(" ", 1)[0] + " ..."
 
 
-def stdlib_examples(seed: int = 0) -> Tuple[List[Example], List[Example]]:
-    """(train, held_out): docstrings of the public functions and classes of MODULES, split per module."""
+def collect(modules: Sequence[str]) -> List[Example]:
+    """Every (module, name, first sentence) of the public functions and classes defined in ``modules``."""
     found: List[Example] = []
     with warnings.catch_warnings():   # typing.io, typing.re: deprecated on any access
         warnings.simplefilter("ignore", DeprecationWarning)
-        for name in MODULES:
+        for name in modules:
             module = importlib.import_module(name)
             for attr in sorted(vars(module)):
                 obj = getattr(module, attr)
@@ -62,6 +67,36 @@ def stdlib_examples(seed: int = 0) -> Tuple[List[Example], List[Example]]:
                 text = first_sentence(obj.__doc__)
                 if len(text) >= 24 and not text.startswith(attr + "("):   # not a bare signature
                     found.append((name, attr, text))
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def clean_collect() -> Tuple[Example, ...]:
+    """:func:`collect` over MODULES in a fresh interpreter that has imported nothing else.
+
+    In this process, libraries may have replaced stdlib functions (MindSpore replaces
+    ``warnings.showwarning``; MindSpore and PyTorch both change what ``inspect`` holds), so the
+    same Python would build a different task in the demo, under the launcher, and in the
+    MindSpore and PyTorch sides of the benchmark. ``-I -S``: no site-packages, no
+    ``sitecustomize``, no environment variables, only the standard library.
+    """
+    code = "\n".join(["import importlib, inspect, json, re, sys, warnings",
+                      "from typing import List, Sequence, Tuple",
+                      "Example = Tuple[str, str, str]", f"MAX_CHARS = {MAX_CHARS}",
+                      textwrap.dedent(inspect.getsource(first_sentence)), textwrap.dedent(inspect.getsource(collect)),
+                      f"json.dump(collect({list(MODULES)!r}), sys.stdout)"])
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"collecting the stdlib docstrings failed:\n{done.stderr[-2000:]}")
+    return tuple(tuple(row) for row in json.loads(done.stdout))
+
+
+def stdlib_examples(seed: int = 0) -> Tuple[List[Example], List[Example]]:
+    """(train, held_out): docstrings of the public functions and classes of MODULES, split per module.
+
+    The same for every process on one Python build, whatever it has imported (:func:`clean_collect`).
+    """
+    found = list(clean_collect())
     counts = {}
     for _, _, text in found:
         counts[text] = counts.get(text, 0) + 1
