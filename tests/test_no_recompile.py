@@ -249,3 +249,28 @@ def test_soak_apply_remove_frees_the_stale_graphs():
         pet_hooks._ms_compat.release_compiled_graphs = real
         surgery.release_compiled_graphs = real
     assert released < 0.6 * kept, (released, kept)
+
+
+# ----------------------------------------------------------------------------- prefix methods
+@pytest.mark.parametrize("cfg", [{"pet_type": "ptuning2", "pre_seq_len": 4},
+                                 {"pet_type": "prefixtuning", "prefix_token_num": 4}], ids=["ptuning2", "prefixtuning"])
+def test_prefix_switch_stays_exact_and_frees_the_graph_it_replaces(cfg):
+    """The prefix methods' switch stays structural, by choice: prefix keys and values lengthen the
+    attention's softmax and value sums, so a "zero prefix" or a masked prefix would change the base's
+    floating-point sums (not bit for bit). Exactness wins: disable_adapters gives the base bit for bit,
+    and each switch frees the graph it makes stale (graph mode), as apply and remove do."""
+    ms.set_context(mode=0)
+    net = tiny_llama()
+    net.set_train(False)
+    ids = _ids()
+    base = _logits(net, ids)
+    pet_hooks.apply(net, cfg)
+    _randomise(net)
+    prefixed = _logits(net, ids)
+    assert not np.allclose(prefixed, base, atol=1e-4)
+    assert net.compile_cache
+    with pet_hooks.disable_adapters(net):
+        assert not net.compile_cache                        # the prefixed graph was released
+        np.testing.assert_array_equal(_logits(net, ids), base)
+    assert not net.compile_cache                            # and the base graph of the block
+    np.testing.assert_array_equal(_logits(net, ids), prefixed)
