@@ -303,7 +303,7 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
         lines += [f"### Speed and memory ({s['rounds']} timed rounds per group, batch {batch} x {seq} tokens)", "",
                   "Two interleaved groups, each one MindSpore process with the two PyTorch ones: A = pet_hooks LoRA q/k/v/o, "
                   "PEFT LoRA q/k/v/o, PyTorch full fine-tuning; B = MindSpore full fine-tuning and the same two PyTorch ones "
-                  "(never two MindSpore processes of the full model at once: each takes up to ~8 GB)"
+                  "(never two MindSpore processes of the full model at once: each takes 5 to 16 GB)"
                   + ("" if "B" in s["groups"] else "; **only group A ran in this session**, so MindSpore full fine-tuning "
                      "has no figure here") + ". In a round each "
                   "process takes one step in turn, the order reversed every round; "
