@@ -127,7 +127,7 @@ def mindspore_side(args):
     from mindspore.experimental.optim import AdamW
     import pet_hooks
     from bench.models import pet_config
-    from samples.smollm2 import load_smollm2
+    from samples.smollm2 import batch_logits, load_smollm2
     net = load_smollm2(args.layers, seq_length=args.seq, batch_size=args.batch)
     if args.variant not in ("none", "full"):
         net = pet_hooks.apply(net, pet_config(Shape("llama"), args.variant))
@@ -157,14 +157,10 @@ def mindspore_side(args):
         state["i"] += 1
         return float(step_cell(*[ms.Tensor(x) for x in inputs]).asnumpy())
 
-    def logits_of(ids: np.ndarray) -> np.ndarray:
-        out = net(ms.Tensor(ids))
-        return (out[0] if isinstance(out, tuple) else out).asnumpy().reshape(*ids.shape, -1)
-
     def evaluate() -> dict:
         net.set_train(task.name == "lm")     # lm: training mode returns the loss; module: predict mode, logits
         try:
-            return task.evaluate(lambda ids: float(net(ms.Tensor(ids)).asnumpy()), logits_of)
+            return task.evaluate(lambda ids: float(net(ms.Tensor(ids)).asnumpy()), lambda ids: batch_logits(net, ids))
         finally:
             net.set_train(True)
 

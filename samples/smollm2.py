@@ -209,7 +209,6 @@ def load_smollm2(num_layers: Optional[int] = None, seq_length: int = 256, batch_
 
 def logits_of(net, ids: Sequence[int]) -> np.ndarray:
     """(len(ids), vocab) float32 logits of ``net`` (batch size 1) for one sequence, right-padded to its seq_length."""
-    import mindspore as ms
     seq = net.config.seq_length
     ids = list(ids)
     if not 0 < len(ids) <= seq:
@@ -217,9 +216,14 @@ def logits_of(net, ids: Sequence[int]) -> np.ndarray:
     batch = np.full((net.config.batch_size, seq), FILL_ID, np.int32)
     batch[0, :len(ids)] = ids
     net.set_train(False)
-    out = net(ms.Tensor(batch))
-    logits = (out[0] if isinstance(out, tuple) else out).asnumpy()
-    return logits.reshape(net.config.batch_size, seq, -1)[0, :len(ids)]
+    return batch_logits(net, batch)[0, :len(ids)]
+
+
+def batch_logits(net, ids: np.ndarray) -> np.ndarray:
+    """``(batch, seq, vocab)`` float32 logits of ``(batch, seq)`` token ids (the net already in predict mode)."""
+    import mindspore as ms
+    out = net(ms.Tensor(ids))
+    return (out[0] if isinstance(out, tuple) else out).asnumpy().reshape(*ids.shape, -1)
 
 
 def generate(net, ids: Sequence[int], max_new_tokens: int, eos_id: Optional[int] = None) -> List[int]:

@@ -28,23 +28,17 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 import mindspore.dataset as ds
-from mindspore import Tensor, nn
+from mindspore import nn
 from mindspore.train import Callback, Model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from samples.smollm2 import EOS_ID, load_smollm2, smollm2_tokenizer  # noqa: E402
+from samples.smollm2 import EOS_ID, batch_logits, load_smollm2, smollm2_tokenizer  # noqa: E402
 from samples.stdlib_task import (MODULES, Example, padded, prompt_ids, score, stdlib_examples,  # noqa: E402
                                  train_rows, training_order)
 
 def forward(net, rows: Sequence[Sequence[int]], batch: int, seq: int) -> np.ndarray:
     """(len(rows), seq, vocab) logits: the rows right-padded to ``seq`` in one ``(batch, seq)`` call (one graph)."""
-    return logits(net, padded(rows, batch, seq))[:len(rows)]
-
-
-def logits(net, ids: np.ndarray) -> np.ndarray:
-    """``(batch, seq, vocab)`` logits of ``(batch, seq)`` token ids (the net in predict mode)."""
-    out = net(Tensor(ids))
-    return (out[0] if isinstance(out, tuple) else out).asnumpy().reshape(ids.shape[0], ids.shape[1], -1)
+    return batch_logits(net, padded(rows, batch, seq))[:len(rows)]
 
 
 def greedy_answers(net, tok, docs: Sequence[str], args) -> List[str]:
@@ -71,7 +65,7 @@ def evaluate(net, tok, examples: Sequence[Example], args, label: str) -> Tuple[f
     """Score every held-out docstring, and generate the answers to the first ``show`` of them."""
     started = time.perf_counter()
     net.set_train(False)
-    right, loss = score(lambda ids: logits(net, ids), tok, examples, args.seq, args.max_new, args.eval_batch)
+    right, loss = score(lambda ids: batch_logits(net, ids), tok, examples, args.seq, args.max_new, args.eval_batch)
     answers = greedy_answers(net, tok, [doc for _, _, doc in examples[:args.show]], args)
     print(f"{label}: exact match {right}/{len(examples)} = {100.0 * right / len(examples):.1f}% on held-out "
           f"docstrings, answer loss {loss:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
