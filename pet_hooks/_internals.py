@@ -107,6 +107,28 @@ REGISTRY: Tuple[Internal, ...] = (
                        "transpose_b and dtype (its compute dtype)",
              sites=("pet_hooks/tuners/lora.py",), names=(),
              guard=_COMPAT_TEST + "test_mindformers_linear_has_the_attributes_lora_reads"),
+    # ---------------------------------------------------------------- mcore projections (not copied: called)
+    Internal(key="mcore_column_construct", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.tensor_parallel.layers.ColumnParallelLinear.construct",
+             relied_on="LoraColumnParallelLinear calls this (pet_base_construct) and adds the branch to its first "
+                       "output: it returns (output, bias), output shaped input[:-1] + (output_size,), bias the "
+                       "unadded bias when skip_bias_add (else None)",
+             sites=("pet_hooks/tuners/lora_mcore.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="c11a990545fe253586a2f47e33fb29a6ed61ac87ee5e550dcdfeda4c1343aa66"),
+    Internal(key="mcore_row_construct", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.tensor_parallel.layers.RowParallelLinear.construct",
+             relied_on="LoraRowParallelLinear calls this (pet_base_construct) and adds the branch to its first "
+                       "output: it returns (output, bias) as ColumnParallelLinear does (output not scattered "
+                       "unless sequence_parallel, which LoRA refuses)",
+             sites=("pet_hooks/tuners/lora_mcore.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="0d2a0799624daf69984a14e55a89d0e1b612ca8de20144cc6e9c316ab09acf55"),
+    Internal(key="mcore_linear_attributes", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.tensor_parallel.layers.ColumnParallelLinear",
+             relied_on="Column/RowParallelLinear instances have input_size, output_size, weight, transpose_b, "
+                       "compute_dtype, skip_weight_param_allocation (column), sequence_parallel (row) and config "
+                       "(data_parallel_size, context_parallel_size, tensor_model_parallel_size)",
+             sites=("pet_hooks/tuners/lora_mcore.py", "pet_hooks/tuners/lora.py"), names=(),
+             guard="tests/test_mcore_lora.py::test_mcore_projections_have_what_lora_reads"),
     Internal(key="mha_construct", package="mindspore", checked=_MS,
              target="mindspore.nn.MultiheadAttention.construct",
              relied_on="LoraMultiheadAttention.construct is this computation with in_proj_weight and out_proj.weight "

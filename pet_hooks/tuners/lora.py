@@ -1,4 +1,5 @@
-"""LoRA injected into ``nn.Dense``, MindFormers' ``Linear`` and ``nn.MultiheadAttention`` by swapping classes.
+"""LoRA injected into ``nn.Dense``, MindFormers' ``Linear`` (legacy) and ``ColumnParallelLinear`` /
+``RowParallelLinear`` (mcore), and ``nn.MultiheadAttention``, by swapping classes.
 
 Graph mode compiles the *source* of ``type(cell).construct`` and ignores a wrapped
 method, so each matched cell is moved onto a generated subclass (``LoraDense_of_Dense``)
@@ -14,7 +15,9 @@ Undo is the mirror: the original class back, the added attributes deleted.
 A cell whose parent reads its weights instead of calling it (``out_proj`` inside
 ``nn.MultiheadAttention``) would never run its branch; for those the parent is patched too,
 computing with the effective weight (``lora_mha.py``, which also adapts the attention cell's
-own input projection).
+own input projection). The mcore projections return ``(output, bias)`` and carry a tensor-parallel
+layout; their branch and its sharded primitives are in ``lora_mcore.py``. This module chooses
+between them by the base cell's class (``_mixin_for``) and keeps the one flow for all.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from .._ms_compat import write_values
 from ..config import LoraConfig
 from ..errors import AdapterFileError
 from ..matching import is_excluded, select_cells
-from . import lora_mha
+from . import lora_mcore, lora_mha
 from .base import Injection, Tuner
 from .common import init_rng, inject_all, patched_class, restore
 
@@ -43,7 +46,7 @@ logger = logging.getLogger("pet_hooks")
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
 _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
-                "pet_lora_in", "pet_lora_out")
+                "pet_lora_in", "pet_lora_out") + lora_mcore.PRIMITIVE_ATTRS
 SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
 
@@ -121,6 +124,8 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
     if lora_mha.is_mha(cell):
         reason = lora_mha.mha_reason(cell)
         return (None, reason) if reason else (lora_mha.LoraMultiheadAttention, None)
+    if lora_mcore.is_mcore_linear(cell):
+        return lora_mcore.mixin_for(cell)
     if isinstance(cell, nn.Dense):
         base, mixin = nn.Dense, LoraDense
     elif linear is not None and isinstance(cell, linear):
@@ -128,8 +133,8 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
             return None, "Linear with experts (expert_num > 1 or use_gmm) is not supported"
         base, mixin = linear, LoraLinear
     else:
-        return None, ("LoRA adapts mindspore.nn.Dense, mindspore.nn.MultiheadAttention and "
-                      "mindformers.modules.layers.Linear")
+        return None, ("LoRA adapts mindspore.nn.Dense, mindspore.nn.MultiheadAttention, "
+                      "mindformers.modules.layers.Linear and MindFormers' ColumnParallelLinear / RowParallelLinear")
     if type(cell).construct is not base.construct:
         return None, (f"{type(cell).__name__} overrides {base.__name__}.construct, whose computation "
                       f"pet_hooks cannot reproduce")
@@ -184,6 +189,8 @@ def _io_channels(cell: nn.Cell) -> Tuple[int, int]:
     """(in, out) of the projection the branch of ``cell`` adds to."""
     if lora_mha.is_mha(cell):
         return lora_mha.in_out_channels(cell)
+    if lora_mcore.is_mcore_linear(cell):
+        return lora_mcore.in_out_channels(cell)
     return int(cell.in_channels), int(cell.out_channels)
 
 
@@ -195,7 +202,10 @@ def _base_weight(cell: nn.Cell) -> Parameter:
 def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
     if cfg.compute_dtype is not None:
         return getattr(mstype, cfg.compute_dtype)
-    # Linear computes in its compute_dtype; Dense in its weight's dtype (x must match it).
+    # Linear computes in its compute_dtype (mcore layers: config.compute_dtype); Dense in its weight's
+    # dtype (x must match it).
+    if lora_mcore.is_mcore_linear(cell):
+        return cell.compute_dtype
     return cell.dtype if _mixin_for(cell)[0] is LoraLinear else _base_weight(cell).dtype
 
 
@@ -284,6 +294,8 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     cell.lora_compute_dtype = _compute_dtype(cell, cfg)
     if lora_mha.is_mha(cell):
         cell.pet_lora_in, cell.pet_lora_out = True, False
+    if lora_mcore.is_mcore_linear(cell):
+        lora_mcore.add_primitives(cell)
     return [cell.lora_A, cell.lora_B]
 
 
@@ -306,7 +318,8 @@ def _delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
 
 
 class LoraTuner(Tuner):
-    """LoRA as a :class:`~pet_hooks.tuners.base.Tuner`: branches on Dense / Linear / MultiheadAttention."""
+    """LoRA as a :class:`~pet_hooks.tuners.base.Tuner`: branches on Dense / Linear / the mcore projections /
+    MultiheadAttention."""
 
     label = "LoRA"
     pet_types = ("lora",)

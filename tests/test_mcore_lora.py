@@ -1,0 +1,186 @@
+"""LoRA on MindFormers' mcore projections (ColumnParallelLinear / RowParallelLinear) of a tiny Qwen3.
+
+The model is ``TrainingQwen3ForCausalLM`` with CPU stand-ins for its Ascend-only cells
+(``tests/mcore_cpu.py``). Graph mode only: the mcore layers compute through ``Morph``, which
+MindSpore runs in graph mode only ("Morph is only supported in GRAPH_MODE").
+
+The reference is MindFormers' own mcore LoRA (``mindformers.pet.get_pet_model``, which puts
+``ColumnParallelLinearWithLoRA`` / ``RowParallelLinearWithLoRA`` from
+``parallel_core/training_graph/tensor_parallel/lora_layers.py`` in place of the projections) on
+the same patched model, with the same base and delta values.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor
+
+import pet_hooks
+from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
+from tests.mcore_cpu import mcore_context, tiny_qwen3, restore_legacy_context
+
+pytestmark = NEEDS_MINDFORMERS
+TARGETS = ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"
+CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 6, "lora_dropout": 0.0, "target_modules": TARGETS}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def graph_mode_mcore_context():
+    """Graph mode and MindFormers' ``use_legacy: False`` for this module; both restored after it."""
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    mcore_context()
+    yield
+    restore_legacy_context()
+    ms.set_context(mode=before)
+
+
+def their_name(name: str) -> str:
+    """Our delta ``model.<cell>.lora_A`` is MindFormers' ``<cell>.lora_A.weight`` (its top cell does not prefix)."""
+    if name.endswith((".lora_A", ".lora_B")):
+        return name[len("model."):] + ".weight"
+    return name
+
+
+def ids_of(seed=0, shape=(2, 8)):
+    return Tensor(np.random.default_rng(seed).integers(0, 97, shape).astype(np.int32))
+
+
+def loss_and_grads(net, ids):
+    params = net.trainable_params()
+
+    def forward(x):
+        return net(x, labels=x)[0]
+
+    loss, grads = ms.value_and_grad(forward, None, params)(ids)
+    return float(loss.asnumpy().reshape(-1)[0]), {p.name: g.asnumpy() for p, g in zip(params, grads)}
+
+
+def logits(net, ids):
+    net.set_train(False)
+    return net(ids).asnumpy()
+
+
+def random_deltas(net, seed=0):
+    rng = np.random.default_rng(seed)
+    for param in pet_hooks.delta_parameters(net):
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.1))
+
+
+def test_tiny_qwen3_runs_on_the_cpu_with_its_own_names():
+    """The helper's model: a finite loss near ln(vocab) at init, every weight gets a gradient, MindFormers' names."""
+    net = tiny_qwen3()
+    names = [p.name for p in net.get_parameters()]
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in names
+    assert "embedding.word_embeddings.weight" in names
+    net.set_train(True)
+    loss, grads = loss_and_grads(net, ids_of())
+    assert abs(loss - np.log(97)) < 0.2
+    assert all(np.abs(g).max() > 0 for g in grads.values()), [n for n, g in grads.items() if not np.abs(g).max()]
+    assert [p.name for p in net.get_parameters()] == names
+
+
+def test_same_loss_and_delta_gradients_as_mindformers_mcore_lora(tmp_path, monkeypatch):
+    from mindformers.pet import get_pet_model
+    monkeypatch.chdir(tmp_path)                    # MindFormers' PetModel writes output/adapter_config.json
+    ours = pet_hooks.apply(tiny_qwen3(), CFG)
+    theirs = get_pet_model(tiny_qwen3(seed=1), dict(CFG, freeze_include=["*"], freeze_exclude=["*lora*"]))
+    their_params = {p.name: p for p in theirs.get_parameters()}
+    their_classes = {type(cell).__name__ for _, cell in theirs.cells_and_names()}
+    assert {"ColumnParallelLinearWithLoRA", "RowParallelLinearWithLoRA"} <= their_classes
+    random_deltas(ours)
+    for param in ours.get_parameters():            # the same base weights and deltas in both
+        if param.name != "pet_lora_scale":         # (our on/off switch)
+            their_params[their_name(param.name)].set_data(param.data.copy())
+    assert sorted(their_name(p.name) for p in ours.trainable_params()) == sorted(
+        p.name for p in theirs.trainable_params())
+
+    ids = ids_of(1)
+    ours.set_train(True)
+    theirs.set_train(True)
+    our_loss, our_grads = loss_and_grads(ours, ids)
+    their_loss, their_grads = loss_and_grads(theirs, ids)
+    assert our_loss == pytest.approx(their_loss, rel=1e-6)
+    assert len(our_grads) == 2 * 4 * 2
+    for name, grad in our_grads.items():
+        assert np.abs(grad).max() > 0, name
+        # float32 rounding: we scale A, MindFormers scales the branch output (seen: 7e-6 of the largest entry)
+        theirs_grad = their_grads[their_name(name)]
+        np.testing.assert_allclose(grad, theirs_grad, rtol=1e-5, atol=2e-5 * np.abs(theirs_grad).max(), err_msg=name)
+
+
+def test_starts_at_the_base_output_and_remove_restores_the_original():
+    net = tiny_qwen3()
+    ids = ids_of(2)
+    before, classes = snapshot(net), {path: type(cell) for path, cell in net.cells_and_names()}
+    flags = {p.name: p.requires_grad for p in net.get_parameters()}
+    base = logits(net, ids)
+    pet_hooks.apply(net, CFG)
+    qkv = net.model.decoder.layers[0].self_attention.linear_qkv
+    assert type(qkv).__name__ == "LoraColumnParallelLinear_of_ColumnParallelLinear"
+    assert qkv.lora_A.shape == (4, 32) and qkv.lora_B.shape == (64, 4)
+    np.testing.assert_array_equal(logits(net, ids), base)          # B starts at zero
+    random_deltas(net)
+    assert np.abs(logits(net, ids) - base).max() > 1e-4           # the branch is reached
+    pet_hooks.remove(net)
+    assert {path: type(cell) for path, cell in net.cells_and_names()} == classes
+    assert {p.name: p.requires_grad for p in net.get_parameters()} == flags
+    assert_params_equal(before, net)
+    np.testing.assert_array_equal(logits(net, ids), base)
+
+
+def test_training_moves_only_the_deltas_and_merge_folds_them():
+    net = pet_hooks.apply(tiny_qwen3(), CFG)
+    base_names = [p.name for p in net.get_parameters() if ".lora_" not in p.name and p.name != "pet_lora_scale"]
+    before = snapshot(net)
+    opt = ms.nn.Adam(net.trainable_params(), learning_rate=1e-2)
+    net.set_train(True)
+
+    def forward(x):
+        return net(x, labels=x)[0]
+
+    grad_fn = ms.value_and_grad(forward, None, opt.parameters)
+    losses = []
+    for _ in range(4):
+        loss, grads = grad_fn(ids_of(3))
+        opt(grads)
+        losses.append(float(loss.asnumpy().reshape(-1)[0]))
+    assert losses[-1] < losses[0]
+    assert_params_equal(before, net, base_names)                 # the base is untouched
+    ids = ids_of(4)
+    adapted = logits(net, ids)
+    pet_hooks.merge(net)
+    np.testing.assert_allclose(logits(net, ids), adapted, rtol=1e-4, atol=1e-5)
+    pet_hooks.unmerge(net)
+    np.testing.assert_allclose(logits(net, ids), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_cells_lora_cannot_adapt_are_named():
+    from mindformers.parallel_core.training_graph.tensor_parallel.layers import ColumnParallelLinear
+    net = tiny_qwen3()
+    config = net.model.decoder.layers[0].self_attention.linear_qkv.config
+    tied = ColumnParallelLinear(32, 97, config=config, init_method=config.init_method, bias=False,
+                                skip_weight_param_allocation=True)
+    net.model.tied_head = tied
+    with pytest.raises(pet_hooks.UnsupportedCellError, match=r"tied_head.*skip_weight_param_allocation"):
+        pet_hooks.apply(net, dict(CFG, target_modules=".*tied_head"))
+    with pytest.raises(pet_hooks.UnsupportedCellError, match=r"core_attention.*CpuCoreAttention"):
+        pet_hooks.apply(net, dict(CFG, target_modules=".*core_attention"))
+    assert not any(".lora_" in p.name for p in net.get_parameters())     # nothing was left behind
+
+
+def test_mcore_projections_have_what_lora_reads():
+    """Guard of pet_hooks/_internals.py 'mcore_linear_attributes'."""
+    from mindformers.parallel_core.training_graph.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear)
+    attention = tiny_qwen3().model.decoder.layers[0].self_attention
+    column, row = attention.linear_qkv, attention.linear_proj
+    assert isinstance(column, ColumnParallelLinear) and isinstance(row, RowParallelLinear)
+    assert (column.input_size, column.output_size, column.transpose_b) == (32, 64, True)
+    assert (row.input_size, row.output_size, row.sequence_parallel) == (32, 32, False)
+    assert column.skip_weight_param_allocation is False and column.weight.shape == (64, 32)
+    for cell in (column, row):
+        assert cell.compute_dtype == ms.float32
+        assert (cell.config.data_parallel_size, cell.config.context_parallel_size,
+                cell.config.tensor_model_parallel_size) == (1, 1, 1)
