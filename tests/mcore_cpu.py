@@ -49,20 +49,29 @@ TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_atten
 
 
 def mcore_context() -> None:
-    """MindFormers' global context for the mcore classes (``use_legacy: False``), graph mode on the CPU.
+    """MindFormers' global context for the mcore classes (``use_legacy: False``), on the CPU, mode kept.
 
-    Without ``use_legacy: False`` building the model fails on ``parallel_config.swap``.
+    Without ``use_legacy: False`` building the model fails on ``parallel_config.swap``. MindFormers'
+    ``build_context`` can run once per process (a second call fails setting the CPU affinity again),
+    so later calls only switch ``use_legacy`` on the context it made.
     """
     from mindformers import build_context
+    from mindformers.core.context.build_context import MFContextOperator
     mode = ms.get_context("mode")
-    build_context({"context": {"mode": mode, "device_target": "CPU"}, "parallel": {}, "use_legacy": False})
+    context = MFContextOperator.get_mf_ctx_instance()
+    if context is None:
+        build_context({"context": {"mode": mode, "device_target": "CPU"}, "parallel": {}, "use_legacy": False})
+    else:
+        context.set_context(use_legacy=False)
     ms.set_context(mode=mode)
 
 
 def restore_legacy_context() -> None:
-    """Forget MindFormers' global context again, so that ``use_legacy`` reads True (its default) for later tests."""
+    """``use_legacy`` True again (MindFormers' default without a context), for the legacy-model tests after."""
     from mindformers.core.context.build_context import MFContextOperator
-    MFContextOperator.reset_instance()
+    context = MFContextOperator.get_mf_ctx_instance()
+    if context is not None:
+        context.set_context(use_legacy=True)
 
 
 class CpuCoreAttention(nn.Cell):

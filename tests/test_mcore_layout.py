@@ -1,0 +1,110 @@
+"""The tensor-parallel layout of LoRA on the mcore projections, checked structurally.
+
+Tensor parallelism cannot run on the CPU (``semi_auto_parallel`` refuses the CPU backend), so
+this test sets a parallel config (tensor-parallel 2, data-parallel 2) on a tiny Qwen3, lets each
+base projection lay itself out with MindFormers' own ``shard()`` (the layouts its ``Morph`` gets
+under semi-auto parallel), applies LoRA and checks every LoRA primitive's strategy against what the
+base layout implies:
+
+* ``x @ A^T``: the token rows split as the base input's rows, ``x``'s features and A's input
+  columns split as the base weight's input dimension (a split contracted dimension: the reduce
+  the row-parallel base does too), A's rank rows never split;
+* ``h @ B^T``: B's output rows split as the base weight's output dimension, its rank columns never.
+
+So for a column-parallel base A is replicated and B split along the output like the weight; for
+a row-parallel base A is split along the input like the weight and B replicated.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import mindspore as ms
+
+import pet_hooks
+from tests.conftest import NEEDS_MINDFORMERS
+from tests.mcore_cpu import mcore_context, restore_legacy_context, tiny_qwen3
+
+pytestmark = NEEDS_MINDFORMERS
+DP, TP = 2, 2
+TARGETS = ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"
+
+
+@pytest.fixture
+def parallel_tiny_qwen3():
+    """A tiny Qwen3 whose TransformerConfig says dp=2, tp=2, and MindFormers' layout manager set for it.
+
+    The layout manager is a process-wide singleton that caches the first config it saw; its state is
+    put back afterwards so that later models are laid out for one device again.
+    """
+    from mindformers.parallel_core.training_graph.device_matrix import layout
+    mcore_context()
+    net = tiny_qwen3()
+    names = ("_layout", "_layout_type", "_config")
+    saved = {name: layout.__dict__[name] for name in names if name in layout.__dict__}
+    config = net.model.config
+    config.data_parallel_size, config.tensor_model_parallel_size = DP, TP
+    for name in names:
+        setattr(layout, name, None)
+    try:
+        layout.init_layout(config)
+        yield net
+    finally:
+        for name in names:
+            if name in saved:
+                setattr(layout, name, saved[name])
+            else:
+                delattr(layout, name)
+        restore_legacy_context()
+
+
+def _splits(layout_dict) -> tuple:
+    """A Layout's per-dimension split counts (tensor_map entries index the device matrix from the right)."""
+    matrix = layout_dict["device_matrix"]
+
+    def split(entry):
+        entries = entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(1 if e == -1 else matrix[len(matrix) - 1 - e] for e in entries)
+
+    return tuple(split(entry) for entry in layout_dict["tensor_map"])
+
+
+def _implied(base) -> tuple:
+    """The LoRA strategies the base projection's own layout implies: ((x, A), (h, B))."""
+    base.shard()                                             # MindFormers' layout for this projection
+    x_layout, w_layout = base.morphed_forward.in_layout[:2]
+    x_splits, w_splits = _splits(x_layout), _splits(w_layout)
+    rows = math.prod(x_splits[:-1])                          # [S, B, h] -> rows S * B
+    w_out, w_in = w_splits if base.transpose_b else w_splits[::-1]
+    assert x_splits[-1] == w_in                              # the base contracts like-split dimensions
+    return ((rows, w_in), (1, w_in)), ((rows, 1), (w_out, 1))
+
+
+def test_lora_primitives_are_laid_out_as_the_base_projection(parallel_tiny_qwen3):
+    net = parallel_tiny_qwen3
+    pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 4, "lora_dropout": 0.1, "target_modules": TARGETS})
+    adapted = [(path, cell) for path, cell in net.cells_and_names() if hasattr(cell, "pet_lora_matmul_a")]
+    assert len(adapted) == 8
+    seen = set()
+    for path, cell in adapted:
+        strategy_a, strategy_b = _implied(cell)
+        assert cell.pet_lora_matmul_a.in_strategy == strategy_a, path
+        assert cell.pet_lora_matmul_b.in_strategy == strategy_b, path
+        assert cell.lora_dropout.dropout.in_strategy == (strategy_a[0],), path
+        seen.add((type(cell).__name__.split("_of_")[1], strategy_a, strategy_b))
+    # what that means, spelled out: column-parallel B split like the weight, row-parallel A split like it
+    assert seen == {("ColumnParallelLinear", ((DP, 1), (1, 1)), ((DP, 1), (TP, 1))),
+                    ("RowParallelLinear", ((DP, TP), (1, TP)), ((DP, 1), (1, 1)))}
+
+
+def test_the_strategy_checkpoint_keeps_the_base_weights(parallel_tiny_qwen3, tmp_path):
+    """The seed's rule on the mcore model: apply turns only_trainable_params off, remove puts it back."""
+    files = {"save_file": str(tmp_path / "strategy.ckpt")}
+    ms.set_auto_parallel_context(strategy_ckpt_config={**files, "only_trainable_params": True})
+    try:
+        pet_hooks.apply(parallel_tiny_qwen3, {"pet_type": "lora", "lora_rank": 4, "target_modules": TARGETS})
+        assert ms.get_auto_parallel_context("strategy_ckpt_config")["only_trainable_params"] is False
+        pet_hooks.remove(parallel_tiny_qwen3)
+        assert ms.get_auto_parallel_context("strategy_ckpt_config")["only_trainable_params"] is True
+    finally:
+        ms.reset_auto_parallel_context()
