@@ -35,7 +35,7 @@ from .._ms_compat import write_values
 from ..config import LoraConfig
 from ..errors import AdapterFileError
 from ..matching import is_excluded, select_cells
-from . import lora_mcore, lora_mha
+from . import lora_layout, lora_mcore, lora_mha
 from .base import Injection, Tuner
 from .common import init_rng, inject_all, patched_class, restore
 
@@ -46,7 +46,7 @@ logger = logging.getLogger("pet_hooks")
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
 _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
-                "pet_lora_in", "pet_lora_out") + lora_mcore.PRIMITIVE_ATTRS
+                "pet_lora_in", "pet_lora_out") + lora_layout.PRIMITIVE_ATTRS
 SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
 
@@ -67,6 +67,15 @@ class LoraLayer:
             h = self.lora_dropout(h)
         h = _MATMUL_TB(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
         return _MATMUL_TB(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+
+
+    def _sharded_branch(self, x2):
+        """``_lora_branch`` on the cell's own (sharded) MatMul primitives."""
+        h = ops.cast(x2, self.lora_compute_dtype)
+        if self.lora_dropout is not None:
+            h = self.lora_dropout(h)
+        h = self.pet_lora_matmul_a(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
+        return self.pet_lora_matmul_b(h, ops.cast(self.lora_B, self.lora_compute_dtype))
 
 
 def scaled_a(cell):
@@ -93,7 +102,11 @@ class LoraDense(LoraLayer):
 
 
 class LoraLinear(LoraLayer):
-    """``mindformers.modules.layers.Linear.construct`` (1.9, no experts) with the branch added."""
+    """``mindformers.modules.layers.Linear.construct`` (1.9, no experts) with the branch added.
+
+    The branch runs on the cell's own MatMuls (``pet_lora_matmul_a`` / ``_b``), sharded from the
+    base matmul's strategy (``lora_layout.py``).
+    """
 
     def construct(self, x, group_list=None):
         out_shape = self.shape(x)[:-1] + (self.out_channels,)
@@ -104,7 +117,7 @@ class LoraLinear(LoraLayer):
         out = self.matmul(x, weight)
         if self.has_bias:
             out = self.bias_add(out, self.cast(self.bias, self.dtype))
-        out = out + self.cast(self._lora_branch(x), self.dtype)
+        out = out + self.cast(self._sharded_branch(x), self.dtype)
         if self.activation_flag:
             out = self.activation(out)
         out = ops.cast(out, ori_dtype)
@@ -295,7 +308,9 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     if lora_mha.is_mha(cell):
         cell.pet_lora_in, cell.pet_lora_out = True, False
     if lora_mcore.is_mcore_linear(cell):
-        lora_mcore.add_primitives(cell)
+        lora_layout.add_primitives(cell, lora_mcore.strategies(cell))
+    elif _mixin_for(cell)[0] is LoraLinear:
+        lora_layout.add_primitives(cell, lora_layout.from_matmul(cell))
     return [cell.lora_A, cell.lora_B]
 
 

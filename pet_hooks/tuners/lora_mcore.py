@@ -18,10 +18,11 @@ layout). The branch is computed in the layer's ``compute_dtype`` (MindFormers' `
 The base computation is not copied: the generated class calls ``pet_base_construct`` (the
 original ``construct``), so the base keeps its ``Morph`` and the shard layout MindFormers gave it.
 
-**Tensor-parallel layout.** Each adapted cell gets its own two MatMul primitives, sharded as
-MindFormers (``ColumnParallelLinearWithLoRA``: A is a ``LinearNoTP``, B a ``ColumnParallelLinear``;
-``RowParallelLinearWithLoRA``: A a ``RowParallelLinear``, B a ``LinearNoTP``) and PEFT do. With
-``d = data_parallel * context_parallel`` (the token rows) and ``t = tensor_model_parallel``:
+**Tensor-parallel layout** (``lora_layout.py``). Each adapted cell gets its own two MatMul
+primitives, sharded as MindFormers (``ColumnParallelLinearWithLoRA``: A is a ``LinearNoTP``, B a
+``ColumnParallelLinear``; ``RowParallelLinearWithLoRA``: A a ``RowParallelLinear``, B a
+``LinearNoTP``) and PEFT do. With ``d = data_parallel * context_parallel`` (the token rows) and
+``t = tensor_model_parallel``:
 
 ==================  =========================  =========================
 base                ``x @ A^T`` (A ``[r, in]``)  ``h @ B^T`` (B ``[out, r]``)
@@ -49,11 +50,11 @@ from typing import Optional, Tuple
 
 from mindspore import nn, ops
 
-__all__ = ["LoraColumnParallelLinear", "LoraRowParallelLinear", "is_mcore_linear", "mixin_for",
-           "in_out_channels", "strategies", "add_primitives", "PRIMITIVE_ATTRS"]
+from . import lora_layout
 
-#: the per-cell primitives the branch uses (added by ``add_primitives``, removed by eject)
-PRIMITIVE_ATTRS = ("pet_lora_matmul_a", "pet_lora_matmul_b")
+__all__ = ["LoraColumnParallelLinear", "LoraRowParallelLinear", "is_mcore_linear", "mixin_for",
+           "in_out_channels", "strategies"]
+
 _LAYERS = "mindformers.parallel_core.training_graph.tensor_parallel.layers"
 
 
@@ -155,22 +156,12 @@ def _sizes(cell: nn.Cell) -> Tuple[int, int]:
     return size("data_parallel_size") * size("context_parallel_size"), size("tensor_model_parallel_size")
 
 
-def strategies(cell: nn.Cell) -> Tuple[tuple, tuple]:
+def strategies(cell: nn.Cell) -> lora_layout.Strategies:
     """The in-strategies of ``x @ A^T`` and ``h @ B^T`` for an mcore projection (the table above)."""
     rows, tp = _sizes(cell)
     kind = _kind(cell)[1]
     if kind == "column":
-        return ((rows, 1), (1, 1)), ((rows, 1), (tp, 1))
+        return lora_layout.from_splits(rows, 1, tp)
     if kind == "row":
-        return ((rows, tp), (1, tp)), ((rows, 1), (1, 1))
-    return ((rows, 1), (1, 1)), ((rows, 1), (1, 1))
-
-
-def add_primitives(cell: nn.Cell) -> None:
-    """Give ``cell`` its own sharded MatMuls for the branch (A and B are stored [r, in] / [out, r])."""
-    strategy_a, strategy_b = strategies(cell)
-    cell.pet_lora_matmul_a = ops.MatMul(transpose_b=True).shard(strategy_a)
-    cell.pet_lora_matmul_b = ops.MatMul(transpose_b=True).shard(strategy_b)
-    if cell.lora_dropout is not None:
-        # the dropout sees the branch input, laid out like x (rows split, columns as the base splits them)
-        cell.lora_dropout.dropout.shard((strategy_a[0],))
+        return lora_layout.from_splits(rows, tp, 1)
+    return lora_layout.from_splits(rows, 1, 1)

@@ -1,4 +1,4 @@
-"""The tensor-parallel layout of LoRA on the mcore projections, checked structurally.
+"""The tensor-parallel layout of LoRA, checked structurally: mcore projections and the legacy ``Linear``.
 
 Tensor parallelism cannot run on the CPU (``semi_auto_parallel`` refuses the CPU backend), so
 this test sets a parallel config (tensor-parallel 2, data-parallel 2) on a tiny Qwen3, lets each
@@ -13,6 +13,9 @@ base layout implies:
 
 So for a column-parallel base A is replicated and B split along the output like the weight; for
 a row-parallel base A is split along the input like the weight and B replicated.
+
+On MindFormers' legacy ``LlamaForCausalLM`` the reference is MindFormers' own legacy LoRA, which
+reads the same from each ``Linear``'s matmul strategy when it runs under (semi-)auto parallel.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import mindspore as ms
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS
+from tests.nets import tiny_llama
 from tests.mcore_cpu import mcore_context, restore_legacy_context, tiny_qwen3
 
 pytestmark = NEEDS_MINDFORMERS
@@ -108,3 +112,49 @@ def test_the_strategy_checkpoint_keeps_the_base_weights(parallel_tiny_qwen3, tmp
         assert ms.get_auto_parallel_context("strategy_ckpt_config")["only_trainable_params"] is True
     finally:
         ms.reset_auto_parallel_context()
+
+
+def _sharded_llama():
+    """A tiny legacy Llama whose Linears carry the strategies Llama gives them under semi-auto parallel."""
+    net = tiny_llama()
+    for layer in net.model.layers:
+        attention, ffn = layer.attention, layer.feed_forward
+        for cell in (attention.wq, attention.wk, attention.wv, ffn.w1, ffn.w3):     # column-parallel
+            cell.shard(((DP, 1), (TP, 1)))
+        for cell in (attention.wo, ffn.w2):                                         # row-parallel
+            cell.shard(((DP, TP), (1, TP)))
+    return net
+
+
+def test_legacy_linear_lora_is_laid_out_as_mindformers_legacy_lora(monkeypatch, tmp_path):
+    import mindformers.pet.tuners.lora_adapter as adapter
+    from mindformers.pet import get_pet_model
+    cfg = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+           "target_modules": ".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3"}
+    ours = pet_hooks.apply(_sharded_llama(), cfg)
+    monkeypatch.chdir(tmp_path)                                   # PetModel writes output/adapter_config.json
+    # MindFormers' legacy LoRA copies the strategies only when it sees (semi-)auto parallel, which the
+    # CPU cannot run: let it believe it does.
+    monkeypatch.setattr(adapter, "_is_in_auto_parallel_mode", lambda: True)
+    theirs = get_pet_model(_sharded_llama(), dict(cfg))
+    their_cells = {path.split("model.layers.", 1)[1]: cell for path, cell in theirs.cells_and_names()
+                   if hasattr(cell, "lora_a_matmul")}
+    our_cells = {path.split("model.layers.", 1)[1]: cell for path, cell in ours.cells_and_names()
+                 if hasattr(cell, "pet_lora_matmul_a")}
+    assert len(our_cells) == 2 * 7 and set(our_cells) == set(their_cells)
+    for path, cell in our_cells.items():
+        theirs_cell = their_cells[path]
+        assert cell.pet_lora_matmul_a.in_strategy == theirs_cell.lora_a_matmul.in_strategy, path
+        assert cell.pet_lora_matmul_b.in_strategy == theirs_cell.lora_b_matmul.in_strategy, path
+        assert cell.lora_dropout.dropout.in_strategy == theirs_cell.lora_dropout.dropout.in_strategy, path
+    wo = our_cells["0.attention.wo"]
+    assert (wo.pet_lora_matmul_a.in_strategy, wo.pet_lora_matmul_b.in_strategy) == (
+        ((DP, TP), (1, TP)), ((DP, 1), (1, 1)))
+
+
+def test_legacy_linear_without_a_strategy_gets_unsharded_primitives():
+    net = pet_hooks.apply(tiny_llama(), {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*wq"})
+    wq = net.model.layers[0].attention.wq
+    assert getattr(wq.pet_lora_matmul_a, "in_strategy", None) is None
+    pet_hooks.remove(net)
+    assert not hasattr(wq, "pet_lora_matmul_a")
