@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from typing import Any, Dict, Iterable, List, Optional
 
 from mindspore import Parameter, nn
@@ -34,14 +35,26 @@ def _own_params(cell: nn.Cell) -> bool:
     return bool(cell._params) or bool(cell._params_list)  # pylint: disable=protected-access
 
 
+def _is_mindformers_model(cell: nn.Cell) -> bool:
+    # Only look if MindFormers is already imported: a net cannot hold one of its models otherwise.
+    module = sys.modules.get("mindformers.models.modeling_utils")
+    base = getattr(module, "PreTrainedModel", None)
+    return base is not None and isinstance(cell, base)
+
+
 def unwrap_model(cell: nn.Cell) -> nn.Cell:
     """The model inside wrappers (train step, loss cell, a user's ``NetWithLoss``).
 
     Descends while the cell holds no parameters of its own and exactly one child holds any:
     ``TrainOneStepCell(WithLossCell(net, loss), opt)`` has two (network and optimizer), so the
-    train step is unwrapped by attribute first.
+    train step is unwrapped by attribute first. A MindFormers model (``PreTrainedModel``) is the
+    model even when one child holds everything (the mcore ``TrainingQwen3ForCausalLM`` and its
+    ``GPTModel``): every front door then adapts the cell ``apply(model)`` adapts, and the deltas
+    get the same names through each of them.
     """
     while True:
+        if _is_mindformers_model(cell):
+            return cell
         for attr in ("network", "_backbone"):  # TrainOneStep*Cell, WithLossCell / WithEvalCell
             inner = cell.__dict__.get("_cells", {}).get(attr)
             if isinstance(inner, nn.Cell) and (attr == "_backbone" or hasattr(cell, "optimizer")):

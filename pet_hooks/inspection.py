@@ -67,8 +67,15 @@ def _type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# MindSpore / legacy MindFormers name a projection's sizes in_channels / out_channels, the mcore layers
+# input_size / output_size.
+_SIZE_ALIASES = {"in_channels": "input_size", "out_channels": "output_size"}
+
+
 def _size(cell: nn.Cell, attr: str) -> Optional[int]:
     value = getattr(cell, attr, None)
+    if value is None and attr in _SIZE_ALIASES:
+        value = getattr(cell, _SIZE_ALIASES[attr], None)
     return int(value) if isinstance(value, int) else None
 
 

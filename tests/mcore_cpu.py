@@ -158,11 +158,17 @@ def cpu_stand_ins(net: nn.Cell) -> nn.Cell:
         if isinstance(cell, RotaryEmbedding):
             cell.outer, cell.outer_for_eod = CpuOuter(), CpuOuter()
     for parent, name, new in replacements:
+        old = getattr(parent, name)
         names = {id(p): p.name for p in new.get_parameters()}
         setattr(parent, name, new)
         # Setting a child cell prefixes its parameters with the attribute name; they keep the model's names.
         for param in new.get_parameters():
             param.name = names[id(param)]
+        # The replaced cell stays alive (MindFormers keeps references to it) and would still own the weight
+        # its stand-in now holds: enable() would take it for another model built in its block that owns the
+        # optimizer's parameters. It gives the weight up.
+        if isinstance(getattr(old, "weight", None), ms.Parameter):
+            delattr(old, "weight")
     return net
 
 
