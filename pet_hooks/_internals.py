@@ -129,6 +129,20 @@ REGISTRY: Tuple[Internal, ...] = (
                        "(data_parallel_size, context_parallel_size, tensor_model_parallel_size)",
              sites=("pet_hooks/tuners/lora_mcore.py", "pet_hooks/tuners/lora.py"), names=(),
              guard="tests/test_mcore_lora.py::test_mcore_projections_have_what_lora_reads"),
+    Internal(key="mcore_qkv_rows", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.transformer.attention.SelfAttention."
+                    "get_query_key_value_tensors",
+             relied_on="linear_qkv's output rows are grouped by key/value head (per group: its query heads, its key "
+                       "head, its value head); pet_hooks.fused splits a fused LoRA B into q/k/v by that layout "
+                       "(checked against transformers in tests/test_mcore_peft.py)",
+             sites=("pet_hooks/fused.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="8db99f3305b7bb555838dea48eb7a3df5d53cbfd227a2ebbaf81618ef16f4edc"),
+    Internal(key="mcore_gate_up_rows", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.transformer.mlp.MLPInterleaved.construct",
+             relied_on="linear_fc1's output rows interleave gate (even rows) and up (odd rows); pet_hooks.fused "
+                       "splits a fused LoRA B into gate/up by that layout",
+             sites=("pet_hooks/fused.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="48963bf6c21a229c23a4827ec98215010c33eb10715bde43f18857f8fd28014e"),
     Internal(key="mha_construct", package="mindspore", checked=_MS,
              target="mindspore.nn.MultiheadAttention.construct",
              relied_on="LoraMultiheadAttention.construct is this computation with in_proj_weight and out_proj.weight "

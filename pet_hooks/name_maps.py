@@ -5,7 +5,9 @@
 
 A map is one-way on purpose: loading inverts it over the net's own cells, so a map written
 once serves both directions. It can be ``None`` (the same names), the name of a built-in map
-(``"llama"``: MindFormers Llama -> Hugging Face Llama), a mapping of dotted name pieces
+(``"llama"``: MindFormers Llama -> Hugging Face Llama; ``"qwen3"``: MindFormers' mcore Qwen3 ->
+Hugging Face Qwen3, whose fused ``linear_qkv`` / ``linear_fc1`` are several modules there, see
+``FUSED_MAPS``), a mapping of dotted name pieces
 (``{"attention.wq": "self_attn.q_proj"}``, each replaced where it stands as whole segments;
 a path no piece applies to is unmapped), or a callable returning the new path or ``None`` for
 unmapped. Used by the PEFT format (``peft_format``) and by the hints of ``matching``. Imports
@@ -18,7 +20,8 @@ from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 from .errors import PetConfigError, PetConfigTypeError
 
-__all__ = ["NAME_MAPS", "NameMapSpec", "MapFn", "register_name_map", "resolve_name_map"]
+__all__ = ["NAME_MAPS", "FUSED_MAPS", "NameMapSpec", "MapFn", "register_name_map", "resolve_name_map",
+           "fused_parts"]
 
 #: Built-in maps: pet_hooks path pieces -> the other framework's, replaced as whole segments.
 NAME_MAPS: Dict[str, Dict[str, str]] = {
@@ -35,6 +38,28 @@ NAME_MAPS: Dict[str, Dict[str, str]] = {
         "norm_out": "norm",
         "tok_embeddings": "embed_tokens",
         "lm_head": "lm_head",
+    },
+}
+
+NAME_MAPS["qwen3"] = {  # MindFormers mcore TrainingQwen3ForCausalLM -> Hugging Face Qwen3ForCausalLM
+    "decoder.layers": "layers",
+    "self_attention.linear_proj": "self_attn.o_proj",
+    "self_attention.q_layernorm": "self_attn.q_norm",
+    "self_attention.k_layernorm": "self_attn.k_norm",
+    "mlp.linear_fc2": "mlp.down_proj",
+    "pre_mlp_layernorm": "post_attention_layernorm",
+    "decoder.final_layernorm": "norm",
+    "embedding.word_embeddings": "embed_tokens",
+    "model.output_layer": "lm_head",
+}
+
+#: Fused cells: one pet_hooks cell that is several modules of the other framework, its output rows
+#: split between them. piece -> (row layout, the other framework's pieces in order); the layouts are
+#: ``pet_hooks.fused``'s. Paths of the parts are mapped with the map of the same name.
+FUSED_MAPS: Dict[str, Dict[str, Tuple[str, Tuple[str, ...]]]] = {
+    "qwen3": {
+        "self_attention.linear_qkv": ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        "mlp.linear_fc1": ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
     },
 }
 
@@ -74,3 +99,16 @@ def resolve_name_map(spec: NameMapSpec) -> Tuple[str, MapFn]:
         return getattr(spec, "__name__", "the given callable"), spec
     raise PetConfigTypeError(f"name_map must be None, a built-in name {sorted(NAME_MAPS)}, a mapping or a callable; "
                     f"got {type(spec).__name__}")
+
+
+def fused_parts(spec: NameMapSpec, path: str) -> Optional[Tuple[str, Tuple[str, ...]]]:
+    """``(row layout, the other framework's module paths)`` when ``path`` is a fused cell under the
+    built-in map ``spec``; None otherwise (an ordinary one-to-one cell, or a map without fused cells)."""
+    if not isinstance(spec, str) or spec not in FUSED_MAPS:
+        return None
+    _, to_theirs = resolve_name_map(spec)
+    for piece, (layout, parts) in FUSED_MAPS[spec].items():
+        if path == piece or path.endswith("." + piece):
+            head = path[: len(path) - len(piece)]
+            return layout, tuple(to_theirs(head + part) or head + part for part in parts)
+    return None

@@ -35,7 +35,8 @@ from .config import load_config
 from .errors import AdapterFileError, PetConfigError, PetStateError
 from .files import CONFIG_NAME, WEIGHTS_NAME, read_safetensors, to_numpy, write_bytes
 from .loading import load_tensors
-from .name_maps import NAME_MAPS, MapFn, NameMapSpec, register_name_map, resolve_name_map
+from . import fused
+from .name_maps import NAME_MAPS, MapFn, NameMapSpec, fused_parts, register_name_map, resolve_name_map
 from .surgery import get_state
 from .tuners import Tuner, all_tuners, peft_tuner
 
@@ -102,10 +103,21 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
     tuner = state.tuner
     label, fn = resolve_name_map(name_map)
     paths = [record.path for record in state.injections]
-    mapped = _map_all(paths, fn, label, net, tuner)
+    fused_cells = {path: parts for path in paths for parts in [fused_parts(name_map, path)] if parts}
+    mapped = _map_all([p for p in paths if p not in fused_cells], fn, label, net, tuner)
     tensors = {}
     for record in state.injections:
         params = {param.name: param for param in tuner.deltas_of(record)}
+        if record.path in fused_cells:      # one cell, several PEFT modules sharing its A (pet_hooks.fused)
+            layout, theirs = fused_cells[record.path]
+            rows = fused.part_rows(layout, record.cell, record.path)
+            parts = fused.split(to_numpy(params[f"{record.path}.lora_A"]), to_numpy(params[f"{record.path}.lora_B"]),
+                                rows)
+            for index, (their_path, (a, b)) in enumerate(zip(theirs, parts)):
+                tensors[f"{PEFT_PREFIX}{their_path}.lora_A.weight"] = np.ascontiguousarray(a)
+                tensors[f"{PEFT_PREFIX}{their_path}.lora_B.weight"] = b
+                mapped[f"{record.path}#{index}"] = their_path
+            continue
         for suffix, leaf in tuner.peft_weights.items():
             tensors[f"{PEFT_PREFIX}{mapped[record.path]}.{suffix}.weight"] = np.ascontiguousarray(
                 to_numpy(params[f"{record.path}.{leaf}"]))
@@ -174,8 +186,9 @@ def _net_paths(net: nn.Cell, tuner: Tuner) -> List[str]:
 
 
 def _choose_map(net: nn.Cell, modules: List[str], name_map: NameMapSpec, weights_path: str,
-                tuner: Tuner) -> Dict[str, str]:
-    """their module path -> our cell path, with the given map or the first one that maps them all."""
+                tuner: Tuner) -> tuple:
+    """(their module path -> our cell path, the map that gave it), with the given map or the first one
+    that maps them all. The parts of a fused cell (``FUSED_MAPS``) all map to that cell."""
     specs = [name_map] if name_map is not None else [None] + sorted(NAME_MAPS)
     paths = _net_paths(net, tuner)
     best = None
@@ -183,12 +196,13 @@ def _choose_map(net: nn.Cell, modules: List[str], name_map: NameMapSpec, weights
         label, fn = resolve_name_map(spec)
         inverse = {}
         for path in paths:
-            theirs = fn(path)
-            if isinstance(theirs, str):
-                inverse.setdefault(theirs, path)
+            parts = fused_parts(spec, path)
+            for theirs in (parts[1] if parts else (fn(path),)):
+                if isinstance(theirs, str):
+                    inverse.setdefault(theirs, path)
         hits = sum(module in inverse for module in modules)
         if hits == len(modules):
-            return {module: inverse[module] for module in modules}
+            return {module: inverse[module] for module in modules}, spec
         if best is None or hits > best[0]:
             best = (hits, label, inverse)
     _, label, inverse = best
@@ -203,6 +217,24 @@ def _choose_map(net: nn.Cell, modules: List[str], name_map: NameMapSpec, weights
         + (f" (the net's cells map to names such as '{example}')" if example else ""))
 
 
+def _joined_fused_cells(net: nn.Cell, tuner: Tuner, spec: NameMapSpec, ours: Mapping[str, str],
+                        modules: Mapping[str, Mapping[str, np.ndarray]], weights_path: str) -> Dict[str, np.ndarray]:
+    """The tensors of every fused cell, joined from its parts (the parts' own entries are overwritten)."""
+    cells = dict(net.cells_and_names())
+    joined: Dict[str, np.ndarray] = {}
+    for path in sorted(set(ours.values())):
+        parts = fused_parts(spec, path)
+        if not parts:
+            continue
+        layout, theirs = parts
+        found = {theirs.index(m): {tuner.peft_weights[k]: v for k, v in modules[m].items()}
+                 for m, p in ours.items() if p == path}
+        rows = fused.part_rows(layout, cells[path], path)
+        for leaf, value in fused.join(found, rows, theirs, path, weights_path).items():
+            joined[f"{path}.{leaf}"] = value
+    return joined
+
+
 def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None) -> nn.Cell:
     """Load a PEFT directory into ``net`` (applying its method first when it has no PET); returns ``net``."""
     config_path = os.path.join(directory, CONFIG_NAME)
@@ -211,9 +243,10 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     modules = _modules_of(read_safetensors(weights_path), weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
-    ours = _choose_map(net, sorted(modules), name_map, weights_path, tuner)
+    ours, spec = _choose_map(net, sorted(modules), name_map, weights_path, tuner)
     tensors = {f"{ours[module]}.{tuner.peft_weights[suffix]}": value
                for module, pair in modules.items() for suffix, value in pair.items()}
+    tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
     state = get_state(net)
     if state is not None:
         reason = tuner.peft_mismatch(doc, config_path, type(net).__name__, state.config)
