@@ -143,6 +143,21 @@ REGISTRY: Tuple[Internal, ...] = (
                        "splits a fused LoRA B into gate/up by that layout",
              sites=("pet_hooks/fused.py",), names=(), guard=_SOURCE_TEST,
              source_sha256="48963bf6c21a229c23a4827ec98215010c33eb10715bde43f18857f8fd28014e"),
+    Internal(key="mcore_attention_calls_core", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.transformer.attention.Attention.construct",
+             relied_on="with cp == 1 and no TND layout, it calls core_attention(query, key, value, attention_mask, "
+                       "actual_seq_qlen=..., actual_seq_kvlen=...) with keys/values [S, B, kv_heads, head_dim] "
+                       "(rotary applied) and a mask [B, 1, S, S] (1 = masked); McoreCoreAttentionPrefix puts the "
+                       "prefix in front there (its own _cat_prefix concatenates on axis 2 and fails)",
+             sites=("pet_hooks/tuners/attention.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="d23df8d9591cb966634fb1c49f4cfa740764f5424b77c5bd5f7b385087697e47"),
+    Internal(key="mcore_flash_attention_construct", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.transformer.flash_attention.FlashAttention.construct",
+             relied_on="McoreCoreAttentionPrefix.construct has this signature and calls it (pet_base_construct) with "
+                       "longer keys/values and a mask widened to match; its config holds num_query_groups, "
+                       "kv_channels, hidden_size, context_parallel_size and input_layout",
+             sites=("pet_hooks/tuners/attention.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="b6dd7640121fa95aefdb7e24f58fa4c8387b162dc02a5c89b4acdb2fc6e3b60f"),
     Internal(key="mha_construct", package="mindspore", checked=_MS,
              target="mindspore.nn.MultiheadAttention.construct",
              relied_on="LoraMultiheadAttention.construct is this computation with in_proj_weight and out_proj.weight "

@@ -36,7 +36,9 @@ logger = logging.getLogger("pet_hooks")
 _MINDFORMERS_PATH = ("model", "model_config", "pet_config")
 # model_config entries the prefix methods may need when they cannot read them off the model.
 _MODEL_HINT_KEYS = ("num_layers", "num_heads", "num_attention_heads", "n_kv_heads",
-                    "kv_channels", "hidden_size")
+                    "kv_channels", "hidden_size",
+                    # the same in Qwen3Config's (Hugging Face's) names
+                    "num_hidden_layers", "num_key_value_heads", "head_dim")
 _DTYPES = ("float32", "float16", "bfloat16")
 
 

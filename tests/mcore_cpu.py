@@ -13,7 +13,7 @@ what these tests mean by "the patched model":
 * :class:`CpuCoreAttention`: plain scaled-dot-product attention with FlashAttention's calling
   convention (query/key/value ``[S, B, N, D]``, a ``uint8`` mask ``[B, 1, S, S_kv]`` where 1 is
   masked, grouped-query heads shared as ``h // (N / N_kv)``, output ``[S, B, N * D]``). Key/value
-  positions before the mask's width (prefix positions) are visible to every query.
+  positions beyond the mask's width (a prefix the mask was not widened for) are visible to every query.
 * MindFormers' own (unfused) ``RMSNorm`` holding the original norm's weight Parameter.
 * ``RotaryEmbedding`` computes its angles with ``Outer``, which has no CPU kernel: its two ``Outer``
   primitives become :class:`CpuOuter` (a broadcast product, the same values).
@@ -77,8 +77,10 @@ def restore_legacy_context() -> None:
 class CpuCoreAttention(nn.Cell):
     """Scaled-dot-product attention in place of MindFormers' ``FlashAttention`` (BNSD layout, causal mask)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: Optional[float] = None,
+                 config=None):
         super().__init__()
+        self.config = config        # the model's TransformerConfig, as FlashAttention keeps it
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.n_rep = num_heads // num_kv_heads
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -99,8 +101,8 @@ class CpuCoreAttention(nn.Cell):
             v = ops.repeat_interleave(v, self.n_rep, 1)
         scores = self.bmm_t(q, k) * self.scale                               # B, N, S, Skv
         mask = ops.cast(attention_mask, mstype.float32)                      # 1 = masked
-        if kv_len > q_len:                                                   # prefix positions: visible
-            mask = ops.concat((ops.zeros(mask.shape[:-1] + (kv_len - q_len,), mstype.float32), mask), -1)
+        if kv_len > mask.shape[-1]:                                          # prefix positions: visible
+            mask = ops.concat((ops.zeros(mask.shape[:-1] + (kv_len - mask.shape[-1],), mstype.float32), mask), -1)
         scores = scores - mask * 1e9
         out = self.bmm(self.softmax(scores), v)                              # B, N, S, D
         out = ops.transpose(out, (2, 0, 1, 3))                               # S, B, N, D
@@ -147,7 +149,7 @@ def cpu_stand_ins(net: nn.Cell) -> nn.Cell:
             if isinstance(child, FlashAttention):
                 heads = config.num_attention_heads
                 replacements.append((cell, name, CpuCoreAttention(
-                    heads, config.num_query_groups or heads, config.kv_channels, config.softmax_scale)))
+                    heads, config.num_query_groups or heads, config.kv_channels, config.softmax_scale, config)))
             elif isinstance(child, VocabParallelEmbedding):
                 replacements.append((cell, name, CpuEmbedding(child.weight)))
             elif isinstance(child, FusedRMSNorm):
@@ -170,6 +172,17 @@ def cpu_stand_ins(net: nn.Cell) -> nn.Cell:
         if isinstance(getattr(old, "weight", None), ms.Parameter):
             delattr(old, "weight")
     return net
+
+
+def register_prefix_stand_in() -> None:
+    """Let the prefix methods adapt the attention stand-in as they adapt MindFormers' FlashAttention.
+
+    Registered through the public ``pet_hooks.register_attention``: the stand-in is called as
+    FlashAttention is, so pet_hooks' own adapter for it applies unchanged.
+    """
+    import pet_hooks
+    from pet_hooks.tuners.attention import McoreCoreAttentionPrefix
+    pet_hooks.register_attention(CpuCoreAttention, McoreCoreAttentionPrefix)
 
 
 def tiny_qwen3(seed: int = 0, **overrides) -> nn.Cell:

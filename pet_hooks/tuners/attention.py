@@ -20,7 +20,8 @@ so graph mode compiles the adapter's source::
 
     pet_hooks.register_attention(MyAttention, MyAttentionPrefix)
 
-Built in: MindFormers' ``LLamaAttention`` (which already takes ``prefix_keys_values``),
+Built in: MindFormers' ``LLamaAttention`` (which already takes ``prefix_keys_values``) and the
+mcore core attention (``FlashAttention``, ``McoreCoreAttentionPrefix``),
 registered by dotted name so that MindFormers is not imported here. Other models register
 their own (``samples/tiny_gpt.py`` does, for its ``CoreAttention``). Note: graph mode cannot call ``super().construct`` from such a mixin (it
 recurses), hence ``pet_base_construct``.
@@ -33,7 +34,7 @@ from mindspore import nn, ops
 
 from ..errors import PetConfigError
 
-__all__ = ["PrefixAttention", "LlamaAttentionPrefix", "register_attention", "unregister_attention",
+__all__ = ["PrefixAttention", "LlamaAttentionPrefix", "McoreCoreAttentionPrefix", "register_attention", "unregister_attention",
            "adapter_for", "known_attention_names"]
 
 
@@ -107,9 +108,51 @@ class LlamaAttentionPrefix(PrefixAttention):
                                        prefix_keys_values, q_seq_lens, kv_mask, seq_chunk, actual_seq_len)
 
 
+class McoreCoreAttentionPrefix(PrefixAttention):
+    """MindFormers 1.9 mcore core attention (``FlashAttention`` of the training graph: Qwen3, ...): the prefix
+    goes in front of the keys and values it is given, and its mask is widened as ``GPTModel`` widens it.
+
+    The target is ``self_attention.core_attention``, not ``SelfAttention``: MindFormers' own prefix path
+    there (``Attention._cat_prefix``) concatenates along axis 2 (``Concat(2)``) tensors that are
+    ``[S, B, heads, head_dim]``, so it fails for every prefix ("shapes of tensors must match except in
+    given concat axis 2"). The core attention receives keys and values ``[S_kv, B, kv_heads, head_dim]``
+    (rotary applied, float16 for the kernel) and a mask ``[B, 1, S, S_kv]`` where 1 is masked; the
+    prefix keys take no rotary embedding, as in MindFormers' and PEFT's prefix methods. Context
+    parallelism and the ``TND`` layout are refused. A core attention of another class with the same
+    call (such as a CPU stand-in) can use this adapter through :func:`register_attention` if it has
+    the model's ``config``.
+    """
+
+    @staticmethod
+    def geometry(cell):
+        config = cell.config
+        if (config.context_parallel_size or 1) > 1:
+            raise ValueError("context parallelism (context_parallel_size > 1) is not supported by the prefix methods")
+        if config.input_layout == "TND":
+            raise ValueError("the TND layout (packed sequences) is not supported by the prefix methods")
+        heads = config.num_attention_heads
+        return config.num_query_groups or heads, config.kv_channels, config.hidden_size
+
+    def construct(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                  packed_seq_params=None, alibi_mask=None, prefix=None, padding_mask=None,
+                  actual_seq_qlen=None, actual_seq_kvlen=None):
+        if self.pet_prefix_active:
+            batch = key.shape[1]
+            kv = ops.reshape(self._pet_layer_prefix(), (self.pet_prefix_len, 1, 2, self.pet_kv_heads, self.pet_head_dim))
+            full = (self.pet_prefix_len, batch, self.pet_kv_heads, self.pet_head_dim)
+            key = ops.concat((ops.cast(ops.broadcast_to(kv[:, :, 0], full), key.dtype), key), 0)
+            value = ops.concat((ops.cast(ops.broadcast_to(kv[:, :, 1], full), value.dtype), value), 0)
+            attention_mask = ops.concat((ops.zeros(attention_mask.shape[:-1] + (self.pet_prefix_len,),
+                                                   attention_mask.dtype), attention_mask), -1)
+        return self.pet_base_construct(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                       packed_seq_params, alibi_mask, prefix, padding_mask, actual_seq_qlen,
+                                       actual_seq_kvlen)
+
+
 # A key is a class, or "module.QualName" for a class whose module need not be imported.
 _ADAPTERS: Dict[Union[type, str], type] = {
     "mindformers.models.llama.llama_transformer.LLamaAttention": LlamaAttentionPrefix,
+    "mindformers.parallel_core.training_graph.transformer.flash_attention.FlashAttention": McoreCoreAttentionPrefix,
 }
 
 

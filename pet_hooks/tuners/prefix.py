@@ -86,19 +86,24 @@ def _geometry(targets: List[Tuple[str, nn.Cell]], cfg: PetConfig) -> Tuple[int, 
         raise UnsupportedCellError(f"the attention cells {[p for p, _ in targets]} differ in (kv heads, head size, hidden): "
                          f"{sorted(found)}; one prefix encoder needs them equal")
     kv_heads, head_dim, hidden = found.pop()
-    heads_hint = hints.get("n_kv_heads") or hints.get("num_attention_heads") or hints.get("num_heads")
+    # key/value heads; Qwen3Config (mcore) names them num_key_value_heads, its layers num_hidden_layers and
+    # its head size head_dim
+    heads_hint = (hints.get("n_kv_heads") or hints.get("num_key_value_heads") or hints.get("num_attention_heads")
+                  or hints.get("num_heads"))
+    layers_hint = hints.get("num_layers") or hints.get("num_hidden_layers")
+    channels_hint = hints.get("kv_channels") or hints.get("head_dim")
     if hints.get("hidden_size") and (hints.get("num_attention_heads") or hints.get("num_heads")):
         heads = hints.get("num_attention_heads") or hints["num_heads"]
         if hints["hidden_size"] % heads:
             raise PetConfigError(f"model_config num_heads {heads} does not divide hidden_size {hints['hidden_size']}")
     kv_heads = kv_heads or heads_hint
-    head_dim = head_dim or hints.get("kv_channels")
+    head_dim = head_dim or channels_hint
     hidden = hidden or hints.get("hidden_size")
     for name, value in (("num_heads", kv_heads), ("kv_channels", head_dim), ("hidden_size", hidden)):
         if not value:
             raise PetConfigError(f"cannot tell {name} from the attention cells; give it in the model_config "
                              f"beside pet_config")
-    checks = [("num_layers", hints.get("num_layers"), len(targets)), ("kv_channels", hints.get("kv_channels"), head_dim),
+    checks = [("num_layers", layers_hint, len(targets)), ("kv_channels", channels_hint, head_dim),
               ("num_heads", heads_hint, kv_heads)]
     for name, hint, actual in checks:
         if hint is not None and hint != actual:
