@@ -139,6 +139,9 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
         return (None, reason) if reason else (lora_mha.LoraMultiheadAttention, None)
     if lora_mcore.is_mcore_linear(cell):
         return lora_mcore.mixin_for(cell)
+    moe_reason = lora_mcore.refusal(cell)
+    if moe_reason:
+        return None, moe_reason
     if isinstance(cell, nn.Dense):
         base, mixin = nn.Dense, LoraDense
     elif linear is not None and isinstance(cell, linear):
