@@ -158,6 +158,13 @@ REGISTRY: Tuple[Internal, ...] = (
                        "kv_channels, hidden_size, context_parallel_size and input_layout",
              sites=("pet_hooks/tuners/attention.py",), names=(), guard=_SOURCE_TEST,
              source_sha256="b6dd7640121fa95aefdb7e24f58fa4c8387b162dc02a5c89b4acdb2fc6e3b60f"),
+    Internal(key="mcore_grouped_experts_construct", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.transformer.moe.ffn.FFNGroupedGEMM.construct",
+             relied_on="LoraGroupedExperts.construct is this computation with each expert's LoRA delta added to "
+                       "weight1 / weight2 before they go to the Morph (reshaped there to [E, hidden, 2 * ffn] / "
+                       "[E, ffn, hidden]); an instance has hidden_size, weight1, weight2 and compute_dtype",
+             sites=("pet_hooks/tuners/lora_experts.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="f5ca7402360f41bab2be8801b7252869caa6c7ad3d7c1022abeffc538afe55fc"),
     Internal(key="mha_construct", package="mindspore", checked=_MS,
              target="mindspore.nn.MultiheadAttention.construct",
              relied_on="LoraMultiheadAttention.construct is this computation with in_proj_weight and out_proj.weight "

@@ -118,6 +118,11 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
                 tensors[f"{PEFT_PREFIX}{their_path}.lora_B.weight"] = b
                 mapped[f"{record.path}#{index}"] = their_path
             continue
+        missing = [leaf for leaf in tuner.peft_weights.values() if f"{record.path}.{leaf}" not in params]
+        if missing:
+            raise PetStateError(f"cell '{record.path}' ({record.original_class.__name__}) has deltas "
+                                f"{sorted(params)[:4]}, not one {' / '.join(tuner.peft_weights.values())} pair: "
+                                f"PEFT's LoRA layout does not hold them (grouped experts); save with format='pet_hooks'")
         for suffix, leaf in tuner.peft_weights.items():
             tensors[f"{PEFT_PREFIX}{mapped[record.path]}.{suffix}.weight"] = np.ascontiguousarray(
                 to_numpy(params[f"{record.path}.{leaf}"]))

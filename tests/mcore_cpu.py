@@ -20,6 +20,12 @@ what these tests mean by "the patched model":
 * ``VocabParallelEmbedding``'s backward is ``EmbeddingDenseBackward``, which has no CPU kernel: the
   cell becomes :class:`CpuEmbedding` (a ``Gather`` over the same weight Parameter), so that the
   embedding can be trained too (full fine-tuning in the benchmarks).
+* MoE models (Qwen3-MoE): the router's ``TopkExt`` (no CPU kernel) becomes :class:`CpuTopk`, and the
+  grouped experts' ``Morph`` (token dispatch, ``GroupedMatmul``, ``Swiglu``, undispatch: Ascend
+  kernels) becomes :class:`CpuDenseExperts`, which runs every expert on every token and weights the
+  outputs by the router's probabilities (the same sum for the chosen experts; ``Swiglu`` taken as
+  ``silu(first half) * second half``). It receives the weights the experts cell hands its Morph, so
+  anything done to those weights (pet_hooks' expert LoRA) is computed as on Ascend.
 * Dropout cells are left alone: the config sets every rate to 0, and a ``Dropout`` with rate 0 never
   reaches ``DropoutExt``.
 
@@ -127,6 +133,34 @@ class CpuEmbedding(nn.Cell):
         return ops.gather(self.weight, input_, 0)
 
 
+class CpuTopk(nn.Cell):
+    """``TopkExt`` (no CPU kernel) as ``ops.topk``."""
+
+    def construct(self, x, k, dim=-1, largest=True, sorted=True):  # pylint: disable=redefined-builtin
+        return ops.topk(x, k, dim, largest, sorted)
+
+
+class CpuDenseExperts(nn.Cell):
+    """``FFNGroupedGEMM``'s Morph computed densely: every expert on every token, weighted by the router."""
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int):
+        super().__init__()
+        self.hidden, self.ffn, self.num_experts = hidden, ffn, num_experts
+
+    def construct(self, tokens, probs, routing_map, w1, w2, num_tokens_per_expert=None):
+        shape = tokens.shape
+        x = ops.reshape(tokens, (-1, self.hidden))
+        w1 = ops.reshape(w1, (self.num_experts, self.hidden, 2 * self.ffn))
+        w2 = ops.reshape(w2, (self.num_experts, self.ffn, self.hidden))
+        h = ops.bmm(ops.broadcast_to(ops.expand_dims(x, 0), (self.num_experts,) + x.shape), w1)   # E, N, 2F
+        h = ops.bmm(ops.silu(h[:, :, :self.ffn]) * h[:, :, self.ffn:], w2)                        # E, N, H
+        chosen = ops.one_hot(ops.reshape(routing_map, (x.shape[0], -1)), self.num_experts,
+                             ops.ones((), probs.dtype), ops.zeros((), probs.dtype))                # N, k, E
+        weights = ops.reduce_sum(chosen * ops.expand_dims(ops.reshape(probs, (x.shape[0], -1)), -1), 1)  # N, E
+        out = ops.reduce_sum(ops.expand_dims(ops.transpose(weights, (1, 0)), -1) * h, 0)           # N, H
+        return ops.reshape(out, shape)
+
+
 def _unfused_norm(fused, config):
     """MindFormers' own ``RMSNorm`` carrying ``fused``'s weight Parameter (same object, same name)."""
     from mindformers.parallel_core.training_graph.transformer.norm import RMSNorm
@@ -159,6 +193,11 @@ def cpu_stand_ins(net: nn.Cell) -> nn.Cell:
     for _, cell in cells:
         if isinstance(cell, RotaryEmbedding):
             cell.outer, cell.outer_for_eod = CpuOuter(), CpuOuter()
+        elif type(cell).__name__ == "TopKRouter":
+            cell.topk = CpuTopk()
+        elif type(cell).__name__ == "FFNGroupedGEMM":
+            cell.morphed_forward = CpuDenseExperts(int(cell.hidden_size), int(cell.moe_ffn_hidden_size),
+                                                   int(cell.num_local_experts))
     for parent, name, new in replacements:
         old = getattr(parent, name)
         names = {id(p): p.name for p in new.get_parameters()}

@@ -1,23 +1,27 @@
-"""LoRA on a tiny mcore Qwen3-MoE (``TrainingQwen3MoeForCausalLM``), structurally.
+"""LoRA on a tiny mcore Qwen3-MoE (``TrainingQwen3MoeForCausalLM``, 4 experts, top-2): one A/B pair per expert.
 
-The routed experts are one ``FFNGroupedGEMM`` cell (all experts in two parameters, run by
-``GroupedMatmul`` inside a ``Morph``): pet_hooks has no per-expert LoRA for it, and a pattern that
-selects it is an error naming the cell and why. The attention projections of the MoE model are the
-same ``ColumnParallelLinear`` / ``RowParallelLinear`` as Qwen3's and are adapted. The model's forward
-is not run here: with this config it stops in the router (``moe_router_topk_scaling_factor`` is None,
-``Mul(None, probs)``), and past it the experts need ``GroupedMatmul`` / ``Swiglu``, which were not
-tried on the CPU. So this is checked on the structure: classes, deltas, and ``remove``.
+The routed experts are one ``FFNGroupedGEMM`` cell; pet_hooks adds each expert's delta to the
+weights it hands its Morph (``pet_hooks/tuners/lora_experts.py``). On the CPU the Morph and the
+router's top-k are test stand-ins (``tests/mcore_cpu.py``: every expert on every token, weighted by
+the router), which compute with whatever weights the experts cell passes them.
+
+The reference is the unadapted model with each expert's ``(B_e @ A_e)^T * scaling`` added to
+``weight1`` / ``weight2`` in NumPy (PEFT's per-expert LoRA, merged by hand). Graph mode only.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import mindspore as ms
+from mindspore import Tensor
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
 from tests.mcore_cpu import TINY, cpu_stand_ins, mcore_context, restore_legacy_context
 
 pytestmark = NEEDS_MINDFORMERS
+E, H, FFN, V, R = 4, 32, 16, 97, 4
+EXPERTS = {"pet_type": "lora", "lora_rank": R, "lora_alpha": 6, "lora_dropout": 0.0, "target_modules": ".*experts"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,25 +38,89 @@ def tiny_qwen3_moe():
     from mindformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
     from mindformers.models.qwen3_moe.modeling_qwen3_moe_train import TrainingQwen3MoeForCausalLM
     ms.set_seed(0)
-    config = Qwen3MoeConfig(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
-                               "moe_grouped_gemm": True})
+    config = Qwen3MoeConfig(**{**TINY, "num_experts": E, "num_experts_per_tok": 2, "moe_intermediate_size": FFN,
+                               "moe_grouped_gemm": True, "routed_scaling_factor": 1.0})
     return cpu_stand_ins(TrainingQwen3MoeForCausalLM(config))
 
 
-def test_grouped_experts_are_refused_naming_the_cell_and_attention_is_adapted():
-    net = tiny_qwen3_moe()
-    before = snapshot(net)
-    classes = {path: type(cell) for path, cell in net.cells_and_names()}
-    with pytest.raises(pet_hooks.UnsupportedCellError,
-                       match=r"model\.decoder\.layers\.0\.mlp\.experts.*FFNGroupedGEMM.*GroupedMatmul.*per-expert LoRA"):
-        pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*experts|.*linear_qkv"})
-    assert {path: type(cell) for path, cell in net.cells_and_names()} == classes      # nothing changed
+def logits(net, ids):
+    net.set_train(False)
+    return net(Tensor(ids)).asnumpy()
 
-    pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*linear_qkv|.*linear_proj"})
-    adapted = sorted(p for p, c in net.cells_and_names() if getattr(type(c), "pet_hooks_lora", False))
-    assert adapted == [f"model.decoder.layers.{i}.self_attention.{n}" for i in range(2)
-                       for n in ("linear_proj", "linear_qkv")]
-    assert len(pet_hooks.delta_parameters(net)) == 8
+
+def random_deltas(net, seed=0):
+    rng = np.random.default_rng(seed)
+    for param in pet_hooks.delta_parameters(net):
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.2))
+
+
+def test_expert_lora_equals_the_base_model_with_each_expert_merged_by_hand():
+    ids = np.random.default_rng(1).integers(0, V, (2, 8)).astype(np.int32)
+    net, reference = tiny_qwen3_moe(), tiny_qwen3_moe()
+    base = logits(reference, ids)
+    pet_hooks.apply(net, EXPERTS)
+    experts = net.model.decoder.layers[0].mlp.experts
+    assert type(experts).__name__ == "LoraGroupedExperts_of_FFNGroupedGEMM"
+    shapes = {p.name: p.shape for p in pet_hooks.delta_parameters(net)}
+    assert shapes["model.decoder.layers.0.mlp.experts.weight1.lora_A"] == (E, R, H)
+    assert shapes["model.decoder.layers.0.mlp.experts.weight1.lora_B"] == (E, 2 * FFN, R)
+    assert shapes["model.decoder.layers.1.mlp.experts.weight2.lora_A"] == (E, R, FFN)
+    assert shapes["model.decoder.layers.1.mlp.experts.weight2.lora_B"] == (E, H, R)
+    assert len(shapes) == 2 * 4
+    np.testing.assert_array_equal(logits(net, ids), base)            # B starts at zero
+
+    random_deltas(net)
+    deltas = {p.name: p.asnumpy() for p in pet_hooks.delta_parameters(net)}
+    scaling = 6 / R
+    params = {p.name: p for p in reference.get_parameters()}
+    for layer in range(2):
+        for weight in ("weight1", "weight2"):
+            prefix = f"model.decoder.layers.{layer}.mlp.experts.{weight}"
+            a, b = deltas[prefix + ".lora_A"], deltas[prefix + ".lora_B"]
+            stored = params[f"decoder.layers.{layer}.mlp.experts.{weight}"]
+            per_expert = stored.asnumpy().reshape(E, -1, stored.shape[1])            # [E, in, out]
+            merged = per_expert + scaling * np.stack([(b[e] @ a[e]).T for e in range(E)])
+            stored.set_data(Tensor(merged.reshape(stored.shape).astype(np.float32)))
+    expected = logits(reference, ids)
+    assert np.abs(expected - base).max() > 1e-2
+    np.testing.assert_allclose(logits(net, ids), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_expert_lora_trains_merges_saves_and_removes(tmp_path):
+    ids = np.random.default_rng(2).integers(0, V, (2, 8)).astype(np.int32)
+    net = tiny_qwen3_moe()
+    before, classes = snapshot(net), {path: type(cell) for path, cell in net.cells_and_names()}
+    base = logits(net, ids)
+    pet_hooks.apply(net, dict(EXPERTS, target_modules=".*experts|.*linear_qkv"))
+    optimizer = ms.nn.Adam(net.trainable_params(), learning_rate=1e-2)
+    net.set_train(True)
+
+    def forward(x):
+        return net(x, labels=x)[0]
+
+    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
+    losses = []
+    for _ in range(4):
+        loss, grads = grad_fn(Tensor(ids))
+        optimizer(grads)
+        losses.append(float(loss.asnumpy().reshape(-1)[0]))
+    assert losses[-1] < losses[0]
+    moved = [p.name for p in pet_hooks.delta_parameters(net) if ".lora_B" in p.name and np.abs(p.asnumpy()).max() > 0]
+    assert len(moved) == 2 * 2 + 2                                   # both expert weights and qkv, each layer
+    assert_params_equal(before, net)                                 # the base is untouched
+    adapted = logits(net, ids)
+    pet_hooks.save_adapter(net, str(tmp_path / "adapter"))
+    with pytest.raises(pet_hooks.PetStateError, match=r"layers\.0\.mlp\.experts.*FFNGroupedGEMM.*PEFT"):
+        pet_hooks.save_adapter(net, str(tmp_path / "peft"), format="peft")
+    fresh = tiny_qwen3_moe()
+    pet_hooks.load_adapter(fresh, str(tmp_path / "adapter"))
+    np.testing.assert_array_equal(logits(fresh, ids), adapted)
+    pet_hooks.merge(fresh)                                           # folded into weight1 / weight2
+    np.testing.assert_allclose(logits(fresh, ids), adapted, rtol=1e-4, atol=1e-5)
+    pet_hooks.unmerge(fresh)
+    np.testing.assert_allclose(logits(fresh, ids), adapted, rtol=1e-4, atol=1e-5)
+
     pet_hooks.remove(net)
     assert {path: type(cell) for path, cell in net.cells_and_names()} == classes
     assert_params_equal(before, net)
+    np.testing.assert_array_equal(logits(net, ids), base)

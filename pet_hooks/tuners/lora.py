@@ -35,7 +35,7 @@ from .._ms_compat import write_values
 from ..config import LoraConfig
 from ..errors import AdapterFileError
 from ..matching import is_excluded, select_cells
-from . import lora_layout, lora_mcore, lora_mha
+from . import lora_experts, lora_layout, lora_mcore, lora_mha
 from .base import Injection, Tuner
 from .common import init_rng, inject_all, patched_class, restore
 
@@ -46,7 +46,7 @@ logger = logging.getLogger("pet_hooks")
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
 _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
-                "pet_lora_in", "pet_lora_out") + lora_layout.PRIMITIVE_ATTRS
+                "pet_lora_in", "pet_lora_out", "lora_A_w2", "lora_B_w2") + lora_layout.PRIMITIVE_ATTRS
 SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
 
@@ -139,9 +139,9 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
         return (None, reason) if reason else (lora_mha.LoraMultiheadAttention, None)
     if lora_mcore.is_mcore_linear(cell):
         return lora_mcore.mixin_for(cell)
-    moe_reason = lora_mcore.refusal(cell)
-    if moe_reason:
-        return None, moe_reason
+    if lora_experts.is_grouped_experts(cell):
+        reason = lora_experts.reason(cell)
+        return (None, reason) if reason else (lora_experts.LoraGroupedExperts, None)
     if isinstance(cell, nn.Dense):
         base, mixin = nn.Dense, LoraDense
     elif linear is not None and isinstance(cell, linear):
@@ -207,6 +207,9 @@ def _io_channels(cell: nn.Cell) -> Tuple[int, int]:
         return lora_mha.in_out_channels(cell)
     if lora_mcore.is_mcore_linear(cell):
         return lora_mcore.in_out_channels(cell)
+    if lora_experts.is_grouped_experts(cell):        # per expert, weight1 (gate and up)
+        _, hidden, ffn = lora_experts.sizes(cell)
+        return hidden, 2 * ffn
     return int(cell.in_channels), int(cell.out_channels)
 
 
@@ -220,7 +223,7 @@ def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
         return getattr(mstype, cfg.compute_dtype)
     # Linear computes in its compute_dtype (mcore layers: config.compute_dtype); Dense in its weight's
     # dtype (x must match it).
-    if lora_mcore.is_mcore_linear(cell):
+    if lora_mcore.is_mcore_linear(cell) or lora_experts.is_grouped_experts(cell):
         return cell.compute_dtype
     return cell.dtype if _mixin_for(cell)[0] is LoraLinear else _base_weight(cell).dtype
 
@@ -292,6 +295,13 @@ def _tensor(values: np.ndarray, dtype):
 
 def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator, scale: Parameter,
                 read_by_parent: bool = False) -> List[Parameter]:
+    if lora_experts.is_grouped_experts(cell):       # one pair per expert and weight, in weight space
+        params = lora_experts.add_branch(path, cell, cfg, rng, scale, _tensor)
+        cell.lora_dropout = None
+        cell.lora_scaling = cfg.scaling
+        cell.pet_lora_scale = scale
+        cell.lora_compute_dtype = _compute_dtype(cell, cfg)
+        return params
     in_ch, out_ch = _io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
     lora_a = _tensor(_init_a(rng, cfg, in_ch), param_dtype)
@@ -380,6 +390,8 @@ class LoraTuner(Tuner):
         """``lora_B``: it starts at zero and gets a gradient from the first step whenever the branch
         is reached (A's gradient is ``B^T @ ...``, zero until B moves); a B with no gradient stays
         exactly zero even under weight decay."""
+        if lora_experts.is_grouped_experts(record.cell):
+            return [record.cell.lora_B, record.cell.lora_B_w2]
         return [record.cell.lora_B]
 
     def io_channels(self, record: Injection) -> Tuple[int, int]:
@@ -387,6 +399,8 @@ class LoraTuner(Tuner):
         return _io_channels(record.cell)
 
     def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
+        if lora_experts.is_grouped_experts(record.cell):
+            return lora_experts.weight_deltas(record.cell)
         return [(_base_weight(record.cell), _delta_in_weight_layout(record.cell))]
 
     # -- Hugging Face PEFT's adapter_config.json ------------------------------------------------

@@ -38,12 +38,9 @@ Under semi-auto parallel MindSpore inserts the AllReduce after the row-parallel 
 The strategies are set whatever the parallel mode (a primitive's strategy is ignored outside
 (semi-)auto parallel), read from the cell's ``config`` at ``apply`` time.
 
-**Mixture-of-experts.** Qwen3-MoE / DeepSeek-V3 keep their routed experts in one
-``FFNGroupedGEMM`` cell: ``weight1`` ``[experts * hidden, 2 * ffn]`` and ``weight2``
-``[experts * ffn, hidden]``, which a ``Morph`` hands to ``GroupedMatmul`` after the token dispatch.
-pet_hooks has no per-expert LoRA for that layout yet: a pattern that selects it is an error naming the
-cell and this reason (:func:`refusal`). Their attention projections and shared experts are ordinary
-``ColumnParallelLinear`` / ``RowParallelLinear`` and are adapted.
+**Mixture-of-experts.** The routed experts of Qwen3-MoE / DeepSeek-V3 (``FFNGroupedGEMM``) are
+adapted in weight space, one pair per expert (``lora_experts.py``); their attention projections
+and shared experts are the projections here.
 
 Not adapted (the reason is the error ``apply`` gives): a layer whose weight is passed at call
 time (``skip_weight_param_allocation``, e.g. an output layer tied to the embedding), a
@@ -60,9 +57,7 @@ from mindspore import nn, ops
 from . import lora_layout
 
 __all__ = ["LoraColumnParallelLinear", "LoraRowParallelLinear", "is_mcore_linear", "mixin_for",
-           "in_out_channels", "strategies", "refusal"]
-
-_MOE_FFN = "mindformers.parallel_core.training_graph.transformer.moe.ffn"
+           "in_out_channels", "strategies"]
 
 _LAYERS = "mindformers.parallel_core.training_graph.tensor_parallel.layers"
 
@@ -176,14 +171,3 @@ def strategies(cell: nn.Cell) -> lora_layout.Strategies:
     return lora_layout.from_splits(rows, 1, 1)
 
 
-
-def refusal(cell: nn.Cell) -> Optional[str]:
-    """Why LoRA cannot adapt an mcore cell that is not a projection (the grouped-matmul experts); else None."""
-    module = sys.modules.get(_MOE_FFN)
-    grouped = getattr(module, "FFNGroupedGEMM", None)
-    if grouped is not None and isinstance(cell, grouped):
-        return (f"{type(cell).__name__} keeps every routed expert's weights in two parameters (weight1 "
-                f"[experts * hidden, 2 * ffn], weight2 [experts * ffn, hidden]) that its Morph hands to GroupedMatmul "
-                f"after the token dispatch; pet_hooks has no per-expert LoRA for grouped-matmul experts yet. Adapt "
-                f"the attention projections (linear_qkv, linear_proj) or the shared experts instead")
-    return None

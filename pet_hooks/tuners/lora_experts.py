@@ -1,0 +1,129 @@
+"""LoRA on MindFormers' grouped-matmul experts (``FFNGroupedGEMM``: Qwen3-MoE, DeepSeek-V3): one A/B pair per expert.
+
+``FFNGroupedGEMM`` keeps every routed expert in two parameters, ``weight1`` ``[E * hidden, 2 * ffn]``
+(gate and up) and ``weight2`` ``[E * ffn, hidden]`` (down), which its ``Morph`` reshapes to
+``[E, hidden, 2 * ffn]`` / ``[E, ffn, hidden]`` and hands to ``GroupedMatmul`` after the token dispatch.
+There is no per-expert input to put a branch on outside that Morph, so the adapter works in weight
+space, as PEFT's ``target_parameters`` does for MoE experts: each expert ``e`` of each weight gets its
+own pair (PEFT's convention, ``ΔW_e = B_e @ A_e`` of shape ``[out, in]``)::
+
+    weight1 -> lora_A [E, r, hidden],  lora_B [E, 2 * ffn, r]
+    weight2 -> lora_A [E, r, ffn],     lora_B [E, hidden, r]
+
+and the generated class's ``construct`` (``FFNGroupedGEMM.construct``, MindFormers 1.9, copied)
+hands the Morph ``W_e + scaling * (B_e @ A_e)^T`` (the weights are stored ``[in, out]``). Every
+expert's delta is the exact LoRA of that expert, whichever tokens the router sends it. The deltas are
+named ``<cell path>.weight1.lora_A`` ... ``.weight2.lora_B``. ``lora_dropout`` is not applied (there
+is no branch input to drop; PEFT does the same for parameter targets). Merging folds the deltas into
+``weight1`` / ``weight2``. The PEFT file format is not written for these cells.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from typing import List, Optional, Tuple
+
+import numpy as np
+from mindspore import Parameter, nn, ops
+from mindspore.common import dtype as mstype
+
+__all__ = ["LoraGroupedExperts", "is_grouped_experts", "add_branch", "weight_deltas", "PARAM_ATTRS", "sizes"]
+
+logger = logging.getLogger("pet_hooks")
+_FFN = "mindformers.parallel_core.training_graph.transformer.moe.ffn"
+#: the per-weight deltas an experts cell gains (weight1's pair, weight2's pair)
+PARAM_ATTRS = ("lora_A", "lora_B", "lora_A_w2", "lora_B_w2")
+
+
+def _expert_delta(a, b, scale, dtype):
+    """``scale * (B_e @ A_e)^T`` for every expert, ``[E, in, out]``, in ``dtype``."""
+    a = ops.cast(a * ops.cast(scale, ops.dtype(a)), dtype)                 # [E, r, in]
+    b = ops.cast(b, dtype)                                                  # [E, out, r]
+    return ops.bmm(ops.transpose(a, (0, 2, 1)), ops.transpose(b, (0, 2, 1)))
+
+
+class LoraGroupedExperts:
+    """``FFNGroupedGEMM.construct`` (MindFormers 1.9) with each expert's weights plus its LoRA delta."""
+
+    pet_hooks_lora = True
+    pet_lora_reads_weights = True   # the delta goes into the weights: no branch input
+
+    def construct(self, tokens, probs, routing_map):
+        new_input_tensor_shape = self.shape(tokens)
+        if self.moe_token_dispatcher_type == "alltoall_deredundency":
+            tokens = self.stride_slice(tokens, (0, 0, 0), new_input_tensor_shape, (1, 1, 1))
+        dtype = tokens.dtype
+        tokens = self.cast_op(tokens, self.compute_dtype)
+        w1 = self.cast_op(self.weight1, self.compute_dtype)
+        w2 = self.cast_op(self.weight2, self.compute_dtype)
+        w1 = w1 + ops.reshape(_expert_delta(self.lora_A, self.lora_B, self.pet_lora_scale, self.compute_dtype),
+                              ops.shape(w1))
+        w2 = w2 + ops.reshape(_expert_delta(self.lora_A_w2, self.lora_B_w2, self.pet_lora_scale, self.compute_dtype),
+                              ops.shape(w2))
+        output = self.morphed_forward(tokens, probs, routing_map, w1, w2, self.num_tokens_per_expert)
+        if self.moe_token_dispatcher_type == "alltoall_deredundency":
+            output = self.stride_slice(output, (0, 0, 0), new_input_tensor_shape, (1, 1, 1))
+        output = self.cast_op(output, dtype)
+        return output
+
+
+def is_grouped_experts(cell: nn.Cell) -> bool:
+    module = sys.modules.get(_FFN)
+    grouped = getattr(module, "FFNGroupedGEMM", None)
+    return grouped is not None and isinstance(cell, grouped)
+
+
+def reason(cell: nn.Cell) -> Optional[str]:
+    """None when LoRA can adapt the experts cell, else why not."""
+    module = sys.modules.get(_FFN)
+    if type(cell).construct is not module.FFNGroupedGEMM.construct:
+        return f"{type(cell).__name__} overrides FFNGroupedGEMM.construct, whose computation pet_hooks cannot reproduce"
+    return None
+
+
+def sizes(cell: nn.Cell) -> Tuple[int, int, int]:
+    """(experts, hidden, ffn) of an experts cell, from its weights."""
+    hidden = int(cell.hidden_size)
+    experts = int(cell.weight1.shape[0]) // hidden
+    return experts, hidden, int(cell.weight1.shape[1]) // 2
+
+
+def _init_a(rng: np.random.Generator, cfg, experts: int, fan_in: int) -> np.ndarray:
+    shape = (experts, cfg.lora_rank, fan_in)
+    if cfg.lora_a_init == "normal":
+        return rng.normal(0.0, 0.01, size=shape).astype(np.float32)
+    bound = math.sqrt(6.0 / ((1.0 + 5.0) * fan_in))         # kaiming_uniform(a=sqrt(5)), per expert
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+def add_branch(path: str, cell: nn.Cell, cfg, rng: np.random.Generator, scale: Parameter,
+               as_data) -> List[Parameter]:
+    """Give the experts cell its four deltas (B zero); ``as_data(values, dtype)`` makes Parameter data."""
+    experts, hidden, ffn = sizes(cell)
+    dtype = getattr(mstype, cfg.param_init_type)
+    pairs = (("weight1", "lora_A", "lora_B", hidden, 2 * ffn), ("weight2", "lora_A_w2", "lora_B_w2", ffn, hidden))
+    params = []
+    for weight, a_attr, b_attr, fan_in, fan_out in pairs:
+        a = Parameter(as_data(_init_a(rng, cfg, experts, fan_in), dtype), name=f"{path}.{weight}.lora_A")
+        b = Parameter(as_data(np.zeros((experts, fan_out, cfg.lora_rank), np.float32), dtype),
+                      name=f"{path}.{weight}.lora_B")
+        setattr(cell, a_attr, a)
+        setattr(cell, b_attr, b)
+        params += [a, b]
+    if cfg.lora_dropout > 0:
+        logger.warning("pet_hooks: lora_dropout %s is not applied on the grouped experts %s: their deltas go into "
+                       "the expert weights (as PEFT's target_parameters)", cfg.lora_dropout, path)
+    return params
+
+
+def weight_deltas(cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
+    """``[(weight1, change), (weight2, change)]`` in the weights' stored layout, float32."""
+    out = []
+    for weight, a_attr, b_attr in (("weight1", "lora_A", "lora_B"), ("weight2", "lora_A_w2", "lora_B_w2")):
+        a = getattr(cell, a_attr).astype(mstype.float32).asnumpy()
+        b = getattr(cell, b_attr).astype(mstype.float32).asnumpy()
+        delta = cell.lora_scaling * np.einsum("eri,eor->eio", a, b)            # (B_e @ A_e)^T per expert
+        target = getattr(cell, weight)
+        out.append((target, delta.reshape(target.shape)))
+    return out
