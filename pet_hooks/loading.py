@@ -22,6 +22,22 @@ from .surgery import all_delta_parameters, apply, get_state, remove, saved_param
 __all__ = ["load_tensors"]
 
 
+def _aligned(params: Dict[str, object], tensors: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """A foreign file's tensors renamed to the delta whose name ends with theirs, where exactly one does.
+
+    MindFormers names parameters without the prefix of a top cell built with ``auto_prefix=False``
+    (``TrainingQwen3ForCausalLM``'s ``model.``): its ``decoder.layers.0....lora_A`` is pet_hooks'
+    ``model.decoder.layers.0....lora_A``, the delta named by its cell path.
+    """
+    out = {}
+    for name, value in tensors.items():
+        if name not in params:
+            tails = [p for p in params if p.endswith("." + name)]
+            name = tails[0] if len(tails) == 1 else name
+        out[name] = value
+    return out
+
+
 def _check_fit(net: nn.Cell, tensors: Dict[str, np.ndarray], path: str, *, deltas_only: bool = False,
                cast_floats: bool = False) -> list:
     """Pair every adapter parameter with its tensor; any mismatch is an error naming it.
@@ -30,6 +46,8 @@ def _check_fit(net: nn.Cell, tensors: Dict[str, np.ndarray], path: str, *, delta
     does not hold them); ``cast_floats`` accepts a float tensor of another width.
     """
     params = {p.name: p for p in (all_delta_parameters(net) if deltas_only else saved_parameters(net))}
+    if deltas_only:
+        tensors = _aligned(params, tensors)
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise AdapterFileError(f"{path} has no tensor for parameter(s) {missing[:5]}"

@@ -4,7 +4,8 @@
     pet_hooks.save_merged_checkpoint(net, "merged.ckpt")                   # plain MindFormers loads it
 
 MindFormers names a LoRA layer's deltas ``<cell>.mindpet_delta_lora_a`` ([r, in]) and
-``<cell>.mindpet_delta_lora_b`` ([out, r]); pet_hooks names them ``<cell>.lora_A`` /
+``<cell>.mindpet_delta_lora_b`` ([out, r]) on legacy models, ``<cell>.lora_A.weight`` /
+``<cell>.lora_B.weight`` on the mcore ones (Qwen3, ...); pet_hooks names them ``<cell>.lora_A`` /
 ``<cell>.lora_B``, same shapes, same scaling ``alpha / r``. Checkpoints are read with
 MindSpore's own reader (protobuf, no pickle) or safetensors.
 """

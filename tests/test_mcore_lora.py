@@ -184,3 +184,24 @@ def test_mcore_projections_have_what_lora_reads():
         assert cell.compute_dtype == ms.float32
         assert (cell.config.data_parallel_size, cell.config.context_parallel_size,
                 cell.config.tensor_model_parallel_size) == (1, 1, 1)
+
+
+def test_a_mindformers_mcore_lora_checkpoint_loads(tmp_path, monkeypatch):
+    """MindFormers' mcore LoRA saved with ms.save_checkpoint (deltas '<cell>.lora_A.weight', no 'model.' prefix)
+    loads into pet_hooks and gives MindFormers' logits."""
+    from mindformers.pet import get_pet_model
+    monkeypatch.chdir(tmp_path)
+    theirs = get_pet_model(tiny_qwen3(), dict(CFG, freeze_include=["*"], freeze_exclude=["*lora*"]))
+    ours = tiny_qwen3()
+    their_params = {p.name: p for p in theirs.get_parameters()}
+    for param in ours.get_parameters():                       # the same base (MindFormers re-initialised its own)
+        their_params[param.name].set_data(param.data.copy())
+    rng = np.random.default_rng(5)
+    for name, param in their_params.items():
+        if ".lora_" in name:
+            param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.1))
+    ms.save_checkpoint(theirs, str(tmp_path / "mf_lora.ckpt"))
+    pet_hooks.load_adapter(ours, str(tmp_path / "mf_lora.ckpt"), cfg=CFG)
+    ids = ids_of(6)
+    expected = logits(theirs, ids)
+    np.testing.assert_allclose(logits(ours, ids), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -357,7 +357,9 @@ class LoraTuner(Tuner):
     can_merge = True
     peft_type = "LORA"
     peft_weights = {"lora_A": "lora_A", "lora_B": "lora_B"}
-    mindformers_weights = {"mindpet_delta_lora_a": "lora_A", "mindpet_delta_lora_b": "lora_B"}
+    # legacy (mindpet LoRADense) and mcore (lora_layers.py: lora_A / lora_B are LinearNoTP / ColumnParallelLinear cells)
+    mindformers_weights = {"mindpet_delta_lora_a": "lora_A", "mindpet_delta_lora_b": "lora_B",
+                           "lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
 
     def can_adapt(self, cell: nn.Cell) -> Optional[str]:
         return _can_adapt(cell)
