@@ -158,3 +158,58 @@ def test_legacy_linear_without_a_strategy_gets_unsharded_primitives():
     assert getattr(wq.pet_lora_matmul_a, "in_strategy", None) is None
     pet_hooks.remove(net)
     assert not hasattr(wq, "pet_lora_matmul_a")
+
+
+def tiny_deepseek_v3():
+    """A 2-layer DeepSeek-V3 (MLA attention, layer 1 MoE with 4 routed experts and a shared expert); built, not run."""
+    from mindformers.models.deepseek3.configuration_deepseek_v3 import DeepseekV3Config
+    from mindformers.models.deepseek3.modeling_deepseek_v3_train import TrainingDeepseekV3ForCausalLM
+    ms.set_seed(0)
+    return TrainingDeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_nextn_predict_layers=0, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+        n_routed_experts=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
+        n_group=1, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=64,
+        seq_length=8, batch_size=2, compute_dtype="float32", params_dtype="float32",
+        layernorm_compute_dtype="float32", softmax_compute_dtype="float32", rotary_dtype="float32",
+        hidden_dropout=0.0, moe_grouped_gemm=True))
+
+
+def test_deepseek_v3_projections_and_experts_are_adapted_and_laid_out_as_their_base():
+    """DeepSeek-V3's MLA projections (ColumnParallelLinear, SequenceParallelLinear, RowParallelLinear), its shared
+    experts and routed experts: adapted; every projection's LoRA laid out as its own shard() implies."""
+    from mindformers.parallel_core.training_graph.device_matrix import layout
+    mcore_context()
+    net = tiny_deepseek_v3()
+    names = ("_layout", "_layout_type", "_config")
+    saved = {name: layout.__dict__[name] for name in names if name in layout.__dict__}
+    config = net.model.config
+    # the MoE layer's cells hold copies of the TransformerConfig: the parallel sizes go into every one
+    for cfg in {id(c.config): c.config for _, c in net.cells_and_names() if hasattr(c, "config")}.values():
+        if hasattr(cfg, "tensor_model_parallel_size"):
+            cfg.data_parallel_size, cfg.tensor_model_parallel_size = DP, TP
+    for name in names:
+        setattr(layout, name, None)
+    try:
+        layout.init_layout(config)
+        pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 4,
+                              "target_modules": r".*self_attention\.linear_\w+|.*linear_fc1|.*linear_fc2|.*mlp\.experts"})
+        adapted = {path: type(cell).__name__.split("_of_")[1] for path, cell in net.cells_and_names()
+                   if getattr(type(cell), "pet_hooks_lora", False)}
+        assert adapted["model.decoder.layers.1.self_attention.linear_qkv"] == "SequenceParallelLinear"
+        assert adapted["model.decoder.layers.1.self_attention.linear_qb"] == "ColumnParallelLinear"
+        assert adapted["model.decoder.layers.1.mlp.shared_experts.linear_fc2"] == "SequenceParallelLinear"
+        assert adapted["model.decoder.layers.1.mlp.experts"] == "FFNGroupedGEMM"
+        assert adapted["model.decoder.layers.0.mlp.linear_fc2"] == "RowParallelLinear"
+        for path, cell in net.cells_and_names():
+            if hasattr(cell, "pet_lora_matmul_a"):
+                strategy_a, strategy_b = _implied(cell)
+                assert cell.pet_lora_matmul_a.in_strategy == strategy_a, path
+                assert cell.pet_lora_matmul_b.in_strategy == strategy_b, path
+    finally:
+        for name in names:
+            if name in saved:
+                setattr(layout, name, saved[name])
+            else:
+                delattr(layout, name)
+        restore_legacy_context()

@@ -150,7 +150,8 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
         base, mixin = linear, LoraLinear
     else:
         return None, ("LoRA adapts mindspore.nn.Dense, mindspore.nn.MultiheadAttention, "
-                      "mindformers.modules.layers.Linear and MindFormers' ColumnParallelLinear / RowParallelLinear")
+                      "mindformers.modules.layers.Linear and MindFormers' ColumnParallelLinear / RowParallelLinear / "
+                      "FFNGroupedGEMM (grouped MoE experts)")
     if type(cell).construct is not base.construct:
         return None, (f"{type(cell).__name__} overrides {base.__name__}.construct, whose computation "
                       f"pet_hooks cannot reproduce")

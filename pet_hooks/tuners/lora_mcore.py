@@ -31,6 +31,8 @@ ColumnParallel      ``((d, 1), (1, 1))``        ``((d, 1), (t, 1))``  B split al
 RowParallel         ``((d, t), (1, t))``        ``((d, 1), (1, 1))``  A split along in, as W;
                                                                       the partial sums are reduced
 LinearNoTP          ``((d, 1), (1, 1))``        ``((d, 1), (1, 1))``
+SequenceParallel    ``((d*t, 1), (1, 1))``      ``((d*t, 1), (1, 1))``  (DeepSeek-V3's MLA down projection,
+                                                                      shared experts)
 ==================  =========================  =========================
 
 Under semi-auto parallel MindSpore inserts the AllReduce after the row-parallel ``x @ A^T``
@@ -110,6 +112,7 @@ def _known_classes():
         return {}
     return {layers.ColumnParallelLinear: (LoraColumnParallelLinear, "column"),
             layers.LinearNoTP: (LoraColumnParallelLinear, "replicated"),
+            layers.SequenceParallelLinear: (LoraColumnParallelLinear, "sequence"),
             layers.RowParallelLinear: (LoraRowParallelLinear, "row")}
 
 
@@ -168,6 +171,8 @@ def strategies(cell: nn.Cell) -> lora_layout.Strategies:
         return lora_layout.from_splits(rows, 1, tp)
     if kind == "row":
         return lora_layout.from_splits(rows, tp, 1)
+    if kind == "sequence":          # weight replicated, the input's sequence split by cp * tp
+        return lora_layout.from_splits(rows * tp, 1, 1)
     return lora_layout.from_splits(rows, 1, 1)
 
 
