@@ -177,21 +177,25 @@ def tiny_deepseek_v3():
 
 def test_deepseek_v3_projections_and_experts_are_adapted_and_laid_out_as_their_base():
     """DeepSeek-V3's MLA projections (ColumnParallelLinear, SequenceParallelLinear, RowParallelLinear), its shared
-    experts and routed experts: adapted; every projection's LoRA laid out as its own shard() implies."""
-    from mindformers.parallel_core.training_graph.device_matrix import layout
+    experts and routed experts: adapted; every projection's LoRA laid out as its own shard() implies, and the
+    routed experts' delta matmul split along the experts as FFNGroupedGEMM.shard splits their weights (ep=2)."""
+    from mindformers.parallel_core.training_graph.device_matrix import layout, layout_moe
     mcore_context()
     net = tiny_deepseek_v3()
     names = ("_layout", "_layout_type", "_config")
     saved = {name: layout.__dict__[name] for name in names if name in layout.__dict__}
+    saved_moe = {name: layout_moe.__dict__[name] for name in names if name in layout_moe.__dict__}
     config = net.model.config
     # the MoE layer's cells hold copies of the TransformerConfig: the parallel sizes go into every one
     for cfg in {id(c.config): c.config for _, c in net.cells_and_names() if hasattr(c, "config")}.values():
         if hasattr(cfg, "tensor_model_parallel_size"):
-            cfg.data_parallel_size, cfg.tensor_model_parallel_size = DP, TP
+            cfg.data_parallel_size, cfg.tensor_model_parallel_size, cfg.expert_model_parallel_size = DP, TP, 2
     for name in names:
         setattr(layout, name, None)
+        setattr(layout_moe, name, None)
     try:
         layout.init_layout(config)
+        layout_moe.init_layout(config)
         pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 4,
                               "target_modules": r".*self_attention\.linear_\w+|.*linear_fc1|.*linear_fc2|.*mlp\.experts"})
         adapted = {path: type(cell).__name__.split("_of_")[1] for path, cell in net.cells_and_names()
@@ -206,10 +210,16 @@ def test_deepseek_v3_projections_and_experts_are_adapted_and_laid_out_as_their_b
                 strategy_a, strategy_b = _implied(cell)
                 assert cell.pet_lora_matmul_a.in_strategy == strategy_a, path
                 assert cell.pet_lora_matmul_b.in_strategy == strategy_b, path
+        experts = net.model.decoder.layers[1].mlp.experts
+        experts.shard(experts.config)                       # MindFormers' layout of weight1 / weight2
+        w1_split, w2_split = (_splits(experts.morphed_forward.in_layout[i])[0] for i in (3, 4))
+        assert w1_split == w2_split == 2
+        assert experts.pet_lora_bmm.in_strategy == ((w1_split, 1, 1), (w1_split, 1, 1))
     finally:
-        for name in names:
-            if name in saved:
-                setattr(layout, name, saved[name])
-            else:
-                delattr(layout, name)
+        for manager, kept in ((layout, saved), (layout_moe, saved_moe)):
+            for name in names:
+                if name in kept:
+                    setattr(manager, name, kept[name])
+                else:
+                    delattr(manager, name)
         restore_legacy_context()

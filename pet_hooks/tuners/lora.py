@@ -46,7 +46,7 @@ logger = logging.getLogger("pet_hooks")
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
 _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
-                "pet_lora_in", "pet_lora_out", "lora_A_w2", "lora_B_w2") + lora_layout.PRIMITIVE_ATTRS
+                "pet_lora_in", "pet_lora_out", "lora_A_w2", "lora_B_w2", "pet_lora_bmm") + lora_layout.PRIMITIVE_ATTRS
 SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
 

@@ -15,7 +15,9 @@ hands the Morph ``W_e + scaling * (B_e @ A_e)^T`` (the weights are stored ``[in,
 expert's delta is the exact LoRA of that expert, whichever tokens the router sends it. The deltas are
 named ``<cell path>.weight1.lora_A`` ... ``.weight2.lora_B``. ``lora_dropout`` is not applied (there
 is no branch input to drop; PEFT does the same for parameter targets). Merging folds the deltas into
-``weight1`` / ``weight2``. The PEFT file format is not written for these cells.
+``weight1`` / ``weight2``. The PEFT file format is not written for these cells. Expert parallelism:
+the deltas' batched matmul is split along the experts like the weights (``(ep, None)`` in
+``FFNGroupedGEMM.shard``), ``((ep, 1, 1), (ep, 1, 1))``.
 """
 from __future__ import annotations
 
@@ -28,19 +30,19 @@ import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common import dtype as mstype
 
-__all__ = ["LoraGroupedExperts", "is_grouped_experts", "add_branch", "weight_deltas", "PARAM_ATTRS", "sizes"]
+__all__ = ["LoraGroupedExperts", "is_grouped_experts", "add_branch", "weight_deltas", "PARAM_ATTRS", "sizes",
+           "expert_parallel"]
 
 logger = logging.getLogger("pet_hooks")
 _FFN = "mindformers.parallel_core.training_graph.transformer.moe.ffn"
-#: the per-weight deltas an experts cell gains (weight1's pair, weight2's pair)
-PARAM_ATTRS = ("lora_A", "lora_B", "lora_A_w2", "lora_B_w2")
+#: the per-weight deltas an experts cell gains (weight1's pair, weight2's pair), and its delta matmul
+PARAM_ATTRS = ("lora_A", "lora_B", "lora_A_w2", "lora_B_w2", "pet_lora_bmm")
 
 
-def _expert_delta(a, b, scale, dtype):
-    """``scale * (B_e @ A_e)^T`` for every expert, ``[E, in, out]``, in ``dtype``."""
+def _expert_delta(bmm, a, b, scale, dtype):
+    """``scale * (B_e @ A_e)^T = A_e^T @ B_e^T`` for every expert, ``[E, in, out]``, in ``dtype``."""
     a = ops.cast(a * ops.cast(scale, ops.dtype(a)), dtype)                 # [E, r, in]
-    b = ops.cast(b, dtype)                                                  # [E, out, r]
-    return ops.bmm(ops.transpose(a, (0, 2, 1)), ops.transpose(b, (0, 2, 1)))
+    return bmm(a, ops.cast(b, dtype))                                       # [E, out, r] -> [E, in, out]
 
 
 class LoraGroupedExperts:
@@ -57,10 +59,10 @@ class LoraGroupedExperts:
         tokens = self.cast_op(tokens, self.compute_dtype)
         w1 = self.cast_op(self.weight1, self.compute_dtype)
         w2 = self.cast_op(self.weight2, self.compute_dtype)
-        w1 = w1 + ops.reshape(_expert_delta(self.lora_A, self.lora_B, self.pet_lora_scale, self.compute_dtype),
-                              ops.shape(w1))
-        w2 = w2 + ops.reshape(_expert_delta(self.lora_A_w2, self.lora_B_w2, self.pet_lora_scale, self.compute_dtype),
-                              ops.shape(w2))
+        w1 = w1 + ops.reshape(_expert_delta(self.pet_lora_bmm, self.lora_A, self.lora_B, self.pet_lora_scale,
+                                            self.compute_dtype), ops.shape(w1))
+        w2 = w2 + ops.reshape(_expert_delta(self.pet_lora_bmm, self.lora_A_w2, self.lora_B_w2, self.pet_lora_scale,
+                                            self.compute_dtype), ops.shape(w2))
         output = self.morphed_forward(tokens, probs, routing_map, w1, w2, self.num_tokens_per_expert)
         if self.moe_token_dispatcher_type == "alltoall_deredundency":
             output = self.stride_slice(output, (0, 0, 0), new_input_tensor_shape, (1, 1, 1))
@@ -111,10 +113,19 @@ def add_branch(path: str, cell: nn.Cell, cfg, rng: np.random.Generator, scale: P
         setattr(cell, a_attr, a)
         setattr(cell, b_attr, b)
         params += [a, b]
+    # The experts are split across expert-parallel ranks along E (FFNGroupedGEMM.shard lays weight1 / weight2
+    # out as (ep, None)); each rank computes its own experts' deltas, so the batched matmul splits E alike.
+    ep = expert_parallel(cell)
+    cell.pet_lora_bmm = ops.BatchMatMul(transpose_a=True, transpose_b=True).shard(((ep, 1, 1), (ep, 1, 1)))
     if cfg.lora_dropout > 0:
         logger.warning("pet_hooks: lora_dropout %s is not applied on the grouped experts %s: their deltas go into "
                        "the expert weights (as PEFT's target_parameters)", cfg.lora_dropout, path)
     return params
+
+
+def expert_parallel(cell: nn.Cell) -> int:
+    """The expert-parallel size from the cell's TransformerConfig (1 when unset)."""
+    return int(getattr(cell.config, "expert_model_parallel_size", None) or 1)
 
 
 def weight_deltas(cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
