@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     }
     with open(os.path.join(ROOT, "bench", "mcore_last_run.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
-    print(f"\n| variant | median step ms | peak RSS above baseline MB | trainable |")
+    print("\n| variant | median step ms | peak RSS above baseline MB | trainable |")
     print("| --- | --- | --- | --- |")
     for variant in VARIANTS:
         s = summary[variant]
