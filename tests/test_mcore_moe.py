@@ -124,3 +124,23 @@ def test_expert_lora_trains_merges_saves_and_removes(tmp_path):
     assert {path: type(cell) for path, cell in net.cells_and_names()} == classes
     assert_params_equal(before, net)
     np.testing.assert_array_equal(logits(net, ids), base)
+
+
+def test_petcallback_with_model_train_trains_the_experts_deltas(tmp_path):
+    import mindspore.dataset as ds
+    from mindspore.train import Model
+    from tests.mcore_train import LossOf, batches
+    net = tiny_qwen3_moe()
+    before = snapshot(net)
+    data = ds.GeneratorDataset(batches(3, 2, 8, V), ["input_ids", "labels"], shuffle=False)
+    optimizer = ms.nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-2)     # every weight, as scripts do
+    Model(LossOf(net), optimizer=optimizer).train(
+        1, data, callbacks=[pet_hooks.PetCallback(EXPERTS, save_dir=str(tmp_path / "adapter"))], dataset_sink_mode=False)
+    deltas = pet_hooks.delta_parameters(net)
+    assert len(deltas) == 2 * 4
+    assert all(np.abs(p.asnumpy()).max() > 0 for p in deltas if ".lora_B" in p.name)   # every expert weight moved
+    assert_params_equal(before, net)                                                    # the base did not
+    fresh = tiny_qwen3_moe()
+    pet_hooks.load_adapter(fresh, str(tmp_path / "adapter"))
+    ids = np.random.default_rng(3).integers(0, V, (2, 8)).astype(np.int32)
+    np.testing.assert_array_equal(logits(fresh, ids), logits(net, ids))
