@@ -26,6 +26,8 @@ ROWS = {
     "lora_o0_before": ("pet_hooks LoRA, graph mode, `jit_level` O0, before", "run.py",
                        ["--variant", "lora", "--lever", "jitO0,noreuse"]),
     "lora_o0_after": ("pet_hooks LoRA, graph mode, `jit_level` O0, after", "run.py", ["--variant", "lora", "--lever", "jitO0"]),
+    "lora_fused_optimizer": ("pet_hooks LoRA, graph mode, after, `nn.AdamWeightDecay` (fused kernels, no bias "
+                             "correction)", "run.py", ["--variant", "lora", "--optimizer", "adamwd"]),
     "lora_pynative": ("pet_hooks LoRA, PyNative", "run.py", ["--variant", "lora", "--lever", "pynative"]),
     "ptuning2": ("pet_hooks P-Tuning v2, 16 positions, graph mode", "run.py", ["--variant", "ptuning2"]),
     "prefix": ("pet_hooks Prefix-Tuning, 16 positions, MLP 64, graph mode", "run.py", ["--variant", "prefix"]),
@@ -87,7 +89,9 @@ def lines(data: dict) -> List[str]:
         if "error" not in r and "error" not in peft and peft and r.get("later_median_s"):
             time_ratio = f"{r['later_median_s'] / peft['later_median_s']:.2f}x"
             mem_ratio = f"{r['peak_above_base_mb'] / peft['peak_above_base_mb']:.2f}x"
-        out.append(f"| {label} | {r.get('blocks_sharing_a_graph', 'n/a') if 'error' not in r else 'failed'} | "
+        sharing = "failed" if "error" in r else (r.get("blocks_sharing_a_graph", "n/a") if r.get("mode") == 0
+                                                 and r.get("variant") != "full" else "n/a")
+        out.append(f"| {label} | {sharing} | "
                    f"{_cell(r, 'first_s', '{:.1f}')} | {_cell(r, 'later_median_s', '{:.2f}')} | "
                    f"{_cell(r, 'peak_above_base_mb', '{:,.0f}')} | {time_ratio} | {mem_ratio} |")
     for before, after, what in (("lora_before", "lora_after", "LoRA, graph mode"),
