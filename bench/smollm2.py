@@ -402,6 +402,8 @@ def part_command(args, part: str) -> str:
         words.append(f"--methods {args.methods}")
     if part == "speed" and args.speed_groups:
         words.append(f"--speed-groups {args.speed_groups}")
+    if part == "memory" and args.memory_rows:
+        words.append(f"--memory-rows {args.memory_rows}")
     if part == "speed" and args.speed_shape:
         words.append(f"--speed-shape {args.speed_shape}")
     return " ".join(words)
@@ -420,6 +422,9 @@ def main(argv=None) -> int:
     parser.add_argument("--speed-groups", default=None, help="A (MindSpore LoRA), B (MindSpore full) or AB (default)")
     parser.add_argument("--speed-shape", default=None, metavar="BATCHxSEQ",
                         help="speed: tokens per step (default 4x128; MindSpore full fine-tuning at 4x128 peaks near 16 GB)")
+    parser.add_argument("--memory-rows", default=None,
+                        help=f"memory: rerun only these rows (comma-separated, of {','.join(smollm2_memory.ROWS)}), "
+                             "keeping the others from the JSON file")
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help=f"raw results (default: {JSON_DEFAULT}, not with --quick)")
     parser.add_argument("--plot", default=None, help=f"loss-curve plot (default: {PLOT_DEFAULT}, not with --quick)")
@@ -436,6 +441,8 @@ def main(argv=None) -> int:
         todo["speed_groups"] = args.speed_groups
     if args.quality_steps:
         todo["quality_steps"] = args.quality_steps
+    if args.memory_rows:
+        todo["memory_rows"] = args.memory_rows.split(",")
     if args.speed_shape:
         todo["speed_batch"], todo["speed_seq"] = (int(v) for v in args.speed_shape.lower().split("x"))
     parts = [] if args.rewrite else args.only or list(PARTS)
@@ -451,6 +458,10 @@ def main(argv=None) -> int:
             old = json.load(handle)
         data.update({k: old[k] for k in PARTS if k in old and k not in parts})
 
+    if "memory" in parts and todo.get("memory_rows") and json_path and os.path.exists(json_path):
+        with open(json_path, encoding="utf-8") as handle:
+            todo["memory_kept"] = json.load(handle).get("memory")
+
     def save(extra: Optional[dict] = None) -> None:
         if json_path:
             with open(json_path, "w", encoding="utf-8") as handle:
@@ -458,7 +469,8 @@ def main(argv=None) -> int:
 
     for part in parts:
         run = {"command": part_command(args, part), "date": datetime.date.today().isoformat(),
-               "load_start": load_average(), "plan": todo}
+               "load_start": load_average(),
+               "plan": {k: v for k, v in todo.items() if k != "memory_kept"}}
         began = time.perf_counter()
         if part == "quality":
             data[part] = quality(todo, say, lambda partial: save({"quality": partial}))

@@ -50,10 +50,18 @@ def run_row(key: str, blocks: int, steps: int) -> dict:
 
 
 def memory(todo: dict, progress: Callable[[str], None] = print) -> dict:
-    """Every row, one process at a time."""
+    """Every row (or the rows ``todo["memory_rows"]`` names, the others kept from ``todo["memory_kept"]``),
+    one process at a time."""
     blocks = todo.get("memory_blocks", 30)
-    results: Dict[str, dict] = {}
-    for key in ROWS:
+    kept = todo.get("memory_kept") or {}
+    rows = todo.get("memory_rows") or list(ROWS)
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise ValueError(f"unknown memory rows {unknown}; known: {list(ROWS)}")
+    if kept and (kept.get("blocks"), kept.get("steps")) != (blocks, todo["memory_steps"]):
+        kept = {}                                  # rows of another size cannot share a table
+    results: Dict[str, dict] = {k: v for k, v in kept.get("results", {}).items() if k not in rows}
+    for key in rows:
         progress(f"memory: {key} ({blocks} blocks, {todo['memory_steps']} steps)")
         results[key] = run_row(key, blocks, todo["memory_steps"])
         if "error" in results[key]:
