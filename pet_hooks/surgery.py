@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional
 
 from mindspore import Parameter, nn
 
-from . import optim, strategy_ckpt
+from . import graph_reuse, optim, strategy_ckpt
 from ._ms_compat import force_recompile, release_compiled_graphs, warn_unchecked_versions
 from .config import PetConfig, load_config
 from .errors import PetStateError
@@ -46,6 +46,7 @@ class PetState:
     requires_grad_before: Dict[str, bool]
     merged: bool = False
     kept: List[Parameter] = field(default_factory=list)
+    reuse_marks: List[graph_reuse.ReuseMark] = field(default_factory=list)
 
 
 def _state_owner(net: nn.Cell) -> Optional[nn.Cell]:
@@ -66,6 +67,13 @@ def get_state(net: nn.Cell) -> Optional[PetState]:
 
 def has_pet(net: nn.Cell) -> bool:
     return get_state(net) is not None
+
+
+def _mark_blocks(net: nn.Cell, state: PetState) -> None:
+    """(Re)mark the identically adapted repeated blocks for one compiled graph each (graph_reuse);
+    run after every change of structure or of ``requires_grad``, which the marks depend on."""
+    graph_reuse.unmark(state.reuse_marks)
+    state.reuse_marks = graph_reuse.mark_repeated_blocks(net) if state.config.reuse_block_graphs else []
 
 
 def _require_state(net: nn.Cell, action: str) -> PetState:
@@ -108,7 +116,9 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
         for record in reversed(injections):
             tuner.eject(record)
         raise
-    setattr(net, _STATE_ATTR, PetState(cfg, tuner, injections, before, kept=kept))
+    state = PetState(cfg, tuner, injections, before, kept=kept)
+    setattr(net, _STATE_ATTR, state)
+    _mark_blocks(net, state)                            # last: the marks read the adapted, frozen blocks
     strategy_ckpt.enforce(net)                          # the strategy file must keep the base weights
     release_compiled_graphs(net)                        # stale from now on: free them
     force_recompile()
@@ -129,6 +139,7 @@ def remove(net: nn.Cell) -> nn.Cell:
         logger.warning("pet_hooks: removing PET from a merged net; unmerging first (base weights are "
                        "restored within float tolerance, not bit for bit)")
         unmerge(net)
+    graph_reuse.unmark(state.reuse_marks)
     for record in reversed(state.injections):
         state.tuner.eject(record)
     optim.restore_requires_grad(owner, state.requires_grad_before)
@@ -142,6 +153,7 @@ def remove(net: nn.Cell) -> nn.Cell:
 def _set_active(net: nn.Cell, state: PetState, active: bool) -> None:
     state.tuner.set_active(state.injections, active)   # each switch written once
     if not state.tuner.switch_is_data:                  # a switch of structure: graph mode must recompile
+        _mark_blocks(net, state)
         release_compiled_graphs(net)
         force_recompile()
 

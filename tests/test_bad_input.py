@@ -142,6 +142,7 @@ ROWS: List[Row] = [
     M("param-dtype", {**SEED, "param_init_type": "int8"}, ValueError, "param_init_type", "int8"),
     M("compute-dtype", {**SEED, "compute_dtype": "float64"}, ValueError, "compute_dtype", "float64"),
     M("seed-negative", {**SEED, "seed": -1}, ValueError, "seed", "-1"),
+    M("reuse-str", {**SEED, "reuse_block_graphs": "no"}, TypeError, "reuse_block_graphs", "no"),
     M("freeze-exclude-int", {**SEED, "freeze_exclude": [1]}, TypeError, "freeze_exclude"),
     M("freeze-exclude-empty", {**SEED, "freeze_exclude": [""]}, TypeError, "freeze_exclude"),
     M("unknown-key", {**SEED, "lora_rnak": 4}, ValueError, "lora_rnak", "lora_rank"),
@@ -382,8 +383,8 @@ def test_bad_command_line_is_one_error_line_and_exit_2(row, tmp_path, capsys):
 # ----------------------------------------------------------------------------- random mappings
 KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "exclude_layers", "lora_a_init",
         "lora_b_init", "use_rslora", "param_init_type", "compute_dtype", "freeze_include", "freeze_exclude", "seed",
-        "pre_seq_len", "prefix_projection", "projection_dim", "dropout_rate", "dropout_prob", "prefix_token_num",
-        "mid_dim", "rank", "pet_config"]
+        "reuse_block_graphs", "pre_seq_len", "prefix_projection", "projection_dim", "dropout_rate", "dropout_prob",
+        "prefix_token_num", "mid_dim", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(-1.5, 20),

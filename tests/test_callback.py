@@ -54,6 +54,8 @@ def test_callback_trains_only_the_deltas(mode, tmp_path, opt_name, wiring):
 
     assert callback.model is net
     assert_params_equal(base, net)                      # every base weight bit for bit
+    marks = {block.cell_init_args for block in net.blocks}      # one compiled graph for both blocks
+    assert len(marks) == 1 and marks.pop().startswith("lazy_inline_Block_pet_hooks_")
     deltas = pet_hooks.delta_parameters(net)
     assert all(np.abs(p.asnumpy()).sum() > 0 for p in deltas if p.name.endswith("lora_B"))
     new_opt = model.train_network.optimizer

@@ -37,6 +37,8 @@ def test_models_and_optimizers_built_inside(mode, params):
         losses = [float(step(*map(Tensor, next(batches))).asnumpy()) for _ in range(6)]
     after_block = build(seed=0, **SMALL)
     assert session.models == [net]
+    marks = {block.cell_init_args for block in net.blocks}             # one compiled graph for both blocks
+    assert len(marks) == 1 and marks.pop().startswith("lazy_inline_Block_pet_hooks_")
     assert {p.name for p in optimizer.parameters} == {p.name for p in pet_hooks.delta_parameters(net)}
     assert_params_equal(base, net)
     assert losses[-1] < losses[0]

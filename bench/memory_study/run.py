@@ -23,7 +23,9 @@ what each lever did. Levers (comma separated, applied in this order where it mat
   pynative         mode=1
   pyjit            mode=1 and mindspore.jit on each decoder block's construct
   compile_split    compile the train step (Cell.compile) before the first step, recording its time and RSS
-Variants (--variant): lora (q/k/v/o r=8), full, floor (one norm weight trains), forward (no grad).
+  noreuse          pet_hooks variants: reuse_block_graphs=False (each block compiled on its own, as before issue 14)
+Variants (--variant): lora (q/k/v/o r=8), ptuning2 (16 positions), prefix (16 positions, MLP 64), full,
+floor (one norm weight trains), forward (no grad). The pet_hooks variants record how many blocks share a graph.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lever", default="baseline")
-    parser.add_argument("--variant", default="lora", choices=("lora", "full", "floor", "forward"))
+    parser.add_argument("--variant", default="lora", choices=("lora", "ptuning2", "prefix", "full", "floor", "forward"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -127,9 +129,15 @@ def run(args, levers, out):
     out["after_load_mb"] = round(status_mb("VmRSS") - out["base_mb"], 1)
     layers = list(net.model.layers)
 
+    reuse = "noreuse" not in levers
     if args.variant == "lora":
         cfg = pet_hooks.LoraConfig(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*wq|.*wk|.*wv|.*wo",
-                                   seed=0)
+                                   seed=0, reuse_block_graphs=reuse)
+        pet_hooks.apply(net, cfg)
+    elif args.variant in ("ptuning2", "prefix"):       # bench.smollm2's settings: 16 positions (prefix: MLP 64)
+        from bench.models import Shape, pet_config
+        cfg = pet_config(Shape("llama"), args.variant)
+        cfg.reuse_block_graphs = reuse
         pet_hooks.apply(net, cfg)
     elif args.variant == "floor":
         for param in net.get_parameters():
@@ -138,6 +146,8 @@ def run(args, levers, out):
         for param in net.get_parameters():
             param.requires_grad = False
 
+    out["blocks_sharing_a_graph"] = sum(1 for layer in layers
+                                        if str(getattr(layer, "cell_init_args", "")).startswith("lazy_inline_"))
     if "lazy_attr" in levers:
         # what @lazy_inline does after __init__: one identical marker string for every reusable instance
         for layer in layers:
