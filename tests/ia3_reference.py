@@ -3,7 +3,7 @@
     python tests/ia3_reference.py WORK_DIR
 
 Reads ``WORK_DIR/job.npz``: the weights of a three-layer net (``k``: 6 -> 10, ``v``: 10 -> 8,
-``down``: 8 -> 4, as torch ``Linear`` [out, in]), the input ``x``, the upstream gradient ``g``
+``down``: 8 -> 4, as torch ``Linear`` [out, in]; relu between them), the input ``x``, the upstream gradient ``g``
 and one ``ia3_l`` per layer in PEFT's shapes. Builds the net, puts PEFT's own ``IA3Config`` on
 k, v and down (``down`` feed-forward), sets the vectors, and writes ``WORK_DIR/torch.npz``:
 
@@ -31,7 +31,7 @@ class Net(torch.nn.Module):
         self.down = torch.nn.Linear(8, 4)
 
     def forward(self, x):
-        return self.down(torch.relu(self.v(torch.tanh(self.k(x)))))
+        return self.down(torch.relu(self.v(torch.relu(self.k(x)))))
 
 
 def base_net(job):
