@@ -210,3 +210,43 @@ def test_an_activated_layer_is_scaled_only_on_its_input():
     assert not pet_hooks.surgery.has_pet(net)
     pet_hooks.apply(net, {"pet_type": "ia3", "target_modules": ["0", "1"], "feedforward_modules": ["0"]})
     assert net[0].ia3_l.shape == (1, 4)
+
+
+@NEEDS_PEFT
+@pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not installed")
+def test_llama_ia3_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
+    """MindFormers' Llama with IA3 on wk / wv / w2 (w2 feed-forward), saved with the llama name map: PEFT
+    on transformers' Llama with the same weights reads it (k_proj, v_proj, down_proj) and gives our logits."""
+    import json
+    from tests.test_peft_format import hf_name, llama_ids, llama_logits, llama_with_weights
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    try:
+        net = llama_with_weights()
+        ids = llama_ids(2)
+        job = {k: getattr(net.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                                   "num_heads", "rms_norm_eps", "theta", "seq_length")}
+        (tmp_path / "job.json").write_text(json.dumps(job))
+        np.savez(tmp_path / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
+        np.save(tmp_path / "ids.npy", ids)
+        base = llama_logits(net, ids)
+        pet_hooks.apply(net, {"pet_type": "ia3", "target_modules": ".*wk|.*wv|.*w2", "feedforward_modules": ".*w2"})
+        rng = np.random.default_rng(4)
+        for param in pet_hooks.delta_parameters(net):
+            param.set_data(Tensor((1.0 + 0.5 * rng.standard_normal(param.shape)).astype(np.float32)))
+        ours = llama_logits(net, ids)
+        pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama")
+        doc = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert doc["target_modules"] == ["down_proj", "k_proj", "v_proj"] and doc["feedforward_modules"] == ["down_proj"]
+        out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert np.abs(ours - base).max() > 1e-2
+        np.testing.assert_allclose(ours, np.load(tmp_path / "torch_ours.npy"), rtol=1e-4, atol=1e-5)
+        print(f"max |logits MindSpore - PyTorch| with IA3: {np.abs(ours - np.load(tmp_path / 'torch_ours.npy')).max():.2e}")
+
+        fresh = pet_hooks.load_adapter(llama_with_weights(), tmp_path / "ours")    # the llama map is found
+        assert all(p.endswith(".w2") for p in get_state(fresh).config.feedforward_modules)
+        np.testing.assert_allclose(llama_logits(fresh, ids), ours, rtol=1e-5, atol=1e-5)
+    finally:
+        ms.set_context(mode=before)
