@@ -250,3 +250,20 @@ def test_llama_ia3_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
         np.testing.assert_allclose(llama_logits(fresh, ids), ours, rtol=1e-5, atol=1e-5)
     finally:
         ms.set_context(mode=before)
+
+
+def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path):
+    job = _job()
+    net = pet_hooks.apply(_net(job), CFG)
+    _set_vectors(net, job)
+    x = Tensor(job["x"])
+    adapted = net(x).asnumpy()
+    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    pet_hooks.save_merged_checkpoint(net, str(tmp_path / "merged.ckpt"))
+    for name, value in before.items():                            # computed aside: the net is unchanged
+        np.testing.assert_array_equal(net.parameters_dict()[name].asnumpy(), value, err_msg=name)
+    plain = ThreeLayers()
+    ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")), strict_load=True)
+    np.testing.assert_allclose(plain(x).asnumpy(), adapted, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(plain.k.bias.asnumpy(), job["k.bias"])         # output scaling takes the bias along
+    np.testing.assert_array_equal(plain.down.bias.asnumpy(), job["down.bias"])   # input scaling leaves it

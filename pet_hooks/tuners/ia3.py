@@ -121,11 +121,14 @@ def _vector_in_weight_layout(cell: nn.Cell) -> np.ndarray:
     return vector if weight_is_out_in(cell) else vector.T
 
 
-def _multiply(param: Parameter, factor: np.ndarray, sign: int) -> None:
-    """``param *= factor`` (sign +1) or ``param /= factor + 1e-8`` (sign -1), in float32."""
-    value = param.astype(mstype.float32).asnumpy()
-    value = value * factor if sign > 0 else value / (factor + _UNMERGE_EPS)
-    write_values(param, Tensor(value.astype(np.float32), mstype.float32))
+def _scaled(cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
+    """``[(parameter, float32 factor)]`` merging multiplies: the weight along the scaled axis and, when
+    the output is scaled, the bias (PEFT's ``merge``)."""
+    vector = cell.ia3_l.astype(mstype.float32).asnumpy()
+    pairs = [(cell.weight, _vector_in_weight_layout(cell))]
+    if not cell.ia3_feedforward and cell.has_bias:
+        pairs.append((cell.bias, vector.reshape(-1)))
+    return pairs
 
 
 class IA3Tuner(Tuner):
@@ -161,13 +164,19 @@ class IA3Tuner(Tuner):
     def switch_parameters(self, records) -> List[Parameter]:
         return list({id(r.cell.pet_ia3_on): r.cell.pet_ia3_on for r in records}.values())
 
+    def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
+        """What merging adds, ``p * (l - 1)`` for the weight (and the bias when the output is scaled):
+        the merged checkpoint (``save_merged_checkpoint``) and the tied-weight check read this."""
+        return [(param, param.astype(mstype.float32).asnumpy() * (factor - 1.0))
+                for param, factor in _scaled(record.cell)]
+
     def merge(self, record: Injection, sign: int) -> None:
         """PEFT's merge: ``W *= l`` along the scaled axis, and ``b *= l`` when the output is scaled;
-        unmerge divides by ``l + 1e-8``."""
-        cell = record.cell
-        _multiply(cell.weight, _vector_in_weight_layout(cell), sign)
-        if not cell.ia3_feedforward and cell.has_bias:
-            _multiply(cell.bias, cell.ia3_l.astype(mstype.float32).asnumpy().reshape(-1), sign)
+        unmerge divides by ``l + 1e-8`` (not the additive mirror of merge, hence this override)."""
+        for param, factor in _scaled(record.cell):
+            value = param.astype(mstype.float32).asnumpy()
+            value = value * factor if sign > 0 else value / (factor + _UNMERGE_EPS)
+            write_values(param, Tensor(value.astype(np.float32), mstype.float32))
 
     # -- Hugging Face PEFT's adapter_config.json ------------------------------------------------
     def peft_fields(self, cfg: IA3Config) -> dict:
