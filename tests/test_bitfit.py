@@ -123,3 +123,16 @@ def test_selection_on_the_sample_gpt():
     with pytest.raises(pet_hooks.UnsupportedCellError, match="'head'.*Dense.*which this method cannot adapt"):
         pet_hooks.apply(net, {"pet_type": "bitfit", "target_modules": ["head"]})   # has_bias=False
     assert not pet_hooks.surgery.has_pet(net)
+
+
+def test_a_grouped_optimizer_keeps_each_bias_in_its_own_group():
+    """Scripts commonly put biases in a group without weight decay; BitFit's biases stay there."""
+    from pet_hooks.flow import params_for_optimizer
+    net = TwoDense("relu")
+    weights = [p for p in net.trainable_params() if p.name.endswith("weight")]
+    biases = [p for p in net.trainable_params() if p.name.endswith("bias")]
+    groups = [{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0}]
+    pet_hooks.apply(net, {"pet_type": "bitfit"})
+    regrouped = params_for_optimizer(groups, net)
+    assert len(regrouped) == 1 and regrouped[0]["weight_decay"] == 0.0
+    assert [p.name for p in regrouped[0]["params"]] == ["dense1.bias", "dense2.bias"]

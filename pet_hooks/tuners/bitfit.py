@@ -89,6 +89,11 @@ class BitFitTuner(Tuner):
     def deltas_of(self, record: Injection) -> List[Parameter]:
         return list(record.params)
 
+    def group_anchor(self, record: Injection) -> Optional[Parameter]:
+        """The bias itself: it already sits in one of the script's optimizer groups (often the one
+        without weight decay), and stays there rather than joining its layer's weight."""
+        return record.params[0]
+
     def set_active(self, records, active: bool) -> None:
         """Off: the original biases in, the trained ones aside; on: the trained ones back."""
         for record in records:
