@@ -344,7 +344,7 @@ class AdapterConfig(PetConfig):
     exclude_layers: Union[str, list, None] = field(
         default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
     param_init_type: str = field(default="float32", metadata={"help": "dtype of the adapter parameters"})
-    compute_dtype: Optional[str] = field(default=None, metadata={"help": "adapter dtype; None = the layer output's"})
+    compute_dtype: Optional[str] = field(default=None, metadata={"help": "dtype the adapter computes in; None = param_init_type"})
 
     def validate(self) -> None:
         _check_int("bottleneck_size", self.bottleneck_size)
@@ -370,7 +370,7 @@ class LowRankAdapterConfig(PetConfig):
     exclude_layers: Union[str, list, None] = field(
         default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
     param_init_type: str = field(default="float32", metadata={"help": "dtype of the adapter parameters"})
-    compute_dtype: Optional[str] = field(default=None, metadata={"help": "adapter dtype; None = the layer output's"})
+    compute_dtype: Optional[str] = field(default=None, metadata={"help": "dtype the adapter computes in; None = param_init_type"})
 
     def validate(self) -> None:
         _check_int("reduction_factor", self.reduction_factor)

@@ -181,3 +181,23 @@ def test_training_disable_remove_and_the_adapter_file(mode, cfg, tmp_path):
     assert_params_equal(values, net)
     assert [p.name for p in net.get_parameters()] == list(values)
     np.testing.assert_array_equal(net(x).asnumpy(), base)
+
+
+def test_initialisation_follows_mindpet_with_the_up_projection_at_zero():
+    net = nn.SequentialCell([nn.Dense(4, 64)])
+    pet_hooks.apply(net, {"pet_type": "adapter", "bottleneck_size": 32, "target_modules": ["0"], "seed": 0})
+    down = net[0].adapter_down_weight.asnumpy()
+    assert abs(down.std() - 0.01) < 0.001 and abs(down.mean()) < 0.001           # MindPet's 'normal'
+    for name in ("adapter_down_bias", "adapter_up_weight", "adapter_up_bias"):
+        assert not getattr(net[0], name).asnumpy().any(), name
+    net = nn.SequentialCell([nn.Dense(4, 64)])
+    pet_hooks.apply(net, {**LOW_RANK, "target_modules": ["0"], "low_rank_size": 8, "seed": 0})
+    cell, bound = net[0], np.sqrt(6.0 / (64 + 8))                                  # xavier_uniform of [64, 8]
+    left = cell.low_rank_adapter_down_left.asnumpy()
+    assert left.shape == (64, 8) and np.abs(left).max() <= bound and np.abs(left).max() > 0.9 * bound
+    assert np.abs(cell.low_rank_adapter_up_left.asnumpy()).max() > 0                # random, as MindPet
+    for name in ("low_rank_adapter_up_right", "low_rank_adapter_up_bias", "low_rank_adapter_down_bias"):
+        assert not getattr(cell, name).asnumpy().any(), name
+    net = nn.SequentialCell([nn.Dense(4, 64)])
+    pet_hooks.apply(net, {**LOW_RANK, "target_modules": ["0"], "low_rank_w_init": "normal", "seed": 0})
+    assert abs(net[0].low_rank_adapter_down_left.asnumpy().std() - 0.01) < 0.003
