@@ -28,7 +28,7 @@ from mindspore.common import dtype as mstype
 
 from .._ms_compat import write_values
 from ..config import IA3Config
-from ..errors import AdapterFileError, UnsupportedCellError
+from ..errors import AdapterFileError, NoMatchError, UnsupportedCellError
 from ..matching import list_entry_matches, select_cells
 from .base import Injection, Tuner
 from .common import init_rng, inject_all, projection_reason, restore, shared_switch, weight_is_out_in
@@ -83,7 +83,7 @@ def _select_targets(net: nn.Cell, cfg: IA3Config) -> List[Tuple[str, nn.Cell]]:
     ff = cfg.feedforward_modules
     for pattern in ([ff] if isinstance(ff, str) else list(ff or [])):
         if not any(_is_feedforward(path, pattern if isinstance(ff, str) else [pattern]) for path in paths):
-            raise UnsupportedCellError(
+            raise NoMatchError(
                 f"feedforward_modules pattern {pattern!r} matches none of the cells target_modules selects "
                 f"({', '.join(paths[:4])}{' ...' if len(paths) > 4 else ''}); it must name a subset of them")
     for path, cell in targets:
