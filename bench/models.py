@@ -14,6 +14,13 @@ trains. A *variant* is one of :data:`VARIANTS`:
 ``prefix``     pet_hooks Prefix-Tuning, 16 prefix positions, MLP encoder of width 64
 ``forward``    no training at all: the compiled forward pass of the loss only (where the memory
                of a compiled MindSpore graph starts)
+
+The methods of issue 19, measured by ``python -m bench.methods`` (not part of ``bench.run``):
+
+``ia3``        pet_hooks IA3 on keys, values and the MLP's output projection (its input scaled)
+``bitfit``     pet_hooks BitFit: every bias of the model
+``adapter``    pet_hooks bottleneck adapter (bottleneck 64) after the attention and MLP output projections
+``low_rank_adapter``  the same, low-rank (reduction_factor 4, low_rank_size 8)
 """
 from __future__ import annotations
 
@@ -49,6 +56,12 @@ MF_LORA_TARGETS = {
     ("llama", "all"): r".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3",
 }
 FLOOR_PARAM = {"gpt": "blocks.0.ln1.gamma", "llama": "model.layers.0.attention_norm.weight"}
+# Issue 19's methods: (keys and values, the MLP's output projection), as PEFT's IA3 defaults for
+# Llama (k_proj, v_proj, down_proj), and the output projections the adapters follow.
+IA3_TARGETS = {"gpt": (r".*dense2|.*dense3|.*mlp\.projection", r".*mlp\.projection"),
+               "llama": (r".*wk|.*wv|.*w2", r".*w2")}
+ADAPTER_TARGETS = {"gpt": r".*attention\.projection|.*mlp\.projection", "llama": r".*wo|.*w2"}
+METHOD_VARIANTS = ("ia3", "bitfit", "adapter", "low_rank_adapter")
 VOCAB = 512
 
 
@@ -127,6 +140,16 @@ def pet_config(shape: Shape, variant: str):
         return pet_hooks.PTuning2Config(pre_seq_len=16)
     if variant == "prefix":
         return pet_hooks.PrefixTuningConfig(prefix_token_num=16, mid_dim=64)
+    if variant == "ia3":
+        targets, feedforward = IA3_TARGETS[shape.model]
+        return pet_hooks.IA3Config(target_modules=targets, feedforward_modules=feedforward)
+    if variant == "bitfit":
+        return pet_hooks.BitFitConfig()
+    if variant == "adapter":
+        return pet_hooks.AdapterConfig(bottleneck_size=64, target_modules=ADAPTER_TARGETS[shape.model])
+    if variant == "low_rank_adapter":
+        return pet_hooks.LowRankAdapterConfig(reduction_factor=4, low_rank_size=8,
+                                              target_modules=ADAPTER_TARGETS[shape.model])
     raise ValueError(f"{variant!r} is not a pet_hooks variant")
 
 

@@ -20,6 +20,10 @@ VARIANT_TEXT = {
     "ptuning2": "pet_hooks P-Tuning v2, 16 positions",
     "prefix": "pet_hooks Prefix-Tuning, 16 positions",
     "forward": "forward pass only, no training (reference)",
+    "ia3": "pet_hooks IA3, k/v + MLP output (feed-forward)",
+    "bitfit": "pet_hooks BitFit, every bias",
+    "adapter": "pet_hooks adapter, bottleneck 64, after attention and MLP outputs",
+    "low_rank_adapter": "pet_hooks low_rank_adapter, reduction 4, rank 8, same places",
 }
 
 

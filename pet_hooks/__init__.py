@@ -27,6 +27,7 @@ from . import recorder as _recorder
 # public name -> the module that defines it (imported on first use)
 _LAZY = {
     "PetConfig": "config", "LoraConfig": "config", "PTuning2Config": "config", "PrefixTuningConfig": "config",
+    "IA3Config": "config", "BitFitConfig": "config", "AdapterConfig": "config", "LowRankAdapterConfig": "config",
     "load_config": "config",
     "apply": "surgery", "remove": "surgery", "merge": "surgery", "unmerge": "surgery",
     "disable_adapters": "surgery", "delta_parameters": "surgery", "trainable_summary": "surgery",
@@ -41,6 +42,7 @@ _LAZY = {
 __all__ = [
     "__version__",
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "PetConfigError", "load_config",
+    "IA3Config", "BitFitConfig", "AdapterConfig", "LowRankAdapterConfig",
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint",

@@ -103,9 +103,10 @@ REGISTRY: Tuple[Internal, ...] = (
              sites=("pet_hooks/tuners/lora.py",), names=(), guard=_SOURCE_TEST,
              source_sha256="e1846911a113fbfd6ee4500410e12b4544b782f656db3b7f6f053fd550a298fb"),
     Internal(key="linear_attributes", package="mindformers", checked=_MF, target="mindformers.modules.layers.Linear",
-             relied_on="an instance has expert_flag and use_gmm (LoRA refuses either), in_channels, out_channels, "
-                       "transpose_b and dtype (its compute dtype)",
-             sites=("pet_hooks/tuners/lora.py",), names=(),
+             relied_on="an instance has expert_flag and use_gmm (LoRA, IA3 and the adapters refuse either), "
+                       "in_channels, out_channels, transpose_b, dtype (its compute dtype) and activation_flag",
+             sites=("pet_hooks/tuners/lora.py", "pet_hooks/tuners/common.py", "pet_hooks/tuners/ia3.py",
+                    "pet_hooks/tuners/adapter.py"), names=(),
              guard=_COMPAT_TEST + "test_mindformers_linear_has_the_attributes_lora_reads"),
     # ---------------------------------------------------------------- mcore projections (not copied: called)
     Internal(key="mcore_column_construct", package="mindformers", checked=_MF,

@@ -27,7 +27,8 @@ from .errors import PetConfigError, PetConfigTypeError
 from .strategy_ckpt import check_run_yaml
 
 __all__ = [
-    "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig",
+    "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "IA3Config", "BitFitConfig",
+    "AdapterConfig", "LowRankAdapterConfig",
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain",
 ]
 
@@ -124,7 +125,8 @@ class PetConfig:
     and not ``freeze_exclude`` are frozen even if they are deltas.
     """
 
-    pet_type: str = field(default="", metadata={"help": "the method: lora, ptuning2 or prefixtuning"})
+    pet_type: str = field(default="", metadata={
+        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter or low_rank_adapter"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
     # model_config values (num_layers, kv_channels, ...) found beside a pet_config block.
@@ -277,7 +279,125 @@ class PrefixTuningConfig(PetConfig):
         _check_targets(self)
 
 
-_CONFIG_CLASSES: dict = {cls.PET_TYPE: cls for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig)}
+@dataclass
+class IA3Config(PetConfig):
+    """(IA)^3 (PEFT's ``IA3Config``): a learned vector scales each matched layer's output, or, for
+    the layers ``feedforward_modules`` matches, its input."""
+
+    PET_TYPE: ClassVar[str] = "ia3"
+
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+    feedforward_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "targets whose input (not output) is scaled; each must select a target"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    # Init-only (compare=False), as lora_a_init: two configs differing only here describe one adapter.
+    init_ia3_weights: bool = field(default=True, compare=False, metadata={
+        "help": "true: vectors start at 1 (output unchanged); false: standard normal, as PEFT"})
+
+    def validate(self) -> None:
+        if self.target_modules is None:
+            raise PetConfigError("target_modules is required for IA3 (a regex such as '.*wk|.*wv|.*w2', "
+                                 "or a list of cell names)")
+        _check_targets(self)
+        if isinstance(self.feedforward_modules, str):
+            _check_regex("feedforward_modules", self.feedforward_modules)
+        else:
+            self.feedforward_modules = _as_pattern_list("feedforward_modules", self.feedforward_modules)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_bool("init_ia3_weights", self.init_ia3_weights)
+
+
+@dataclass
+class BitFitConfig(PetConfig):
+    """BitFit: only the ``bias`` parameters of the matched cells train; no parameter is added."""
+
+    PET_TYPE: ClassVar[str] = "bitfit"
+
+    target_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "cells whose bias trains: a regex fullmatched against dotted cell paths, or a list of names; "
+                "None = every cell with a bias"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+
+    def validate(self) -> None:
+        _check_targets(self)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+
+
+# The activations a bottleneck adapter may use: mindspore.nn.get_activation's names that
+# tests/test_adapter.py has a NumPy reference for.
+NON_LINEARITIES = ("gelu", "relu", "tanh", "sigmoid", "silu", "fast_gelu")
+
+
+@dataclass
+class AdapterConfig(PetConfig):
+    """Houlsby bottleneck adapter after each matched layer (MindPet ``AdapterDense``, MindFormers ``adapter``):
+    ``y = h + up(act(down(h)))`` with ``h`` the layer's output."""
+
+    PET_TYPE: ClassVar[str] = "adapter"
+
+    bottleneck_size: int = field(default=64, metadata={"help": "width of the bottleneck (MindPet's name)"})
+    non_linearity: str = field(default="gelu", metadata={"help": "activation between down and up: "
+                                                         + ", ".join(NON_LINEARITIES)})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    param_init_type: str = field(default="float32", metadata={"help": "dtype of the adapter parameters"})
+    compute_dtype: Optional[str] = field(default=None, metadata={"help": "dtype the adapter computes in; None = param_init_type"})
+
+    def validate(self) -> None:
+        _check_int("bottleneck_size", self.bottleneck_size)
+        _check_adapter_common(self)
+
+
+@dataclass
+class LowRankAdapterConfig(PetConfig):
+    """Low-rank bottleneck adapter (MindPet ``LowRankAdapterDense``, MindFormers ``low_rank_adapter``): the
+    adapter's down and up projections are each a product ``left @ right`` of rank ``low_rank_size``."""
+
+    PET_TYPE: ClassVar[str] = "low_rank_adapter"
+
+    reduction_factor: int = field(default=1, metadata={
+        "help": "bottleneck width = layer width // reduction_factor (MindPet's name)"})
+    low_rank_size: int = field(default=1, metadata={"help": "rank of each factorised projection"})
+    low_rank_w_init: str = field(default="xavier_uniform", compare=False, metadata={
+        "help": "init of the factors: xavier_uniform | normal (the up projection's right factor starts at 0)"})
+    non_linearity: str = field(default="gelu", metadata={"help": "activation between down and up: "
+                                                         + ", ".join(NON_LINEARITIES)})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    param_init_type: str = field(default="float32", metadata={"help": "dtype of the adapter parameters"})
+    compute_dtype: Optional[str] = field(default=None, metadata={"help": "dtype the adapter computes in; None = param_init_type"})
+
+    def validate(self) -> None:
+        _check_int("reduction_factor", self.reduction_factor)
+        _check_int("low_rank_size", self.low_rank_size)
+        _check_choice("low_rank_w_init", self.low_rank_w_init, ("xavier_uniform", "normal"))
+        self.low_rank_w_init = self.low_rank_w_init.lower()
+        _check_adapter_common(self)
+
+
+def _check_adapter_common(cfg) -> None:
+    """What both bottleneck adapters check alike."""
+    _check_choice("non_linearity", cfg.non_linearity, NON_LINEARITIES)
+    cfg.non_linearity = cfg.non_linearity.lower()
+    if cfg.target_modules is None:
+        raise PetConfigError(f"target_modules is required for {cfg.PET_TYPE} (a regex such as '.*dense2|.*w2', "
+                             f"or a list of cell names)")
+    _check_targets(cfg)
+    cfg.exclude_layers = _as_pattern_list("exclude_layers", cfg.exclude_layers)
+    cfg.param_init_type = _dtype_name("param_init_type", cfg.param_init_type)
+    if cfg.compute_dtype is not None:
+        cfg.compute_dtype = _dtype_name("compute_dtype", cfg.compute_dtype)
+
+
+_CONFIG_CLASSES: dict = {cls.PET_TYPE: cls for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig, IA3Config,
+                                                       BitFitConfig, AdapterConfig, LowRankAdapterConfig)}
 # Keys MindFormers writes under other names; mapped before the unknown-key check.
 _KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lora_a_init"}
 

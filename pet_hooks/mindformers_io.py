@@ -80,14 +80,15 @@ def _refuse_tied(net: nn.Cell, state) -> None:
 
 
 def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
-    """Write a full checkpoint of ``net`` with every LoRA delta folded into its base weight.
+    """Write a full checkpoint of ``net`` with every delta folded into its base weight (LoRA, IA3).
 
     The net itself is not changed (the merge is computed aside, in float32); the checkpoint
     holds the base parameter names only, so a plain model without pet_hooks loads it.
     """
     state = get_state(net)
     if state is None or not state.tuner.can_merge:
-        raise PetStateError(f"save_merged_checkpoint needs a net with LoRA applied; {type(net).__name__} has "
+        raise PetStateError(f"save_merged_checkpoint needs a net with a method that merges (LoRA, IA3); "
+                            f"{type(net).__name__} has "
                          f"{'no PET' if state is None else state.config.pet_type}")
     _refuse_tied(net, state)
     deltas = {id(p) for p in all_delta_parameters(net) + switch_parameters(net)}

@@ -1,4 +1,4 @@
-"""LoRA adapters in Hugging Face PEFT's format, and the names that move them between frameworks.
+"""LoRA and IA3 adapters in Hugging Face PEFT's format, and the names that move them between frameworks.
 
     pet_hooks.save_adapter(llama, "hf_adapter/", format="peft", name_map="llama")
     pet_hooks.load_adapter(fresh_llama, "hf_adapter/")          # a PEFT directory is detected
@@ -8,8 +8,10 @@ A PEFT LoRA directory holds ``adapter_config.json`` (``peft_type: "LORA"``, ``r`
 ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
 ([out, r]). pet_hooks' deltas have the same shapes and the same scaling (``alpha / r``, or
 ``alpha / sqrt(r)`` with ``use_rslora``), whatever the layout of the base weight, so only
-the names change. Which tensors a module has, and what the config says, is the tuner's
-(``peft_type``, ``peft_weights``, ``peft_fields`` ... of :class:`pet_hooks.tuners.Tuner`).
+the names change. An IA3 directory (``peft_type: "IA3"``) holds ``<module path>.ia3_l`` vectors
+in PEFT's shapes ([out, 1], or [1, in] for ``feedforward_modules``). Which tensors a module has,
+and what the config says, is the tuner's (``peft_type``, ``peft_weights``, ``peft_key_tail``,
+``peft_fields``, ``peft_module_fields`` ... of :class:`pet_hooks.tuners.Tuner`).
 
 A *name map* (:mod:`pet_hooks.name_maps`) turns a pet_hooks cell path into the other
 framework's module path. Saving with a map that leaves a delta unmapped is an error naming
@@ -44,6 +46,15 @@ from .tuners import Tuner, all_tuners, peft_tuner
 __all__ = ["save_peft", "load_peft", "is_peft_config", "PEFT_PREFIX", "NAME_MAPS", "register_name_map"]
 
 PEFT_PREFIX = "base_model.model."
+# The fields PEFT writes for a method beyond the common ones and the tuner's own (peft_fields), by
+# peft_type: what PEFT's LoraConfig saves by default. (PEFT ignores keys its config class lacks,
+# with a warning, so a method without an entry here gets only the common fields.)
+_PEFT_DEFAULTS = {
+    "LORA": {"alpha_pattern": {}, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+             "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+             "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+             "rank_pattern": {}},
+}
 
 
 def is_peft_config(doc: Mapping) -> bool:
@@ -95,7 +106,8 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
 
     state = get_state(net)
     if state is None or state.tuner.peft_type is None:
-        raise PetStateError(f"the PEFT format holds LoRA adapters; {type(net).__name__} has "
+        methods = ", ".join(t.label for t in all_tuners() if t.peft_type)
+        raise PetStateError(f"the PEFT format holds the methods PEFT has ({methods}); {type(net).__name__} has "
                             f"{'no PET' if state is None else state.config.pet_type}")
     if state.kept:
         raise PetStateError(f"the PEFT format holds LoRA deltas only, but freeze_exclude keeps base parameter(s) "
@@ -124,17 +136,14 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
                                 f"{sorted(params)[:4]}, not one {' / '.join(tuner.peft_weights.values())} pair: "
                                 f"PEFT's LoRA layout does not hold them (grouped experts); save with format='pet_hooks'")
         for suffix, leaf in tuner.peft_weights.items():
-            tensors[f"{PEFT_PREFIX}{mapped[record.path]}.{suffix}.weight"] = np.ascontiguousarray(
+            tensors[f"{PEFT_PREFIX}{mapped[record.path]}.{suffix}{tuner.peft_key_tail}"] = np.ascontiguousarray(
                 to_numpy(params[f"{record.path}.{leaf}"]))
     doc = {
-        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
-        "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
-        "peft_type": tuner.peft_type, "rank_pattern": {}, "revision": None,
-        "target_modules": _peft_targets(mapped, net, fn, tuner), "task_type": task_type,
-        **tuner.peft_fields(state.config),
+        "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+        "peft_type": tuner.peft_type, "revision": None, "target_modules": _peft_targets(mapped, net, fn, tuner),
+        "task_type": task_type, **_PEFT_DEFAULTS.get(tuner.peft_type, {}), **tuner.peft_fields(state.config),
     }
+    doc.update(tuner.peft_module_fields(state.injections, mapped, doc["target_modules"]))
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
@@ -167,19 +176,21 @@ def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str,
                 tuner: Tuner) -> Dict[str, Dict[str, np.ndarray]]:
     """module path -> {suffix: array} from PEFT keys; any other key is an error naming it."""
     suffixes = list(tuner.peft_weights)
-    key_re = re.compile(r"base_model\.model\.(.+)\.(" + "|".join(re.escape(s) for s in suffixes) + r")\.weight")
+    tail = tuner.peft_key_tail
+    key_re = re.compile(r"base_model\.model\.(.+)\.(" + "|".join(re.escape(s) for s in suffixes) + r")"
+                        + re.escape(tail))
     modules: Dict[str, Dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         found = key_re.fullmatch(key)
         if found is None:
             raise AdapterFileError(f"{weights_path}: key '{key}' is not a PEFT {tuner.label} weight "
-                                   f"(expected {PEFT_PREFIX}<module>." + " / .".join(f"{s}.weight" for s in suffixes)
+                                   f"(expected {PEFT_PREFIX}<module>." + " / .".join(f"{s}{tail}" for s in suffixes)
                                    + ")")
         modules.setdefault(found.group(1), {})[found.group(2)] = value
     for module, pair in modules.items():
         missing = [s for s in suffixes if s not in pair]
         if missing:
-            raise AdapterFileError(f"{weights_path}: module '{module}' has no {missing[0]}.weight")
+            raise AdapterFileError(f"{weights_path}: module '{module}' has no {missing[0]}{tail}")
     return modules
 
 
@@ -216,7 +227,7 @@ def _choose_map(net: nn.Cell, modules: List[str], name_map: NameMapSpec, weights
     example = next(iter(sorted(inverse)), None)
     first = next(iter(tuner.peft_weights))
     raise AdapterFileError(
-        f"{weights_path}: module '{missing}' (key '{PEFT_PREFIX}{missing}.{first}.weight') matches no "
+        f"{weights_path}: module '{missing}' (key '{PEFT_PREFIX}{missing}.{first}{tuner.peft_key_tail}') matches no "
         f"{tuner.label if get_state(net) else 'adaptable'} cell of {type(net).__name__} under {tried}; "
         f"is the adapter for another architecture?"
         + (f" (the net's cells map to names such as '{example}')" if example else ""))
@@ -261,5 +272,5 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     elif cfg is not None:
         target = load_config(cfg)
     else:
-        target = tuner.config_from_peft(doc, sorted(set(ours.values())))
+        target = tuner.config_from_peft_modules(doc, ours)
     return load_tensors(net, target, tensors, weights_path, deltas_only=True, cast_floats=True)

@@ -37,6 +37,9 @@ PET_DIR = os.path.dirname(os.path.abspath(pet_hooks.__file__))
 SEED = SEED_CONFIG
 CFG = {**GPT_LORA, "lora_alpha": 8}
 NAME = "blocks.0.attention.dense1.lora_A"
+IA3 = {"pet_type": "ia3", "target_modules": ".*dense2|.*dense3|.*mlp.projection", "feedforward_modules": ".*mlp.projection"}
+ADAPTER = {"pet_type": "adapter", "bottleneck_size": 4, "target_modules": ".*projection"}
+LOW_RANK = {"pet_type": "low_rank_adapter", "reduction_factor": 4, "target_modules": ".*projection"}
 
 
 @dataclass
@@ -176,6 +179,46 @@ ROWS: List[Row] = [
       "freeze_exclude", "no_such_param*"),
     M("prefix-on-a-dense", {"pet_type": "prefixtuning", "target_modules": [".*dense1"]}, ValueError,
       ".*dense1"),
+    # ---- IA3, BitFit, bottleneck adapters: a bad value per field, a pattern matching nothing, a cell they refuse ----
+    M("ia3-target-missing", {"pet_type": "ia3"}, ValueError, "target_modules", "required"),
+    M("ia3-ff-int", {**IA3, "feedforward_modules": 3}, TypeError, "feedforward_modules", "3"),
+    M("ia3-ff-bad-regex", {**IA3, "feedforward_modules": "(ff"}, ValueError, "feedforward_modules", "(ff"),
+    M("ia3-init-str", {**IA3, "init_ia3_weights": "yes"}, TypeError, "init_ia3_weights", "yes"),
+    M("ia3-exclude-bad-regex", {**IA3, "exclude_layers": ["[bad"]}, ValueError, "exclude_layers", "[bad"),
+    M("ia3-pattern-matches-nothing", {**IA3, "target_modules": ".*wk"}, ValueError, "'.*wk' matches no cell",
+      "dense2"),
+    M("ia3-ff-not-among-targets", {**IA3, "feedforward_modules": ".*dense1"}, ValueError, "feedforward_modules",
+      "'.*dense1'", "subset"),
+    M("ia3-on-layernorm", {**IA3, "target_modules": ".*ln1"}, ValueError, "blocks.0.ln1", "LayerNorm"),
+    M("ia3-output-after-activation", {**IA3, "target_modules": ".*mapping", "feedforward_modules": None},
+      ValueError, "blocks.0.mlp.mapping", "activation", "feedforward_modules"),
+    M("bitfit-target-int", {"pet_type": "bitfit", "target_modules": 5}, TypeError, "target_modules", "5"),
+    M("bitfit-exclude-everything", {"pet_type": "bitfit", "exclude_layers": [".*"]}, ValueError, "no cell with a 'bias'",
+      "exclude_layers"),
+    M("bitfit-pattern-matches-nothing", {"pet_type": "bitfit", "target_modules": ".*wq"}, ValueError,
+      "'.*wq' matches no cell"),
+    M("bitfit-cell-without-bias", {"pet_type": "bitfit", "target_modules": ["head"]}, ValueError, "'head'", "Dense",
+      "bias"),
+    M("bitfit-on-layernorm", {"pet_type": "bitfit", "target_modules": ".*ln1"}, ValueError, "blocks.0.ln1",
+      "LayerNorm"),
+    M("bitfit-lora-key", {"pet_type": "bitfit", "lora_rank": 4}, ValueError, "lora_rank", "bitfit"),
+    M("adapter-bottleneck-0", {**ADAPTER, "bottleneck_size": 0}, ValueError, "bottleneck_size", "0"),
+    M("adapter-bottleneck-str", {**ADAPTER, "bottleneck_size": "8"}, TypeError, "bottleneck_size", "'8'"),
+    M("adapter-non-linearity", {**ADAPTER, "non_linearity": "swish"}, ValueError, "non_linearity", "swish"),
+    M("adapter-target-missing", {"pet_type": "adapter"}, ValueError, "target_modules", "required"),
+    M("adapter-param-dtype", {**ADAPTER, "param_init_type": "int8"}, ValueError, "param_init_type", "int8"),
+    M("adapter-compute-dtype", {**ADAPTER, "compute_dtype": "float64"}, ValueError, "compute_dtype", "float64"),
+    M("adapter-pattern-matches-nothing", {**ADAPTER, "target_modules": ["q_proj"]}, ValueError,
+      "'q_proj' matches no cell"),
+    M("adapter-on-attention-block", {**ADAPTER, "target_modules": ".*attention"}, ValueError,
+      "blocks.0.attention", "type Attention"),
+    M("low-rank-reduction-0", {**LOW_RANK, "reduction_factor": 0}, ValueError, "reduction_factor", "0"),
+    M("low-rank-size-negative", {**LOW_RANK, "low_rank_size": -1}, ValueError, "low_rank_size", "-1"),
+    M("low-rank-w-init", {**LOW_RANK, "low_rank_w_init": "ones"}, ValueError, "low_rank_w_init", "ones"),
+    M("low-rank-non-linearity-int", {**LOW_RANK, "non_linearity": 3}, ValueError, "non_linearity", "3"),
+    M("low-rank-reduction-wider-than-layer", {**LOW_RANK, "reduction_factor": 64}, ValueError, "reduction_factor 64",
+      "blocks.0.attention.projection"),
+    M("low-rank-on-layernorm", {**LOW_RANK, "target_modules": ".*ln2"}, ValueError, "blocks.0.ln2", "LayerNorm"),
     # ---- config files ----
     F("list.yaml", b"- 1\n- 2\n", ValueError, "top level must be a mapping"),
     F("empty.yaml", b"", ValueError, "top level must be a mapping", "NoneType"),
@@ -384,17 +427,20 @@ def test_bad_command_line_is_one_error_line_and_exit_2(row, tmp_path, capsys):
 KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "exclude_layers", "lora_a_init",
         "lora_b_init", "use_rslora", "param_init_type", "compute_dtype", "freeze_include", "freeze_exclude", "seed",
         "reuse_block_graphs", "pre_seq_len", "prefix_projection", "projection_dim", "dropout_rate", "dropout_prob",
-        "prefix_token_num", "mid_dim", "rank", "pet_config"]
+        "prefix_token_num", "mid_dim", "feedforward_modules", "init_ia3_weights", "bottleneck_size", "non_linearity",
+        "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(-1.5, 20),
                     st.sampled_from([float("nan"), float("inf"), -float("inf")]),
-                    st.sampled_from(PATTERNS + ["lora", "ptuning2", "prefixtuning", "float16", "zeros", "normal"]),
+                    st.sampled_from(PATTERNS + ["lora", "ptuning2", "prefixtuning", "float16", "zeros", "normal", "ia3",
+                                                "bitfit", "gelu", "xavier_uniform"]),
                     st.text(max_size=6))
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=4), SCALARS, max_size=2))
 VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"},
          "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 3},
-         "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 2, "mid_dim": 8}}
+         "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 2, "mid_dim": 8},
+         "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK}
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),
                        st.one_of(st.just({}), st.dictionaries(st.sampled_from(KEYS[1:-1]), SCALARS, max_size=1),
@@ -403,7 +449,8 @@ MAPPINGS = st.one_of(
     NEAR_VALID,
     NEAR_VALID.map(lambda block: {"pet_config": block}),
     NEAR_VALID.map(lambda block: {"model": {"model_config": {"num_layers": 2, "pet_config": block}}}),
-    st.fixed_dictionaries({"pet_type": st.sampled_from(["lora", "ptuning2", "prefixtuning", "LoRA", "qlora", 3])},
+    st.fixed_dictionaries({"pet_type": st.sampled_from(["lora", "ptuning2", "prefixtuning", "ia3", "bitfit", "adapter",
+                                                        "low_rank_adapter", "LoRA", "qlora", 3])},
                           optional={k: VALUES for k in KEYS[1:]}),
     st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=5), st.integers()), VALUES, max_size=5),
 )

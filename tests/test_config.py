@@ -8,7 +8,7 @@ import pytest
 
 import pet_hooks
 from pet_hooks import LoraConfig, PrefixTuningConfig, PTuning2Config, load_config
-from tests.conftest import SEED_CONFIG
+from tests.conftest import ROOT, SEED_CONFIG
 
 SEED = SEED_CONFIG
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "configs")
@@ -66,3 +66,12 @@ def test_public_names():
                 "save_adapter", "load_adapter"}
     assert expected <= set(pet_hooks.__all__)
     assert all(hasattr(pet_hooks, name) for name in pet_hooks.__all__)
+
+
+def test_every_config_example_in_docs_methods_loads():
+    import re
+    import yaml
+    with open(os.path.join(ROOT, "docs", "methods.md"), encoding="utf-8") as handle:
+        blocks = re.findall(r"```yaml\n(.*?)```", handle.read(), re.S)
+    types = [pet_hooks.load_config(yaml.safe_load(block)).pet_type for block in blocks]
+    assert {"ia3", "bitfit", "low_rank_adapter"} <= set(types), types

@@ -10,7 +10,8 @@ import pytest
 
 import pet_hooks
 from pet_hooks import errors
-from pet_hooks.config import LoraConfig, PrefixTuningConfig, PTuning2Config
+from pet_hooks.config import (AdapterConfig, BitFitConfig, IA3Config, LoraConfig, LowRankAdapterConfig,
+                              PrefixTuningConfig, PTuning2Config)
 from pet_hooks.tuners import Tuner, all_tuners, get_tuner, peft_tuner
 from samples.tiny_gpt import build
 from tests.conftest import ROOT
@@ -20,14 +21,15 @@ SMALL = dict(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, seq_lengt
 
 # ----------------------------------------------------------------------------- the tuner contract
 def test_every_pet_type_has_a_tuner_that_keeps_the_contract():
-    configs = {cls.PET_TYPE for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig)}
+    configs = {cls.PET_TYPE for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig, IA3Config, BitFitConfig,
+                                        AdapterConfig, LowRankAdapterConfig)}
     assert configs == {t for tuner in all_tuners() for t in tuner.pet_types}
     for tuner in all_tuners():
         assert isinstance(tuner, Tuner) and not inspect.isabstract(type(tuner))
         assert tuner.label and tuner.pet_types
         if tuner.peft_type is not None:
             assert peft_tuner(tuner.peft_type) is tuner and tuner.peft_weights
-    assert peft_tuner("IA3") is None
+    assert peft_tuner("IA3") is get_tuner("ia3") and peft_tuner("BOFT") is None
     with pytest.raises(errors.PetConfigError, match="unknown pet_type 'dora'"):
         get_tuner("dora")
 

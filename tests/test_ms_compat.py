@@ -235,7 +235,7 @@ def test_train_step_reads_the_attributes_the_callback_replaces():
 def test_mindformers_linear_has_the_attributes_lora_reads():
     from mindformers.modules.layers import Linear
     cell = Linear(4, 3)
-    for name in ("expert_flag", "use_gmm", "in_channels", "out_channels", "transpose_b", "dtype"):
+    for name in ("expert_flag", "use_gmm", "in_channels", "out_channels", "transpose_b", "dtype", "activation_flag"):
         assert hasattr(cell, name), name
     assert (cell.expert_flag, cell.use_gmm, cell.in_channels, cell.out_channels) == (False, False, 4, 3)
 

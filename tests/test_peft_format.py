@@ -215,7 +215,7 @@ def test_an_adapter_for_another_architecture_names_the_module(tmp_path):
 
 
 @pytest.mark.parametrize("fields,keys,words", [
-    ({"peft_type": "IA3"}, GPT2_KEYS, ["peft_type 'IA3'"]),
+    ({"peft_type": "BOFT"}, GPT2_KEYS, ["peft_type 'BOFT'", "LORA, IA3"]),
     ({"use_dora": True}, GPT2_KEYS, ["use_dora=True"]),
     ({}, {"base_model.model.blocks.0.attention.dense1.weight": np.zeros((2, 2), np.float32)},
      ["key 'base_model.model.blocks.0.attention.dense1.weight' is not a PEFT LoRA weight"]),

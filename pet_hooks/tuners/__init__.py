@@ -12,7 +12,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from ..errors import PetConfigError
+from .adapter import AdapterTuner, LowRankAdapterTuner
 from .base import Injection, Tuner
+from .bitfit import BitFitTuner
+from .ia3 import IA3Tuner
 from .lora import LoraTuner
 from .prefix import PrefixTuner
 
@@ -32,6 +35,10 @@ def register_tuner(tuner: Tuner) -> None:
 # One line per method.
 register_tuner(LoraTuner())
 register_tuner(PrefixTuner())
+register_tuner(IA3Tuner())
+register_tuner(BitFitTuner())
+register_tuner(AdapterTuner())
+register_tuner(LowRankAdapterTuner())
 
 
 def get_tuner(pet_type: str) -> Tuner:

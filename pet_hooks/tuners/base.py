@@ -72,6 +72,8 @@ class Tuner(abc.ABC):
     peft_type: ClassVar[Optional[str]] = None
     #: PEFT's tensor key suffix (``<module>.<suffix>.weight``) -> the leaf of our delta's name
     peft_weights: ClassVar[Mapping[str, str]] = {}
+    #: what follows the suffix in PEFT's keys: ".weight" for LoRA's sub-modules, "" for IA3's bare vectors
+    peft_key_tail: ClassVar[str] = ".weight"
     #: MindFormers' delta name suffix (``<cell>.<theirs>``) -> the leaf of our delta's name
     mindformers_weights: ClassVar[Mapping[str, str]] = {}
 
@@ -137,12 +139,24 @@ class Tuner(abc.ABC):
         """The method's own fields of a PEFT ``adapter_config.json`` written for ``cfg``."""
         raise NotImplementedError(f"{type(self).__name__} has no PEFT layout")
 
+    def peft_module_fields(self, records: Sequence[Injection], mapped: Mapping[str, str],
+                           target_modules) -> dict:
+        """Fields of a PEFT config that name modules (IA3's ``feedforward_modules``), in PEFT's names:
+        ``mapped`` is our cell path -> their module path, ``target_modules`` what the config says."""
+        return {}
+
     def check_peft_fields(self, doc: Mapping, config_path: str) -> None:
         """Raise naming ``config_path`` when the method's fields of a PEFT config are unusable."""
 
     def config_from_peft(self, doc: Mapping, target_modules: List[str]) -> PetConfig:
         """The config equivalent to a PEFT ``adapter_config.json``, adapting ``target_modules``."""
         raise NotImplementedError(f"{type(self).__name__} has no PEFT layout")
+
+    def config_from_peft_modules(self, doc: Mapping, module_map: Mapping[str, str]) -> PetConfig:
+        """The config for a PEFT adapter whose modules map onto our cells (their path -> our path);
+        by default :meth:`config_from_peft` over our paths. Methods whose config names modules
+        beyond ``target_modules`` (IA3's ``feedforward_modules``) translate them here."""
+        return self.config_from_peft(doc, sorted(set(module_map.values())))
 
     def peft_mismatch(self, doc: Mapping, config_path: str, net_name: str, applied: PetConfig) -> Optional[str]:
         """Why a PEFT adapter cannot load into a net that already has ``applied``; None when it can."""

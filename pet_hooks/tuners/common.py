@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, List, Sequence, Tuple
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -22,7 +23,8 @@ from mindspore import Parameter, nn
 from ..errors import UnsupportedCellError
 from .base import Injection
 
-__all__ = ["init_rng", "patched_class", "inject_all", "restore", "strip_attrs"]
+__all__ = ["init_rng", "patched_class", "inject_all", "restore", "strip_attrs", "mindformers_linear",
+           "projection_reason", "weight_is_out_in", "shared_switch"]
 
 logger = logging.getLogger("pet_hooks")
 
@@ -109,3 +111,38 @@ def inject_all(targets: List[Tuple[str, nn.Cell]], added: Tuple[str, ...],
             restore(record)
         raise
     return done
+
+
+# ----------------------------------------------------------------------------- projections
+def mindformers_linear() -> Optional[type]:
+    """MindFormers' legacy ``Linear`` class when MindFormers is already imported, else None.
+
+    Only looks if it is imported: importing MindFormers costs seconds, and a net cannot hold a
+    Linear unless it was.
+    """
+    module = sys.modules.get("mindformers.modules.layers")
+    return getattr(module, "Linear", None)
+
+
+def projection_reason(cell: nn.Cell, method: str) -> Optional[str]:
+    """None when ``cell`` is an ``nn.Dense`` or a MindFormers ``Linear`` without experts (what the
+    methods that wrap a whole projection's call can adapt), else why not, naming ``method``."""
+    linear = mindformers_linear()
+    if isinstance(cell, nn.Dense):
+        return None
+    if linear is not None and isinstance(cell, linear):
+        if cell.expert_flag or cell.use_gmm:
+            return "Linear with experts (expert_num > 1 or use_gmm) is not supported"
+        return None
+    return f"{method} adapts mindspore.nn.Dense and mindformers.modules.layers.Linear"
+
+
+def weight_is_out_in(cell: nn.Cell) -> bool:
+    """True when the cell's weight is stored [out, in] (Dense; Linear with transpose_b), False for [in, out]."""
+    return getattr(cell, "transpose_b", True) is not False
+
+
+def shared_switch(name: str, on_value: float = 1.0) -> Parameter:
+    """One switch Parameter (a float32 scalar) for all the cells of one adapter: switching is one write
+    of its value, a data change that graph mode needs no recompile for (as LoRA's ``pet_lora_scale``)."""
+    return Parameter(np.array(on_value, np.float32), name=name, requires_grad=False)
