@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor, nn
 from safetensors.numpy import load_file
 
