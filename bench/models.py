@@ -87,6 +87,15 @@ def add_shape_arguments(parser, model: bool = True, model_default: Optional[str]
     parser.add_argument("--batch", type=int, default=Shape.batch)
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("?" where /proc has none): context for timings."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as handle:
+            return " ".join(handle.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def rss_mb() -> float:
     """The process's resident memory now, in MiB (Linux)."""
     with open("/proc/self/statm", encoding="ascii") as handle:

@@ -22,7 +22,7 @@ import time
 from typing import Dict, List, Optional
 
 from bench import report, smollm2_memory
-from bench.models import ROOT
+from bench.models import ROOT, load_average
 from bench.runner import Worker, run_interleaved
 
 SECTION_START = "<!-- smollm2: written by python -m bench.smollm2 -->"
@@ -60,14 +60,6 @@ def worker_argv(framework: str, variant: str, todo: dict, *extra: str, eval_batc
     eval_batches = todo["eval_batches"] if eval_batches is None else eval_batches
     return ["-m", "bench.smollm2_worker", "--framework", framework, "--variant", variant, *todo["layers"],
             "--eval-batches", str(eval_batches), *extra]
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg", encoding="ascii") as handle:
-            return " ".join(handle.read().split()[:3])
-    except OSError:
-        return "?"
 
 
 def run_steps(worker: Worker, steps: int, evals=(), progress=None, final_eval: bool = True) -> dict:

@@ -9,13 +9,15 @@ compiled on its own, as before issue 14); "after" is the default.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
-from bench.models import ROOT
+from bench.models import ROOT, load_average
 
 STUDY = os.path.join("bench", "memory_study")
 # key -> (label, script, arguments); the order is the order of the runs (before/after pairs adjacent)
@@ -63,7 +65,9 @@ def memory(todo: dict, progress: Callable[[str], None] = print) -> dict:
     results: Dict[str, dict] = {k: v for k, v in kept.get("results", {}).items() if k not in rows}
     for key in rows:
         progress(f"memory: {key} ({blocks} blocks, {todo['memory_steps']} steps)")
-        results[key] = run_row(key, blocks, todo["memory_steps"])
+        load = load_average()
+        results[key] = {**run_row(key, blocks, todo["memory_steps"]), "load_start": load,
+                        "date": datetime.date.today().isoformat()}
         if "error" in results[key]:
             progress(f"    failed: {results[key]['error'][:300]}")
     return {"blocks": blocks, "steps": todo["memory_steps"], "results": results}
@@ -72,6 +76,17 @@ def memory(todo: dict, progress: Callable[[str], None] = print) -> dict:
 def _cell(result: dict, field: str, fmt: str) -> str:
     value = result.get(field)
     return "failed" if "error" in result else ("n/a" if value is None else fmt.format(value))
+
+
+def _load(result: dict) -> Optional[float]:
+    match = re.match(r"\s*([0-9.]+)", str(result.get("load_start", "")))
+    return float(match.group(1)) if match else None
+
+
+def _similar_load(a: dict, b: dict) -> bool:
+    """Timings of two rows compare only when the machine was about as busy for both."""
+    load_a, load_b = _load(a), _load(b)
+    return load_a is not None and load_b is not None and abs(load_a - load_b) < 1.0
 
 
 def lines(data: dict) -> List[str]:
@@ -86,26 +101,29 @@ def lines(data: dict) -> List[str]:
            "`reuse_block_graphs: false`, every decoder block compiled on its own; \"after\": the default, identically "
            "adapted blocks share one compiled graph (`pet_hooks/graph_reuse.py`, docs/memory_and_speed.md). Peak "
            "memory: peak RSS above the RSS before loading the model; it repeats exactly between runs. Times are one "
-           "run each on a shared machine: indicative.", "",
+           "run each on a shared machine: indicative, and only comparable between rows run at a similar load (last column; "
+           "`--memory-rows` reruns single rows).", "",
            "| variant | blocks sharing one graph | first step s | later steps: median s | peak RSS above base, MB | "
-           "time / PEFT LoRA | memory / PEFT LoRA |", "|---|---:|---:|---:|---:|---:|---:|"]
+           "time / PEFT LoRA | memory / PEFT LoRA | load average at its start |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for key, (label, _, _) in ROWS.items():
         r = res.get(key)
         if r is None:
             continue
         time_ratio = mem_ratio = "n/a"
         if "error" not in r and "error" not in peft and peft and r.get("later_median_s"):
-            time_ratio = f"{r['later_median_s'] / peft['later_median_s']:.2f}x"
             mem_ratio = f"{r['peak_above_base_mb'] / peft['peak_above_base_mb']:.2f}x"
+            time_ratio = (f"{r['later_median_s'] / peft['later_median_s']:.2f}x" if _similar_load(r, peft)
+                          else "n/a (other load)")
         sharing = "failed" if "error" in r else (r.get("blocks_sharing_a_graph", "n/a") if r.get("mode") == 0
                                                  and r.get("variant") != "full" else "n/a")
         out.append(f"| {label} | {sharing} | "
                    f"{_cell(r, 'first_s', '{:.1f}')} | {_cell(r, 'later_median_s', '{:.2f}')} | "
-                   f"{_cell(r, 'peak_above_base_mb', '{:,.0f}')} | {time_ratio} | {mem_ratio} |")
+                   f"{_cell(r, 'peak_above_base_mb', '{:,.0f}')} | {time_ratio} | {mem_ratio} | "
+                   f"{r.get('load_start', 'not recorded')} |")
     for before, after, what in (("lora_before", "lora_after", "LoRA, graph mode"),
                                 ("lora_o0_before", "lora_o0_after", "LoRA, O0")):
         b, a = res.get(before, {}), res.get(after, {})
-        if b and a and "error" not in b and "error" not in a:
+        if b and a and "error" not in b and "error" not in a and _similar_load(a, b):
             out.append("")
             out.append(f"{what}, after against before: peak memory {a['peak_above_base_mb'] - b['peak_above_base_mb']:+,.0f} MB "
                        f"({a['peak_above_base_mb'] / b['peak_above_base_mb'] - 1:+.1%}), first step "
