@@ -36,6 +36,7 @@ _LAZY = {
     "register_attention": "tuners.attention", "unregister_attention": "tuners.attention",
     "PrefixAttention": "tuners.attention",
     "save_merged_checkpoint": "mindformers_io",
+    "loraplus_param_groups": "loraplus",
     "UncheckedVersionWarning": "_ms_compat",
 }
 
@@ -45,7 +46,7 @@ __all__ = [
     "IA3Config", "BitFitConfig", "AdapterConfig", "LowRankAdapterConfig",
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "PetCallback", "enable",
-    "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint",
+    "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",
     "UncheckedVersionWarning",
     "PetError", "PetConfigTypeError", "NoMatchError", "UnsupportedCellError", "PetStateError",
     "AdapterFileError", "AdapterNotFoundError", "OptimizerRebuildError",

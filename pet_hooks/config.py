@@ -204,6 +204,9 @@ class LoraConfig(PetConfig):
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
     param_init_type: str = field(default="float32", metadata={"help": "dtype of the delta parameters"})
     compute_dtype: Optional[str] = field(default=None, metadata={"help": "branch dtype; None = the layer's own"})
+    # A training setting, not part of the adapter (compare=False): see pet_hooks.loraplus.
+    loraplus_lr_ratio: Optional[float] = field(default=None, compare=False, metadata={
+        "help": "LoRA+: the rebuilt optimizer gives the B matrices lr x this ratio (PEFT's name)"})
 
     _A_INITS: ClassVar[dict] = {"kaiming_uniform": "kaiming_uniform", "he_uniform": "kaiming_uniform",
                                 "heuniform": "kaiming_uniform", "normal": "normal"}
@@ -227,6 +230,10 @@ class LoraConfig(PetConfig):
         self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
         if self.compute_dtype is not None:
             self.compute_dtype = _dtype_name("compute_dtype", self.compute_dtype)
+        if self.loraplus_lr_ratio is not None:
+            _check_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
+            if self.loraplus_lr_ratio <= 0:
+                raise PetConfigError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio!r}")
 
     @property
     def scaling(self) -> float:

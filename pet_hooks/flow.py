@@ -21,11 +21,12 @@ from mindspore import Parameter, nn
 
 from .adapter_io import save_adapter
 from .errors import OptimizerRebuildError
+from .loraplus import rebuilt_groups
 from .recorder import recorded_arguments
 from .surgery import apply, get_state  # apply is idempotent: a model is adapted once
 
-__all__ = ["unwrap_model", "apply", "params_for_optimizer", "rebuild_optimizer", "attach_to_train_step",
-           "init_signature", "save_for_rank", "is_rank_zero"]
+__all__ = ["unwrap_model", "apply", "params_for_optimizer", "optimizer_params", "rebuild_optimizer",
+           "attach_to_train_step", "init_signature", "save_for_rank", "is_rank_zero"]
 
 logger = logging.getLogger("pet_hooks")
 
@@ -113,6 +114,20 @@ def params_for_optimizer(params: Any, model: nn.Cell) -> Any:
     return result
 
 
+def optimizer_params(params: Any, model: nn.Cell, optimizer_name: str, learning_rate: Any = None,
+                     weight_decay: Any = None) -> Any:
+    """:func:`params_for_optimizer`, or with ``loraplus_lr_ratio`` in the config, LoRA+ groups over the deltas
+    with the optimizer's own learning rate and weight decay (``pet_hooks.loraplus``)."""
+    ratio = getattr(get_state(model).config, "loraplus_lr_ratio", None)
+    if ratio is None:
+        return params_for_optimizer(params, model)
+    if any(isinstance(group, dict) for group in params):
+        raise OptimizerRebuildError(f"cannot give optimizer {optimizer_name} LoRA+ groups (loraplus_lr_ratio): it "
+                                    f"was built over parameter groups; build it over "
+                                    f"pet_hooks.loraplus_param_groups(net, lr, ratio, weight_decay) instead")
+    return rebuilt_groups(model, optimizer_name, learning_rate, weight_decay, ratio)
+
+
 def init_signature(cls: type) -> inspect.Signature:
     """The signature of ``cls.__init__``, seen through MindSpore's ``opt_init_args_register``
     decorator, which hides it behind ``(self, *args, **kwargs)`` without ``functools.wraps``."""
@@ -158,7 +173,15 @@ def rebuild_optimizer(optimizer: nn.Optimizer, model: nn.Cell) -> nn.Optimizer:
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY) else None
     if first is None or first not in bound.arguments:
         raise OptimizerRebuildError(f"cannot rebuild optimizer {cls.__name__}: cannot tell which argument holds the parameters")
-    bound.arguments[first] = params_for_optimizer(bound.arguments[first], model)
+    def argument(*names):
+        for key in names:
+            if key in bound.arguments:
+                return bound.arguments[key]
+            if key in bound.signature.parameters:
+                return bound.signature.parameters[key].default
+        return None
+    bound.arguments[first] = optimizer_params(bound.arguments[first], model, cls.__name__,
+                                              argument("learning_rate", "lr"), argument("weight_decay"))
     try:
         return cls(*bound.args[1:], **bound.kwargs)
     except Exception as err:

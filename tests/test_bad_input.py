@@ -146,6 +146,8 @@ ROWS: List[Row] = [
     M("compute-dtype", {**SEED, "compute_dtype": "float64"}, ValueError, "compute_dtype", "float64"),
     M("seed-negative", {**SEED, "seed": -1}, ValueError, "seed", "-1"),
     M("reuse-str", {**SEED, "reuse_block_graphs": "no"}, TypeError, "reuse_block_graphs", "no"),
+    M("loraplus-zero", {**SEED, "loraplus_lr_ratio": 0}, ValueError, "loraplus_lr_ratio", "0"),
+    M("loraplus-str", {**SEED, "loraplus_lr_ratio": "16"}, TypeError, "loraplus_lr_ratio", "16"),
     M("freeze-exclude-int", {**SEED, "freeze_exclude": [1]}, TypeError, "freeze_exclude"),
     M("freeze-exclude-empty", {**SEED, "freeze_exclude": [""]}, TypeError, "freeze_exclude"),
     M("unknown-key", {**SEED, "lora_rnak": 4}, ValueError, "lora_rnak", "lora_rank"),
@@ -426,8 +428,8 @@ def test_bad_command_line_is_one_error_line_and_exit_2(row, tmp_path, capsys):
 # ----------------------------------------------------------------------------- random mappings
 KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "exclude_layers", "lora_a_init",
         "lora_b_init", "use_rslora", "param_init_type", "compute_dtype", "freeze_include", "freeze_exclude", "seed",
-        "reuse_block_graphs", "pre_seq_len", "prefix_projection", "projection_dim", "dropout_rate", "dropout_prob",
-        "prefix_token_num", "mid_dim", "feedforward_modules", "init_ia3_weights", "bottleneck_size", "non_linearity",
+        "reuse_block_graphs", "loraplus_lr_ratio", "pre_seq_len", "prefix_projection", "projection_dim",
+        "dropout_rate", "dropout_prob", "prefix_token_num", "mid_dim", "feedforward_modules", "init_ia3_weights", "bottleneck_size", "non_linearity",
         "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq"]

@@ -75,8 +75,10 @@ class PetSession:
                 self._adapt(model)
                 if all(guard.model is not model for guard in self._guards):
                     self._guards.append(GradGuard(model))  # the deltas as the optimizer gets them
-            bound.arguments["parameters"] = (flow.params_for_optimizer(params, models[0]) if len(models) == 1
-                                             else [p for m in models for p in m.trainable_params()])
+            bound.arguments["parameters"] = (
+                flow.optimizer_params(params, models[0], type(instance).__name__,
+                                      bound.arguments.get("learning_rate"), bound.arguments.get("weight_decay", 0.0))
+                if len(models) == 1 else [p for m in models for p in m.trainable_params()])
         return wrapped(*bound.args[1:], **bound.kwargs)
 
     # -- helpers ----------------------------------------------------------------------------
