@@ -44,6 +44,19 @@ def mode(request):
     ms.set_context(mode=before)
 
 
+@pytest.fixture(scope="module")
+def mcore_graph_mode():
+    """Graph mode and MindFormers' ``use_legacy: False`` for one module of mcore tests (the mcore
+    layers run only in graph mode); both restored after it. ``pytestmark = pytest.mark.usefixtures(...)``."""
+    from tests.mcore_cpu import mcore_context, restore_legacy_context
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    mcore_context()
+    yield
+    restore_legacy_context()
+    ms.set_context(mode=before)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -22,23 +22,14 @@ from mindspore.train import Model
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, ROOT, assert_params_equal, snapshot
-from tests.mcore_cpu import mcore_context, restore_legacy_context
 from tests.mcore_train import LossOf, batches, build_qwen3
 
-pytestmark = NEEDS_MINDFORMERS
 YAML = os.path.join(ROOT, "samples", "configs", "qwen3_lora.yaml")
 TARGETS = ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"
 DELTAS = 2 * 4 * 2          # 2 layers x 4 projections x (A, B)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode_mcore_context():
-    before = ms.get_context("mode")
-    ms.set_context(mode=0)
-    mcore_context()
-    yield
-    restore_legacy_context()
-    ms.set_context(mode=before)
+pytestmark = [NEEDS_MINDFORMERS, pytest.mark.usefixtures("mcore_graph_mode")]   # graph mode, use_legacy False
 
 
 def _logits(net, seed=7):

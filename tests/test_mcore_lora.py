@@ -18,22 +18,13 @@ from mindspore import Tensor
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
-from tests.mcore_cpu import mcore_context, tiny_qwen3, restore_legacy_context
+from tests.mcore_cpu import tiny_qwen3
 
-pytestmark = NEEDS_MINDFORMERS
 TARGETS = ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"
 CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 6, "lora_dropout": 0.0, "target_modules": TARGETS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode_mcore_context():
-    """Graph mode and MindFormers' ``use_legacy: False`` for this module; both restored after it."""
-    before = ms.get_context("mode")
-    ms.set_context(mode=0)
-    mcore_context()
-    yield
-    restore_legacy_context()
-    ms.set_context(mode=before)
+pytestmark = [NEEDS_MINDFORMERS, pytest.mark.usefixtures("mcore_graph_mode")]   # graph mode, use_legacy False
 
 
 def their_name(name: str) -> str:

@@ -17,21 +17,13 @@ from mindspore import Tensor
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
-from tests.mcore_cpu import TINY, cpu_stand_ins, mcore_context, restore_legacy_context
+from tests.mcore_cpu import TINY, cpu_stand_ins
 
-pytestmark = NEEDS_MINDFORMERS
 E, H, FFN, V, R = 4, 32, 16, 97, 4
 EXPERTS = {"pet_type": "lora", "lora_rank": R, "lora_alpha": 6, "lora_dropout": 0.0, "target_modules": ".*experts"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode_mcore_context():
-    before = ms.get_context("mode")
-    ms.set_context(mode=0)
-    mcore_context()
-    yield
-    restore_legacy_context()
-    ms.set_context(mode=before)
+pytestmark = [NEEDS_MINDFORMERS, pytest.mark.usefixtures("mcore_graph_mode")]   # graph mode, use_legacy False
 
 
 def tiny_qwen3_moe():

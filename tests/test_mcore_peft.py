@@ -21,28 +21,19 @@ import threading
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT
-from tests.mcore_cpu import TINY, mcore_context, restore_legacy_context, tiny_qwen3
+from tests.mcore_cpu import TINY, tiny_qwen3
 
-pytestmark = [NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT]
 HERE = os.path.dirname(os.path.abspath(__file__))
 CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
        "target_modules": ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"}
 H, F, N, G, D, V, L = 32, 64, 4, 2, 8, 97, 2       # the TINY geometry
 
 
-@pytest.fixture(autouse=True, scope="module")
-def graph_mode_mcore_context():
-    before = ms.get_context("mode")
-    ms.set_context(mode=0)
-    mcore_context()
-    yield
-    restore_legacy_context()
-    ms.set_context(mode=before)
+pytestmark = [NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT, pytest.mark.usefixtures("mcore_graph_mode")]
 
 
 def hf_weights(seed=0) -> dict:

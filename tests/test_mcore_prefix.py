@@ -22,8 +22,7 @@ from mindspore import Tensor, ops
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
-from tests.mcore_cpu import CpuCoreAttention, mcore_context, register_prefix_stand_in, restore_legacy_context, \
-    tiny_qwen3
+from tests.mcore_cpu import CpuCoreAttention, register_prefix_stand_in, tiny_qwen3
 from tests.test_prefix import np_encoder_output
 
 pytestmark = NEEDS_MINDFORMERS
@@ -35,15 +34,11 @@ CONFIGS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def graph_mode_mcore_context():
-    before = ms.get_context("mode")
-    ms.set_context(mode=0)
-    mcore_context()
+def prefix_stand_in(mcore_graph_mode):
+    """The CPU core attention registered for the prefix methods, inside the mcore graph-mode context."""
     register_prefix_stand_in()
     yield
     pet_hooks.unregister_attention(CpuCoreAttention)
-    restore_legacy_context()
-    ms.set_context(mode=before)
 
 
 def logits(net, ids, **kwargs):
