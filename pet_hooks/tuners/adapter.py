@@ -32,12 +32,11 @@ import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common import dtype as mstype
 
-from .._ms_compat import write_values
 from ..config import AdapterConfig, LowRankAdapterConfig
 from ..errors import UnsupportedCellError
 from ..matching import select_cells
-from .base import Injection, Targets, Tuner
-from .common import init_rng, inject_all, projection_reason, restore, shared_switch
+from .base import Injection, Targets
+from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch
 
 __all__ = ["AdapterTuner", "LowRankAdapterTuner", "is_adapter_cell", "SWITCH_NAME"]
 
@@ -145,10 +144,10 @@ def _low_rank_arrays(cell: nn.Cell, cfg: LowRankAdapterConfig, rng: np.random.Ge
             "low_rank_adapter_up_bias": np.zeros(width, np.float32)}
 
 
-class _BottleneckTuner(Tuner):
+class _BottleneckTuner(SwitchedTuner):
     """The two bottleneck adapters: the same selection, injection, switch; their own weights."""
 
-    switch_is_data = True      # on/off writes pet_adapter_on only: no recompile
+    switch_attr = SWITCH_NAME
     mixin: type = _BottleneckLayer
     weights: Tuple[str, ...] = ()
 
@@ -174,19 +173,6 @@ class _BottleneckTuner(Tuner):
         return inject_all(targets, self.weights + _COMMON_ATTRS,
                           lambda index, path, cell: _attach(path, cell, cfg, self._arrays(cell, cfg, rng), switch),
                           mixin_of=lambda cell: self.mixin)
-
-    def eject(self, record: Injection) -> None:
-        restore(record)
-
-    def deltas_of(self, record: Injection) -> List[Parameter]:
-        return list(record.params)
-
-    def set_active(self, records, active: bool) -> None:
-        for switch in self.switch_parameters(records):
-            write_values(switch, np.array(1.0 if active else 0.0, np.float32))
-
-    def switch_parameters(self, records) -> List[Parameter]:
-        return list({id(r.cell.pet_adapter_on): r.cell.pet_adapter_on for r in records}.values())
 
     def io_channels(self, record: Injection) -> Tuple[int, int]:
         """The adapter maps the layer's output width to itself."""

@@ -21,9 +21,10 @@ import mindspore as ms
 from mindspore import Parameter, nn
 
 from ..errors import UnsupportedCellError
-from .base import Injection
+from .._ms_compat import write_values
+from .base import Injection, Tuner
 
-__all__ = ["init_rng", "patched_class", "inject_all", "restore", "strip_attrs", "mindformers_linear",
+__all__ = ["SwitchedTuner", "init_rng", "patched_class", "inject_all", "restore", "strip_attrs", "mindformers_linear",
            "projection_reason", "weight_is_out_in", "shared_switch"]
 
 logger = logging.getLogger("pet_hooks")
@@ -146,3 +147,27 @@ def shared_switch(name: str, on_value: float = 1.0) -> Parameter:
     """One switch Parameter (a float32 scalar) for all the cells of one adapter: switching is one write
     of its value, a data change that graph mode needs no recompile for (as LoRA's ``pet_lora_scale``)."""
     return Parameter(np.array(on_value, np.float32), name=name, requires_grad=False)
+
+
+class SwitchedTuner(Tuner):
+    """A tuner whose cells are moved onto a generated class (:func:`inject_all`) and share one on/off
+    switch Parameter (:func:`shared_switch`, 1 or 0), kept on every adapted cell as ``switch_attr``:
+    undoing is :func:`restore`, the deltas are the record's parameters, and switching is one write of
+    the shared switch, a data change (IA3, the bottleneck adapters)."""
+
+    switch_is_data = True      # on/off writes the switch only: no recompile
+    switch_attr: str = ""
+
+    def eject(self, record: Injection) -> None:
+        restore(record)
+
+    def deltas_of(self, record: Injection) -> List[Parameter]:
+        return list(record.params)
+
+    def set_active(self, records, active: bool) -> None:
+        for switch in self.switch_parameters(records):
+            write_values(switch, np.array(1.0 if active else 0.0, np.float32))
+
+    def switch_parameters(self, records) -> List[Parameter]:
+        switches = (getattr(record.cell, self.switch_attr) for record in records)
+        return list({id(switch): switch for switch in switches}.values())

@@ -30,8 +30,8 @@ from .._ms_compat import write_values
 from ..config import IA3Config
 from ..errors import AdapterFileError, NoMatchError, UnsupportedCellError
 from ..matching import list_entry_matches, select_cells
-from .base import Injection, Tuner
-from .common import init_rng, inject_all, projection_reason, restore, shared_switch, weight_is_out_in
+from .base import Injection
+from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch, weight_is_out_in
 
 __all__ = ["IA3Tuner", "IA3Layer", "is_ia3_cell", "SWITCH_NAME"]
 
@@ -131,12 +131,12 @@ def _scaled(cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
     return pairs
 
 
-class IA3Tuner(Tuner):
+class IA3Tuner(SwitchedTuner):
     """(IA)^3 as a :class:`~pet_hooks.tuners.base.Tuner`: scaling vectors on Dense / Linear."""
 
     label = "IA3"
     pet_types = ("ia3",)
-    switch_is_data = True      # on/off writes pet_ia3_on only: no recompile
+    switch_attr = "pet_ia3_on"
     can_merge = True
     peft_type = "IA3"
     peft_weights = {"ia3_l": "ia3_l"}
@@ -150,19 +150,6 @@ class IA3Tuner(Tuner):
 
     def inject(self, targets, cfg: IA3Config) -> List[Injection]:
         return _inject(targets, cfg)
-
-    def eject(self, record: Injection) -> None:
-        restore(record)
-
-    def deltas_of(self, record: Injection) -> List[Parameter]:
-        return list(record.params)
-
-    def set_active(self, records, active: bool) -> None:
-        for switch in self.switch_parameters(records):
-            write_values(switch, np.array(1.0 if active else 0.0, np.float32))
-
-    def switch_parameters(self, records) -> List[Parameter]:
-        return list({id(r.cell.pet_ia3_on): r.cell.pet_ia3_on for r in records}.values())
 
     def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
         """What merging adds, ``p * (l - 1)`` for the weight (and the bias when the output is scaled):
