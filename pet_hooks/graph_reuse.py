@@ -94,8 +94,6 @@ def _constant_key(value: Any) -> Optional[Any]:
         return (type(value).__name__, tuple(keys))
     if inspect.ismethod(value):
         return ("method", value.__func__.__qualname__)
-    if inspect.isfunction(value) or inspect.isclass(value) or inspect.isbuiltin(value):
-        return ("object", id(value))
     return ("object", id(value))
 
 
@@ -132,9 +130,10 @@ def _foreign_lazy_inline(net: nn.Cell) -> Optional[str]:
     return None
 
 
-def _groups(net: nn.Cell) -> List[List[nn.Cell]]:
-    """Sibling blocks of one class and one fingerprint, two or more, in every CellList / SequentialCell."""
-    groups: List[List[nn.Cell]] = []
+def _groups(net: nn.Cell) -> List[Tuple[str, List[nn.Cell]]]:
+    """(marker, blocks) for the sibling blocks of one class and one fingerprint, two or more, in every
+    CellList / SequentialCell."""
+    groups: List[Tuple[str, List[nn.Cell]]] = []
     for _, container in net.cells_and_names():
         if not isinstance(container, (nn.CellList, nn.SequentialCell)):
             continue
@@ -143,7 +142,8 @@ def _groups(net: nn.Cell) -> List[List[nn.Cell]]:
             fingerprint = block_fingerprint(child)
             if fingerprint is not None:
                 by_key.setdefault((type(child), fingerprint), []).append(child)
-        groups.extend(members for members in by_key.values() if len(members) > 1)
+        groups.extend((f"{MARK_PREFIX}{cls.__name__}_{_OURS}_{fingerprint}", members)
+                      for (cls, fingerprint), members in by_key.items() if len(members) > 1)
     return groups
 
 
@@ -158,8 +158,7 @@ def mark_repeated_blocks(net: nn.Cell) -> List[ReuseMark]:
         logger.info("pet_hooks: %s already uses MindSpore's lazy inline; blocks are not marked for reuse", foreign)
         return []
     marks: List[ReuseMark] = []
-    for members in _groups(net):
-        marker = f"{MARK_PREFIX}{type(members[0]).__name__}_{_OURS}_{block_fingerprint(members[0])}"
+    for marker, members in _groups(net):
         for block in members:
             marks.append(ReuseMark(block, block.__dict__.get("_cell_init_args", _MISSING),
                                    block.__dict__.get("no_inline", _MISSING)))
