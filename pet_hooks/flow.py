@@ -150,6 +150,16 @@ def init_signature(cls: type) -> inspect.Signature:
     return signature
 
 
+def _argument(bound: inspect.BoundArguments, *names: str) -> Any:
+    """The value of the first of ``names`` the signature has: as passed, or its default (None if none)."""
+    for key in names:
+        if key in bound.arguments:
+            return bound.arguments[key]
+        if key in bound.signature.parameters:
+            return bound.signature.parameters[key].default
+    return None
+
+
 def rebuild_optimizer(optimizer: nn.Optimizer, model: nn.Cell) -> nn.Optimizer:
     """An optimizer of the same class and settings as ``optimizer``, over the PET parameters.
 
@@ -173,15 +183,8 @@ def rebuild_optimizer(optimizer: nn.Optimizer, model: nn.Cell) -> nn.Optimizer:
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY) else None
     if first is None or first not in bound.arguments:
         raise OptimizerRebuildError(f"cannot rebuild optimizer {cls.__name__}: cannot tell which argument holds the parameters")
-    def argument(*names):
-        for key in names:
-            if key in bound.arguments:
-                return bound.arguments[key]
-            if key in bound.signature.parameters:
-                return bound.signature.parameters[key].default
-        return None
     bound.arguments[first] = optimizer_params(bound.arguments[first], model, cls.__name__,
-                                              argument("learning_rate", "lr"), argument("weight_decay"))
+                                              _argument(bound, "learning_rate", "lr"), _argument(bound, "weight_decay"))
     try:
         return cls(*bound.args[1:], **bound.kwargs)
     except Exception as err:

@@ -17,6 +17,7 @@ learning rate and weight decay.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Dict, List
 
@@ -42,6 +43,13 @@ def _owners(net: nn.Cell) -> Dict[int, nn.Cell]:
     return owners
 
 
+def _check_rate(name: str, value, zero_ok: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"loraplus_param_groups: {name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"loraplus_param_groups: {name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
 def loraplus_param_groups(net: nn.Cell, lr: float, ratio: float, weight_decay: float = 0.0) -> List[dict]:
     """The net's trainable parameters in LoRA+ groups (empty groups left out), for any MindSpore optimizer.
 
@@ -53,11 +61,9 @@ def loraplus_param_groups(net: nn.Cell, lr: float, ratio: float, weight_decay: f
     if state is None or state.config.pet_type != "lora":
         raise PetStateError(f"loraplus_param_groups: {type(net).__name__} has no LoRA applied "
                             f"(call pet_hooks.apply with a LoRA config first)")
-    for name, value, low in (("lr", lr, 0.0), ("ratio", ratio, None), ("weight_decay", weight_decay, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value or abs(value) == float("inf"):
-            raise ValueError(f"loraplus_param_groups: {name} must be a finite number, got {value!r}")
-        if (low is None and value <= 0) or (low is not None and value < low):
-            raise ValueError(f"loraplus_param_groups: {name} must be {'> 0' if low is None else '>= 0'}, got {value!r}")
+    _check_rate("lr", lr, zero_ok=True)
+    _check_rate("ratio", ratio, zero_ok=False)
+    _check_rate("weight_decay", weight_decay, zero_ok=True)
     owners = _owners(net)
     slow: List[Parameter] = []
     fast: List[Parameter] = []
