@@ -233,3 +233,21 @@ def tiny_qwen3(seed: int = 0, **overrides) -> nn.Cell:
     np.random.seed(seed)
     config = Qwen3Config(**{**TINY, **overrides})
     return cpu_stand_ins(TrainingQwen3ForCausalLM(config))
+
+
+def adam_losses(net: nn.Cell, ids: ms.Tensor, lr: float, steps: int = 4) -> list:
+    """Train ``net`` (a tiny mcore model, loss from ``net(ids, labels=ids)``) ``steps`` Adam steps on one
+    batch over its trainable parameters; the loss of each step."""
+    optimizer = nn.Adam(net.trainable_params(), learning_rate=lr)
+    net.set_train(True)
+
+    def forward(x):
+        return net(x, labels=x)[0]
+
+    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
+    losses = []
+    for _ in range(steps):
+        loss, grads = grad_fn(ids)
+        optimizer(grads)
+        losses.append(float(loss.asnumpy().reshape(-1)[0]))
+    return losses

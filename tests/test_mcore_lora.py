@@ -18,7 +18,7 @@ from mindspore import Tensor
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
-from tests.mcore_cpu import tiny_qwen3
+from tests.mcore_cpu import adam_losses, tiny_qwen3
 
 TARGETS = ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"
 CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 6, "lora_dropout": 0.0, "target_modules": TARGETS}
@@ -125,18 +125,7 @@ def test_training_moves_only_the_deltas_and_merge_folds_them():
     net = pet_hooks.apply(tiny_qwen3(), CFG)
     base_names = [p.name for p in net.get_parameters() if ".lora_" not in p.name and p.name != "pet_lora_scale"]
     before = snapshot(net)
-    opt = ms.nn.Adam(net.trainable_params(), learning_rate=1e-2)
-    net.set_train(True)
-
-    def forward(x):
-        return net(x, labels=x)[0]
-
-    grad_fn = ms.value_and_grad(forward, None, opt.parameters)
-    losses = []
-    for _ in range(4):
-        loss, grads = grad_fn(ids_of(3))
-        opt(grads)
-        losses.append(float(loss.asnumpy().reshape(-1)[0]))
+    losses = adam_losses(net, ids_of(3), lr=1e-2)
     assert losses[-1] < losses[0]
     assert_params_equal(before, net, base_names)                 # the base is untouched
     ids = ids_of(4)

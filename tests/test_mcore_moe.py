@@ -17,7 +17,7 @@ from mindspore import Tensor
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
-from tests.mcore_cpu import TINY, cpu_stand_ins
+from tests.mcore_cpu import TINY, adam_losses, cpu_stand_ins
 
 E, H, FFN, V, R = 4, 32, 16, 97, 4
 EXPERTS = {"pet_type": "lora", "lora_rank": R, "lora_alpha": 6, "lora_dropout": 0.0, "target_modules": ".*experts"}
@@ -84,18 +84,7 @@ def test_expert_lora_trains_merges_saves_and_removes(tmp_path):
     before, classes = snapshot(net), {path: type(cell) for path, cell in net.cells_and_names()}
     base = logits(net, ids)
     pet_hooks.apply(net, dict(EXPERTS, target_modules=".*experts|.*linear_qkv"))
-    optimizer = ms.nn.Adam(net.trainable_params(), learning_rate=1e-2)
-    net.set_train(True)
-
-    def forward(x):
-        return net(x, labels=x)[0]
-
-    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
-    losses = []
-    for _ in range(4):
-        loss, grads = grad_fn(Tensor(ids))
-        optimizer(grads)
-        losses.append(float(loss.asnumpy().reshape(-1)[0]))
+    losses = adam_losses(net, Tensor(ids), lr=1e-2)
     assert losses[-1] < losses[0]
     moved = [p.name for p in pet_hooks.delta_parameters(net) if ".lora_B" in p.name and np.abs(p.asnumpy()).max() > 0]
     assert len(moved) == 2 * 2 + 2                                   # both expert weights and qkv, each layer

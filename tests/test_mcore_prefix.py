@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor, ops
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
-from tests.mcore_cpu import CpuCoreAttention, register_prefix_stand_in, tiny_qwen3
+from tests.mcore_cpu import CpuCoreAttention, adam_losses, register_prefix_stand_in, tiny_qwen3
 from tests.test_prefix import np_encoder_output
 
 pytestmark = NEEDS_MINDFORMERS
@@ -81,18 +80,7 @@ def test_prefix_training_moves_only_the_encoder_and_remove_restores():
     classes = {path: type(cell) for path, cell in net.cells_and_names()}
     base = logits(net, ids)
     pet_hooks.apply(net, CONFIGS["prefixtuning"])
-    optimizer = ms.nn.Adam(net.trainable_params(), learning_rate=5e-2)
-    net.set_train(True)
-
-    def forward(x):
-        return net(x, labels=x)[0]
-
-    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
-    losses = []
-    for _ in range(4):
-        loss, grads = grad_fn(Tensor(ids))
-        optimizer(grads)
-        losses.append(float(loss.asnumpy().reshape(-1)[0]))
+    losses = adam_losses(net, Tensor(ids), lr=5e-2)
     assert losses[-1] < losses[0]
     assert_params_equal(before, net)
     pet_hooks.remove(net)
