@@ -37,6 +37,8 @@ _LAZY = {
     "PrefixAttention": "tuners.attention",
     "save_merged_checkpoint": "mindformers_io",
     "loraplus_param_groups": "loraplus",
+    "add_adapter": "adapters", "set_adapter": "adapters", "active_adapters": "adapters",
+    "delete_adapter": "adapters", "list_adapters": "adapters", "adapter_per_row": "adapters",
     "UncheckedVersionWarning": "_ms_compat",
 }
 
@@ -47,6 +49,7 @@ __all__ = [
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",
+    "add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "adapter_per_row",
     "UncheckedVersionWarning",
     "PetError", "PetConfigTypeError", "NoMatchError", "UnsupportedCellError", "PetStateError",
     "AdapterFileError", "AdapterNotFoundError", "OptimizerRebuildError",

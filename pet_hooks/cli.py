@@ -19,7 +19,7 @@ import sys
 from typing import List, Optional
 
 from ._version import __version__
-from .config import explain, load_config
+from .config import check_adapter_name, explain, load_config
 
 __all__ = ["main"]
 
@@ -49,7 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot writes a PNG; give a file name ending in .png, not {args.plot!r}")
     monitor = TrainingMonitor(show=not args.quiet and sys.stdout.isatty())
-    code = run_script(script, script_args, cfg, args.save_dir, monitor=monitor)
+    if args.adapter_name is not None:
+        check_adapter_name(args.adapter_name)
+    code = run_script(script, script_args, cfg, args.save_dir, monitor=monitor, adapter_name=args.adapter_name)
     if args.plot:
         if monitor.losses:
             write_loss_plot(monitor.losses, args.plot, title=f"pet-hooks run {os.path.basename(script)}")
@@ -90,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--save-dir", default=None, help="save the trained model's adapter here at the end")
     run.add_argument("--quiet", action="store_true", help="no progress line (it is off anyway when stdout "
                      "is not a terminal)")
+    run.add_argument("--adapter-name", default=None, help="train and save the adapter of this name "
+                     "(pet_hooks.add_adapter / set_adapter); default: the one adapter, 'default'")
     run.add_argument("--plot", default=None, metavar="FILE.png", help="write the loss curve of the run here")
     run.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...] or a command such as msrun")
     run.set_defaults(func=_run)

@@ -476,6 +476,16 @@ def _read_document(path: str) -> Any:
         raise PetConfigError(f"{path}: cannot parse: {err}") from None
 
 
+RESERVED_NAMES = ("all", "__base__")   # save_adapter(..., "all"); the base model in adapter_per_row
+
+
+def check_adapter_name(name) -> None:
+    """An adapter name is a non-empty string without '/' (it names a folder) and not a reserved word."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in RESERVED_NAMES:
+        raise PetConfigError(f"adapter_name {name!r} is not usable: give a non-empty string without '/', "
+                             f"other than {', '.join(map(repr, RESERVED_NAMES))}")
+
+
 def load_config(src: Union[str, os.PathLike, Mapping, PetConfig]) -> PetConfig:
     """Read a PET configuration from a file path, a mapping or an existing config.
 

@@ -23,9 +23,11 @@ from .adapter_io import save_adapter
 from .errors import OptimizerRebuildError
 from .loraplus import rebuilt_groups
 from .recorder import recorded_arguments
+from .adapters import add_adapter, set_adapter
+from .errors import PetStateError
 from .surgery import apply, get_state  # apply is idempotent: a model is adapted once
 
-__all__ = ["unwrap_model", "apply", "params_for_optimizer", "optimizer_params", "rebuild_optimizer",
+__all__ = ["unwrap_model", "apply", "adapt", "params_for_optimizer", "optimizer_params", "rebuild_optimizer",
            "attach_to_train_step", "init_signature", "save_for_rank", "is_rank_zero"]
 
 logger = logging.getLogger("pet_hooks")
@@ -70,6 +72,26 @@ def unwrap_model(cell: nn.Cell) -> nn.Cell:
             if len(holders) != 1:
                 return cell
             cell = holders[0]
+
+
+# ----------------------------------------------------------------------------- adapt it
+def adapt(model: nn.Cell, cfg, adapter_name: Optional[str] = None) -> nn.Cell:
+    """What a front door does to the model: ``apply(cfg)`` (idempotent), or with ``adapter_name`` make the
+    adapter of that name active, applied or added with ``cfg`` when the model does not have it yet."""
+    if adapter_name is None:
+        return apply(model, cfg)
+    state = get_state(model)
+    if state is None:
+        return apply(model, cfg, adapter_name=adapter_name)
+    if adapter_name in state.adapters:
+        if state.adapters[adapter_name].config != cfg:
+            raise PetStateError(f"{type(model).__name__} already has an adapter {adapter_name!r} with another config "
+                                f"({state.adapters[adapter_name].config.to_dict()}); pick another adapter_name")
+        if state.active == [adapter_name]:
+            return model
+    else:
+        add_adapter(model, adapter_name, cfg)
+    return set_adapter(model, adapter_name)
 
 
 # ----------------------------------------------------------------------------- the optimizer follows
@@ -226,10 +248,10 @@ def is_rank_zero() -> bool:
     return True
 
 
-def save_for_rank(model: nn.Cell, directory: str) -> Optional[str]:
-    """Save the adapter from rank 0 only; other ranks do nothing."""
+def save_for_rank(model: nn.Cell, directory: str, adapter_name: Optional[str] = None) -> Optional[str]:
+    """Save the adapter (the named one, else the active one) from rank 0 only; other ranks do nothing."""
     if not is_rank_zero():
         return None
-    path = save_adapter(model, directory)
+    path = save_adapter(model, directory, adapter_name=adapter_name)
     logger.info("pet_hooks: adapter saved to %s", path)
     return path

@@ -38,7 +38,8 @@ CONFIG_ENV = "PET_HOOKS_CONFIG"        # the config, as JSON
 SAVE_DIR_ENV = "PET_HOOKS_SAVE_DIR"
 
 
-def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[dict] = None) -> dict:
+def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[dict] = None,
+                      adapter_name: Optional[str] = None) -> dict:
     """The environment that makes Python child processes start under the same hooks."""
     env = dict(os.environ if base is None else base)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != BOOTSTRAP_DIR]
@@ -47,7 +48,8 @@ def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[di
     # need the interpreter pet_hooks (and MindSpore) are installed in, venv activated or not.
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = os.pathsep.join([bin_dir] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir])
-    env[CONFIG_ENV] = json.dumps({"pet_config": cfg.to_dict(), "model_hints": cfg.model_hints})
+    env[CONFIG_ENV] = json.dumps({"pet_config": cfg.to_dict(), "model_hints": cfg.model_hints,
+                                  "adapter_name": adapter_name})
     if save_dir:
         env[SAVE_DIR_ENV] = os.path.abspath(save_dir)
     else:
@@ -55,7 +57,8 @@ def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[di
     return env
 
 
-def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str], monitor=None) -> int:
+def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str], monitor=None,
+                adapter_name: Optional[str] = None) -> int:
     script = os.path.abspath(script)
     script_dir = os.path.dirname(script)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
@@ -63,7 +66,7 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
     sys.path.insert(0, script_dir)
     code = 0
     try:
-        with enable(cfg) as session, (monitor.installed() if monitor else contextlib.nullcontext()):
+        with enable(cfg, adapter_name) as session, (monitor.installed() if monitor else contextlib.nullcontext()):
             try:
                 runpy.run_path(script, run_name="__main__")
             except SystemExit as stop:
@@ -80,7 +83,7 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
             if len(session.models) > 1:
                 print(f"pet-hooks: {len(session.models)} models were adapted; saving the last one",
                       file=sys.stderr)
-            path = flow.save_for_rank(session.models[-1], save_dir)
+            path = flow.save_for_rank(session.models[-1], save_dir, adapter_name)
             if path:
                 print(f"pet-hooks: adapter saved to {path}", file=sys.stderr)
         elif save_dir and code != 2 and not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
@@ -122,7 +125,7 @@ def _find_command(name: str) -> Optional[str]:
 
 
 def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str] = None,
-               monitor=None) -> int:
+               monitor=None, adapter_name: Optional[str] = None) -> int:
     """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code.
 
     ``monitor`` (a :class:`pet_hooks.progress.TrainingMonitor`) follows the script's
@@ -131,7 +134,7 @@ def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[
     if not os.path.isfile(script) and _find_command(script) is None:
         raise FileNotFoundError(f"script not found: {script}")
     # Children started by the script (or the command itself) inherit this environment.
-    env = child_environment(cfg, save_dir)
+    env = child_environment(cfg, save_dir, adapter_name=adapter_name)
     keys = ("PATH", "PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV)
     before = {key: os.environ.get(key) for key in keys}
     try:
@@ -141,7 +144,7 @@ def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[
             else:
                 os.environ.pop(key, None)
         if os.path.isfile(script):
-            return _run_python(script, args, cfg, save_dir, monitor)
+            return _run_python(script, args, cfg, save_dir, monitor, adapter_name)
         try:
             return subprocess.call([_find_command(script)] + list(args))
         except KeyboardInterrupt:  # the child was killed by subprocess.call; exit as Python would

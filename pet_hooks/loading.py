@@ -9,14 +9,15 @@ graph compiled before sees them (hot swap).
 """
 from __future__ import annotations
 
-from typing import Dict
+import dataclasses
+from typing import Dict, Optional
 
 import numpy as np
 from mindspore import nn
 from mindspore.common import dtype as mstype
 
 from . import _ms_compat
-from .errors import AdapterFileError, PetStateError
+from .errors import AdapterFileError, PetConfigError, PetStateError
 from .surgery import all_delta_parameters, apply, get_state, remove, saved_parameters
 
 __all__ = ["load_tensors"]
@@ -71,11 +72,19 @@ def _check_fit(net: nn.Cell, tensors: Dict[str, np.ndarray], path: str, *, delta
 
 
 def load_tensors(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str, *,
-                 deltas_only: bool = False, cast_floats: bool = False) -> nn.Cell:
+                 deltas_only: bool = False, cast_floats: bool = False, adapter_name: Optional[str] = None,
+                 hotswap: bool = False) -> nn.Cell:
     """Apply ``cfg`` when ``net`` has no PET, then write ``tensors`` into its adapter parameters.
 
-    Everything is checked before anything is written; on error the net is left as it was.
+    With ``adapter_name`` the tensors go to that adapter: added with ``cfg`` when the net has no
+    adapter of that name, or with ``hotswap`` written over an existing one's values (``cfg`` may
+    then differ from its config in the scaling only). Everything is checked before anything is
+    written; on error the net is left as it was.
     """
+    if adapter_name is not None:
+        return _load_named(net, cfg, tensors, source, adapter_name, hotswap, deltas_only, cast_floats)
+    if hotswap:
+        raise PetConfigError("hotswap=True replaces the values of a named adapter: give adapter_name= too")
     state = get_state(net)
     if state is not None and cfg is not None and state.config != cfg:
         raise PetStateError(f"{source} holds a different PET config than the one applied to "
@@ -87,11 +96,18 @@ def load_tensors(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str,
                              f"pass cfg=... (the pet_config the checkpoint was trained with)")
         apply(net, cfg)
     try:
-        pairs = _check_fit(net, tensors, source, deltas_only=deltas_only, cast_floats=cast_floats)
+        _write_checked(net, tensors, source, deltas_only, cast_floats)
     except BaseException:
         if applied_here:
             remove(net)
         raise
+    return net
+
+
+def _write_checked(net: nn.Cell, tensors: Dict[str, np.ndarray], source: str, deltas_only: bool,
+                   cast_floats: bool) -> None:
+    """Check every tensor against the net's adapter parameters, then write them all (or none)."""
+    pairs = _check_fit(net, tensors, source, deltas_only=deltas_only, cast_floats=cast_floats)
     # Writing can still fail half-way (an interrupt, memory): keep copies to put back, so the
     # net ends up either fully loaded or exactly as it was.
     originals = [(param, param.data.copy()) for param, _ in pairs]
@@ -101,7 +117,51 @@ def load_tensors(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str,
     except BaseException:
         for param, value in originals:
             _ms_compat.write_values(param, value)
-        if applied_here:
-            remove(net)
         raise
+
+
+def _same_but_scaling(new, old) -> bool:
+    """True when two LoRA configs differ at most in what sets the scaling (alpha, rsLoRA): a hot swap may."""
+    if not hasattr(old, "lora_alpha") or type(new) is not type(old):
+        return new == old
+    return dataclasses.replace(new, lora_alpha=old.lora_alpha, use_rslora=old.use_rslora) == old
+
+
+def _load_named(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str, name: str, hotswap: bool,
+                deltas_only: bool, cast_floats: bool) -> nn.Cell:
+    """:func:`load_tensors` into the adapter ``name``: new (applied or added), or hot-swapped."""
+    from .adapters import add_adapter, delete_adapter, focused   # adapters imports surgery, as this module
+    from .tuners import lora_slots
+
+    state = get_state(net)
+    exists = state is not None and name in state.adapters
+    if hotswap and not exists:
+        raise PetStateError(f"hotswap=True replaces an existing adapter's values, but {type(net).__name__} has no "
+                            f"adapter {name!r} (it has {list(state.adapters) if state else []})")
+    if exists and not hotswap:
+        raise PetStateError(f"adapter {name!r} already exists: load with hotswap=True to replace its values, or "
+                            f"delete_adapter(net, {name!r}) first")
+    if not exists and cfg is None:
+        raise PetStateError(f"{source} carries no PET config: pass cfg=... to add it as adapter {name!r}")
+    old_config = state.adapters[name].config if exists else None
+    if exists and cfg is not None and not _same_but_scaling(cfg, old_config):
+        raise PetStateError(f"{source} does not fit adapter {name!r} for a hot swap: its config "
+                            f"{cfg.to_dict()} differs from the adapter's {old_config.to_dict()} in more than "
+                            f"lora_alpha / use_rslora (ranks and targets must be the same)")
+    if state is None:
+        apply(net, cfg, adapter_name=name)
+    elif not exists:
+        add_adapter(net, name, cfg)
+    try:
+        with focused(net, name):
+            _write_checked(net, tensors, source, deltas_only, cast_floats)
+    except BaseException:
+        if state is None:
+            remove(net)
+        elif not exists:
+            delete_adapter(net, name)
+        raise
+    if exists and cfg is not None and cfg != old_config:     # a new scaling: data, written into the scales
+        state.adapters[name].config = cfg
+        lora_slots.compose(state, state.active)
     return net

@@ -16,11 +16,17 @@ from mindspore import Parameter, nn
 
 from .config import PetConfig
 
-__all__ = ["freeze_for_pet", "restore_requires_grad", "kept_trainable"]
+__all__ = ["freeze_for_pet", "restore_requires_grad", "kept_trainable", "delta_requires_grad"]
 
 
 def _matches(name: str, patterns: Optional[List[str]]) -> bool:
     return bool(patterns) and any(fnmatch(name, p) for p in patterns)
+
+
+def delta_requires_grad(name: str, cfg: PetConfig) -> bool:
+    """Whether the delta ``name`` trains under ``cfg``: unless ``freeze_include`` freezes it (and
+    ``freeze_exclude`` does not take it back)."""
+    return not (_matches(name, cfg.freeze_include) and not _matches(name, cfg.freeze_exclude))
 
 
 def kept_trainable(net: nn.Cell, cfg: PetConfig, delta_ids: set) -> List[Parameter]:
@@ -50,8 +56,7 @@ def freeze_for_pet(net: nn.Cell, deltas: Iterable[Parameter], cfg: PetConfig,
         if id(param) in switch_ids:
             param.requires_grad = False
         elif id(param) in delta_ids:
-            param.requires_grad = not (_matches(param.name, cfg.freeze_include)
-                                       and not _matches(param.name, cfg.freeze_exclude))
+            param.requires_grad = delta_requires_grad(param.name, cfg)
         else:
             param.requires_grad = id(param) in keep
     return before

@@ -194,19 +194,22 @@ def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str,
     return modules
 
 
-def _net_paths(net: nn.Cell, tuner: Tuner) -> List[str]:
+def _net_paths(net: nn.Cell, tuner: Tuner, fresh: bool = False) -> List[str]:
+    """The cells an adapter file may name: the adapted ones, and with ``fresh`` (a new adapter of a net
+    that has PET) every cell the method could adapt too."""
     state = get_state(net)
-    if state is not None:
-        return [record.path for record in state.injections]
-    return _adaptable_paths(net, tuner)
+    if state is None:
+        return _adaptable_paths(net, tuner)
+    adapted = [record.path for record in (state.cells if fresh else state.injections)]
+    return adapted + [path for path in _adaptable_paths(net, tuner) if path not in adapted] if fresh else adapted
 
 
 def _choose_map(net: nn.Cell, modules: List[str], name_map: NameMapSpec, weights_path: str,
-                tuner: Tuner) -> tuple:
+                tuner: Tuner, fresh: bool = False) -> tuple:
     """(their module path -> our cell path, the map that gave it), with the given map or the first one
     that maps them all. The parts of a fused cell (``FUSED_MAPS``) all map to that cell."""
     specs = [name_map] if name_map is not None else [None] + sorted(NAME_MAPS)
-    paths = _net_paths(net, tuner)
+    paths = _net_paths(net, tuner, fresh)
     best = None
     for spec in specs:
         label, fn = resolve_name_map(spec)
@@ -251,26 +254,34 @@ def _joined_fused_cells(net: nn.Cell, tuner: Tuner, spec: NameMapSpec, ours: Map
     return joined
 
 
-def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None) -> nn.Cell:
-    """Load a PEFT directory into ``net`` (applying its method first when it has no PET); returns ``net``."""
+def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None,
+              adapter_name: Optional[str] = None, hotswap: bool = False) -> nn.Cell:
+    """Load a PEFT directory into ``net`` (applying its method first when it has no PET); returns ``net``.
+
+    ``adapter_name`` / ``hotswap`` as for :func:`pet_hooks.load_adapter`: a new name takes the
+    adapter's own config (its modules mapped onto the net's cells)."""
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     tuner = _check_doc(doc, config_path)
     modules = _modules_of(read_safetensors(weights_path), weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
-    ours, spec = _choose_map(net, sorted(modules), name_map, weights_path, tuner)
+    fresh = adapter_name is not None and (get_state(net) is None or adapter_name not in get_state(net).adapters)
+    ours, spec = _choose_map(net, sorted(modules), name_map, weights_path, tuner, fresh)
     tensors = {f"{ours[module]}.{tuner.peft_weights[suffix]}": value
                for module, pair in modules.items() for suffix, value in pair.items()}
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
     state = get_state(net)
-    if state is not None:
+    if cfg is not None and (state is None or fresh):
+        target = load_config(cfg)
+    elif state is None or fresh:
+        target = tuner.config_from_peft_modules(doc, ours)
+    elif hotswap:         # the file's own config: load_tensors checks that it fits the adapter
+        target = tuner.config_from_peft_modules(doc, ours)
+    else:
         reason = tuner.peft_mismatch(doc, config_path, type(net).__name__, state.config)
         if reason is not None:
             raise PetStateError(reason)
         target = None
-    elif cfg is not None:
-        target = load_config(cfg)
-    else:
-        target = tuner.config_from_peft_modules(doc, ours)
-    return load_tensors(net, target, tensors, weights_path, deltas_only=True, cast_floats=True)
+    return load_tensors(net, target, tensors, weights_path, deltas_only=True, cast_floats=True,
+                        adapter_name=adapter_name, hotswap=hotswap)

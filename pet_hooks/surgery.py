@@ -23,7 +23,7 @@ from mindspore import Parameter, nn
 
 from . import graph_reuse, optim, strategy_ckpt
 from ._ms_compat import force_recompile, release_compiled_graphs, warn_unchecked_versions
-from .config import PetConfig, load_config
+from .config import PetConfig, check_adapter_name, load_config
 from .errors import PetStateError
 from .foreign_pet import refuse_foreign_pet
 from .tuners import Tuner, get_tuner
@@ -36,17 +36,48 @@ logger = logging.getLogger("pet_hooks")
 _STATE_ATTR = "_pet_hooks_state"
 
 
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class NamedAdapter:
+    """One adapter of a net (``pet_hooks.adapters``): its config, the cells it adapts, and its values
+    while they are not in those cells' parameters (``stored``: cell path -> {delta attribute: array})."""
+
+    name: str
+    config: PetConfig
+    paths: List[str]
+    stored: Dict[str, Dict[str, object]] = field(default_factory=dict)
+
+
 @dataclass
 class PetState:
-    """Everything ``apply`` changed on one net, kept on that net for the other operations."""
+    """Everything ``apply`` changed on one net, kept on that net for the other operations.
 
-    config: PetConfig
+    ``cells`` holds one record per adapted cell; ``injections`` the records of the cells that the
+    active adapters adapt (all of them with one adapter): what trains, merges and is saved.
+    """
+
+    config: PetConfig                   # the first active adapter's
     tuner: Tuner
     injections: list
     requires_grad_before: Dict[str, bool]
     merged: bool = False
     kept: List[Parameter] = field(default_factory=list)
     reuse_marks: List[graph_reuse.ReuseMark] = field(default_factory=list)
+    cells: list = field(default_factory=list)
+    adapters: Dict[str, NamedAdapter] = field(default_factory=dict)
+    active: List[str] = field(default_factory=list)
+    disabled: bool = False              # inside disable_adapters
+
+    def __post_init__(self):
+        if not self.cells:
+            self.cells = list(self.injections)
+
+    @property
+    def enabled(self) -> bool:
+        """True when the active adapters' branches compute (not merged, not disabled)."""
+        return not (self.merged or self.disabled)
 
 
 def _state_owner(net: nn.Cell) -> Optional[nn.Cell]:
@@ -69,11 +100,22 @@ def has_pet(net: nn.Cell) -> bool:
     return get_state(net) is not None
 
 
-def _mark_blocks(net: nn.Cell, state: PetState) -> None:
+def _mark_blocks(net: nn.Cell, state: PetState) -> bool:
     """(Re)mark the identically adapted repeated blocks for one compiled graph each (graph_reuse);
-    run after every change of structure or of ``requires_grad``, which the marks depend on."""
+    run after every change of structure or of ``requires_grad``, which the marks depend on.
+    Returns True when the marks changed (then graph mode must recompile)."""
+    before = [(id(m.cell), m.cell.__dict__.get("cell_init_args")) for m in state.reuse_marks]
     graph_reuse.unmark(state.reuse_marks)
     state.reuse_marks = graph_reuse.mark_repeated_blocks(net) if state.config.reuse_block_graphs else []
+    return before != [(id(m.cell), m.cell.__dict__.get("cell_init_args")) for m in state.reuse_marks]
+
+
+def after_change(net: nn.Cell, state: PetState, structural: bool) -> None:
+    """What follows a change of the adapters: the block marks again, and when the structure or the marks
+    changed, the stale compiled graphs freed and graph mode told to recompile."""
+    if _mark_blocks(net, state) or structural:
+        release_compiled_graphs(net)
+        force_recompile()
 
 
 def _require_state(net: nn.Cell, action: str) -> PetState:
@@ -83,8 +125,8 @@ def _require_state(net: nn.Cell, action: str) -> PetState:
     return state
 
 
-def apply(net: nn.Cell, cfg) -> nn.Cell:
-    """Add PET to ``net`` in place and return it.
+def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
+    """Add PET to ``net`` in place and return it, as the adapter ``adapter_name`` (active).
 
     Afterwards ``net.trainable_params()`` is exactly the deltas (plus parameters the config
     keeps trainable). Applying the same config again changes nothing; a different config on
@@ -116,7 +158,12 @@ def apply(net: nn.Cell, cfg) -> nn.Cell:
         for record in reversed(injections):
             tuner.eject(record)
         raise
-    state = PetState(cfg, tuner, injections, before, kept=kept)
+    check_adapter_name(adapter_name)
+    for record in injections:
+        if hasattr(record, "occupants"):
+            record.occupants = [adapter_name]
+    state = PetState(cfg, tuner, injections, before, kept=kept, active=[adapter_name],
+                     adapters={adapter_name: NamedAdapter(adapter_name, cfg, [r.path for r in injections])})
     setattr(net, _STATE_ATTR, state)
     _mark_blocks(net, state)                            # last: the marks read the adapted, frozen blocks
     strategy_ckpt.enforce(net)                          # the strategy file must keep the base weights
@@ -140,7 +187,7 @@ def remove(net: nn.Cell) -> nn.Cell:
                        "restored within float tolerance, not bit for bit)")
         unmerge(net)
     graph_reuse.unmark(state.reuse_marks)
-    for record in reversed(state.injections):
+    for record in reversed(state.cells):
         state.tuner.eject(record)
     optim.restore_requires_grad(owner, state.requires_grad_before)
     delattr(owner, _STATE_ATTR)
@@ -151,7 +198,7 @@ def remove(net: nn.Cell) -> nn.Cell:
 
 
 def _set_active(net: nn.Cell, state: PetState, active: bool) -> None:
-    state.tuner.set_active(state.injections, active)   # each switch written once
+    state.tuner.set_active(state.cells, active)        # each switch written once
     if not state.tuner.switch_is_data:                  # a switch of structure: graph mode must recompile
         _mark_blocks(net, state)
         release_compiled_graphs(net)
@@ -198,9 +245,11 @@ def disable_adapters(net: nn.Cell) -> Iterator[nn.Cell]:
         logger.warning("pet_hooks: disable_adapters on a merged net unmerges it for the block")
         unmerge(net)
     _set_active(net, state, False)
+    state.disabled = True
     try:
         yield net
     finally:
+        state.disabled = False
         _set_active(net, state, True)
         if was_merged:
             merge(net)
@@ -228,7 +277,8 @@ def delta_parameters(net: nn.Cell) -> List[Parameter]:
 def saved_parameters(net: nn.Cell) -> List[Parameter]:
     """What an adapter file holds: every delta, plus base parameters kept trainable by the config."""
     state = _require_state(net, "list adapter parameters")
-    return _all_deltas(state) + list(state.kept)
+    # kept base parameters belong to the adapter whose config keeps them (only the first one may: add_adapter)
+    return _all_deltas(state) + (list(state.kept) if state.config.freeze_exclude else [])
 
 
 def trainable_summary(net: nn.Cell) -> str:
@@ -245,7 +295,7 @@ def switch_parameters(net: nn.Cell) -> List[Parameter]:
     for _, cell in net.cells_and_names():
         state = cell.__dict__.get(_STATE_ATTR)
         if isinstance(state, PetState):
-            ids.update(id(p) for p in state.tuner.switch_parameters(state.injections))
+            ids.update(id(p) for p in state.tuner.switch_parameters(state.cells))
     return [p for p in net.get_parameters() if id(p) in ids]
 
 

@@ -78,7 +78,7 @@ class Case:
     layers: Tuple[str, str]               # the two cells, in order
     in_shape: Tuple[int, ...]
     dtype: object = ms.float32
-    tol: float = 1e-5
+    tol: float = 5e-5   # float32: the CPU kernels differ from NumPy by up to ~1.6e-5 (seen), run to run
     needs_mindformers: bool = False
 
     def pattern(self) -> str:

@@ -44,20 +44,22 @@ def test_a_tuner_missing_part_of_the_contract_cannot_be_built():
         Half()
 
 
-def test_switching_lora_writes_the_shared_scale_once(mode, monkeypatch):
+def test_switching_lora_writes_each_cells_scale_once(mode, monkeypatch):
     from pet_hooks.tuners import lora
     net = pet_hooks.apply(build(seed=0, **SMALL), {"pet_type": "lora", "target_modules": ".*dense1|.*dense2|.*dense3"})
     state = pet_hooks.surgery.get_state(net)
     assert len(state.injections) == 6
+    scales = [f"{record.path}.pet_lora_scale" for record in state.injections]
     writes = []
     real = lora.write_values
     monkeypatch.setattr(lora, "write_values", lambda param, value: writes.append(param.name) or real(param, value))
     with pet_hooks.disable_adapters(net):
-        assert writes == ["pet_lora_scale"]
-        assert float(state.injections[0].cell.pet_lora_scale.asnumpy()) == 0.0
-    assert writes == ["pet_lora_scale"] * 2
-    assert float(state.injections[-1].cell.pet_lora_scale.asnumpy()) == pytest.approx(2.0)
-    assert [p.name for p in pet_hooks.surgery.switch_parameters(net)] == ["pet_lora_scale"]
+        assert writes == scales
+        assert not state.injections[0].cell.pet_lora_scale.asnumpy().any()
+    assert writes == scales * 2
+    on = state.injections[-1].cell.pet_lora_scale.asnumpy()
+    assert on.shape == (8, 1) and np.allclose(on, 2.0)         # one value per rank row: r=8, scaling 16/8
+    assert [p.name for p in pet_hooks.surgery.switch_parameters(net)] == scales
 
 
 # ----------------------------------------------------------------------------- the error types

@@ -39,7 +39,8 @@ def _start_hooks():
     from pet_hooks import flow
     from pet_hooks.hooks.context import enable
 
-    block = enable(config)
+    adapter_name = doc.get("adapter_name")
+    block = enable(config, adapter_name)
     session = block.__enter__()
     save_dir = os.environ.get("PET_HOOKS_SAVE_DIR")
 
@@ -48,7 +49,7 @@ def _start_hooks():
             block.__exit__(None, None, None)
         finally:
             if save_dir and session.models:
-                path = flow.save_for_rank(session.models[-1], save_dir)
+                path = flow.save_for_rank(session.models[-1], save_dir, adapter_name)
                 if path:  # said in the worker's own log, so one can see which rank wrote it
                     print(f"pet-hooks: adapter saved to {path} (rank 0)", file=sys.stderr, flush=True)
 

@@ -19,7 +19,7 @@ from mindspore.train import Callback
 from .. import flow
 from ..grad_guard import GradGuard
 from .._ms_compat import force_recompile, release_compiled_graphs
-from ..config import load_config
+from ..config import check_adapter_name, load_config
 
 __all__ = ["PetCallback"]
 
@@ -33,11 +33,17 @@ class PetCallback(Callback):
         cfg: anything ``load_config`` takes (path, mapping, config).
         save_dir: where to save the adapter; None saves nothing.
         save_steps: also save every this many steps (needs ``save_dir``).
+        adapter_name: train (and save) the adapter of this name: added with ``cfg`` when the network
+            does not have it, made the active one when it does (``pet_hooks.adapters``).
     """
 
-    def __init__(self, cfg, save_dir: Optional[str] = None, save_steps: Optional[int] = None):
+    def __init__(self, cfg, save_dir: Optional[str] = None, save_steps: Optional[int] = None,
+                 adapter_name: Optional[str] = None):
         super().__init__()
         self.config = load_config(cfg)
+        if adapter_name is not None:
+            check_adapter_name(adapter_name)
+        self.adapter_name = adapter_name
         if save_steps is not None and (isinstance(save_steps, bool) or not isinstance(save_steps, int)
                                        or save_steps < 1):
             raise ValueError(f"save_steps must be a positive integer, got {save_steps!r}")
@@ -52,7 +58,7 @@ class PetCallback(Callback):
         params = run_context.original_args()
         train_network = params.train_network
         model = flow.unwrap_model(params.network if params.network is not None else train_network)
-        flow.apply(model, self.config)
+        flow.adapt(model, self.config, self.adapter_name)
         new_optimizer = flow.attach_to_train_step(train_network, model)
         if new_optimizer is not None:
             params.optimizer = new_optimizer
@@ -67,11 +73,11 @@ class PetCallback(Callback):
         if self.save_steps and self.model is not None:
             step = run_context.original_args().cur_step_num
             if step % self.save_steps == 0:
-                flow.save_for_rank(self.model, self.save_dir)
+                flow.save_for_rank(self.model, self.save_dir, self.adapter_name)
 
     def on_train_end(self, run_context):
         if self._guard is not None:
             self._guard.check("at train end")
             self._guard = None
         if self.save_dir is not None and self.model is not None:
-            flow.save_for_rank(self.model, self.save_dir)
+            flow.save_for_rank(self.model, self.save_dir, self.adapter_name)

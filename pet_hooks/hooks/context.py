@@ -35,7 +35,7 @@ from mindspore import Parameter, nn
 
 from .. import flow
 from ..grad_guard import GradGuard
-from ..config import PetConfig, load_config
+from ..config import PetConfig, check_adapter_name, load_config
 from ..errors import NoMatchError
 from ..patching import PatchSet
 from ..surgery import has_pet
@@ -50,8 +50,9 @@ _OPTIMIZER_INIT = inspect.signature(nn.Optimizer.__init__)
 class PetSession:
     """What one ``enable()`` block saw: the cells built in it and the models it adapted."""
 
-    def __init__(self, config: PetConfig):
+    def __init__(self, config: PetConfig, adapter_name: Optional[str] = None):
         self.config = config
+        self.adapter_name = adapter_name
         self.models: List[nn.Cell] = []
         self._built: "weakref.WeakSet[nn.Cell]" = weakref.WeakSet()
         self._guards: List[GradGuard] = []
@@ -103,8 +104,8 @@ class PetSession:
         return models
 
     def _adapt(self, model: nn.Cell) -> None:
-        if not has_pet(model):
-            flow.apply(model, self.config)
+        if not has_pet(model) or self.adapter_name is not None:
+            flow.adapt(model, self.config, self.adapter_name)
         if all(model is not m for m in self.models):
             self.models.append(model)
 
@@ -131,13 +132,16 @@ def active_session() -> Optional[PetSession]:
 
 
 @contextlib.contextmanager
-def enable(cfg) -> Iterator[PetSession]:
-    """Give PET to every model built in the block; see the module docstring."""
+def enable(cfg, adapter_name: Optional[str] = None) -> Iterator[PetSession]:
+    """Give PET to every model built in the block; see the module docstring. With ``adapter_name`` the
+    adapter of that name (added with ``cfg`` to a model that has other adapters) is the one trained."""
     global _ACTIVE  # pylint: disable=global-statement
     config = load_config(cfg)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     if _ACTIVE is not None:
         raise RuntimeError("pet_hooks.enable() is already active; it does not nest (exit the outer block first)")
-    session = PetSession(config)
+    session = PetSession(config, adapter_name)
     patches = PatchSet()
     try:
         patches.wrap(nn.Cell, "__init__", session.note_cell)

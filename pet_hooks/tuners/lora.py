@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -46,6 +46,7 @@ logger = logging.getLogger("pet_hooks")
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
 _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
+                "pet_lora_rank_scaling",
                 "pet_lora_in", "pet_lora_out", "lora_A_w2", "lora_B_w2", "pet_lora_bmm") + lora_layout.PRIMITIVE_ATTRS
 SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
@@ -79,8 +80,10 @@ class LoraLayer:
 
 
 def scaled_a(cell):
-    """``A * scale`` in A's dtype, where ``scale`` (the Parameter ``pet_lora_scale``) holds ``scaling``
-    while the branch is on and 0 while it is off: a finite A times 0 adds exactly nothing."""
+    """``A * scale`` in A's dtype, where ``scale`` (the cell's Parameter ``pet_lora_scale``, one value per rank
+    row, ``[r, 1]``) holds each row's ``scaling`` while the branch is on and 0 while it is off: a finite A
+    times 0 adds exactly nothing. One value per row, not one per cell, because several adapters of
+    different scalings can share the cell's A and B (``lora_slots``)."""
     return cell.lora_A * ops.cast(cell.pet_lora_scale, ops.dtype(cell.lora_A))
 
 
@@ -176,14 +179,19 @@ class LoraTargets(list):
         self.parents = parents
 
 
-def _select_targets(net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
+def _select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False) -> LoraTargets:
     """The cells ``cfg`` selects; raises ValueError before anything is changed.
 
     A selected ``nn.MultiheadAttention`` brings its ``out_proj`` along (PEFT's rule) unless
-    ``exclude_layers`` excludes it.
+    ``exclude_layers`` excludes it. ``include_adapted`` (another adapter of a LoRA net) selects
+    cells LoRA already adapted too.
     """
-    chosen = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=_can_adapt,
-                          skip=lambda path, cell: is_lora_cell(cell) or path.rsplit(".", 1)[-1] == "lora_dropout")
+    def can_adapt(cell):
+        return None if include_adapted and is_lora_cell(cell) else _can_adapt(cell)
+
+    chosen = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=can_adapt,
+                          skip=lambda path, cell: (is_lora_cell(cell) and not include_adapted)
+                          or path.rsplit(".", 1)[-1] == "lora_dropout")
     paths = {path for path, _ in chosen}
     targets: List[Tuple[str, nn.Cell]] = []
     for path, cell in chosen:
@@ -247,16 +255,16 @@ class LoraInjection(Injection):
 
     parent: Optional[nn.Cell] = None
     parent_original: Optional[type] = None
+    #: the adapters whose A rows / B columns the cell's ``lora_A`` / ``lora_B`` hold, in order (``lora_slots``)
+    occupants: List[str] = field(default_factory=list)
 
 
 def _inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injection]:
     """Give every target its LoRA branch. All or nothing: on error the done part is undone."""
     rng = init_rng(cfg)
     parents: Dict[str, nn.Cell] = getattr(targets, "parents", {})
-    # One scale for the whole adapter, shared by its cells: switching it is one write.
-    scale = Parameter(np.array(cfg.scaling, np.float32), name=SCALE_NAME, requires_grad=False)
     records = inject_all(targets, _ADDED_ATTRS,
-                         lambda index, path, cell: _add_branch(path, cell, cfg, rng, scale, path in parents),
+                         lambda index, path, cell: _add_branch(path, cell, cfg, rng, path in parents),
                          mixin_of=lambda cell: _mixin_for(cell)[0])
     done: List[LoraInjection] = []
     try:
@@ -283,7 +291,7 @@ def _inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injecti
 _NUMPY_DTYPES = {mstype.float32: np.float32, mstype.float16: np.float16}
 
 
-def _tensor(values: np.ndarray, dtype):
+def param_data(values: np.ndarray, dtype):
     """``values`` as data for a Parameter of ``dtype``.
 
     A NumPy array where NumPy has the dtype: a Parameter built from one costs half as much as
@@ -294,19 +302,26 @@ def _tensor(values: np.ndarray, dtype):
     return Tensor(values).astype(dtype)
 
 
-def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator, scale: Parameter,
+def _add_scale(path: str, cell: nn.Cell, cfg: LoraConfig) -> None:
+    """The cell's switch ``pet_lora_scale`` ([r, 1], each row's scaling while on) and the scalings themselves."""
+    cell.lora_scaling = cfg.scaling
+    cell.pet_lora_rank_scaling = np.full(cfg.lora_rank, cfg.scaling, np.float32)
+    cell.pet_lora_scale = Parameter(cell.pet_lora_rank_scaling[:, None].copy(), name=f"{path}.{SCALE_NAME}",
+                                    requires_grad=False)
+
+
+def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator,
                 read_by_parent: bool = False) -> List[Parameter]:
     if lora_experts.is_grouped_experts(cell):       # one pair per expert and weight, in weight space
-        params = lora_experts.add_branch(path, cell, cfg, rng, scale, _tensor)
+        params = lora_experts.add_branch(path, cell, cfg, rng, param_data)
         cell.lora_dropout = None
-        cell.lora_scaling = cfg.scaling
-        cell.pet_lora_scale = scale
+        _add_scale(path, cell, cfg)
         cell.lora_compute_dtype = _compute_dtype(cell, cfg)
         return params
     in_ch, out_ch = _io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
-    lora_a = _tensor(_init_a(rng, cfg, in_ch), param_dtype)
-    lora_b = _tensor(np.zeros((out_ch, cfg.lora_rank), np.float32), param_dtype)
+    lora_a = param_data(_init_a(rng, cfg, in_ch), param_dtype)
+    lora_b = param_data(np.zeros((out_ch, cfg.lora_rank), np.float32), param_dtype)
     # Explicit names: parameters added after construction get no path prefix.
     cell.lora_A = Parameter(lora_a, name=f"{path}.lora_A", requires_grad=True)
     cell.lora_B = Parameter(lora_b, name=f"{path}.lora_B", requires_grad=True)
@@ -316,8 +331,7 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     if cfg.lora_dropout > 0 and not weight_read:
         cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
         cell.lora_dropout.set_train(cell.training)
-    cell.lora_scaling = cfg.scaling
-    cell.pet_lora_scale = scale
+    _add_scale(path, cell, cfg)
     cell.lora_compute_dtype = _compute_dtype(cell, cfg)
     if lora_mha.is_mha(cell):
         cell.pet_lora_in, cell.pet_lora_out = True, False
@@ -337,10 +351,11 @@ def _eject(record: Injection) -> None:
 
 
 def _delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
-    """``scaling * B @ A`` (float32), transposed when the weight is stored [in, out]."""
+    """``B @ (scaling * A)`` (float32, each rank row its own scaling), transposed when the weight is stored
+    [in, out]."""
     a = cell.lora_A.astype(mstype.float32).asnumpy()
     b = cell.lora_B.astype(mstype.float32).asnumpy()
-    delta = cell.lora_scaling * (b @ a)
+    delta = b @ (cell.pet_lora_rank_scaling[:, None] * a)
     if getattr(cell, "transpose_b", True) is False:
         delta = delta.T
     return delta
@@ -378,16 +393,13 @@ class LoraTuner(Tuner):
         return list(record.params)
 
     def set_active(self, records, active: bool) -> None:
-        """Write each scale (``scaling`` or 0) once: one adapter's cells share one. Data, not structure."""
-        scales: Dict[int, Tuple[Parameter, float]] = {}
+        """Write each cell's scale: its rows' scalings, or 0. Data, not structure."""
         for record in records:
             cell = record.cell
-            scales.setdefault(id(cell.pet_lora_scale), (cell.pet_lora_scale, cell.lora_scaling))
-        for scale, scaling in scales.values():
-            write_values(scale, np.array(scaling if active else 0.0, np.float32))
+            write_values(cell.pet_lora_scale, cell.pet_lora_rank_scaling[:, None] * (1.0 if active else 0.0))
 
     def switch_parameters(self, records) -> List[Parameter]:
-        return list({id(r.cell.pet_lora_scale): r.cell.pet_lora_scale for r in records}.values())
+        return [record.cell.pet_lora_scale for record in records]
 
     def grad_sentinels(self, record: Injection) -> List[Parameter]:
         """``lora_B``: it starts at zero and gets a gradient from the first step whenever the branch

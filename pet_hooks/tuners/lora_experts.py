@@ -99,8 +99,7 @@ def _init_a(rng: np.random.Generator, cfg, experts: int, fan_in: int) -> np.ndar
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
-def add_branch(path: str, cell: nn.Cell, cfg, rng: np.random.Generator, scale: Parameter,
-               as_data) -> List[Parameter]:
+def add_branch(path: str, cell: nn.Cell, cfg, rng: np.random.Generator, as_data) -> List[Parameter]:
     """Give the experts cell its four deltas (B zero); ``as_data(values, dtype)`` makes Parameter data."""
     experts, hidden, ffn = sizes(cell)
     dtype = getattr(mstype, cfg.param_init_type)
@@ -134,7 +133,7 @@ def weight_deltas(cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
     for weight, a_attr, b_attr in (("weight1", "lora_A", "lora_B"), ("weight2", "lora_A_w2", "lora_B_w2")):
         a = getattr(cell, a_attr).astype(mstype.float32).asnumpy()
         b = getattr(cell, b_attr).astype(mstype.float32).asnumpy()
-        delta = cell.lora_scaling * np.einsum("eri,eor->eio", a, b)            # (B_e @ A_e)^T per expert
+        delta = np.einsum("eri,eor,r->eio", a, b, cell.pet_lora_rank_scaling)  # (B_e @ s A_e)^T per expert
         target = getattr(cell, weight)
         out.append((target, delta.reshape(target.shape)))
     return out

@@ -1,0 +1,180 @@
+"""Several LoRA adapters sharing each adapted cell: which values sit in the cell's parameters, and the rest.
+
+The compiled graph holds one branch per adapted cell, whatever the number of adapters. Its
+parameters are the cell's "slot"::
+
+    lora_A [R, in]   lora_B [out, R]   pet_lora_scale [R, 1]    R = the sum of the ranks it holds
+
+The slot holds the rows (A) and columns (B) of the cell's *occupants*, the adapters listed in
+the record's ``occupants``, concatenated along the rank in that order; each row's scale is its
+adapter's scaling while the adapter is active, else 0. ``B_1 s_1 A_1 + B_2 s_2 A_2`` is one
+rank-(r1 + r2) product, so several active adapters add up as PEFT adds them. Every other
+adapter's values for the cell live on the host, in ``NamedAdapter.stored``.
+
+Switching (:func:`compose`) copies values out of the slot and in: when the new occupants have
+the same total rank and dtype, only tensor values change and a graph compiled before keeps
+running (no recompile); otherwise the slot gets new Parameters of the new shape, a structural
+change the caller reports to graph mode. A cell that no active adapter adapts keeps what it
+holds with its scales at 0 ("parked": it adds exactly nothing and does not train), so switching
+between adapters of different targets is a data change too.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Mapping, Optional
+
+import numpy as np
+from mindspore import Parameter, nn
+from mindspore.common import dtype as mstype
+
+from .._ms_compat import write_values
+from ..files import to_numpy
+from ..optim import delta_requires_grad
+from . import lora_mha
+from .lora import param_data
+
+__all__ = ["RANK_AXIS", "SLOT_ATTRS", "compose", "bank", "adapter_arrays", "slot_objects", "live"]
+
+#: the delta attributes of a slot and the axis of each along which the rank runs
+RANK_AXIS: Mapping[str, int] = {"lora_A": -2, "lora_B": -1}
+#: what a slot consists of (the deltas, the scale, the dropout cell)
+SLOT_ATTRS = ("lora_A", "lora_B", "pet_lora_scale", "lora_dropout")
+
+
+def _rank(state, name: str) -> int:
+    return int(state.adapters[name].config.lora_rank)
+
+
+def _rows(state, record, name: str) -> slice:
+    """The rank positions of ``name`` in the record's slot."""
+    offset = 0
+    for occupant in record.occupants:
+        rank = _rank(state, occupant)
+        if occupant == name:
+            return slice(offset, offset + rank)
+        offset += rank
+    raise KeyError(name)
+
+
+def _take(array: np.ndarray, attr: str, rows: slice) -> np.ndarray:
+    """A copy of ``rows`` along the rank axis (``asnumpy`` shares the tensor's memory, which the next
+    write into the slot overwrites)."""
+    index = [slice(None)] * array.ndim
+    index[RANK_AXIS[attr]] = rows
+    return np.array(array[tuple(index)], copy=True, order="C")
+
+
+def adapter_arrays(state, name: str) -> Dict[str, Dict[str, np.ndarray]]:
+    """cell path -> {"lora_A": [r, in], "lora_B": [out, r]} of adapter ``name``, wherever its values are."""
+    adapter = state.adapters[name]
+    by_path = {record.path: record for record in state.cells}
+    out = {}
+    for path in adapter.paths:
+        record = by_path[path]
+        if name in record.occupants:
+            rows = _rows(state, record, name)
+            out[path] = {attr: _take(to_numpy(getattr(record.cell, attr)), attr, rows) for attr in RANK_AXIS}
+        else:
+            out[path] = {attr: np.array(value) for attr, value in adapter.stored[path].items()}
+    return out
+
+
+def bank(state, record) -> None:
+    """Copy the values of the record's occupants out of its slot into their ``stored`` arrays; it is then vacant."""
+    if not record.occupants:
+        return
+    arrays = {attr: to_numpy(getattr(record.cell, attr)) for attr in RANK_AXIS}
+    for name in record.occupants:
+        rows = _rows(state, record, name)
+        state.adapters[name].stored[record.path] = {attr: _take(arrays[attr], attr, rows) for attr in RANK_AXIS}
+    record.occupants = []
+
+
+def live(state, record, names: Iterable[str]) -> List[str]:
+    """The adapters among ``names`` that adapt the record's cell, in the order given."""
+    return [name for name in names if record.path in state.adapters[name].paths]
+
+
+def _install(cell: nn.Cell, attr: str, values: np.ndarray, dtype, reuse: Optional[Parameter]) -> bool:
+    """Put ``values`` into the cell's ``attr``: written into the Parameter there (or into ``reuse``, put back)
+    when its shape and dtype fit, else a new Parameter of the same name. True when the cell now holds
+    another Parameter object (a change of structure for graph mode)."""
+    current = getattr(cell, attr)
+    for param in (reuse, current):
+        if param is not None and tuple(param.shape) == tuple(values.shape) and param.dtype == dtype:
+            write_values(param, values)
+            if param is current:
+                return False
+            setattr(cell, attr, param)
+            return True
+    setattr(cell, attr, Parameter(param_data(values, dtype), name=current.name, requires_grad=False))
+    return True
+
+
+def _dropout_rate(cell: nn.Cell) -> float:
+    return 0.0 if cell.lora_dropout is None else float(cell.lora_dropout.p)
+
+
+def _set_dropout(cell: nn.Cell, record, rate: float, reuse: Dict[str, object]) -> bool:
+    """Give the cell a dropout of ``rate`` (none at 0, and none where the branch goes into a weight:
+    there is no branch input to drop), the one held before when ``reuse`` has it. True when it changed."""
+    weight_read = lora_mha.is_mha(cell) or getattr(record, "parent", None) is not None
+    wanted = 0.0 if weight_read else float(rate)
+    if "lora_dropout" in reuse and reuse["lora_dropout"] is not cell.lora_dropout:
+        before = reuse["lora_dropout"]
+        if (0.0 if before is None else float(before.p)) == wanted:
+            cell.lora_dropout = before
+            return True
+    if _dropout_rate(cell) == wanted:
+        return False
+    if wanted == 0.0:
+        cell.lora_dropout = None
+    else:
+        cell.lora_dropout = nn.Dropout(p=wanted)
+        cell.lora_dropout.set_train(cell.training)
+    return True
+
+
+def slot_objects(state) -> Dict[int, Dict[str, object]]:
+    """id(record) -> the objects its slot holds now, for :func:`compose` to put back (``reuse``)."""
+    return {id(record): {attr: getattr(record.cell, attr) for attr in SLOT_ATTRS} for record in state.cells}
+
+
+def compose(state, names: List[str], reuse: Optional[Dict[int, Dict[str, object]]] = None) -> bool:
+    """Make ``names`` the active adapters: their values into the slots of the cells they adapt, every
+    scale and ``requires_grad`` flag set. ``reuse`` (from :func:`slot_objects`) puts back the very
+    Parameter objects held before. True when a cell changed structure (graph mode must recompile)."""
+    structural = False
+    for record in state.cells:
+        cell = record.cell
+        wanted = live(state, record, names)
+        kept = (reuse or {}).get(id(record), {})
+        if wanted and wanted != record.occupants:
+            bank(state, record)
+            stored = [state.adapters[name].stored.pop(record.path) for name in wanted]
+            dtype = getattr(mstype, state.adapters[wanted[0]].config.param_init_type)
+            for attr, axis in RANK_AXIS.items():
+                values = np.concatenate([arrays[attr] for arrays in stored], axis=axis)
+                structural |= _install(cell, attr, values, dtype, kept.get(attr))
+            record.occupants = wanted
+        elif kept and any(getattr(cell, attr) is not kept[attr] for attr in RANK_AXIS):
+            for attr in RANK_AXIS:           # same occupants, other objects: put the old ones back
+                structural |= _install(cell, attr, to_numpy(getattr(cell, attr)), getattr(cell, attr).dtype,
+                                       kept[attr])
+        scaling = [np.full(_rank(state, name), state.adapters[name].config.scaling if name in names else 0.0,
+                           np.float32) for name in record.occupants]
+        rank_scaling = np.concatenate(scaling) if scaling else np.zeros(int(cell.lora_A.shape[-2]), np.float32)
+        cell.pet_lora_rank_scaling = rank_scaling
+        if record.occupants:
+            cell.lora_scaling = state.adapters[record.occupants[0]].config.scaling
+        on = rank_scaling[:, None] * (1.0 if state.enabled else 0.0)
+        structural |= _install(cell, "pet_lora_scale", on, mstype.float32, kept.get("pet_lora_scale"))
+        for attr in RANK_AXIS:
+            param = getattr(cell, attr)
+            param.requires_grad = bool(wanted) and delta_requires_grad(param.name, state.adapters[wanted[0]].config)
+        if wanted:
+            structural |= _set_dropout(cell, record, state.adapters[wanted[0]].config.lora_dropout, kept)
+        record.params = [cell.lora_A, cell.lora_B]
+    state.injections = [record for record in state.cells if live(state, record, names)]
+    state.active = list(names)
+    state.config = state.adapters[names[0]].config
+    return structural
