@@ -67,6 +67,17 @@ def A(id, damage, exc, *words):
     return Row(id, "adapter", damage, exc, list(words))
 
 
+def N(id, call, exc, *words, setup=None):
+    """A row of several adapters: the net has adapters "default" (CFG, active) and "b" (rank 2), then
+    ``setup(net)`` if given; ``call(net, adapter_dir)`` is what must fail."""
+    return Row(id, "adapters", (setup, call), exc, list(words))
+
+
+def _rows_of(net, names):
+    with pet_hooks.adapter_per_row(net, names):
+        pass
+
+
 def C(id, argv, *words):
     return Row(id, "cli", argv, SystemExit, list(words))
 
@@ -292,6 +303,36 @@ ROWS: List[Row] = [
     A("pickle-as-ckpt", lambda d: {**_file_arg(d, "lora.ckpt", pickle.dumps(_Bomb())), "cfg": CFG}, ValueError,
       "lora.ckpt", "not a readable checkpoint"),
     A("ckpt-without-lora", _ckpt_without_lora, ValueError, "base.ckpt", "no MindFormers LoRA tensors"),
+    # ---- several adapters: names, switching, deleting, loading into one, rows ----
+    N("add-taken-name", lambda net, d: pet_hooks.add_adapter(net, "b", CFG), ValueError, "'b'", "taken"),
+    N("add-reserved-name", lambda net, d: pet_hooks.add_adapter(net, "all", CFG), ValueError, "'all'", "adapter_name"),
+    N("add-name-with-slash", lambda net, d: pet_hooks.add_adapter(net, "a/b", CFG), ValueError, "'a/b'"),
+    N("add-not-lora", lambda net, d: pet_hooks.add_adapter(net, "p", {"pet_type": "ptuning2", "pre_seq_len": 2}),
+      ValueError, "LoRA config", "ptuning2"),
+    N("add-pattern-matching-nothing", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "target_modules": ".*wq"}),
+      ValueError, "'.*wq' matches no cell"),
+    N("add-freezing-base", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "freeze_exclude": ["*ln1*"]}),
+      ValueError, "freeze_exclude"),
+    N("set-unknown-name", lambda net, d: pet_hooks.set_adapter(net, "c"), ValueError, "'c'", "not an adapter"),
+    N("set-name-twice", lambda net, d: pet_hooks.set_adapter(net, ["b", "b"]), ValueError, "['b']", "more than once"),
+    N("set-empty-list", lambda net, d: pet_hooks.set_adapter(net, []), ValueError, "non-empty list"),
+    N("set-incompatible", lambda net, d: pet_hooks.set_adapter(net, ["default", "d"]), ValueError, "'d'",
+      "lora_dropout", setup=lambda net: pet_hooks.add_adapter(net, "d", {**CFG, "lora_dropout": 0.1})),
+    N("delete-active", lambda net, d: pet_hooks.delete_adapter(net, "default"), pet_hooks.PetStateError,
+      "'default'", "active"),
+    N("delete-unknown", lambda net, d: pet_hooks.delete_adapter(net, "zz"), ValueError, "'zz'"),
+    N("load-onto-existing-name", lambda net, d: pet_hooks.load_adapter(net, d, adapter_name="b"),
+      pet_hooks.PetStateError, "'b'", "hotswap=True"),
+    N("hotswap-unknown-name", lambda net, d: pet_hooks.load_adapter(net, d, adapter_name="zz", hotswap=True),
+      pet_hooks.PetStateError, "'zz'"),
+    N("hotswap-misfit", lambda net, d: pet_hooks.load_adapter(net, d, adapter_name="b", hotswap=True),
+      pet_hooks.PetStateError, "does not fit adapter 'b'"),
+    N("hotswap-without-name", lambda net, d: pet_hooks.load_adapter(net, d, hotswap=True), ValueError, "adapter_name"),
+    N("save-unknown-name", lambda net, d: pet_hooks.save_adapter(net, d / "out", adapter_name="zz"), ValueError, "'zz'"),
+    N("save-several-active", lambda net, d: pet_hooks.save_adapter(net, d / "out"), pet_hooks.PetStateError,
+      "adapter_name", setup=lambda net: pet_hooks.set_adapter(net, ["default", "b"])),
+    N("rows-unknown-name", lambda net, d: _rows_of(net, ["default", "zz"]), ValueError, "'zz'"),
+    N("rows-not-a-list", lambda net, d: _rows_of(net, "default"), ValueError, "list of adapter names"),
     # ---- the command line ----
     C("no-command", [], "required: command"),
     C("unknown-command", ["train"], "invalid choice: 'train'"),
@@ -311,13 +352,14 @@ ROWS: List[Row] = [
     C("check-config-tag", ["check-config", "{tmp}/tag.yaml"], "tag.yaml", "python/object"),
     C("check-config-directory", ["check-config", "{tmp}"], "is a directory"),
     C("version-extra", ["version", "extra"], "unrecognized arguments: extra"),
+    C("adapter-name-reserved", ["run", "--config", CONFIG, "--adapter-name", "all", "x.py"], "adapter_name 'all'"),
 ]
 
 
 def test_the_table_is_big_and_covers_every_door():
     kinds = [row.kind for row in ROWS]
     assert len(ROWS) >= 40 and len({row.id for row in ROWS}) == len(ROWS)
-    assert all(kinds.count(kind) >= 10 for kind in ("mapping", "file", "adapter", "cli"))
+    assert all(kinds.count(kind) >= 10 for kind in ("mapping", "file", "adapter", "cli", "adapters"))
 
 
 # ----------------------------------------------------------------------------- what must not change
@@ -331,6 +373,8 @@ def world(net) -> dict:
         "params": [(p.name, p.requires_grad, p.shape, p.dtype) for p in net.get_parameters()],
         "values": {p.name: p.asnumpy().copy() for p in net.get_parameters()},
         "pet": pet_hooks.surgery.has_pet(net),
+        "adapters": ((pet_hooks.list_adapters(net), pet_hooks.active_adapters(net))
+                     if pet_hooks.surgery.has_pet(net) else None),
         "patches": [id(owner.__dict__.get(name)) for owner, name in PATCHED],
         "session": context.active_session(),
         "env": dict(os.environ),
@@ -383,6 +427,13 @@ def prepare(row: Row, net, tmp_path, saved_adapter) -> Callable[[], Any]:
         return lambda: pet_hooks.apply(net, str(path))
     directory = tmp_path / "adapter"
     shutil.copytree(saved_adapter, directory)
+    if row.kind == "adapters":
+        pet_hooks.apply(net, CFG)
+        pet_hooks.add_adapter(net, "b", {**CFG, "lora_rank": 2})
+        setup, call = row.given
+        if setup is not None:
+            setup(net)
+        return lambda: call(net, directory)
     args = row.given(directory)
     args = args if isinstance(args, dict) else {}         # (most damage returns nothing useful)
     if "pre_apply" in args:                              # the net already has (other) PET
