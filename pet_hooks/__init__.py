@@ -39,6 +39,7 @@ _LAZY = {
     "loraplus_param_groups": "loraplus",
     "add_adapter": "adapters", "set_adapter": "adapters", "active_adapters": "adapters",
     "delete_adapter": "adapters", "list_adapters": "adapters", "adapter_per_row": "adapters",
+    "add_weighted_adapter": "adapters",
     "UncheckedVersionWarning": "_ms_compat",
 }
 
@@ -50,6 +51,7 @@ __all__ = [
     "save_adapter", "load_adapter", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",
     "add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "adapter_per_row",
+    "add_weighted_adapter",
     "UncheckedVersionWarning",
     "PetError", "PetConfigTypeError", "NoMatchError", "UnsupportedCellError", "PetStateError",
     "AdapterFileError", "AdapterNotFoundError", "OptimizerRebuildError",

@@ -21,21 +21,23 @@ Several adapters are a LoRA feature: the other methods keep one adapter per net.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
-from typing import Iterator, List, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 from mindspore import nn
 
-from .config import LoraConfig, PetConfigError, load_config
+from . import weighted
+from .config import LoraConfig, PetConfigError, check_adapter_name, load_config
 from .errors import PetStateError, UnsupportedCellError
-from .surgery import NamedAdapter, PetState, after_change, check_adapter_name, get_state
+from .surgery import NamedAdapter, PetState, _state_owner, after_change, get_state
 from .tuners import lora_experts, lora_rows, lora_slots
 from .tuners.common import init_rng
 from .tuners.lora import LoraTargets, LoraTuner, _init_a, _io_channels, _select_targets
 
 __all__ = ["add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "focused",
-           "adapter_config", "adapter_per_row", "RowSelection", "Names"]
+           "adapter_config", "adapter_per_row", "RowSelection", "add_weighted_adapter", "Names"]
 
 Names = Union[str, Sequence[str]]
 
@@ -151,7 +153,8 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
             raise PetConfigError(f"add_adapter: {field} {getattr(cfg, field)!r} would change which base parameters "
                                  f"train, which all adapters of a net share; set it on the first adapter only")
     adapted = {record.path: record for record in state.cells}
-    targets = _select_targets(net, cfg, include_adapted=True)          # validates; changes nothing
+    model = _state_owner(net)                   # the cell apply adapted (net may wrap it): paths relative to it
+    targets = _select_targets(model, cfg, include_adapted=True)        # validates; changes nothing
     _refuse_experts(targets, "add an adapter")
     _refuse_experts([(r.path, r.cell) for r in state.cells], "add an adapter")
     rng = init_rng(cfg)
@@ -163,7 +166,7 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
     new = LoraTargets([(p, c) for p, c in targets if p not in adapted],
                       {p: c for p, c in targets.parents.items() if p not in adapted})
     records = state.tuner.inject(new, cfg) if new else []
-    order = {path: index for index, (path, _) in enumerate(net.cells_and_names())}
+    order = {path: index for index, (path, _) in enumerate(model.cells_and_names())}
     state.cells = sorted(state.cells + records, key=lambda record: order[record.path])
     state.adapters[adapter_name] = NamedAdapter(adapter_name, cfg, [path for path, _ in targets], stored)
     lora_slots.compose(state, state.active)     # the new cells parked: scale 0, not trainable
@@ -295,6 +298,63 @@ def adapter_per_row(net: nn.Cell, names: Sequence[str]) -> Iterator[RowSelection
     after_change(net, state, True)
 
 
-def paths_pattern(paths: Sequence[str]) -> str:
+def _paths_pattern(paths: Sequence[str]) -> str:
     """A ``target_modules`` regex that full-matches exactly ``paths``."""
     return "|".join(re.escape(path) for path in paths)
+
+
+def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: Optional[int] = None,
+                         svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                         svd_driver: Optional[str] = None, density: Optional[float] = None,
+                         majority_sign_method: str = "total") -> nn.Cell:
+    """Add the adapter ``adapter_name`` combining ``adapters`` with ``weights``, as PEFT's
+    ``add_weighted_adapter`` does (``pet_hooks.weighted``: "linear", "cat", "svd", "ties",
+    "magnitude_prune" and their "_svd" forms; the arguments are PEFT's). It starts inactive; its
+    config is the first adapter's with PEFT's new rank and ``lora_alpha`` (= rank) and the union of
+    the targets.
+
+    Raises:
+        PetConfigError: an unknown or taken name, weights that do not match the adapters, adapters of
+            different ranks or (unlike PEFT, which then mixes unrelated cells) different targets for
+            the types that combine A and B separately ("linear", "ties", "magnitude_prune"), a bad
+            argument. The net is left as it was.
+    """
+    state = _lora_state(net, "add a weighted adapter")
+    check_adapter_name(adapter_name)
+    if adapter_name in state.adapters:
+        raise PetConfigError(f"adapter_name {adapter_name!r} is taken: the net has adapters {list(state.adapters)}")
+    if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+        raise PetConfigError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+    for name in adapters:
+        _known(state, name, "adapters entry")
+    if combination_type in weighted.SAME_TARGET_TYPES and len(adapters) > 1:
+        first = set(state.adapters[adapters[0]].paths)
+        for name in adapters[1:]:
+            other = set(state.adapters[name].paths)
+            if other != first:
+                differ = sorted(first ^ other)
+                raise PetConfigError(f"combination_type {combination_type!r} combines A and B of the same cells, but "
+                                     f"adapters {adapters[0]!r} and {name!r} adapt different cells ({differ[:3]}); "
+                                     f"use 'cat' or 'svd'")
+    inputs = []
+    for name in adapters:
+        cfg = state.adapters[name].config
+        arrays = lora_slots.adapter_arrays(state, name)
+        inputs.append(weighted.AdapterWeights(
+            name=name, rank=cfg.lora_rank, alpha=float(cfg.lora_alpha), scaling=cfg.scaling,
+            target_paths=list(state.adapters[name].paths), use_rslora=cfg.use_rslora,
+            tensors={path: (a["lora_A"], a["lora_B"]) for path, a in arrays.items()}))
+    combined = weighted.combine(inputs, list(weights) if isinstance(weights, (list, tuple)) else weights,
+                                combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                                svd_full_matrices=svd_full_matrices, density=density,
+                                majority_sign_method=majority_sign_method, svd_driver=svd_driver)
+    first = state.adapters[adapters[0]].config
+    cfg = dataclasses.replace(first, lora_rank=combined.rank, lora_alpha=combined.alpha,
+                              use_rslora=combined.use_rslora, exclude_layers=None,
+                              target_modules=_paths_pattern(combined.target_paths))
+    add_adapter(net, adapter_name, cfg)
+    stored = state.adapters[adapter_name].stored           # inactive: its values live here
+    for path, (a, b) in combined.tensors.items():
+        stored[path] = {"lora_A": a.astype(np.float32), "lora_B": b.astype(np.float32)}
+    return net

@@ -54,6 +54,9 @@ COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "d
 SUPPORTED_COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd")
 # the types PEFT combines on A and B separately, which need one rank for all adapters
 _SAME_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+#: those types, whose sum of A's and of B's means something only for adapters of the same cells
+#: (``pet_hooks.add_weighted_adapter`` asks for that; PEFT does not)
+SAME_TARGET_TYPES = _SAME_RANK_TYPES
 _SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 _DENSITY_TYPES = ("ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd")
 # cuSOLVER algorithms torch.linalg.svd can be asked for (CUDA only); NumPy always runs LAPACK gesdd

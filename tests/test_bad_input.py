@@ -331,6 +331,17 @@ ROWS: List[Row] = [
     N("save-unknown-name", lambda net, d: pet_hooks.save_adapter(net, d / "out", adapter_name="zz"), ValueError, "'zz'"),
     N("save-several-active", lambda net, d: pet_hooks.save_adapter(net, d / "out"), pet_hooks.PetStateError,
       "adapter_name", setup=lambda net: pet_hooks.set_adapter(net, ["default", "b"])),
+    N("weighted-weights-mismatch", lambda net, d: pet_hooks.add_weighted_adapter(net, ["default", "b"], [1.0], "w",
+                                                                                "cat"), ValueError, "weights"),
+    N("weighted-unknown-adapter", lambda net, d: pet_hooks.add_weighted_adapter(net, ["default", "zz"], [1, 1], "w"),
+      ValueError, "'zz'"),
+    N("weighted-linear-different-ranks", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "linear"), ValueError, "same r", "'b'"),
+    N("weighted-linear-different-targets", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "t"], [1, 1], "w", "linear"), ValueError, "'linear'", "different cells",
+      setup=lambda net: pet_hooks.add_adapter(net, "t", {**CFG, "target_modules": ".*dense1"})),
+    N("weighted-unknown-type", lambda net, d: pet_hooks.add_weighted_adapter(net, ["default", "b"], [1, 1], "w",
+                                                                             "average"), ValueError, "'average'"),
     N("rows-unknown-name", lambda net, d: _rows_of(net, ["default", "zz"]), ValueError, "'zz'"),
     N("rows-not-a-list", lambda net, d: _rows_of(net, "default"), ValueError, "list of adapter names"),
     # ---- the command line ----

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import NEEDS_TORCH_PEFT, ROOT
-from tests.weighted_reference import CASES, CELLS
+from tests.weighted_reference import ADAPTERS, CASES, CELLS
 from pet_hooks.errors import PetConfigError
 from pet_hooks.weighted import AdapterWeights, CombinedAdapter, combine, select_adapters
 
@@ -228,3 +229,62 @@ def test_adapter_checks(pair):
     wrong_rank = AdapterWeights(**dict(vars(p), name="p3", rank=3, scaling=p.alpha / 3))  # p's tensors are r=4
     with pytest.raises(PetConfigError, match=r"adapter 'p3', cell 'fc1': expected A \[rank=3, in\].*A \(4, 12\)"):
         combine([p, wrong_rank], [1.0, 1.0], "cat")
+
+
+# ----------------------------------------------------------------------------- end to end, on a MindSpore net
+class _ThreeLayers:
+    """Built lazily: a MindSpore net whose cells are named as the torch model's (fc1, fc2, head.0)."""
+
+    @staticmethod
+    def build():
+        from mindspore import nn
+
+        class Net(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.fc1 = nn.Dense(*CELLS["fc1"])
+                self.fc2 = nn.Dense(*CELLS["fc2"])
+                self.head = nn.SequentialCell([nn.Dense(*CELLS["head.0"])])
+
+            def construct(self, x):
+                return self.head(self.fc2(self.fc1(x)))
+        return Net()
+
+
+@NEEDS_TORCH_PEFT
+@pytest.mark.parametrize("case_id", ["cat_123", "svd_123_r3", "svd_42_r5"])
+def test_add_weighted_adapter_on_a_net_gives_peft_deltas(peft_run, case_id):
+    """pet_hooks.add_weighted_adapter on a MindSpore net holding PEFT's adapters (their A and B loaded into it)
+    makes the adapter whose per-cell deltas PEFT's add_weighted_adapter made."""
+    import mindspore as ms
+    import pet_hooks
+    from pet_hooks.surgery import get_state
+    from pet_hooks.tuners import lora_slots
+
+    meta, arrays = peft_run
+    case = CASES[case_id]
+    net = _ThreeLayers.build()
+    for index, name in enumerate(case["adapters"]):
+        spec = ADAPTERS[name]
+        cfg = {"pet_type": "lora", "lora_rank": spec["r"], "lora_alpha": spec["lora_alpha"],
+               "use_rslora": spec["use_rslora"], "target_modules": "|".join(re.escape(t) for t in spec["target_modules"])}
+        if index == 0:
+            pet_hooks.apply(net, cfg, adapter_name=name)
+        else:
+            pet_hooks.add_adapter(net, name, cfg)
+        with pet_hooks.adapters.focused(net, name):
+            for path in spec["target_modules"]:
+                cell = dict(net.cells_and_names())[path]
+                cell.lora_A.set_data(ms.Tensor(arrays[f"adapter/{name}/{path}/A"]))
+                cell.lora_B.set_data(ms.Tensor(arrays[f"adapter/{name}/{path}/B"]))
+    args = {k: v for k, v in case.items() if k not in ("adapters", "weights", "combination_type")}
+    pet_hooks.add_weighted_adapter(net, case["adapters"], case["weights"], "mixed",
+                                   combination_type=case["combination_type"], **args)
+    state = get_state(net)
+    scaling = state.adapters["mixed"].config.scaling
+    ours = lora_slots.adapter_arrays(state, "mixed")
+    assert sorted(ours) == sorted(meta["cases"][case_id]["scaling"])
+    for path, pair in ours.items():
+        delta = scaling * pair["lora_B"] @ pair["lora_A"]
+        np.testing.assert_allclose(delta, peft_delta(meta, arrays, case_id, path), rtol=1e-5, atol=2e-5,
+                                   err_msg=f"{case_id} {path}")
