@@ -24,6 +24,7 @@ The methods of issue 19, measured by ``python -m bench.methods`` (not part of ``
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import sys
@@ -174,6 +175,12 @@ def apply_variant(net, shape: Shape, variant: str):
     if variant.startswith("mflora_"):
         return _mindformers_lora(net, shape, variant[7:])
     import pet_hooks
+    if variant == "lora_qkvo_3more":    # LoRA q/k/v/o trained while three more adapters are loaded, inactive
+        cfg = pet_config(shape, "lora_qkvo")
+        pet_hooks.apply(net, cfg)
+        for index in range(3):
+            pet_hooks.add_adapter(net, f"other{index}", dataclasses.replace(cfg, seed=index + 1))
+        return net
     return pet_hooks.apply(net, pet_config(shape, variant))
 
 

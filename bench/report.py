@@ -15,6 +15,7 @@ VARIANT_TEXT = {
     "floor": "floor (all frozen but one norm weight of layer 0)",
     "lora_qkvo": "pet_hooks LoRA r=8, q/k/v/o",
     "lora_all": "pet_hooks LoRA r=8, all linear",
+    "lora_qkvo_3more": "pet_hooks LoRA r=8, q/k/v/o, with 3 more adapters loaded (inactive)",
     "mflora_qkvo": "MindFormers LoRA r=8, q/k/v/o",
     "mflora_all": "MindFormers LoRA r=8, all linear",
     "ptuning2": "pet_hooks P-Tuning v2, 16 positions",

@@ -135,22 +135,29 @@ def test_a_function_graph_compiled_before_sees_the_switch(mode, switch, tmp_path
 
 
 def test_the_switch_is_not_a_weight(mode, tmp_path):
-    """The scale is state: never trainable, not counted, not in adapters or merged checkpoints."""
+    """The scales (one per adapted cell) are state: never trainable, not counted, not in adapters or merged
+    checkpoints."""
     net = tiny_llama()
     plain = pet_hooks.trainable_summary(net)
     pet_hooks.apply(net, CFG)
-    (scale,) = pet_hooks.surgery.switch_parameters(net)
-    assert not scale.requires_grad and all(p is not scale for p in net.trainable_params())
+    scales = pet_hooks.surgery.switch_parameters(net)
+    state = pet_hooks.surgery.get_state(net)
+    assert [s.name for s in scales] == [f"{record.path}.pet_lora_scale" for record in state.injections]
+    trainable_ids = {id(p) for p in net.trainable_params()}
+    assert all(not s.requires_grad and id(s) not in trainable_ids for s in scales)
     assert pet_hooks.trainable_summary(net).split("||")[1] != plain.split("||")[1]   # deltas counted
     trainable, total = pet_hooks.surgery.parameter_counts(net)
-    assert total == sum(p.size for p in net.get_parameters()) - 1
+    assert total == sum(p.size for p in net.get_parameters()) - sum(s.size for s in scales)
     pet_hooks.save_adapter(net, tmp_path / "adapter")
     from safetensors.numpy import load_file
-    assert scale.name not in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert not any(s.name in saved for s in scales)
     pet_hooks.save_merged_checkpoint(net, str(tmp_path / "merged.ckpt"))
-    assert scale.name not in ms.load_checkpoint(str(tmp_path / "merged.ckpt"))
+    merged = ms.load_checkpoint(str(tmp_path / "merged.ckpt"))
+    assert not any(s.name in merged for s in scales)
     pet_hooks.remove(net)
-    assert all(p.name != scale.name for p in net.get_parameters())
+    names = {p.name for p in net.get_parameters()}
+    assert not any(s.name in names for s in scales)
     assert pet_hooks.trainable_summary(net) == plain
 
 
