@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +22,10 @@ import pet_hooks
 from pet_hooks._ms_compat import hook_version
 from pet_hooks.surgery import get_state
 from pet_hooks.tuners import lora_slots
+from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT
 from tests.nets import TwoDense
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 A = {"pet_type": "lora", "target_modules": "dense1|dense2", "lora_rank": 2, "lora_alpha": 4, "seed": 1}
 B = {"pet_type": "lora", "target_modules": "dense2", "lora_rank": 3, "lora_alpha": 12, "seed": 2}
@@ -96,6 +101,14 @@ def _three_adapters():
         _fill(net, seed)
     pet_hooks.set_adapter(net, "default")
     return net
+
+
+@pytest.fixture
+def graph_mode():
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    yield
+    ms.set_context(mode=before)
 
 
 class _NoCompile:
@@ -358,3 +371,49 @@ def test_launcher_takes_an_adapter_name(tmp_path):
     fresh = _net()
     pet_hooks.load_adapter(fresh, tmp_path / "out", adapter_name="task_b")
     assert pet_hooks.list_adapters(fresh) == ["task_b"]
+
+
+# ----------------------------------------------------------------------------- against PEFT itself
+@NEEDS_MINDFORMERS
+@NEEDS_TORCH_PEFT
+def test_several_adapters_in_peft_layout_both_ways_and_peft_mixed_batches(tmp_path, graph_mode):
+    """Ours in PEFT's layout of several adapters read by PEFT (each adapter's logits); PEFT's two adapters
+    (saved by ``save_pretrained``) read with ``adapter_name="all"``; and a mixed batch against PEFT's
+    ``adapter_names``. Graph mode, the tiny Llama with the same weights on both sides."""
+    from tests.test_peft_format import hf_name, llama_ids, llama_logits, llama_with_weights, randomize
+    net = llama_with_weights()
+    ids = np.concatenate([llama_ids(2), llama_ids(3)])                  # 4 rows
+    config = net.config
+    job = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                           "num_heads", "rms_norm_eps", "theta", "seq_length")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    np.savez(tmp_path / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
+    np.save(tmp_path / "ids.npy", ids)
+    ours = {}
+    pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*wq|.*wv"})
+    randomize(pet_hooks.delta_parameters(net), seed=6, scale=0.2)
+    ours["default"] = llama_logits(net, ids)
+    pet_hooks.add_adapter(net, "b", {"pet_type": "lora", "lora_rank": 2, "lora_alpha": 6, "target_modules": ".*wk|.*w2"})
+    pet_hooks.set_adapter(net, "b")
+    randomize(pet_hooks.delta_parameters(net), seed=7, scale=0.2)
+    ours["b"] = llama_logits(net, ids)
+    pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama", adapter_name="all")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_multi.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("default", "b"):
+        assert np.abs(ours[name] - ours["b" if name == "default" else "default"]).max() > 1e-2
+        np.testing.assert_allclose(ours[name], np.load(tmp_path / f"torch_ours_{name}.npy"), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+
+    fresh = llama_with_weights()
+    pet_hooks.load_adapter(fresh, tmp_path / "theirs", adapter_name="all")
+    assert pet_hooks.list_adapters(fresh) == ["default", "extra"]
+    for name in ("default", "extra"):
+        pet_hooks.set_adapter(fresh, name)
+        np.testing.assert_allclose(llama_logits(fresh, ids), np.load(tmp_path / f"torch_theirs_{name}.npy"),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+    rows = [["default", "extra", "__base__", "extra"][i % 4] for i in range(ids.shape[0])]
+    with pet_hooks.adapter_per_row(fresh, rows):
+        np.testing.assert_allclose(llama_logits(fresh, ids), np.load(tmp_path / "torch_theirs_mixed.npy"),
+                                   rtol=1e-4, atol=1e-5)
