@@ -417,3 +417,19 @@ def test_several_adapters_in_peft_layout_both_ways_and_peft_mixed_batches(tmp_pa
     with pet_hooks.adapter_per_row(fresh, rows):
         np.testing.assert_allclose(llama_logits(fresh, ids), np.load(tmp_path / "torch_theirs_mixed.npy"),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_other_methods_keep_one_adapter_and_a_wrapper_is_seen_through():
+    from samples.tiny_gpt import build
+    from tests.conftest import SMALL
+    gpt = pet_hooks.apply(build(seed=0, **SMALL), {"pet_type": "ptuning2", "pre_seq_len": 2}, adapter_name="prompt")
+    assert pet_hooks.list_adapters(gpt) == ["prompt"] and pet_hooks.active_adapters(gpt) == ["prompt"]
+    with pytest.raises(pet_hooks.PetStateError, match="LoRA feature.*ptuning2"):
+        pet_hooks.add_adapter(gpt, "b", A)
+    # a wrapper (WithLossCell) around a LoRA net: the new adapter's cells are named as apply named them
+    net = pet_hooks.apply(_net(), A)
+    wrapped = nn.WithLossCell(net, nn.MSELoss())
+    pet_hooks.add_adapter(wrapped, "b", B)
+    assert get_state(net).adapters["b"].paths == ["dense2"]
+    pet_hooks.set_adapter(wrapped, "b")
+    assert [p.name for p in pet_hooks.delta_parameters(net)] == ["dense2.lora_A", "dense2.lora_B"]
