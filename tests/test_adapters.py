@@ -380,15 +380,10 @@ def test_several_adapters_in_peft_layout_both_ways_and_peft_mixed_batches(tmp_pa
     """Ours in PEFT's layout of several adapters read by PEFT (each adapter's logits); PEFT's two adapters
     (saved by ``save_pretrained``) read with ``adapter_name="all"``; and a mixed batch against PEFT's
     ``adapter_names``. Graph mode, the tiny Llama with the same weights on both sides."""
-    from tests.test_peft_format import hf_name, llama_ids, llama_logits, llama_with_weights, randomize
+    from tests.test_peft_format import llama_ids, llama_logits, llama_with_weights, randomize, write_reference_job
     net = llama_with_weights()
     ids = np.concatenate([llama_ids(2), llama_ids(3)])                  # 4 rows
-    config = net.config
-    job = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                                           "num_heads", "rms_norm_eps", "theta", "seq_length")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    np.savez(tmp_path / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
-    np.save(tmp_path / "ids.npy", ids)
+    write_reference_job(net, ids, tmp_path)
     ours = {}
     pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*wq|.*wv"})
     randomize(pet_hooks.delta_parameters(net), seed=6, scale=0.2)

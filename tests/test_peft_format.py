@@ -66,6 +66,16 @@ def llama_logits(net, ids) -> np.ndarray:
     return net(Tensor(ids))[0].asnumpy()
 
 
+def write_reference_job(net, ids: np.ndarray, directory) -> None:
+    """What tests/peft_reference*.py read: the Llama's geometry, its weights under Hugging Face's names, the ids."""
+    config = net.config
+    job = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                           "num_heads", "rms_norm_eps", "theta", "seq_length")}
+    (directory / "job.json").write_text(json.dumps(job))
+    np.savez(directory / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
+    np.save(directory / "ids.npy", ids)
+
+
 def gpt_logits(net, ids) -> np.ndarray:
     net.set_train(False)
     return net(Tensor(ids)).asnumpy()
@@ -142,12 +152,7 @@ def test_llama_name_map_both_ways(tmp_path, mode):
 def test_same_logits_as_pytorch_peft_both_ways(tmp_path, mode):
     net = llama_with_weights()
     ids = llama_ids(2)
-    config = net.config
-    job = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                                           "num_heads", "rms_norm_eps", "theta", "seq_length")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    np.savez(tmp_path / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
-    np.save(tmp_path / "ids.npy", ids)
+    write_reference_job(net, ids, tmp_path)
     base = llama_logits(net, ids)
 
     pet_hooks.apply(net, LLAMA_ALL)
