@@ -140,11 +140,16 @@ def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
     warn_unchecked_versions()                           # once per process: copies of MindSpore code
     existing = get_state(net)
     if existing is not None:
-        if existing.config == cfg:
+        named = existing.adapters.get(adapter_name)
+        if (named is not None and named.config == cfg) or (adapter_name == DEFAULT_ADAPTER and existing.config == cfg):
             logger.info("pet_hooks: %s already has this PET config; nothing to do", type(net).__name__)
             return net
+        if existing.config == cfg:
+            raise PetStateError(f"{type(net).__name__} already has this PET config as adapter(s) "
+                                f"{list(existing.adapters)}; use pet_hooks.add_adapter(net, {adapter_name!r}, cfg) "
+                                f"to add another")
         raise PetStateError(f"{type(net).__name__} already has PET ({existing.config.pet_type}) with a different "
-                         f"config; call pet_hooks.remove(net) before applying another")
+                         f"config; call pet_hooks.remove(net) before applying another (or add_adapter for another LoRA)")
     refuse_foreign_pet(net)                             # MindFormers' own PET already there: no second layer
     tuner = get_tuner(cfg.pet_type)
     targets = tuner.select_targets(net, cfg)            # validates; changes nothing
