@@ -134,6 +134,49 @@ def _set_dropout(cell: nn.Cell, record, rate: float, reuse: Dict[str, object]) -
     return True
 
 
+def _fill(state, record, wanted: List[str], kept: Dict[str, object]) -> bool:
+    """The slot's values: ``wanted``'s (the occupants banked first), or the Parameter objects held before
+    (``kept``). True when the cell holds other Parameter objects now."""
+    cell = record.cell
+    changed = False
+    if wanted and wanted != record.occupants:
+        bank(state, record)
+        stored = [state.adapters[name].stored.pop(record.path) for name in wanted]
+        dtype = getattr(mstype, state.adapters[wanted[0]].config.param_init_type)
+        for attr, axis in RANK_AXIS.items():
+            values = np.concatenate([arrays[attr] for arrays in stored], axis=axis)
+            changed |= _install(cell, attr, values, dtype, kept.get(attr))
+        record.occupants = wanted
+    elif kept and any(getattr(cell, attr) is not kept[attr] for attr in RANK_AXIS):
+        for attr in RANK_AXIS:               # same occupants, other objects: put the old ones back
+            current = getattr(cell, attr)
+            changed |= _install(cell, attr, to_numpy(current), current.dtype, kept[attr])
+    else:
+        return False
+    record.params = [cell.lora_A, cell.lora_B]
+    return changed
+
+
+def _switch(state, record, names: List[str], wanted: List[str], kept: Dict[str, object]) -> bool:
+    """Each rank row's scale (its adapter's scaling while active and the net enabled, else 0), the deltas'
+    ``requires_grad`` (trainable where an active adapter adapts the cell) and the dropout of the active
+    ones. True when the cell changed structure."""
+    cell = record.cell
+    scaling = [np.full(_rank(state, name), state.adapters[name].config.scaling if name in names else 0.0,
+                       np.float32) for name in record.occupants]
+    cell.pet_lora_rank_scaling = (np.concatenate(scaling) if scaling
+                                  else np.zeros(int(cell.lora_A.shape[-2]), np.float32))
+    if record.occupants:
+        cell.lora_scaling = state.adapters[record.occupants[0]].config.scaling
+    on = cell.pet_lora_rank_scaling[:, None] * (1.0 if state.enabled else 0.0)
+    changed = _install(cell, "pet_lora_scale", on, mstype.float32, kept.get("pet_lora_scale"))
+    for param in record.params:
+        param.requires_grad = bool(wanted) and delta_requires_grad(param.name, state.adapters[wanted[0]].config)
+    if wanted:
+        changed |= _set_dropout(cell, record, state.adapters[wanted[0]].config.lora_dropout, kept)
+    return changed
+
+
 def slot_objects(state) -> Dict[int, Dict[str, object]]:
     """id(record) -> the objects its slot holds now, for :func:`compose` to put back (``reuse``)."""
     return {id(record): {attr: getattr(record.cell, attr) for attr in SLOT_ATTRS} for record in state.cells}
@@ -145,35 +188,10 @@ def compose(state, names: List[str], reuse: Optional[Dict[int, Dict[str, object]
     Parameter objects held before. True when a cell changed structure (graph mode must recompile)."""
     structural = False
     for record in state.cells:
-        cell = record.cell
         wanted = live(state, record, names)
         kept = (reuse or {}).get(id(record), {})
-        if wanted and wanted != record.occupants:
-            bank(state, record)
-            stored = [state.adapters[name].stored.pop(record.path) for name in wanted]
-            dtype = getattr(mstype, state.adapters[wanted[0]].config.param_init_type)
-            for attr, axis in RANK_AXIS.items():
-                values = np.concatenate([arrays[attr] for arrays in stored], axis=axis)
-                structural |= _install(cell, attr, values, dtype, kept.get(attr))
-            record.occupants = wanted
-        elif kept and any(getattr(cell, attr) is not kept[attr] for attr in RANK_AXIS):
-            for attr in RANK_AXIS:           # same occupants, other objects: put the old ones back
-                structural |= _install(cell, attr, to_numpy(getattr(cell, attr)), getattr(cell, attr).dtype,
-                                       kept[attr])
-        scaling = [np.full(_rank(state, name), state.adapters[name].config.scaling if name in names else 0.0,
-                           np.float32) for name in record.occupants]
-        rank_scaling = np.concatenate(scaling) if scaling else np.zeros(int(cell.lora_A.shape[-2]), np.float32)
-        cell.pet_lora_rank_scaling = rank_scaling
-        if record.occupants:
-            cell.lora_scaling = state.adapters[record.occupants[0]].config.scaling
-        on = rank_scaling[:, None] * (1.0 if state.enabled else 0.0)
-        structural |= _install(cell, "pet_lora_scale", on, mstype.float32, kept.get("pet_lora_scale"))
-        for attr in RANK_AXIS:
-            param = getattr(cell, attr)
-            param.requires_grad = bool(wanted) and delta_requires_grad(param.name, state.adapters[wanted[0]].config)
-        if wanted:
-            structural |= _set_dropout(cell, record, state.adapters[wanted[0]].config.lora_dropout, kept)
-        record.params = [cell.lora_A, cell.lora_B]
+        structural |= _fill(state, record, wanted, kept)
+        structural |= _switch(state, record, names, wanted, kept)
     state.injections = [record for record in state.cells if live(state, record, names)]
     state.active = list(names)
     state.config = state.adapters[names[0]].config
