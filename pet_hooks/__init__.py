@@ -37,6 +37,7 @@ _LAZY = {
     "PrefixAttention": "tuners.attention",
     "save_merged_checkpoint": "mindformers_io",
     "loraplus_param_groups": "loraplus",
+    "save_as_lora": "lora_conversion",
     "UncheckedVersionWarning": "_ms_compat",
 }
 
@@ -47,7 +48,7 @@ __all__ = [
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",
-    "UncheckedVersionWarning",
+    "save_as_lora", "UncheckedVersionWarning",
     "PetError", "PetConfigTypeError", "NoMatchError", "UnsupportedCellError", "PetStateError",
     "AdapterFileError", "AdapterNotFoundError", "OptimizerRebuildError",
 ]
