@@ -41,7 +41,7 @@ class BaseInit:
     """What a PiSSA / OLoRA init did to one cell's base weight: enough to undo it and to convert to LoRA."""
 
     weight: Parameter
-    original: np.ndarray        # the weight's value before, in its own dtype and layout (written back on remove)
+    original: Tensor            # a copy of the weight's value before, its own dtype and layout (written back on remove)
     a0: np.ndarray              # the initial A and B (float32)
     b0: np.ndarray
 
@@ -121,7 +121,7 @@ def write_residual(cell: nn.Cell) -> Optional[BaseInit]:
     if residual is None:
         return None
     weight = cell.weight
-    record = BaseInit(weight, weight.asnumpy().copy(), cell.lora_A.astype(mstype.float32).asnumpy().copy(),
+    record = BaseInit(weight, weight.data.copy(), cell.lora_A.astype(mstype.float32).asnumpy().copy(),
                       cell.lora_B.astype(mstype.float32).asnumpy().copy())
     layout = residual if getattr(cell, "transpose_b", True) is not False else residual.T
     write_values(weight, Tensor(np.ascontiguousarray(layout), mstype.float32))
@@ -131,4 +131,4 @@ def write_residual(cell: nn.Cell) -> Optional[BaseInit]:
 def restore_base(base_init: Optional[BaseInit]) -> None:
     """Write the original weight back, bit for bit (its own dtype)."""
     if base_init is not None:
-        write_values(base_init.weight, Tensor(base_init.original))
+        write_values(base_init.weight, base_init.original)
