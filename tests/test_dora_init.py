@@ -202,7 +202,7 @@ def test_dora_trains_only_deltas_disable_and_remove(mode):
     pet_hooks.apply(net, {**DORA, "lora_dropout": 0.2})
     np.testing.assert_allclose(net(x).asnumpy(), base, rtol=1e-6, atol=1e-6)     # m = ||W||, B = 0
     net.set_train(True)
-    step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.MSELoss()), nn.SGD(net.trainable_params(), 0.5))
+    step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.MSELoss()), nn.SGD(net.trainable_params(), 0.05))
     target = Tensor(np.random.default_rng(0).standard_normal(base.shape).astype(np.float32))
     losses = [float(step(x, target).asnumpy()) for _ in range(4)]
     net.set_train(False)
