@@ -354,7 +354,6 @@ def _eject(record: Injection) -> None:
     if parent is not None:
         lora_mha.detach_out_proj(parent, record.parent_original)
     lora_init.restore_base(getattr(record, "base_init", None))
-    record.cell.__dict__.pop(lora_dora.MERGED_NORM, None)
     restore(record)
 
 
