@@ -326,3 +326,16 @@ def test_gaussian_false_and_the_init_fields():
     assert pet_hooks.load_config({**LORA, "lora_a_init": "normal"}).init_lora_weights is True
     with pytest.raises(ValueError, match="init_lora_weights.*'corda'"):
         pet_hooks.load_config({**LORA, "init_lora_weights": "corda"})
+
+
+def test_a_peft_adapter_of_another_kind_is_refused_by_an_adapted_net(tmp_path):
+    job = _job()
+    pet_hooks.save_adapter(pet_hooks.apply(_net(job), LORA), tmp_path / "plain", format="peft", task_type=None)
+    pet_hooks.save_adapter(pet_hooks.apply(_net(job), {**LORA, "init_lora_weights": "olora"}), tmp_path / "olora",
+                           format="peft", task_type=None)
+    dora = pet_hooks.apply(_net(job), DORA)
+    with pytest.raises(pet_hooks.PetStateError, match="use_dora=False differs"):
+        pet_hooks.load_adapter(dora, tmp_path / "plain")
+    plain = pet_hooks.apply(_net(job), LORA)
+    with pytest.raises(pet_hooks.PetStateError, match="init_lora_weights='olora' differs.*residual"):
+        pet_hooks.load_adapter(plain, tmp_path / "olora")
