@@ -1,4 +1,4 @@
-"""Step time of issue 19's methods (IA3, BitFit, bottleneck adapters) against LoRA q/k/v/o and the floor.
+"""Step time of issue 19's methods (IA3, BitFit, bottleneck adapters, DoRA, PiSSA) against LoRA q/k/v/o and the floor.
 
     .venv/bin/python -m bench.methods                       # sample GPT, hidden 256: prints the markdown table
     .venv/bin/python -m bench.methods --quick               # tiny sizes, 2 rounds: checks the script

@@ -21,6 +21,8 @@ The methods of issue 19, measured by ``python -m bench.methods`` (not part of ``
 ``bitfit``     pet_hooks BitFit: every bias of the model
 ``adapter``    pet_hooks bottleneck adapter (bottleneck 64) after the attention and MLP output projections
 ``low_rank_adapter``  the same, low-rank (reduction_factor 4, low_rank_size 8)
+``dora_qkvo``  pet_hooks DoRA (``use_dora``) r=8 on the same q/k/v/o projections as ``lora_qkvo``
+``pissa_qkvo`` pet_hooks LoRA r=8 q/k/v/o initialised by PiSSA (``init_lora_weights: pissa``)
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ FLOOR_PARAM = {"gpt": "blocks.0.ln1.gamma", "llama": "model.layers.0.attention_n
 IA3_TARGETS = {"gpt": (r".*dense2|.*dense3|.*mlp\.projection", r".*mlp\.projection"),
                "llama": (r".*wk|.*wv|.*w2", r".*w2")}
 ADAPTER_TARGETS = {"gpt": r".*attention\.projection|.*mlp\.projection", "llama": r".*wo|.*w2"}
-METHOD_VARIANTS = ("ia3", "bitfit", "adapter", "low_rank_adapter")
+METHOD_VARIANTS = ("ia3", "bitfit", "adapter", "low_rank_adapter", "dora_qkvo", "pissa_qkvo")
 VOCAB = 512
 
 
@@ -146,6 +148,10 @@ def pet_config(shape: Shape, variant: str):
     if variant.startswith("lora_"):
         return pet_hooks.LoraConfig(lora_rank=8, lora_alpha=16, lora_dropout=0.0,
                                     target_modules=LORA_TARGETS[(shape.model, variant[5:])])
+    if variant in ("dora_qkvo", "pissa_qkvo"):
+        extra = {"use_dora": True} if variant == "dora_qkvo" else {"init_lora_weights": "pissa"}
+        return pet_hooks.LoraConfig(lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+                                    target_modules=LORA_TARGETS[(shape.model, "qkvo")], **extra)
     if variant == "ptuning2":
         return pet_hooks.PTuning2Config(pre_seq_len=16)
     if variant == "prefix":

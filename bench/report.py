@@ -25,6 +25,8 @@ VARIANT_TEXT = {
     "bitfit": "pet_hooks BitFit, every bias",
     "adapter": "pet_hooks adapter, bottleneck 64, after attention and MLP outputs",
     "low_rank_adapter": "pet_hooks low_rank_adapter, reduction 4, rank 8, same places",
+    "dora_qkvo": "pet_hooks DoRA r=8, q/k/v/o",
+    "pissa_qkvo": "pet_hooks LoRA r=8 q/k/v/o, PiSSA init",
 }
 
 

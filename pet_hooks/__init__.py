@@ -40,6 +40,7 @@ _LAZY = {
     "add_adapter": "adapters", "set_adapter": "adapters", "active_adapters": "adapters",
     "delete_adapter": "adapters", "list_adapters": "adapters", "adapter_per_row": "adapters",
     "add_weighted_adapter": "adapters",
+    "save_as_lora": "lora_conversion",
     "UncheckedVersionWarning": "_ms_compat",
 }
 
@@ -52,7 +53,7 @@ __all__ = [
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",
     "add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "adapter_per_row",
     "add_weighted_adapter",
-    "UncheckedVersionWarning",
+    "save_as_lora", "UncheckedVersionWarning",
     "PetError", "PetConfigTypeError", "NoMatchError", "UnsupportedCellError", "PetStateError",
     "AdapterFileError", "AdapterNotFoundError", "OptimizerRebuildError",
 ]

@@ -32,7 +32,7 @@ from . import weighted
 from .config import LoraConfig, PetConfigError, check_adapter_name, load_config
 from .errors import PetStateError, UnsupportedCellError
 from .surgery import NamedAdapter, PetState, _state_owner, after_change, get_state
-from .tuners import lora_experts, lora_rows, lora_slots
+from .tuners import lora_experts, lora_init, lora_rows, lora_slots
 from .tuners.common import init_rng
 from .tuners.lora import LoraTargets, LoraTuner, _init_a, _io_channels, _select_targets
 
@@ -122,6 +122,17 @@ def set_adapter(net: nn.Cell, names: Names) -> nn.Cell:
     return net
 
 
+def _refuse_single_only(configs) -> None:
+    """DoRA (a magnitude per cell) and PiSSA / OLoRA (the base weight replaced by one adapter's residual) keep
+    one adapter per net: refuse another next to them."""
+    for who, cfg in configs:
+        if getattr(cfg, "use_dora", False):
+            raise PetConfigError(f"add_adapter: {who} uses DoRA (use_dora), which keeps one adapter per net")
+        if lora_init.mutates_base(cfg):
+            raise PetConfigError(f"add_adapter: {who} uses init_lora_weights={cfg.init_lora_weights!r}, which "
+                                 f"replaces the base weights by its residual; it keeps one adapter per net")
+
+
 def _refuse_experts(cells, action: str) -> None:
     experts = [path for path, cell in cells if lora_experts.is_grouped_experts(cell)]
     if experts:
@@ -152,6 +163,7 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
         if getattr(cfg, field):
             raise PetConfigError(f"add_adapter: {field} {getattr(cfg, field)!r} would change which base parameters "
                                  f"train, which all adapters of a net share; set it on the first adapter only")
+    _refuse_single_only([("the new adapter", cfg)] + [(repr(n), a.config) for n, a in state.adapters.items()])
     adapted = {record.path: record for record in state.cells}
     model = _state_owner(net)                   # the cell apply adapted (net may wrap it): paths relative to it
     targets = _select_targets(model, cfg, include_adapted=True)        # validates; changes nothing

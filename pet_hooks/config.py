@@ -201,6 +201,12 @@ class LoraConfig(PetConfig):
     lora_a_init: str = field(default="kaiming_uniform", compare=False,
                              metadata={"help": "kaiming_uniform | normal"})
     lora_b_init: str = field(default="zeros", metadata={"help": "zeros (the output is unchanged at init)"})
+    # PEFT's name and values. Part of the adapter (compared): PiSSA / OLoRA change the base weight.
+    init_lora_weights: Union[bool, str] = field(default=True, metadata={
+        "help": "true (A by lora_a_init, B zeros) | false (A and B random) | gaussian | pissa | pissa_niter_N | "
+                "olora (PEFT's values; pissa/olora replace the base weight by its residual)"})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: a trainable magnitude per output row (lora_magnitude_vector), direction W + scaling*B@A"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
     param_init_type: str = field(default="float32", metadata={"help": "dtype of the delta parameters"})
     compute_dtype: Optional[str] = field(default=None, metadata={"help": "branch dtype; None = the layer's own"})
@@ -226,6 +232,11 @@ class LoraConfig(PetConfig):
         self.lora_a_init = self._A_INITS[self.lora_a_init.lower()]
         _check_choice("lora_b_init", self.lora_b_init, ("zero", "zeros"))
         self.lora_b_init = "zeros"
+        self.init_lora_weights = _init_lora_weights(self.init_lora_weights)
+        if self.init_lora_weights is not True and self.lora_a_init != "kaiming_uniform":
+            raise PetConfigError(f"lora_a_init {self.lora_a_init!r} applies only when init_lora_weights is true "
+                                 f"(the default init), got init_lora_weights={self.init_lora_weights!r}")
+        _check_bool("use_dora", self.use_dora)
         _check_bool("use_rslora", self.use_rslora)
         self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
         if self.compute_dtype is not None:
@@ -407,6 +418,24 @@ _CONFIG_CLASSES: dict = {cls.PET_TYPE: cls for cls in (LoraConfig, PTuning2Confi
                                                        BitFitConfig, AdapterConfig, LowRankAdapterConfig)}
 # Keys MindFormers writes under other names; mapped before the unknown-key check.
 _KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lora_a_init"}
+
+
+_LORA_INITS = ("gaussian", "pissa", "olora")
+
+
+def _init_lora_weights(value: Any) -> Union[bool, str]:
+    """PEFT's ``init_lora_weights``: true, false, 'gaussian', 'pissa', 'pissa_niter_N' (N >= 1) or 'olora'."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _LORA_INITS:
+            return text
+        found = re.fullmatch(r"pissa_niter_(\d+)", text)
+        if found and int(found.group(1)) >= 1:
+            return f"pissa_niter_{int(found.group(1))}"
+    raise PetConfigError(f"init_lora_weights must be true, false, 'gaussian', 'pissa', 'pissa_niter_N' (N >= 1) "
+                         f"or 'olora', got {value!r}")
 
 
 def _dtype_name(name: str, value: Any) -> str:

@@ -120,6 +120,13 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
     tensors = {}
     for record in state.injections:
         params = {param.name: param for param in tuner.deltas_of(record)}
+        bare = {suffix: params[f"{record.path}.{leaf}"] for suffix, leaf in tuner.peft_bare_weights.items()
+                if f"{record.path}.{leaf}" in params}
+        if record.path in fused_cells and bare:
+            raise PetStateError(f"cell '{record.path}' is fused in name map {label} and has {sorted(bare)}: "
+                                f"splitting those is not supported; save with format='pet_hooks'")
+        for suffix, param in bare.items():
+            tensors[f"{PEFT_PREFIX}{fn(record.path)}.{suffix}"] = np.ascontiguousarray(to_numpy(param))
         if record.path in fused_cells:      # one cell, several PEFT modules sharing its A (pet_hooks.fused)
             layout, theirs = fused_cells[record.path]
             rows = fused.part_rows(layout, record.cell, record.path)
@@ -152,7 +159,7 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
 
 
 # ----------------------------------------------------------------------------- loading
-_UNSUPPORTED = (("use_dora", (False, None)), ("bias", ("none", None)), ("rank_pattern", ({}, None)),
+_UNSUPPORTED = (("bias", ("none", None)), ("rank_pattern", ({}, None)),
                 ("alpha_pattern", ({}, None)), ("layers_to_transform", (None,)), ("modules_to_save", (None, [])),
                 ("layer_replication", (None,)), ("trainable_token_indices", (None,)),
                 ("target_parameters", (None, [])))
@@ -177,8 +184,8 @@ def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str,
     """module path -> {suffix: array} from PEFT keys; any other key is an error naming it."""
     suffixes = list(tuner.peft_weights)
     tail = tuner.peft_key_tail
-    key_re = re.compile(r"base_model\.model\.(.+)\.(" + "|".join(re.escape(s) for s in suffixes) + r")"
-                        + re.escape(tail))
+    key_re = re.compile(r"base_model\.model\.(.+)\.(?:(" + "|".join(re.escape(s) for s in suffixes) + r")"
+                        + re.escape(tail) + "".join(f"|({re.escape(s)})" for s in tuner.peft_bare_weights) + ")")
     modules: Dict[str, Dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         found = key_re.fullmatch(key)
@@ -186,7 +193,8 @@ def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str,
             raise AdapterFileError(f"{weights_path}: key '{key}' is not a PEFT {tuner.label} weight "
                                    f"(expected {PEFT_PREFIX}<module>." + " / .".join(f"{s}{tail}" for s in suffixes)
                                    + ")")
-        modules.setdefault(found.group(1), {})[found.group(2)] = value
+        suffix = next(group for group in found.groups()[1:] if group is not None)
+        modules.setdefault(found.group(1), {})[suffix] = value
     for module, pair in modules.items():
         missing = [s for s in suffixes if s not in pair]
         if missing:
@@ -246,12 +254,17 @@ def _joined_fused_cells(net: nn.Cell, tuner: Tuner, spec: NameMapSpec, ours: Map
         if not parts:
             continue
         layout, theirs = parts
-        found = {theirs.index(m): {tuner.peft_weights[k]: v for k, v in modules[m].items()}
+        found = {theirs.index(m): {_leaves(tuner)[k]: v for k, v in modules[m].items()}
                  for m, p in ours.items() if p == path}
         rows = fused.part_rows(layout, cells[path], path)
         for leaf, value in fused.join(found, rows, theirs, path, weights_path).items():
             joined[f"{path}.{leaf}"] = value
     return joined
+
+
+def _leaves(tuner: Tuner) -> Dict[str, str]:
+    """PEFT's key suffix -> the leaf of our delta's name, the ``.weight`` ones and the bare ones."""
+    return {**tuner.peft_weights, **tuner.peft_bare_weights}
 
 
 def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None,
@@ -268,7 +281,7 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
     fresh = adapter_name is not None and (get_state(net) is None or adapter_name not in get_state(net).adapters)
     ours, spec = _choose_map(net, sorted(modules), name_map, weights_path, tuner, fresh)
-    tensors = {f"{ours[module]}.{tuner.peft_weights[suffix]}": value
+    tensors = {f"{ours[module]}.{_leaves(tuner)[suffix]}": value
                for module, pair in modules.items() for suffix, value in pair.items()}
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
     state = get_state(net)

@@ -221,7 +221,10 @@ def test_an_adapter_for_another_architecture_names_the_module(tmp_path):
 
 @pytest.mark.parametrize("fields,keys,words", [
     ({"peft_type": "BOFT"}, GPT2_KEYS, ["peft_type 'BOFT'", "LORA, IA3"]),
-    ({"use_dora": True}, GPT2_KEYS, ["use_dora=True"]),
+    ({"init_lora_weights": "loftq"}, GPT2_KEYS, ["adapter_config.json", "init_lora_weights", "loftq"]),
+    ({"use_dora": True}, {"base_model.model.blocks.0.attention.dense1.lora_A.weight": np.zeros((2, 64), np.float32),
+                          "base_model.model.blocks.0.attention.dense1.lora_B.weight": np.zeros((64, 2), np.float32)},
+     ["no tensor", "blocks.0.attention.dense1.lora_magnitude_vector"]),
     ({}, {"base_model.model.blocks.0.attention.dense1.weight": np.zeros((2, 2), np.float32)},
      ["key 'base_model.model.blocks.0.attention.dense1.weight' is not a PEFT LoRA weight"]),
     ({}, {"base_model.model.blocks.0.attention.dense1.lora_A.weight": np.zeros((2, 64), np.float32)},

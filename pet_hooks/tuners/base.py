@@ -74,6 +74,9 @@ class Tuner(abc.ABC):
     peft_weights: ClassVar[Mapping[str, str]] = {}
     #: what follows the suffix in PEFT's keys: ".weight" for LoRA's sub-modules, "" for IA3's bare vectors
     peft_key_tail: ClassVar[str] = ".weight"
+    #: PEFT's optional key suffixes saved bare, with no tail (DoRA's ``lora_magnitude_vector``) -> our leaf;
+    #: written when the cell has that delta, read when the file has it
+    peft_bare_weights: ClassVar[Mapping[str, str]] = {}
     #: MindFormers' delta name suffix (``<cell>.<theirs>``) -> the leaf of our delta's name
     mindformers_weights: ClassVar[Mapping[str, str]] = {}
 

@@ -33,9 +33,9 @@ from mindspore.common import dtype as mstype
 
 from .._ms_compat import write_values
 from ..config import LoraConfig
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, PetConfigError, UnsupportedCellError
 from ..matching import is_excluded, select_cells
-from . import lora_experts, lora_layout, lora_mcore, lora_mha
+from . import lora_dora, lora_experts, lora_init, lora_layout, lora_mcore, lora_mha
 from .base import Injection, Tuner
 from .common import init_rng, inject_all, patched_class, restore
 
@@ -47,7 +47,8 @@ _MATMUL_TB = ops.MatMul(transpose_b=True)
 # Attributes a LoRA cell gains; removed again by eject() in the same order.
 _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
                 "pet_lora_rank_scaling",
-                "pet_lora_in", "pet_lora_out", "lora_A_w2", "lora_B_w2", "pet_lora_bmm") + lora_layout.PRIMITIVE_ATTRS
+                "pet_lora_in", "pet_lora_out", "lora_A_w2", "lora_B_w2", "pet_lora_bmm", lora_dora.MAGNITUDE,
+                lora_dora.MERGED_NORM, lora_init.RESIDUAL_ATTR) + lora_layout.PRIMITIVE_ATTRS
 SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
 
@@ -166,6 +167,14 @@ def _can_adapt(cell: nn.Cell) -> Optional[str]:
     return _mixin_for(cell)[1]
 
 
+def _can_adapt_with(cell: nn.Cell, cfg: LoraConfig) -> Optional[str]:
+    """``_can_adapt``, and what ``cfg``'s DoRA and init need (lora_dora.py, lora_init.py)."""
+    mixin, reason = _mixin_for(cell)
+    plain = (LoraDense, LoraLinear)
+    return reason or lora_dora.reason(mixin, cfg, plain) or lora_init.reason(cfg, mixin, plain,
+                                                                              lora_experts.LoraGroupedExperts)
+
+
 def is_lora_cell(cell: nn.Cell) -> bool:
     return getattr(type(cell), "pet_hooks_lora", False) is True
 
@@ -187,7 +196,7 @@ def _select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False
     cells LoRA already adapted too.
     """
     def can_adapt(cell):
-        return None if include_adapted and is_lora_cell(cell) else _can_adapt(cell)
+        return None if include_adapted and is_lora_cell(cell) else _can_adapt_with(cell, cfg)
 
     chosen = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=can_adapt,
                           skip=lambda path, cell: (is_lora_cell(cell) and not include_adapted)
@@ -202,11 +211,14 @@ def _select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False
             paths.add(out_path)
     by_path = dict(net.cells_and_names())
     parents = {}
-    for path, _ in targets:
+    for path, cell in targets:
         parent_path, _, leaf = path.rpartition(".")
         parent = by_path.get(parent_path)
         if lora_mha.reads_child(parent, leaf):
             parents[path] = parent
+            if cfg.use_dora:
+                raise UnsupportedCellError(f"cell '{path}' ({type(cell).__name__}) is read by its parent "
+                                           f"{type(parent).__name__}: DoRA (use_dora: true) is not supported there")
     return LoraTargets(targets, parents)
 
 
@@ -257,6 +269,7 @@ class LoraInjection(Injection):
     parent_original: Optional[type] = None
     #: the adapters whose A rows / B columns the cell's ``lora_A`` / ``lora_B`` hold, in order (``lora_slots``)
     occupants: List[str] = field(default_factory=list)
+    base_init: Optional[lora_init.BaseInit] = None     # PiSSA / OLoRA: the original weight, A0, B0
 
 
 def _inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injection]:
@@ -265,11 +278,12 @@ def _inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injecti
     parents: Dict[str, nn.Cell] = getattr(targets, "parents", {})
     records = inject_all(targets, _ADDED_ATTRS,
                          lambda index, path, cell: _add_branch(path, cell, cfg, rng, path in parents),
-                         mixin_of=lambda cell: _mixin_for(cell)[0])
+                         mixin_of=lambda cell: lora_dora.mixin_for(_mixin_for(cell)[0], cfg))
     done: List[LoraInjection] = []
     try:
         for record in records:
             done.append(LoraInjection(**vars(record)))
+            done[-1].base_init = lora_init.write_residual(record.cell)
             parent = parents.get(record.path)
             if parent is not None:
                 original = type(parent)
@@ -320,8 +334,8 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
         return params
     in_ch, out_ch = _io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
-    lora_a = param_data(_init_a(rng, cfg, in_ch), param_dtype)
-    lora_b = param_data(np.zeros((out_ch, cfg.lora_rank), np.float32), param_dtype)
+    a, b, residual = lora_init.initial_arrays(cell, cfg, rng, in_ch, out_ch, lambda: _init_a(rng, cfg, in_ch))
+    lora_a, lora_b = param_data(a, param_dtype), param_data(b, param_dtype)
     # Explicit names: parameters added after construction get no path prefix.
     cell.lora_A = Parameter(lora_a, name=f"{path}.lora_A", requires_grad=True)
     cell.lora_B = Parameter(lora_b, name=f"{path}.lora_B", requires_grad=True)
@@ -339,6 +353,12 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
         lora_layout.add_primitives(cell, lora_mcore.strategies(cell))
     elif _mixin_for(cell)[0] is LoraLinear:
         lora_layout.add_primitives(cell, lora_layout.from_matmul(cell))
+    if residual is not None:        # written by _inject once every cell is patched (all or nothing)
+        cell.__dict__[lora_init.RESIDUAL_ATTR] = residual
+    if cfg.use_dora:
+        weight = lora_init.weight_out_in(cell) if residual is None else residual
+        cell.lora_magnitude_vector = lora_dora.magnitude(path, weight, a, b, cfg.scaling, param_data, param_dtype)
+        return [cell.lora_A, cell.lora_B, cell.lora_magnitude_vector]
     return [cell.lora_A, cell.lora_B]
 
 
@@ -347,6 +367,7 @@ def _eject(record: Injection) -> None:
     parent = getattr(record, "parent", None)
     if parent is not None:
         lora_mha.detach_out_proj(parent, record.parent_original)
+    lora_init.restore_base(getattr(record, "base_init", None))
     restore(record)
 
 
@@ -373,6 +394,7 @@ class LoraTuner(Tuner):
     can_merge = True
     peft_type = "LORA"
     peft_weights = {"lora_A": "lora_A", "lora_B": "lora_B"}
+    peft_bare_weights = {lora_dora.MAGNITUDE: lora_dora.MAGNITUDE}     # DoRA's, saved without ".weight"
     # legacy (mindpet LoRADense) and mcore (lora_layers.py: lora_A / lora_B are LinearNoTP / ColumnParallelLinear cells)
     mindformers_weights = {"mindpet_delta_lora_a": "lora_A", "mindpet_delta_lora_b": "lora_B",
                            "lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
@@ -416,26 +438,47 @@ class LoraTuner(Tuner):
     def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
         if lora_experts.is_grouped_experts(record.cell):
             return lora_experts.weight_deltas(record.cell)
+        if lora_dora.is_dora(record.cell):
+            return lora_dora.weight_deltas(record.cell)
         return [(_base_weight(record.cell), _delta_in_weight_layout(record.cell))]
+
+    def merge(self, record: Injection, sign: int) -> None:
+        if lora_dora.is_dora(record.cell):      # multiplicative: W' = f (W + s B A), unmerged with the kept norms
+            lora_dora.merge(record.cell, sign)
+        else:
+            super().merge(record, sign)
 
     # -- Hugging Face PEFT's adapter_config.json ------------------------------------------------
     def peft_fields(self, cfg: LoraConfig) -> dict:
         return {"lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "r": cfg.lora_rank,
-                "use_dora": False, "use_rslora": cfg.use_rslora}
+                "use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora, "init_lora_weights": cfg.init_lora_weights}
 
     def check_peft_fields(self, doc, config_path: str) -> None:
         for key in ("r", "lora_alpha"):
             if not isinstance(doc.get(key), (int, float)) or isinstance(doc.get(key), bool):
                 raise AdapterFileError(f"{config_path}: field {key!r} is missing or not a number")
+        try:
+            LoraConfig(target_modules=".*", init_lora_weights=doc.get("init_lora_weights", True),
+                       use_dora=bool(doc.get("use_dora")))
+        except PetConfigError as err:
+            raise AdapterFileError(f"{config_path}: {err}") from None
 
     def config_from_peft(self, doc, target_modules: List[str]) -> LoraConfig:
         return LoraConfig(pet_type="lora", lora_rank=int(doc["r"]), lora_alpha=doc["lora_alpha"],
                           lora_dropout=float(doc.get("lora_dropout") or 0.0),
-                          target_modules=target_modules, use_rslora=bool(doc.get("use_rslora")))
+                          target_modules=target_modules, use_rslora=bool(doc.get("use_rslora")),
+                          use_dora=bool(doc.get("use_dora")), init_lora_weights=doc.get("init_lora_weights", True))
 
     def peft_mismatch(self, doc, config_path: str, net_name: str, applied) -> Optional[str]:
         scaling = doc["lora_alpha"] / (math.sqrt(doc["r"]) if doc.get("use_rslora") else doc["r"])
         if applied.pet_type in self.pet_types and math.isclose(applied.scaling, scaling, rel_tol=1e-6):
+            theirs = self.config_from_peft(doc, [".*"])
+            if theirs.use_dora != applied.use_dora:
+                return f"{config_path}: use_dora={theirs.use_dora} differs from the LoRA applied to {net_name}"
+            if (lora_init.mutates_base(theirs) or lora_init.mutates_base(applied)) and \
+                    theirs.init_lora_weights != applied.init_lora_weights:
+                return (f"{config_path}: init_lora_weights={theirs.init_lora_weights!r} differs from the LoRA applied "
+                        f"to {net_name} ({applied.init_lora_weights!r}): its base weight is another residual")
             return None
         return (f"{config_path}: LoRA scaling {scaling:g} (r={doc['r']}, lora_alpha={doc['lora_alpha']}) "
                 f"differs from the PET applied to {net_name} "
