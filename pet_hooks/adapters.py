@@ -31,10 +31,10 @@ from mindspore import nn
 from . import weighted
 from .config import LoraConfig, PetConfigError, check_adapter_name, load_config
 from .errors import PetStateError, UnsupportedCellError
-from .surgery import NamedAdapter, PetState, _state_owner, after_change, get_state
+from .surgery import NamedAdapter, PetState, state_owner, after_change, get_state
 from .tuners import lora_experts, lora_init, lora_rows, lora_slots
 from .tuners.common import init_rng
-from .tuners.lora import LoraTargets, LoraTuner, _init_a, _io_channels, _select_targets
+from .tuners.lora import LoraTargets, LoraTuner, init_a, io_channels, select_targets
 
 __all__ = ["add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "focused",
            "adapter_config", "adapter_per_row", "RowSelection", "add_weighted_adapter", "Names"]
@@ -165,15 +165,15 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
                                  f"train, which all adapters of a net share; set it on the first adapter only")
     _refuse_single_only([("the new adapter", cfg)] + [(repr(n), a.config) for n, a in state.adapters.items()])
     adapted = {record.path: record for record in state.cells}
-    model = _state_owner(net)                   # the cell apply adapted (net may wrap it): paths relative to it
-    targets = _select_targets(model, cfg, include_adapted=True)        # validates; changes nothing
+    model = state_owner(net)                   # the cell apply adapted (net may wrap it): paths relative to it
+    targets = select_targets(model, cfg, include_adapted=True)        # validates; changes nothing
     _refuse_experts(targets, "add an adapter")
     _refuse_experts([(r.path, r.cell) for r in state.cells], "add an adapter")
     rng = init_rng(cfg)
     stored = {}
     for path, cell in targets:                  # drawn in net order, as apply would for this config
-        inner, outer = _io_channels(cell)
-        stored[path] = {"lora_A": _init_a(rng, cfg, inner),
+        inner, outer = io_channels(cell)
+        stored[path] = {"lora_A": init_a(rng, cfg, inner),
                         "lora_B": np.zeros((outer, cfg.lora_rank), np.float32)}
     new = LoraTargets([(p, c) for p, c in targets if p not in adapted],
                       {p: c for p, c in targets.parents.items() if p not in adapted})

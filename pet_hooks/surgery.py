@@ -80,7 +80,7 @@ class PetState:
         return not (self.merged or self.disabled)
 
 
-def _state_owner(net: nn.Cell) -> Optional[nn.Cell]:
+def state_owner(net: nn.Cell) -> Optional[nn.Cell]:
     """The cell holding the PET record: ``net`` itself or a sub-cell (net may be a wrapper)."""
     if not isinstance(net, nn.Cell):
         raise TypeError(f"expected a mindspore.nn.Cell, got {type(net).__name__}")
@@ -92,7 +92,7 @@ def _state_owner(net: nn.Cell) -> Optional[nn.Cell]:
 
 def get_state(net: nn.Cell) -> Optional[PetState]:
     """The PET record of ``net`` (or of the PET model inside a wrapper such as WithLossCell)."""
-    owner = _state_owner(net)
+    owner = state_owner(net)
     return None if owner is None else owner.__dict__[_STATE_ATTR]
 
 
@@ -183,7 +183,7 @@ def remove(net: nn.Cell) -> nn.Cell:
 
     A merged net is unmerged first (weights back within float tolerance, with a warning).
     """
-    owner = _state_owner(net)
+    owner = state_owner(net)
     if owner is None:
         raise PetStateError(f"cannot remove: {type(net).__name__} has no PET applied")
     state: PetState = owner.__dict__[_STATE_ATTR]

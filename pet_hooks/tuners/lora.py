@@ -188,7 +188,7 @@ class LoraTargets(list):
         self.parents = parents
 
 
-def _select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False) -> LoraTargets:
+def select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False) -> LoraTargets:
     """The cells ``cfg`` selects; raises ValueError before anything is changed.
 
     A selected ``nn.MultiheadAttention`` brings its ``out_proj`` along (PEFT's rule) unless
@@ -222,7 +222,7 @@ def _select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False
     return LoraTargets(targets, parents)
 
 
-def _io_channels(cell: nn.Cell) -> Tuple[int, int]:
+def io_channels(cell: nn.Cell) -> Tuple[int, int]:
     """(in, out) of the projection the branch of ``cell`` adds to."""
     if lora_mha.is_mha(cell):
         return lora_mha.in_out_channels(cell)
@@ -249,7 +249,7 @@ def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
     return cell.dtype if _mixin_for(cell)[0] is LoraLinear else _base_weight(cell).dtype
 
 
-def _init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.ndarray:
+def init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.ndarray:
     shape = (cfg.lora_rank, in_channels)
     if cfg.lora_a_init == "normal":  # MindSpore's 'normal' initializer, as MindFormers uses
         return rng.normal(0.0, 0.01, size=shape).astype(np.float32)
@@ -332,9 +332,9 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
         _add_scale(path, cell, cfg)
         cell.lora_compute_dtype = _compute_dtype(cell, cfg)
         return params
-    in_ch, out_ch = _io_channels(cell)
+    in_ch, out_ch = io_channels(cell)
     param_dtype = getattr(mstype, cfg.param_init_type)
-    a, b, residual = lora_init.initial_arrays(cell, cfg, rng, in_ch, out_ch, lambda: _init_a(rng, cfg, in_ch))
+    a, b, residual = lora_init.initial_arrays(cell, cfg, rng, in_ch, out_ch, lambda: init_a(rng, cfg, in_ch))
     lora_a, lora_b = param_data(a, param_dtype), param_data(b, param_dtype)
     # Explicit names: parameters added after construction get no path prefix.
     cell.lora_A = Parameter(lora_a, name=f"{path}.lora_A", requires_grad=True)
@@ -403,7 +403,7 @@ class LoraTuner(Tuner):
         return _can_adapt(cell)
 
     def select_targets(self, net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
-        return _select_targets(net, cfg)
+        return select_targets(net, cfg)
 
     def inject(self, targets, cfg: LoraConfig) -> List[Injection]:
         return _inject(targets, cfg)
@@ -433,7 +433,7 @@ class LoraTuner(Tuner):
 
     def io_channels(self, record: Injection) -> Tuple[int, int]:
         """(in, out) of the projection the branch adds to (an attention cell's packed in-projection)."""
-        return _io_channels(record.cell)
+        return io_channels(record.cell)
 
     def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
         if lora_experts.is_grouped_experts(record.cell):
