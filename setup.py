@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "mindformers": ["mindformers==1.9.0"],
-        "test": ["pytest>=7", "pytest-mock>=3", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-mock>=3", "hypothesis>=6", "pytest-xdist>=3"],
         # PyTorch side of the PEFT-format tests (torch 2.13.0 resolves to the CPU build here)
         "interop": ["torch==2.13.0", "transformers>=4.40", "peft==0.21.2"],
         "plot": ["matplotlib>=3.5"],    # pet-hooks run --plot draws with it; without it a plain PNG

@@ -245,13 +245,13 @@ def test_soak_apply_remove_frees_the_stale_graphs():
         pet_hooks.remove(net)
         _logits(net, ids)
 
-    released = _growth_per_cycle(cycle, cycles=12, skip=4)
+    released = _growth_per_cycle(cycle, cycles=8, skip=3)
     real = pet_hooks._ms_compat.release_compiled_graphs
     try:
         pet_hooks._ms_compat.release_compiled_graphs = lambda cell: 0
         import pet_hooks.surgery as surgery
         surgery.release_compiled_graphs = pet_hooks._ms_compat.release_compiled_graphs
-        kept = _growth_per_cycle(cycle, cycles=12, skip=4)
+        kept = _growth_per_cycle(cycle, cycles=8, skip=3)
     finally:
         pet_hooks._ms_compat.release_compiled_graphs = real
         surgery.release_compiled_graphs = real
