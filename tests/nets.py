@@ -10,7 +10,7 @@ from typing import Callable, Dict, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 ACTIVATIONS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "": lambda v: v,
@@ -118,3 +118,28 @@ def tiny_llama():
         use_flash_attention=False, use_past=False, compute_dtype="float32", param_init_type="float32",
         layernorm_compute_type="float32", softmax_compute_type="float32", rotary_dtype="float32",
         use_rope_slice=True, fused_rms_norm=False, batch_size=2))
+
+
+#: the layers of ThreeLayers, (in, out)
+SIZES = {"k": (6, 10), "v": (10, 8), "down": (8, 4)}
+
+
+class ThreeLayers(nn.Cell):
+    """down(relu(v(relu(k(x))))): nn.Dense, or MindFormers' Linear with the given transpose_b (the IA3 and DoRA
+    comparisons with PEFT).
+
+    relu, not tanh, between the layers: MindSpore's CPU tanh is an approximation (6e-6 off in
+    float32, measured), which would hide IA3's own differences from PEFT's under its error."""
+
+    def __init__(self, kind: str = "dense"):
+        super().__init__()
+        for layer, (din, dout) in SIZES.items():
+            if kind == "dense":
+                cell = nn.Dense(din, dout)
+            else:
+                from mindformers.modules.layers import Linear
+                cell = Linear(din, dout, transpose_b=(kind == "linear"), compute_dtype=ms.float32)
+            setattr(self, layer, cell)
+
+    def construct(self, x):
+        return self.down(ops.relu(self.v(ops.relu(self.k(x)))))

@@ -23,15 +23,15 @@ import sys
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 import pet_hooks
 from pet_hooks.surgery import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
+from tests.nets import SIZES, ThreeLayers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYERS = ("k", "v", "down")
-SIZES = {"k": (6, 10), "v": (10, 8), "down": (8, 4)}        # (in, out)
 R, ALPHA = 2, 8
 SCALING = ALPHA / R
 LORA = {"pet_type": "lora", "lora_rank": R, "lora_alpha": ALPHA, "target_modules": list(LAYERS)}
@@ -43,22 +43,6 @@ KINDS = [pytest.param("dense", id="dense"),
          pytest.param("linear_in_out", id="mf_linear_in_out", marks=NEEDS_MF)]
 
 
-class ThreeLayers(nn.Cell):
-    """down(relu(v(relu(k(x))))): nn.Dense, or MindFormers' Linear with the given transpose_b (relu: MindSpore's
-    CPU tanh is an approximation, see tests/test_ia3.py)."""
-
-    def __init__(self, kind: str = "dense"):
-        super().__init__()
-        for layer, (din, dout) in SIZES.items():
-            if kind == "dense":
-                cell = nn.Dense(din, dout)
-            else:
-                from mindformers.modules.layers import Linear
-                cell = Linear(din, dout, transpose_b=(kind == "linear"), compute_dtype=ms.float32)
-            setattr(self, layer, cell)
-
-    def construct(self, x):
-        return self.down(ops.relu(self.v(ops.relu(self.k(x)))))
 
 
 def _job() -> dict:

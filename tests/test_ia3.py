@@ -15,37 +15,19 @@ import sys
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 import pet_hooks
 from pet_hooks.surgery import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
+from tests.nets import SIZES, ThreeLayers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYERS = ("k", "v", "down")
-SIZES = {"k": (6, 10), "v": (10, 8), "down": (8, 4)}        # (in, out)
 CFG = {"pet_type": "ia3", "target_modules": ["k", "v", "down"], "feedforward_modules": ["down"]}
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
 
 
-class ThreeLayers(nn.Cell):
-    """down(relu(v(relu(k(x))))): nn.Dense, or MindFormers' Linear with the given transpose_b.
-
-    relu, not tanh, between the layers: MindSpore's CPU tanh is an approximation (6e-6 off in
-    float32, measured), which would hide IA3's own differences from PEFT's under its error."""
-
-    def __init__(self, kind: str = "dense"):
-        super().__init__()
-        for layer, (din, dout) in SIZES.items():
-            if kind == "dense":
-                cell = nn.Dense(din, dout)
-            else:
-                from mindformers.modules.layers import Linear
-                cell = Linear(din, dout, transpose_b=(kind == "linear"), compute_dtype=ms.float32)
-            setattr(self, layer, cell)
-
-    def construct(self, x):
-        return self.down(ops.relu(self.v(ops.relu(self.k(x)))))
 
 
 KINDS = [pytest.param("dense", id="dense"),
