@@ -122,6 +122,13 @@ def set_adapter(net: nn.Cell, names: Names) -> nn.Cell:
     return net
 
 
+def _check_new_name(state: PetState, name) -> None:
+    check_adapter_name(name)
+    if name in state.adapters:
+        raise PetConfigError(f"adapter_name {name!r} is taken: the net has adapters {list(state.adapters)} "
+                             f"(delete_adapter first, or load with hotswap=True to replace its values)")
+
+
 def _refuse_single_only(configs) -> None:
     """DoRA (a magnitude per cell) and PiSSA / OLoRA (the base weight replaced by one adapter's residual) keep
     one adapter per net: refuse another next to them."""
@@ -152,10 +159,7 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
             weights), a pattern that matches nothing. The net is left as it was.
     """
     state = _lora_state(net, "add an adapter")
-    check_adapter_name(adapter_name)
-    if adapter_name in state.adapters:
-        raise PetConfigError(f"adapter_name {adapter_name!r} is taken: the net has adapters {list(state.adapters)} "
-                             f"(delete_adapter first, or load with hotswap=True to replace its values)")
+    _check_new_name(state, adapter_name)
     cfg = load_config(cfg)
     if not isinstance(cfg, LoraConfig):
         raise PetConfigError(f"add_adapter takes a LoRA config; pet_type {cfg.pet_type!r} keeps one adapter per net")
@@ -167,8 +171,7 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
     adapted = {record.path: record for record in state.cells}
     model = state_owner(net)                   # the cell apply adapted (net may wrap it): paths relative to it
     targets = select_targets(model, cfg, include_adapted=True)        # validates; changes nothing
-    _refuse_experts(targets, "add an adapter")
-    _refuse_experts([(r.path, r.cell) for r in state.cells], "add an adapter")
+    _refuse_experts(list(targets) + [(r.path, r.cell) for r in state.cells], "add an adapter")
     rng = init_rng(cfg)
     stored = {}
     for path, cell in targets:                  # drawn in net order, as apply would for this config
@@ -333,9 +336,7 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
             argument. The net is left as it was.
     """
     state = _lora_state(net, "add a weighted adapter")
-    check_adapter_name(adapter_name)
-    if adapter_name in state.adapters:
-        raise PetConfigError(f"adapter_name {adapter_name!r} is taken: the net has adapters {list(state.adapters)}")
+    _check_new_name(state, adapter_name)
     if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
         raise PetConfigError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
     for name in adapters:

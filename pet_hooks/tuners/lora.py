@@ -295,7 +295,7 @@ def _inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injecti
         for record in reversed(records[len(done):]):
             restore(record)
         raise
-    weight_read = [r.path for r in records if lora_mha.is_mha(r.cell) or r.path in parents]
+    weight_read = [r.path for r in records if lora_mha.delta_in_weight(r.cell, r.path in parents)]
     if weight_read and cfg.lora_dropout > 0:
         logger.warning("pet_hooks: lora_dropout %s is not applied on %s: the delta goes into the weight that "
                        "MultiheadAttention reads (as in PEFT)", cfg.lora_dropout, ", ".join(weight_read))
@@ -341,8 +341,7 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     cell.lora_B = Parameter(lora_b, name=f"{path}.lora_B", requires_grad=True)
     cell.lora_dropout = None
     # A branch folded into a weight (attention cells) has no input of its own to drop.
-    weight_read = read_by_parent or lora_mha.is_mha(cell)
-    if cfg.lora_dropout > 0 and not weight_read:
+    if cfg.lora_dropout > 0 and not lora_mha.delta_in_weight(cell, read_by_parent):
         cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
         cell.lora_dropout.set_train(cell.training)
     _add_scale(path, cell, cfg)

@@ -121,6 +121,12 @@ def is_mha(cell: nn.Cell) -> bool:
     return isinstance(cell, nn.MultiheadAttention)
 
 
+def delta_in_weight(cell: nn.Cell, read_by_parent: bool) -> bool:
+    """True when the LoRA delta of ``cell`` goes into a weight (an attention cell's, or one its parent reads)
+    rather than a branch of its own: no branch input to drop out, one delta for every row of a batch."""
+    return read_by_parent or is_mha(cell)
+
+
 def mha_reason(cell: nn.Cell) -> Optional[str]:
     """None when the attention cell's input projection can take a branch, else why not."""
     construct = type(cell).construct

@@ -21,7 +21,7 @@ import numpy as np
 from mindspore import Parameter, ops
 
 from .._ms_compat import write_values
-from . import lora_experts, lora_mcore, lora_mha
+from . import lora_experts, lora_mcore, lora_mha, lora_slots
 from .common import patched_class, strip_attrs
 
 __all__ = ["LoraRowBranch", "BASE", "unsupported", "install", "write_masks", "uninstall"]
@@ -58,7 +58,7 @@ class LoraRowBranch:
 def unsupported(record) -> Optional[str]:
     """Why the record's cell cannot take a row selection; None when it can."""
     cell = record.cell
-    if lora_mha.is_mha(cell) or getattr(record, "parent", None) is not None:
+    if lora_mha.delta_in_weight(cell, getattr(record, "parent", None) is not None):
         return "its LoRA delta goes into an attention weight shared by every row"
     if lora_experts.is_grouped_experts(cell):
         return "its LoRA deltas go into the experts' weights shared by every row"
@@ -69,13 +69,10 @@ def unsupported(record) -> Optional[str]:
 
 def _masks(state, record, names: Sequence[str]) -> np.ndarray:
     """[rows, R] of the record's slot for the row adapters ``names``."""
-    ranks = [int(state.adapters[n].config.lora_rank) for n in record.occupants]
-    mask = np.zeros((len(names), sum(ranks)), np.float32)
-    offsets = np.cumsum([0] + ranks)
+    mask = np.zeros((len(names), int(record.cell.lora_A.shape[-2])), np.float32)
     for row, name in enumerate(names):
         if name in record.occupants and state.enabled:
-            i = record.occupants.index(name)
-            mask[row, offsets[i]:offsets[i + 1]] = state.adapters[name].config.scaling
+            mask[row, lora_slots.rows_of(state, record, name)] = state.adapters[name].config.scaling
     return mask
 
 

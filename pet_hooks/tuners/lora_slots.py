@@ -44,7 +44,7 @@ def _rank(state, name: str) -> int:
     return int(state.adapters[name].config.lora_rank)
 
 
-def _rows(state, record, name: str) -> slice:
+def rows_of(state, record, name: str) -> slice:
     """The rank positions of ``name`` in the record's slot."""
     offset = 0
     for occupant in record.occupants:
@@ -63,6 +63,16 @@ def _take(array: np.ndarray, attr: str, rows: slice) -> np.ndarray:
     return np.array(array[tuple(index)], copy=True, order="C")
 
 
+def _slot_arrays(record) -> Dict[str, np.ndarray]:
+    return {attr: to_numpy(getattr(record.cell, attr)) for attr in RANK_AXIS}
+
+
+def _occupant_values(state, record, name: str, arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Copies of occupant ``name``'s rows (A) and columns (B) of the slot ``arrays``."""
+    rows = rows_of(state, record, name)
+    return {attr: _take(arrays[attr], attr, rows) for attr in RANK_AXIS}
+
+
 def adapter_arrays(state, name: str) -> Dict[str, Dict[str, np.ndarray]]:
     """cell path -> {"lora_A": [r, in], "lora_B": [out, r]} of adapter ``name``, wherever its values are."""
     adapter = state.adapters[name]
@@ -71,8 +81,7 @@ def adapter_arrays(state, name: str) -> Dict[str, Dict[str, np.ndarray]]:
     for path in adapter.paths:
         record = by_path[path]
         if name in record.occupants:
-            rows = _rows(state, record, name)
-            out[path] = {attr: _take(to_numpy(getattr(record.cell, attr)), attr, rows) for attr in RANK_AXIS}
+            out[path] = _occupant_values(state, record, name, _slot_arrays(record))
         else:
             out[path] = {attr: np.array(value) for attr, value in adapter.stored[path].items()}
     return out
@@ -82,10 +91,9 @@ def bank(state, record) -> None:
     """Copy the values of the record's occupants out of its slot into their ``stored`` arrays; it is then vacant."""
     if not record.occupants:
         return
-    arrays = {attr: to_numpy(getattr(record.cell, attr)) for attr in RANK_AXIS}
+    arrays = _slot_arrays(record)
     for name in record.occupants:
-        rows = _rows(state, record, name)
-        state.adapters[name].stored[record.path] = {attr: _take(arrays[attr], attr, rows) for attr in RANK_AXIS}
+        state.adapters[name].stored[record.path] = _occupant_values(state, record, name, arrays)
     record.occupants = []
 
 
@@ -110,21 +118,20 @@ def _install(cell: nn.Cell, attr: str, values: np.ndarray, dtype, reuse: Optiona
     return True
 
 
-def _dropout_rate(cell: nn.Cell) -> float:
-    return 0.0 if cell.lora_dropout is None else float(cell.lora_dropout.p)
+def _rate(dropout: Optional[nn.Cell]) -> float:
+    return 0.0 if dropout is None else float(dropout.p)
 
 
 def _set_dropout(cell: nn.Cell, record, rate: float, reuse: Dict[str, object]) -> bool:
     """Give the cell a dropout of ``rate`` (none at 0, and none where the branch goes into a weight:
     there is no branch input to drop), the one held before when ``reuse`` has it. True when it changed."""
-    weight_read = lora_mha.is_mha(cell) or getattr(record, "parent", None) is not None
-    wanted = 0.0 if weight_read else float(rate)
+    wanted = 0.0 if lora_mha.delta_in_weight(cell, getattr(record, "parent", None) is not None) else float(rate)
     if "lora_dropout" in reuse and reuse["lora_dropout"] is not cell.lora_dropout:
         before = reuse["lora_dropout"]
-        if (0.0 if before is None else float(before.p)) == wanted:
+        if _rate(before) == wanted:
             cell.lora_dropout = before
             return True
-    if _dropout_rate(cell) == wanted:
+    if _rate(cell.lora_dropout) == wanted:
         return False
     if wanted == 0.0:
         cell.lora_dropout = None
