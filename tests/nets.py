@@ -122,6 +122,7 @@ def tiny_llama():
 
 #: the layers of ThreeLayers, (in, out)
 SIZES = {"k": (6, 10), "v": (10, 8), "down": (8, 4)}
+LAYERS = tuple(SIZES)
 
 
 class ThreeLayers(nn.Cell):
@@ -143,3 +144,14 @@ class ThreeLayers(nn.Cell):
 
     def construct(self, x):
         return self.down(ops.relu(self.v(ops.relu(self.k(x)))))
+
+
+def three_layers(job: dict, kind: str = "dense") -> ThreeLayers:
+    """ThreeLayers with the weights and biases of ``job`` (``<layer>.weight`` [out, in], ``<layer>.bias``)."""
+    net = ThreeLayers(kind)
+    for layer in LAYERS:
+        cell = getattr(net, layer)
+        weight = job[f"{layer}.weight"] if kind != "linear_in_out" else job[f"{layer}.weight"].T
+        cell.weight.set_data(Tensor(np.ascontiguousarray(weight)))
+        cell.bias.set_data(Tensor(job[f"{layer}.bias"]))
+    return net

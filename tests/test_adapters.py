@@ -111,6 +111,16 @@ def graph_mode():
     ms.set_context(mode=before)
 
 
+def _each_alone(net, x, names):
+    """name -> the net's output with that adapter alone active; "default" is active afterwards."""
+    outputs = {}
+    for name in names:
+        pet_hooks.set_adapter(net, name)
+        outputs[name] = net(x).asnumpy()
+    pet_hooks.set_adapter(net, "default")
+    return outputs
+
+
 class _NoCompile:
     """Nothing compiled for ``net`` and the graph cache key unmoved in the block."""
 
@@ -145,11 +155,7 @@ def test_each_adapter_and_their_sum_compute_as_numpy_says(mode):
 def test_switching_adapters_of_the_same_ranks_compiles_nothing(mode):
     net = _three_adapters()
     x = _x()
-    outputs = {}
-    for name in ("default", "c", "b"):
-        pet_hooks.set_adapter(net, name)
-        outputs[name] = net(x).asnumpy()
-    pet_hooks.set_adapter(net, "default")
+    outputs = _each_alone(net, x, ("default", "c", "b"))
     net(x)
     with _NoCompile(net):
         # default and c have the same ranks and targets; b (dense2 only, rank 3) needs other shapes
@@ -240,11 +246,7 @@ def test_merge_folds_every_active_adapter(mode):
 def test_save_and_load_each_adapter_and_all_of_them(mode, tmp_path):
     net = _three_adapters()
     x = _x()
-    outputs = {}
-    for name in ("default", "b", "c"):
-        pet_hooks.set_adapter(net, name)
-        outputs[name] = net(x).asnumpy()
-    pet_hooks.set_adapter(net, "default")
+    outputs = _each_alone(net, x, ("default", "b", "c"))
     optimizer_params = [id(p) for p in pet_hooks.delta_parameters(net)]
     pet_hooks.save_adapter(net, tmp_path / "b", adapter_name="b")
     pet_hooks.save_adapter(net, tmp_path / "all", adapter_name="all")
@@ -294,13 +296,9 @@ def test_hot_swap_replaces_values_in_place_without_a_compile(mode, tmp_path):
 def test_each_row_goes_through_its_own_adapter(mode):
     net = _three_adapters()
     x = _x(5)
-    alone = {}
-    for name in ("default", "b", "c"):
-        pet_hooks.set_adapter(net, name)
-        alone[name] = net(x).asnumpy()
+    alone = _each_alone(net, x, ("default", "b", "c"))
     with pet_hooks.disable_adapters(net):
         alone["__base__"] = net(x).asnumpy()
-    pet_hooks.set_adapter(net, "default")
     rows = ["b", "__base__", "default", "c", "b"]
     with pet_hooks.adapter_per_row(net, rows) as selection:
         out = net(x).asnumpy()

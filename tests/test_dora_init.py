@@ -28,10 +28,9 @@ from mindspore import Tensor, nn
 import pet_hooks
 from pet_hooks.surgery import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
-from tests.nets import SIZES, ThreeLayers
+from tests.nets import LAYERS, SIZES, three_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LAYERS = ("k", "v", "down")
 R, ALPHA = 2, 8
 SCALING = ALPHA / R
 LORA = {"pet_type": "lora", "lora_rank": R, "lora_alpha": ALPHA, "target_modules": list(LAYERS)}
@@ -41,8 +40,6 @@ NEEDS_MF = pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not in
 KINDS = [pytest.param("dense", id="dense"),
          pytest.param("linear", id="mf_linear", marks=NEEDS_MF),
          pytest.param("linear_in_out", id="mf_linear_in_out", marks=NEEDS_MF)]
-
-
 
 
 def _job() -> dict:
@@ -58,16 +55,6 @@ def _job() -> dict:
         job[f"pissa.{layer}.dA"] = (rng.standard_normal((R, din)) * 0.2).astype(np.float32)
         job[f"pissa.{layer}.dB"] = (rng.standard_normal((dout, R)) * 0.2).astype(np.float32)
     return job
-
-
-def _net(job: dict, kind: str = "dense") -> ThreeLayers:
-    net = ThreeLayers(kind)
-    for layer in LAYERS:
-        cell = getattr(net, layer)
-        weight = job[f"{layer}.weight"] if kind != "linear_in_out" else job[f"{layer}.weight"].T
-        cell.weight.set_data(Tensor(np.ascontiguousarray(weight)))
-        cell.bias.set_data(Tensor(job[f"{layer}.bias"]))
-    return net
 
 
 def _set(net, values: dict) -> None:
@@ -110,10 +97,10 @@ def peft_run(tmp_path_factory):
     job = _job()
     np.savez(work / "job.npz", **job)
     x = Tensor(job["x"])
-    dora = pet_hooks.apply(_net(job), DORA)
+    dora = pet_hooks.apply(three_layers(job), DORA)
     _set(dora, _dora_values(job))
     pet_hooks.save_adapter(dora, work / "ours_dora", format="peft", task_type=None)
-    pissa = pet_hooks.apply(_net(job), {**LORA, "init_lora_weights": "pissa"})
+    pissa = pet_hooks.apply(three_layers(job), {**LORA, "init_lora_weights": "pissa"})
     _trained_pissa(pissa, job)
     pet_hooks.save_adapter(pissa, work / "ours_pissa", format="peft", task_type=None)
     pet_hooks.save_as_lora(pissa, work / "ours_lora", format="peft", task_type=None)
@@ -129,7 +116,7 @@ def peft_run(tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 def test_dora_outputs_gradients_and_merge_equal_peft(mode, kind, peft_run):
     _, job, theirs, _ = peft_run
-    net = pet_hooks.apply(_net(job, kind), DORA)
+    net = pet_hooks.apply(three_layers(job, kind), DORA)
     for layer in LAYERS:                                    # PEFT's init: the row norms of W
         close(getattr(net, layer).lora_magnitude_vector.asnumpy(), theirs[f"dora.init_m.{layer}"], layer, 1e-6)
     _set(net, _dora_values(job))
@@ -171,7 +158,7 @@ def test_peft_reads_our_dora_and_pissa_and_we_read_peft_s_dora(mode, peft_run):
     doc = json.loads((work / "ours_lora" / "adapter_config.json").read_text())
     assert (doc["r"], doc["lora_alpha"], doc["init_lora_weights"]) == (2 * R, 2 * ALPHA, True)
     assert json.loads((work / "ours_dora" / "adapter_config.json").read_text())["use_dora"] is True
-    fresh = pet_hooks.load_adapter(_net(job), work / "theirs_dora")
+    fresh = pet_hooks.load_adapter(three_layers(job), work / "theirs_dora")
     assert get_state(fresh).config.use_dora is True
     diffs["theirs dora"] = close(fresh(Tensor(job["x"])).asnumpy(), theirs["dora.out"])
     print("max |ours - PEFT| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
@@ -179,7 +166,7 @@ def test_peft_reads_our_dora_and_pissa_and_we_read_peft_s_dora(mode, peft_run):
 
 def test_dora_trains_only_deltas_disable_and_remove(mode):
     job = _job()
-    net = _net(job)
+    net = three_layers(job)
     x = Tensor(job["x"])
     base = net(x).asnumpy()
     values, classes = snapshot(net), [type(c) for _, c in net.cells_and_names()]
@@ -229,7 +216,7 @@ def test_dora_is_refused_on_cells_it_cannot_adapt():
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_olora_init_equals_peft_and_remove_restores(mode, init, peft_run):
     _, job, theirs, _ = peft_run
-    net = _net(job)
+    net = three_layers(job)
     x = Tensor(job["x"])
     base, values = net(x).asnumpy(), snapshot(net)
     pet_hooks.apply(net, {**LORA, "init_lora_weights": init})
@@ -259,8 +246,8 @@ def test_pissa_niter_reconstructs_the_weight_and_is_seeded():
     job = _job()
     kind = "linear_in_out" if HAS_MINDFORMERS else "dense"      # the [in, out] layout too
     cfg = {**LORA, "init_lora_weights": "pissa_niter_4", "seed": 5}
-    net = pet_hooks.apply(_net(job, kind), cfg)
-    again = pet_hooks.apply(_net(job), cfg)
+    net = pet_hooks.apply(three_layers(job, kind), cfg)
+    again = pet_hooks.apply(three_layers(job), cfg)
     for layer in LAYERS:
         cell = getattr(net, layer)
         sba = SCALING * cell.lora_B.asnumpy() @ cell.lora_A.asnumpy()
@@ -274,22 +261,22 @@ def test_pissa_niter_reconstructs_the_weight_and_is_seeded():
 def test_pissa_adapter_reloads_and_converts_to_plain_lora_in_our_format(tmp_path):
     job = _job()
     x = Tensor(job["x"])
-    net = pet_hooks.apply(_net(job), {**LORA, "init_lora_weights": "olora"})
+    net = pet_hooks.apply(three_layers(job), {**LORA, "init_lora_weights": "olora"})
     _trained_pissa(net, job)
     out = net(x).asnumpy()
     pet_hooks.save_adapter(net, tmp_path / "olora")
-    fresh = pet_hooks.load_adapter(_net(job), tmp_path / "olora")         # the residual derived again
+    fresh = pet_hooks.load_adapter(three_layers(job), tmp_path / "olora")         # the residual derived again
     close(fresh(x).asnumpy(), out, tol=1e-6)
     before = snapshot(net)
     pet_hooks.save_as_lora(net, tmp_path / "plain")
     assert_params_equal(before, net)                                       # A0 / B0 written in and back exactly
-    plain = pet_hooks.load_adapter(_net(job), tmp_path / "plain")
+    plain = pet_hooks.load_adapter(three_layers(job), tmp_path / "plain")
     cfg = get_state(plain).config
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.init_lora_weights) == (2 * R, 2 * ALPHA, True)
     np.testing.assert_array_equal(plain.k.weight.asnumpy(), job["k.weight"])   # the original W, untouched
     close(plain(x).asnumpy(), out)
     with pytest.raises(pet_hooks.PetStateError, match="pissa.*olora"):
-        pet_hooks.save_as_lora(pet_hooks.apply(_net(job), LORA), tmp_path / "no")
+        pet_hooks.save_as_lora(pet_hooks.apply(three_layers(job), LORA), tmp_path / "no")
 
 
 # ----------------------------------------------------------------------------- gaussian, false, the fields
@@ -300,7 +287,7 @@ def test_gaussian_false_and_the_init_fields():
     a = net[0].lora_A.asnumpy()
     assert abs(a.std() - 1 / 4) < 0.015 and abs(a.mean()) < 0.015                # PEFT: normal(0, 1/r)
     assert not net[0].lora_B.asnumpy().any()
-    off = _net(job)
+    off = three_layers(job)
     base = off(Tensor(job["x"])).asnumpy()
     pet_hooks.apply(off, {**LORA, "init_lora_weights": False, "seed": 1})
     assert off.k.lora_B.asnumpy().any() and np.abs(off.k.lora_B.asnumpy()).max() <= 1 / np.sqrt(R)
@@ -314,12 +301,12 @@ def test_gaussian_false_and_the_init_fields():
 
 def test_a_peft_adapter_of_another_kind_is_refused_by_an_adapted_net(tmp_path):
     job = _job()
-    pet_hooks.save_adapter(pet_hooks.apply(_net(job), LORA), tmp_path / "plain", format="peft", task_type=None)
-    pet_hooks.save_adapter(pet_hooks.apply(_net(job), {**LORA, "init_lora_weights": "olora"}), tmp_path / "olora",
+    pet_hooks.save_adapter(pet_hooks.apply(three_layers(job), LORA), tmp_path / "plain", format="peft", task_type=None)
+    pet_hooks.save_adapter(pet_hooks.apply(three_layers(job), {**LORA, "init_lora_weights": "olora"}), tmp_path / "olora",
                            format="peft", task_type=None)
-    dora = pet_hooks.apply(_net(job), DORA)
+    dora = pet_hooks.apply(three_layers(job), DORA)
     with pytest.raises(pet_hooks.PetStateError, match="use_dora=False differs"):
         pet_hooks.load_adapter(dora, tmp_path / "plain")
-    plain = pet_hooks.apply(_net(job), LORA)
+    plain = pet_hooks.apply(three_layers(job), LORA)
     with pytest.raises(pet_hooks.PetStateError, match="init_lora_weights='olora' differs.*residual"):
         pet_hooks.load_adapter(plain, tmp_path / "olora")

@@ -20,14 +20,11 @@ from mindspore import Tensor, nn
 import pet_hooks
 from pet_hooks.surgery import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
-from tests.nets import SIZES, ThreeLayers
+from tests.nets import LAYERS, SIZES, ThreeLayers, three_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LAYERS = ("k", "v", "down")
 CFG = {"pet_type": "ia3", "target_modules": ["k", "v", "down"], "feedforward_modules": ["down"]}
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
-
-
 
 
 KINDS = [pytest.param("dense", id="dense"),
@@ -47,16 +44,6 @@ def _job() -> dict:
         shape = (1, din) if layer == "down" else (dout, 1)       # PEFT's shapes
         job[f"ia3.{layer}"] = rng.uniform(0.3, 1.7, shape).astype(np.float32)
     return job
-
-
-def _net(job: dict, kind: str = "dense") -> ThreeLayers:
-    net = ThreeLayers(kind)
-    for layer in LAYERS:
-        cell = getattr(net, layer)
-        weight = job[f"{layer}.weight"] if kind != "linear_in_out" else job[f"{layer}.weight"].T
-        cell.weight.set_data(Tensor(np.ascontiguousarray(weight)))
-        cell.bias.set_data(Tensor(job[f"{layer}.bias"]))
-    return net
 
 
 def _set_vectors(net, job) -> None:
@@ -84,7 +71,7 @@ def peft_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("ia3")
     job = _job()
     np.savez(work / "job.npz", **job)
-    net = pet_hooks.apply(_net(job), CFG)
+    net = pet_hooks.apply(three_layers(job), CFG)
     _set_vectors(net, job)
     pet_hooks.save_adapter(net, work / "ours", format="peft", task_type=None)
     out = subprocess.run([sys.executable, os.path.join(HERE, "ia3_reference.py"), str(work)],
@@ -97,7 +84,7 @@ def peft_run(tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 def test_outputs_gradients_and_merge_equal_peft(mode, kind, peft_run):
     _, job, torch_out = peft_run
-    net = pet_hooks.apply(_net(job, kind), CFG)
+    net = pet_hooks.apply(three_layers(job, kind), CFG)
     _set_vectors(net, job)
     x, g = Tensor(job["x"]), Tensor(job["g"])
     vectors = pet_hooks.delta_parameters(net)
@@ -128,7 +115,7 @@ def test_outputs_gradients_and_merge_equal_peft(mode, kind, peft_run):
 @NEEDS_PEFT
 def test_peft_reads_our_adapter_and_we_read_peft_s(mode, peft_run):
     work, job, torch_out = peft_run
-    ours = _net(job)
+    ours = three_layers(job)
     pet_hooks.apply(ours, CFG)
     _set_vectors(ours, job)
     assert_close(ours(Tensor(job["x"])).asnumpy(), torch_out["ours"])
@@ -138,7 +125,7 @@ def test_peft_reads_our_adapter_and_we_read_peft_s(mode, peft_run):
     assert doc["peft_type"] == "IA3" and doc["feedforward_modules"] == ["down"]
     assert sorted(doc["target_modules"]) == ["down", "k", "v"]
 
-    fresh = pet_hooks.load_adapter(_net(job), work / "theirs")       # PEFT's own files, config from them
+    fresh = pet_hooks.load_adapter(three_layers(job), work / "theirs")       # PEFT's own files, config from them
     cfg = get_state(fresh).config
     assert cfg.pet_type == "ia3" and cfg.feedforward_modules == ["down"]
     assert_close(fresh(Tensor(job["x"])).asnumpy(), torch_out["out"])
@@ -146,7 +133,7 @@ def test_peft_reads_our_adapter_and_we_read_peft_s(mode, peft_run):
 
 def test_the_contract_init_training_disable_remove(mode):
     job = _job()
-    net = _net(job)
+    net = three_layers(job)
     net.k.bias.requires_grad = False                    # a user's own choice, to be kept
     classes = {name: type(cell) for name, cell in net.cells_and_names()}
     flags = {p.name: p.requires_grad for p in net.get_parameters()}
@@ -178,8 +165,8 @@ def test_the_contract_init_training_disable_remove(mode):
 
 
 def test_init_ia3_weights_false_draws_seeded_normal_vectors():
-    first = pet_hooks.apply(_net(_job()), {**CFG, "init_ia3_weights": False, "seed": 3})
-    again = pet_hooks.apply(_net(_job()), {**CFG, "init_ia3_weights": False, "seed": 3})
+    first = pet_hooks.apply(three_layers(_job()), {**CFG, "init_ia3_weights": False, "seed": 3})
+    again = pet_hooks.apply(three_layers(_job()), {**CFG, "init_ia3_weights": False, "seed": 3})
     values = first.v.ia3_l.asnumpy()
     assert not np.allclose(values, 1.0) and abs(values.std() - 1.0) < 0.6
     np.testing.assert_array_equal(values, again.v.ia3_l.asnumpy())
@@ -236,7 +223,7 @@ def test_llama_ia3_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
 
 def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path):
     job = _job()
-    net = pet_hooks.apply(_net(job), CFG)
+    net = pet_hooks.apply(three_layers(job), CFG)
     _set_vectors(net, job)
     x = Tensor(job["x"])
     adapted = net(x).asnumpy()
