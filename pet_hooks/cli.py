@@ -1,6 +1,7 @@
 """The ``pet-hooks`` command line (also ``python -m pet_hooks``).
 
     pet-hooks run --config pet.yaml [--save-dir adapter/] [--quiet] [--plot loss.png] train.py [ARGS...]
+    pet-hooks run run_mindformer.py --config run_llama_lora.yaml    # the run YAML's own pet_config
     pet-hooks inspect --config pet.yaml (--model MODULE:FACTORY | train.py [ARGS...]) [--json]
     pet-hooks check-config samples/configs/lora.yaml    # validate a config, print it normalised
     pet-hooks check-config --explain samples/configs/lora.yaml   # each field: value and meaning
@@ -36,7 +37,8 @@ def _check_config(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .launcher import run_script  # imports MindSpore: only when running
 
-    cfg = load_config(args.config)
+    # Without --config the config is the pet_config of the run YAML MindFormers builds from (hooks.mindformers).
+    cfg = None if args.config is None else load_config(args.config)
     if not args.script:
         raise ValueError("run needs a SCRIPT to run")
     script, script_args = args.script[0], args.script[1:]
@@ -88,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__, help="print the pet_hooks version")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an unmodified training script with PET")
-    run.add_argument("--config", required=True, help="the PET config (any form load_config takes)")
+    run.add_argument("--config", default=None, help="the PET config (any form load_config takes); default: the "
+                     "pet_config of the MindFormers run YAML the script builds its model from")
     run.add_argument("--save-dir", default=None, help="save the trained model's adapter here at the end")
     run.add_argument("--quiet", action="store_true", help="no progress line (it is off anyway when stdout "
                      "is not a terminal)")

@@ -29,7 +29,8 @@ from .strategy_ckpt import check_run_yaml
 __all__ = [
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "IA3Config", "BitFitConfig",
     "AdapterConfig", "LowRankAdapterConfig",
-    "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain",
+    "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
+    "config_types", "config_differences",
 ]
 
 logger = logging.getLogger("pet_hooks")
@@ -469,18 +470,40 @@ def config_from_dict(data: Mapping, model_hints: Optional[Mapping] = None) -> Pe
     return cls(**kwargs)
 
 
+def config_differences(first: PetConfig, second: PetConfig) -> str:
+    """``"lora_rank: 4 vs 8, ..."``: the fields that make two configs describe different adapters."""
+    if type(first) is not type(second):
+        return f"pet_type: {first.pet_type!r} vs {second.pet_type!r}"
+    return ", ".join(f"{f.name}: {getattr(first, f.name)!r} vs {getattr(second, f.name)!r}"
+                     for f in dataclasses.fields(first)
+                     if f.compare and getattr(first, f.name) != getattr(second, f.name))
+
+
+def config_types() -> tuple:
+    """The ``pet_type`` values pet_hooks knows."""
+    return tuple(sorted(_CONFIG_CLASSES))
+
+
+def model_hints(model_config: Any) -> dict:
+    """The model_config values the prefix methods may need (``num_layers``, ``kv_channels``, ...), from a
+    mapping (a run YAML's ``model_config``) or a config object (a built model's ``config``)."""
+    if isinstance(model_config, Mapping):
+        return {k: model_config[k] for k in _MODEL_HINT_KEYS if k in model_config}
+    return {k: getattr(model_config, k) for k in _MODEL_HINT_KEYS
+            if isinstance(getattr(model_config, k, None), int) and not isinstance(getattr(model_config, k), bool)}
+
+
 def _find_block(doc: Mapping, where: str) -> tuple:
     """Locate the pet_config block and the model_config beside it in a parsed document."""
     if "pet_type" in doc:
         return doc, {}
     if "pet_config" in doc:
-        return doc["pet_config"], {k: doc[k] for k in _MODEL_HINT_KEYS if k in doc}
+        return doc["pet_config"], model_hints(doc)
     node: Any = doc
     for key in _MINDFORMERS_PATH[:-1]:
         node = node.get(key) if isinstance(node, Mapping) else None
     if isinstance(node, Mapping) and node.get("pet_config") is not None:
-        hints = {k: node[k] for k in _MODEL_HINT_KEYS if k in node}
-        return node["pet_config"], hints
+        return node["pet_config"], model_hints(node)
     raise PetConfigError(f"{where}: no PET configuration found; expected 'pet_type' at the top level, "
                          f"a 'pet_config' block, or model.model_config.pet_config")
 

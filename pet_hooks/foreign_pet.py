@@ -9,7 +9,8 @@ ways on::
     refuse_foreign_pet(net)   # PetConfigError naming the cell or parameter, and the hand-over
 
 The usual way in is a MindFormers run YAML whose ``model.model_config.pet_config`` MindFormers'
-own ``build_model`` turned into its PET while pet_hooks was given the same YAML.
+own ``build_network`` turned into its PET outside pet_hooks' doors (inside them, ``hooks.mindformers``
+makes that same block pet_hooks' PET), with ``PetCallback`` or ``apply`` given the model afterwards.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def refuse_foreign_pet(net: nn.Cell) -> None:
         return
     raise PetConfigError(
         f"{type(net).__name__} already carries MindFormers' own PET ({found}); pet_hooks does not adapt a "
-        f"model twice. Either give pet_hooks the model without it (when MindFormers built it from a run YAML, "
-        f"remove model.model_config.pet_config from the YAML MindFormers reads and pass that block to "
-        f"pet_hooks instead), or keep MindFormers' PET; to carry its trained LoRA over, save it with "
-        f"mindspore.save_checkpoint and load it into the plain model with pet_hooks.load_adapter(net, ckpt, cfg)")
+        f"model twice. Either let pet_hooks build the PET (when MindFormers builds the model from a run YAML "
+        f"with pet_config, build it inside `with pet_hooks.enable():` or under `pet-hooks run`, where that same "
+        f"pet_config gets pet_hooks' PET instead of MindFormers'), or keep MindFormers' PET; to carry its trained "
+        f"LoRA over, save it with mindspore.save_checkpoint and load it into the plain model with "
+        f"pet_hooks.load_adapter(net, ckpt, cfg)")

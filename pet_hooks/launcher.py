@@ -38,7 +38,7 @@ CONFIG_ENV = "PET_HOOKS_CONFIG"        # the config, as JSON
 SAVE_DIR_ENV = "PET_HOOKS_SAVE_DIR"
 
 
-def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[dict] = None,
+def child_environment(cfg: Optional[PetConfig], save_dir: Optional[str], base: Optional[dict] = None,
                       adapter_name: Optional[str] = None) -> dict:
     """The environment that makes Python child processes start under the same hooks."""
     env = dict(os.environ if base is None else base)
@@ -48,7 +48,8 @@ def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[di
     # need the interpreter pet_hooks (and MindSpore) are installed in, venv activated or not.
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = os.pathsep.join([bin_dir] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir])
-    env[CONFIG_ENV] = json.dumps({"pet_config": cfg.to_dict(), "model_hints": cfg.model_hints,
+    env[CONFIG_ENV] = json.dumps({"pet_config": None if cfg is None else cfg.to_dict(),
+                                  "model_hints": None if cfg is None else cfg.model_hints,
                                   "adapter_name": adapter_name})
     if save_dir:
         env[SAVE_DIR_ENV] = os.path.abspath(save_dir)
@@ -57,7 +58,7 @@ def child_environment(cfg: PetConfig, save_dir: Optional[str], base: Optional[di
     return env
 
 
-def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str], monitor=None,
+def _run_python(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str], monitor=None,
                 adapter_name: Optional[str] = None) -> int:
     script = os.path.abspath(script)
     script_dir = os.path.dirname(script)
@@ -88,7 +89,9 @@ def _run_python(script: str, args: List[str], cfg: PetConfig, save_dir: Optional
                 print(f"pet-hooks: adapter saved to {path}", file=sys.stderr)
         elif save_dir and code != 2 and not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
             # (a child process, such as an msrun worker, may have saved it instead)
-            print("pet-hooks: no model was adapted, so no adapter was saved", file=sys.stderr)
+            print("pet-hooks: no model was adapted, so no adapter was saved"
+                  + ("" if cfg is not None else " (no --config was given, and MindFormers built no model from a "
+                     "run YAML with pet_config)"), file=sys.stderr)
             code = code or 1
     finally:
         # As if the script had run in a process of its own: its sys.path edits go with it too.
@@ -124,7 +127,7 @@ def _find_command(name: str) -> Optional[str]:
     return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
 
 
-def run_script(script: str, args: List[str], cfg: PetConfig, save_dir: Optional[str] = None,
+def run_script(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str] = None,
                monitor=None, adapter_name: Optional[str] = None) -> int:
     """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code.
 

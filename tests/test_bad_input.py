@@ -82,6 +82,43 @@ def C(id, argv, *words):
     return Row(id, "cli", argv, SystemExit, list(words))
 
 
+def MF(id, make, exc, *words):
+    """A row of MindFormers' own flow under a door: ``make(tmp_path)`` returns (the model that must stay as it
+    was, or None when MindFormers builds it inside the failing call; the call)."""
+    return Row(id, "mindformers", make, exc, list(words))
+
+
+# ----------------------------------------------------------------------------- MindFormers' flow under a door
+def _run_yaml(tmp_path, **pet_changes):
+    from tests.test_mindformers_flow import LORA_YAML, _doc, write_run_yaml
+    return write_run_yaml(tmp_path, {**_doc(LORA_YAML)["model"]["model_config"]["pet_config"], **pet_changes})
+
+
+def _build_in_door(path, cfg=None):
+    from tests.test_mindformers_flow import build_from_yaml
+    with pet_hooks.enable(cfg):
+        build_from_yaml(path)
+
+
+def _trainer_in_door(net, tmp_path, pet_method, cfg=None):
+    from tests.test_mindformers_flow import _trainer
+    with pet_hooks.enable(cfg):
+        _trainer(net, tmp_path, pet_method=pet_method)
+
+
+def _llama_with_pet_config(block):
+    from tests.nets import tiny_llama
+    net = tiny_llama()
+    net.config.pet_config = block
+    return net
+
+
+def _mindformers_pet_model():
+    from mindformers.pet import get_pet_model
+    from tests.nets import tiny_llama
+    return get_pet_model(tiny_llama(), {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*wq"})
+
+
 # ----------------------------------------------------------------------------- damage to an adapter
 def _rewrite(path, change):
     tensors = load_file(str(path))
@@ -359,8 +396,8 @@ ROWS: List[Row] = [
     # ---- the command line ----
     C("no-command", [], "required: command"),
     C("unknown-command", ["train"], "invalid choice: 'train'"),
-    C("run-without-config", ["run", "x.py"], "required: --config"),
-    C("misspelt-flag", ["run", "--conifg", CONFIG, "x.py"], "--config"),
+    C("run-config-without-value", ["run", "--config"], "--config", "expected one argument"),
+    C("misspelt-flag", ["run", "--conifg", CONFIG, "x.py"], "unrecognized arguments: --conifg"),
     C("config-without-value", ["run", "--config"], "--config", "expected one argument"),
     C("save-dir-without-value", ["run", "--config", CONFIG, "--save-dir"], "--save-dir", "expected one argument"),
     C("missing-config-file", ["run", "--config", "{tmp}/missing.yaml", "x.py"], "missing.yaml"),
@@ -376,6 +413,32 @@ ROWS: List[Row] = [
     C("check-config-directory", ["check-config", "{tmp}"], "is a directory"),
     C("version-extra", ["version", "extra"], "unrecognized arguments: extra"),
     C("adapter-name-reserved", ["run", "--config", CONFIG, "--adapter-name", "all", "x.py"], "adapter_name 'all'"),
+    # ---- MindFormers' own flow under a door (hooks.mindformers) ----
+    MF("yaml-unknown-pet-type", lambda t: (None, lambda: _build_in_door(_run_yaml(t, pet_type="slora"))),
+       ValueError, "model.model_config.pet_config", "unknown pet_type 'slora'", "ia3"),
+    MF("yaml-bad-value", lambda t: (None, lambda: _build_in_door(_run_yaml(t, lora_rank=0))),
+       ValueError, "model.model_config.pet_config", "lora_rank", "0"),
+    MF("configs-conflict", lambda t: (None, lambda: _build_in_door(_run_yaml(t), {**SEED, "target_modules": ".*wq"})),
+       ValueError, "differs from the pet_config of the run YAML", "target_modules: '.*wq' vs '.*wq|.*wk|.*wv|.*wo'",
+       "lora_dropout: 0.1 vs 0.0"),
+    MF("configs-conflict-type", lambda t: (None, lambda: _build_in_door(_run_yaml(t), {"pet_type": "ptuning2"})),
+       ValueError, "differs from the pet_config", "pet_type: 'ptuning2' vs 'lora'"),
+    MF("pet-method-vs-model-pet-config",
+       lambda t: ((net := _llama_with_pet_config({"pet_type": "ptuning2"})), lambda: _trainer_in_door(net, t, "lora")),
+       ValueError, "pet_method 'lora' conflicts with", "LlamaForCausalLM.config.pet_config", "'ptuning2'"),
+    MF("pet-method-vs-given-config",
+       lambda t: ((net := _llama_with_pet_config(None)), lambda: _trainer_in_door(net, t, "lora", {"pet_type": "ia3",
+                                                                                            "target_modules": ".*wq"})),
+       ValueError, "pet_method 'lora' conflicts with", "the PET config given to pet_hooks", "'ia3'"),
+    MF("pet-method-unknown",
+       lambda t: ((net := _llama_with_pet_config(None)), lambda: _trainer_in_door(net, t, "adalora")),
+       ValueError, "unknown pet_type 'adalora'", "lora"),
+    MF("pet-method-no-defaults",
+       lambda t: ((net := _llama_with_pet_config(None)), lambda: _trainer_in_door(net, t, "adapter")),
+       ValueError, "pet_method 'adapter' on LlamaForCausalLM", "target_modules"),
+    MF("mindformers-pet-already",
+       lambda t: ((net := _mindformers_pet_model()), lambda: _trainer_in_door(net, t, "lora")),
+       ValueError, "already carries MindFormers' own PET", "LoRADense", "pet_hooks.enable()"),
 ]
 
 
@@ -464,7 +527,8 @@ def prepare(row: Row, net, tmp_path, saved_adapter) -> Callable[[], Any]:
     return lambda: pet_hooks.load_adapter(net, args.get("path", directory), cfg=args.get("cfg"))
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.kind != "cli"], ids=lambda r: f"{r.kind}-{r.id}")
+@pytest.mark.parametrize("row", [r for r in ROWS if r.kind not in ("cli", "mindformers")],
+                         ids=lambda r: f"{r.kind}-{r.id}")
 def test_bad_input_raises_one_clear_error_and_touches_nothing(row, tmp_path, saved_adapter):
     if os.path.exists(_BOMB_MARK):
         os.remove(_BOMB_MARK)
@@ -476,6 +540,21 @@ def test_bad_input_raises_one_clear_error_and_touches_nothing(row, tmp_path, sav
     assert_clear_error(info.value, row)
     assert_same_world(before, net)
     assert not os.path.exists(_BOMB_MARK)                # nothing was unpickled
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.kind == "mindformers"], ids=lambda r: f"mindformers-{r.id}")
+def test_bad_input_to_mindformers_flow_is_one_clear_error_and_leaves_mindformers_itself(row, tmp_path):
+    pytest.importorskip("mindformers")
+    import mindformers.pet
+    original = mindformers.pet.__dict__["get_pet_model"]
+    net, call = row.given(tmp_path)
+    watched = net if net is not None else build(seed=1, **SMALL)     # the global world, when MindFormers builds it
+    before = world(watched)
+    with pytest.raises(BaseException) as info:
+        call()
+    assert_clear_error(info.value, row)
+    assert_same_world(before, watched)
+    assert mindformers.pet.__dict__["get_pet_model"] is original      # MindFormers itself again
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.kind == "cli"], ids=lambda r: f"cli-{r.id}")

@@ -32,7 +32,8 @@ def _start_hooks():
     # The config first (cheap, no MindSpore): a bad one is the likeliest cause of failing here.
     try:
         doc = json.loads(os.environ["PET_HOOKS_CONFIG"])
-        config = config_from_dict(doc["pet_config"], doc.get("model_hints"))
+        # null: the config is the pet_config of the run YAML MindFormers builds from (pet-hooks run, no --config)
+        config = None if doc["pet_config"] is None else config_from_dict(doc["pet_config"], doc.get("model_hints"))
     except (ValueError, TypeError, KeyError) as err:
         raise _BadConfig(f"PET_HOOKS_CONFIG is not a usable config: {err}") from None
 

@@ -16,7 +16,10 @@ back to the identical original object:
   adapts that model once, and hands the optimizer the model's PET parameters instead,
   keeping parameter groups and their settings.
 
-Models built inside the block but given no optimizer there are adapted when the block ends
+Without a config (``enable()``), the config is the ``pet_config`` of the run YAML MindFormers builds a
+model from inside the block (``hooks.mindformers``: MindFormers' own PET construction is pet_hooks'
+while the block is active); a config given here must equal that block, or the build is an error
+naming both. Models built inside the block but given no optimizer there are adapted when the block ends
 normally. When it ends normally, adapted cells of a model given an optimizer whose deltas did not
 change since then are reported in a warning (``pet_hooks.grad_guard``: no gradient reached them).
 Loss cells, optimizers and train-step wrappers are not models: the adapted cell
@@ -35,8 +38,9 @@ from mindspore import Parameter, nn
 
 from .. import flow
 from ..grad_guard import GradGuard
-from ..config import PetConfig, check_adapter_name, load_config
-from ..errors import NoMatchError
+from ..config import PetConfig, check_adapter_name, config_differences, load_config
+from ..errors import NoMatchError, PetConfigError
+from . import mindformers as mindformers_door
 from ..patching import PatchSet
 from ..surgery import has_pet
 
@@ -50,8 +54,9 @@ _OPTIMIZER_INIT = inspect.signature(nn.Optimizer.__init__)
 class PetSession:
     """What one ``enable()`` block saw: the cells built in it and the models it adapted."""
 
-    def __init__(self, config: PetConfig, adapter_name: Optional[str] = None):
-        self.config = config
+    def __init__(self, config: Optional[PetConfig], adapter_name: Optional[str] = None):
+        self.config = config            # None until a run YAML's pet_config is built (enable() without one)
+        self.is_open = False            # True inside its enable() block
         self.adapter_name = adapter_name
         self.models: List[nn.Cell] = []
         self._built: "weakref.WeakSet[nn.Cell]" = weakref.WeakSet()
@@ -104,10 +109,29 @@ class PetSession:
         return models
 
     def _adapt(self, model: nn.Cell) -> None:
-        if not has_pet(model) or self.adapter_name is not None:
+        if self.config is not None and (not has_pet(model) or self.adapter_name is not None):
             flow.adapt(model, self.config, self.adapter_name)
+        if has_pet(model) and all(model is not m for m in self.models):
+            self.models.append(model)
+
+    def adapt_built(self, model: nn.Cell, config: PetConfig) -> None:
+        """Adapt a model MindFormers built (or was handed) with ``config`` (``hooks.mindformers``)."""
+        flow.adapt(model, config, self.adapter_name)
         if all(model is not m for m in self.models):
             self.models.append(model)
+
+    def take_yaml_config(self, config: PetConfig, model: nn.Cell) -> PetConfig:
+        """The config for a model MindFormers builds from a run YAML whose pet_config is ``config``: that
+        one, which becomes the block's when it has none yet; one that differs is an error naming both."""
+        if self.config is None:
+            self.config = config
+        elif self.config != config:
+            raise PetConfigError(
+                f"the PET config given to pet_hooks differs from the pet_config of the run YAML MindFormers is "
+                f"building {type(model).__name__} from ({config_differences(self.config, config)}, pet_hooks' "
+                f"first); give one of them: pet_hooks.enable() with no argument, or pet-hooks run without --config, "
+                f"takes the YAML's")
+        return config
 
     def check_gradients(self) -> None:
         """Warn about adapted cells whose deltas did not move since their optimizer was built."""
@@ -116,6 +140,8 @@ class PetSession:
 
     def adapt_remaining(self) -> None:
         """Adapt models built in the block that no optimizer claimed (those the config matches)."""
+        if self.config is None:
+            return
         for root in self.roots():
             model = flow.unwrap_model(root)
             if has_pet(model) or next(iter(model.get_parameters()), None) is None:
@@ -132,11 +158,12 @@ def active_session() -> Optional[PetSession]:
 
 
 @contextlib.contextmanager
-def enable(cfg, adapter_name: Optional[str] = None) -> Iterator[PetSession]:
-    """Give PET to every model built in the block; see the module docstring. With ``adapter_name`` the
+def enable(cfg=None, adapter_name: Optional[str] = None) -> Iterator[PetSession]:
+    """Give PET to every model built in the block; see the module docstring. Without ``cfg`` the config is
+    the ``pet_config`` of the run YAML MindFormers builds a model from. With ``adapter_name`` the
     adapter of that name (added with ``cfg`` to a model that has other adapters) is the one trained."""
     global _ACTIVE  # pylint: disable=global-statement
-    config = load_config(cfg)
+    config = None if cfg is None else load_config(cfg)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     if _ACTIVE is not None:
@@ -146,10 +173,11 @@ def enable(cfg, adapter_name: Optional[str] = None) -> Iterator[PetSession]:
     try:
         patches.wrap(nn.Cell, "__init__", session.note_cell)
         patches.wrap(nn.Optimizer, "__init__", session.redirect_optimizer)
-        _ACTIVE = session
+        _ACTIVE, session.is_open = session, True
+        mindformers_door.install(session, patches)      # MindFormers' own PET construction, now or on import
         yield session
         session.adapt_remaining()
         session.check_gradients()
     finally:
-        _ACTIVE = None
+        _ACTIVE, session.is_open = None, False
         patches.undo()
