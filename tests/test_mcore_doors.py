@@ -115,3 +115,34 @@ def test_inspect_reports_the_mcore_projections():
     assert matched["model.decoder.layers.1.mlp.linear_fc2"] == ("RowParallelLinear", 64, 32)
     assert len(matched) == 8
     assert [(m["path"], m["in"], m["out"]) for m in report["near_misses"]] == [("model.output_layer", 32, 97)]
+
+
+def test_enable_without_config_takes_over_mindformers_get_pet_model_on_qwen3():
+    """What build_network (the Trainer's) does with the run YAML's pet_config, inside enable(): pet_hooks'
+    LoRA on the model itself. (build_network itself builds the PyNative Qwen3 class on this install, which
+    needs the hyper_parallel package, so the call it makes is made here.)"""
+    import mindformers.pet
+    from mindformers import MindFormerConfig
+    block = MindFormerConfig(YAML).model.model_config.pet_config
+    plain = build_qwen3(YAML)
+    net = build_qwen3(YAML)
+    original = mindformers.pet.get_pet_model
+    with pet_hooks.enable() as session:
+        got = mindformers.pet.get_pet_model(net, block)
+    assert got is net and session.models == [net]
+    assert pet_hooks.surgery.get_state(net).config == pet_hooks.load_config(YAML)
+    assert len(pet_hooks.delta_parameters(net)) == DELTAS and not any("mindpet" in p.name for p in net.get_parameters())
+    assert sorted(_base_names(net)) == sorted(p.name for p in plain.get_parameters())
+    np.testing.assert_allclose(_logits(net), _logits(plain), rtol=1e-6, atol=1e-6)   # B is zero
+    assert mindformers.pet.get_pet_model is original                                  # MindFormers' own again
+
+
+def test_pet_method_default_targets_of_the_mcore_family():
+    from pet_hooks.default_targets import config_for_method, family_of
+    net = build_qwen3(YAML)
+    assert family_of(net) == "mcore"
+    cfg = config_for_method(net, "lora")
+    assert cfg.target_modules == ".*linear_qkv|.*linear_proj"
+    pet_hooks.apply(net, cfg)
+    adapted = sorted({p.name.rsplit(".", 2)[-2] for p in pet_hooks.delta_parameters(net)})
+    assert adapted == ["linear_proj", "linear_qkv"]
