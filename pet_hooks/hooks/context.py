@@ -39,6 +39,7 @@ from mindspore import Parameter, nn
 from .. import flow
 from ..grad_guard import GradGuard
 from ..config import PetConfig, check_adapter_name, config_differences, load_config
+from ..default_targets import config_for_method
 from ..errors import NoMatchError, PetConfigError
 from . import mindformers as mindformers_door
 from ..patching import PatchSet
@@ -57,6 +58,8 @@ class PetSession:
     def __init__(self, config: Optional[PetConfig], adapter_name: Optional[str] = None):
         self.config = config            # None until a run YAML's pet_config is built (enable() without one)
         self.is_open = False            # True inside its enable() block
+        # Trainer(pet_method=...) with no config anywhere: each model gets that method's defaults (default_targets)
+        self.method: Optional[str] = None
         self.adapter_name = adapter_name
         self.models: List[nn.Cell] = []
         self._built: "weakref.WeakSet[nn.Cell]" = weakref.WeakSet()
@@ -109,6 +112,8 @@ class PetSession:
         return models
 
     def _adapt(self, model: nn.Cell) -> None:
+        if self.config is None and self.method is not None and not has_pet(model):
+            self.config = config_for_method(model, self.method)
         if self.config is not None and (not has_pet(model) or self.adapter_name is not None):
             flow.adapt(model, self.config, self.adapter_name)
         if has_pet(model) and all(model is not m for m in self.models):

@@ -35,7 +35,7 @@ import wrapt
 from mindspore import nn
 
 from .. import flow
-from ..config import config_from_dict, model_hints
+from ..config import config_from_dict, config_types, model_hints
 from ..default_targets import config_for_method
 from ..errors import PetConfigError
 from ..foreign_pet import refuse_foreign_pet
@@ -93,21 +93,26 @@ class _Door:
         model = bound.arguments.get("model")
         if not self._live() or not method:
             return wrapped(*args, **kwargs)
-        if not isinstance(method, str):
-            raise PetConfigError(f"pet_method must be a pet_type name such as 'lora', got {method!r}")
+        if not isinstance(method, str) or method.lower() not in config_types():
+            raise PetConfigError(f"unknown pet_type {method!r} given as pet_method; expected one of "
+                                 f"{list(config_types())}")
         bound.arguments["pet_method"] = ""      # MindFormers would only warn that it ignores it
         if isinstance(model, nn.Cell):
             refuse_foreign_pet(model)           # MindFormers' own PET already there: say so before reading configs
             self.session.adapt_built(model, self._method_config(model, method))
             return wrapped(*bound.args, **bound.kwargs)
         result = wrapped(*bound.args, **bound.kwargs)
-        # built later from the run YAML (build_network -> get_pet_model): its block must be of this type
+        # The model is built later from the run YAML: with a pet_config there (build_network -> get_pet_model),
+        # that block, of this type; else the session's config or, failing both, the method's defaults for the
+        # model the optimizer is built for (PetSession.method).
         model_config = instance.config.model.model_config if instance.config.model else None
         block = getattr(model_config, "pet_config", None)
-        if not block:
-            raise PetConfigError(f"pet_method {method!r}: the run YAML has no model.model_config.pet_config; give a "
-                                 f"model instance (Trainer(model=net, pet_method=...)) or a pet_config in the YAML")
-        _check_method(method, block.get("pet_type"), "model.model_config.pet_config of the run YAML")
+        if block:
+            _check_method(method, _pet_type(block), "model.model_config.pet_config of the run YAML")
+        elif self.session.config is not None:
+            _check_method(method, self.session.config.pet_type, "the PET config given to pet_hooks")
+        else:
+            self.session.method = method.lower()
         return result
 
     def trainer_run(self, wrapped, instance, args, kwargs):
@@ -126,7 +131,7 @@ class _Door:
         block = getattr(getattr(model, "config", None), "pet_config", None)
         if block:
             where = f"{type(model).__name__}.config.pet_config"
-            _check_method(method, block.get("pet_type"), where)
+            _check_method(method, _pet_type(block), where)
             return yaml_config(block, model, where)
         if self.session.config is not None:
             _check_method(method, self.session.config.pet_type, "the PET config given to pet_hooks")
@@ -151,13 +156,13 @@ class _Door:
         self.installed = True
         import mindformers.pet
         from mindformers.trainer.trainer import Trainer
-        # from .. import mindformers_trainer  (TEMP: until the trainer25 merge)
+        from .. import mindformers_trainer
 
         self.patches.wrap(mindformers.pet, "get_pet_model", self.get_pet_model)   # build_network imports it late
         self.patches.wrap(Trainer, "__init__", self.trainer_init)
         self.patches.wrap(Trainer, "train", self.trainer_run)
         self.patches.wrap(Trainer, "finetune", self.trainer_run)
-        # mindformers_trainer.register()  (TEMP)
+        mindformers_trainer.register()
 
     def on_import(self, _module) -> None:
         if self._live():
@@ -167,6 +172,11 @@ class _Door:
 def _bind(function, args, kwargs, *names):
     bound = inspect.signature(function).bind(*args, **kwargs)
     return tuple(bound.arguments.get(name) for name in names)
+
+
+def _pet_type(block: Any) -> Any:
+    """The pet_type of a pet_config block (a mapping, or a MindFormers PetConfig object)."""
+    return block.get("pet_type") if hasattr(block, "get") else getattr(block, "pet_type", None)
 
 
 def _check_method(method: str, pet_type: Any, where: str) -> None:
