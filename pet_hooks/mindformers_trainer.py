@@ -26,15 +26,17 @@ It computes what ``MFTrainOneStepCell`` computes for MindFormers' legacy models
   ``calculate_per_token_loss``, by the token count the network returns beside the loss sum);
 * the gradient reducer of the parallel mode (identity stand-alone, all-reduce in data parallel);
 * overflow detection with ``IsFinite`` (what the Ascend 910B "INFNAN" mode does, and what runs
-  on the CPU), the result fed to a loss-scale update cell when ``scale_sense`` is one
-  (``DynamicLossScaleUpdateCell`` halves the scale on overflow), and the optimizer step skipped on
-  overflow;
+  on the CPU; the flag all-reduced in data parallel), the result fed to a loss-scale update cell
+  when ``scale_sense`` is one (``DynamicLossScaleUpdateCell`` divides the scale by its
+  ``scale_factor`` on overflow), and the optimizer step skipped on overflow;
 * global-norm clipping with MindFormers' own ``ClipGradNorm`` when ``use_clip_grad``
   (``max_grad_norm``, default 1.0), and ``use_skip_data_by_global_norm``;
 * the outputs MindFormers' callbacks read from ``cb_params.net_outputs``: ``(loss, overflow,
   loss_scale, learning_rate, global_norm)`` (``MFLossMonitor`` prints them, ``CheckpointMonitor``
-  stores ``net_outputs[2]`` as the loss scale to resume with). ``global_norm`` is None without
-  clipping, as in MindFormers; ``learning_rate`` is the rate of this step.
+  stores ``net_outputs[2]`` as the loss scale to resume with). ``loss_scale`` is the value this
+  step ran with, in both modes (MindFormers returns its scale Parameter, which an update cell may
+  already have overwritten); ``global_norm`` is None without clipping, as in MindFormers;
+  ``learning_rate`` is the rate of this step.
 
 Refused at construction, each with an error naming the setting: ``local_norm`` (the 7-output
 variant), ``grouped_lr_scheduler`` and MindFormers' mcore models (``use_legacy: False``, whose
