@@ -10,7 +10,7 @@ hands the model and that block to ``mindformers.pet.get_pet_model``. While ``ena
     # the model kept its base parameter names, trained only pet_hooks' deltas, and the adapter
     # was saved into the Trainer's output_dir
 
-Four patches on MindFormers, installed when a door opens (or the moment MindFormers is imported
+Patches on MindFormers, installed when a door opens (or the moment MindFormers is imported
 inside it) and undone with the door's other patches, so outside the doors MindFormers is itself:
 
 - ``mindformers.pet.get_pet_model``: the model gets pet_hooks' adapter from that same block (any
@@ -18,7 +18,10 @@ inside it) and undone with the door's other patches, so outside the doors MindFo
   checkpoints (``load_checkpoint``, ``finetune_checkpoint``) load by their own names;
 - ``Trainer.__init__``: ``pet_method`` is applied to a model instance (``default_targets``), which
   MindFormers 1.9 only does for the model names of its own list;
-- ``Trainer.train`` / ``Trainer.finetune``: the trained adapter is saved into the output directory;
+- ``Trainer.train`` / ``Trainer.finetune``: the trained adapter is saved into the output directory
+  (and a warning when MindFormers' context was never built, which makes the Trainer switch to PyNative);
+- ``replace_tk_to_mindpet`` where MindFormers reads checkpoints: the delta names of MindFormers' own PET
+  become pet_hooks' (``load_checkpoint`` / ``resume_training`` from a run trained without pet_hooks);
 - MindFormers' registry gets pet_hooks' CPU train step (``pet_hooks.mindformers_trainer``).
 
 The config logic (which config, conflicts) is the session's (``hooks.context``); the PET itself is
@@ -26,11 +29,13 @@ The config logic (which config, conflicts) is the session's (``hooks.context``);
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import sys
 from typing import Any, Optional
 
+import mindspore as ms
 import wrapt
 from mindspore import nn
 
@@ -39,6 +44,7 @@ from ..config import config_from_dict, config_types, model_hints
 from ..default_targets import config_for_method
 from ..errors import PetConfigError
 from ..foreign_pet import refuse_foreign_pet
+from ..mindformers_io import from_mindformers_name
 from ..patching import PatchSet
 from ..surgery import get_state, has_pet
 
@@ -116,10 +122,22 @@ class _Door:
         return result
 
     def trainer_run(self, wrapped, instance, args, kwargs):
+        if self._live():
+            _warn_without_context()
         result = wrapped(*args, **kwargs)
         if self._live():
             self._save_to_output_dir(instance)
         return result
+
+    def checkpoint_names(self, wrapped, instance, args, kwargs):
+        """MindFormers' own rename of a checkpoint's keys (``tk_delta`` -> ``mindpet_delta``), then its own PET's
+        delta names to pet_hooks' (``<cell>.mindpet_delta_lora_a`` -> ``<cell>.lora_A``, optimizer moments too):
+        inside a door the model carries pet_hooks' deltas, so a checkpoint of MindFormers' LoRA loads into them
+        instead of being skipped as unknown names."""
+        renamed = wrapped(*args, **kwargs)
+        if not self._live():
+            return renamed
+        return {from_mindformers_name(name): value for name, value in renamed.items()}
 
     # -- helpers ------------------------------------------------------------------------------
     def _live(self) -> bool:
@@ -162,6 +180,8 @@ class _Door:
         self.patches.wrap(Trainer, "__init__", self.trainer_init)
         self.patches.wrap(Trainer, "train", self.trainer_run)
         self.patches.wrap(Trainer, "finetune", self.trainer_run)
+        for module in _CHECKPOINT_READERS:          # each imported the function by name
+            self.patches.wrap(importlib.import_module(module), "replace_tk_to_mindpet", self.checkpoint_names)
         mindformers_trainer.register()
 
     def on_import(self, _module) -> None:
@@ -172,6 +192,22 @@ class _Door:
 def _bind(function, args, kwargs, *names):
     bound = inspect.signature(function).bind(*args, **kwargs)
     return tuple(bound.arguments.get(name) for name in names)
+
+
+# The modules that read checkpoints into a model (the Trainer's load_checkpoint / resume, a model's own
+# checkpoint_name_or_path) and pass the names through replace_tk_to_mindpet first.
+_CHECKPOINT_READERS = ("mindformers.trainer.utils", "mindformers.models.modeling_utils", "mindformers.models.base_model")
+
+
+def _warn_without_context() -> None:
+    """Say so when MindFormers' context was never built: the Trainer then builds it with its defaults in the
+    middle of train(), which switches MindSpore to PyNative mode (a graph-mode run silently runs eagerly)."""
+    from mindformers.core.context.build_context import MFContextOperator
+    if MFContextOperator.get_mf_ctx_instance() is None:
+        logger.warning("pet_hooks: MindFormers' context is not built: its Trainer will build one with its defaults "
+                       "during train(), which sets MindSpore to PyNative mode (mode %s now). Call "
+                       "mindformers.build_context(MindFormerConfig(run_yaml)) first, as run_mindformer.py does",
+                       ms.get_context("mode"))
 
 
 def _pet_type(block: Any) -> Any:
