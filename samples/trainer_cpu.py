@@ -1,13 +1,14 @@
-"""MindFormers' Trainer on the CPU: the one setting it needs, and a tiny fine-tune with it.
+"""MindFormers' Trainer on the CPU with a model instance and ``TrainingArguments``, PET from ``PetCallback``.
 
 The Trainer's default train step (``MFTrainOneStepCell``, a loss-scale cell) checks for
 overflow with ``NPUGetFloatStatusV2``, an Ascend-only operator, so on the CPU it fails with
 "Unsupported op [NPUGetFloatStatusV2] on CPU". MindSpore's plain ``TrainOneStepCell`` is
-registered too, but the Trainer passes it ``scale_sense`` and it refuses the keyword. The
-fix is a plain train step that accepts (and ignores) the loss-scale settings, registered
-with MindFormers and named in ``TrainingArguments(wrapper_type=...)``::
+registered too, but the Trainer passes it ``scale_sense`` and it refuses the keyword. pet_hooks
+ships the CPU counterpart, ``PetTrainOneStepCell`` (``pet_hooks.mindformers_trainer``), registered
+with MindFormers by ``register()`` (and by pet_hooks' doors) and named in
+``TrainingArguments(wrapper_type=...)``::
 
-    args = TrainingArguments(..., wrapper_type="CPUTrainOneStepCell")
+    args = TrainingArguments(..., wrapper_type="PetTrainOneStepCell")
     Trainer(model=llama, args=args, train_dataset=data, callbacks=[pet_hooks.PetCallback(cfg)]).train()
 
     python samples/trainer_cpu.py --yaml samples/configs/llama_lora.yaml
@@ -19,25 +20,15 @@ import sys
 import numpy as np
 import mindspore as ms
 import mindspore.dataset as ds
-from mindspore import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from samples.llama_train import build_llama  # noqa: E402
 
 
 def register_cpu_wrapper():
-    """Register ``CPUTrainOneStepCell`` with MindFormers (idempotent); returns its name."""
-    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
-
-    if not MindFormerRegister.is_exist(MindFormerModuleType.WRAPPER, "CPUTrainOneStepCell"):
-        class CPUTrainOneStepCell(nn.TrainOneStepCell):
-            """A plain train step: float32 on the CPU needs no loss scale and no overflow check."""
-
-            def __init__(self, network, optimizer, scale_sense=None, **kwargs):  # pylint: disable=unused-argument
-                super().__init__(network, optimizer)
-
-        MindFormerRegister.register_cls(CPUTrainOneStepCell, MindFormerModuleType.WRAPPER)
-    return "CPUTrainOneStepCell"
+    """Register pet_hooks' CPU train step with MindFormers (idempotent; pet_hooks' doors do it too); its name."""
+    from pet_hooks.mindformers_trainer import register
+    return register()
 
 
 def training_arguments(output_dir: str, **overrides):

@@ -72,6 +72,8 @@ def _train(net, steps=3, seed=0):
 def _trainer(net, tmp_path, **kwargs):
     from mindformers import Trainer
     from samples.trainer_cpu import token_dataset, training_arguments
+    from tests.trainer_yaml import mindformers_context
+    mindformers_context(ms.get_context("mode"))     # MindFormers' context, else its Trainer switches to PyNative
     seq = (net.config.seq_length if hasattr(net, "config") else 32)
     return Trainer(model=net, args=training_arguments(str(tmp_path / "out")),
                    train_dataset=token_dataset(4, seq + 1, 2), **kwargs)

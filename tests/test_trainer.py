@@ -19,6 +19,8 @@ def _lora_b_moved(net):
 
 def test_trainer_with_pet_callback(mode, tmp_path):
     from mindformers import Trainer
+    from tests.trainer_yaml import mindformers_context
+    mindformers_context(mode)       # else the Trainer builds MindFormers' context mid-run, in PyNative mode
     from samples.llama_train import build_llama
     from samples.trainer_cpu import token_dataset, training_arguments
     net = build_llama(YAML)
@@ -39,6 +41,8 @@ def test_trainer_with_pet_callback(mode, tmp_path):
 
 def test_trainer_built_inside_enable(mode, tmp_path):
     from mindformers import Trainer
+    from tests.trainer_yaml import mindformers_context
+    mindformers_context(mode)
     from samples.llama_train import build_llama
     from samples.trainer_cpu import token_dataset, training_arguments
     with pet_hooks.enable(YAML) as session:

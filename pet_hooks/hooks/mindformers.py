@@ -46,7 +46,7 @@ from ..errors import PetConfigError
 from ..foreign_pet import refuse_foreign_pet
 from ..mindformers_io import from_mindformers_name
 from ..patching import PatchSet
-from ..surgery import get_state, has_pet
+from ..surgery import has_pet
 
 __all__ = ["install", "yaml_config"]
 
