@@ -546,6 +546,8 @@ def test_bad_input_raises_one_clear_error_and_touches_nothing(row, tmp_path, sav
 def test_bad_input_to_mindformers_flow_is_one_clear_error_and_leaves_mindformers_itself(row, tmp_path):
     pytest.importorskip("mindformers")
     import mindformers.pet
+    from tests.trainer_yaml import mindformers_context
+    mindformers_context(ms.get_context("mode"))      # built once per process: its environment is not the row's
     original = mindformers.pet.__dict__["get_pet_model"]
     net, call = row.given(tmp_path)
     watched = net if net is not None else build(seed=1, **SMALL)     # the global world, when MindFormers builds it
