@@ -38,6 +38,7 @@ from ..matching import is_excluded, select_cells
 from . import lora_dora, lora_experts, lora_init, lora_layout, lora_mcore, lora_mha
 from .base import Injection, Tuner
 from .common import init_rng, inject_all, patched_class, restore
+from .lora_scale import add_scale, scaled_a
 
 __all__ = ["LoraTuner", "LoraTargets", "LoraInjection", "LoraLayer", "is_lora_cell", "scaled_a"]
 
@@ -49,7 +50,6 @@ _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_comput
                 "pet_lora_rank_scaling",
                 "pet_lora_in", "pet_lora_out", "lora_A_w2", "lora_B_w2", "pet_lora_bmm", lora_dora.MAGNITUDE,
                 lora_dora.MERGED_NORM, lora_init.RESIDUAL_ATTR) + lora_layout.PRIMITIVE_ATTRS
-SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
 
 class LoraLayer:
@@ -78,14 +78,6 @@ class LoraLayer:
             h = self.lora_dropout(h)
         h = self.pet_lora_matmul_a(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
         return self.pet_lora_matmul_b(h, ops.cast(self.lora_B, self.lora_compute_dtype))
-
-
-def scaled_a(cell):
-    """``A * scale`` in A's dtype, where ``scale`` (the cell's Parameter ``pet_lora_scale``, one value per rank
-    row, ``[r, 1]``) holds each row's ``scaling`` while the branch is on and 0 while it is off: a finite A
-    times 0 adds exactly nothing. One value per row, not one per cell, because several adapters of
-    different scalings can share the cell's A and B (``lora_slots``)."""
-    return cell.lora_A * ops.cast(cell.pet_lora_scale, ops.dtype(cell.lora_A))
 
 
 class LoraDense(LoraLayer):
@@ -316,20 +308,12 @@ def param_data(values: np.ndarray, dtype):
     return Tensor(values).astype(dtype)
 
 
-def _add_scale(path: str, cell: nn.Cell, cfg: LoraConfig) -> None:
-    """The cell's switch ``pet_lora_scale`` ([r, 1], each row's scaling while on) and the scalings themselves."""
-    cell.lora_scaling = cfg.scaling
-    cell.pet_lora_rank_scaling = np.full(cfg.lora_rank, cfg.scaling, np.float32)
-    cell.pet_lora_scale = Parameter(cell.pet_lora_rank_scaling[:, None].copy(), name=f"{path}.{SCALE_NAME}",
-                                    requires_grad=False)
-
-
 def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator,
                 read_by_parent: bool = False) -> List[Parameter]:
     if lora_experts.is_grouped_experts(cell):       # one pair per expert and weight, in weight space
         params = lora_experts.add_branch(path, cell, cfg, rng, param_data)
         cell.lora_dropout = None
-        _add_scale(path, cell, cfg)
+        add_scale(path, cell, cfg)
         cell.lora_compute_dtype = _compute_dtype(cell, cfg)
         return params
     in_ch, out_ch = io_channels(cell)
@@ -344,7 +328,7 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     if cfg.lora_dropout > 0 and not lora_mha.delta_in_weight(cell, read_by_parent):
         cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
         cell.lora_dropout.set_train(cell.training)
-    _add_scale(path, cell, cfg)
+    add_scale(path, cell, cfg)
     cell.lora_compute_dtype = _compute_dtype(cell, cfg)
     if lora_mha.is_mha(cell):
         cell.pet_lora_in, cell.pet_lora_out = True, False
