@@ -225,15 +225,16 @@ def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str,
             raise AdapterFileError(f"{weights_path}: key '{PEFT_PREFIX}{module}.{_BASE_COPY}' is a base weight of a "
                                    f"module without {tuner.label} tensors; pet_hooks does not load base weights")
     for module, found in modules.items():
-        own = [suffix for suffix in found if suffix not in tuner.peft_bare_weights]
-        weights, tail = next(((w, t) for w, t in layouts if set(own) & set(w)), layouts[0])
+        own = {suffix for suffix in found if suffix not in tuner.peft_bare_weights}
+        hit = [(w, t) for w, t in layouts if own & set(w)] or layouts[:1]
+        if len(hit) > 1:
+            raise AdapterFileError(f"{weights_path}: module '{module}' has both "
+                                   + " and ".join(str(sorted(own & set(w))) for w, _ in hit)
+                                   + ": a module holds one layout (a linear layer's or an embedding's)")
+        weights, tail = hit[0]
         missing = [s for s in weights if s not in found]
         if missing:
             raise AdapterFileError(f"{weights_path}: module '{module}' has no {missing[0]}{tail}")
-        mixed = sorted(set(own) - set(weights))
-        if mixed:
-            raise AdapterFileError(f"{weights_path}: module '{module}' has both {sorted(weights)} and {mixed}: "
-                                   f"one module is either a linear layer or an embedding")
     return modules, copies
 
 

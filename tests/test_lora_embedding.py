@@ -334,6 +334,36 @@ def test_several_adapters_and_mixed_batches_on_an_embedding(mode):
     close(net(ids).asnumpy(), _formula(job, job["W"], values, [["b"]] * 2))
 
 
+def test_switching_an_embedding_s_adapters_compiles_nothing():
+    """disable, merge / unmerge and set_adapter between adapters of one rank write values only (graph mode)."""
+    from tests.test_no_recompile import _NoCompile
+    ms.set_context(mode=0)
+    job = _job()
+    net = pet_hooks.apply(EmbedNet(job, "nn"), CELL)
+    pet_hooks.add_adapter(net, "b", {**CELL, "lora_alpha": 3})
+    rng = np.random.default_rng(8)
+    values = {}
+    for name, scaling in (("b", 1.0), ("default", 2.0)):
+        pet_hooks.set_adapter(net, name)
+        a, b = (rng.standard_normal((R, V)) * 0.5).astype(np.float32), (rng.standard_normal((D, R)) * 0.5
+                                                                            ).astype(np.float32)
+        _set_ab(net.emb, a, b)
+        values[name] = (a, b, scaling)
+    net.set_train(False)
+    ids = Tensor(job["ids"])
+    net(ids)                                                           # compiled: default active
+    with _NoCompile(net):
+        with pet_hooks.disable_adapters(net):
+            close(net(ids).asnumpy(), _formula(job, job["W"], values, [[], []]))
+        pet_hooks.merge(net)
+        a, b, scaling = values["default"]
+        close(_emb_table(net), job["W"] + scaling * (b @ a).T)
+        close(net(ids).asnumpy(), _formula(job, job["W"], values, [["default"]] * 2))
+        pet_hooks.unmerge(net)
+        pet_hooks.set_adapter(net, "b")
+        close(net(ids).asnumpy(), _formula(job, job["W"], values, [["b"]] * 2))
+
+
 # ----------------------------------------------------------------------------- refused
 def test_dora_pissa_olora_on_an_embedding_are_refused_naming_the_cell_and_the_option():
     from tests.test_bad_input import assert_same_world, world
