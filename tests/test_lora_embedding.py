@@ -334,6 +334,28 @@ def test_several_adapters_and_mixed_batches_on_an_embedding(mode):
     close(net(ids).asnumpy(), _formula(job, job["W"], values, [["b"]] * 2))
 
 
+def test_weighted_adapters_of_an_embedding_add_their_deltas(mode):
+    """add_weighted_adapter 'cat', and 'svd' at full rank, are exactly sum_i w_i s_i B_i A_i (PEFT's math)."""
+    job = _job()
+    net = pet_hooks.apply(EmbedNet(job, "nn"), CELL)
+    pet_hooks.add_adapter(net, "b", CELL)
+    rng = np.random.default_rng(5)
+    values = {}
+    for name in ("default", "b"):
+        pet_hooks.set_adapter(net, name)
+        a, b = rng.standard_normal((R, V)).astype(np.float32), rng.standard_normal((D, R)).astype(np.float32)
+        _set_ab(net.emb, a, b)
+        values[name] = (a, b, 2.0)
+    weights = {"default": 0.5, "b": 1.5}
+    delta = sum(w * 2.0 * values[n][1] @ values[n][0] for n, w in weights.items())       # [D, V]
+    expected = _formula(job, job["W"] + delta.T, {}, [[], []])
+    for kind, extra in (("cat", {}), ("svd", {"svd_rank": 2 * R})):
+        pet_hooks.add_weighted_adapter(net, list(weights), list(weights.values()), kind, kind, **extra)
+        pet_hooks.set_adapter(net, kind)
+        assert net.emb.lora_A.shape == (2 * R, V) and net.emb.lora_B.shape == (D, 2 * R)
+        close(net(Tensor(job["ids"])).asnumpy(), expected, kind)
+
+
 def test_switching_an_embedding_s_adapters_compiles_nothing():
     """disable, merge / unmerge and set_adapter between adapters of one rank write values only (graph mode)."""
     from tests.test_no_recompile import _NoCompile
