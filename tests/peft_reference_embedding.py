@@ -2,10 +2,10 @@
 
     python tests/peft_reference_embedding.py WORK_DIR
 
-Reads ``WORK_DIR/job.npz`` and ``job.json`` and writes ``torch.npz`` with what PEFT 0.21's own
+Reads ``WORK_DIR/job.json`` (what to run) and writes ``torch.npz`` with what PEFT 0.21's own
 ``lora.Embedding`` gives on the same weights:
 
-- the cell: an ``nn.Embedding`` (``padding_idx`` None and 0) followed by a plain ``nn.Linear`` head,
+- the cell (``job.json["cell"]``, weights in ``job.npz``): an ``nn.Embedding`` (``padding_idx`` None and 0) followed by a plain ``nn.Linear`` head,
   LoRA (r=3, lora_alpha=6) on the embedding with the job's A and B: ``<pad>.out``, the gradients
   ``<pad>.grad.A`` / ``<pad>.grad.B`` of ``sum(out * g)``, ``<pad>.merged`` / ``<pad>.unmerged``
   (merge_adapter / unmerge_adapter); ``init.A`` / ``init.B``: what PEFT initialises on a 50 x 64
@@ -144,11 +144,11 @@ def _model(work, name, spec, build, out):
 
 
 def main(work):
-    job = dict(np.load(os.path.join(work, "job.npz")))
     meta = json.load(open(os.path.join(work, "job.json"), encoding="utf-8"))
     out = {}
-    _cell(work, job, out)
-    for name, spec in meta["llamas"].items():
+    if meta.get("cell"):
+        _cell(work, dict(np.load(os.path.join(work, "job.npz"))), out)
+    for name, spec in meta.get("llamas", {}).items():
         _model(work, name, spec, _llama, out)
     if meta.get("qwen3"):
         _model(work, "qwen3", meta["qwen3"], _qwen3, out)

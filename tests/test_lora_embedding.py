@@ -127,30 +127,43 @@ def _set_ab(cell, a, b) -> None:
     cell.lora_B.set_data(Tensor(b))
 
 
+def _run_reference(work) -> dict:
+    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_embedding.py"), str(work)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(np.load(work / "torch.npz"))
+
+
 @pytest.fixture(scope="module")
 def peft_run(tmp_path_factory):
-    """PEFT's numbers for _job() and the models below, one torch process; pet_hooks' adapters written first."""
+    """PEFT's numbers for the cell of _job() (one torch process); pet_hooks' adapter of it written first."""
     if not HAS_TORCH_PEFT:
         pytest.skip("torch, transformers and peft are not all installed")
     work = tmp_path_factory.mktemp("embedding")
     job = _job()
     np.savez(work / "job.npz", **job)
-    ms.set_context(mode=1)                       # writing adapters compiles nothing; the tests pick their mode
+    before = ms.get_context("mode")
+    ms.set_context(mode=1)                       # writing an adapter compiles nothing
     rng = np.random.default_rng(2)
     cell = pet_hooks.apply(EmbedNet(job, "nn_pad"), {**CELL, "target_modules": ".*emb|.*head"})
     for param in pet_hooks.delta_parameters(cell):
         param.set_data(Tensor((rng.standard_normal(param.shape) * 0.5).astype(np.float32)))
     pet_hooks.save_adapter(cell, work / "ours_cell", format="peft", task_type=None)
-    meta = {"llamas": {}, "qwen3": None}
-    if HAS_MINDFORMERS:
-        for name, tied in (("llama", False), ("llama_tied", True)):
-            meta["llamas"][name] = _write_llama(work / name, tied)
-        meta["qwen3"] = _write_qwen3(work / "qwen3")
+    ms.set_context(mode=before)
+    (work / "job.json").write_text(json.dumps({"cell": True}))
+    return work, job, _run_reference(work)
+
+
+@pytest.fixture(scope="module")
+def peft_models(tmp_path_factory):
+    """PEFT's logits for the Llamas (untied, tied) and the Qwen3 below, one torch process; our adapters first."""
+    if not HAS_TORCH_PEFT:
+        pytest.skip("torch, transformers and peft are not all installed")
+    work = tmp_path_factory.mktemp("embedding_models")
+    meta = {"llamas": {name: _write_llama(work / name, tied) for name, tied in (("llama", False), ("llama_tied", True))},
+            "qwen3": _write_qwen3(work / "qwen3")}
     (work / "job.json").write_text(json.dumps(meta))
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_embedding.py"), str(work)],
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return work, job, dict(np.load(work / "torch.npz"))
+    return work, _run_reference(work)
 
 
 @pytest.mark.parametrize("cell_kind", KINDS, indirect=True)
@@ -463,8 +476,8 @@ def _llama_logits(net) -> np.ndarray:
 
 @NEEDS_MINDFORMERS
 @NEEDS_TORCH_PEFT
-def test_llama_embedding_and_projections_equal_transformers_and_peft_both_ways(peft_run, mode):
-    work, _, theirs = peft_run
+def test_llama_embedding_and_projections_equal_transformers_and_peft_both_ways(peft_models, mode):
+    work, theirs = peft_models
     base = _llama_logits(_llama(False))
     close(base, theirs["llama.base"], "the same model to begin with", 1e-4)
     doc = json.loads((work / "llama" / "ours" / "adapter_config.json").read_text())
@@ -493,9 +506,9 @@ def test_llama_embedding_and_projections_equal_transformers_and_peft_both_ways(p
 
 @NEEDS_MINDFORMERS
 @NEEDS_TORCH_PEFT
-def test_a_tied_embedding_changes_the_lookup_only_as_in_peft_and_merge_is_refused(peft_run, mode, tmp_path):
+def test_a_tied_embedding_changes_the_lookup_only_as_in_peft_and_merge_is_refused(peft_models, mode, tmp_path):
     from tests.test_bad_input import assert_same_world, world
-    work, _, theirs = peft_run
+    work, theirs = peft_models
     net = _llama(True)
     table = net.model.tok_embeddings.embedding_weight
     assert net.lm_head.weight is table
@@ -617,9 +630,9 @@ def test_mindformers_published_qwen3_block_applies_and_trains_the_real_vocab_par
 
 @NEEDS_MINDFORMERS
 @NEEDS_TORCH_PEFT
-def test_the_published_qwen3_adapter_gives_transformers_and_peft_logits(peft_run, mcore_graph):
+def test_the_published_qwen3_adapter_gives_transformers_and_peft_logits(peft_models, mcore_graph):
     from tests.test_mcore_peft import hf_weights
-    work, _, theirs = peft_run
+    work, theirs = peft_models
     doc = json.loads((work / "qwen3" / "ours" / "adapter_config.json").read_text())
     assert "embed_tokens" in doc["target_modules"]
     scale = np.abs(theirs["qwen3.base"]).max()
