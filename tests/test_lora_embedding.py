@@ -1,7 +1,8 @@
 """LoRA on embeddings against PEFT's own ``lora.Embedding``: nn.Embedding, LlamaEmbedding, VocabParallelEmbedding.
 
-PyTorch runs once per module in its own process (``tests/peft_reference_embedding.py``) on the same
-weights; every number below is compared with what it wrote, or with a NumPy formula:
+PyTorch runs in its own process (``tests/peft_reference_embedding.py``) on the same weights, once for
+the cell (``peft_run``) and once for the whole models (``peft_models``, slow tests only); every number
+below is compared with what it wrote, or with a NumPy formula:
 
 * the cell (an embedding then a plain head), for ``mindspore.nn.Embedding`` with and without
   ``padding_idx``, MindFormers' ``LlamaEmbedding`` (both modes) and mcore ``VocabParallelEmbedding``
@@ -14,7 +15,9 @@ weights; every number below is compared with what it wrote, or with a NumPy form
 * MindFormers' published Qwen3 LoRA block (``configs/qwen3/README.md``) on the tiny mcore Qwen3 with
   MindFormers' own ``VocabParallelEmbedding`` kept (``tiny_qwen3(keep_embedding=True)``): it applies
   as published, trains, and its adapter gives ``transformers`` + PEFT's logits;
-* several adapters and mixed batches on an embedding, against the NumPy formula.
+* several adapters, mixed batches and weighted adapters on an embedding, against the NumPy formula;
+  switching them compiles nothing; the gradient sentinel (A) reports an embedding that is never called;
+* DoRA, PiSSA, OLoRA and an embedding an MTP block reads are refused, naming the cell.
 """
 from __future__ import annotations
 
@@ -369,10 +372,10 @@ def test_weighted_adapters_of_an_embedding_add_their_deltas(mode):
         close(net(Tensor(job["ids"])).asnumpy(), expected, kind)
 
 
-def test_switching_an_embedding_s_adapters_compiles_nothing():
+@pytest.mark.parametrize("mode", [pytest.param(0, id="graph")], indirect=True)
+def test_switching_an_embedding_s_adapters_compiles_nothing(mode):
     """disable, merge / unmerge and set_adapter between adapters of one rank write values only (graph mode)."""
     from tests.test_no_recompile import _NoCompile
-    ms.set_context(mode=0)
     job = _job()
     net = pet_hooks.apply(EmbedNet(job, "nn"), CELL)
     pet_hooks.add_adapter(net, "b", {**CELL, "lora_alpha": 3})
