@@ -166,6 +166,44 @@ REGISTRY: Tuple[Internal, ...] = (
                        "[E, ffn, hidden]); an instance has hidden_size, weight1, weight2 and compute_dtype",
              sites=("pet_hooks/tuners/lora_experts.py",), names=(), guard=_SOURCE_TEST,
              source_sha256="f5ca7402360f41bab2be8801b7252869caa6c7ad3d7c1022abeffc538afe55fc"),
+    # ---------------------------------------------------------------- embeddings (not copied: called)
+    Internal(key="embedding_construct", package="mindspore", checked=_MS, target="mindspore.nn.Embedding.construct",
+             relied_on="LoraEmbedding calls this (pet_base_construct) and adds the branch to its output: the rows of "
+                       "embedding_table for the ids (a Gather, or a one-hot MatMul), shaped ids.shape + "
+                       "(embedding_size,), in the table's dtype; padding_idx only zeroes that row at init",
+             sites=("pet_hooks/tuners/lora_embedding.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="1dc4b78af0fa2d132815d3aaa5661e90a1f2b7501169f5d0ee952350a28b2caa"),
+    Internal(key="llama_embedding_construct", package="mindformers", checked=_MF,
+             target="mindformers.models.llama.llama_layer.LlamaEmbedding.construct",
+             relied_on="LoraEmbedding calls this (pet_base_construct) and adds the branch to its output: "
+                       "gather(embedding_weight, ids, 0), ids flattened first with rmsnorm_compute_2d",
+             sites=("pet_hooks/tuners/lora_embedding.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="04c2968502236bd39e00924c42cb80fd594bdddb3b629cd942b46f855d123b9a"),
+    Internal(key="mcore_embedding_func", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.tensor_parallel.layers.VocabParallelEmbedding."
+                    "embedding_func",
+             relied_on="VocabParallelEmbedding.construct (called as pet_base_construct) runs this in its Morph: the "
+                       "rows of weight for ids [B, S], output [B, S, H] in the weight's dtype (its Morph declares the "
+                       "ids' dtype, so the branch casts to the table's), scattered along S only with sequence_parallel "
+                       "(refused)",
+             sites=("pet_hooks/tuners/lora_embedding.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="c4be02bf79a028f3c280dd836c7516a081473b1c74e5dd8a19416685b6873053"),
+    Internal(key="mcore_gpt_embedding_readers", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.base_models.gpt.gpt_model.GPTModel.construct",
+             relied_on="with share_embeddings_and_output_weights, output_layer computes with "
+                       "embedding.word_embeddings.weight passed at call time (merging a LoRA of the embedding would "
+                       "change the head: refused); with mtp_process, the MTP block embeds with that weight without "
+                       "calling the embedding (LoRA on it refused)",
+             sites=("pet_hooks/tuners/lora_embedding.py",), names=(), guard=_SOURCE_TEST,
+             source_sha256="029540d98c10c85ad43c9d0a84ee0d79e9c18359cde9409a18913ec7cdb45082"),
+    Internal(key="embedding_attributes", package="mindformers", checked=_MF,
+             target="mindformers.parallel_core.training_graph.tensor_parallel.layers.VocabParallelEmbedding",
+             relied_on="nn.Embedding has embedding_table [vocab, dim], padding_idx and gather (its lookup primitive); "
+                       "LlamaEmbedding has embedding_weight and gather; VocabParallelEmbedding has weight, config "
+                       "(data_parallel_size, context_parallel_size) and sequence_parallel; an mcore GPTModel has "
+                       "embedding.word_embeddings, share_embeddings_and_output_weights and mtp_process",
+             sites=("pet_hooks/tuners/lora_embedding.py",), names=(),
+             guard="tests/test_lora_embedding.py::test_the_embedding_classes_have_what_lora_reads"),
     Internal(key="mha_construct", package="mindspore", checked=_MS,
              target="mindspore.nn.MultiheadAttention.construct",
              relied_on="LoraMultiheadAttention.construct is this computation with in_proj_weight and out_proj.weight "

@@ -34,7 +34,7 @@ from .errors import PetStateError, UnsupportedCellError
 from .surgery import NamedAdapter, PetState, state_owner, after_change, get_state
 from .tuners import lora_experts, lora_init, lora_rows, lora_slots
 from .tuners.common import init_rng
-from .tuners.lora import LoraTargets, LoraTuner, init_a, io_channels, select_targets
+from .tuners.lora import LoraTargets, LoraTuner, initial_values, select_targets
 
 __all__ = ["add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "focused",
            "adapter_config", "adapter_per_row", "RowSelection", "add_weighted_adapter", "Names"]
@@ -175,9 +175,7 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
     rng = init_rng(cfg)
     stored = {}
     for path, cell in targets:                  # drawn in net order, as apply would for this config
-        inner, outer = io_channels(cell)
-        stored[path] = {"lora_A": init_a(rng, cfg, inner),
-                        "lora_B": np.zeros((outer, cfg.lora_rank), np.float32)}
+        stored[path] = initial_values(cell, cfg, rng)
     new = LoraTargets([(p, c) for p, c in targets if p not in adapted],
                       {p: c for p, c in targets.parents.items() if p not in adapted})
     records = state.tuner.inject(new, cfg) if new else []

@@ -15,7 +15,8 @@ of its sentinel deltas changed bit for bit. The sentinels are what the tuner nam
 ``grad_sentinels(record)`` (by default the cell's deltas). For LoRA it is ``lora_B``: it
 starts at zero, gets a gradient from the first step whenever the branch is reached (A's
 gradient is zero until B moves, so A is no witness), and with no gradient it stays exactly
-zero even under weight decay. Not caught: a B that starts non-zero (a loaded adapter) under
+zero even under weight decay. On an embedding the roles swap (PEFT starts its A at zero and its B
+random), so there the sentinel is ``lora_A``. Not caught: a B that starts non-zero (a loaded adapter) under
 weight decay changes without any gradient. Frozen deltas are not checked.
 
 An early check with *nothing* moved says nothing about single cells (the optimizer may not

@@ -9,7 +9,8 @@
 The report lists every pattern of ``target_modules`` (a top-level ``|`` alternative of the
 regex, or a list entry) with how many cells it selects and, when it selects none, the
 nearest names; every matched cell (path, type, input/output size, its delta parameters and
-their shapes); the cells that almost matched (the same type as a matched cell, or a type the
+their shapes, and ``tied_to``: the cell that shares its weight, for a tied embedding, whose merge
+is refused); the cells that almost matched (the same type as a matched cell, or a type the
 method adapts, not selected); and the trainable summary. It is built by running the core flow
 (``apply``) on the net and undoing it (``remove``), so what it shows is what training gets.
 
@@ -38,7 +39,7 @@ from .hooks.context import PetSession
 from .patching import PatchSet
 from .matching import (is_excluded, list_entry_matches, named_cells, nearest_names, split_alternatives,
                        under_name_maps)
-from .surgery import apply, get_state, parameter_counts, remove, trainable_summary
+from .surgery import apply, get_state, parameter_counts, remove, tied_weights, trainable_summary
 from .tuners import get_tuner
 
 __all__ = ["inspect_net", "format_report", "build_from_factory", "capture_script_model", "split_alternatives"]
@@ -68,15 +69,17 @@ def _type_name(cls: type) -> str:
 
 
 # MindSpore / legacy MindFormers name a projection's sizes in_channels / out_channels, the mcore layers
-# input_size / output_size.
-_SIZE_ALIASES = {"in_channels": "input_size", "out_channels": "output_size"}
+# input_size / output_size; the embeddings (in: the vocabulary, out: the width) have names of their own.
+_SIZE_ALIASES = {"in_channels": ("input_size", "vocab_size", "vocab_table_size", "num_embeddings"),
+                 "out_channels": ("output_size", "embedding_size", "embedding_dim")}
 
 
 def _size(cell: nn.Cell, attr: str) -> Optional[int]:
-    value = getattr(cell, attr, None)
-    if value is None and attr in _SIZE_ALIASES:
-        value = getattr(cell, _SIZE_ALIASES[attr], None)
-    return int(value) if isinstance(value, int) else None
+    for name in (attr,) + _SIZE_ALIASES.get(attr, ()):
+        value = getattr(cell, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)
+    return None
 
 
 def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
@@ -122,6 +125,7 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
 
 def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[str], excludes) -> None:
     shared: Dict[str, List[int]] = {}
+    tied = tied_weights(net, state) if state.tuner.can_merge else {}
     matched_paths = set()
     matched_types = set()
     for record in state.injections:
@@ -133,7 +137,8 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
                 shared.setdefault(param.name, list(param.shape))
         size = state.tuner.io_channels(record)
         report["matched"].append({"path": record.path, "type": record.original_class.__name__,
-                                  "in": size[0], "out": size[1], "deltas": own})
+                                  "in": size[0], "out": size[1], "deltas": own,
+                                  "tied_to": tied[record.path][1] if record.path in tied else None})
         matched_paths.add(record.path)
         matched_types.add(record.original_class)
     report["shared"] = [{"name": name, "shape": shape} for name, shape in shared.items()]
@@ -231,6 +236,11 @@ def format_report(report: Dict[str, Any]) -> str:
             rows.append([cell["path"], cell["type"], _num(cell["in"]), _num(cell["out"]),
                          ", ".join(f"{d['name']} {_shape(d['shape'])}" for d in cell["deltas"]) or "-"])
         lines += ["", f"matched ({len(report['matched'])} cells)"] + _table(rows)
+        tied = [cell for cell in report["matched"] if cell.get("tied_to")]
+        if tied:
+            lines += ["", f"note: {len(tied)} matched cell(s) share their weight with another cell (tie_word_embeddings); "
+                          f"the adapter changes them alone, and merge / save_merged_checkpoint are refused"]
+            lines += [f"  {cell['path']}: tied to {cell['tied_to']}" for cell in tied]
         flagged = [cell for cell in report["matched"] if cell.get("unreached")]
         if flagged:
             lines += ["", f"warning: {len(flagged)} matched cell(s) are never called, so they would train nothing"]

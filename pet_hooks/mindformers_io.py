@@ -21,7 +21,7 @@ from mindspore.common import dtype as mstype
 
 from .errors import AdapterFileError, PetStateError
 from .files import load_safetensors
-from .surgery import all_delta_parameters, get_state, switch_parameters
+from .surgery import all_delta_parameters, get_state, refuse_tied, switch_parameters
 from .tuners import all_tuners
 
 __all__ = ["read_mindformers_lora", "save_merged_checkpoint", "from_mindformers_name"]
@@ -62,23 +62,6 @@ def read_mindformers_lora(path: str) -> Dict[str, np.ndarray]:
     return deltas
 
 
-def _refuse_tied(net: nn.Cell, state) -> None:
-    """A LoRA weight that another cell also holds (tied embeddings: ``lm_head.weight`` is the
-    token embedding) cannot be merged into one tensor without changing that other cell too."""
-    owners: Dict[int, list] = {}
-    for path, cell in net.cells_and_names():
-        for param in cell.get_parameters(expand=False):
-            owners.setdefault(id(param), []).append(path)
-    for record in state.injections:
-        for weight, _ in state.tuner.weight_deltas(record):
-            others = [p for p in owners.get(id(weight), []) if p != record.path]
-            if others:
-                raise PetStateError(f"cannot merge the LoRA of '{record.path}': its weight "
-                                    f"'{weight.name}' is tied to '{others[0]}' (tie_word_embeddings), so "
-                                    f"merging would change that cell too; leave '{record.path}' out of "
-                                    f"target_modules or keep the adapter separate")
-
-
 def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
     """Write a full checkpoint of ``net`` with every delta folded into its base weight (LoRA, IA3).
 
@@ -90,7 +73,7 @@ def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
         raise PetStateError(f"save_merged_checkpoint needs a net with a method that merges (LoRA, IA3); "
                             f"{type(net).__name__} has "
                          f"{'no PET' if state is None else state.config.pet_type}")
-    _refuse_tied(net, state)
+    refuse_tied(net, state, "save_merged_checkpoint")
     deltas = {id(p) for p in all_delta_parameters(net) + switch_parameters(net)}
     merged = {}
     if not state.merged:  # a merged net already holds the merged weights

@@ -47,7 +47,10 @@ def freeze_for_pet(net: nn.Cell, deltas: Iterable[Parameter], cfg: PetConfig,
     before = {p.name: p.requires_grad for p in net.get_parameters()
               if id(p) not in delta_ids and id(p) not in switch_ids}
     if cfg.freeze_exclude:
-        unmatched = [pat for pat in cfg.freeze_exclude if not any(fnmatch(n, pat) for n in before)]
+        # A pattern may name deltas only (MindFormers' published ``freeze_include: ['*']``,
+        # ``freeze_exclude: ['*lora*']`` keeps the deltas trainable): it must match some parameter.
+        names = list(before) + [p.name for p in net.get_parameters() if id(p) in delta_ids]
+        unmatched = [pat for pat in cfg.freeze_exclude if not any(fnmatch(n, pat) for n in names)]
         if unmatched:
             raise ValueError(f"freeze_exclude pattern(s) {unmatched} match no parameter of "
                              f"{type(net).__name__}")

@@ -6,9 +6,13 @@
 A PEFT LoRA directory holds ``adapter_config.json`` (``peft_type: "LORA"``, ``r``,
 ``lora_alpha``, ``target_modules``, ...) and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
-([out, r]). pet_hooks' deltas have the same shapes and the same scaling (``alpha / r``, or
-``alpha / sqrt(r)`` with ``use_rslora``), whatever the layout of the base weight, so only
-the names change. An IA3 directory (``peft_type: "IA3"``) holds ``<module path>.ia3_l`` vectors
+([out, r]); an embedding's are ``<module path>.lora_embedding_A`` ([r, num_embeddings]) and
+``.lora_embedding_B`` ([dim, r]), bare (the tuner's ``peft_layouts``). pet_hooks' deltas have the
+same shapes and the same scaling (``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``),
+whatever the layout of the base weight, so only the names change. PEFT's ``save_pretrained`` also
+writes a copy of an adapted embedding's base table (``<module>.base_layer.weight``, its
+``save_embedding_layers``); reading, pet_hooks checks its shape and never writes it into the net
+(a copy that differs from the net's table is reported in a warning). An IA3 directory (``peft_type: "IA3"``) holds ``<module path>.ia3_l`` vectors
 in PEFT's shapes ([out, 1], or [1, in] for ``feedforward_modules``). Which tensors a module has,
 and what the config says, is the tuner's (``peft_type``, ``peft_weights``, ``peft_key_tail``,
 ``peft_fields``, ``peft_module_fields`` ... of :class:`pet_hooks.tuners.Tuner`).
@@ -26,9 +30,10 @@ reordering; ``tests/test_peft_format.py`` checks the logits against PyTorch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from mindspore import nn
@@ -40,6 +45,8 @@ from .loading import load_tensors
 from . import fused
 from .name_maps import NAME_MAPS, MapFn, NameMapSpec, fused_parts, register_name_map, resolve_name_map
 from .surgery import get_state
+
+logger = logging.getLogger("pet_hooks")
 from .tuners import Tuner, all_tuners, peft_tuner
 
 # NAME_MAPS and register_name_map stay importable from here, where docs/peft_format.md names them.
@@ -67,12 +74,13 @@ def _adaptable_paths(net: nn.Cell, tuner: Tuner) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- saving
-def _map_all(paths: List[str], fn: MapFn, label: str, net: nn.Cell, tuner: Tuner) -> Dict[str, str]:
+def _map_all(paths: List[str], fn: MapFn, label: str, net: nn.Cell, deltas: Mapping[str, List[str]]) -> Dict[str, str]:
+    """Our cell path -> theirs for every path; ``deltas`` (path -> its delta names) names what an unmapped cell holds."""
     out = {}
     for path in paths:
         new = fn(path)
         if not isinstance(new, str) or not new:
-            tensors = " and ".join(f"'{path}.{leaf}'" for leaf in tuner.peft_weights.values())
+            tensors = " and ".join(f"'{name}'" for name in deltas[path])
             raise PetConfigError(f"name_map {label} leaves cell '{path}' of {type(net).__name__} unmapped "
                                  f"(tensors {tensors}); extend the map or pass another")
         out[path] = new
@@ -116,7 +124,8 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
     label, fn = resolve_name_map(name_map)
     paths = [record.path for record in state.injections]
     fused_cells = {path: parts for path in paths for parts in [fused_parts(name_map, path)] if parts}
-    mapped = _map_all([p for p in paths if p not in fused_cells], fn, label, net, tuner)
+    delta_names = {record.path: [p.name for p in tuner.deltas_of(record)] for record in state.injections}
+    mapped = _map_all([p for p in paths if p not in fused_cells], fn, label, net, delta_names)
     tensors = {}
     for record in state.injections:
         params = {param.name: param for param in tuner.deltas_of(record)}
@@ -137,13 +146,16 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
                 tensors[f"{PEFT_PREFIX}{their_path}.lora_B.weight"] = b
                 mapped[f"{record.path}#{index}"] = their_path
             continue
-        missing = [leaf for leaf in tuner.peft_weights.values() if f"{record.path}.{leaf}" not in params]
-        if missing:
+        layout = next(((weights, tail) for weights, tail in tuner.peft_layouts()
+                       if all(f"{record.path}.{leaf}" in params for leaf in weights.values())), None)
+        if layout is None:
+            pairs = " or ".join(" / ".join(weights.values()) for weights, _ in tuner.peft_layouts())
             raise PetStateError(f"cell '{record.path}' ({record.original_class.__name__}) has deltas "
-                                f"{sorted(params)[:4]}, not one {' / '.join(tuner.peft_weights.values())} pair: "
+                                f"{sorted(params)[:4]}, not one {pairs} pair: "
                                 f"PEFT's LoRA layout does not hold them (grouped experts); save with format='pet_hooks'")
-        for suffix, leaf in tuner.peft_weights.items():
-            tensors[f"{PEFT_PREFIX}{mapped[record.path]}.{suffix}{tuner.peft_key_tail}"] = np.ascontiguousarray(
+        weights, tail = layout
+        for suffix, leaf in weights.items():
+            tensors[f"{PEFT_PREFIX}{mapped[record.path]}.{suffix}{tail}"] = np.ascontiguousarray(
                 to_numpy(params[f"{record.path}.{leaf}"]))
     doc = {
         "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
@@ -179,27 +191,71 @@ def _check_doc(doc: Mapping, config_path: str) -> Tuner:
     return tuner
 
 
+#: PEFT's copy of an adapted module's base weight (``save_embedding_layers``), ``<module>.base_layer.weight``
+_BASE_COPY = "base_layer.weight"
+
+
 def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str,
-                tuner: Tuner) -> Dict[str, Dict[str, np.ndarray]]:
-    """module path -> {suffix: array} from PEFT keys; any other key is an error naming it."""
-    suffixes = list(tuner.peft_weights)
-    tail = tuner.peft_key_tail
-    key_re = re.compile(r"base_model\.model\.(.+)\.(?:(" + "|".join(re.escape(s) for s in suffixes) + r")"
-                        + re.escape(tail) + "".join(f"|({re.escape(s)})" for s in tuner.peft_bare_weights) + ")")
+                tuner: Tuner) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[str, np.ndarray]]:
+    """(module path -> {suffix: array}, module path -> PEFT's copy of its base weight) from PEFT keys.
+
+    Each module's tensors must form one of the tuner's layouts (plus its optional bare tensors); any
+    other key is an error naming it.
+    """
+    layouts = tuner.peft_layouts()
+    ending = {f"{suffix}{tail}": suffix for weights, tail in layouts for suffix in weights}
+    ending.update({suffix: suffix for suffix in tuner.peft_bare_weights})
+    ending[_BASE_COPY] = _BASE_COPY
+    key_re = re.compile(r"base_model\.model\.(.+)\.(" + "|".join(re.escape(e) for e in ending) + ")")
     modules: Dict[str, Dict[str, np.ndarray]] = {}
+    copies: Dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         found = key_re.fullmatch(key)
         if found is None:
+            expected = " / .".join(f"{s}{t}" for weights, t in layouts for s in weights)
             raise AdapterFileError(f"{weights_path}: key '{key}' is not a PEFT {tuner.label} weight "
-                                   f"(expected {PEFT_PREFIX}<module>." + " / .".join(f"{s}{tail}" for s in suffixes)
-                                   + ")")
-        suffix = next(group for group in found.groups()[1:] if group is not None)
-        modules.setdefault(found.group(1), {})[suffix] = value
-    for module, pair in modules.items():
-        missing = [s for s in suffixes if s not in pair]
+                                   f"(expected {PEFT_PREFIX}<module>.{expected})")
+        module, suffix = found.group(1), ending[found.group(2)]
+        if suffix == _BASE_COPY:
+            copies[module] = value
+        else:
+            modules.setdefault(module, {})[suffix] = value
+    for module in copies:
+        if module not in modules:
+            raise AdapterFileError(f"{weights_path}: key '{PEFT_PREFIX}{module}.{_BASE_COPY}' is a base weight of a "
+                                   f"module without {tuner.label} tensors; pet_hooks does not load base weights")
+    for module, found in modules.items():
+        own = {suffix for suffix in found if suffix not in tuner.peft_bare_weights}
+        hit = [(w, t) for w, t in layouts if own & set(w)] or layouts[:1]
+        if len(hit) > 1:
+            raise AdapterFileError(f"{weights_path}: module '{module}' has both "
+                                   + " and ".join(str(sorted(own & set(w))) for w, _ in hit)
+                                   + ": a module holds one layout (a linear layer's or an embedding's)")
+        weights, tail = hit[0]
+        missing = [s for s in weights if s not in found]
         if missing:
             raise AdapterFileError(f"{weights_path}: module '{module}' has no {missing[0]}{tail}")
-    return modules
+    return modules, copies
+
+
+def _check_base_copies(net: nn.Cell, tuner: Tuner, copies: Mapping[str, np.ndarray], ours: Mapping[str, str],
+                       weights_path: str) -> None:
+    """PEFT's copies of base weights must fit the net's; they are never written (the base is the net's own)."""
+    cells = dict(net.cells_and_names())
+    for module, value in copies.items():
+        weight = tuner.base_weight(cells[ours[module]])
+        key = f"{PEFT_PREFIX}{module}.{_BASE_COPY}"
+        if weight is None:
+            continue
+        if tuple(value.shape) != tuple(weight.shape):
+            raise AdapterFileError(f"{weights_path}: '{key}' (PEFT's copy of the base weight) has shape "
+                                   f"{tuple(value.shape)}, the net's '{weight.name}' {tuple(weight.shape)}: the adapter "
+                                   f"was made for another vocabulary")
+        differ = float(np.abs(to_numpy(weight).astype(np.float32) - value.astype(np.float32)).max())
+        if differ > 0:
+            logger.warning("pet_hooks: %s holds PEFT's copy of the base weight '%s', which differs from the net's "
+                           "'%s' by up to %.3g; pet_hooks keeps the net's own base weights and loads the deltas",
+                           weights_path, key, weight.name, differ)
 
 
 def _net_paths(net: nn.Cell, tuner: Tuner, fresh: bool = False) -> List[str]:
@@ -212,8 +268,8 @@ def _net_paths(net: nn.Cell, tuner: Tuner, fresh: bool = False) -> List[str]:
     return adapted + [path for path in _adaptable_paths(net, tuner) if path not in adapted] if fresh else adapted
 
 
-def _choose_map(net: nn.Cell, modules: List[str], name_map: NameMapSpec, weights_path: str,
-                tuner: Tuner, fresh: bool = False) -> tuple:
+def _choose_map(net: nn.Cell, modules: Mapping[str, Mapping[str, np.ndarray]], name_map: NameMapSpec,
+                weights_path: str, tuner: Tuner, fresh: bool = False) -> tuple:
     """(their module path -> our cell path, the map that gave it), with the given map or the first one
     that maps them all. The parts of a fused cell (``FUSED_MAPS``) all map to that cell."""
     specs = [name_map] if name_map is not None else [None] + sorted(NAME_MAPS)
@@ -227,18 +283,19 @@ def _choose_map(net: nn.Cell, modules: List[str], name_map: NameMapSpec, weights
             for theirs in (parts[1] if parts else (fn(path),)):
                 if isinstance(theirs, str):
                     inverse.setdefault(theirs, path)
-        hits = sum(module in inverse for module in modules)
+        hits = sum(module in inverse for module in sorted(modules))
         if hits == len(modules):
-            return {module: inverse[module] for module in modules}, spec
+            return {module: inverse[module] for module in sorted(modules)}, spec
         if best is None or hits > best[0]:
             best = (hits, label, inverse)
     _, label, inverse = best
-    missing = next(module for module in modules if module not in inverse)
+    missing = next(module for module in sorted(modules) if module not in inverse)
     tried = f"name map {label}" if name_map is not None else f"any name map (none, {', '.join(sorted(NAME_MAPS))})"
     example = next(iter(sorted(inverse)), None)
-    first = next(iter(tuner.peft_weights))
+    ending = {s: f"{s}{t}" for weights, t in tuner.peft_layouts() for s in weights}
+    first = ending.get(min(modules[missing]), min(modules[missing]))
     raise AdapterFileError(
-        f"{weights_path}: module '{missing}' (key '{PEFT_PREFIX}{missing}.{first}{tuner.peft_key_tail}') matches no "
+        f"{weights_path}: module '{missing}' (key '{PEFT_PREFIX}{missing}.{first}') matches no "
         f"{tuner.label if get_state(net) else 'adaptable'} cell of {type(net).__name__} under {tried}; "
         f"is the adapter for another architecture?"
         + (f" (the net's cells map to names such as '{example}')" if example else ""))
@@ -263,8 +320,9 @@ def _joined_fused_cells(net: nn.Cell, tuner: Tuner, spec: NameMapSpec, ours: Map
 
 
 def _leaves(tuner: Tuner) -> Dict[str, str]:
-    """PEFT's key suffix -> the leaf of our delta's name, the ``.weight`` ones and the bare ones."""
-    return {**tuner.peft_weights, **tuner.peft_bare_weights}
+    """PEFT's key suffix -> the leaf of our delta's name, of every layout and the bare ones."""
+    leaves = {suffix: leaf for weights, _ in tuner.peft_layouts() for suffix, leaf in weights.items()}
+    return {**leaves, **tuner.peft_bare_weights}
 
 
 def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None,
@@ -276,11 +334,12 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     tuner = _check_doc(doc, config_path)
-    modules = _modules_of(read_safetensors(weights_path), weights_path, tuner)
+    modules, copies = _modules_of(read_safetensors(weights_path), weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
     fresh = adapter_name is not None and (get_state(net) is None or adapter_name not in get_state(net).adapters)
-    ours, spec = _choose_map(net, sorted(modules), name_map, weights_path, tuner, fresh)
+    ours, spec = _choose_map(net, modules, name_map, weights_path, tuner, fresh)
+    _check_base_copies(net, tuner, copies, ours, weights_path)
     tensors = {f"{ours[module]}.{_leaves(tuner)[suffix]}": value
                for module, pair in modules.items() for suffix, value in pair.items()}
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))

@@ -30,7 +30,7 @@ from .tuners import Tuner, get_tuner
 
 __all__ = ["PetState", "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters",
            "all_delta_parameters", "saved_parameters", "trainable_summary", "get_state", "has_pet",
-           "switch_parameters", "parameter_counts"]
+           "switch_parameters", "parameter_counts", "refuse_tied", "tied_weights"]
 
 logger = logging.getLogger("pet_hooks")
 _STATE_ATTR = "_pet_hooks_state"
@@ -210,14 +210,52 @@ def _set_active(net: nn.Cell, state: PetState, active: bool) -> None:
         force_recompile()
 
 
+def tied_weights(net: nn.Cell, state: PetState) -> Dict[str, tuple]:
+    """adapted cell path -> (its base weight's name, the first other cell computing with that weight), for the
+    cells whose delta merging would fold into a weight another cell shares (an embedding tied to the output
+    head, ``tie_word_embeddings``: tied Parameters, and what the tuner's ``weight_readers`` name)."""
+    model = state_owner(net)                    # record paths are relative to the adapted model
+    owners: Dict[int, List[str]] = {}
+    for path, cell in model.cells_and_names():
+        for param in cell.get_parameters(expand=False):
+            owners.setdefault(id(param), []).append(path)
+    tied = {}
+    for record in state.injections:
+        readers = state.tuner.weight_readers(model, record)
+        for weight in state.tuner.merge_weights(record):
+            others = [path for path in owners.get(id(weight), []) if path != record.path] + readers
+            if others and record.path not in tied:
+                tied[record.path] = (weight.name, others[0])
+    return tied
+
+
+def refuse_tied(net: nn.Cell, state: PetState, action: str) -> None:
+    """Raise PetStateError, naming the cells, when merging would fold a delta into a weight another cell also
+    computes with (:func:`tied_weights`): unmerged, the delta changes its own cell only (as PEFT computes
+    it); merged, the other cell too, so the merged model would not be the adapted one. ``action`` is what is
+    refused ("merge", "save_merged_checkpoint")."""
+    for path, (weight, other) in tied_weights(net, state).items():
+        raise PetStateError(
+            f"cannot {action}: the LoRA of '{path}' would go into its weight '{weight}', which is tied to "
+            f"'{other}' (tie_word_embeddings), so '{other}' would change too and the merged model would not be "
+            f"the adapted one (unmerged, the delta changes '{path}' only). Keep the adapter separate, or leave "
+            f"'{path}' out of target_modules")
+
+
 def merge(net: nn.Cell) -> nn.Cell:
-    """Fold the deltas into the base weights (``W += scaling * B @ A``); outputs stay within tolerance."""
+    """Fold the deltas into the base weights (``W += scaling * B @ A``); outputs stay within tolerance.
+
+    Raises:
+        PetStateError: the method does not merge, or a delta would go into a weight another cell shares
+            (a tied embedding, :func:`refuse_tied`). The net is left as it was.
+    """
     state = _require_state(net, "merge")
     if state.merged:
         logger.warning("pet_hooks: the adapter is already merged; merge() did nothing")
         return net
     if not state.tuner.can_merge:
         raise PetStateError(f"pet_type {state.config.pet_type!r} has no weights to merge")
+    refuse_tied(net, state, "merge")
     for record in state.injections:
         state.tuner.merge(record, +1)
     state.merged = True

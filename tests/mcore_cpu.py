@@ -19,7 +19,10 @@ what these tests mean by "the patched model":
   primitives become :class:`CpuOuter` (a broadcast product, the same values).
 * ``VocabParallelEmbedding``'s backward is ``EmbeddingDenseBackward``, which has no CPU kernel: the
   cell becomes :class:`CpuEmbedding` (a ``Gather`` over the same weight Parameter), so that the
-  embedding can be trained too (full fine-tuning in the benchmarks).
+  embedding can be trained too (full fine-tuning in the benchmarks). With ``keep_embedding=True`` the
+  real ``VocabParallelEmbedding`` stays: its forward runs on the CPU, and with its table frozen (LoRA
+  on the embedding, ``tests/test_lora_embedding.py``) no backward kernel of it is needed, so the class
+  pet_hooks adapts there is MindFormers' own.
 * MoE models (Qwen3-MoE): the router's ``TopkExt`` (no CPU kernel) becomes :class:`CpuTopk`, and the
   grouped experts' ``Morph`` (token dispatch, ``GroupedMatmul``, ``Swiglu``, undispatch: Ascend
   kernels) becomes :class:`CpuDenseExperts`, which runs every expert on every token and weights the
@@ -169,8 +172,9 @@ def _unfused_norm(fused, config):
     return norm
 
 
-def cpu_stand_ins(net: nn.Cell) -> nn.Cell:
-    """Replace the Ascend-only cells of a built mcore model with CPU equivalents, in place; returns ``net``."""
+def cpu_stand_ins(net: nn.Cell, keep_embedding: bool = False) -> nn.Cell:
+    """Replace the Ascend-only cells of a built mcore model with CPU equivalents, in place; returns ``net``.
+    ``keep_embedding`` leaves the real ``VocabParallelEmbedding`` (for a model whose table stays frozen)."""
     from mindformers.parallel_core.training_graph.transformer.flash_attention import FlashAttention
     from mindformers.parallel_core.training_graph.transformer.norm import FusedRMSNorm
     from mindformers.parallel_core.training_graph.tensor_parallel.layers import VocabParallelEmbedding
@@ -184,7 +188,7 @@ def cpu_stand_ins(net: nn.Cell) -> nn.Cell:
                 heads = config.num_attention_heads
                 replacements.append((cell, name, CpuCoreAttention(
                     heads, config.num_query_groups or heads, config.kv_channels, config.softmax_scale, config)))
-            elif isinstance(child, VocabParallelEmbedding):
+            elif isinstance(child, VocabParallelEmbedding) and not keep_embedding:
                 replacements.append((cell, name, CpuEmbedding(child.weight)))
             elif isinstance(child, FusedRMSNorm):
                 replacements.append((cell, name, _unfused_norm(child, config)))
@@ -224,15 +228,16 @@ def register_prefix_stand_in() -> None:
     pet_hooks.register_attention(CpuCoreAttention, McoreCoreAttentionPrefix)
 
 
-def tiny_qwen3(seed: int = 0, **overrides) -> nn.Cell:
-    """A 2-layer ``TrainingQwen3ForCausalLM`` with CPU stand-ins; ``net(ids, labels=ids)`` returns the loss."""
+def tiny_qwen3(seed: int = 0, keep_embedding: bool = False, **overrides) -> nn.Cell:
+    """A 2-layer ``TrainingQwen3ForCausalLM`` with CPU stand-ins; ``net(ids, labels=ids)`` returns the loss.
+    ``keep_embedding``: MindFormers' own ``VocabParallelEmbedding`` (see :func:`cpu_stand_ins`)."""
     from mindformers.models.qwen3.configuration_qwen3 import Qwen3Config
     from mindformers.models.qwen3.modeling_qwen3_train import TrainingQwen3ForCausalLM
     mcore_context()
     ms.set_seed(seed)
     np.random.seed(seed)
     config = Qwen3Config(**{**TINY, **overrides})
-    return cpu_stand_ins(TrainingQwen3ForCausalLM(config))
+    return cpu_stand_ins(TrainingQwen3ForCausalLM(config), keep_embedding)
 
 
 def adam_losses(net: nn.Cell, ids: ms.Tensor, lr: float, steps: int = 4) -> list:

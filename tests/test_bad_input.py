@@ -157,6 +157,15 @@ def _file_arg(d, name, content):
     return {"path": d / name}
 
 
+EMB = "base_model.model.embedding."          # the sample GPT's token embedding (256 x 16 here) in PEFT's keys
+
+
+def _peft_dir(d, tensors):
+    """The adapter directory rewritten as a PEFT LoRA of the token embedding holding ``tensors``."""
+    _write_config(d, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["embedding"], "bias": "none"})
+    save_file({k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
+
+
 def _ckpt_without_lora(d):
     ms.save_checkpoint(nn.Dense(2, 2), str(d / "base.ckpt"))
     return {"path": d / "base.ckpt", "cfg": CFG}
@@ -236,6 +245,12 @@ ROWS: List[Row] = [
       "freeze_exclude", "no_such_param*"),
     M("prefix-on-a-dense", {"pet_type": "prefixtuning", "target_modules": [".*dense1"]}, ValueError,
       ".*dense1"),
+    M("embedding-dora", {**CFG, "target_modules": ".*embedding", "use_dora": True}, ValueError, "'embedding'",
+      "Embedding", "use_dora"),
+    M("embedding-pissa", {**CFG, "target_modules": ["embedding"], "init_lora_weights": "pissa"}, ValueError,
+      "'embedding'", "Embedding", "'pissa'"),
+    M("embedding-olora", {**CFG, "target_modules": "position_embedding", "init_lora_weights": "olora"}, ValueError,
+      "'position_embedding'", "'olora'"),
     # ---- IA3, BitFit, bottleneck adapters: a bad value per field, a pattern matching nothing, a cell they refuse ----
     M("ia3-target-missing", {"pet_type": "ia3"}, ValueError, "target_modules", "required"),
     M("ia3-ff-int", {**IA3, "feedforward_modules": 3}, TypeError, "feedforward_modules", "3"),
@@ -349,6 +364,24 @@ ROWS: List[Row] = [
     A("pickle-as-ckpt", lambda d: {**_file_arg(d, "lora.ckpt", pickle.dumps(_Bomb())), "cfg": CFG}, ValueError,
       "lora.ckpt", "not a readable checkpoint"),
     A("ckpt-without-lora", _ckpt_without_lora, ValueError, "base.ckpt", "no MindFormers LoRA tensors"),
+    # ---- PEFT LoRA of an embedding (lora_embedding_A / _B, PEFT's copy of the table) ----
+    A("peft-embedding-without-b", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256)}), ValueError,
+      "module 'embedding' has no lora_embedding_B"),
+    A("peft-embedding-and-linear-tensors", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256),
+                                                                   EMB + "lora_embedding_B": (16, 4),
+                                                                   EMB + "lora_A.weight": (4, 256)}),
+      ValueError, "module 'embedding' has both", "lora_A"),
+    A("peft-embedding-wrong-shape", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 255),
+                                                            EMB + "lora_embedding_B": (16, 4)}),
+      ValueError, "embedding.lora_embedding_A", "(4, 255)", "(4, 256)"),
+    A("peft-table-copy-of-another-vocabulary", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256),
+                                                                       EMB + "lora_embedding_B": (16, 4),
+                                                                       EMB + "base_layer.weight": (300, 16)}),
+      ValueError, "base_model.model.embedding.base_layer.weight", "(300, 16)", "another vocabulary"),
+    A("peft-table-copy-without-lora", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256),
+                                                              EMB + "lora_embedding_B": (16, 4),
+                                                              "base_model.model.head.base_layer.weight": (256, 16)}),
+      ValueError, "base_model.model.head.base_layer.weight", "without LoRA tensors"),
     # ---- several adapters: names, switching, deleting, loading into one, rows ----
     N("add-taken-name", lambda net, d: pet_hooks.add_adapter(net, "b", CFG), ValueError, "'b'", "taken"),
     N("add-reserved-name", lambda net, d: pet_hooks.add_adapter(net, "all", CFG), ValueError, "'all'", "adapter_name"),
@@ -588,7 +621,7 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "init_lora_weights", "use_dora",
         "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
-            "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq"]
+            "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(-1.5, 20),
                     st.sampled_from([float("nan"), float("inf"), -float("inf")]),
                     st.sampled_from(PATTERNS + ["lora", "ptuning2", "prefixtuning", "float16", "zeros", "normal", "ia3",

@@ -33,7 +33,8 @@ def expected_lora(net, pattern, rank):
     """(matched paths, near-miss paths, trainable count), from the net alone."""
     dense = [(p, c) for p, c in net.cells_and_names() if p and isinstance(c, nn.Dense)]
     matched = [(p, c) for p, c in dense if re.fullmatch(pattern, p)]
-    misses = [p for p, c in dense if not re.fullmatch(pattern, p)]
+    misses = [p for p, c in net.cells_and_names()           # LoRA adapts embeddings too
+              if p and isinstance(c, (nn.Dense, nn.Embedding)) and not re.fullmatch(pattern, p)]
     return matched, misses, sum(rank * (c.in_channels + c.out_channels) for _, c in matched)
 
 
@@ -50,7 +51,7 @@ def test_report_on_the_sample_gpt_matches_the_net_and_leaves_it_as_it_was():
         assert row["type"] == "Dense" and (row["in"], row["out"]) == (cell.in_channels, cell.out_channels)
         assert row["deltas"] == [{"name": "lora_A", "shape": [8, cell.in_channels]},
                                  {"name": "lora_B", "shape": [cell.out_channels, 8]}]
-    assert [m["path"] for m in report["near_misses"]] == misses == ["head"]
+    assert [m["path"] for m in report["near_misses"]] == misses == ["embedding", "position_embedding", "head"]
     base = sum(p.size for p in net.get_parameters())
     assert report["summary"]["trainable"] == trainable
     assert report["summary"]["all"] == base + trainable
@@ -137,7 +138,8 @@ def test_cli_on_the_mindformers_llama_script_and_factory():
     assert report["model"].endswith("LlamaForCausalLM")
     assert [m["path"] for m in report["matched"]] == [f"model.layers.{i}.attention.{w}"
                                                       for i in range(2) for w in ("wq", "wk", "wv", "wo")]
-    assert {m["path"].rsplit(".", 1)[-1] for m in report["near_misses"]} == {"w1", "w2", "w3", "lm_head"}
+    assert {m["path"].rsplit(".", 1)[-1] for m in report["near_misses"]} == {"w1", "w2", "w3", "lm_head",
+                                                                             "tok_embeddings"}
     assert report["summary"]["trainable"] == 8 * 8 * (64 + 64)
     out = _inspect("--config", LLAMA_CFG, "--model", "tests.nets:tiny_llama")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -48,11 +48,12 @@ def test_exclude_layers_skips_paths_and_subtrees(gpt):
 
 
 @pytest.mark.parametrize("cfg,words", [
-    ({"target_modules": ".*query"}, ["'.*query' matches no cell", "TinyGPT", "adaptable cells end in dense1, dense2, dense3, head, mapping, projection"]),
+    ({"target_modules": ".*query"}, ["'.*query' matches no cell", "TinyGPT", "adaptable cells end in dense1, dense2, "
+                                     "dense3, embedding, head, mapping, position_embedding, projection"]),
     ({"target_modules": ["dense1", "wq"]}, ["'wq' matches no cell"]),
     ({"target_modules": ".*attention"}, ["blocks.0.attention", "type Attention", "cannot adapt"]),
     ({"target_modules": ".*ln1"}, ["blocks.0.ln1", "LayerNorm"]),
-    ({"target_modules": ".*embedding"}, ["embedding", "Embedding"]),
+    ({"target_modules": ".*embedding", "use_dora": True}, ["'embedding'", "Embedding", "DoRA"]),   # LoRA only
     ({"target_modules": ".*dense1", "exclude_layers": ["blocks.*"]}, ["excludes all"]),
     ({"target_modules": ".*dense1", "freeze_exclude": ["no_such_param*"]}, ["freeze_exclude", "no_such_param*"]),
 ])

@@ -255,6 +255,34 @@ def test_lora_round_trip_through_peft_two_blocks(mode, hf_two, prompts, train_ba
     assert err < 1e-4
 
 
+@needs_torch
+def test_lora_on_the_tied_embedding_through_peft_two_blocks(hf_two, prompts, train_batch, tmp_path):
+    """SmolLM2 ties lm_head to the token embedding. LoRA on it trains the lookup's delta only (lm_head keeps
+    computing with the base table), PEFT on the tied transformers model reads the adapter and gives the same
+    logits, and merging is refused: it would change lm_head too."""
+    from peft import PeftModel
+    ms.set_context(mode=0)
+    net = pet_hooks.apply(two_blocks(), {**LORA, "target_modules": ".*tok_embeddings|.*wq"})
+    table = net.model.tok_embeddings.embedding_weight
+    before = table.asnumpy().copy()
+    losses = train(net, train_batch, steps=3, lr=1e-3)
+    assert np.abs(net.model.tok_embeddings.lora_A.asnumpy()).max() > 0             # the lookup's delta trained
+    assert net.lm_head.weight is table
+    np.testing.assert_array_equal(table.asnumpy(), before)                         # the head's weight did not
+    ids = prompts[0]
+    ours = S.logits_of(net, ids)
+    with pet_hooks.disable_adapters(net):
+        assert rel_err(S.logits_of(net, ids), ours) > 1e-4
+    pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama")
+    hf = PeftModel.from_pretrained(copy.deepcopy(hf_two), str(tmp_path / "ours")).eval()
+    assert hf.base_model.model.lm_head.weight is hf.base_model.model.model.embed_tokens.base_layer.weight
+    err = rel_err(ours, hf_logits(hf, ids))
+    print(f"losses {losses}; tied embedding LoRA, pet_hooks -> PEFT relative logit error {err:.2e}")
+    assert err < 1e-4
+    with pytest.raises(pet_hooks.PetStateError, match=r"'model\.tok_embeddings'.*tied to 'lm_head'"):
+        pet_hooks.merge(net)
+
+
 def test_llama_name_map_with_tied_embeddings(tmp_path):
     """No lm_head of its own: LoRA on lm_head is refused by save_merged_checkpoint (it would change the embedding)."""
     net = pet_hooks.apply(two_blocks(), {"pet_type": "lora", "lora_rank": 2, "lora_alpha": 4,

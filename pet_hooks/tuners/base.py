@@ -124,9 +124,24 @@ class Tuner(abc.ABC):
         weight = getattr(record.cell, "weight", None)
         return weight if isinstance(weight, Parameter) else None
 
+    def base_weight(self, cell: nn.Cell) -> Optional[Parameter]:
+        """The base weight of ``cell`` the method adds to (to check a file's copy of it against), None if unknown."""
+        weight = getattr(cell, "weight", None)
+        return weight if isinstance(weight, Parameter) else None
+
     # -- merging -----------------------------------------------------------------------------
     def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
         """``[(base weight, float32 change)]`` that merging this cell adds, in the weight's layout."""
+        return []
+
+    def merge_weights(self, record: Injection) -> List[Parameter]:
+        """The base weights merging this cell writes (``weight_deltas``' weights, without computing the deltas)."""
+        return [weight for weight, _ in self.weight_deltas(record)]
+
+    def weight_readers(self, net: nn.Cell, record: Injection) -> List[str]:
+        """Paths of cells that compute with a weight of ``weight_deltas(record)`` without holding it (an mcore
+        output layer given the tied embedding at call time); merging would change them too. The weight's
+        other holders (tied Parameters) are found by ``surgery`` itself."""
         return []
 
     def merge(self, record: Injection, sign: int) -> None:
@@ -138,6 +153,11 @@ class Tuner(abc.ABC):
             write_values(weight, Tensor(merged, mstype.float32))
 
     # -- the PEFT layout (methods with a peft_type) ---------------------------------------------
+    def peft_layouts(self) -> List[Tuple[Mapping[str, str], str]]:
+        """The sets of tensors one PEFT module of this method may hold, ``[(PEFT suffix -> our leaf, key tail)]``;
+        each module's tensors form exactly one of them. By default ``peft_weights`` with ``peft_key_tail``."""
+        return [(self.peft_weights, self.peft_key_tail)]
+
     def peft_fields(self, cfg: PetConfig) -> dict:
         """The method's own fields of a PEFT ``adapter_config.json`` written for ``cfg``."""
         raise NotImplementedError(f"{type(self).__name__} has no PEFT layout")

@@ -63,12 +63,14 @@ def patched_class(mixin: type, original: type) -> type:
     """One generated subclass per (mixin, original class), reused so classes do not pile up.
 
     ``pet_base_construct`` is the original computation: graph mode cannot follow
-    ``super().construct`` from a mixin (it recurses), but it can call this.
+    ``super().construct`` from a mixin (it recurses), but it can call this. A class generated over a
+    generated one (mixed batches over an adapted cell) keeps the first one's: the base layer's own.
     """
     key = (mixin, original)
     if key not in _CLASS_CACHE:
+        base = getattr(original, "pet_base_construct", original.construct)
         _CLASS_CACHE[key] = type(f"{mixin.__name__}_of_{original.__name__}", (mixin, original),
-                                 {"__module__": mixin.__module__, "pet_base_construct": original.construct})
+                                 {"__module__": mixin.__module__, "pet_base_construct": base})
     return _CLASS_CACHE[key]
 
 

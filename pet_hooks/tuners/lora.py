@@ -1,5 +1,5 @@
 """LoRA injected into ``nn.Dense``, MindFormers' ``Linear`` (legacy) and ``ColumnParallelLinear`` /
-``RowParallelLinear`` (mcore), and ``nn.MultiheadAttention``, by swapping classes.
+``RowParallelLinear`` (mcore), ``nn.MultiheadAttention`` and the embeddings, by swapping classes.
 
 Graph mode compiles the *source* of ``type(cell).construct`` and ignores a wrapped
 method, so each matched cell is moved onto a generated subclass (``LoraDense_of_Dense``)
@@ -16,8 +16,10 @@ A cell whose parent reads its weights instead of calling it (``out_proj`` inside
 ``nn.MultiheadAttention``) would never run its branch; for those the parent is patched too,
 computing with the effective weight (``lora_mha.py``, which also adapts the attention cell's
 own input projection). The mcore projections return ``(output, bias)`` and carry a tensor-parallel
-layout; their branch and its sharded primitives are in ``lora_mcore.py``. This module chooses
-between them by the base cell's class (``_mixin_for``) and keeps the one flow for all.
+layout; their branch and its sharded primitives are in ``lora_mcore.py``. Embeddings (``nn.Embedding``,
+MindFormers' ``LlamaEmbedding`` and mcore ``VocabParallelEmbedding``) take PEFT's embedding LoRA, A and B
+named ``lora_embedding_A`` / ``_B`` (``lora_embedding.py``). This module chooses between them by the base
+cell's class (``_mixin_for``) and keeps the one flow for all.
 """
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ from .._ms_compat import write_values
 from ..config import LoraConfig
 from ..errors import AdapterFileError, PetConfigError, UnsupportedCellError
 from ..matching import is_excluded, select_cells
-from . import lora_dora, lora_experts, lora_init, lora_layout, lora_mcore, lora_mha
+from . import lora_dora, lora_embedding, lora_experts, lora_init, lora_layout, lora_mcore, lora_mha
 from .base import Injection, Tuner
 from .common import init_rng, inject_all, patched_class, restore
+from .lora_scale import add_scale, scaled_a
 
 __all__ = ["LoraTuner", "LoraTargets", "LoraInjection", "LoraLayer", "is_lora_cell", "scaled_a"]
 
@@ -48,8 +51,7 @@ _MATMUL_TB = ops.MatMul(transpose_b=True)
 _ADDED_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
                 "pet_lora_rank_scaling",
                 "pet_lora_in", "pet_lora_out", "lora_A_w2", "lora_B_w2", "pet_lora_bmm", lora_dora.MAGNITUDE,
-                lora_dora.MERGED_NORM, lora_init.RESIDUAL_ATTR) + lora_layout.PRIMITIVE_ATTRS
-SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
+                lora_dora.MERGED_NORM, lora_init.RESIDUAL_ATTR) + lora_layout.PRIMITIVE_ATTRS + lora_embedding.ADDED_ATTRS
 
 
 class LoraLayer:
@@ -78,14 +80,6 @@ class LoraLayer:
             h = self.lora_dropout(h)
         h = self.pet_lora_matmul_a(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
         return self.pet_lora_matmul_b(h, ops.cast(self.lora_B, self.lora_compute_dtype))
-
-
-def scaled_a(cell):
-    """``A * scale`` in A's dtype, where ``scale`` (the cell's Parameter ``pet_lora_scale``, one value per rank
-    row, ``[r, 1]``) holds each row's ``scaling`` while the branch is on and 0 while it is off: a finite A
-    times 0 adds exactly nothing. One value per row, not one per cell, because several adapters of
-    different scalings can share the cell's A and B (``lora_slots``)."""
-    return cell.lora_A * ops.cast(cell.pet_lora_scale, ops.dtype(cell.lora_A))
 
 
 class LoraDense(LoraLayer):
@@ -146,6 +140,8 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
     if lora_experts.is_grouped_experts(cell):
         reason = lora_experts.reason(cell)
         return (None, reason) if reason else (lora_experts.LoraGroupedExperts, None)
+    if lora_embedding.is_embedding(cell):
+        return lora_embedding.mixin_for(cell)
     if isinstance(cell, nn.Dense):
         base, mixin = nn.Dense, LoraDense
     elif linear is not None and isinstance(cell, linear):
@@ -154,8 +150,8 @@ def _mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
         base, mixin = linear, LoraLinear
     else:
         return None, ("LoRA adapts mindspore.nn.Dense, mindspore.nn.MultiheadAttention, "
-                      "mindformers.modules.layers.Linear and MindFormers' ColumnParallelLinear / RowParallelLinear / "
-                      "FFNGroupedGEMM (grouped MoE experts)")
+                      "mindformers.modules.layers.Linear, MindFormers' ColumnParallelLinear / RowParallelLinear / "
+                      "FFNGroupedGEMM (grouped MoE experts) and the embeddings " + lora_embedding.SUPPORTED)
     if type(cell).construct is not base.construct:
         return None, (f"{type(cell).__name__} overrides {base.__name__}.construct, whose computation "
                       f"pet_hooks cannot reproduce")
@@ -212,6 +208,9 @@ def select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False)
     by_path = dict(net.cells_and_names())
     parents = {}
     for path, cell in targets:
+        unreached = lora_embedding.is_embedding(cell) and lora_embedding.unreached_reason(net, cell)
+        if unreached:
+            raise UnsupportedCellError(f"cell '{path}' ({type(cell).__name__}) cannot take LoRA: {unreached}")
         parent_path, _, leaf = path.rpartition(".")
         parent = by_path.get(parent_path)
         if lora_mha.reads_child(parent, leaf):
@@ -231,12 +230,33 @@ def io_channels(cell: nn.Cell) -> Tuple[int, int]:
     if lora_experts.is_grouped_experts(cell):        # per expert, weight1 (gate and up)
         _, hidden, ffn = lora_experts.sizes(cell)
         return hidden, 2 * ffn
+    if lora_embedding.is_embedding(cell):            # A [r, num_embeddings], B [dim, r]
+        return lora_embedding.io_channels(cell)
     return int(cell.in_channels), int(cell.out_channels)
 
 
-def _base_weight(cell: nn.Cell) -> Parameter:
-    """The base weight the branch of ``cell`` adds to (``in_proj_weight`` for an attention cell)."""
-    return cell.in_proj_weight if lora_mha.is_mha(cell) else cell.weight
+def base_weight(cell: nn.Cell) -> Parameter:
+    """The base weight the branch of ``cell`` adds to (``in_proj_weight`` for an attention cell, the table of
+    an embedding)."""
+    if lora_mha.is_mha(cell):
+        return cell.in_proj_weight
+    return lora_embedding.base_weight(cell) if lora_embedding.is_embedding(cell) else cell.weight
+
+
+def takes_dropout(cell: nn.Cell, read_by_parent: bool) -> bool:
+    """False where ``lora_dropout`` is not applied, as in PEFT: a delta folded into a weight (no branch input
+    of its own) and an embedding (PEFT never calls the dropout it builds there)."""
+    return not (lora_mha.delta_in_weight(cell, read_by_parent) or lora_embedding.is_embedding(cell))
+
+
+def initial_values(cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """{"lora_A", "lora_B"}: the values a new adapter (``add_adapter``) starts the cell with, as ``apply`` would
+    draw them (an embedding's are PEFT's: A zeros, B normal)."""
+    inner, outer = io_channels(cell)
+    if lora_embedding.is_embedding(cell):
+        a, b = lora_embedding.initial_arrays(cfg, rng, inner, outer)
+        return {"lora_A": a, "lora_B": b}
+    return {"lora_A": init_a(rng, cfg, inner), "lora_B": np.zeros((outer, cfg.lora_rank), np.float32)}
 
 
 def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
@@ -246,7 +266,7 @@ def _compute_dtype(cell: nn.Cell, cfg: LoraConfig):
     # dtype (x must match it).
     if lora_mcore.is_mcore_linear(cell) or lora_experts.is_grouped_experts(cell):
         return cell.compute_dtype
-    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else _base_weight(cell).dtype
+    return cell.dtype if _mixin_for(cell)[0] is LoraLinear else base_weight(cell).dtype
 
 
 def init_a(rng: np.random.Generator, cfg: LoraConfig, in_channels: int) -> np.ndarray:
@@ -299,6 +319,10 @@ def _inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injecti
     if weight_read and cfg.lora_dropout > 0:
         logger.warning("pet_hooks: lora_dropout %s is not applied on %s: the delta goes into the weight that "
                        "MultiheadAttention reads (as in PEFT)", cfg.lora_dropout, ", ".join(weight_read))
+    embeddings = [r.path for r in records if lora_embedding.is_embedding(r.cell)]
+    if embeddings and cfg.lora_dropout > 0:
+        logger.warning("pet_hooks: lora_dropout %s is not applied on the embedding(s) %s (as in PEFT)",
+                       cfg.lora_dropout, ", ".join(embeddings))
     return done
 
 
@@ -316,20 +340,14 @@ def param_data(values: np.ndarray, dtype):
     return Tensor(values).astype(dtype)
 
 
-def _add_scale(path: str, cell: nn.Cell, cfg: LoraConfig) -> None:
-    """The cell's switch ``pet_lora_scale`` ([r, 1], each row's scaling while on) and the scalings themselves."""
-    cell.lora_scaling = cfg.scaling
-    cell.pet_lora_rank_scaling = np.full(cfg.lora_rank, cfg.scaling, np.float32)
-    cell.pet_lora_scale = Parameter(cell.pet_lora_rank_scaling[:, None].copy(), name=f"{path}.{SCALE_NAME}",
-                                    requires_grad=False)
-
-
 def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator,
                 read_by_parent: bool = False) -> List[Parameter]:
-    if lora_experts.is_grouped_experts(cell):       # one pair per expert and weight, in weight space
-        params = lora_experts.add_branch(path, cell, cfg, rng, param_data)
+    if lora_experts.is_grouped_experts(cell) or lora_embedding.is_embedding(cell):
+        # experts: one pair per expert and weight, in weight space; embeddings: PEFT's names and init
+        module = lora_experts if lora_experts.is_grouped_experts(cell) else lora_embedding
+        params = module.add_branch(path, cell, cfg, rng, param_data)
         cell.lora_dropout = None
-        _add_scale(path, cell, cfg)
+        add_scale(path, cell, cfg)
         cell.lora_compute_dtype = _compute_dtype(cell, cfg)
         return params
     in_ch, out_ch = io_channels(cell)
@@ -341,10 +359,10 @@ def _add_branch(path: str, cell: nn.Cell, cfg: LoraConfig, rng: np.random.Genera
     cell.lora_B = Parameter(lora_b, name=f"{path}.lora_B", requires_grad=True)
     cell.lora_dropout = None
     # A branch folded into a weight (attention cells) has no input of its own to drop.
-    if cfg.lora_dropout > 0 and not lora_mha.delta_in_weight(cell, read_by_parent):
+    if cfg.lora_dropout > 0 and takes_dropout(cell, read_by_parent):
         cell.lora_dropout = nn.Dropout(p=float(cfg.lora_dropout))
         cell.lora_dropout.set_train(cell.training)
-    _add_scale(path, cell, cfg)
+    add_scale(path, cell, cfg)
     cell.lora_compute_dtype = _compute_dtype(cell, cfg)
     if lora_mha.is_mha(cell):
         cell.pet_lora_in, cell.pet_lora_out = True, False
@@ -383,7 +401,7 @@ def _delta_in_weight_layout(cell: nn.Cell) -> np.ndarray:
 
 class LoraTuner(Tuner):
     """LoRA as a :class:`~pet_hooks.tuners.base.Tuner`: branches on Dense / Linear / the mcore projections /
-    MultiheadAttention."""
+    MultiheadAttention / the embeddings."""
 
     label = "LoRA"
     pet_types = ("lora",)
@@ -394,12 +412,21 @@ class LoraTuner(Tuner):
     peft_type = "LORA"
     peft_weights = {"lora_A": "lora_A", "lora_B": "lora_B"}
     peft_bare_weights = {lora_dora.MAGNITUDE: lora_dora.MAGNITUDE}     # DoRA's, saved without ".weight"
+    # an embedding's A and B, PEFT's names, saved bare too: the second layout a module's tensors may form
+    peft_embedding_weights = {leaf: leaf for leaf in lora_embedding.PEFT_LEAVES}
     # legacy (mindpet LoRADense) and mcore (lora_layers.py: lora_A / lora_B are LinearNoTP / ColumnParallelLinear cells)
     mindformers_weights = {"mindpet_delta_lora_a": "lora_A", "mindpet_delta_lora_b": "lora_B",
                            "lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
 
     def can_adapt(self, cell: nn.Cell) -> Optional[str]:
         return _can_adapt(cell)
+
+    def base_weight(self, cell: nn.Cell) -> Optional[Parameter]:
+        return None if lora_experts.is_grouped_experts(cell) else base_weight(cell)
+
+    def peft_layouts(self):
+        """``lora_A.weight`` / ``lora_B.weight`` (linear layers), or an embedding's bare ``lora_embedding_A`` / ``_B``."""
+        return [(self.peft_weights, self.peft_key_tail), (self.peft_embedding_weights, "")]
 
     def select_targets(self, net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
         return select_targets(net, cfg)
@@ -425,9 +452,12 @@ class LoraTuner(Tuner):
     def grad_sentinels(self, record: Injection) -> List[Parameter]:
         """``lora_B``: it starts at zero and gets a gradient from the first step whenever the branch
         is reached (A's gradient is ``B^T @ ...``, zero until B moves); a B with no gradient stays
-        exactly zero even under weight decay."""
+        exactly zero even under weight decay. An embedding starts with A at zero and B random, so there
+        it is ``lora_A``."""
         if lora_experts.is_grouped_experts(record.cell):
             return [record.cell.lora_B, record.cell.lora_B_w2]
+        if lora_embedding.is_embedding(record.cell):     # PEFT's embedding init is the other way round
+            return [record.cell.lora_A]
         return [record.cell.lora_B]
 
     def io_channels(self, record: Injection) -> Tuple[int, int]:
@@ -439,7 +469,24 @@ class LoraTuner(Tuner):
             return lora_experts.weight_deltas(record.cell)
         if lora_dora.is_dora(record.cell):
             return lora_dora.weight_deltas(record.cell)
-        return [(_base_weight(record.cell), _delta_in_weight_layout(record.cell))]
+        if lora_embedding.is_embedding(record.cell):
+            return lora_embedding.weight_deltas(record.cell)
+        return [(base_weight(record.cell), _delta_in_weight_layout(record.cell))]
+
+    def merge_weights(self, record: Injection) -> List[Parameter]:
+        if lora_experts.is_grouped_experts(record.cell):
+            return [record.cell.weight1, record.cell.weight2]
+        return [base_weight(record.cell)]
+
+    def weight_readers(self, net: nn.Cell, record: Injection) -> List[str]:
+        """An mcore output layer that computes with an adapted embedding's weight passed at call time."""
+        return lora_embedding.weight_readers(net, record.cell) if lora_embedding.is_embedding(record.cell) else []
+
+    def group_anchor(self, record: Injection) -> Optional[Parameter]:
+        """The layer's ``weight``; an embedding's table, whatever its attribute is called."""
+        if lora_embedding.is_embedding(record.cell):
+            return lora_embedding.base_weight(record.cell)
+        return super().group_anchor(record)
 
     def merge(self, record: Injection, sign: int) -> None:
         if lora_dora.is_dora(record.cell):      # multiplicative: W' = f (W + s B A), unmerged with the kept norms

@@ -27,7 +27,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
 from .._ms_compat import write_values
-from . import lora as _lora     # scaled_a, the LoRA mixins (lora.py imports this module: attributes read late)
+from .lora_scale import scaled_a
 
 __all__ = ["DoraDense", "DoraLinear", "is_dora", "reason", "mixin_for", "magnitude", "weight_deltas", "merge",
            "MAGNITUDE", "MERGED_NORM"]
@@ -58,7 +58,7 @@ class DoraDense:
         dtype = self.lora_compute_dtype
         h = ops.cast(x2, dtype)
         weight = ops.cast(self.weight, dtype)
-        a = ops.cast(_lora.scaled_a(self), dtype)
+        a = ops.cast(scaled_a(self), dtype)
         b = ops.cast(self.lora_B, dtype)
         factor = _factor(self, weight, a, b, dtype)
         if self.lora_dropout is not None and self.training:  # PEFT: the base term on the dropped input too
@@ -92,7 +92,7 @@ class DoraLinear:
         out = self.matmul(x, weight)                         # W x, no bias yet
         dtype = self.lora_compute_dtype
         h = ops.cast(x, dtype)
-        a = ops.cast(_lora.scaled_a(self), dtype)
+        a = ops.cast(scaled_a(self), dtype)
         b = ops.cast(self.lora_B, dtype)
         weight_c = ops.cast(weight, dtype)
         if not self.transpose_b:                            # stored [in, out]
@@ -122,7 +122,8 @@ def mixin_for(lora_mixin: Optional[type], cfg) -> Optional[type]:
     if not getattr(cfg, "use_dora", False) or lora_mixin is None:
         return lora_mixin
     if lora_mixin not in _DORA_OF:
-        dora = {_lora.LoraDense: DoraDense, _lora.LoraLinear: DoraLinear}[lora_mixin]
+        # by name: lora.py imports this module, so this one does not import lora.py for its classes
+        dora = {"LoraDense": DoraDense, "LoraLinear": DoraLinear}[lora_mixin.__name__]
         _DORA_OF[lora_mixin] = type(f"Dora{lora_mixin.__name__[4:]}", (dora, lora_mixin), {"__module__": __name__})
     return _DORA_OF[lora_mixin]
 

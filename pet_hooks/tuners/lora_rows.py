@@ -10,7 +10,8 @@ rank positions and 0 elsewhere, so::
 Another composition of the same number of rows only rewrites the mask (a data change: no
 recompile in graph mode). The cells' class gains :class:`LoraRowBranch` for the time of the
 selection, whose branch reads the mask instead of the scale; rows are the leading axis of the
-cell's input, flattened batch-major, as ``nn.Dense`` and MindFormers' legacy ``Linear`` receive
+cell's input, flattened batch-major, as ``nn.Dense``, MindFormers' legacy ``Linear`` and the embeddings
+(their ids, ``[batch, seq]``; the branch masks the looked-up columns of A, ``_embedding_scale``) receive
 them. Inference only: no dropout.
 """
 from __future__ import annotations
@@ -53,6 +54,13 @@ class LoraRowBranch:
         h = self.pet_lora_matmul_a(h, ops.cast(self.lora_A, self.lora_compute_dtype))
         h = _masked(h, self.pet_lora_row_scale, self.lora_compute_dtype)
         return self.pet_lora_matmul_b(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+
+    def _embedding_scale(self, h):
+        """An embedding's gathered ``h`` [R, rows * t] (``LoraEmbedding``) times each row's mask, transposed."""
+        mask = ops.transpose(ops.cast(self.pet_lora_row_scale, ops.dtype(h)), (1, 0))      # [R, rows]
+        rank, rows = ops.shape(mask)
+        h = ops.reshape(h, (rank, rows, -1)) * ops.expand_dims(mask, 2)
+        return ops.reshape(h, (rank, -1))
 
 
 def unsupported(record) -> Optional[str]:

@@ -29,8 +29,7 @@ from mindspore.common import dtype as mstype
 from .._ms_compat import write_values
 from ..files import to_numpy
 from ..optim import delta_requires_grad
-from . import lora_mha
-from .lora import param_data
+from .lora import param_data, takes_dropout
 
 __all__ = ["RANK_AXIS", "SLOT_ATTRS", "compose", "bank", "adapter_arrays", "slot_objects", "live"]
 
@@ -123,9 +122,9 @@ def _rate(dropout: Optional[nn.Cell]) -> float:
 
 
 def _set_dropout(cell: nn.Cell, record, rate: float, reuse: Dict[str, object]) -> bool:
-    """Give the cell a dropout of ``rate`` (none at 0, and none where the branch goes into a weight:
-    there is no branch input to drop), the one held before when ``reuse`` has it. True when it changed."""
-    wanted = 0.0 if lora_mha.delta_in_weight(cell, getattr(record, "parent", None) is not None) else float(rate)
+    """Give the cell a dropout of ``rate`` (none at 0, and none where LoRA applies none: a branch folded into a
+    weight, an embedding), the one held before when ``reuse`` has it. True when it changed."""
+    wanted = float(rate) if takes_dropout(cell, getattr(record, "parent", None) is not None) else 0.0
     if "lora_dropout" in reuse and reuse["lora_dropout"] is not cell.lora_dropout:
         before = reuse["lora_dropout"]
         if _rate(before) == wanted:

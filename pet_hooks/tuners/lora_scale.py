@@ -1,0 +1,35 @@
+"""The switch of every LoRA branch: ``pet_lora_scale``, one value per rank row.
+
+Every LoRA cell (linear, attention, experts, embedding) multiplies its A, or what it gathered
+from A, by a non-trainable Parameter ``<cell path>.pet_lora_scale`` of shape ``[r, 1]`` that holds
+each rank row's ``scaling`` while the branch is on and 0 while it is off (disabled, merged)::
+
+    add_scale(path, cell, cfg)                    # cell.pet_lora_scale, cell.lora_scaling, ...
+    a = scaled_a(cell)                            # A * scale, in A's dtype
+
+A finite A times 0 adds exactly nothing, so switching is a value written, never a recompile.
+One value per row, not one per cell, because several adapters of different scalings can share
+the cell's A and B (``lora_slots``). This module sits below the LoRA modules that read the
+switch (``lora``, ``lora_dora``, ``lora_embedding``), so none of them imports another for it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Parameter, nn, ops
+
+__all__ = ["SCALE_NAME", "scaled_a", "add_scale"]
+
+SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
+
+
+def scaled_a(cell):
+    """``A * scale`` in A's dtype (see the module docstring)."""
+    return cell.lora_A * ops.cast(cell.pet_lora_scale, ops.dtype(cell.lora_A))
+
+
+def add_scale(path: str, cell: nn.Cell, cfg) -> None:
+    """The cell's switch ``pet_lora_scale`` ([r, 1], each row's scaling while on) and the scalings themselves."""
+    cell.lora_scaling = cfg.scaling
+    cell.pet_lora_rank_scaling = np.full(cfg.lora_rank, cfg.scaling, np.float32)
+    cell.pet_lora_scale = Parameter(cell.pet_lora_rank_scaling[:, None].copy(), name=f"{path}.{SCALE_NAME}",
+                                    requires_grad=False)
