@@ -51,7 +51,6 @@ from ..surgery import has_pet
 __all__ = ["install", "yaml_config"]
 
 logger = logging.getLogger("pet_hooks")
-_TRAINER_MODULE = "mindformers.trainer.trainer"
 
 
 # MindFormers' LoraConfig leaves these None for "as the adapted layer": pet_hooks' defaults mean the same
@@ -82,7 +81,7 @@ class _Door:
         self.patches = patches
         self.installed = False
 
-    # -- the four interceptions ------------------------------------------------------------
+    # -- the interceptions (each a wrapt wrapper) ---------------------------------------------
     def get_pet_model(self, wrapped, instance, args, kwargs):
         base_model, pet_config = _bind(wrapped, args, kwargs, "base_model", "config")
         if not self._live():
@@ -157,10 +156,11 @@ class _Door:
         return config_for_method(model, method)
 
     def _save_to_output_dir(self, trainer) -> None:
+        """The adapter of the model this Trainer trained, into its output directory (rank 0)."""
+        from mindformers.tools.utils import get_output_root_path   # the Trainer's output_dir, as MindFormers resolves it
         inner = getattr(trainer, "trainer", None)
         for candidate in (getattr(inner, "real_model", None), getattr(inner, "network", None), trainer.model):
             if isinstance(candidate, nn.Cell) and has_pet(flow.unwrap_model(candidate)):
-                from mindformers.tools.utils import get_output_root_path
                 path = flow.save_for_rank(flow.unwrap_model(candidate), get_output_root_path(),
                                           self.session.adapter_name)
                 if path:
