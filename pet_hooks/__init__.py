@@ -42,6 +42,7 @@ _LAZY = {
     "add_weighted_adapter": "adapters",
     "save_as_lora": "lora_conversion",
     "UncheckedVersionWarning": "_ms_compat",
+    "PetTrainOneStepCell": "mindformers_trainer", "register_mindformers_train_step": "mindformers_trainer",
 }
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",
     "add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "adapter_per_row",
     "add_weighted_adapter",
-    "save_as_lora", "UncheckedVersionWarning",
+    "save_as_lora", "UncheckedVersionWarning", "PetTrainOneStepCell", "register_mindformers_train_step",
     "PetError", "PetConfigTypeError", "NoMatchError", "UnsupportedCellError", "PetStateError",
     "AdapterFileError", "AdapterNotFoundError", "OptimizerRebuildError",
 ]

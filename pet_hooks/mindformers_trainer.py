@@ -8,8 +8,8 @@ also registered, refuses the ``scale_sense`` keyword the Trainer passes it. This
 CPU counterpart, registered with MindFormers under the name **``PetTrainOneStepCell``**
 (``MindFormerModuleType.WRAPPER``)::
 
-    import pet_hooks.mindformers_trainer as mft
-    mft.register()                       # idempotent; imports MindFormers only here
+    import pet_hooks
+    pet_hooks.register_mindformers_train_step()    # idempotent; imports MindFormers only here (doors do it too)
 
     # run YAML
     runner_wrapper:
@@ -53,7 +53,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 
-__all__ = ["NAME", "PetTrainOneStepCell", "register", "registered_class"]
+__all__ = ["NAME", "PetTrainOneStepCell", "register", "register_mindformers_train_step", "registered_class"]
 
 #: the name the wrapper is registered under (``runner_wrapper.type`` in a run YAML)
 NAME = "PetTrainOneStepCell"
@@ -212,6 +212,10 @@ def register() -> str:
                              f"{current.__module__}.{current.__qualname__}; pet_hooks will not replace it")
     MindFormerRegister.register_cls(PetTrainOneStepCell, MindFormerModuleType.WRAPPER)
     return NAME
+
+
+#: the public name of :func:`register` (``pet_hooks.register_mindformers_train_step()``)
+register_mindformers_train_step = register
 
 
 def registered_class() -> Optional[type]:

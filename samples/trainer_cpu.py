@@ -5,7 +5,7 @@ overflow with ``NPUGetFloatStatusV2``, an Ascend-only operator, so on the CPU it
 "Unsupported op [NPUGetFloatStatusV2] on CPU". MindSpore's plain ``TrainOneStepCell`` is
 registered too, but the Trainer passes it ``scale_sense`` and it refuses the keyword. pet_hooks
 ships the CPU counterpart, ``PetTrainOneStepCell`` (``pet_hooks.mindformers_trainer``), registered
-with MindFormers by ``register()`` (and by pet_hooks' doors) and named in
+with MindFormers by ``register_mindformers_train_step()`` (and by pet_hooks' doors) and named in
 ``TrainingArguments(wrapper_type=...)``::
 
     args = TrainingArguments(..., wrapper_type="PetTrainOneStepCell")
@@ -27,8 +27,8 @@ from samples.llama_train import build_llama  # noqa: E402
 
 def register_cpu_wrapper():
     """Register pet_hooks' CPU train step with MindFormers (idempotent; pet_hooks' doors do it too); its name."""
-    from pet_hooks.mindformers_trainer import register
-    return register()
+    import pet_hooks
+    return pet_hooks.register_mindformers_train_step()
 
 
 def training_arguments(output_dir: str, **overrides):

@@ -10,7 +10,7 @@ Under pet_hooks' launcher the model MindFormers builds gets pet_hooks' PET from 
 The data are windows of the sample corpus (byte tokens), ``seq_length + 1`` tokens each, batched by
 ``model_config.batch_size``: the ``input_ids`` column MindFormers' causal-LM Trainer takes.
 Outside pet_hooks' doors the YAML's ``runner_wrapper`` (``PetTrainOneStepCell``, the CPU train step)
-must be registered first: ``pet_hooks.mindformers_trainer.register()``.
+must be registered first: ``pet_hooks.register_mindformers_train_step()``.
 """
 import argparse
 import os

@@ -255,3 +255,9 @@ def test_data_parallel_under_pet_hooks_run_and_msrun(tmp_path):
         assert len(state["losses"]) == 3 and state["strategy"]["only_trainable_params"] is False
         assert len(state["trainable"]) == 16 and all(n.endswith((".lora_A", ".lora_B")) for n in state["trainable"])
     assert os.path.isfile(tmp_path / "out" / "adapter_model.safetensors")
+
+
+def test_the_train_step_is_public_and_the_doors_register_it():
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    assert pet_hooks.register_mindformers_train_step() == "PetTrainOneStepCell"
+    assert MindFormerRegister.get_cls(MindFormerModuleType.WRAPPER, "PetTrainOneStepCell") is pet_hooks.PetTrainOneStepCell
