@@ -44,10 +44,8 @@ def mode(request):
     ms.set_context(mode=before)
 
 
-@pytest.fixture(scope="module")
-def mcore_graph_mode():
-    """Graph mode and MindFormers' ``use_legacy: False`` for one module of mcore tests (the mcore
-    layers run only in graph mode); both restored after it. ``pytestmark = pytest.mark.usefixtures(...)``."""
+def _in_mcore_graph_mode():
+    """Graph mode and MindFormers' ``use_legacy: False`` while the generator is suspended; both restored after."""
     from tests.mcore_cpu import mcore_context, restore_legacy_context
     before = ms.get_context("mode")
     ms.set_context(mode=0)
@@ -55,6 +53,19 @@ def mcore_graph_mode():
     yield
     restore_legacy_context()
     ms.set_context(mode=before)
+
+
+@pytest.fixture(scope="module")
+def mcore_graph_mode():
+    """Graph mode and MindFormers' ``use_legacy: False`` for one module of mcore tests (the mcore
+    layers run only in graph mode); both restored after it. ``pytestmark = pytest.mark.usefixtures(...)``."""
+    yield from _in_mcore_graph_mode()
+
+
+@pytest.fixture
+def mcore_graph():
+    """The same for one test (a module that also runs legacy models)."""
+    yield from _in_mcore_graph_mode()
 
 
 @pytest.fixture

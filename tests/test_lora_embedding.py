@@ -37,7 +37,7 @@ import pet_hooks
 from pet_hooks.grad_guard import GradGuard
 from pet_hooks.inspection import inspect_net
 from pet_hooks.surgery import get_state, has_pet
-from tests.conftest import (HAS_MINDFORMERS, HAS_TORCH_PEFT, NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT,
+from tests.conftest import (HAS_TORCH_PEFT, NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT,
                             assert_params_equal, snapshot)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -586,16 +586,6 @@ def _write_qwen3(folder) -> dict:
     return spec
 
 
-@pytest.fixture
-def mcore_graph():
-    """Graph mode and MindFormers' mcore context for one test; both restored after it."""
-    from tests.mcore_cpu import mcore_context, restore_legacy_context
-    before = ms.get_context("mode")
-    ms.set_context(mode=0)
-    mcore_context()
-    yield
-    restore_legacy_context()
-    ms.set_context(mode=before)
 
 
 @NEEDS_MINDFORMERS

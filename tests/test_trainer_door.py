@@ -22,8 +22,8 @@ import mindspore as ms
 import pet_hooks
 from pet_hooks.surgery import get_state
 from tests.conftest import NEEDS_MINDFORMERS, ROOT
-from tests.trainer_yaml import (StopAfter, base_checkpoint, lora_values, plain_llama, read_yaml, run_trainer,
-                                token_dataset)
+from tests.trainer_yaml import (AtTrainBegin, StopAfter, base_checkpoint, lora_values, plain_llama, read_yaml,
+                                run_trainer, token_dataset)
 
 pytestmark = NEEDS_MINDFORMERS
 CONFIGS = os.path.join(ROOT, "samples", "configs")
@@ -38,18 +38,6 @@ def yaml_of(method: str) -> str:
 def base(tmp_path_factory):
     """A checkpoint of the plain tiny Llama (no PET), as ms.save_checkpoint writes it."""
     return base_checkpoint(yaml_of("lora"), str(tmp_path_factory.mktemp("base") / "base.ckpt"))
-
-
-class AtBegin(ms.train.Callback):
-    """Every parameter of the trained network as training begins (after MindFormers loaded its checkpoint)."""
-
-    def __init__(self):
-        super().__init__()
-        self.values = {}
-
-    def on_train_begin(self, run_context):
-        network = run_context.original_args().train_network.network
-        self.values = {p.name: p.asnumpy().copy() for p in network.get_parameters()}
 
 
 def _in_door(*args, **kwargs):
@@ -68,7 +56,7 @@ def _checkpoint(run, step):
 def test_each_run_yaml_fine_tunes_with_pet_hooks_pet_inside_enable(method, mode, base, tmp_path):
     """.finetune(finetune_checkpoint=base) in enable() with no config: pet_hooks' PET from the YAML's block,
     the base weights the checkpoint's and untouched, only pet_hooks' deltas train, the adapter in output_dir."""
-    begin = AtBegin()
+    begin = AtTrainBegin()
     run, session = _in_door(yaml_of(method), token_dataset(yaml_of(method), steps=4), str(tmp_path / "out"),
                             mode=mode, finetune_checkpoint=base, callbacks=[begin])
     [net] = session.models
@@ -129,7 +117,7 @@ def test_load_checkpoint_of_mindformers_own_lora_run_fills_pet_hooks_deltas(tmp_
     """A run trained with MindFormers' own LoRA (outside the doors), loaded with load_checkpoint inside one:
     its mindpet_delta_lora_a/_b go into pet_hooks' lora_A/_B instead of being skipped as unknown names."""
     theirs = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=3), str(tmp_path / "theirs"))
-    begin = AtBegin()
+    begin = AtTrainBegin()
     folder = os.path.join(theirs.output_dir, "checkpoint")
     _in_door(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=1), str(tmp_path / "ours"),
              overrides={"load_checkpoint": folder}, callbacks=[begin])

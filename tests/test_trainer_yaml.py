@@ -403,18 +403,6 @@ def test_resume_training_continues_an_interrupted_run_exactly(mode, how, tmp_pat
         np.testing.assert_array_equal(resumed.parameters[name], value, err_msg=name)
 
 
-class _AtTrainBegin(ms.train.Callback):
-    """Every parameter of the trained network as training begins (after MindFormers loaded its checkpoint)."""
-
-    def __init__(self):
-        super().__init__()
-        self.values = {}
-
-    def on_train_begin(self, run_context):
-        network = run_context.original_args().train_network.network
-        self.values = {p.name: p.asnumpy().copy() for p in network.get_parameters()}
-
-
 @pytest.mark.parametrize("where", ["file", "folder"])
 def test_load_checkpoint_of_a_trained_run_loads_its_deltas_by_name(where, tmp_path):
     """``load_checkpoint`` without resume_training: the run's own checkpoint (file, or the checkpoint
@@ -423,7 +411,8 @@ def test_load_checkpoint_of_a_trained_run_loads_its_deltas_by_name(where, tmp_pa
     first = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=3), str(tmp_path / "first"))
     folder = os.path.join(first.output_dir, "checkpoint")
     path = os.path.join(folder, "rank_0", "llama_lora_rank_0-1_3.ckpt") if where == "file" else folder
-    seen = _AtTrainBegin()
+    from tests.trainer_yaml import AtTrainBegin
+    seen = AtTrainBegin()
     again = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=1), str(tmp_path / "again"),
                         overrides={"load_checkpoint": path}, callbacks=[seen])
     assert sorted(seen.values) == sorted(first.parameters)

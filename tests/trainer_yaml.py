@@ -49,7 +49,7 @@ from mindspore.train import Callback
 
 __all__ = ["TrainerRun", "mindformers_context", "run_trainer", "token_dataset", "base_checkpoint", "lora_values",
            "model_config", "plain_llama", "lora_targets", "read_yaml", "mindformers_name", "LossRecorder",
-           "InitialValues", "StopAfter"]
+           "InitialValues", "StopAfter", "AtTrainBegin"]
 
 # pet_hooks' LoRA parameter suffix -> MindFormers' (mindpet) spelling of the same tensor
 _MINDFORMERS_SUFFIX = {".lora_A": ".mindpet_delta_lora_a", ".lora_B": ".mindpet_delta_lora_b"}
@@ -210,6 +210,18 @@ class InitialValues(Callback):
         for key, param in targets.items():
             ops.assign(param, Tensor(self.values[key].astype(ms.dtype_to_nptype(param.dtype))))
             self.written[key] = param.name
+
+
+class AtTrainBegin(Callback):
+    """Every parameter of the trained network as training begins (after MindFormers loaded its checkpoint)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: Dict[str, np.ndarray] = {}
+
+    def on_train_begin(self, run_context) -> None:
+        network = run_context.original_args().train_network.network
+        self.values = {p.name: p.asnumpy().copy() for p in network.get_parameters()}
 
 
 class StopAfter(Callback):
