@@ -53,7 +53,7 @@ def measure_switching(quick: bool) -> dict:
     import mindspore as ms
     from bench.models import Shape, build_base, load_average, rss_mb, start_mindspore
     import pet_hooks
-    from pet_hooks._ms_compat import force_recompile
+    from pet_hooks.utils.ms_compat import force_recompile
 
     start_mindspore()
     shape = Shape("llama", 32 if quick else 256, 2 if quick else 4, 16 if quick else 128, 4)

@@ -99,7 +99,7 @@ def lines(data: dict) -> List[str]:
            "`bench/memory_study/run.py` and `torch_peft.py`); AdamW with torch's formula "
            "(`mindspore.experimental.optim.AdamW` / `torch.optim.AdamW`), weight decay 0. \"Before\": "
            "`reuse_block_graphs: false`, every decoder block compiled on its own; \"after\": the default, identically "
-           "adapted blocks share one compiled graph (`pet_hooks/graph_reuse.py`, docs/memory_and_speed.md). Peak "
+           "adapted blocks share one compiled graph (`pet_hooks/surgery/graph_reuse.py`, docs/memory_and_speed.md). Peak "
            "memory: peak RSS above the RSS before loading the model; it repeats exactly between runs. Times are one "
            "run each on a shared machine: indicative, and only comparable between rows run at a similar load (last column; "
            "`--memory-rows` reruns single rows).", "",

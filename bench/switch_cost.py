@@ -41,7 +41,7 @@ def measure(row: str, cycles: int = 40, skip: int = 10) -> dict:
     ms.set_device("CPU")
     ms.set_context(mode=0)
     import pet_hooks
-    from pet_hooks._ms_compat import force_recompile
+    from pet_hooks.utils.ms_compat import force_recompile
     from tests.nets import tiny_llama
 
     net = tiny_llama()
@@ -102,7 +102,7 @@ def measure_smollm2(warm_calls: int = 3) -> dict:
     ms.set_device("CPU")
     ms.set_context(mode=0)
     import pet_hooks
-    from pet_hooks._ms_compat import force_recompile, write_values
+    from pet_hooks.utils.ms_compat import force_recompile, write_values
     from samples.smollm2 import load_smollm2
 
     net = load_smollm2(seq_length=64, batch_size=1)

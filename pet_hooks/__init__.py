@@ -10,9 +10,9 @@
 Importing the package is cheap: the public names below are loaded from their modules on
 first use (``pet-hooks check-config`` and ``pet-hooks version`` never import MindSpore).
 One thing happens at import: MindSpore optimizers do not keep their constructor arguments,
-so the optimizer recorder (``pet_hooks.recorder``) is installed as soon as
+so the optimizer recorder (``pet_hooks.training.recorder``) is installed as soon as
 ``mindspore.nn`` is imported (at once if it already is), for the front doors to rebuild
-"the same optimizer over the deltas". ``pet_hooks.recorder.uninstall()`` undoes it.
+"the same optimizer over the deltas". ``pet_hooks.training.recorder.uninstall()`` undoes it.
 """
 from __future__ import annotations
 
@@ -22,27 +22,29 @@ from typing import Any
 from ._version import __version__
 from .errors import (AdapterFileError, AdapterNotFoundError, NoMatchError, OptimizerRebuildError, PetConfigError,
                      PetConfigTypeError, PetError, PetStateError, UnsupportedCellError)
-from . import recorder as _recorder
+from .training import recorder as _recorder
 
 # public name -> the module that defines it (imported on first use)
 _LAZY = {
-    "PetConfig": "config", "LoraConfig": "config", "PTuning2Config": "config", "PrefixTuningConfig": "config",
-    "IA3Config": "config", "BitFitConfig": "config", "AdapterConfig": "config", "LowRankAdapterConfig": "config",
-    "load_config": "config",
-    "apply": "surgery", "remove": "surgery", "merge": "surgery", "unmerge": "surgery",
-    "disable_adapters": "surgery", "delta_parameters": "surgery", "trainable_summary": "surgery",
-    "save_adapter": "adapter_io", "load_adapter": "adapter_io",
-    "PetCallback": "hooks.callback", "enable": "hooks.context",
-    "register_attention": "tuners.attention", "unregister_attention": "tuners.attention",
-    "PrefixAttention": "tuners.attention",
-    "save_merged_checkpoint": "mindformers_io",
-    "loraplus_param_groups": "loraplus",
-    "add_adapter": "adapters", "set_adapter": "adapters", "active_adapters": "adapters",
-    "delete_adapter": "adapters", "list_adapters": "adapters", "adapter_per_row": "adapters",
-    "add_weighted_adapter": "adapters",
-    "save_as_lora": "lora_conversion",
-    "UncheckedVersionWarning": "_ms_compat",
-    "PetTrainOneStepCell": "mindformers_trainer", "register_mindformers_train_step": "mindformers_trainer",
+    "PetConfig": "config.pet_config", "LoraConfig": "config.pet_config", "PTuning2Config": "config.pet_config",
+    "PrefixTuningConfig": "config.pet_config", "IA3Config": "config.pet_config", "BitFitConfig": "config.pet_config",
+    "AdapterConfig": "config.pet_config", "LowRankAdapterConfig": "config.pet_config",
+    "load_config": "config.pet_config",
+    "apply": "surgery.core", "remove": "surgery.core", "merge": "surgery.core", "unmerge": "surgery.core",
+    "disable_adapters": "surgery.core", "delta_parameters": "surgery.core", "trainable_summary": "surgery.core",
+    "save_adapter": "io.adapter_io", "load_adapter": "io.adapter_io",
+    "PetCallback": "doors.callback", "enable": "doors.context",
+    "register_attention": "tuners.prefix.attention", "unregister_attention": "tuners.prefix.attention",
+    "PrefixAttention": "tuners.prefix.attention",
+    "save_merged_checkpoint": "io.mindformers_io",
+    "loraplus_param_groups": "training.loraplus",
+    "add_adapter": "multi.adapters", "set_adapter": "multi.adapters", "active_adapters": "multi.adapters",
+    "delete_adapter": "multi.adapters", "list_adapters": "multi.adapters", "adapter_per_row": "multi.adapters",
+    "add_weighted_adapter": "multi.adapters",
+    "save_as_lora": "io.lora_conversion",
+    "UncheckedVersionWarning": "utils.ms_compat",
+    "PetTrainOneStepCell": "training.mindformers_trainer",
+    "register_mindformers_train_step": "training.mindformers_trainer",
 }
 
 __all__ = [
@@ -79,5 +81,5 @@ def __dir__() -> list:
     return sorted(set(globals()) | set(__all__))
 
 
-# Optimizers built from now on record their constructor arguments (see pet_hooks.recorder).
+# Optimizers built from now on record their constructor arguments (see pet_hooks.training.recorder).
 _recorder.install_when_imported()

@@ -1,6 +1,6 @@
 """``python -m pet_hooks ...`` is the ``pet-hooks`` command."""
 import sys
 
-from .cli import main
+from .cli.main import main
 
 sys.exit(main())

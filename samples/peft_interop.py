@@ -19,7 +19,7 @@ import mindspore as ms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pet_hooks  # noqa: E402
-from pet_hooks.name_maps import resolve_name_map  # noqa: E402
+from pet_hooks.matching.name_maps import resolve_name_map  # noqa: E402
 from samples.llama_train import build_llama  # noqa: E402
 
 

@@ -4,7 +4,7 @@ The Trainer's default train step (``MFTrainOneStepCell``, a loss-scale cell) che
 overflow with ``NPUGetFloatStatusV2``, an Ascend-only operator, so on the CPU it fails with
 "Unsupported op [NPUGetFloatStatusV2] on CPU". MindSpore's plain ``TrainOneStepCell`` is
 registered too, but the Trainer passes it ``scale_sense`` and it refuses the keyword. pet_hooks
-ships the CPU counterpart, ``PetTrainOneStepCell`` (``pet_hooks.mindformers_trainer``), registered
+ships the CPU counterpart, ``PetTrainOneStepCell`` (``pet_hooks.training.mindformers_trainer``), registered
 with MindFormers by ``register_mindformers_train_step()`` (and by pet_hooks' doors) and named in
 ``TrainingArguments(wrapper_type=...)``::
 

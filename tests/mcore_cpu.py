@@ -224,7 +224,7 @@ def register_prefix_stand_in() -> None:
     FlashAttention is, so pet_hooks' own adapter for it applies unchanged.
     """
     import pet_hooks
-    from pet_hooks.tuners.attention import McoreCoreAttentionPrefix
+    from pet_hooks.tuners.prefix.attention import McoreCoreAttentionPrefix
     pet_hooks.register_attention(CpuCoreAttention, McoreCoreAttentionPrefix)
 
 

@@ -15,7 +15,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 import pet_hooks
-from pet_hooks.config import NON_LINEARITIES
+from pet_hooks.config.pet_config import NON_LINEARITIES
 from tests.conftest import HAS_MINDFORMERS, assert_params_equal, snapshot
 
 DIN, WIDTH = 5, 8

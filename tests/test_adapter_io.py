@@ -10,7 +10,7 @@ from mindspore import Tensor, nn
 from safetensors.numpy import load_file
 
 import pet_hooks
-from pet_hooks import adapter_io
+from pet_hooks.io import adapter_io
 from samples.tiny_gpt import GPTWithLoss, build
 from tests.conftest import GPT_LORA, SMALL, assert_params_equal
 

@@ -2,7 +2,7 @@
 files, hot swap, mixed batches, and the front doors' ``adapter_name``; in graph and PyNative mode.
 
 The reference is NumPy: ``TwoDense`` computes ``act(x W1^T + b1 + sum_n s_n x A_n^T B_n^T)`` and so on for the
-second layer, with every adapter's A, B and scaling read back through ``pet_hooks.adapters`` only where noted.
+second layer, with every adapter's A, B and scaling read back through ``pet_hooks.multi.adapters`` only where noted.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from mindspore import Tensor, nn
 from mindspore.train import Model
 
 import pet_hooks
-from pet_hooks._ms_compat import hook_version
-from pet_hooks.surgery import get_state
-from pet_hooks.tuners import lora_slots
+from pet_hooks.utils.ms_compat import hook_version
+from pet_hooks.surgery.core import get_state
+from pet_hooks.multi import slots as lora_slots
 from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT
 from tests.nets import TwoDense
 
@@ -283,7 +283,7 @@ def test_hot_swap_replaces_values_in_place_without_a_compile(mode, tmp_path):
         pet_hooks.load_adapter(net, tmp_path / "c", adapter_name="default", hotswap=True)
         # c's values and config (alpha 2: another scaling) now in "default", which is active
         np.testing.assert_allclose(net(x).asnumpy(), expected_c, rtol=1e-6, atol=1e-6)
-    assert pet_hooks.adapters.adapter_config(net, "default").lora_alpha == 2
+    assert pet_hooks.multi.adapters.adapter_config(net, "default").lora_alpha == 2
     # a misfit (b: rank 3 on dense2) is refused naming the adapter, the values kept
     pet_hooks.save_adapter(net, tmp_path / "b", adapter_name="b")
     with pytest.raises(pet_hooks.PetStateError, match="does not fit adapter 'default'"):

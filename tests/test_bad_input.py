@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 import pet_hooks
 from pet_hooks import cli
-from pet_hooks.hooks import context
+from pet_hooks.doors import context
 from samples.tiny_gpt import build
 from tests.conftest import GPT_LORA, ROOT, SEED_CONFIG, SMALL
 

@@ -126,7 +126,7 @@ def test_selection_on_the_sample_gpt():
 
 def test_a_grouped_optimizer_keeps_each_bias_in_its_own_group():
     """Scripts commonly put biases in a group without weight decay; BitFit's biases stay there."""
-    from pet_hooks.flow import params_for_optimizer
+    from pet_hooks.doors.flow import params_for_optimizer
     net = TwoDense("relu")
     weights = [p for p in net.trainable_params() if p.name.endswith("weight")]
     biases = [p for p in net.trainable_params() if p.name.endswith("bias")]

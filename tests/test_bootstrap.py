@@ -8,7 +8,7 @@ import sys
 
 from tests.conftest import ROOT
 
-BOOTSTRAP_DIR = os.path.join(ROOT, "pet_hooks", "_bootstrap")
+BOOTSTRAP_DIR = os.path.join(ROOT, "pet_hooks", "doors", "_bootstrap")
 GOOD = json.dumps({"pet_config": {"pet_type": "lora", "target_modules": ".*dense1"}, "model_hints": {}})
 
 

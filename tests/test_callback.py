@@ -132,7 +132,7 @@ def test_callback_refuses_what_it_cannot_do():
 
 
 def test_unrecorded_optimizer_is_a_clear_error(monkeypatch):
-    from pet_hooks import flow
+    from pet_hooks.doors import flow
     net = build(seed=0, **SMALL)
     optimizer = nn.Adam(net.trainable_params(), 1e-2)
     monkeypatch.setattr(flow, "recorded_arguments", lambda optimizer: None)
@@ -146,7 +146,7 @@ def test_loss_scale_train_step_cell_gets_the_delta_optimizer():
     """TrainOneStepWithLossScaleCell cannot run on CPU (its overflow check is the Ascend-only
     NPUGetFloatStatusV2), so this checks the wiring the callback does at train begin."""
     from mindspore import Tensor
-    from pet_hooks import flow
+    from pet_hooks.doors import flow
     net = build(seed=0, **SMALL)
     optimizer = nn.Momentum(net.trainable_params(), 0.1, momentum=0.9, loss_scale=4.0)
     train_cell = nn.TrainOneStepWithLossScaleCell(nn.WithLossCell(net, LMLoss()), optimizer,
@@ -160,8 +160,8 @@ def test_loss_scale_train_step_cell_gets_the_delta_optimizer():
 
 
 def test_optimizer_recorder_installs_once_and_uninstalls():
-    from pet_hooks import recorder
-    from pet_hooks.patching import is_patched
+    from pet_hooks.training import recorder
+    from pet_hooks.utils.patching import is_patched
     net = build(seed=0, **SMALL)
     installed = nn.Optimizer.__dict__["__new__"]
     recorder.install()                                     # already installed by the import: no double wrap
@@ -182,7 +182,7 @@ def test_optimizer_recorder_installs_once_and_uninstalls():
 
 def test_train_step_returning_gradients_names_the_deltas(mode):
     """TrainOneStepCell(return_grad=True) pairs its gradients with weights_name: it must name the deltas."""
-    from pet_hooks import flow
+    from pet_hooks.doors import flow
     net = build(seed=0, **SMALL)
     step = nn.TrainOneStepCell(GPTWithLoss(net), nn.Adam(net.trainable_params(), 1e-2), return_grad=True)
     pet_hooks.apply(net, CFG)

@@ -10,8 +10,8 @@ import pytest
 
 import pet_hooks
 from pet_hooks import errors
-from pet_hooks.config import (AdapterConfig, BitFitConfig, IA3Config, LoraConfig, LowRankAdapterConfig,
-                              PrefixTuningConfig, PTuning2Config)
+from pet_hooks.config.pet_config import (AdapterConfig, BitFitConfig, IA3Config, LoraConfig, LowRankAdapterConfig,
+                                         PrefixTuningConfig, PTuning2Config)
 from pet_hooks.tuners import Tuner, all_tuners, get_tuner, peft_tuner
 from samples.tiny_gpt import build
 from tests.conftest import ROOT
@@ -45,7 +45,7 @@ def test_a_tuner_missing_part_of_the_contract_cannot_be_built():
 
 
 def test_switching_lora_writes_each_cells_scale_once(mode, monkeypatch):
-    from pet_hooks.tuners import lora
+    from pet_hooks.tuners.lora import tuner as lora
     net = pet_hooks.apply(build(seed=0, **SMALL), {"pet_type": "lora", "target_modules": ".*dense1|.*dense2|.*dense3"})
     state = pet_hooks.surgery.get_state(net)
     assert len(state.injections) == 6

@@ -5,8 +5,8 @@ import pytest
 from mindspore import Tensor, nn
 
 import pet_hooks
-from pet_hooks.patching import PatchSet, is_patched
-from pet_hooks.surgery import has_pet
+from pet_hooks.utils.patching import PatchSet, is_patched
+from pet_hooks.surgery.core import has_pet
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, build
 from tests.conftest import SMALL, assert_params_equal, snapshot

@@ -26,9 +26,9 @@ from mindspore import Tensor, nn
 from mindspore.train import Model
 
 import pet_hooks
-from pet_hooks import launcher
-from pet_hooks.hooks import context
-from pet_hooks.patching import is_patched
+from pet_hooks.doors import launcher
+from pet_hooks.doors import context
+from pet_hooks.utils.patching import is_patched
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, LMLoss, build
 from tests.conftest import GPT_LORA, ROOT, SMALL, snapshot
@@ -260,7 +260,7 @@ def test_load_adapter_failing_half_way_leaves_the_net_as_it_was(mode, tmp_path, 
     flags = {p.name: p.requires_grad for p in net.get_parameters()}
 
     calls = [0]
-    real = pet_hooks._ms_compat.write_values              # every write of a value into the net
+    real = pet_hooks.utils.ms_compat.write_values              # every write of a value into the net
 
     def flaky(param, values):                             # the third write into the net fails
         calls[0] += 1
@@ -268,7 +268,7 @@ def test_load_adapter_failing_half_way_leaves_the_net_as_it_was(mode, tmp_path, 
             raise KeyboardInterrupt("interrupted while loading")
         return real(param, values)
 
-    monkeypatch.setattr(pet_hooks._ms_compat, "write_values", flaky)
+    monkeypatch.setattr(pet_hooks.utils.ms_compat, "write_values", flaky)
     with pytest.raises(KeyboardInterrupt):
         pet_hooks.load_adapter(net, tmp_path)
     monkeypatch.undo()

@@ -13,8 +13,8 @@ from mindspore import nn
 from mindspore.train import Model
 
 import pet_hooks
-from pet_hooks.config import PetConfigError
-from pet_hooks.surgery import has_pet
+from pet_hooks.config.pet_config import PetConfigError
+from pet_hooks.surgery.core import has_pet
 from tests.conftest import assert_params_equal, snapshot
 from tests.nets import tiny_llama
 

@@ -1,4 +1,4 @@
-"""Identically adapted repeated blocks share one compiled graph (pet_hooks.graph_reuse, issue 14).
+"""Identically adapted repeated blocks share one compiled graph (pet_hooks.surgery.graph_reuse, issue 14).
 
 The reference is the same net adapted with ``reuse_block_graphs: false``: training results must
 be equal; that the graph is really shared is read from MindSpore's own parser log.
@@ -15,7 +15,7 @@ import pytest
 from mindspore import Tensor, lazy_inline, nn
 
 import pet_hooks
-from pet_hooks.graph_reuse import MARK_PREFIX, block_fingerprint
+from pet_hooks.surgery.graph_reuse import MARK_PREFIX, block_fingerprint
 from samples.tiny_gpt import Block, GPTConfig, GPTWithLoss, build
 from tests.conftest import GPT_LORA, NEEDS_MINDFORMERS, ROOT, snapshot, assert_params_equal
 

@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 import pet_hooks
-from pet_hooks.surgery import get_state
+from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, ThreeLayers, three_layers
 

@@ -15,8 +15,8 @@ import pytest
 from mindspore import nn
 
 import pet_hooks
-from pet_hooks.inspection import capture_script_model, format_report, inspect_net, split_alternatives
-from pet_hooks.surgery import has_pet
+from pet_hooks.cli.inspection import capture_script_model, format_report, inspect_net, split_alternatives
+from pet_hooks.surgery.core import has_pet
 from samples.tiny_gpt import build
 from tests.conftest import NEEDS_MINDFORMERS, ROOT
 

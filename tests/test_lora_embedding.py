@@ -34,9 +34,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 import pet_hooks
-from pet_hooks.grad_guard import GradGuard
-from pet_hooks.inspection import inspect_net
-from pet_hooks.surgery import get_state, has_pet
+from pet_hooks.training.grad_guard import GradGuard
+from pet_hooks.cli.inspection import inspect_net
+from pet_hooks.surgery.core import get_state, has_pet
 from tests.conftest import (HAS_TORCH_PEFT, NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT,
                             assert_params_equal, snapshot)
 
@@ -122,7 +122,7 @@ def cell_kind(request, mode):
 
 
 def _emb_table(net) -> np.ndarray:
-    return pet_hooks.tuners.lora.base_weight(net.emb).asnumpy()
+    return pet_hooks.tuners.lora.tuner.base_weight(net.emb).asnumpy()
 
 
 def _set_ab(cell, a, b) -> None:
@@ -659,7 +659,7 @@ def test_a_qwen3_embedding_shared_with_the_output_layer_refuses_merge(mcore_grap
 
 @NEEDS_MINDFORMERS
 def test_the_embedding_classes_have_what_lora_reads(mcore_graph):
-    """Guard of pet_hooks/_internals.py 'embedding_attributes'."""
+    """Guard of pet_hooks/utils/internals.py 'embedding_attributes'."""
     from mindformers.models.llama.llama_layer import LlamaEmbedding
     from tests.mcore_cpu import tiny_qwen3
     plain = nn.Embedding(V, D, padding_idx=2)

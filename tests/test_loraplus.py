@@ -123,7 +123,7 @@ def test_enable_gives_the_optimizer_loraplus_groups_with_its_own_lr_and_decay():
 
 
 def test_a_callback_rebuild_gives_loraplus_groups():
-    from pet_hooks.flow import rebuild_optimizer
+    from pet_hooks.doors.flow import rebuild_optimizer
     net = Toy()
     opt = nn.SGD(net.trainable_params(), learning_rate=0.5)
     pet_hooks.apply(net, {**LORA, "loraplus_lr_ratio": 2})
@@ -138,7 +138,7 @@ def test_what_loraplus_cannot_do_is_one_clear_error():
         pet_hooks.loraplus_param_groups(Toy(), 1e-3, 16)
     with pytest.raises(ValueError, match="ratio must be > 0"):
         pet_hooks.loraplus_param_groups(_toy(), 1e-3, 0)
-    from pet_hooks.flow import rebuild_optimizer
+    from pet_hooks.doors.flow import rebuild_optimizer
     net = Toy()
     schedule = nn.SGD(net.trainable_params(), learning_rate=nn.ExponentialDecayLR(0.1, 0.9, 10))
     grouped = nn.SGD([{"params": net.trainable_params()}], learning_rate=0.1)

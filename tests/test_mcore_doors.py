@@ -138,7 +138,7 @@ def test_enable_without_config_takes_over_mindformers_get_pet_model_on_qwen3():
 
 
 def test_pet_method_default_targets_of_the_mcore_family():
-    from pet_hooks.default_targets import config_for_method, family_of
+    from pet_hooks.config.default_targets import config_for_method, family_of
     net = build_qwen3(YAML)
     assert family_of(net) == "mcore"
     cfg = config_for_method(net, "lora")

@@ -151,7 +151,7 @@ def test_cells_lora_cannot_adapt_are_named():
 
 
 def test_mcore_projections_have_what_lora_reads():
-    """Guard of pet_hooks/_internals.py 'mcore_linear_attributes'."""
+    """Guard of pet_hooks/utils/internals.py 'mcore_linear_attributes'."""
     from mindformers.parallel_core.training_graph.tensor_parallel.layers import (
         ColumnParallelLinear, RowParallelLinear)
     attention = tiny_qwen3().model.decoder.layers[0].self_attention

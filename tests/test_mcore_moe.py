@@ -1,7 +1,7 @@
 """LoRA on a tiny mcore Qwen3-MoE (``TrainingQwen3MoeForCausalLM``, 4 experts, top-2): one A/B pair per expert.
 
 The routed experts are one ``FFNGroupedGEMM`` cell; pet_hooks adds each expert's delta to the
-weights it hands its Morph (``pet_hooks/tuners/lora_experts.py``). On the CPU the Morph and the
+weights it hands its Morph (``pet_hooks/tuners/lora/experts.py``). On the CPU the Morph and the
 router's top-k are test stand-ins (``tests/mcore_cpu.py``: every expert on every token, weighted by
 the router), which compute with whatever weights the experts cell passes them.
 

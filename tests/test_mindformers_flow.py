@@ -18,9 +18,9 @@ from mindspore import nn
 from mindspore.train import Model
 
 import pet_hooks
-from pet_hooks.config import PetConfigError, load_config
-from pet_hooks.default_targets import config_for_method, family_of
-from pet_hooks.surgery import get_state, has_pet
+from pet_hooks.config.pet_config import PetConfigError, load_config
+from pet_hooks.config.default_targets import config_for_method, family_of
+from pet_hooks.surgery.core import get_state, has_pet
 from tests.conftest import NEEDS_MINDFORMERS, ROOT, SMALL, assert_params_equal, snapshot
 
 pytestmark = NEEDS_MINDFORMERS
@@ -126,7 +126,7 @@ def test_an_equal_explicit_config_is_fine_and_a_different_one_names_both(tmp_pat
             build_from_yaml(LORA_YAML)
     message = str(info.value)
     assert "lora_rank: 4 vs 8" in message and "LlamaForCausalLM" in message and "enable() with no argument" in message
-    assert pet_hooks.hooks.context.active_session() is None
+    assert pet_hooks.doors.context.active_session() is None
 
 
 def test_outside_the_doors_mindformers_is_itself():

@@ -18,8 +18,8 @@ from mindspore.train import Model
 from safetensors.numpy import load_file
 
 import pet_hooks
-from pet_hooks.graph_reuse import MARK_PREFIX
-from pet_hooks.inspection import format_report, inspect_net
+from pet_hooks.surgery.graph_reuse import MARK_PREFIX
+from pet_hooks.cli.inspection import format_report, inspect_net
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, LMLoss, build
 from tests.conftest import SMALL, assert_params_equal, snapshot
@@ -109,7 +109,7 @@ def test_inspect_reports_the_matched_cells_and_leaves_the_net(cfg):
 @pytest.mark.parametrize("cfg", METHOD_PARAMS)
 def test_switching_off_compiles_nothing_and_gives_the_base_bit_for_bit(cfg):
     """disable_adapters (and IA3's merge/unmerge) write values only: no new graph, no hook-version bump."""
-    from pet_hooks._ms_compat import hook_version, write_values
+    from pet_hooks.utils.ms_compat import hook_version, write_values
     before = ms.get_context("mode")
     ms.set_context(mode=0)
     try:

@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 import pet_hooks
-from pet_hooks._ms_compat import hook_version
+from pet_hooks.utils.ms_compat import hook_version
 from tests.nets import tiny_llama
 
 pytest.importorskip("mindformers")
@@ -31,7 +31,7 @@ def _logits(net, ids):
 def _randomise(net, seed=1):
     rng = np.random.default_rng(seed)
     for param in pet_hooks.delta_parameters(net):
-        pet_hooks._ms_compat.write_values(param, rng.standard_normal(param.shape).astype(np.float32) * 0.2)
+        pet_hooks.utils.ms_compat.write_values(param, rng.standard_normal(param.shape).astype(np.float32) * 0.2)
 
 
 @pytest.fixture
@@ -246,14 +246,14 @@ def test_soak_apply_remove_frees_the_stale_graphs():
         _logits(net, ids)
 
     released = _growth_per_cycle(cycle, cycles=8, skip=3)
-    real = pet_hooks._ms_compat.release_compiled_graphs
+    real = pet_hooks.utils.ms_compat.release_compiled_graphs
     try:
-        pet_hooks._ms_compat.release_compiled_graphs = lambda cell: 0
-        import pet_hooks.surgery as surgery
-        surgery.release_compiled_graphs = pet_hooks._ms_compat.release_compiled_graphs
+        pet_hooks.utils.ms_compat.release_compiled_graphs = lambda cell: 0
+        import pet_hooks.surgery.core as surgery
+        surgery.release_compiled_graphs = pet_hooks.utils.ms_compat.release_compiled_graphs
         kept = _growth_per_cycle(cycle, cycles=8, skip=3)
     finally:
-        pet_hooks._ms_compat.release_compiled_graphs = real
+        pet_hooks.utils.ms_compat.release_compiled_graphs = real
         surgery.release_compiled_graphs = real
     assert released < 0.6 * kept, (released, kept)
 

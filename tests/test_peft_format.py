@@ -17,7 +17,7 @@ import pytest
 from mindspore import Tensor
 
 import pet_hooks
-from pet_hooks.surgery import get_state, has_pet
+from pet_hooks.surgery.core import get_state, has_pet
 from samples.tiny_gpt import build
 from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS, assert_params_equal, snapshot
 

@@ -18,8 +18,8 @@ import mindspore.dataset as ds
 from mindspore import nn
 from mindspore.train import Callback, Model
 
-from pet_hooks.progress import (CURVE_RGB, PLOT_MARGINS, PLOT_SIZE, TrainingMonitor, write_loss_plot,
-                                write_png_plot)
+from pet_hooks.cli.progress import (CURVE_RGB, PLOT_MARGINS, PLOT_SIZE, TrainingMonitor, write_loss_plot,
+                                    write_png_plot)
 from samples.data import lm_batches
 from samples.tiny_gpt import LMLoss, build
 from tests.conftest import ROOT

@@ -20,7 +20,7 @@ import yaml
 import mindspore as ms
 
 import pet_hooks
-from pet_hooks.surgery import get_state
+from pet_hooks.surgery.core import get_state
 from tests.conftest import NEEDS_MINDFORMERS, ROOT
 from tests.trainer_yaml import (AtTrainBegin, StopAfter, base_checkpoint, lora_values, plain_llama, read_yaml,
                                 run_trainer, token_dataset)
@@ -171,7 +171,7 @@ def test_pet_method_with_a_run_yaml_without_pet_config_uses_the_family_defaults(
 
 def test_a_trainer_without_mindformers_context_is_warned_about(tmp_path, monkeypatch, caplog):
     from mindformers.core.context.build_context import MFContextOperator
-    from pet_hooks.hooks import mindformers as door
+    from pet_hooks.doors import mindformers as door
     monkeypatch.setattr(MFContextOperator, "get_mf_ctx_instance", classmethod(lambda cls: None))
     with caplog.at_level(logging.WARNING, logger="pet_hooks"):
         door._warn_without_context()    # pylint: disable=protected-access

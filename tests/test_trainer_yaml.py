@@ -1,6 +1,6 @@
 """MindFormers' Trainer on the CPU from a run YAML (issue 25, item 2), with MindFormers' own PET (no door open).
 
-* ``PetTrainOneStepCell`` (pet_hooks/mindformers_trainer.py), the CPU counterpart of MindFormers'
+* ``PetTrainOneStepCell`` (pet_hooks/training/mindformers_trainer.py), the CPU counterpart of MindFormers'
   ``MFTrainOneStepCell``: its loss scale, clipping, overflow skip, learning-rate output and
   per-token loss against NumPy on a one-layer net; its registration; its settings errors.
 * The three run YAMLs (samples/configs/run_llama_{lora,ptuning2,prefixtuning}_cpu.yaml) read by
@@ -71,7 +71,7 @@ def _weights(net):
 
 
 def test_plain_step_unscales_the_gradient_and_returns_what_mindformers_callbacks_read(mode):
-    from pet_hooks.mindformers_trainer import PetTrainOneStepCell
+    from pet_hooks.training.mindformers_trainer import PetTrainOneStepCell
     net = Linear()
     w0, b0 = _weights(net)
     step = PetTrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.1), scale_sense=1024.0)
@@ -86,7 +86,7 @@ def test_plain_step_unscales_the_gradient_and_returns_what_mindformers_callbacks
 
 @pytest.mark.parametrize("max_norm", [0.5, 1000.0], ids=["clipped", "under_the_norm"])
 def test_global_norm_clipping_is_mindformers(mode, max_norm):
-    from pet_hooks.mindformers_trainer import PetTrainOneStepCell
+    from pet_hooks.training.mindformers_trainer import PetTrainOneStepCell
     net = Linear()
     w0, b0 = _weights(net)
     step = PetTrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.1), use_clip_grad=True,
@@ -104,7 +104,7 @@ def test_global_norm_clipping_is_mindformers(mode, max_norm):
 
 
 def test_overflow_skips_the_step_and_the_dynamic_loss_scale_drops(mode):
-    from pet_hooks.mindformers_trainer import PetTrainOneStepCell
+    from pet_hooks.training.mindformers_trainer import PetTrainOneStepCell
     net = Linear()
     w0, b0 = _weights(net)
     manager = nn.DynamicLossScaleUpdateCell(loss_scale_value=2.0 ** 127, scale_factor=2.0 ** 120, scale_window=1000)
@@ -122,7 +122,7 @@ def test_overflow_skips_the_step_and_the_dynamic_loss_scale_drops(mode):
 
 
 def test_the_learning_rate_output_is_the_rate_of_the_step(mode):
-    from pet_hooks.mindformers_trainer import PetTrainOneStepCell
+    from pet_hooks.training.mindformers_trainer import PetTrainOneStepCell
     net = Linear()
     step = PetTrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=[0.1, 0.05, 0.02]))
     for rate in (0.1, 0.05, 0.02):           # a dynamic learning rate: each step reports and uses its own
@@ -134,7 +134,7 @@ def test_the_learning_rate_output_is_the_rate_of_the_step(mode):
 
 
 def test_per_token_loss_divides_by_the_token_count(mode):
-    from pet_hooks.mindformers_trainer import PetTrainOneStepCell
+    from pet_hooks.training.mindformers_trainer import PetTrainOneStepCell
     net = Linear(per_token=True)
     w0, b0 = _weights(net)
     step = PetTrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.1), scale_sense=4.0,
@@ -147,7 +147,7 @@ def test_per_token_loss_divides_by_the_token_count(mode):
 
 
 def test_a_gradient_norm_spike_skips_the_step(mode):
-    from pet_hooks.mindformers_trainer import PetTrainOneStepCell
+    from pet_hooks.training.mindformers_trainer import PetTrainOneStepCell
     net = Linear()
     w0, _ = _weights(net)
     step = PetTrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.1), use_clip_grad=True,
@@ -166,7 +166,7 @@ def test_a_gradient_norm_spike_skips_the_step(mode):
     ({"use_skip_data_by_global_norm": True}, "use_clip_grad"),
 ], ids=["local_norm", "grouped_lr", "scale_type", "scale_zero", "max_norm", "skip_without_clip"])
 def test_settings_it_does_not_reproduce_are_one_error_naming_them(kwargs, words):
-    from pet_hooks.mindformers_trainer import PetTrainOneStepCell
+    from pet_hooks.training.mindformers_trainer import PetTrainOneStepCell
     net = Linear()
     with pytest.raises((ValueError, TypeError), match=words):
         PetTrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.1), **kwargs)
@@ -174,7 +174,7 @@ def test_settings_it_does_not_reproduce_are_one_error_naming_them(kwargs, words)
 
 def test_mcore_models_are_refused(monkeypatch):
     import importlib
-    from pet_hooks.mindformers_trainer import PetTrainOneStepCell
+    from pet_hooks.training.mindformers_trainer import PetTrainOneStepCell
     # (the package exports a function of the module's name: fetch the module itself)
     mf_context = importlib.import_module("mindformers.core.context.build_context")
     monkeypatch.setattr(mf_context, "is_legacy_model", lambda: False)
@@ -187,7 +187,7 @@ def test_mcore_models_are_refused(monkeypatch):
 def test_register_is_idempotent_and_mindformers_builds_it_with_the_trainers_arguments():
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
     from mindformers.wrapper import build_wrapper
-    from pet_hooks import mindformers_trainer as cpu_step
+    from pet_hooks.training import mindformers_trainer as cpu_step
     assert cpu_step.register() == cpu_step.register() == "PetTrainOneStepCell" == cpu_step.NAME
     assert cpu_step.registered_class() is cpu_step.PetTrainOneStepCell
     assert MindFormerRegister.get_cls(MindFormerModuleType.WRAPPER, "PetTrainOneStepCell") is \
@@ -211,7 +211,7 @@ def test_register_is_idempotent_and_mindformers_builds_it_with_the_trainers_argu
 
 def test_register_refuses_to_replace_someone_elses_wrapper():
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
-    from pet_hooks import mindformers_trainer as cpu_step
+    from pet_hooks.training import mindformers_trainer as cpu_step
     cpu_step.register()
     other = type("PetTrainOneStepCell", (nn.TrainOneStepCell,), {"__module__": "somebody.else"})
     MindFormerRegister.register_cls(other, MindFormerModuleType.WRAPPER)
@@ -226,7 +226,7 @@ def test_register_refuses_to_replace_someone_elses_wrapper():
 def test_importing_pet_hooks_or_the_wrapper_module_does_not_import_mindformers():
     code = textwrap.dedent("""
         import sys
-        import pet_hooks, pet_hooks.mindformers_trainer
+        import pet_hooks, pet_hooks.training.mindformers_trainer
         assert 'mindformers' not in sys.modules, 'mindformers imported'
         print('ok')
     """)
@@ -250,7 +250,7 @@ SECTIONS = ("seed", "run_mode", "output_dir", "load_checkpoint", "auto_trans_ckp
 @pytest.mark.parametrize("method", METHODS)
 def test_each_run_yaml_loads_in_pet_hooks_and_in_mindformers(method, caplog):
     from mindformers import MindFormerConfig
-    from pet_hooks.mindformers_trainer import NAME
+    from pet_hooks.training.mindformers_trainer import NAME
     cfg = pet_hooks.load_config(yaml_of(method))
     for key, value in EXPECTED[method].items():
         assert getattr(cfg, key) == value, key
@@ -469,7 +469,7 @@ DP_SCRIPT = textwrap.dedent("""
     from mindformers import MindFormerConfig, Trainer, build_context
     from mindspore.communication import get_rank
     sys.path.insert(0, {root!r})
-    import pet_hooks.mindformers_trainer as cpu_step
+    import pet_hooks.training.mindformers_trainer as cpu_step
     from tests.trainer_yaml import LossRecorder, token_dataset
     ms.set_device("CPU")
     cpu_step.register()

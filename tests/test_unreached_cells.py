@@ -18,8 +18,8 @@ from mindspore import Tensor, nn, ops
 from mindspore.train import Model
 
 import pet_hooks
-from pet_hooks.grad_guard import GradGuard
-from pet_hooks.inspection import format_report, inspect_net
+from pet_hooks.training.grad_guard import GradGuard
+from pet_hooks.cli.inspection import format_report, inspect_net
 from tests.conftest import assert_params_equal, snapshot
 
 E, HEADS, SEQ, BATCH, RANK = 8, 2, 3, 2, 2
@@ -143,7 +143,7 @@ def test_separate_qkv_weights_adapt_out_proj_only(mode, rng):
 
 
 def test_multihead_attention_has_what_lora_reads():
-    """Guard of the registry entry ``mha_attributes`` (pet_hooks/_internals.py)."""
+    """Guard of the registry entry ``mha_attributes`` (pet_hooks/utils/internals.py)."""
     packed, separate = nn.MultiheadAttention(E, HEADS), nn.MultiheadAttention(E, HEADS, kdim=6, vdim=6)
     assert packed._qkv_same_embed_dim is True and separate._qkv_same_embed_dim is False
     assert packed.in_proj_weight.shape == (3 * E, E) and separate.in_proj_weight is None

@@ -1,4 +1,4 @@
-"""pet_hooks.weighted.combine against PEFT 0.21.2's LoraModel.add_weighted_adapter.
+"""pet_hooks.multi.weighted.combine against PEFT 0.21.2's LoraModel.add_weighted_adapter.
 
 tests/weighted_reference.py runs PEFT in its own process (torch and MindSpore apart) on a tiny
 three-layer model with four LoRA adapters (different ranks and alphas, two with rsLoRA, each on a
@@ -26,7 +26,7 @@ import pytest
 from tests.conftest import NEEDS_TORCH_PEFT, ROOT
 from tests.weighted_reference import ADAPTERS, CASES, CELLS
 from pet_hooks.errors import PetConfigError
-from pet_hooks.weighted import AdapterWeights, CombinedAdapter, combine, select_adapters
+from pet_hooks.multi.weighted import AdapterWeights, CombinedAdapter, combine, select_adapters
 
 # float32 all through on both sides: deltas of order 1, so 1e-5 is a few float32 ulps of headroom
 DELTA_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -258,8 +258,8 @@ def test_add_weighted_adapter_on_a_net_gives_peft_deltas(peft_run, case_id):
     makes the adapter whose per-cell deltas PEFT's add_weighted_adapter made."""
     import mindspore as ms
     import pet_hooks
-    from pet_hooks.surgery import get_state
-    from pet_hooks.tuners import lora_slots
+    from pet_hooks.surgery.core import get_state
+    from pet_hooks.multi import slots as lora_slots
 
     meta, arrays = peft_run
     case = CASES[case_id]
@@ -272,7 +272,7 @@ def test_add_weighted_adapter_on_a_net_gives_peft_deltas(peft_run, case_id):
             pet_hooks.apply(net, cfg, adapter_name=name)
         else:
             pet_hooks.add_adapter(net, name, cfg)
-        with pet_hooks.adapters.focused(net, name):
+        with pet_hooks.multi.adapters.focused(net, name):
             for path in spec["target_modules"]:
                 cell = dict(net.cells_and_names())[path]
                 cell.lora_A.set_data(ms.Tensor(arrays[f"adapter/{name}/{path}/A"]))

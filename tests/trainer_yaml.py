@@ -275,7 +275,7 @@ def run_trainer(yaml_path: str, dataset: ds.Dataset, output_dir: str, *, mode: i
     """
     from mindformers import Trainer
     from mindformers.core.context.build_context import MFContextOperator
-    import pet_hooks.mindformers_trainer as cpu_step
+    import pet_hooks.training.mindformers_trainer as cpu_step
 
     os.makedirs(output_dir, exist_ok=True)
     doc = read_yaml(yaml_path)

@@ -10,7 +10,7 @@ and B, seeded), runs PEFT's ``add_weighted_adapter`` for every case of ``CASES``
   case PEFT's new r, lora_alpha, use_rslora, per-cell scaling, or the error it raised.
 
 ``ADAPTERS`` and ``CASES`` are plain data (torch is imported in ``main`` only), so the test imports
-them too and replays each case with ``pet_hooks.weighted.combine``.
+them too and replays each case with ``pet_hooks.multi.weighted.combine``.
 """
 import json
 import os

@@ -1,11 +1,14 @@
-"""Print pet_hooks' internal import graph and flag cycles.
+"""Print pet_hooks' internal import graph and flag cycles, private names and upward imports.
 
-    python tools/import_graph.py [PACKAGE_DIR]     # default: ./pet_hooks
+    python tools/import_graph.py [PACKAGE_DIR]     # default: ./pet_hooks; exit 1 on any finding
 
 Each line is ``module -> modules it imports`` (package-internal only), counting imports
 anywhere in the file, also inside functions (marked ``*``). Then every cycle between
-modules is listed (strongly connected components of more than one module), and every use
-of another module's private name (``from .x import _y`` or ``x._y``).
+modules is listed (strongly connected components of more than one module), every use
+of another module's private name (``from .x import _y`` or ``x._y``), and every import of a
+layer above the importer's: the folders are layers, lowest first (``LAYERS``); a module may
+import its own layer and those below, ``errors`` and ``_version`` are below every layer, and the
+package's ``__init__`` / ``__main__`` above them all.
 """
 from __future__ import annotations
 
@@ -88,6 +91,26 @@ def graph(root: str):
     return edges, private
 
 
+#: the package's folders, lowest layer first (docs/layout.md explains each)
+LAYERS = ("utils", "config", "matching", "tuners", "surgery", "multi", "io", "training", "doors", "cli")
+_BASE = ("errors", "_version")
+
+
+def layer_of(mod: str) -> int:
+    """The layer rank of a module: -1 for errors / _version, len(LAYERS) for the package's own entry points."""
+    parts = mod.split(".")
+    if len(parts) < 2 or parts[1] == "__main__":
+        return len(LAYERS)
+    if parts[1] in _BASE:
+        return -1
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else len(LAYERS)
+
+
+def upward(edges: dict) -> list:
+    """``mod -> dep`` edges where dep's layer is above mod's."""
+    return sorted(f"{mod} -> {dep}" for mod, deps in edges.items() for dep in deps if layer_of(dep) > layer_of(mod))
+
+
 def cycles(edges: dict) -> list:
     """Strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
@@ -132,7 +155,7 @@ def main(argv=None) -> int:
     print(f"\ncycles: {len(found)}  (* = imported inside a function)")
     for comp in found:
         print("  cycle: " + " <-> ".join(comp))
-    # The same graph with each subpackage (hooks/, tuners/) seen as one node.
+    # The same graph with each subpackage (doors/, tuners/, ...) seen as one node.
     package = next(iter(sorted(edges))).split(".")[0]
     top = lambda mod: ".".join(mod.split(".")[:2]) if mod != package else mod
     folded: dict = {}
@@ -149,7 +172,11 @@ def main(argv=None) -> int:
     print(f"private names reached across modules: {len(private)}")
     for line in sorted(set(private)):
         print("  " + line)
-    return 1 if found or private else 0
+    up = upward(edges)
+    print(f"imports of a layer above the importer's ({' < '.join(LAYERS)}): {len(up)}")
+    for line in up:
+        print("  " + line)
+    return 1 if found or private or up else 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mindspore import ops
 
-import pet_hooks.tuners.lora as L
+import pet_hooks.tuners.lora.tuner as L
 
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 _MATMUL = ops.MatMul()

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from ..errors import PetConfigError
-from .adapter import AdapterTuner, LowRankAdapterTuner
+from .bottleneck import AdapterTuner, LowRankAdapterTuner
 from .base import Injection, Tuner
 from .bitfit import BitFitTuner
 from .ia3 import IA3Tuner
-from .lora import LoraTuner
-from .prefix import PrefixTuner
+from .lora.tuner import LoraTuner
+from .prefix.tuner import PrefixTuner
 
 __all__ = ["Tuner", "Injection", "get_tuner", "register_tuner", "all_tuners", "peft_tuner"]
 

@@ -32,8 +32,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn
 from mindspore.common import dtype as mstype
 
-from .._ms_compat import write_values
-from ..config import PetConfig
+from ..utils.ms_compat import write_values
+from ..config.pet_config import PetConfig
 from ..errors import PetStateError
 
 __all__ = ["Tuner", "Injection", "Targets"]

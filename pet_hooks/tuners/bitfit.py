@@ -22,10 +22,10 @@ from typing import List, Optional
 import numpy as np
 from mindspore import Parameter, nn
 
-from .._ms_compat import write_values
-from ..config import BitFitConfig
+from ..utils.ms_compat import write_values
+from ..config.pet_config import BitFitConfig
 from ..errors import NoMatchError
-from ..matching import is_excluded, named_cells, select_cells
+from ..matching.cells import is_excluded, named_cells, select_cells
 from .base import Injection, Targets, Tuner
 
 __all__ = ["BitFitTuner", "BitFitInjection"]

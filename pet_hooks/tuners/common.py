@@ -21,7 +21,7 @@ import mindspore as ms
 from mindspore import Parameter, nn
 
 from ..errors import UnsupportedCellError
-from .._ms_compat import write_values
+from ..utils.ms_compat import write_values
 from .base import Injection, Tuner
 
 __all__ = ["SwitchedTuner", "init_rng", "patched_class", "inject_all", "restore", "strip_attrs", "mindformers_linear",

@@ -26,10 +26,10 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
-from .._ms_compat import write_values
-from ..config import IA3Config
+from ..utils.ms_compat import write_values
+from ..config.pet_config import IA3Config
 from ..errors import AdapterFileError, NoMatchError, UnsupportedCellError
-from ..matching import list_entry_matches, select_cells
+from ..matching.cells import list_entry_matches, select_cells
 from .base import Injection
 from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch, weight_is_out_in
 

@@ -1,0 +1,565 @@
+"""PET configuration: the dataclasses, their validation, and ``load_config``.
+
+Field names follow the ``pet_config`` block of MindFormers model YAMLs, so a block can be
+moved over unchanged::
+
+    cfg = load_config("run_llama_lora.yaml")      # model.model_config.pet_config
+    cfg = load_config({"pet_type": "lora", "lora_rank": 8, "target_modules": ".*wq|.*wv"})
+
+Every value is checked when the dataclass is built; a bad one raises :class:`PetConfigError`
+(a ``ValueError``) naming the field and the value, or :class:`PetConfigTypeError` (both a
+``TypeError`` and a ``ValueError``) when the value has the wrong type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional, Union
+
+import yaml
+
+from ..errors import PetConfigError, PetConfigTypeError
+from .strategy_ckpt import check_run_yaml
+
+__all__ = [
+    "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "IA3Config", "BitFitConfig",
+    "AdapterConfig", "LowRankAdapterConfig",
+    "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
+    "config_types", "config_differences",
+]
+
+logger = logging.getLogger("pet_hooks")
+# Where a MindFormers run YAML keeps the block, outermost first.
+_MINDFORMERS_PATH = ("model", "model_config", "pet_config")
+# model_config entries the prefix methods may need when they cannot read them off the model.
+_MODEL_HINT_KEYS = ("num_layers", "num_heads", "num_attention_heads", "n_kv_heads",
+                    "kv_channels", "hidden_size",
+                    # the same in Qwen3Config's (Hugging Face's) names
+                    "num_hidden_layers", "num_key_value_heads", "head_dim")
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PetConfigTypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise PetConfigError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PetConfigTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    # nan passes every comparison check below (nan <= 0 is False) and would poison the weights.
+    if not math.isfinite(value):
+        raise PetConfigError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_rate(name: str, value: Any) -> None:
+    _check_number(name, value)
+    if not 0.0 <= value < 1.0:
+        raise PetConfigError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise PetConfigTypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise PetConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_regex(name: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise PetConfigTypeError(f"{name} entries must be strings, got {pattern!r} ({type(pattern).__name__})")
+    if not pattern.strip():
+        raise PetConfigError(f"{name} contains an empty pattern")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise PetConfigError(f"{name}: invalid regular expression {pattern!r}: {err}") from None
+
+
+def _as_pattern_list(name: str, value: Any) -> Optional[list]:
+    """None, a string or a list of strings -> None or a list of strings (each checked)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise PetConfigTypeError(f"{name} must be a string or a list of strings, got {value!r}")
+    if not items:
+        raise PetConfigError(f"{name} is an empty list")
+    for item in items:
+        _check_regex(name, item)
+    return list(items)
+
+
+def _check_targets(cfg) -> None:
+    """A regex string, a list of names, or (prefix methods only) None."""
+    if isinstance(cfg.target_modules, str):
+        _check_regex("target_modules", cfg.target_modules)
+    elif cfg.target_modules is not None:
+        cfg.target_modules = _as_pattern_list("target_modules", cfg.target_modules)
+
+
+def _warn_long_prefix(name: str, length: int) -> None:
+    if length > 60:
+        logger.warning("pet_hooks: %s=%d: prefixes longer than 60 positions were seen to converge poorly "
+                       "(about 5000 training samples) and produce garbled output", name, length)
+
+
+# ----------------------------------------------------------------------------- dataclasses
+@dataclass
+class PetConfig:
+    """Fields shared by every PET method.
+
+    ``freeze_include`` / ``freeze_exclude`` are MindFormers' (mindpet's) lists of
+    ``fnmatch`` wildcards over parameter names: base parameters matching ``freeze_exclude``
+    stay trainable (and are saved with the adapter); parameters matching ``freeze_include``
+    and not ``freeze_exclude`` are frozen even if they are deltas.
+    """
+
+    pet_type: str = field(default="", metadata={
+        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter or low_rank_adapter"})
+    freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
+    freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
+    # model_config values (num_layers, kv_channels, ...) found beside a pet_config block.
+    model_hints: dict = field(default_factory=dict, repr=False, compare=False,
+                              metadata={"help": "model_config values found next to the pet_config block"})
+    # Init-only (compare=False): two configs that differ only here describe the same adapter.
+    seed: Optional[int] = field(default=None, compare=False,
+                                metadata={"help": "seed for the deltas' init (the same deltas on every rank)"})
+    # A compile setting, not part of the adapter (compare=False): see pet_hooks.surgery.graph_reuse.
+    reuse_block_graphs: bool = field(default=True, compare=False, metadata={
+        "help": "graph mode: compile identically adapted repeated blocks once (MindSpore lazy inline)"})
+
+    PET_TYPE: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if not self.pet_type:
+            self.pet_type = self.PET_TYPE
+        if not isinstance(self.pet_type, str) or self.pet_type.lower() != self.PET_TYPE:
+            raise PetConfigError(f"pet_type must be {self.PET_TYPE!r} for {type(self).__name__}, "
+                                 f"got {self.pet_type!r}")
+        self.pet_type = self.pet_type.lower()
+        for name in ("freeze_include", "freeze_exclude"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                    raise PetConfigTypeError(f"{name} must be a list of non-empty strings, got {value!r}")
+                setattr(self, name, list(value))
+        if not isinstance(self.model_hints, dict):
+            raise PetConfigTypeError(f"model_hints must be a mapping, got {self.model_hints!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+        _check_bool("reuse_block_graphs", self.reuse_block_graphs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; subclasses extend this."""
+
+    def to_dict(self) -> dict:
+        """The fields a user sets (what ``adapter_config.json`` stores), without ``model_hints``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_hints"}
+
+
+def explain(cfg: PetConfig) -> str:
+    """One line per field of ``cfg``: its value and its ``help`` (``pet-hooks check-config --explain``)."""
+    rows = [(f.name, json.dumps(getattr(cfg, f.name)), f.metadata.get("help", ""))
+            for f in dataclasses.fields(cfg) if f.name != "model_hints"]
+    if cfg.model_hints:
+        rows.append(("model_hints", json.dumps(cfg.model_hints, sort_keys=True),
+                     next(f.metadata["help"] for f in dataclasses.fields(cfg) if f.name == "model_hints")))
+    name_width = max(len(name) for name, _, _ in rows)
+    value_width = min(24, max(len(value) for _, value, _ in rows))
+    return "\n".join(f"{name.ljust(name_width)}  {value.ljust(value_width)}  {text}".rstrip()
+                     for name, value, text in rows)
+
+
+@dataclass
+class LoraConfig(PetConfig):
+    """LoRA: ``y = base(x) + scaling * dropout(x) @ A^T @ B^T`` on the matched layers."""
+
+    PET_TYPE: ClassVar[str] = "lora"
+
+    lora_rank: int = field(default=8, metadata={"help": "rank r of A [r, in] and B [out, r]"})
+    lora_alpha: float = field(default=16, metadata={"help": "scaling = alpha / r (alpha / sqrt(r) with use_rslora)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input, in [0, 1)"})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    # Init-only fields (compare=False): two configs that differ only here describe the same adapter.
+    lora_a_init: str = field(default="kaiming_uniform", compare=False,
+                             metadata={"help": "kaiming_uniform | normal"})
+    lora_b_init: str = field(default="zeros", metadata={"help": "zeros (the output is unchanged at init)"})
+    # PEFT's name and values. Part of the adapter (compared): PiSSA / OLoRA change the base weight.
+    init_lora_weights: Union[bool, str] = field(default=True, metadata={
+        "help": "true (A by lora_a_init, B zeros) | false (A and B random) | gaussian | pissa | pissa_niter_N | "
+                "olora (PEFT's values; pissa/olora replace the base weight by its residual)"})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: a trainable magnitude per output row (lora_magnitude_vector), direction W + scaling*B@A"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    param_init_type: str = field(default="float32", metadata={"help": "dtype of the delta parameters"})
+    compute_dtype: Optional[str] = field(default=None, metadata={"help": "branch dtype; None = the layer's own"})
+    # A training setting, not part of the adapter (compare=False): see pet_hooks.training.loraplus.
+    loraplus_lr_ratio: Optional[float] = field(default=None, compare=False, metadata={
+        "help": "LoRA+: the rebuilt optimizer gives the B matrices lr x this ratio (PEFT's name)"})
+
+    _A_INITS: ClassVar[dict] = {"kaiming_uniform": "kaiming_uniform", "he_uniform": "kaiming_uniform",
+                                "heuniform": "kaiming_uniform", "normal": "normal"}
+
+    def validate(self) -> None:
+        _check_int("lora_rank", self.lora_rank)
+        _check_number("lora_alpha", self.lora_alpha)
+        if self.lora_alpha <= 0:
+            raise PetConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        _check_rate("lora_dropout", self.lora_dropout)
+        if self.target_modules is None:
+            raise PetConfigError("target_modules is required for LoRA (a regex such as '.*wq|.*wv', "
+                                 "or a list of cell names)")
+        _check_targets(self)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_choice("lora_a_init", self.lora_a_init, tuple(self._A_INITS))
+        self.lora_a_init = self._A_INITS[self.lora_a_init.lower()]
+        _check_choice("lora_b_init", self.lora_b_init, ("zero", "zeros"))
+        self.lora_b_init = "zeros"
+        self.init_lora_weights = _init_lora_weights(self.init_lora_weights)
+        if self.init_lora_weights is not True and self.lora_a_init != "kaiming_uniform":
+            raise PetConfigError(f"lora_a_init {self.lora_a_init!r} applies only when init_lora_weights is true "
+                                 f"(the default init), got init_lora_weights={self.init_lora_weights!r}")
+        _check_bool("use_dora", self.use_dora)
+        _check_bool("use_rslora", self.use_rslora)
+        self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
+        if self.compute_dtype is not None:
+            self.compute_dtype = _dtype_name("compute_dtype", self.compute_dtype)
+        if self.loraplus_lr_ratio is not None:
+            _check_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
+            if self.loraplus_lr_ratio <= 0:
+                raise PetConfigError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio!r}")
+
+    @property
+    def scaling(self) -> float:
+        """The factor on ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
+        return float(self.lora_alpha) / (self.lora_rank ** 0.5 if self.use_rslora else self.lora_rank)
+
+
+@dataclass
+class PTuning2Config(PetConfig):
+    """P-Tuning v2: learned key/value prefixes for every attention layer (MindFormers ``ptuning2``)."""
+
+    PET_TYPE: ClassVar[str] = "ptuning2"
+
+    pre_seq_len: int = field(default=16, metadata={"help": "prefix length"})
+    prefix_projection: bool = field(default=False, metadata={"help": "reparametrise through an MLP"})
+    projection_dim: Optional[int] = field(default=None, metadata={"help": "MLP width when prefix_projection"})
+    dropout_rate: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values"})
+    target_modules: Union[str, list, None] = field(default=None, metadata={"help": "attention cells; None = known"})
+
+    def validate(self) -> None:
+        _check_int("pre_seq_len", self.pre_seq_len)
+        _warn_long_prefix("pre_seq_len", self.pre_seq_len)
+        _check_bool("prefix_projection", self.prefix_projection)
+        if self.prefix_projection:
+            if self.projection_dim is None:
+                raise PetConfigError("projection_dim is required when prefix_projection is true")
+            _check_int("projection_dim", self.projection_dim)
+        elif self.projection_dim is not None:
+            _check_int("projection_dim", self.projection_dim)
+        _check_rate("dropout_rate", self.dropout_rate)
+        _check_targets(self)
+
+
+@dataclass
+class PrefixTuningConfig(PetConfig):
+    """Prefix-Tuning: prefixes produced by embedding -> Dense -> tanh -> Dense (MindFormers ``prefixtuning``)."""
+
+    PET_TYPE: ClassVar[str] = "prefixtuning"
+
+    prefix_token_num: int = field(default=16, metadata={"help": "prefix length"})
+    mid_dim: int = field(default=512, metadata={"help": "width of the reparametrisation MLP"})
+    dropout_rate: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values"})
+    target_modules: Union[str, list, None] = field(default=None, metadata={"help": "attention cells; None = known"})
+
+    def validate(self) -> None:
+        _check_int("prefix_token_num", self.prefix_token_num)
+        _warn_long_prefix("prefix_token_num", self.prefix_token_num)
+        _check_int("mid_dim", self.mid_dim)
+        _check_rate("dropout_rate", self.dropout_rate)
+        _check_targets(self)
+
+
+@dataclass
+class IA3Config(PetConfig):
+    """(IA)^3 (PEFT's ``IA3Config``): a learned vector scales each matched layer's output, or, for
+    the layers ``feedforward_modules`` matches, its input."""
+
+    PET_TYPE: ClassVar[str] = "ia3"
+
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+    feedforward_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "targets whose input (not output) is scaled; each must select a target"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    # Init-only (compare=False), as lora_a_init: two configs differing only here describe one adapter.
+    init_ia3_weights: bool = field(default=True, compare=False, metadata={
+        "help": "true: vectors start at 1 (output unchanged); false: standard normal, as PEFT"})
+
+    def validate(self) -> None:
+        if self.target_modules is None:
+            raise PetConfigError("target_modules is required for IA3 (a regex such as '.*wk|.*wv|.*w2', "
+                                 "or a list of cell names)")
+        _check_targets(self)
+        if isinstance(self.feedforward_modules, str):
+            _check_regex("feedforward_modules", self.feedforward_modules)
+        else:
+            self.feedforward_modules = _as_pattern_list("feedforward_modules", self.feedforward_modules)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_bool("init_ia3_weights", self.init_ia3_weights)
+
+
+@dataclass
+class BitFitConfig(PetConfig):
+    """BitFit: only the ``bias`` parameters of the matched cells train; no parameter is added."""
+
+    PET_TYPE: ClassVar[str] = "bitfit"
+
+    target_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "cells whose bias trains: a regex fullmatched against dotted cell paths, or a list of names; "
+                "None = every cell with a bias"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+
+    def validate(self) -> None:
+        _check_targets(self)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+
+
+# The activations a bottleneck adapter may use: mindspore.nn.get_activation's names that
+# tests/test_adapter.py has a NumPy reference for.
+NON_LINEARITIES = ("gelu", "relu", "tanh", "sigmoid", "silu", "fast_gelu")
+
+
+@dataclass
+class AdapterConfig(PetConfig):
+    """Houlsby bottleneck adapter after each matched layer (MindPet ``AdapterDense``, MindFormers ``adapter``):
+    ``y = h + up(act(down(h)))`` with ``h`` the layer's output."""
+
+    PET_TYPE: ClassVar[str] = "adapter"
+
+    bottleneck_size: int = field(default=64, metadata={"help": "width of the bottleneck (MindPet's name)"})
+    non_linearity: str = field(default="gelu", metadata={"help": "activation between down and up: "
+                                                         + ", ".join(NON_LINEARITIES)})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    param_init_type: str = field(default="float32", metadata={"help": "dtype of the adapter parameters"})
+    compute_dtype: Optional[str] = field(default=None, metadata={"help": "dtype the adapter computes in; None = param_init_type"})
+
+    def validate(self) -> None:
+        _check_int("bottleneck_size", self.bottleneck_size)
+        _check_adapter_common(self)
+
+
+@dataclass
+class LowRankAdapterConfig(PetConfig):
+    """Low-rank bottleneck adapter (MindPet ``LowRankAdapterDense``, MindFormers ``low_rank_adapter``): the
+    adapter's down and up projections are each a product ``left @ right`` of rank ``low_rank_size``."""
+
+    PET_TYPE: ClassVar[str] = "low_rank_adapter"
+
+    reduction_factor: int = field(default=1, metadata={
+        "help": "bottleneck width = layer width // reduction_factor (MindPet's name)"})
+    low_rank_size: int = field(default=1, metadata={"help": "rank of each factorised projection"})
+    low_rank_w_init: str = field(default="xavier_uniform", compare=False, metadata={
+        "help": "init of the factors: xavier_uniform | normal (the up projection's right factor starts at 0)"})
+    non_linearity: str = field(default="gelu", metadata={"help": "activation between down and up: "
+                                                         + ", ".join(NON_LINEARITIES)})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    param_init_type: str = field(default="float32", metadata={"help": "dtype of the adapter parameters"})
+    compute_dtype: Optional[str] = field(default=None, metadata={"help": "dtype the adapter computes in; None = param_init_type"})
+
+    def validate(self) -> None:
+        _check_int("reduction_factor", self.reduction_factor)
+        _check_int("low_rank_size", self.low_rank_size)
+        _check_choice("low_rank_w_init", self.low_rank_w_init, ("xavier_uniform", "normal"))
+        self.low_rank_w_init = self.low_rank_w_init.lower()
+        _check_adapter_common(self)
+
+
+def _check_adapter_common(cfg) -> None:
+    """What both bottleneck adapters check alike."""
+    _check_choice("non_linearity", cfg.non_linearity, NON_LINEARITIES)
+    cfg.non_linearity = cfg.non_linearity.lower()
+    if cfg.target_modules is None:
+        raise PetConfigError(f"target_modules is required for {cfg.PET_TYPE} (a regex such as '.*dense2|.*w2', "
+                             f"or a list of cell names)")
+    _check_targets(cfg)
+    cfg.exclude_layers = _as_pattern_list("exclude_layers", cfg.exclude_layers)
+    cfg.param_init_type = _dtype_name("param_init_type", cfg.param_init_type)
+    if cfg.compute_dtype is not None:
+        cfg.compute_dtype = _dtype_name("compute_dtype", cfg.compute_dtype)
+
+
+_CONFIG_CLASSES: dict = {cls.PET_TYPE: cls for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig, IA3Config,
+                                                       BitFitConfig, AdapterConfig, LowRankAdapterConfig)}
+# Keys MindFormers writes under other names; mapped before the unknown-key check.
+_KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lora_a_init"}
+
+
+_LORA_INITS = ("gaussian", "pissa", "olora")
+
+
+def _init_lora_weights(value: Any) -> Union[bool, str]:
+    """PEFT's ``init_lora_weights``: true, false, 'gaussian', 'pissa', 'pissa_niter_N' (N >= 1) or 'olora'."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _LORA_INITS:
+            return text
+        found = re.fullmatch(r"pissa_niter_(\d+)", text)
+        if found and int(found.group(1)) >= 1:
+            return f"pissa_niter_{int(found.group(1))}"
+    raise PetConfigError(f"init_lora_weights must be true, false, 'gaussian', 'pissa', 'pissa_niter_N' (N >= 1) "
+                         f"or 'olora', got {value!r}")
+
+
+def _dtype_name(name: str, value: Any) -> str:
+    """'float16', 'fp16', mindspore.float16 -> 'float16'."""
+    text = str(value).lower().replace("mindspore.", "")
+    text = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(text, text)
+    if text not in _DTYPES:
+        raise PetConfigError(f"{name} must be one of {list(_DTYPES)}, got {value!r}")
+    return text
+
+
+# ----------------------------------------------------------------------------- loading
+def config_from_dict(data: Mapping, model_hints: Optional[Mapping] = None) -> PetConfig:
+    """Build the dataclass for a mapping that holds ``pet_type``; unknown keys are an error."""
+    if not isinstance(data, Mapping):
+        raise PetConfigTypeError(f"pet_config must be a mapping, got {type(data).__name__}")
+    pet_type = data.get("pet_type")
+    if not isinstance(pet_type, str) or pet_type.lower() not in _CONFIG_CLASSES:
+        raise PetConfigError(f"unknown pet_type {pet_type!r}; expected one of {sorted(_CONFIG_CLASSES)}")
+    cls = _CONFIG_CLASSES[pet_type.lower()]
+    kwargs = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise PetConfigTypeError(f"pet_config keys must be strings, got {key!r}")
+        kwargs[_KEY_ALIASES.get(key, key)] = value
+    known = {f.name for f in dataclasses.fields(cls)} - {"model_hints"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise PetConfigError(f"unknown key(s) {unknown} for pet_type {pet_type!r}; known keys: {sorted(known)}")
+    kwargs["model_hints"] = dict(model_hints or {})
+    return cls(**kwargs)
+
+
+def config_differences(first: PetConfig, second: PetConfig) -> str:
+    """``"lora_rank: 4 vs 8, ..."``: the fields that make two configs describe different adapters."""
+    if type(first) is not type(second):
+        return f"pet_type: {first.pet_type!r} vs {second.pet_type!r}"
+    return ", ".join(f"{f.name}: {getattr(first, f.name)!r} vs {getattr(second, f.name)!r}"
+                     for f in dataclasses.fields(first)
+                     if f.compare and getattr(first, f.name) != getattr(second, f.name))
+
+
+def config_types() -> tuple:
+    """The ``pet_type`` values pet_hooks knows."""
+    return tuple(sorted(_CONFIG_CLASSES))
+
+
+def model_hints(model_config: Any) -> dict:
+    """The model_config values the prefix methods may need (``num_layers``, ``kv_channels``, ...), from a
+    mapping (a run YAML's ``model_config``) or a config object (a built model's ``config``)."""
+    if isinstance(model_config, Mapping):
+        return {k: model_config[k] for k in _MODEL_HINT_KEYS if k in model_config}
+    return {k: getattr(model_config, k) for k in _MODEL_HINT_KEYS
+            if isinstance(getattr(model_config, k, None), int) and not isinstance(getattr(model_config, k), bool)}
+
+
+def _find_block(doc: Mapping, where: str) -> tuple:
+    """Locate the pet_config block and the model_config beside it in a parsed document."""
+    if "pet_type" in doc:
+        return doc, {}
+    if "pet_config" in doc:
+        return doc["pet_config"], model_hints(doc)
+    node: Any = doc
+    for key in _MINDFORMERS_PATH[:-1]:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    if isinstance(node, Mapping) and node.get("pet_config") is not None:
+        return node["pet_config"], model_hints(node)
+    raise PetConfigError(f"{where}: no PET configuration found; expected 'pet_type' at the top level, "
+                         f"a 'pet_config' block, or model.model_config.pet_config")
+
+
+def _read_document(path: str) -> Any:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"PET config file not found: {path}")
+    if os.path.isdir(path):
+        raise PetConfigError(f"PET config path is a directory, not a file: {path}")
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PetConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        if path.lower().endswith(".json"):
+            return json.loads(text)
+        # safe_load never builds Python objects: a !!python/object tag is refused.
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise PetConfigError(f"{path}: cannot parse: {err}") from None
+
+
+RESERVED_NAMES = ("all", "__base__")   # save_adapter(..., "all"); the base model in adapter_per_row
+
+
+def check_adapter_name(name) -> None:
+    """An adapter name is a non-empty string without '/' (it names a folder) and not a reserved word."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in RESERVED_NAMES:
+        raise PetConfigError(f"adapter_name {name!r} is not usable: give a non-empty string without '/', "
+                             f"other than {', '.join(map(repr, RESERVED_NAMES))}")
+
+
+def load_config(src: Union[str, os.PathLike, Mapping, PetConfig]) -> PetConfig:
+    """Read a PET configuration from a file path, a mapping or an existing config.
+
+    Accepts a MindFormers run YAML (``model.model_config.pet_config``), a YAML or JSON
+    whose top level holds ``pet_config``, or a bare block with ``pet_type``.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        PetConfigError: (a ValueError) unknown ``pet_type`` or keys, bad values, unreadable file.
+    """
+    if isinstance(src, PetConfig):
+        return src
+    if isinstance(src, (str, os.PathLike)):
+        where = os.fspath(src)
+        doc = _read_document(where)
+    elif isinstance(src, Mapping):
+        where, doc = "config mapping", src
+    else:
+        raise PetConfigTypeError(f"load_config takes a path, a mapping or a PetConfig, got {type(src).__name__}")
+    if not isinstance(doc, Mapping):
+        raise PetConfigError(f"{where}: the top level must be a mapping, got {type(doc).__name__}")
+    block, hints = _find_block(doc, where)
+    config = config_from_dict(block, hints)
+    check_run_yaml(doc, where)      # after validation: a config that fails says only what is wrong
+    return config

@@ -1,0 +1,162 @@
+"""``pet-hooks run``: run an unmodified training script under ``enable(cfg)``.
+
+    pet-hooks run --config pet.yaml --save-dir adapter/ train.py --epochs 2
+    pet-hooks run --config pet.yaml --save-dir adapter/ -- msrun --worker_num=2 ... train.py
+
+A Python script runs in this process as ``python SCRIPT ARGS`` would (``sys.argv``,
+``__name__ == "__main__"``, imports next to the script, its exit code, its own traceback).
+Any other command (``msrun``) runs as a child process. Either way, processes started from
+here get the hooks too: the launcher puts ``pet_hooks/doors/_bootstrap`` (a ``sitecustomize``) first
+on ``PYTHONPATH`` and passes the config in ``PET_HOOKS_CONFIG``; the bootstrap enters
+``enable`` for the whole child process, saves the adapter from rank 0 at exit when
+``PET_HOOKS_SAVE_DIR`` is set, and then still loads the user's own ``sitecustomize``.
+``PET_HOOKS_DISABLE=1`` turns the hooks off in such children; a child in which they cannot
+start prints one line naming the cause and runs on without them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import traceback
+from typing import List, Optional
+
+from . import flow
+from ..config.pet_config import PetConfig
+from ..utils.files import CONFIG_NAME
+from .context import enable
+
+__all__ = ["run_script", "child_environment", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV"]
+
+DOORS_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(DOORS_DIR)              # pet_hooks/: where "raised by pet_hooks" is judged
+BOOTSTRAP_DIR = os.path.join(DOORS_DIR, "_bootstrap")
+CONFIG_ENV = "PET_HOOKS_CONFIG"        # the config, as JSON
+SAVE_DIR_ENV = "PET_HOOKS_SAVE_DIR"
+
+
+def child_environment(cfg: Optional[PetConfig], save_dir: Optional[str], base: Optional[dict] = None,
+                      adapter_name: Optional[str] = None) -> dict:
+    """The environment that makes Python child processes start under the same hooks."""
+    env = dict(os.environ if base is None else base)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != BOOTSTRAP_DIR]
+    env["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR] + paths)
+    # This Python first on PATH: msrun starts its workers as plain `python script.py`, and they
+    # need the interpreter pet_hooks (and MindSpore) are installed in, venv activated or not.
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir])
+    env[CONFIG_ENV] = json.dumps({"pet_config": None if cfg is None else cfg.to_dict(),
+                                  "model_hints": None if cfg is None else cfg.model_hints,
+                                  "adapter_name": adapter_name})
+    if save_dir:
+        env[SAVE_DIR_ENV] = os.path.abspath(save_dir)
+    else:
+        env.pop(SAVE_DIR_ENV, None)
+    return env
+
+
+def _run_python(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str], monitor=None,
+                adapter_name: Optional[str] = None) -> int:
+    script = os.path.abspath(script)
+    script_dir = os.path.dirname(script)
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    sys.argv = [script] + list(args)
+    sys.path.insert(0, script_dir)
+    code = 0
+    try:
+        with enable(cfg, adapter_name) as session, (monitor.installed() if monitor else contextlib.nullcontext()):
+            try:
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if stop.code is not None and not isinstance(stop.code, int):
+                    print(stop.code, file=sys.stderr)
+            except BaseException as err:  # pylint: disable=broad-except
+                if _raised_by_pet_hooks(err):   # bad input to pet_hooks: one line, as the CLI's own errors
+                    print(f"pet-hooks: error: {err}", file=sys.stderr)
+                    code = 2
+                else:                           # the script's own error, shown as python would show it
+                    code = _print_script_error(script)
+        if save_dir and session.models:
+            if len(session.models) > 1:
+                print(f"pet-hooks: {len(session.models)} models were adapted; saving the last one",
+                      file=sys.stderr)
+            path = flow.save_for_rank(session.models[-1], save_dir, adapter_name)
+            if path:
+                print(f"pet-hooks: adapter saved to {path}", file=sys.stderr)
+        elif save_dir and code != 2 and not os.path.isfile(os.path.join(save_dir, CONFIG_NAME)):
+            # (a child process, such as an msrun worker, may have saved it instead)
+            print("pet-hooks: no model was adapted, so no adapter was saved"
+                  + ("" if cfg is not None else " (no --config was given, and MindFormers built no model from a "
+                     "run YAML with pet_config)"), file=sys.stderr)
+            code = code or 1
+    finally:
+        # As if the script had run in a process of its own: its sys.path edits go with it too.
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+    return code
+
+
+def _raised_by_pet_hooks(err: BaseException) -> bool:
+    """Did pet_hooks itself raise ``err`` (a ValueError, TypeError or FileNotFoundError whose innermost
+    frame is in the package)? Then it is bad input to pet_hooks (a config, a pattern, an adapter),
+    reported as one line rather than a traceback through the script's frames."""
+    if not isinstance(err, (ValueError, TypeError, FileNotFoundError)):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep)
+
+
+def _print_script_error(script: str) -> int:
+    """Print the exception being handled as python would for the script; the exit code python gives."""
+    exc_type, exc, tb = sys.exc_info()
+    # Drop the launcher's frames so the traceback starts in the script.
+    while tb is not None and tb.tb_frame.f_code.co_filename != script:
+        tb = tb.tb_next
+    traceback.print_exception(exc_type, exc, tb)
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def _find_command(name: str) -> Optional[str]:
+    """A command on PATH or, failing that, beside this Python (``msrun`` in a venv not activated)."""
+    return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+
+
+def run_script(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str] = None,
+               monitor=None, adapter_name: Optional[str] = None) -> int:
+    """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code.
+
+    ``monitor`` (a :class:`pet_hooks.cli.progress.TrainingMonitor`) follows the script's
+    ``Model.train`` runs; a command run as a child is not followed.
+    """
+    if not os.path.isfile(script) and _find_command(script) is None:
+        raise FileNotFoundError(f"script not found: {script}")
+    # Children started by the script (or the command itself) inherit this environment.
+    env = child_environment(cfg, save_dir, adapter_name=adapter_name)
+    keys = ("PATH", "PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV)
+    before = {key: os.environ.get(key) for key in keys}
+    try:
+        for key in keys:
+            if key in env:
+                os.environ[key] = env[key]
+            else:
+                os.environ.pop(key, None)
+        if os.path.isfile(script):
+            return _run_python(script, args, cfg, save_dir, monitor, adapter_name)
+        try:
+            return subprocess.call([_find_command(script)] + list(args))
+        except KeyboardInterrupt:  # the child was killed by subprocess.call; exit as Python would
+            return 130
+    finally:
+        # Called as a function (not the CLI), the caller's environment must come back as it was.
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

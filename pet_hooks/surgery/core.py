@@ -1,0 +1,354 @@
+"""The core flow on a net: apply / remove / merge / unmerge / disable, and the undo record.
+
+``apply`` runs config -> match -> inject -> freeze and leaves a :class:`PetState` on the net;
+every other operation reads that record, and ``remove`` undoes it to the identical original
+(classes, parameter names, ``requires_grad`` flags, outputs)::
+
+    apply(net, {"pet_type": "lora", "target_modules": ".*dense1|.*dense2"})
+    with disable_adapters(net):
+        base_out = net(x)
+    remove(net)
+
+Every structural change ends with ``force_recompile()``, so a net already compiled in graph
+mode picks it up on its next call.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
+
+from mindspore import Parameter, nn
+
+from . import graph_reuse, freeze as optim
+from ..config import strategy_ckpt
+from ..utils.ms_compat import force_recompile, release_compiled_graphs, warn_unchecked_versions
+from ..config.pet_config import PetConfig, check_adapter_name, load_config
+from ..errors import PetStateError
+from .foreign_pet import refuse_foreign_pet
+from ..tuners import Tuner, get_tuner
+
+__all__ = ["PetState", "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters",
+           "all_delta_parameters", "saved_parameters", "trainable_summary", "get_state", "has_pet",
+           "switch_parameters", "parameter_counts", "refuse_tied", "tied_weights"]
+
+logger = logging.getLogger("pet_hooks")
+_STATE_ATTR = "_pet_hooks_state"
+
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class NamedAdapter:
+    """One adapter of a net (``pet_hooks.multi.adapters``): its config, the cells it adapts, and its values
+    while they are not in those cells' parameters (``stored``: cell path -> {delta attribute: array})."""
+
+    name: str
+    config: PetConfig
+    paths: List[str]
+    stored: Dict[str, Dict[str, object]] = field(default_factory=dict)
+
+
+@dataclass
+class PetState:
+    """Everything ``apply`` changed on one net, kept on that net for the other operations.
+
+    ``cells`` holds one record per adapted cell; ``injections`` the records of the cells that the
+    active adapters adapt (all of them with one adapter): what trains, merges and is saved.
+    """
+
+    config: PetConfig                   # the first active adapter's
+    tuner: Tuner
+    injections: list
+    requires_grad_before: Dict[str, bool]
+    merged: bool = False
+    kept: List[Parameter] = field(default_factory=list)
+    reuse_marks: List[graph_reuse.ReuseMark] = field(default_factory=list)
+    cells: list = field(default_factory=list)
+    adapters: Dict[str, NamedAdapter] = field(default_factory=dict)
+    active: List[str] = field(default_factory=list)
+    disabled: bool = False              # inside disable_adapters
+
+    def __post_init__(self):
+        if not self.cells:
+            self.cells = list(self.injections)
+
+    @property
+    def enabled(self) -> bool:
+        """True when the active adapters' branches compute (not merged, not disabled)."""
+        return not (self.merged or self.disabled)
+
+
+def state_owner(net: nn.Cell) -> Optional[nn.Cell]:
+    """The cell holding the PET record: ``net`` itself or a sub-cell (net may be a wrapper)."""
+    if not isinstance(net, nn.Cell):
+        raise TypeError(f"expected a mindspore.nn.Cell, got {type(net).__name__}")
+    for _, cell in net.cells_and_names():
+        if isinstance(cell.__dict__.get(_STATE_ATTR), PetState):
+            return cell
+    return None
+
+
+def get_state(net: nn.Cell) -> Optional[PetState]:
+    """The PET record of ``net`` (or of the PET model inside a wrapper such as WithLossCell)."""
+    owner = state_owner(net)
+    return None if owner is None else owner.__dict__[_STATE_ATTR]
+
+
+def has_pet(net: nn.Cell) -> bool:
+    return get_state(net) is not None
+
+
+def _mark_blocks(net: nn.Cell, state: PetState) -> bool:
+    """(Re)mark the identically adapted repeated blocks for one compiled graph each (graph_reuse);
+    run after every change of structure or of ``requires_grad``, which the marks depend on.
+    Returns True when the marks changed (then graph mode must recompile)."""
+    before = [(id(m.cell), m.cell.__dict__.get("cell_init_args")) for m in state.reuse_marks]
+    graph_reuse.unmark(state.reuse_marks)
+    state.reuse_marks = graph_reuse.mark_repeated_blocks(net) if state.config.reuse_block_graphs else []
+    return before != [(id(m.cell), m.cell.__dict__.get("cell_init_args")) for m in state.reuse_marks]
+
+
+def after_change(net: nn.Cell, state: PetState, structural: bool) -> None:
+    """What follows a change of the adapters: the block marks again, and when the structure or the marks
+    changed, the stale compiled graphs freed and graph mode told to recompile."""
+    if _mark_blocks(net, state) or structural:
+        release_compiled_graphs(net)
+        force_recompile()
+
+
+def _require_state(net: nn.Cell, action: str) -> PetState:
+    state = get_state(net)
+    if state is None:
+        raise PetStateError(f"cannot {action}: {type(net).__name__} has no PET applied (call pet_hooks.apply first)")
+    return state
+
+
+def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
+    """Add PET to ``net`` in place and return it, as the adapter ``adapter_name`` (active).
+
+    Afterwards ``net.trainable_params()`` is exactly the deltas (plus parameters the config
+    keeps trainable). Applying the same config again changes nothing; a different config on
+    a net that already has PET is an error (``remove`` first).
+
+    Raises:
+        ValueError: bad config, a pattern that matches nothing, a cell the method cannot
+            adapt. The net is left as it was.
+    """
+    cfg = load_config(cfg)
+    warn_unchecked_versions()                           # once per process: copies of MindSpore code
+    existing = get_state(net)
+    if existing is not None:
+        named = existing.adapters.get(adapter_name)
+        if (named is not None and named.config == cfg) or (adapter_name == DEFAULT_ADAPTER and existing.config == cfg):
+            logger.info("pet_hooks: %s already has this PET config; nothing to do", type(net).__name__)
+            return net
+        if existing.config == cfg:
+            raise PetStateError(f"{type(net).__name__} already has this PET config as adapter(s) "
+                                f"{list(existing.adapters)}; use pet_hooks.add_adapter(net, {adapter_name!r}, cfg) "
+                                f"to add another")
+        raise PetStateError(f"{type(net).__name__} already has PET ({existing.config.pet_type}) with a different "
+                         f"config; call pet_hooks.remove(net) before applying another (or add_adapter for another LoRA)")
+    refuse_foreign_pet(net)                             # MindFormers' own PET already there: no second layer
+    tuner = get_tuner(cfg.pet_type)
+    targets = tuner.select_targets(net, cfg)            # validates; changes nothing
+    injections = tuner.inject(targets, cfg)             # all or nothing
+    try:
+        deltas = {id(p): p for record in injections for p in tuner.deltas_of(record)}.values()
+        switches = tuner.switch_parameters(injections)
+        before = optim.freeze_for_pet(net, deltas, cfg, switches)
+        kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas} | {id(p) for p in switches})
+    except BaseException:
+        for record in reversed(injections):
+            tuner.eject(record)
+        raise
+    check_adapter_name(adapter_name)
+    for record in injections:
+        if hasattr(record, "occupants"):
+            record.occupants = [adapter_name]
+    state = PetState(cfg, tuner, injections, before, kept=kept, active=[adapter_name],
+                     adapters={adapter_name: NamedAdapter(adapter_name, cfg, [r.path for r in injections])})
+    setattr(net, _STATE_ATTR, state)
+    _mark_blocks(net, state)                            # last: the marks read the adapted, frozen blocks
+    strategy_ckpt.enforce(net)                          # the strategy file must keep the base weights
+    release_compiled_graphs(net)                        # stale from now on: free them
+    force_recompile()
+    logger.info("pet_hooks: %s applied to %d cell(s) of %s", cfg.pet_type, len(injections), type(net).__name__)
+    return net
+
+
+def remove(net: nn.Cell) -> nn.Cell:
+    """Undo ``apply``: original classes, no delta parameters, the ``requires_grad`` flags from before.
+
+    A merged net is unmerged first (weights back within float tolerance, with a warning).
+    """
+    owner = state_owner(net)
+    if owner is None:
+        raise PetStateError(f"cannot remove: {type(net).__name__} has no PET applied")
+    state: PetState = owner.__dict__[_STATE_ATTR]
+    if state.merged:
+        logger.warning("pet_hooks: removing PET from a merged net; unmerging first (base weights are "
+                       "restored within float tolerance, not bit for bit)")
+        unmerge(net)
+    graph_reuse.unmark(state.reuse_marks)
+    for record in reversed(state.cells):
+        state.tuner.eject(record)
+    optim.restore_requires_grad(owner, state.requires_grad_before)
+    delattr(owner, _STATE_ATTR)
+    strategy_ckpt.release(owner)
+    release_compiled_graphs(net)
+    force_recompile()
+    return net
+
+
+def _set_active(net: nn.Cell, state: PetState, active: bool) -> None:
+    state.tuner.set_active(state.cells, active)        # each switch written once
+    if not state.tuner.switch_is_data:                  # a switch of structure: graph mode must recompile
+        _mark_blocks(net, state)
+        release_compiled_graphs(net)
+        force_recompile()
+
+
+def tied_weights(net: nn.Cell, state: PetState) -> Dict[str, tuple]:
+    """adapted cell path -> (its base weight's name, the first other cell computing with that weight), for the
+    cells whose delta merging would fold into a weight another cell shares (an embedding tied to the output
+    head, ``tie_word_embeddings``: tied Parameters, and what the tuner's ``weight_readers`` name)."""
+    model = state_owner(net)                    # record paths are relative to the adapted model
+    owners: Dict[int, List[str]] = {}
+    for path, cell in model.cells_and_names():
+        for param in cell.get_parameters(expand=False):
+            owners.setdefault(id(param), []).append(path)
+    tied = {}
+    for record in state.injections:
+        readers = state.tuner.weight_readers(model, record)
+        for weight in state.tuner.merge_weights(record):
+            others = [path for path in owners.get(id(weight), []) if path != record.path] + readers
+            if others and record.path not in tied:
+                tied[record.path] = (weight.name, others[0])
+    return tied
+
+
+def refuse_tied(net: nn.Cell, state: PetState, action: str) -> None:
+    """Raise PetStateError, naming the cells, when merging would fold a delta into a weight another cell also
+    computes with (:func:`tied_weights`): unmerged, the delta changes its own cell only (as PEFT computes
+    it); merged, the other cell too, so the merged model would not be the adapted one. ``action`` is what is
+    refused ("merge", "save_merged_checkpoint")."""
+    for path, (weight, other) in tied_weights(net, state).items():
+        raise PetStateError(
+            f"cannot {action}: the LoRA of '{path}' would go into its weight '{weight}', which is tied to "
+            f"'{other}' (tie_word_embeddings), so '{other}' would change too and the merged model would not be "
+            f"the adapted one (unmerged, the delta changes '{path}' only). Keep the adapter separate, or leave "
+            f"'{path}' out of target_modules")
+
+
+def merge(net: nn.Cell) -> nn.Cell:
+    """Fold the deltas into the base weights (``W += scaling * B @ A``); outputs stay within tolerance.
+
+    Raises:
+        PetStateError: the method does not merge, or a delta would go into a weight another cell shares
+            (a tied embedding, :func:`refuse_tied`). The net is left as it was.
+    """
+    state = _require_state(net, "merge")
+    if state.merged:
+        logger.warning("pet_hooks: the adapter is already merged; merge() did nothing")
+        return net
+    if not state.tuner.can_merge:
+        raise PetStateError(f"pet_type {state.config.pet_type!r} has no weights to merge")
+    refuse_tied(net, state, "merge")
+    for record in state.injections:
+        state.tuner.merge(record, +1)
+    state.merged = True
+    _set_active(net, state, False)
+    return net
+
+
+def unmerge(net: nn.Cell) -> nn.Cell:
+    """Take the deltas back out of the base weights and compute the branch again."""
+    state = _require_state(net, "unmerge")
+    if not state.merged:
+        logger.warning("pet_hooks: the adapter is not merged; unmerge() did nothing")
+        return net
+    for record in state.injections:
+        state.tuner.merge(record, -1)
+    state.merged = False
+    _set_active(net, state, True)
+    return net
+
+
+@contextlib.contextmanager
+def disable_adapters(net: nn.Cell) -> Iterator[nn.Cell]:
+    """Inside the block the net computes exactly the base output.
+
+    A merged net is unmerged for the block and merged again after it (float tolerance).
+    """
+    state = _require_state(net, "disable adapters")
+    was_merged = state.merged
+    if was_merged:
+        logger.warning("pet_hooks: disable_adapters on a merged net unmerges it for the block")
+        unmerge(net)
+    _set_active(net, state, False)
+    state.disabled = True
+    try:
+        yield net
+    finally:
+        state.disabled = False
+        _set_active(net, state, True)
+        if was_merged:
+            merge(net)
+
+
+def _all_deltas(state: PetState) -> List[Parameter]:
+    """Every delta once, in net order (prefix encoders are shared by all their layers)."""
+    unique: Dict[int, Parameter] = {}
+    for record in state.injections:
+        for param in state.tuner.deltas_of(record):
+            unique.setdefault(id(param), param)
+    return list(unique.values())
+
+
+def all_delta_parameters(net: nn.Cell) -> List[Parameter]:
+    """Every delta Parameter, trainable or not (``freeze_include`` can freeze some)."""
+    return _all_deltas(_require_state(net, "list delta parameters"))
+
+
+def delta_parameters(net: nn.Cell) -> List[Parameter]:
+    """The trainable delta Parameters that ``apply`` added, in net order."""
+    return [p for p in _all_deltas(_require_state(net, "list delta parameters")) if p.requires_grad]
+
+
+def saved_parameters(net: nn.Cell) -> List[Parameter]:
+    """What an adapter file holds: every delta, plus base parameters kept trainable by the config."""
+    state = _require_state(net, "list adapter parameters")
+    # kept base parameters belong to the adapter whose config keeps them (only the first one may: add_adapter)
+    return _all_deltas(state) + (list(state.kept) if state.config.freeze_exclude else [])
+
+
+def trainable_summary(net: nn.Cell) -> str:
+    """``"trainable params: X || all params: Y || trainable%: Z"``, as PEFT prints it."""
+    trainable, total = parameter_counts(net)
+    percent = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+
+
+def switch_parameters(net: nn.Cell) -> List[Parameter]:
+    """pet_hooks' switches in ``net`` (LoRA's ``pet_lora_scale``): state, like PEFT's buffers, not
+    weights of the model; never trained, counted, merged into or saved."""
+    ids = set()
+    for _, cell in net.cells_and_names():
+        state = cell.__dict__.get(_STATE_ATTR)
+        if isinstance(state, PetState):
+            ids.update(id(p) for p in state.tuner.switch_parameters(state.cells))
+    return [p for p in net.get_parameters() if id(p) in ids]
+
+
+def parameter_counts(net: nn.Cell) -> tuple:
+    """(trainable, all) parameter values of ``net``, its switches left out."""
+    switches = {id(p) for p in switch_parameters(net)}
+    total = trainable = 0
+    for param in net.get_parameters():
+        if id(param) not in switches:
+            total += param.size
+            trainable += param.size if param.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,92 @@
+"""The optimizer recorder: the constructor arguments of every MindSpore optimizer built while it is installed.
+
+MindSpore optimizers do not keep their constructor arguments (``nn.Momentum`` needs
+``momentum`` back), so rebuilding "the same optimizer over the deltas" (``flow.rebuild_optimizer``)
+replays what was recorded here. The recorder is one ``wrapt`` patch of ``nn.Optimizer.__new__``
+(``nn.Cell.__new__`` sees the subclass's own arguments) in the project's patch set::
+
+    import pet_hooks                     # install_when_imported(): patched once mindspore.nn is imported
+    opt = nn.Momentum(params, 0.1, momentum=0.9)
+    recorded_arguments(opt)              # ((params, 0.1), {"momentum": 0.9})
+    pet_hooks.training.recorder.uninstall()       # nn.Optimizer as it was; install() puts it back
+
+Importing this module imports neither MindSpore nor the rest of pet_hooks.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any, Dict, Optional, Tuple
+
+import wrapt
+
+from ..utils.patching import PatchSet, is_patched
+
+__all__ = ["install", "uninstall", "install_when_imported", "is_installed", "recorded_arguments"]
+
+_RECORDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PATCHES = PatchSet()
+_WANTED = False        # install_when_imported() was called and uninstall() since then was not
+_HOOK_REGISTERED = False
+
+
+def _record(wrapped, instance, args, kwargs):
+    """``nn.Optimizer.__new__(cls, *args, **kwargs)``: build, then remember ``args`` / ``kwargs``."""
+    this = wrapped(*args, **kwargs)
+    try:
+        _RECORDED[this] = (tuple(args[1:]), dict(kwargs))
+    except TypeError:  # not weak-referenceable: nothing to record, nothing breaks
+        pass
+    return this
+
+
+def _optimizer_class():
+    from mindspore import nn
+    return nn.Optimizer
+
+
+def is_installed() -> bool:
+    """True while ``nn.Optimizer.__new__`` is the recorder (False when MindSpore is not imported yet)."""
+    module = sys.modules.get("mindspore.nn")
+    optimizer = getattr(module, "Optimizer", None)
+    return optimizer is not None and is_patched(optimizer.__dict__.get("__new__"))
+
+
+def install() -> None:
+    """Record the constructor arguments of every optimizer built from now on (idempotent; imports MindSpore)."""
+    global _WANTED  # pylint: disable=global-statement
+    _WANTED = True
+    optimizer = _optimizer_class()
+    if not is_patched(optimizer.__dict__.get("__new__")):
+        _PATCHES.wrap(optimizer, "__new__", _record)
+
+
+def uninstall() -> None:
+    """Undo ``install`` (and a pending ``install_when_imported``); optimizers built later are not recorded."""
+    global _WANTED  # pylint: disable=global-statement
+    _WANTED = False
+    _PATCHES.undo()
+
+
+def _on_nn_imported(_module) -> None:
+    if _WANTED:
+        install()
+
+
+def install_when_imported() -> None:
+    """``install`` as soon as ``mindspore.nn`` is imported (now, when it already is): what ``import pet_hooks`` does."""
+    global _WANTED, _HOOK_REGISTERED  # pylint: disable=global-statement
+    _WANTED = True
+    if not _HOOK_REGISTERED:
+        _HOOK_REGISTERED = True
+        wrapt.register_post_import_hook(_on_nn_imported, "mindspore.nn")
+    elif "mindspore.nn" in sys.modules:
+        install()
+
+
+def recorded_arguments(optimizer: Any) -> Optional[Tuple[tuple, Dict[str, Any]]]:
+    """``(args, kwargs)`` the optimizer was built with (``args`` without the class), or None if not recorded."""
+    try:
+        return _RECORDED.get(optimizer)
+    except TypeError:
+        return None
