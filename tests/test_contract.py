@@ -112,7 +112,7 @@ def test_import_is_lazy_and_the_recorder_waits_for_mindspore():
         "from pet_hooks import *\n"
         "assert 'mindspore' in sys.modules and callable(apply) and PetError\n"
         "from mindspore import nn\n"
-        "from pet_hooks import recorder\n"
+        "from pet_hooks.training import recorder\n"
         "assert recorder.is_installed()\n"
         "opt = nn.Momentum(nn.Dense(2, 2).trainable_params(), 0.1, momentum=0.7)\n"
         "assert recorder.recorded_arguments(opt)[1] == {'momentum': 0.7}\n"

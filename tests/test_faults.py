@@ -136,7 +136,7 @@ SAVER = textwrap.dedent("""
     from mindspore import Tensor, nn
     sys.path.insert(0, {root!r})
     import pet_hooks
-    from pet_hooks import adapter_io
+    from pet_hooks.io import adapter_io
     from tests.nets import TwoDense
 
     directory, stall = sys.argv[1], sys.argv[2]
