@@ -36,6 +36,7 @@ from mindspore import nn
 from ..doors import flow
 from ..config.pet_config import load_config
 from ..doors.context import PetSession
+from ..doors.launcher import as_main, run_as_main
 from ..utils.patching import PatchSet
 from ..matching.cells import (is_excluded, list_entry_matches, named_cells, nearest_names, split_alternatives,
                               under_name_maps)
@@ -316,7 +317,6 @@ def capture_script_model(script: str, args: List[str], cfg=None) -> nn.Cell:
         raise FileNotFoundError(f"script not found: {script}")
     from mindspore.train import Model
 
-    script = os.path.abspath(script)
     session = PetSession(load_config(cfg) if cfg is not None else None)
 
     def stop_at_optimizer(wrapped, instance, a, kw):
@@ -333,15 +333,14 @@ def capture_script_model(script: str, args: List[str], cfg=None) -> nn.Cell:
             raise _ModelBuilt(flow.unwrap_model(network))
         return wrapped(*a, **kw)
 
-    saved_argv, patches = sys.argv[:], PatchSet()
-    sys.argv = [script] + list(args)
-    sys.path.insert(0, os.path.dirname(script))
+    patches = PatchSet()
     try:
-        patches.wrap(nn.Cell, "__init__", session.note_cell)
-        patches.wrap(nn.Optimizer, "__init__", stop_at_optimizer)
-        patches.wrap(Model, "__init__", stop_at_model)
-        with contextlib.redirect_stdout(sys.stderr):
-            runpy.run_path(script, run_name="__main__")
+        with as_main(script, args) as script:
+            patches.wrap(nn.Cell, "__init__", session.note_cell)
+            patches.wrap(nn.Optimizer, "__init__", stop_at_optimizer)
+            patches.wrap(Model, "__init__", stop_at_model)
+            with contextlib.redirect_stdout(sys.stderr):
+                run_as_main(script)
     except _ModelBuilt as built:
         return built.model
     except SystemExit as stop:
@@ -351,9 +350,6 @@ def capture_script_model(script: str, args: List[str], cfg=None) -> nn.Cell:
         raise ValueError(f"{script} failed before building a model: {type(err).__name__}: {err}") from None
     finally:
         patches.undo()
-        sys.argv = saved_argv
-        if sys.path and sys.path[0] == os.path.dirname(script):
-            sys.path.pop(0)
     model = _largest_root(session)
     if model is None:
         raise ValueError(f"{script} built no model (no mindspore.nn.Cell with parameters)")

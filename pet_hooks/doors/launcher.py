@@ -23,14 +23,14 @@ import shutil
 import subprocess
 import sys
 import traceback
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from . import flow
 from ..config.pet_config import PetConfig
 from ..utils.files import CONFIG_NAME
 from .context import enable
 
-__all__ = ["run_script", "child_environment", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV"]
+__all__ = ["run_script", "child_environment", "as_main", "run_as_main", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV"]
 
 DOORS_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.dirname(DOORS_DIR)              # pet_hooks/: where "raised by pet_hooks" is judged
@@ -59,18 +59,34 @@ def child_environment(cfg: Optional[PetConfig], save_dir: Optional[str], base: O
     return env
 
 
-def _run_python(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str], monitor=None,
-                adapter_name: Optional[str] = None) -> int:
+@contextlib.contextmanager
+def as_main(script: str, args: List[str]) -> Iterator[str]:
+    """The process as ``python SCRIPT ARGS`` would set it up (``sys.argv``, the script's folder first on
+    ``sys.path``) while the block runs; both back as they were after it, as if the script had run in a
+    process of its own (its own ``sys.path`` edits go with it too). Yields the script's absolute path."""
     script = os.path.abspath(script)
-    script_dir = os.path.dirname(script)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [script] + list(args)
-    sys.path.insert(0, script_dir)
-    code = 0
+    sys.path.insert(0, os.path.dirname(script))
     try:
+        yield script
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+
+
+def run_as_main(script: str) -> None:
+    """Run ``script`` (inside :func:`as_main`) as its ``__main__``."""
+    runpy.run_path(script, run_name="__main__")
+
+
+def _run_python(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str], monitor=None,
+                adapter_name: Optional[str] = None) -> int:
+    code = 0
+    with as_main(script, args) as script:
         with enable(cfg, adapter_name) as session, (monitor.installed() if monitor else contextlib.nullcontext()):
             try:
-                runpy.run_path(script, run_name="__main__")
+                run_as_main(script)
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
                 if stop.code is not None and not isinstance(stop.code, int):
@@ -94,10 +110,6 @@ def _run_python(script: str, args: List[str], cfg: Optional[PetConfig], save_dir
                   + ("" if cfg is not None else " (no --config was given, and MindFormers built no model from a "
                      "run YAML with pet_config)"), file=sys.stderr)
             code = code or 1
-    finally:
-        # As if the script had run in a process of its own: its sys.path edits go with it too.
-        sys.argv = saved_argv
-        sys.path[:] = saved_path
     return code
 
 

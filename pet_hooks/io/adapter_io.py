@@ -24,7 +24,7 @@ from mindspore import nn
 from .._version import __version__
 from ..config.pet_config import PetConfigError, load_config
 from ..errors import AdapterNotFoundError, PetStateError
-from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_json, read_tensors, to_numpy, write_bytes
+from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_json, read_safetensors, to_numpy, write_bytes
 from .loading import load_tensors
 from .mindformers_io import read_mindformers_lora
 from .peft_format import is_peft_config, load_peft, save_peft
@@ -136,7 +136,7 @@ def load_adapter(net: nn.Cell, directory: str, cfg=None, name_map=None, adapter_
         raise PetConfigError(f"{config_path}: {err}") from None
     if cfg is not None and load_config(cfg) != saved:
         raise PetStateError(f"cfg differs from the config saved in {config_path}")
-    return load_tensors(net, saved, read_tensors(weights_path), weights_path, **target)
+    return load_tensors(net, saved, read_safetensors(weights_path), weights_path, **target)
 
 
 def _load_all(net: nn.Cell, directory: str, cfg, name_map, hotswap: bool) -> nn.Cell:

@@ -20,7 +20,7 @@ from mindspore import nn
 from mindspore.common import dtype as mstype
 
 from ..errors import AdapterFileError, PetStateError
-from ..utils.files import load_safetensors
+from ..utils.files import read_safetensors
 from ..surgery.core import all_delta_parameters, get_state, refuse_tied, switch_parameters
 from ..tuners import all_tuners
 
@@ -41,7 +41,7 @@ def from_mindformers_name(name: str) -> str:
 
 def _read(path: str) -> Dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
-        return load_safetensors(path)
+        return read_safetensors(path)
     return {name: param.astype(mstype.float32).asnumpy() if param.dtype == mstype.bfloat16 else param.asnumpy()
             for name, param in ms.load_checkpoint(path).items()}
 

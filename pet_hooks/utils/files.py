@@ -19,8 +19,7 @@ import numpy as np
 
 from ..errors import AdapterFileError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_write", "write_bytes", "to_numpy", "load_safetensors",
-           "read_tensors", "read_safetensors", "read_json"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_write", "write_bytes", "to_numpy", "read_safetensors", "read_json"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,24 +55,10 @@ def to_numpy(param) -> np.ndarray:
     return param.asnumpy()
 
 
-def load_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """``safetensors.numpy.load_file``: its own errors pass through."""
-    from safetensors.numpy import load_file  # local: only saving and loading need it
-
-    return load_file(path)
-
-
-def read_tensors(path: str) -> Dict[str, np.ndarray]:
-    """All tensors of a safetensors file; AdapterFileError naming the file when it cannot be read."""
-    try:
-        return load_safetensors(path)
-    except Exception as err:  # safetensors raises its own SafetensorError / OSError
-        raise AdapterFileError(f"{path}: not a readable safetensors file ({err})") from None
-
-
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """All tensors of a safetensors file as NumPy arrays; bfloat16 (PEFT's usual dtype, which NumPy
-    lacks) is widened to float32 exactly, by reading the file's own layout."""
+    """All tensors of a safetensors file as NumPy arrays (the one reader of every format's safetensors
+    files); bfloat16 (PEFT's usual dtype, which NumPy lacks) is widened to float32 exactly, by reading
+    the file's own layout. AdapterFileError naming the file when it cannot be read."""
     try:
         with open(path, "rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
@@ -82,7 +67,7 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
                 raise LookupError
             data = handle.read()
     except (OSError, ValueError, LookupError):
-        return read_tensors(path)  # the ordinary reader (and its error for a broken file)
+        return _load_file(path)  # no bfloat16: safetensors' own reader (and its error for a broken file)
     tensors = {}
     try:
         for name, entry in header.items():
@@ -98,6 +83,14 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     except (KeyError, TypeError, ValueError) as err:
         raise AdapterFileError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
     return tensors
+
+
+def _load_file(path: str) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file  # local: only saving and loading need it
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError / OSError
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def read_json(path: str):
