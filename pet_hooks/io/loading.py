@@ -9,7 +9,6 @@ graph compiled before sees them (hot swap).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Optional
 
 import numpy as np
@@ -18,6 +17,7 @@ from mindspore.common import dtype as mstype
 
 from ..utils import ms_compat as _ms_compat
 from ..errors import AdapterFileError, PetConfigError, PetStateError
+from ..multi.adapters import add_adapter, check_hotswap_config, delete_adapter, focused, rescale_adapter
 from ..surgery.core import all_delta_parameters, apply, get_state, remove, saved_parameters
 
 __all__ = ["load_tensors"]
@@ -120,18 +120,9 @@ def _write_checked(net: nn.Cell, tensors: Dict[str, np.ndarray], source: str, de
         raise
 
 
-def _same_but_scaling(new, old) -> bool:
-    """True when two LoRA configs differ at most in what sets the scaling (alpha, rsLoRA): a hot swap may."""
-    if not hasattr(old, "lora_alpha") or type(new) is not type(old):
-        return new == old
-    return dataclasses.replace(new, lora_alpha=old.lora_alpha, use_rslora=old.use_rslora) == old
-
-
 def _load_named(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str, name: str, hotswap: bool,
                 deltas_only: bool, cast_floats: bool) -> nn.Cell:
     """:func:`load_tensors` into the adapter ``name``: new (applied or added), or hot-swapped."""
-    from ..multi.adapters import add_adapter, delete_adapter, focused   # adapters imports surgery, as this module
-    from ..multi import slots as lora_slots
 
     state = get_state(net)
     exists = state is not None and name in state.adapters
@@ -143,11 +134,8 @@ def _load_named(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str, 
                             f"delete_adapter(net, {name!r}) first")
     if not exists and cfg is None:
         raise PetStateError(f"{source} carries no PET config: pass cfg=... to add it as adapter {name!r}")
-    old_config = state.adapters[name].config if exists else None
-    if exists and cfg is not None and not _same_but_scaling(cfg, old_config):
-        raise PetStateError(f"{source} does not fit adapter {name!r} for a hot swap: its config "
-                            f"{cfg.to_dict()} differs from the adapter's {old_config.to_dict()} in more than "
-                            f"lora_alpha / use_rslora (ranks and targets must be the same)")
+    if exists and cfg is not None:
+        check_hotswap_config(state, name, cfg, source)
     if state is None:
         apply(net, cfg, adapter_name=name)
     elif not exists:
@@ -161,7 +149,6 @@ def _load_named(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str, 
         elif not exists:
             delete_adapter(net, name)
         raise
-    if exists and cfg is not None and cfg != old_config:     # a new scaling: data, written into the scales
-        state.adapters[name].config = cfg
-        lora_slots.compose(state, state.active)
+    if exists and cfg is not None:
+        rescale_adapter(state, name, cfg)                   # a new scaling: data, written into the scales
     return net

@@ -31,27 +31,21 @@ from mindspore import nn
 from . import weighted
 from ..config.pet_config import LoraConfig, PetConfigError, check_adapter_name, load_config
 from ..errors import PetStateError, UnsupportedCellError
-from ..surgery.core import NamedAdapter, PetState, state_owner, after_change, get_state
+from ..surgery.core import NamedAdapter, PetState, state_owner, after_change, require_state
 from ..tuners.lora import experts as lora_experts, inits as lora_init
 from . import rows as lora_rows, slots as lora_slots
 from ..tuners.common import init_rng
 from ..tuners.lora.tuner import LoraTargets, LoraTuner, initial_values, select_targets
 
 __all__ = ["add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "focused",
+           "check_hotswap_config", "rescale_adapter",
            "adapter_config", "adapter_per_row", "RowSelection", "add_weighted_adapter", "Names"]
 
 Names = Union[str, Sequence[str]]
 
 
-def _state(net: nn.Cell, action: str) -> PetState:
-    state = get_state(net)
-    if state is None:
-        raise PetStateError(f"cannot {action}: {type(net).__name__} has no PET applied (call pet_hooks.apply first)")
-    return state
-
-
 def _lora_state(net: nn.Cell, action: str) -> PetState:
-    state = _state(net, action)
+    state = require_state(net, action)
     if not isinstance(state.tuner, LoraTuner):
         raise PetStateError(f"cannot {action}: several adapters are a LoRA feature, and {type(net).__name__} has "
                             f"{state.config.pet_type} (one adapter per net)")
@@ -66,17 +60,17 @@ def _known(state: PetState, name, field: str = "adapter_name") -> str:
 
 def list_adapters(net: nn.Cell) -> List[str]:
     """The names of the net's adapters, in the order they were added."""
-    return list(_state(net, "list adapters").adapters)
+    return list(require_state(net, "list adapters").adapters)
 
 
 def active_adapters(net: nn.Cell) -> List[str]:
     """The names of the active adapters (their deltas compute and train)."""
-    return list(_state(net, "list the active adapters").active)
+    return list(require_state(net, "list the active adapters").active)
 
 
 def adapter_config(net: nn.Cell, name: str):
     """The config of adapter ``name``."""
-    state = _state(net, "read an adapter's config")
+    state = require_state(net, "read an adapter's config")
     return state.adapters[_known(state, name)].config
 
 
@@ -121,6 +115,26 @@ def set_adapter(net: nn.Cell, names: Names) -> nn.Cell:
     structural = lora_slots.compose(state, names)
     after_change(net, state, structural)
     return net
+
+
+def check_hotswap_config(state: PetState, name: str, cfg, source: str) -> None:
+    """A hot swap of adapter ``name`` may bring another scaling (``lora_alpha``, ``use_rslora``), nothing else:
+    PetStateError naming ``source`` when ``cfg`` differs from the adapter's config in more."""
+    old = state.adapters[name].config
+    same = (dataclasses.replace(cfg, lora_alpha=old.lora_alpha, use_rslora=old.use_rslora) == old
+            if isinstance(old, LoraConfig) and type(cfg) is type(old) else cfg == old)
+    if not same:
+        raise PetStateError(f"{source} does not fit adapter {name!r} for a hot swap: its config "
+                            f"{cfg.to_dict()} differs from the adapter's {old.to_dict()} in more than "
+                            f"lora_alpha / use_rslora (ranks and targets must be the same)")
+
+
+def rescale_adapter(state: PetState, name: str, cfg) -> None:
+    """Adapter ``name`` takes ``cfg`` (checked by :func:`check_hotswap_config`): a new scaling is data, written
+    into the cells' scales; the same config changes nothing."""
+    if cfg != state.adapters[name].config:
+        state.adapters[name].config = cfg
+        lora_slots.compose(state, state.active)
 
 
 def _check_new_name(state: PetState, name) -> None:
@@ -236,7 +250,7 @@ def focused(net: nn.Cell, adapter_name: str) -> Iterator[PetState]:
     """Inside the block ``adapter_name`` alone is active, with parameters of its exact shapes: what the file
     formats read and write. After it, the net holds the very Parameter objects it held before, with their
     values (an optimizer built over them stays valid), and the adapter keeps what was written in the block."""
-    state = _state(net, "choose an adapter")
+    state = require_state(net, "choose an adapter")
     _known(state, adapter_name)
     if state.active == [adapter_name]:
         yield state

@@ -198,7 +198,5 @@ def compose(state, names: List[str], reuse: Optional[Dict[int, Dict[str, object]
         kept = (reuse or {}).get(id(record), {})
         structural |= _fill(state, record, wanted, kept)
         structural |= _switch(state, record, names, wanted, kept)
-    state.injections = [record for record in state.cells if live(state, record, names)]
-    state.active = list(names)
-    state.config = state.adapters[names[0]].config
+    state.activate(names, [record for record in state.cells if live(state, record, names)])
     return structural

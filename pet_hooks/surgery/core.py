@@ -80,6 +80,14 @@ class PetState:
         """True when the active adapters' branches compute (not merged, not disabled)."""
         return not (self.merged or self.disabled)
 
+    def activate(self, names: List[str], injections: list) -> None:
+        """Record that ``names`` are now the active adapters and ``injections`` the cells they adapt: the one
+        writer of ``active``, ``config`` and ``injections`` after ``apply`` (``multi.slots.compose`` calls it
+        once the cells hold those adapters' values)."""
+        self.active = list(names)
+        self.config = self.adapters[self.active[0]].config
+        self.injections = list(injections)
+
 
 def state_owner(net: nn.Cell) -> Optional[nn.Cell]:
     """The cell holding the PET record: ``net`` itself or a sub-cell (net may be a wrapper)."""
@@ -119,7 +127,8 @@ def after_change(net: nn.Cell, state: PetState, structural: bool) -> None:
         force_recompile()
 
 
-def _require_state(net: nn.Cell, action: str) -> PetState:
+def require_state(net: nn.Cell, action: str) -> PetState:
+    """The PET record of ``net``; PetStateError saying ``action`` needs one when it has none."""
     state = get_state(net)
     if state is None:
         raise PetStateError(f"cannot {action}: {type(net).__name__} has no PET applied (call pet_hooks.apply first)")
@@ -166,8 +175,7 @@ def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
         raise
     check_adapter_name(adapter_name)
     for record in injections:
-        if hasattr(record, "occupants"):
-            record.occupants = [adapter_name]
+        record.occupants = [adapter_name]               # the values each adapted cell holds (multi.slots)
     state = PetState(cfg, tuner, injections, before, kept=kept, active=[adapter_name],
                      adapters={adapter_name: NamedAdapter(adapter_name, cfg, [r.path for r in injections])})
     setattr(net, _STATE_ATTR, state)
@@ -250,7 +258,7 @@ def merge(net: nn.Cell) -> nn.Cell:
         PetStateError: the method does not merge, or a delta would go into a weight another cell shares
             (a tied embedding, :func:`refuse_tied`). The net is left as it was.
     """
-    state = _require_state(net, "merge")
+    state = require_state(net, "merge")
     if state.merged:
         logger.warning("pet_hooks: the adapter is already merged; merge() did nothing")
         return net
@@ -266,7 +274,7 @@ def merge(net: nn.Cell) -> nn.Cell:
 
 def unmerge(net: nn.Cell) -> nn.Cell:
     """Take the deltas back out of the base weights and compute the branch again."""
-    state = _require_state(net, "unmerge")
+    state = require_state(net, "unmerge")
     if not state.merged:
         logger.warning("pet_hooks: the adapter is not merged; unmerge() did nothing")
         return net
@@ -283,7 +291,7 @@ def disable_adapters(net: nn.Cell) -> Iterator[nn.Cell]:
 
     A merged net is unmerged for the block and merged again after it (float tolerance).
     """
-    state = _require_state(net, "disable adapters")
+    state = require_state(net, "disable adapters")
     was_merged = state.merged
     if was_merged:
         logger.warning("pet_hooks: disable_adapters on a merged net unmerges it for the block")
@@ -310,17 +318,17 @@ def _all_deltas(state: PetState) -> List[Parameter]:
 
 def all_delta_parameters(net: nn.Cell) -> List[Parameter]:
     """Every delta Parameter, trainable or not (``freeze_include`` can freeze some)."""
-    return _all_deltas(_require_state(net, "list delta parameters"))
+    return _all_deltas(require_state(net, "list delta parameters"))
 
 
 def delta_parameters(net: nn.Cell) -> List[Parameter]:
     """The trainable delta Parameters that ``apply`` added, in net order."""
-    return [p for p in _all_deltas(_require_state(net, "list delta parameters")) if p.requires_grad]
+    return [p for p in _all_deltas(require_state(net, "list delta parameters")) if p.requires_grad]
 
 
 def saved_parameters(net: nn.Cell) -> List[Parameter]:
     """What an adapter file holds: every delta, plus base parameters kept trainable by the config."""
-    state = _require_state(net, "list adapter parameters")
+    state = require_state(net, "list adapter parameters")
     # kept base parameters belong to the adapter whose config keeps them (only the first one may: add_adapter)
     return _all_deltas(state) + (list(state.kept) if state.config.freeze_exclude else [])
 

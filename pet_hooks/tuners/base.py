@@ -50,6 +50,8 @@ class Injection:
     original_class: type
     added: Tuple[str, ...]
     params: List[Parameter] = field(default_factory=list)
+    #: the adapters whose values the cell's deltas hold now, in order (several only for LoRA: ``multi.slots``)
+    occupants: List[str] = field(default_factory=list)
 
 
 def _channels(cell: nn.Cell, attr: str) -> Optional[int]:
