@@ -7,12 +7,10 @@
     ... train ...
     pet_hooks.save_adapter(net, "adapter/")
 
-Importing the package is cheap: the public names below are loaded from their modules on
-first use (``pet-hooks check-config`` and ``pet-hooks version`` never import MindSpore).
-One thing happens at import: MindSpore optimizers do not keep their constructor arguments,
-so the optimizer recorder (``pet_hooks.training.recorder``) is installed as soon as
-``mindspore.nn`` is imported (at once if it already is), for the front doors to rebuild
-"the same optimizer over the deltas". ``pet_hooks.training.recorder.uninstall()`` undoes it.
+Importing the package is cheap and changes nothing: the public names below are loaded from
+their modules on first use (``pet-hooks check-config`` and ``pet-hooks version`` never import
+MindSpore), and nothing is patched until a door needs it (``enable()``, the launcher and
+``PetCallback`` patch what they use; see ``pet_hooks.training.recorder``).
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ from typing import Any
 from ._version import __version__
 from .errors import (AdapterFileError, AdapterNotFoundError, NoMatchError, OptimizerRebuildError, PetConfigError,
                      PetConfigTypeError, PetError, PetStateError, UnsupportedCellError)
-from .training import recorder as _recorder
 
 # public name -> the module that defines it (imported on first use)
 _LAZY = {
@@ -80,6 +77,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list:
     return sorted(set(globals()) | set(__all__))
 
-
-# Optimizers built from now on record their constructor arguments (see pet_hooks.training.recorder).
-_recorder.install_when_imported()

@@ -135,11 +135,10 @@ def test_unrecorded_optimizer_is_a_clear_error(monkeypatch):
     from pet_hooks.doors import flow
     net = build(seed=0, **SMALL)
     optimizer = nn.Adam(net.trainable_params(), 1e-2)
-    monkeypatch.setattr(flow, "recorded_arguments", lambda optimizer: None)
+    monkeypatch.setattr(flow, "constructor_arguments", lambda optimizer: None)
     model = Model(net, LMLoss(), optimizer)
     with pytest.raises(ValueError, match="cannot rebuild optimizer Adam"):
         model.train(1, _dataset(1), callbacks=[PetCallback(CFG)])
-
 
 
 def test_loss_scale_train_step_cell_gets_the_delta_optimizer():
@@ -163,8 +162,9 @@ def test_optimizer_recorder_installs_once_and_uninstalls():
     from pet_hooks.training import recorder
     from pet_hooks.utils.patching import is_patched
     net = build(seed=0, **SMALL)
+    recorder.install()
     installed = nn.Optimizer.__dict__["__new__"]
-    recorder.install()                                     # already installed by the import: no double wrap
+    recorder.install()                                     # installed already: no double wrap
     assert nn.Optimizer.__dict__["__new__"] is installed and is_patched(installed)
     assert not is_patched(installed.__wrapped__)
     recorder.uninstall()
@@ -190,3 +190,56 @@ def test_train_step_returning_gradients_names_the_deltas(mode):
     ids, labels = next(lm_batches(seq_length=8, batch_size=4, seed=1))
     _, grads = step(ms.Tensor(ids), ms.Tensor(labels))
     assert sorted(grads) == sorted(p.name for p in pet_hooks.delta_parameters(net))
+
+
+@pytest.fixture
+def recorder_off():
+    """No recorder (as after ``import pet_hooks`` before any door); as it was afterwards."""
+    from pet_hooks.training import recorder
+    was = recorder.is_installed()
+    recorder.uninstall()
+    yield recorder
+    if was:
+        recorder.install()
+
+
+def test_an_optimizer_built_before_any_door_is_rebuilt_from_mindspores_own_record(recorder_off):
+    """MindSpore's optimizers keep their arguments (opt_init_args_register): no patch is needed to rebuild
+    one built before pet_hooks did anything, groups, schedule and every setting included."""
+    from pet_hooks.doors import flow
+    net = build(seed=0, **SMALL)
+    schedule = nn.ExponentialDecayLR(0.1, 0.9, 4)
+    weights = [p for p in net.trainable_params() if not p.name.endswith("bias")]
+    biases = [p for p in net.trainable_params() if p.name.endswith("bias")]
+    optimizer = nn.Momentum([{"params": weights, "weight_decay": 0.01}, {"params": biases}], schedule,
+                            momentum=0.7, loss_scale=4.0, use_nesterov=True)
+    assert recorder_off.recorded_arguments(optimizer) is None
+    pet_hooks.apply(net, CFG)
+    new = flow.rebuild_optimizer(optimizer, net)
+    assert type(new) is nn.Momentum and new.learning_rate is schedule
+    assert np.isclose(float(new.momentum.asnumpy()), 0.7) and new.use_nesterov is True and new.loss_scale == 4.0
+    assert {p.name for p in new.parameters} == {p.name for p in pet_hooks.delta_parameters(net)}
+    assert not recorder_off.is_installed()                 # and nothing was patched for it
+
+
+def test_another_optimizer_class_needs_the_recorder_a_door_installs(recorder_off):
+    from pet_hooks.doors import flow
+
+    class Scaled(nn.Optimizer):                           # no opt_init_args_register: keeps nothing
+        def __init__(self, params, learning_rate, scale):
+            super().__init__(learning_rate, params)
+            self.scale = scale
+
+        def construct(self, gradients):
+            return True
+
+    net = build(seed=0, **SMALL)
+    before = Scaled(net.trainable_params(), 0.1, scale=3.0)
+    pet_hooks.apply(net, CFG)
+    with pytest.raises(pet_hooks.OptimizerRebuildError, match=r"Scaled.*build PetCallback before the optimizer"):
+        flow.rebuild_optimizer(before, net)
+    PetCallback(CFG)                                       # a door that rebuilds optimizers: the recorder now
+    after = Scaled(net.get_parameters(), 0.1, scale=3.0)
+    new = flow.rebuild_optimizer(after, net)
+    assert type(new) is Scaled and new.scale == 3.0
+    assert {p.name for p in new.parameters} == {p.name for p in pet_hooks.delta_parameters(net)}

@@ -104,7 +104,7 @@ def test_enable_skips_models_no_pattern_matches_but_not_other_errors():
 
 
 # ----------------------------------------------------------------------------- import pet_hooks
-def test_import_is_lazy_and_the_recorder_waits_for_mindspore():
+def test_import_is_lazy_and_patches_nothing_until_a_door_needs_it():
     code = (
         "import sys\n"
         "import pet_hooks\n"
@@ -113,6 +113,9 @@ def test_import_is_lazy_and_the_recorder_waits_for_mindspore():
         "assert 'mindspore' in sys.modules and callable(apply) and PetError\n"
         "from mindspore import nn\n"
         "from pet_hooks.training import recorder\n"
+        "assert not recorder.is_installed() and '__new__' not in nn.Optimizer.__dict__\n"
+        "assert '__init__' not in nn.Optimizer.__dict__ or not hasattr(nn.Optimizer.__init__, '_pet_hooks_patched')\n"
+        "callback = PetCallback({'pet_type': 'lora', 'target_modules': '.*'})\n"
         "assert recorder.is_installed()\n"
         "opt = nn.Momentum(nn.Dense(2, 2).trainable_params(), 0.1, momentum=0.7)\n"
         "assert recorder.recorded_arguments(opt)[1] == {'momentum': 0.7}\n"

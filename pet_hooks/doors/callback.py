@@ -17,6 +17,7 @@ from typing import Optional
 from mindspore.train import Callback
 
 from . import flow
+from ..training import recorder
 from ..training.grad_guard import GradGuard
 from ..utils.ms_compat import force_recompile, release_compiled_graphs
 from ..config.pet_config import check_adapter_name, load_config
@@ -41,6 +42,9 @@ class PetCallback(Callback):
                  adapter_name: Optional[str] = None):
         super().__init__()
         self.config = load_config(cfg)
+        # Optimizers built from now on record their arguments (those of other classes than MindSpore's, which
+        # keep their own, can then be rebuilt over the deltas at train begin).
+        recorder.install_when_imported()
         if adapter_name is not None:
             check_adapter_name(adapter_name)
         self.adapter_name = adapter_name

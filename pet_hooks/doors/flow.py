@@ -5,9 +5,9 @@
            -> adapter on disk                  (save_for_rank)
 
 ``PetCallback``, ``enable()`` and ``pet-hooks run`` only decide *when* these run. MindSpore
-optimizers do not keep their constructor arguments, so importing pet_hooks installs a light
-recorder (``pet_hooks.training.recorder``); rebuilding "the same optimizer over the deltas" replays
-what it recorded with the parameters swapped.
+optimizers do not keep all their constructor arguments as attributes, so rebuilding "the same
+optimizer over the deltas" replays the arguments MindSpore's own decorator kept, or those the
+recorder saw (``pet_hooks.training.recorder``), with the parameters swapped.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mindspore import Parameter, nn
 from ..io.adapter_io import save_adapter
 from ..errors import OptimizerRebuildError
 from ..training.loraplus import rebuilt_groups
-from ..training.recorder import recorded_arguments
+from ..training.recorder import constructor_arguments
 from ..multi.adapters import add_adapter, set_adapter
 from ..errors import PetStateError
 from ..surgery.core import apply, get_state  # apply is idempotent: a model is adapted once
@@ -186,15 +186,18 @@ def rebuild_optimizer(optimizer: nn.Optimizer, model: nn.Cell) -> nn.Optimizer:
     """An optimizer of the same class and settings as ``optimizer``, over the PET parameters.
 
     Raises:
-        OptimizerRebuildError (a ValueError): the constructor arguments were not recorded (the
-            optimizer was built before pet_hooks was imported) or replaying them failed; names the class.
+        OptimizerRebuildError (a ValueError): the constructor arguments are not known (a class without
+            MindSpore's record, built before a door installed the recorder) or replaying them failed;
+            names the class.
     """
     cls = type(optimizer)
-    record = recorded_arguments(optimizer)
+    record = constructor_arguments(optimizer)
     if record is None:
         raise OptimizerRebuildError(f"cannot rebuild optimizer {cls.__name__} over the PET parameters: its constructor "
-                         f"arguments were not recorded (import pet_hooks before building the optimizer, or "
-                         f"build it over net.trainable_params() after pet_hooks.apply)")
+                         f"arguments are not known ({cls.__name__} does not keep them as MindSpore's optimizers do, "
+                         f"and it was built before the recorder was installed): build PetCallback before the "
+                         f"optimizer, or build the optimizer inside pet_hooks.enable(), or over "
+                         f"net.trainable_params() after pet_hooks.apply")
     args, kwargs = record
     try:
         bound = init_signature(cls).bind(optimizer, *args, **kwargs)

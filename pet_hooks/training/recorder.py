@@ -1,14 +1,21 @@
-"""The optimizer recorder: the constructor arguments of every MindSpore optimizer built while it is installed.
+"""The constructor arguments of an optimizer, to rebuild "the same optimizer over the deltas".
 
-MindSpore optimizers do not keep their constructor arguments (``nn.Momentum`` needs
-``momentum`` back), so rebuilding "the same optimizer over the deltas" (``flow.rebuild_optimizer``)
-replays what was recorded here. The recorder is one ``wrapt`` patch of ``nn.Optimizer.__new__``
-(``nn.Cell.__new__`` sees the subclass's own arguments) in the project's patch set::
+MindSpore optimizers do not keep all their constructor arguments as attributes (``nn.Momentum`` needs
+``momentum`` back), so ``flow.rebuild_optimizer`` asks :func:`constructor_arguments`, which has two
+sources:
 
-    import pet_hooks                     # install_when_imported(): patched once mindspore.nn is imported
+- MindSpore's own record: its optimizers' ``__init__`` carry ``opt_init_args_register``, which keeps
+  ``init_params``, ``init_learning_rate`` and ``init_args`` on the instance. That needs no patch, so an
+  optimizer built before anything of pet_hooks ran is rebuilt from it.
+- the recorder, for the others (MindFormers' AdamW, a user's own class): one ``wrapt`` patch of
+  ``nn.Optimizer.__new__`` (``nn.Cell.__new__`` sees the subclass's own arguments) in the project's patch
+  set. ``import pet_hooks`` does not install it: the doors that rebuild optimizers do (``PetCallback``
+  when it is built), from then on::
+
+    install_when_imported()              # patched once mindspore.nn is imported (at once if it is)
     opt = nn.Momentum(params, 0.1, momentum=0.9)
-    recorded_arguments(opt)              # ((params, 0.1), {"momentum": 0.9})
-    pet_hooks.training.recorder.uninstall()       # nn.Optimizer as it was; install() puts it back
+    constructor_arguments(opt)           # ((params, 0.1), {"momentum": 0.9})
+    uninstall()                          # nn.Optimizer as it was; install() puts it back
 
 Importing this module imports neither MindSpore nor the rest of pet_hooks.
 """
@@ -22,7 +29,8 @@ import wrapt
 
 from ..utils.patching import PatchSet, is_patched
 
-__all__ = ["install", "uninstall", "install_when_imported", "is_installed", "recorded_arguments"]
+__all__ = ["install", "uninstall", "install_when_imported", "is_installed", "recorded_arguments",
+           "constructor_arguments"]
 
 _RECORDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _PATCHES = PatchSet()
@@ -74,7 +82,8 @@ def _on_nn_imported(_module) -> None:
 
 
 def install_when_imported() -> None:
-    """``install`` as soon as ``mindspore.nn`` is imported (now, when it already is): what ``import pet_hooks`` does."""
+    """``install`` as soon as ``mindspore.nn`` is imported (now, when it already is): what the doors that
+    rebuild optimizers do when they are built (``PetCallback``)."""
     global _WANTED, _HOOK_REGISTERED  # pylint: disable=global-statement
     _WANTED = True
     if not _HOOK_REGISTERED:
@@ -90,3 +99,26 @@ def recorded_arguments(optimizer: Any) -> Optional[Tuple[tuple, Dict[str, Any]]]
         return _RECORDED.get(optimizer)
     except TypeError:
         return None
+
+
+def _mindspore_record(optimizer: Any) -> Optional[Tuple[tuple, Dict[str, Any]]]:
+    """``(args, kwargs)`` from MindSpore's own ``opt_init_args_register`` record on ``optimizer``, if it has one.
+
+    The decorator keeps the parameters (``init_params``), the learning rate (``init_learning_rate``; None when
+    it was a schedule Cell, which the optimizer keeps as ``learning_rate``) and every other argument with its
+    default applied (``init_args``)."""
+    init_args = getattr(optimizer, "init_args", None)
+    init_params = getattr(optimizer, "init_params", None)
+    if not isinstance(init_args, dict) or not isinstance(init_params, dict) or "params" not in init_params:
+        return None
+    kwargs = dict(init_args)
+    if hasattr(optimizer, "init_learning_rate"):
+        rate = optimizer.init_learning_rate
+        kwargs["learning_rate"] = optimizer.learning_rate if rate is None else rate
+    return (init_params["params"],), kwargs
+
+
+def constructor_arguments(optimizer: Any) -> Optional[Tuple[tuple, Dict[str, Any]]]:
+    """``(args, kwargs)`` to build ``optimizer`` again (without the class): what the recorder saw, else
+    MindSpore's own record of its optimizers; None when neither knows them."""
+    return recorded_arguments(optimizer) or _mindspore_record(optimizer)
