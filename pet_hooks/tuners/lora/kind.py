@@ -26,10 +26,12 @@ The defaults are those of a linear layer with ``weight`` [out, in] (or [in, out]
 own (``pet_hooks.register_lora_kind``, docs/methods.md) usually writes ``recognises``, ``mixin`` and
 what its cell stores differently::
 
-    class ScaleProjKind(LoraKind):
-        name = "my_package.ScaleProj"
-        mixin = LoraScaleProj                    # a LoraLayer whose construct calls self._lora_branch(x2)
-        def recognises(self, cell): return isinstance(cell, ScaleProj)
+    class RectProjKind(LoraKind):
+        name = "my_package.RectProj"
+        mixin = LoraRectProj                     # a LoraLayer whose construct calls self._lora_branch(x2)
+        def recognises(self, cell): return isinstance(cell, RectProj)
+        def base_weight(self, cell): return cell.kernel
+        def weight_is_out_in(self, cell): return False          # stored [in, out]
 
 A *variant* (PEFT's ``LoraVariant``; DoRA, ``lora/dora.py``) changes the branch of the kinds that
 support it: its layer class goes before the kind's mixin and overrides :meth:`LoraLayer._lora_output`,
