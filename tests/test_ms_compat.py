@@ -143,7 +143,7 @@ def test_an_unchecked_version_warns_once_naming_package_and_versions(monkeypatch
     monkeypatch.setattr(_internals, "REGISTRY", tuple(changed if e is entry else e for e in REGISTRY))
     monkeypatch.setattr(_ms_compat, "_LOOKED_AT", set())
     message = str(_warnings_from_two_applies()[0].message)
-    assert "mindspore.nn.Dense.construct (used in pet_hooks/tuners/lora/tuner.py)" in message
+    assert "mindspore.nn.Dense.construct (used in pet_hooks/tuners/lora/linear.py)" in message
 
 
 def test_the_checked_versions_do_not_warn(monkeypatch):

@@ -32,10 +32,10 @@ from . import weighted
 from ..config.pet_config import LoraConfig, PetConfigError, check_adapter_name, load_config
 from ..errors import PetStateError, UnsupportedCellError
 from ..surgery.core import NamedAdapter, PetState, state_owner, after_change, require_state
-from ..tuners.lora import experts as lora_experts, inits as lora_init
+from ..tuners.lora import inits as lora_init
 from . import rows as lora_rows, slots as lora_slots
 from ..tuners.common import init_rng
-from ..tuners.lora.tuner import LoraTargets, LoraTuner, initial_values, select_targets
+from ..tuners.lora.tuner import LoraTargets, LoraTuner, initial_values, select_targets, single_adapter_reason
 
 __all__ = ["add_adapter", "set_adapter", "active_adapters", "delete_adapter", "list_adapters", "focused",
            "check_hotswap_config", "rescale_adapter",
@@ -156,10 +156,10 @@ def _refuse_single_only(configs) -> None:
 
 
 def _refuse_experts(cells, action: str) -> None:
-    experts = [path for path, cell in cells if lora_experts.is_grouped_experts(cell)]
-    if experts:
-        raise UnsupportedCellError(f"cannot {action}: cell '{experts[0]}' holds grouped MoE experts, which keep "
-                                   f"one adapter per net")
+    """Cells whose LoRA kind keeps one adapter per net (grouped MoE experts) refuse another."""
+    single = [(path, reason) for path, cell in cells for reason in (single_adapter_reason(cell),) if reason]
+    if single:
+        raise UnsupportedCellError(f"cannot {action}: cell '{single[0][0]}' {single[0][1]}")
 
 
 def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:

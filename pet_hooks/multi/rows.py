@@ -22,7 +22,7 @@ import numpy as np
 from mindspore import Parameter, ops
 
 from ..utils.ms_compat import write_values
-from ..tuners.lora import experts as lora_experts, mcore as lora_mcore, mha as lora_mha
+from ..tuners.lora.tuner import rows_reason
 from . import slots as lora_slots
 from ..tuners.common import patched_class, strip_attrs
 
@@ -65,15 +65,8 @@ class LoraRowBranch:
 
 
 def unsupported(record) -> Optional[str]:
-    """Why the record's cell cannot take a row selection; None when it can."""
-    cell = record.cell
-    if lora_mha.delta_in_weight(cell, getattr(record, "parent", None) is not None):
-        return "its LoRA delta goes into an attention weight shared by every row"
-    if lora_experts.is_grouped_experts(cell):
-        return "its LoRA deltas go into the experts' weights shared by every row"
-    if lora_mcore.is_mcore_linear(cell):
-        return "MindFormers' mcore layers take sequence-major input (rows are not the leading axis)"
-    return None
+    """Why the record's cell cannot take a row selection (its LoRA kind says); None when it can."""
+    return rows_reason(record)
 
 
 def _masks(state, record, names: Sequence[str]) -> np.ndarray:

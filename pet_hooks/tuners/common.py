@@ -5,7 +5,7 @@ A tuner adds attributes to each target cell and moves the cell onto a generated 
 mirror::
 
     records = inject_all(targets, ADDED_ATTRS, add=lambda i, path, cell: [...params...],
-                         mixin_of=lambda cell: MyMixin)
+                         mixin_of=lambda cell: MyMixin)      # ADDED_ATTRS, or a function of the cell
     for record in reversed(records):
         restore(record)
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import mindspore as ms
@@ -24,8 +24,8 @@ from ..errors import UnsupportedCellError
 from ..utils.ms_compat import write_values
 from .base import Injection, Tuner
 
-__all__ = ["SwitchedTuner", "init_rng", "patched_class", "inject_all", "restore", "strip_attrs", "mindformers_linear",
-           "projection_reason", "weight_is_out_in", "shared_switch"]
+__all__ = ["SwitchedTuner", "init_rng", "patched_class", "inject_all", "restore", "strip_attrs", "loaded_class",
+           "mindformers_linear", "linear_experts_reason", "projection_reason", "weight_is_out_in", "shared_switch"]
 
 logger = logging.getLogger("pet_hooks")
 
@@ -87,27 +87,29 @@ def restore(record: Injection) -> None:
     strip_attrs(record.cell, record.added)
 
 
-def inject_all(targets: List[Tuple[str, nn.Cell]], added: Tuple[str, ...],
+def inject_all(targets: List[Tuple[str, nn.Cell]], added: Union[Tuple[str, ...], Callable[[nn.Cell], Tuple[str, ...]]],
                add: Callable[[int, str, nn.Cell], List[Parameter]],
                mixin_of: Callable[[nn.Cell], type]) -> List[Injection]:
     """Patch every target: ``add(index, path, cell)`` sets the attributes and returns the cell's deltas.
 
-    All or nothing: an error undoes what was done, and a cell already holding one of the
-    attribute names is refused before anything is written to it.
+    ``added`` names the attributes a cell gains, or gives them per cell (``added(cell)``: LoRA's
+    depend on the cell's kind). All or nothing: an error undoes what was done, and a cell already
+    holding one of the attribute names is refused before anything is written to it.
     """
     done: List[Injection] = []
     try:
         for index, (path, cell) in enumerate(targets):
-            clash = [name for name in added if hasattr(cell, name)]
+            names = added(cell) if callable(added) else added
+            clash = [name for name in names if hasattr(cell, name)]
             if clash:
                 raise UnsupportedCellError(f"cell '{path}' ({type(cell).__name__}) already has attribute(s) {clash}")
             mixin = mixin_of(cell)
             try:
                 params = add(index, path, cell)
             except BaseException:
-                strip_attrs(cell, added)
+                strip_attrs(cell, names)
                 raise
-            done.append(Injection(path, cell, type(cell), added, list(params)))
+            done.append(Injection(path, cell, type(cell), names, list(params)))
             cell.__class__ = patched_class(mixin, type(cell))
     except BaseException:
         for record in reversed(done):
@@ -117,14 +119,25 @@ def inject_all(targets: List[Tuple[str, nn.Cell]], added: Tuple[str, ...],
 
 
 # ----------------------------------------------------------------------------- projections
-def mindformers_linear() -> Optional[type]:
-    """MindFormers' legacy ``Linear`` class when MindFormers is already imported, else None.
+def loaded_class(module: str, name: str) -> Optional[type]:
+    """The class ``name`` of ``module`` when that module is already imported, else None.
 
-    Only looks if it is imported: importing MindFormers costs seconds, and a net cannot hold a
-    Linear unless it was.
+    Only looks, never imports: importing MindFormers costs seconds, and a net cannot hold one of
+    its cells unless it was imported.
     """
-    module = sys.modules.get("mindformers.modules.layers")
-    return getattr(module, "Linear", None)
+    return getattr(sys.modules.get(module), name, None)
+
+
+def mindformers_linear() -> Optional[type]:
+    """MindFormers' legacy ``Linear`` class when MindFormers is already imported, else None."""
+    return loaded_class("mindformers.modules.layers", "Linear")
+
+
+def linear_experts_reason(cell: nn.Cell) -> Optional[str]:
+    """Why a MindFormers ``Linear`` with experts cannot be adapted (every method refuses it), or None."""
+    if cell.expert_flag or cell.use_gmm:
+        return "Linear with experts (expert_num > 1 or use_gmm) is not supported"
+    return None
 
 
 def projection_reason(cell: nn.Cell, method: str) -> Optional[str]:
@@ -134,9 +147,7 @@ def projection_reason(cell: nn.Cell, method: str) -> Optional[str]:
     if isinstance(cell, nn.Dense):
         return None
     if linear is not None and isinstance(cell, linear):
-        if cell.expert_flag or cell.use_gmm:
-            return "Linear with experts (expert_num > 1 or use_gmm) is not supported"
-        return None
+        return linear_experts_reason(cell)
     return f"{method} adapts mindspore.nn.Dense and mindformers.modules.layers.Linear"
 
 

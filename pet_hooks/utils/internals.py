@@ -12,7 +12,7 @@ exact behaviour matters, and the test that guards it::
     Internal(key="dense_construct", package="mindspore", checked="2.9.0",
              target="mindspore.nn.Dense.construct", source_sha256="...",
              relied_on="LoraDense.construct is this body with the LoRA branch added",
-             sites=("pet_hooks/tuners/lora/tuner.py",), names=(),
+             sites=("pet_hooks/tuners/lora/linear.py",), names=(),
              guard="tests/test_ms_compat.py::test_relied_on_source_is_the_checked_one")
 
 ``tests/test_ms_compat.py`` checks every entry (hashes equal, private attributes present and
@@ -94,18 +94,22 @@ REGISTRY: Tuple[Internal, ...] = (
              source_sha256="625cfa8c9eed1ac8812103fd236c30f21e6576cfc5f8bf312a69804d6525351a"),
     # ---------------------------------------------------------------- copied computations (LoRA)
     Internal(key="dense_construct", package="mindspore", checked=_MS, target="mindspore.nn.Dense.construct",
-             relied_on="LoraDense.construct is this computation with the LoRA branch added before the activation",
-             sites=("pet_hooks/tuners/lora/tuner.py",), names=(), guard=_SOURCE_TEST,
+             relied_on="LoraDense.construct is this computation with the LoRA output added before the activation "
+                       "(plain LoRA: the bias, then the branch; DoRA's layer recombines the same pieces, which "
+                       "LoraDense defines, and copies no construct of its own)",
+             sites=("pet_hooks/tuners/lora/linear.py",), names=(), guard=_SOURCE_TEST,
              source_sha256="6c4db750c999b60c1851203f79fad6d081686fe46cc8ff46a322db98a4dfb2db"),
     Internal(key="linear_construct", package="mindformers", checked=_MF,
              target="mindformers.modules.layers.Linear.construct",
-             relied_on="LoraLinear.construct is this computation (no experts, no gmm) with the LoRA branch added",
-             sites=("pet_hooks/tuners/lora/tuner.py",), names=(), guard=_SOURCE_TEST,
+             relied_on="LoraLinear.construct is this computation (no experts, no gmm) with the LoRA output added "
+                       "(plain LoRA: the bias, then the branch; DoRA's layer recombines the same pieces, which "
+                       "LoraLinear defines, and copies no construct of its own)",
+             sites=("pet_hooks/tuners/lora/linear.py",), names=(), guard=_SOURCE_TEST,
              source_sha256="e1846911a113fbfd6ee4500410e12b4544b782f656db3b7f6f053fd550a298fb"),
     Internal(key="linear_attributes", package="mindformers", checked=_MF, target="mindformers.modules.layers.Linear",
              relied_on="an instance has expert_flag and use_gmm (LoRA, IA3 and the adapters refuse either), "
                        "in_channels, out_channels, transpose_b, dtype (its compute dtype) and activation_flag",
-             sites=("pet_hooks/tuners/lora/tuner.py", "pet_hooks/tuners/common.py", "pet_hooks/tuners/ia3.py",
+             sites=("pet_hooks/tuners/lora/linear.py", "pet_hooks/tuners/common.py", "pet_hooks/tuners/ia3.py",
                     "pet_hooks/tuners/bottleneck.py"), names=(),
              guard=_COMPAT_TEST + "test_mindformers_linear_has_the_attributes_lora_reads"),
     # ---------------------------------------------------------------- mcore projections (not copied: called)
@@ -128,7 +132,7 @@ REGISTRY: Tuple[Internal, ...] = (
              relied_on="Column/RowParallelLinear instances have input_size, output_size, weight, transpose_b, "
                        "compute_dtype, skip_weight_param_allocation (column), sequence_parallel (row) and config "
                        "(data_parallel_size, context_parallel_size, tensor_model_parallel_size)",
-             sites=("pet_hooks/tuners/lora/mcore.py", "pet_hooks/tuners/lora/tuner.py"), names=(),
+             sites=("pet_hooks/tuners/lora/mcore.py",), names=(),
              guard="tests/test_mcore_lora.py::test_mcore_projections_have_what_lora_reads"),
     Internal(key="mcore_qkv_rows", package="mindformers", checked=_MF,
              target="mindformers.parallel_core.training_graph.transformer.attention.SelfAttention."

@@ -33,30 +33,33 @@ replicated (they are small); tensor parallelism cannot run on the CPU, so this l
 Refused (the reason is ``apply``'s error): a subclass with its own ``construct``, a
 ``VocabParallelEmbedding`` with ``sequence_parallel`` (its output is scattered along the sequence),
 an embedding whose weight an mcore multi-token-prediction block reads without calling it, DoRA
-and the PiSSA / OLoRA inits (``lora_dora.reason`` / ``lora_init.reason``).
+and the PiSSA / OLoRA inits (the kind lists no variant and no residual init).
 
 An embedding tied to the output head (``tie_word_embeddings``) keeps its delta on the lookup, as in
 PEFT; merging it would change the head too, so ``merge`` and ``save_merged_checkpoint`` refuse it
-(:func:`weight_readers` names the mcore head that reads the shared weight at call time).
+(``weight_readers`` names the mcore head that reads the shared weight at call time).
+
+Each embedding class is one :class:`EmbeddingKind`, which knows the attribute its table is kept in
+(``embedding_table``, ``embedding_weight``, ``weight``); the table is stored [num_embeddings, dim],
+i.e. [in, out] of the delta ``B @ A``, so merging transposes it as for a weight stored [in, out].
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import Parameter, nn, ops
-from mindspore.common import dtype as mstype
 
-__all__ = ["LoraEmbedding", "is_embedding", "mixin_for", "base_weight", "io_channels", "initial_arrays",
-           "add_branch", "weight_deltas", "weight_readers", "unreached_reason", "ADDED_ATTRS", "PEFT_LEAVES",
-           "SUPPORTED"]
+from ..common import loaded_class
+from .kind import LoraKind
 
+__all__ = ["LoraEmbedding", "EmbeddingKind", "KINDS", "PEFT_LEAVES", "SUPPORTED"]
+
+logger = logging.getLogger("pet_hooks")
 _LLAMA = "mindformers.models.llama.llama_layer"
 _MCORE = "mindformers.parallel_core.training_graph.tensor_parallel.layers"
-#: what an adapted embedding gains beyond every LoRA cell's attributes (removed by eject)
-ADDED_ATTRS = ("pet_lora_gather", "pet_lora_padding_idx", "pet_lora_out_dtype")
 #: the Parameters' leaves, PEFT's names: A, B
 PEFT_LEAVES = ("lora_embedding_A", "lora_embedding_B")
 SUPPORTED = ("mindspore.nn.Embedding, MindFormers' LlamaEmbedding (legacy models) and VocabParallelEmbedding "
@@ -91,110 +94,6 @@ class LoraEmbedding:
         return h * ops.cast(self.pet_lora_scale, ops.dtype(h))
 
 
-def _known() -> Dict[type, str]:
-    """{class: its weight attribute} for the embeddings pet_hooks knows; MindFormers' only when it is
-    imported (a net cannot hold one otherwise, and importing it costs seconds)."""
-    known = {nn.Embedding: "embedding_table"}
-    llama = sys.modules.get(_LLAMA)
-    if getattr(llama, "LlamaEmbedding", None) is not None:
-        known[llama.LlamaEmbedding] = "embedding_weight"
-    mcore = sys.modules.get(_MCORE)
-    if getattr(mcore, "VocabParallelEmbedding", None) is not None:
-        known[mcore.VocabParallelEmbedding] = "weight"
-    return known
-
-
-def _base_class(cell: nn.Cell) -> Optional[type]:
-    known = _known()
-    return next((klass for klass in type(cell).__mro__ if klass in known), None)
-
-
-def is_embedding(cell: nn.Cell) -> bool:
-    """True for a cell of one of the supported embedding classes (subclasses and adapted cells included)."""
-    return _base_class(cell) is not None
-
-
-def _is_mcore(cell: nn.Cell) -> bool:
-    mcore = sys.modules.get(_MCORE)
-    return mcore is not None and isinstance(cell, mcore.VocabParallelEmbedding)
-
-
-def mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
-    """(``LoraEmbedding``, None) when LoRA can adapt the embedding ``cell``, else (None, reason)."""
-    base = _base_class(cell)
-    if type(cell).construct is not base.construct:
-        return None, (f"{type(cell).__name__} overrides {base.__name__}.construct, whose computation pet_hooks "
-                      f"cannot reproduce")
-    if _is_mcore(cell) and getattr(cell, "sequence_parallel", False):
-        return None, f"{type(cell).__name__} with sequence_parallel scatters its output along the sequence; not supported"
-    return LoraEmbedding, None
-
-
-def base_weight(cell: nn.Cell) -> Parameter:
-    """The embedding table, ``[num_embeddings, dim]``."""
-    return getattr(cell, _known()[_base_class(cell)])
-
-
-def io_channels(cell: nn.Cell) -> Tuple[int, int]:
-    """(num_embeddings, dim): A's columns and B's rows."""
-    vocab, dim = base_weight(cell).shape
-    return int(vocab), int(dim)
-
-
-def initial_arrays(cfg, rng: np.random.Generator, vocab: int, dim: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(A [r, vocab], B [dim, r]) as PEFT initialises an embedding's (see the module docstring)."""
-    r = cfg.lora_rank
-    a = (rng.standard_normal((r, vocab)) if cfg.init_lora_weights is False else np.zeros((r, vocab))).astype(np.float32)
-    return a, rng.standard_normal((dim, r)).astype(np.float32)
-
-
-def _row_split(cell: nn.Cell) -> Optional[int]:
-    """How many ways the base splits the ids (the token rows): mcore from its config, the others from
-    their lookup's strategy when one is set (None: no layout)."""
-    if _is_mcore(cell):
-        config = cell.config
-
-        def size(attr):
-            value = getattr(config, attr, None)
-            return int(value) if value else 1
-        return size("data_parallel_size") * size("context_parallel_size")
-    strategy = getattr(getattr(cell, "gather", None), "in_strategy", None)
-    return int(math.prod(strategy[1])) if strategy else None
-
-
-def _add_primitives(cell: nn.Cell) -> None:
-    """The branch's lookup and matmul, laid out as the module docstring says."""
-    cell.pet_lora_gather = ops.Gather()
-    cell.pet_lora_matmul_b = ops.MatMul(transpose_a=True, transpose_b=True)
-    rows = _row_split(cell)
-    if rows is not None:
-        cell.pet_lora_gather.shard(((1, 1), (rows,)))
-        cell.pet_lora_matmul_b.shard(((1, rows), (1, 1)))
-
-
-def add_branch(path: str, cell: nn.Cell, cfg, rng: np.random.Generator, as_data) -> List[Parameter]:
-    """Give the embedding its A and B (PEFT's names and init) and primitives; ``as_data(values, dtype)`` makes
-    Parameter data. The caller adds the switch, the compute dtype and ``lora_dropout = None``."""
-    vocab, dim = io_channels(cell)
-    dtype = getattr(mstype, cfg.param_init_type)
-    a, b = initial_arrays(cfg, rng, vocab, dim)
-    # Explicit names (parameters added after construction get no path prefix), PEFT's leaves.
-    cell.lora_A = Parameter(as_data(a, dtype), name=f"{path}.{PEFT_LEAVES[0]}", requires_grad=True)
-    cell.lora_B = Parameter(as_data(b, dtype), name=f"{path}.{PEFT_LEAVES[1]}", requires_grad=True)
-    cell.pet_lora_out_dtype = base_weight(cell).dtype       # what the lookup returns
-    padding = getattr(cell, "padding_idx", None)
-    cell.pet_lora_padding_idx = int(padding) if padding is not None else None
-    _add_primitives(cell)
-    return [cell.lora_A, cell.lora_B]
-
-
-def weight_deltas(cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
-    """``[(W, (B @ s A)^T)]``, float32 ``[num_embeddings, dim]``, each rank row at its own scaling."""
-    a = cell.lora_A.astype(mstype.float32).asnumpy()
-    b = cell.lora_B.astype(mstype.float32).asnumpy()
-    return [(base_weight(cell), np.ascontiguousarray((b @ (cell.pet_lora_rank_scaling[:, None] * a)).T))]
-
-
 def _mcore_models_of(net: nn.Cell, cell: nn.Cell):
     """(path, model) of each cell of ``net`` whose ``embedding.word_embeddings`` is ``cell`` (mcore GPTModel)."""
     for path, model in net.cells_and_names():
@@ -203,19 +102,117 @@ def _mcore_models_of(net: nn.Cell, cell: nn.Cell):
             yield path, model
 
 
-def weight_readers(net: nn.Cell, cell: nn.Cell) -> List[str]:
-    """Cells of ``net`` that compute with the embedding's weight without holding it: an mcore model's
-    ``output_layer`` when it shares the embedding (``share_embeddings_and_output_weights``; its weight is
-    passed at call time, so the weight's owners do not show it)."""
-    return [f"{path}.output_layer" if path else "output_layer" for path, model in _mcore_models_of(net, cell)
-            if getattr(model, "share_embeddings_and_output_weights", False)]
+class EmbeddingKind(LoraKind):
+    """One embedding class (``module.class_name``, its table in ``table_attr``): PEFT's embedding LoRA."""
+
+    mixin = LoraEmbedding
+    leaves = PEFT_LEAVES
+    #: the branch's lookup and matmul, and what it reads at call time
+    extra_attrs = ("pet_lora_gather", "pet_lora_matmul_b", "pet_lora_padding_idx", "pet_lora_out_dtype")
+    takes_dropout = False
+
+    def __init__(self, module: str, class_name: str, table_attr: str, mcore: bool = False) -> None:
+        self.module, self.class_name, self.table_attr, self.mcore = module, class_name, table_attr, mcore
+        self.name = f"{module}.{class_name}"
+
+    def base_class(self) -> Optional[type]:
+        """The class; MindFormers' only when it is imported (a net cannot hold one otherwise, and importing it
+        costs seconds)."""
+        return loaded_class(self.module, self.class_name)
+
+    def recognises(self, cell: nn.Cell) -> bool:
+        base = self.base_class()
+        return base is not None and isinstance(cell, base)
+
+    def refuse(self, cell: nn.Cell) -> Optional[str]:
+        base = self.base_class()
+        if type(cell).construct is not base.construct:
+            return (f"{type(cell).__name__} overrides {base.__name__}.construct, whose computation pet_hooks "
+                    f"cannot reproduce")
+        if self.mcore and getattr(cell, "sequence_parallel", False):
+            return (f"{type(cell).__name__} with sequence_parallel scatters its output along the sequence; "
+                    f"not supported")
+        return None
+
+    def unreached_reason(self, net: nn.Cell, cell: nn.Cell) -> Optional[str]:
+        """An mcore model with a multi-token-prediction block hands that block the embedding's weight, which
+        embeds without the delta."""
+        for path, model in _mcore_models_of(net, cell):
+            if getattr(model, "mtp_process", False):
+                return (f"its weight is also read by the multi-token-prediction block of "
+                        f"'{path or type(model).__name__}' (word_embeddings_weight), which would embed without the "
+                        f"LoRA delta")
+        return None
+
+    def warn_no_dropout(self, paths: Sequence[str], rate: float) -> None:
+        logger.warning("pet_hooks: lora_dropout %s is not applied on the embedding(s) %s (as in PEFT)",
+                       rate, ", ".join(paths))
+
+    def base_weight(self, cell: nn.Cell) -> Parameter:
+        """The embedding table, ``[num_embeddings, dim]``."""
+        return getattr(cell, self.table_attr)
+
+    def weight_is_out_in(self, cell: nn.Cell) -> bool:
+        return False                    # [num_embeddings, dim] = [in, out] of B @ A
+
+    def io_channels(self, cell: nn.Cell) -> Tuple[int, int]:
+        """(num_embeddings, dim): A's columns and B's rows."""
+        vocab, dim = self.base_weight(cell).shape
+        return int(vocab), int(dim)
+
+    def group_anchor(self, cell: nn.Cell) -> Optional[Parameter]:
+        return self.base_weight(cell)
+
+    def initial_arrays(self, cell: nn.Cell, cfg, rng: np.random.Generator):
+        """(A [r, vocab], B [dim, r], no residual) as PEFT initialises an embedding's (see the module docstring)."""
+        vocab, dim = self.io_channels(cell)
+        r = cfg.lora_rank
+        a = (rng.standard_normal((r, vocab)) if cfg.init_lora_weights is False
+             else np.zeros((r, vocab))).astype(np.float32)
+        return a, rng.standard_normal((dim, r)).astype(np.float32), None
+
+    def initial_values(self, cell: nn.Cell, cfg, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        a, b, _ = self.initial_arrays(cell, cfg, rng)
+        return {"lora_A": a, "lora_B": b}
+
+    def _row_split(self, cell: nn.Cell) -> Optional[int]:
+        """How many ways the base splits the ids (the token rows): mcore from its config, the others from
+        their lookup's strategy when one is set (None: no layout)."""
+        if self.mcore:
+            config = cell.config
+
+            def size(attr):
+                value = getattr(config, attr, None)
+                return int(value) if value else 1
+            return size("data_parallel_size") * size("context_parallel_size")
+        strategy = getattr(getattr(cell, "gather", None), "in_strategy", None)
+        return int(math.prod(strategy[1])) if strategy else None
+
+    def add_extras(self, cell: nn.Cell) -> None:
+        """The branch's lookup and matmul, laid out as the module docstring says, and what it reads."""
+        cell.pet_lora_out_dtype = self.base_weight(cell).dtype       # what the lookup returns
+        padding = getattr(cell, "padding_idx", None)
+        cell.pet_lora_padding_idx = int(padding) if padding is not None else None
+        cell.pet_lora_gather = ops.Gather()
+        cell.pet_lora_matmul_b = ops.MatMul(transpose_a=True, transpose_b=True)
+        rows = self._row_split(cell)
+        if rows is not None:
+            cell.pet_lora_gather.shard(((1, 1), (rows,)))
+            cell.pet_lora_matmul_b.shard(((1, rows), (1, 1)))
+
+    def grad_sentinels(self, cell: nn.Cell) -> List[Parameter]:
+        """``lora_A``: PEFT's embedding init is the other way round (A zero, B random)."""
+        return [cell.lora_A]
+
+    def weight_readers(self, net: nn.Cell, cell: nn.Cell) -> List[str]:
+        """An mcore model's ``output_layer`` when it shares the embedding (``share_embeddings_and_output_weights``;
+        its weight is passed at call time, so the weight's owners do not show it)."""
+        return [f"{path}.output_layer" if path else "output_layer" for path, model in _mcore_models_of(net, cell)
+                if getattr(model, "share_embeddings_and_output_weights", False)]
 
 
-def unreached_reason(net: nn.Cell, cell: nn.Cell) -> Optional[str]:
-    """Why LoRA on this embedding would miss some of its lookups, or None: an mcore model with a
-    multi-token-prediction block hands that block the embedding's weight, which embeds without the delta."""
-    for path, model in _mcore_models_of(net, cell):
-        if getattr(model, "mtp_process", False):
-            return (f"its weight is also read by the multi-token-prediction block of '{path or type(model).__name__}' "
-                    f"(word_embeddings_weight), which would embed without the LoRA delta")
-    return None
+KINDS = (
+    EmbeddingKind("mindspore.nn", "Embedding", "embedding_table"),
+    EmbeddingKind(_LLAMA, "LlamaEmbedding", "embedding_weight"),
+    EmbeddingKind(_MCORE, "VocabParallelEmbedding", "weight", mcore=True),
+)

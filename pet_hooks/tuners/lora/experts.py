@@ -17,31 +17,35 @@ named ``<cell path>.weight1.lora_A`` ... ``.weight2.lora_B``. ``lora_dropout`` i
 is no branch input to drop; PEFT does the same for parameter targets). Merging folds the deltas into
 ``weight1`` / ``weight2``. The PEFT file format is not written for these cells. Expert parallelism:
 the deltas' batched matmul is split along the experts like the weights (``(ep, None)`` in
-``FFNGroupedGEMM.shard``), ``((ep, 1, 1), (ep, 1, 1))``.
+``FFNGroupedGEMM.shard``), ``((ep, 1, 1), (ep, 1, 1))``. :class:`GroupedExpertsKind` is the cells' kind:
+its own deltas, init (``True`` only: A by ``lora_a_init`` per expert), weight deltas, sentinels
+(both B's) and the two weights merging writes; no DoRA, no PiSSA / OLoRA, one adapter per net.
 """
 from __future__ import annotations
 
 import logging
-import math
-import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common import dtype as mstype
 
-__all__ = ["LoraGroupedExperts", "is_grouped_experts", "add_branch", "weight_deltas", "PARAM_ATTRS", "sizes",
-           "expert_parallel"]
+from ..common import loaded_class
+from . import inits as lora_init
+from .kind import Drawn, LoraKind, param_data
+from .scale import times_scale
+
+__all__ = ["LoraGroupedExperts", "GroupedExpertsKind", "GROUPED_EXPERTS", "sizes", "expert_parallel"]
 
 logger = logging.getLogger("pet_hooks")
 _FFN = "mindformers.parallel_core.training_graph.transformer.moe.ffn"
-#: the per-weight deltas an experts cell gains (weight1's pair, weight2's pair), and its delta matmul
-PARAM_ATTRS = ("lora_A", "lora_B", "lora_A_w2", "lora_B_w2", "pet_lora_bmm")
+#: the weights and their pair of deltas: (weight, A's attribute, B's attribute)
+_PAIRS = (("weight1", "lora_A", "lora_B"), ("weight2", "lora_A_w2", "lora_B_w2"))
 
 
 def _expert_delta(bmm, a, b, scale, dtype):
     """``scale * (B_e @ A_e)^T = A_e^T @ B_e^T`` for every expert, ``[E, in, out]``, in ``dtype``."""
-    a = ops.cast(a * ops.cast(scale, ops.dtype(a)), dtype)                 # [E, r, in]
+    a = ops.cast(times_scale(a, scale), dtype)                              # [E, r, in]
     return bmm(a, ops.cast(b, dtype))                                       # [E, out, r] -> [E, in, out]
 
 
@@ -70,20 +74,6 @@ class LoraGroupedExperts:
         return output
 
 
-def is_grouped_experts(cell: nn.Cell) -> bool:
-    module = sys.modules.get(_FFN)
-    grouped = getattr(module, "FFNGroupedGEMM", None)
-    return grouped is not None and isinstance(cell, grouped)
-
-
-def reason(cell: nn.Cell) -> Optional[str]:
-    """None when LoRA can adapt the experts cell, else why not."""
-    module = sys.modules.get(_FFN)
-    if type(cell).construct is not module.FFNGroupedGEMM.construct:
-        return f"{type(cell).__name__} overrides FFNGroupedGEMM.construct, whose computation pet_hooks cannot reproduce"
-    return None
-
-
 def sizes(cell: nn.Cell) -> Tuple[int, int, int]:
     """(experts, hidden, ffn) of an experts cell, from its weights."""
     hidden = int(cell.hidden_size)
@@ -91,49 +81,91 @@ def sizes(cell: nn.Cell) -> Tuple[int, int, int]:
     return experts, hidden, int(cell.weight1.shape[1]) // 2
 
 
-def _init_a(rng: np.random.Generator, cfg, experts: int, fan_in: int) -> np.ndarray:
-    shape = (experts, cfg.lora_rank, fan_in)
-    if cfg.lora_a_init == "normal":
-        return rng.normal(0.0, 0.01, size=shape).astype(np.float32)
-    bound = math.sqrt(6.0 / ((1.0 + 5.0) * fan_in))         # kaiming_uniform(a=sqrt(5)), per expert
-    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
-
-
-def add_branch(path: str, cell: nn.Cell, cfg, rng: np.random.Generator, as_data) -> List[Parameter]:
-    """Give the experts cell its four deltas (B zero); ``as_data(values, dtype)`` makes Parameter data."""
-    experts, hidden, ffn = sizes(cell)
-    dtype = getattr(mstype, cfg.param_init_type)
-    pairs = (("weight1", "lora_A", "lora_B", hidden, 2 * ffn), ("weight2", "lora_A_w2", "lora_B_w2", ffn, hidden))
-    params = []
-    for weight, a_attr, b_attr, fan_in, fan_out in pairs:
-        a = Parameter(as_data(_init_a(rng, cfg, experts, fan_in), dtype), name=f"{path}.{weight}.lora_A")
-        b = Parameter(as_data(np.zeros((experts, fan_out, cfg.lora_rank), np.float32), dtype),
-                      name=f"{path}.{weight}.lora_B")
-        setattr(cell, a_attr, a)
-        setattr(cell, b_attr, b)
-        params += [a, b]
-    # The experts are split across expert-parallel ranks along E (FFNGroupedGEMM.shard lays weight1 / weight2
-    # out as (ep, None)); each rank computes its own experts' deltas, so the batched matmul splits E alike.
-    ep = expert_parallel(cell)
-    cell.pet_lora_bmm = ops.BatchMatMul(transpose_a=True, transpose_b=True).shard(((ep, 1, 1), (ep, 1, 1)))
-    if cfg.lora_dropout > 0:
-        logger.warning("pet_hooks: lora_dropout %s is not applied on the grouped experts %s: their deltas go into "
-                       "the expert weights (as PEFT's target_parameters)", cfg.lora_dropout, path)
-    return params
-
-
 def expert_parallel(cell: nn.Cell) -> int:
     """The expert-parallel size from the cell's TransformerConfig (1 when unset)."""
     return int(getattr(cell.config, "expert_model_parallel_size", None) or 1)
 
 
-def weight_deltas(cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
-    """``[(weight1, change), (weight2, change)]`` in the weights' stored layout, float32."""
-    out = []
-    for weight, a_attr, b_attr in (("weight1", "lora_A", "lora_B"), ("weight2", "lora_A_w2", "lora_B_w2")):
-        a = getattr(cell, a_attr).astype(mstype.float32).asnumpy()
-        b = getattr(cell, b_attr).astype(mstype.float32).asnumpy()
-        delta = np.einsum("eri,eor,r->eio", a, b, cell.pet_lora_rank_scaling)  # (B_e @ s A_e)^T per expert
-        target = getattr(cell, weight)
-        out.append((target, delta.reshape(target.shape)))
-    return out
+class GroupedExpertsKind(LoraKind):
+    """MindFormers' ``FFNGroupedGEMM``: a pair of deltas per expert and weight, in weight space (see the module
+    docstring)."""
+
+    name = "MindFormers' FFNGroupedGEMM (grouped MoE experts)"
+    mixin = LoraGroupedExperts
+    #: weight2's pair and the deltas' batched matmul
+    extra_attrs = ("lora_A_w2", "lora_B_w2", "pet_lora_bmm")
+    takes_dropout = False
+    rows_reason = "its LoRA deltas go into the experts' weights shared by every row"
+    single_adapter_reason = "holds grouped MoE experts, which keep one adapter per net"
+
+    def recognises(self, cell: nn.Cell) -> bool:
+        grouped = loaded_class(_FFN, "FFNGroupedGEMM")
+        return grouped is not None and isinstance(cell, grouped)
+
+    def refuse(self, cell: nn.Cell) -> Optional[str]:
+        if type(cell).construct is not loaded_class(_FFN, "FFNGroupedGEMM").construct:
+            return (f"{type(cell).__name__} overrides FFNGroupedGEMM.construct, whose computation pet_hooks cannot "
+                    f"reproduce")
+        return None
+
+    def warn_no_dropout(self, paths: Sequence[str], rate: float) -> None:
+        for path in paths:
+            logger.warning("pet_hooks: lora_dropout %s is not applied on the grouped experts %s: their deltas go "
+                           "into the expert weights (as PEFT's target_parameters)", rate, path)
+
+    def io_channels(self, cell: nn.Cell) -> Tuple[int, int]:
+        """Per expert, weight1's (gate and up): (hidden, 2 * ffn)."""
+        _, hidden, ffn = sizes(cell)
+        return hidden, 2 * ffn
+
+    def base_weight(self, cell: nn.Cell):
+        return None                     # two weights (merge_weights), none of them the delta's alone
+
+    def compute_dtype(self, cell: nn.Cell):
+        return cell.compute_dtype
+
+    def init_reason(self, cfg) -> Optional[str]:
+        return lora_init.reason(cfg, residual_ok=False, default_only=True)
+
+    def add_deltas(self, path: str, cell: nn.Cell, cfg, rng: np.random.Generator) -> Drawn:
+        """The four deltas (B zero), named ``<path>.weight1.lora_A`` ... ``<path>.weight2.lora_B``."""
+        experts, hidden, ffn = sizes(cell)
+        dtype = getattr(mstype, cfg.param_init_type)
+        fans = {"weight1": (hidden, 2 * ffn), "weight2": (ffn, hidden)}
+        params = []
+        for weight, a_attr, b_attr in _PAIRS:
+            fan_in, fan_out = fans[weight]
+            a = Parameter(param_data(lora_init.default_a(rng, cfg, (experts, cfg.lora_rank, fan_in)), dtype),
+                          name=f"{path}.{weight}.lora_A")
+            b = Parameter(param_data(np.zeros((experts, fan_out, cfg.lora_rank), np.float32), dtype),
+                          name=f"{path}.{weight}.lora_B")
+            setattr(cell, a_attr, a)
+            setattr(cell, b_attr, b)
+            params += [a, b]
+        return Drawn(params)
+
+    def add_extras(self, cell: nn.Cell) -> None:
+        # The experts are split across expert-parallel ranks along E (FFNGroupedGEMM.shard lays weight1 / weight2
+        # out as (ep, None)); each rank computes its own experts' deltas, so the batched matmul splits E alike.
+        ep = expert_parallel(cell)
+        cell.pet_lora_bmm = ops.BatchMatMul(transpose_a=True, transpose_b=True).shard(((ep, 1, 1), (ep, 1, 1)))
+
+    def grad_sentinels(self, cell: nn.Cell) -> List[Parameter]:
+        return [cell.lora_B, cell.lora_B_w2]
+
+    def weight_deltas(self, cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
+        """``[(weight1, change), (weight2, change)]`` in the weights' stored layout, float32."""
+        out = []
+        for weight, a_attr, b_attr in _PAIRS:
+            a = getattr(cell, a_attr).astype(mstype.float32).asnumpy()
+            b = getattr(cell, b_attr).astype(mstype.float32).asnumpy()
+            delta = np.einsum("eri,eor,r->eio", a, b, cell.pet_lora_rank_scaling)  # (B_e @ s A_e)^T per expert
+            target = getattr(cell, weight)
+            out.append((target, delta.reshape(target.shape)))
+        return out
+
+    def merge_weights(self, cell: nn.Cell) -> List[Parameter]:
+        return [cell.weight1, cell.weight2]
+
+
+GROUPED_EXPERTS = GroupedExpertsKind()

@@ -13,17 +13,24 @@
 =================  ==========================================================================
 
 PiSSA and OLoRA (``s`` = scaling) replace the base weight by the residual ``W - s B A``, so the
-output is unchanged at init and the residual is what stays frozen. ``_add_branch`` computes the
-arrays (nothing is written to the net yet); once every cell is patched, :func:`write_residual`
-writes each residual and returns the original array, which the injection record keeps and
-:func:`restore_base` writes back bit for bit on remove. The record also keeps ``A0`` / ``B0`` for
-:func:`pet_hooks.io.lora_conversion.save_as_lora` (PEFT's ``path_initial_model_for_weight_conversion``).
+output is unchanged at init and the residual is what stays frozen. A cell kind computes the
+arrays (``LoraKind.add_deltas``; nothing is written to the base weight yet); once every cell is
+patched, :func:`write_residual` writes each residual and returns the original array, which the
+injection record keeps and :func:`restore_base` writes back bit for bit on remove. The record also
+keeps ``A0`` / ``B0`` for :func:`pet_hooks.io.lora_conversion.save_as_lora` (PEFT's
+``path_initial_model_for_weight_conversion``). The weight is read and written through the cell's
+kind (``weight_out_in`` / ``in_weight_layout``), which knows how it is stored.
+
+The random A of ``True`` (:func:`default_a`) and the kaiming bound (:func:`kaiming_uniform`) are
+written here once, for every kind (the grouped experts draw one A per expert with them)::
+
+    a = default_a(rng, cfg, (cfg.lora_rank, in_channels))
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn
@@ -31,9 +38,10 @@ from mindspore.common import dtype as mstype
 
 from ...utils.ms_compat import write_values
 
-__all__ = ["BaseInit", "mutates_base", "reason", "initial_arrays", "write_residual", "restore_base"]
+__all__ = ["BaseInit", "mutates_base", "reason", "kaiming_uniform", "default_a", "initial_arrays", "write_residual",
+           "restore_base", "RESIDUAL_ATTR"]
 
-RESIDUAL_ATTR = "pet_lora_residual"   # the pending residual on a cell between _add_branch and write_residual
+RESIDUAL_ATTR = "pet_lora_residual"   # the pending residual on a cell between add_deltas and write_residual
 
 
 @dataclass
@@ -52,29 +60,33 @@ def mutates_base(cfg) -> bool:
     return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
 
-def reason(cfg, mixin: Optional[type], plain: Tuple[type, ...], experts: type) -> Optional[str]:
-    """None when ``cfg``'s init can be used on a cell LoRA adapts with ``mixin``, else why not.
+def reason(cfg, residual_ok: bool, default_only: bool = False) -> Optional[str]:
+    """None when ``cfg``'s init can be used on a cell of a kind that allows a residual (``residual_ok``) or
+    only the default init (``default_only``), else why not.
 
-    PiSSA and OLoRA read and rewrite the weight: nn.Dense and MindFormers' Linear (the ``plain`` mixins).
-    Grouped experts (``experts``) have their own init (``True`` only).
+    PiSSA and OLoRA read and rewrite the weight: nn.Dense and MindFormers' Linear (their kinds'
+    ``residual_inits``). Grouped experts have their own init (``True`` only).
     """
-    if mutates_base(cfg) and mixin not in plain:
+    if mutates_base(cfg) and not residual_ok:
         return (f"init_lora_weights={cfg.init_lora_weights!r} (it rewrites the base weight) is supported on "
                 f"mindspore.nn.Dense and mindformers.modules.layers.Linear only")
-    if cfg.init_lora_weights is not True and mixin is experts:
+    if cfg.init_lora_weights is not True and default_only:
         return f"init_lora_weights={cfg.init_lora_weights!r} is not supported on grouped experts (only true)"
     return None
 
 
-def weight_out_in(cell: nn.Cell) -> np.ndarray:
-    """The cell's weight as float32 [out, in] (transposed when stored [in, out])."""
-    weight = cell.weight.astype(mstype.float32).asnumpy()
-    return weight if getattr(cell, "transpose_b", True) is not False else weight.T
-
-
-def _kaiming(rng: np.random.Generator, shape, fan_in: int) -> np.ndarray:
-    bound = math.sqrt(6.0 / ((1.0 + 5.0) * fan_in))        # kaiming_uniform(a=sqrt(5)), as PEFT / nn.Linear
+def kaiming_uniform(rng: np.random.Generator, shape) -> np.ndarray:
+    """kaiming_uniform(a=sqrt(5)) over the last axis as fan-in, as PEFT, mindpet and ``nn.Linear``:
+    U(-b, b), b = sqrt(6 / ((1 + a^2) * fan_in))."""
+    bound = math.sqrt(6.0 / ((1.0 + 5.0) * shape[-1]))
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+def default_a(rng: np.random.Generator, cfg, shape) -> np.ndarray:
+    """The random A of ``init_lora_weights: true`` (``shape`` ends with the fan-in): by ``lora_a_init``."""
+    if cfg.lora_a_init == "normal":  # MindSpore's 'normal' initializer, as MindFormers uses
+        return rng.normal(0.0, 0.01, size=shape).astype(np.float32)
+    return kaiming_uniform(rng, shape)
 
 
 def _svd_lowrank(rng: np.random.Generator, w: np.ndarray, r: int, niter: int):
@@ -89,17 +101,18 @@ def _svd_lowrank(rng: np.random.Generator, w: np.ndarray, r: int, niter: int):
     return (q @ u)[:, :r], s[:r], vh[:r]
 
 
-def initial_arrays(cell: nn.Cell, cfg, rng: np.random.Generator, in_ch: int, out_ch: int,
-                   default_a) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """(A [r, in], B [out, r], residual [out, in] or None), float32; ``default_a()`` is ``True``'s A."""
+def initial_arrays(cfg, rng: np.random.Generator, in_ch: int, out_ch: int,
+                   weight_out_in: Callable[[], np.ndarray]) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """(A [r, in], B [out, r], residual [out, in] or None), float32; ``weight_out_in()`` reads the base weight
+    (float32 [out, in]) for PiSSA / OLoRA."""
     init, r, scaling = cfg.init_lora_weights, cfg.lora_rank, cfg.scaling
     if init is True:
-        return default_a(), np.zeros((out_ch, r), np.float32), None
+        return default_a(rng, cfg, (r, in_ch)), np.zeros((out_ch, r), np.float32), None
     if init is False:
-        return _kaiming(rng, (r, in_ch), in_ch), _kaiming(rng, (out_ch, r), r), None
+        return kaiming_uniform(rng, (r, in_ch)), kaiming_uniform(rng, (out_ch, r)), None
     if init == "gaussian":
         return rng.normal(0.0, 1.0 / r, size=(r, in_ch)).astype(np.float32), np.zeros((out_ch, r), np.float32), None
-    w = weight_out_in(cell)
+    w = weight_out_in()
     if init == "olora":
         q, rr = np.linalg.qr(w)
         a, b = rr[:r], q[:, :r]
@@ -115,16 +128,16 @@ def initial_arrays(cell: nn.Cell, cfg, rng: np.random.Generator, in_ch: int, out
     return a, b, (w - scaling * (b @ a)).astype(np.float32)
 
 
-def write_residual(cell: nn.Cell) -> Optional[BaseInit]:
-    """Write the cell's pending residual into its weight; the record of what was there (None: no residual)."""
+def write_residual(cell: nn.Cell, weight: Parameter,
+                   in_weight_layout: Callable[[np.ndarray], np.ndarray]) -> Optional[BaseInit]:
+    """Write the cell's pending residual into ``weight`` (``in_weight_layout`` turns [out, in] into the way it is
+    stored); the record of what was there (None: no residual)."""
     residual = cell.__dict__.pop(RESIDUAL_ATTR, None)
     if residual is None:
         return None
-    weight = cell.weight
     record = BaseInit(weight, weight.data.copy(), cell.lora_A.astype(mstype.float32).asnumpy().copy(),
                       cell.lora_B.astype(mstype.float32).asnumpy().copy())
-    layout = residual if getattr(cell, "transpose_b", True) is not False else residual.T
-    write_values(weight, Tensor(np.ascontiguousarray(layout), mstype.float32))
+    write_values(weight, Tensor(in_weight_layout(residual), mstype.float32))
     return record
 
 

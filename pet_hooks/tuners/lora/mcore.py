@@ -48,18 +48,22 @@ Not adapted (the reason is the error ``apply`` gives): a layer whose weight is p
 time (``skip_weight_param_allocation``, e.g. an output layer tied to the embedding), a
 row-parallel layer with ``sequence_parallel`` (its output is scattered along the sequence), and
 subclasses whose ``construct`` or ``shard`` pet_hooks does not know.
+
+Each base class of the table is one :class:`McoreLinearKind` (the dispatcher asks the most
+specific first: ``SequenceParallelLinear`` and ``LinearNoTP`` subclass ``ColumnParallelLinear``).
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional, Tuple
 
 from mindspore import nn, ops
 
+from ..common import loaded_class
 from . import layout as lora_layout
+from .kind import LoraKind
+from .scale import scaled_a
 
-__all__ = ["LoraColumnParallelLinear", "LoraRowParallelLinear", "is_mcore_linear", "mixin_for",
-           "in_out_channels", "strategies"]
+__all__ = ["LoraColumnParallelLinear", "LoraRowParallelLinear", "McoreLinearKind", "KINDS"]
 
 _LAYERS = "mindformers.parallel_core.training_graph.tensor_parallel.layers"
 
@@ -72,8 +76,7 @@ class _McoreBranch:
         h = ops.reshape(ops.cast(input_, self.lora_compute_dtype), (-1, x_shape[-1]))
         if self.lora_dropout is not None:
             h = self.lora_dropout(h)
-        h = self.pet_lora_matmul_a(h, ops.cast(self.lora_A * ops.cast(self.pet_lora_scale, ops.dtype(self.lora_A)),
-                                               self.lora_compute_dtype))
+        h = self.pet_lora_matmul_a(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
         h = self.pet_lora_matmul_b(h, ops.cast(self.lora_B, self.lora_compute_dtype))
         return ops.cast(ops.reshape(h, ops.shape(like)), ops.dtype(like))
 
@@ -100,58 +103,6 @@ class LoraRowParallelLinear(_McoreBranch):
         return output, bias
 
 
-def _layers():
-    # Only look if MindFormers' mcore layers are already imported: a net cannot hold one otherwise.
-    return sys.modules.get(_LAYERS)
-
-
-def _known_classes():
-    """{class: (mixin, kind)} for the mcore projections whose construct and shard pet_hooks knows."""
-    layers = _layers()
-    if layers is None:
-        return {}
-    return {layers.ColumnParallelLinear: (LoraColumnParallelLinear, "column"),
-            layers.LinearNoTP: (LoraColumnParallelLinear, "replicated"),
-            layers.SequenceParallelLinear: (LoraColumnParallelLinear, "sequence"),
-            layers.RowParallelLinear: (LoraRowParallelLinear, "row")}
-
-
-def is_mcore_linear(cell: nn.Cell) -> bool:
-    """True for any ``ColumnParallelLinear`` / ``RowParallelLinear`` (subclasses included)."""
-    layers = _layers()
-    return layers is not None and isinstance(cell, (layers.ColumnParallelLinear, layers.RowParallelLinear))
-
-
-def _kind(cell: nn.Cell) -> Tuple[Optional[type], Optional[str], Optional[type]]:
-    known = _known_classes()
-    for klass in type(cell).__mro__:
-        if klass in known:
-            return known[klass][0], known[klass][1], klass
-    return None, None, None
-
-
-def mixin_for(cell: nn.Cell) -> Tuple[Optional[type], Optional[str]]:
-    """(mixin, None) when LoRA can adapt the mcore projection ``cell``, else (None, reason)."""
-    mixin, kind, base = _kind(cell)
-    name = type(cell).__name__
-    if mixin is None:
-        return None, f"{name} is an mcore projection pet_hooks does not know"
-    for method in ("construct", "shard"):
-        if getattr(type(cell), method) is not getattr(base, method):
-            return None, (f"{name} overrides {base.__name__}.{method}, whose computation or layout pet_hooks "
-                          f"cannot reproduce")
-    if getattr(cell, "skip_weight_param_allocation", False):
-        return None, (f"{name} has skip_weight_param_allocation (its weight is passed at call time, e.g. an output "
-                      f"layer tied to the embedding): there is no weight of its own to adapt")
-    if kind == "row" and getattr(cell, "sequence_parallel", False):
-        return None, f"{name} with sequence_parallel scatters its output along the sequence; not supported"
-    return mixin, None
-
-
-def in_out_channels(cell: nn.Cell) -> Tuple[int, int]:
-    return int(cell.input_size), int(cell.output_size)
-
-
 def _sizes(cell: nn.Cell) -> Tuple[int, int]:
     """(token-row split d = dp * cp, tensor-parallel t) from the cell's TransformerConfig."""
     config = cell.config
@@ -163,16 +114,64 @@ def _sizes(cell: nn.Cell) -> Tuple[int, int]:
     return size("data_parallel_size") * size("context_parallel_size"), size("tensor_model_parallel_size")
 
 
-def strategies(cell: nn.Cell) -> lora_layout.Strategies:
-    """The in-strategies of ``x @ A^T`` and ``h @ B^T`` for an mcore projection (the table above)."""
-    rows, tp = _sizes(cell)
-    kind = _kind(cell)[1]
-    if kind == "column":
-        return lora_layout.from_splits(rows, 1, tp)
-    if kind == "row":
-        return lora_layout.from_splits(rows, tp, 1)
-    if kind == "sequence":          # weight replicated, the input's sequence split by cp * tp
-        return lora_layout.from_splits(rows * tp, 1, 1)
-    return lora_layout.from_splits(rows, 1, 1)
+class McoreLinearKind(LoraKind):
+    """One mcore projection class of the table above: its mixin and how its branch is laid out.
+
+    ``splits(rows, tp)`` gives the ``(rows, k, n)`` of :func:`lora_layout.from_splits`: the token rows, the
+    weight's input and output splits.
+    """
+
+    extra_attrs = lora_layout.PRIMITIVE_ATTRS
+    rows_reason = "MindFormers' mcore layers take sequence-major input (rows are not the leading axis)"
+
+    def __init__(self, class_name: str, mixin: type, splits, row_parallel: bool = False) -> None:
+        self.class_name = class_name
+        self.name = f"MindFormers' {class_name}"
+        self.mixin = mixin
+        self.splits = splits
+        self.row_parallel = row_parallel
+
+    def base_class(self) -> Optional[type]:
+        """The class, when MindFormers' mcore layers are already imported (a net cannot hold one otherwise)."""
+        return loaded_class(_LAYERS, self.class_name)
+
+    def recognises(self, cell: nn.Cell) -> bool:
+        base = self.base_class()
+        return base is not None and isinstance(cell, base)
+
+    def refuse(self, cell: nn.Cell) -> Optional[str]:
+        base, name = self.base_class(), type(cell).__name__
+        for method in ("construct", "shard"):
+            if getattr(type(cell), method) is not getattr(base, method):
+                return (f"{name} overrides {base.__name__}.{method}, whose computation or layout pet_hooks "
+                        f"cannot reproduce")
+        if getattr(cell, "skip_weight_param_allocation", False):
+            return (f"{name} has skip_weight_param_allocation (its weight is passed at call time, e.g. an output "
+                    f"layer tied to the embedding): there is no weight of its own to adapt")
+        if self.row_parallel and getattr(cell, "sequence_parallel", False):
+            return f"{name} with sequence_parallel scatters its output along the sequence; not supported"
+        return None
+
+    def io_channels(self, cell: nn.Cell) -> Tuple[int, int]:
+        return int(cell.input_size), int(cell.output_size)
+
+    def compute_dtype(self, cell: nn.Cell):
+        return cell.compute_dtype          # config.compute_dtype (MindFormers' lora_A / lora_B are layers of it)
+
+    def strategies(self, cell: nn.Cell) -> lora_layout.Strategies:
+        """The in-strategies of ``x @ A^T`` and ``h @ B^T`` (the table above)."""
+        rows, tp = _sizes(cell)
+        return lora_layout.from_splits(*self.splits(rows, tp))
+
+    def add_extras(self, cell: nn.Cell) -> None:
+        lora_layout.add_primitives(cell, self.strategies(cell))
 
 
+#: the most specific first (the dispatcher asks them in this order)
+KINDS = (
+    # weight replicated, the input's sequence split by cp * tp
+    McoreLinearKind("SequenceParallelLinear", LoraColumnParallelLinear, lambda rows, tp: (rows * tp, 1, 1)),
+    McoreLinearKind("LinearNoTP", LoraColumnParallelLinear, lambda rows, tp: (rows, 1, 1)),
+    McoreLinearKind("ColumnParallelLinear", LoraColumnParallelLinear, lambda rows, tp: (rows, 1, tp)),
+    McoreLinearKind("RowParallelLinear", LoraRowParallelLinear, lambda rows, tp: (rows, tp, 1), row_parallel=True),
+)

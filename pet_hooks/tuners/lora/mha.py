@@ -22,20 +22,33 @@ Only the packed input projection is supported (``kdim == vdim == embed_dim``), a
 with separate ``q/k/v_proj_weight`` the out_proj can still be adapted. ``lora_dropout`` is not
 applied on these branches (there is no branch input to drop: the delta is folded into the
 weight for the call), again as PEFT; ``apply`` says so in a warning.
+
+:class:`MultiheadAttentionKind` is the attention cell's kind: it owns the copied ``construct``, the
+packed projection's geometry, the out_proj it brings along and reads (``companions``,
+``reads_child``, ``attach_child`` / ``detach_child``); the out_proj itself is an ``nn.Dense``
+(``lora/linear.py``) whose delta this kind puts into the weight.
 """
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import List, Optional, Sequence, Tuple
 
 import mindspore
 from mindspore import nn, ops
 
-__all__ = ["LoraMultiheadAttention", "is_mha", "mha_reason", "reads_child", "in_out_channels",
-           "attach_out_proj", "detach_out_proj"]
+from ..common import patched_class
+from .kind import LoraKind
+from .scale import scaled_a
 
+__all__ = ["LoraMultiheadAttention", "MultiheadAttentionKind", "MULTIHEAD_ATTENTION"]
+
+logger = logging.getLogger("pet_hooks")
 _MATMUL = ops.MatMul()
-# What an attention cell gains when it is patched because of its out_proj only.
-PARENT_ATTRS = ("pet_lora_in", "pet_lora_out")
+
+
+def _delta(cell):
+    """``B @ (s A)`` of ``cell`` (the attention cell or its out_proj), in the cell's branch compute dtype."""
+    return _MATMUL(ops.cast(cell.lora_B, cell.lora_compute_dtype), ops.cast(scaled_a(cell), cell.lora_compute_dtype))
 
 
 class LoraMultiheadAttention:
@@ -55,17 +68,10 @@ class LoraMultiheadAttention:
                   average_attn_weights=True):
         in_proj_weight = self.in_proj_weight
         if self.pet_lora_in:
-            delta = _MATMUL(ops.cast(self.lora_B, self.lora_compute_dtype),
-                            ops.cast(self.lora_A * ops.cast(self.pet_lora_scale, ops.dtype(self.lora_A)),
-                                     self.lora_compute_dtype))
-            in_proj_weight = in_proj_weight + ops.cast(delta, ops.dtype(in_proj_weight))
+            in_proj_weight = in_proj_weight + ops.cast(_delta(self), ops.dtype(in_proj_weight))
         out_proj_weight = self.out_proj.weight
         if self.pet_lora_out:
-            out = self.out_proj
-            delta = _MATMUL(ops.cast(out.lora_B, out.lora_compute_dtype),
-                            ops.cast(out.lora_A * ops.cast(out.pet_lora_scale, ops.dtype(out.lora_A)),
-                                     out.lora_compute_dtype))
-            out_proj_weight = out_proj_weight + ops.cast(delta, ops.dtype(out_proj_weight))
+            out_proj_weight = out_proj_weight + ops.cast(_delta(self.out_proj), ops.dtype(out_proj_weight))
 
         # From here on MultiheadAttention.construct of MindSpore 2.9, with in_proj_weight and
         # out_proj_weight in place of self.in_proj_weight and self.out_proj.weight.
@@ -117,58 +123,76 @@ class LoraMultiheadAttention:
         return (attn_output,)
 
 
-def is_mha(cell: nn.Cell) -> bool:
-    return isinstance(cell, nn.MultiheadAttention)
-
-
-def delta_in_weight(cell: nn.Cell, read_by_parent: bool) -> bool:
-    """True when the LoRA delta of ``cell`` goes into a weight (an attention cell's, or one its parent reads)
-    rather than a branch of its own: no branch input to drop out, one delta for every row of a batch."""
-    return read_by_parent or is_mha(cell)
-
-
-def mha_reason(cell: nn.Cell) -> Optional[str]:
-    """None when the attention cell's input projection can take a branch, else why not."""
+def _known_construct(cell: nn.Cell) -> bool:
+    """True when the attention cell computes with MindSpore's construct (its own, or ours: already adapted)."""
     construct = type(cell).construct
-    if construct is not nn.MultiheadAttention.construct and construct is not LoraMultiheadAttention.construct:
-        return (f"{type(cell).__name__} overrides MultiheadAttention.construct, whose computation pet_hooks "
-                f"cannot reproduce")
-    if not cell._qkv_same_embed_dim:  # pylint: disable=protected-access
-        return ("MultiheadAttention with kdim/vdim other than embed_dim (separate q/k/v_proj_weight) has no "
-                "packed input projection to adapt; target its out_proj alone")
-    return None
-
-
-def reads_child(parent: Optional[nn.Cell], child_name: str) -> bool:
-    """True when ``parent`` reads ``child_name``'s weights instead of calling it (and pet_hooks
-    knows how to put the branch into its computation)."""
-    if parent is None or not is_mha(parent) or child_name != "out_proj":
-        return False
-    construct = type(parent).construct
     return construct is nn.MultiheadAttention.construct or construct is LoraMultiheadAttention.construct
 
 
-def in_out_channels(cell: nn.Cell):
-    """(in, out) of the packed input projection: ``in_proj_weight`` is [3 * embed_dim, embed_dim]."""
-    return int(cell.embed_dim), 3 * int(cell.embed_dim)
+class MultiheadAttentionKind(LoraKind):
+    """``nn.MultiheadAttention``: the delta in its packed input projection ``in_proj_weight`` [3 * E, E], folded
+    into the weight for the call (no dropout, one delta for every row of a batch); its ``out_proj`` comes along
+    and is read, never called (see the module docstring)."""
+
+    name = "mindspore.nn.MultiheadAttention"
+    mixin = LoraMultiheadAttention
+    #: which projections carry a branch (compile-time booleans of the construct); the parent of an adapted
+    #: out_proj gains them too (``attach_child``)
+    extra_attrs = ("pet_lora_in", "pet_lora_out")
+    takes_dropout = False
+    rows_reason = "its LoRA delta goes into an attention weight shared by every row"
+
+    def recognises(self, cell: nn.Cell) -> bool:
+        return isinstance(cell, nn.MultiheadAttention)
+
+    def refuse(self, cell: nn.Cell) -> Optional[str]:
+        """None when the attention cell's input projection can take a branch, else why not."""
+        if not _known_construct(cell):
+            return (f"{type(cell).__name__} overrides MultiheadAttention.construct, whose computation pet_hooks "
+                    f"cannot reproduce")
+        if not cell._qkv_same_embed_dim:  # pylint: disable=protected-access
+            return ("MultiheadAttention with kdim/vdim other than embed_dim (separate q/k/v_proj_weight) has no "
+                    "packed input projection to adapt; target its out_proj alone")
+        return None
+
+    def companions(self, path: str, cell: nn.Cell) -> List[Tuple[str, nn.Cell]]:
+        """The out_proj, as PEFT adapts it with its attention cell (unless excluded)."""
+        return [(f"{path}.out_proj", cell.out_proj)]
+
+    def reads_child(self, cell: nn.Cell, child_name: str) -> bool:
+        return child_name == "out_proj" and _known_construct(cell)
+
+    def attach_child(self, cell: nn.Cell) -> Optional[type]:
+        """Make the attention cell compute with its out_proj's delta; its class before when this swapped it."""
+        original = None
+        if not isinstance(cell, LoraMultiheadAttention):
+            original = type(cell)
+            cell.pet_lora_in = False
+            cell.__class__ = patched_class(LoraMultiheadAttention, original)
+        cell.pet_lora_out = True
+        return original
+
+    def detach_child(self, cell: nn.Cell, original_class: Optional[type]) -> None:
+        cell.pet_lora_out = False
+        if original_class is not None:
+            cell.__class__ = original_class
+            for name in self.extra_attrs:
+                if name in cell.__dict__:
+                    delattr(cell, name)
+
+    def warn_no_dropout(self, paths: Sequence[str], rate: float) -> None:
+        logger.warning("pet_hooks: lora_dropout %s is not applied on %s: the delta goes into the weight that "
+                       "MultiheadAttention reads (as in PEFT)", rate, ", ".join(paths))
+
+    def io_channels(self, cell: nn.Cell) -> Tuple[int, int]:
+        """(in, out) of the packed input projection: ``in_proj_weight`` is [3 * embed_dim, embed_dim]."""
+        return int(cell.embed_dim), 3 * int(cell.embed_dim)
+
+    def base_weight(self, cell: nn.Cell):
+        return cell.in_proj_weight
+
+    def add_extras(self, cell: nn.Cell) -> None:
+        cell.pet_lora_in, cell.pet_lora_out = True, False
 
 
-def attach_out_proj(parent: nn.Cell, patched_class) -> bool:
-    """Make ``parent`` compute with its out_proj's delta; True when this call swapped its class."""
-    swapped = not isinstance(parent, LoraMultiheadAttention)
-    if swapped:
-        original = type(parent)
-        parent.pet_lora_in = False
-        parent.__class__ = patched_class(LoraMultiheadAttention, original)
-    parent.pet_lora_out = True
-    return swapped
-
-
-def detach_out_proj(parent: nn.Cell, original_class: Optional[type]) -> None:
-    """The mirror of ``attach_out_proj``: ``original_class`` when that call swapped the class, else None."""
-    parent.pet_lora_out = False
-    if original_class is not None:
-        parent.__class__ = original_class
-        for name in PARENT_ATTRS:
-            if name in parent.__dict__:
-                delattr(parent, name)
+MULTIHEAD_ATTENTION = MultiheadAttentionKind()

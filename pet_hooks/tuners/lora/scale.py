@@ -6,25 +6,32 @@ each rank row's ``scaling`` while the branch is on and 0 while it is off (disabl
 
     add_scale(path, cell, cfg)                    # cell.pet_lora_scale, cell.lora_scaling, ...
     a = scaled_a(cell)                            # A * scale, in A's dtype
+    a2 = times_scale(cell.lora_A_w2, cell.pet_lora_scale)     # any A of the cell (grouped experts' second)
 
 A finite A times 0 adds exactly nothing, so switching is a value written, never a recompile.
 One value per row, not one per cell, because several adapters of different scalings can share
-the cell's A and B (``lora_slots``). This module sits below the LoRA modules that read the
-switch (``lora``, ``lora_dora``, ``lora_embedding``), so none of them imports another for it.
+the cell's A and B (``multi/slots.py``). Every branch that reads A reads it through these two
+functions (the linear layers, the mcore projections, the attention cell's effective weights, the
+grouped experts, DoRA), so the formula is written once; this module sits below them all.
 """
 from __future__ import annotations
 
 import numpy as np
 from mindspore import Parameter, nn, ops
 
-__all__ = ["SCALE_NAME", "scaled_a", "add_scale"]
+__all__ = ["SCALE_NAME", "scaled_a", "times_scale", "add_scale"]
 
 SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
 
+def times_scale(a, scale):
+    """``a * scale`` in ``a``'s dtype: an A of the cell (``[r, in]``, or ``[E, r, in]``) times the switch ``[r, 1]``."""
+    return a * ops.cast(scale, ops.dtype(a))
+
+
 def scaled_a(cell):
     """``A * scale`` in A's dtype (see the module docstring)."""
-    return cell.lora_A * ops.cast(cell.pet_lora_scale, ops.dtype(cell.lora_A))
+    return times_scale(cell.lora_A, cell.pet_lora_scale)
 
 
 def add_scale(path: str, cell: nn.Cell, cfg) -> None:
