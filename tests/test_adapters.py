@@ -2,7 +2,8 @@
 files, hot swap, mixed batches, and the front doors' ``adapter_name``; in graph and PyNative mode.
 
 The reference is NumPy: ``TwoDense`` computes ``act(x W1^T + b1 + sum_n s_n x A_n^T B_n^T)`` and so on for the
-second layer, with every adapter's A, B and scaling read back through ``pet_hooks.multi.adapters`` only where noted.
+second layer, with every adapter's A and B the values the test itself wrote into it (``_fill``), never read
+back from pet_hooks' store of the inactive adapters (the slots the forward reads), and its scaling from the config.
 """
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ from mindspore import Tensor, nn
 from mindspore.train import Model
 
 import pet_hooks
-from pet_hooks.utils.ms_compat import hook_version
 from pet_hooks.surgery.core import get_state
-from pet_hooks.multi import slots as lora_slots
+from pet_hooks.utils.ms_compat import hook_version
 from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT
 from tests.nets import TwoDense
 
@@ -46,10 +46,16 @@ def _x(rows=4):
 
 
 def _fill(net, seed):
-    """Random values into the active adapter's deltas (B too, so that each adapter moves the output)."""
+    """Random values into the active adapter's deltas (B too, so that each adapter moves the output); returns
+    what it wrote, layer -> (A, B)."""
     rng = np.random.default_rng(seed)
+    written = {}
     for param in pet_hooks.delta_parameters(net):
-        param.set_data(Tensor((0.3 * rng.standard_normal(param.shape)).astype(np.float32)))
+        value = (0.3 * rng.standard_normal(param.shape)).astype(np.float32)
+        param.set_data(Tensor(value))
+        layer, leaf = param.name.rsplit(".", 1)
+        written.setdefault(layer, {})[leaf] = value
+    return {layer: (leaves["lora_A"], leaves["lora_B"]) for layer, leaves in written.items()}
 
 
 def _reference(weights, values, active, x):
@@ -84,23 +90,27 @@ def _assert_base_unchanged(before, net):
         np.testing.assert_array_equal(after[name], value, err_msg=name)
 
 
-def _values(net, name):
-    """Adapter ``name``'s (A, B) per layer, read from the slots or the host store."""
-    return {path: (arrays["lora_A"], arrays["lora_B"])
-            for path, arrays in lora_slots.adapter_arrays(get_state(net), name).items()}
+def _live(net):
+    """The active adapter's (A, B) per layer, from its trainable Parameters (what an optimizer updates)."""
+    leaves = {}
+    for param in pet_hooks.delta_parameters(net):
+        layer, leaf = param.name.rsplit(".", 1)
+        leaves.setdefault(layer, {})[leaf] = param.asnumpy().copy()
+    return {layer: (pair["lora_A"], pair["lora_B"]) for layer, pair in leaves.items()}
 
 
 def _three_adapters():
-    """default (dense1+dense2, r2), b (dense2 only, r3), c (like default); each filled with its own values."""
+    """default (dense1+dense2, r2), b (dense2 only, r3), c (like default); each filled with its own values.
+    Returns the net and what was written, adapter -> layer -> (A, B)."""
     net = _net()
     pet_hooks.apply(net, A)
-    _fill(net, 1)
+    written = {"default": _fill(net, 1)}
     for name, cfg, seed in (("b", B, 2), ("c", C, 3)):
         pet_hooks.add_adapter(net, name, cfg)
         pet_hooks.set_adapter(net, name)
-        _fill(net, seed)
+        written[name] = _fill(net, seed)
     pet_hooks.set_adapter(net, "default")
-    return net
+    return net, written
 
 
 @pytest.fixture
@@ -138,9 +148,9 @@ class _NoCompile:
 
 # ----------------------------------------------------------------------------- add, switch, list, delete
 def test_each_adapter_and_their_sum_compute_as_numpy_says(mode):
-    net = _three_adapters()
+    net, values = _three_adapters()
     x = _x()
-    weights, values = _weights(net), {n: _values(net, n) for n in ("default", "b", "c")}
+    weights = _weights(net)
     assert pet_hooks.list_adapters(net) == ["default", "b", "c"]
     assert set(values["b"]) == {"dense2"} and values["b"]["dense2"][0].shape == (3, 10)
     for active in (["default"], ["b"], ["c"], ["default", "b"], ["b", "c", "default"]):
@@ -153,7 +163,7 @@ def test_each_adapter_and_their_sum_compute_as_numpy_says(mode):
 
 
 def test_switching_adapters_of_the_same_ranks_compiles_nothing(mode):
-    net = _three_adapters()
+    net, _ = _three_adapters()
     x = _x()
     outputs = _each_alone(net, x, ("default", "c", "b"))
     net(x)
@@ -169,14 +179,16 @@ def test_switching_adapters_of_the_same_ranks_compiles_nothing(mode):
 
 
 def test_only_the_active_adapter_trains_and_the_others_keep_their_values(mode):
-    net = _three_adapters()
-    base = _base(net)
-    held = {n: _values(net, n) for n in ("default", "b")}
+    net, written = _three_adapters()
+    base, weights = _base(net), _weights(net)
     pet_hooks.set_adapter(net, "c")
     deltas = pet_hooks.delta_parameters(net)
     assert [p.name for p in deltas] == ["dense1.lora_A", "dense1.lora_B", "dense2.lora_A", "dense2.lora_B"]
     assert {id(p) for p in net.trainable_params()} == {id(p) for p in deltas}
-    before = _values(net, "c")
+    before = written["c"]
+    for layer, (a, b) in _live(net).items():            # c's Parameters hold what was written into c
+        np.testing.assert_array_equal(a, before[layer][0])
+        np.testing.assert_array_equal(b, before[layer][1])
     net.set_train(True)
     optimizer = nn.SGD(deltas, 0.1)
     step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.MSELoss()), optimizer)
@@ -185,12 +197,18 @@ def test_only_the_active_adapter_trains_and_the_others_keep_their_values(mode):
         step(x, target)
     net.set_train(False)
     _assert_base_unchanged(base, net)                   # the base model, bit for bit
-    after = _values(net, "c")
+    after = _live(net)
     assert all(not np.array_equal(after[k][1], before[k][1]) for k in after)       # c trained
-    for name in ("default", "b"):                    # the others exactly as they were
-        for layer, (a, b) in held[name].items():
-            np.testing.assert_array_equal(_values(net, name)[layer][0], a)
-            np.testing.assert_array_equal(_values(net, name)[layer][1], b)
+    x = _x()
+    np.testing.assert_allclose(net(x).asnumpy(), _reference(weights, {"c": after}, ["c"], x.asnumpy()),
+                               rtol=1e-5, atol=1e-5)
+    for name in ("default", "b"):                    # the others exactly as written: their values and their output
+        pet_hooks.set_adapter(net, name)
+        for layer, (a, b) in _live(net).items():
+            np.testing.assert_array_equal(a, written[name][layer][0], err_msg=f"{name} {layer}")
+            np.testing.assert_array_equal(b, written[name][layer][1], err_msg=f"{name} {layer}")
+        np.testing.assert_allclose(net(x).asnumpy(), _reference(weights, written, [name], x.asnumpy()),
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_a_cell_only_an_inactive_adapter_adapts_adds_nothing_and_does_not_train(mode):
@@ -230,7 +248,7 @@ def test_delete_and_remove_restore_the_original_net(mode):
 
 
 def test_merge_folds_every_active_adapter(mode):
-    net = _three_adapters()
+    net, _ = _three_adapters()
     x = _x()
     pet_hooks.set_adapter(net, ["default", "b"])
     summed = net(x).asnumpy()
@@ -244,7 +262,7 @@ def test_merge_folds_every_active_adapter(mode):
 
 # ----------------------------------------------------------------------------- files
 def test_save_and_load_each_adapter_and_all_of_them(mode, tmp_path):
-    net = _three_adapters()
+    net, _ = _three_adapters()
     x = _x()
     outputs = _each_alone(net, x, ("default", "b", "c"))
     optimizer_params = [id(p) for p in pet_hooks.delta_parameters(net)]
@@ -272,7 +290,7 @@ def test_save_and_load_each_adapter_and_all_of_them(mode, tmp_path):
 
 
 def test_hot_swap_replaces_values_in_place_without_a_compile(mode, tmp_path):
-    net = _three_adapters()
+    net, _ = _three_adapters()
     x = _x()
     pet_hooks.set_adapter(net, "c")
     expected_c = net(x).asnumpy()
@@ -294,7 +312,7 @@ def test_hot_swap_replaces_values_in_place_without_a_compile(mode, tmp_path):
 
 # ----------------------------------------------------------------------------- mixed batches
 def test_each_row_goes_through_its_own_adapter(mode):
-    net = _three_adapters()
+    net, _ = _three_adapters()
     x = _x(5)
     alone = _each_alone(net, x, ("default", "b", "c"))
     with pet_hooks.disable_adapters(net):
@@ -325,9 +343,8 @@ def test_callback_and_enable_train_the_named_adapter_only(mode, tmp_path):
     for door in ("callback", "enable"):
         net = _net()
         pet_hooks.apply(net, A)
-        _fill(net, 1)
-        default_values = _values(net, "default")
-        base = _base(net)
+        default_values = _fill(net, 1)
+        base, weights = _base(net), _weights(net)
         if door == "callback":
             model = Model(net, nn.MSELoss(), nn.Adam(net.trainable_params(), 1e-2))
             model.train(1, _dataset(), callbacks=[pet_hooks.PetCallback(C, save_dir=str(tmp_path / door),
@@ -341,10 +358,15 @@ def test_callback_and_enable_train_the_named_adapter_only(mode, tmp_path):
         assert pet_hooks.list_adapters(net) == ["default", "task_b"], door
         assert pet_hooks.active_adapters(net) == ["task_b"], door
         _assert_base_unchanged(base, net)
-        for layer, (a, b) in default_values.items():      # the other adapter untouched
-            np.testing.assert_array_equal(_values(net, "default")[layer][1], b)
-        trained = _values(net, "task_b")
-        assert all(np.abs(b).sum() > 0 for _, b in trained.values()), door
+        trained = _live(net)                                # task_b, active
+        assert set(trained) == {"dense1", "dense2"} and all(np.abs(b).sum() > 0 for _, b in trained.values()), door
+        pet_hooks.set_adapter(net, "default")               # the other adapter untouched: as written, and its output
+        for layer, (a, b) in _live(net).items():
+            np.testing.assert_array_equal(a, default_values[layer][0], err_msg=f"{door} {layer}")
+            np.testing.assert_array_equal(b, default_values[layer][1], err_msg=f"{door} {layer}")
+        x = _x()
+        np.testing.assert_allclose(net(x).asnumpy(), _reference(weights, {"default": default_values}, ["default"],
+                                                                x.asnumpy()), rtol=1e-5, atol=1e-5, err_msg=door)
         saved = json.loads((tmp_path / door / "adapter_config.json").read_text())["pet_config"]
         assert saved["lora_alpha"] == 2, door
 
@@ -369,6 +391,14 @@ def test_launcher_takes_an_adapter_name(tmp_path):
     fresh = _net()
     pet_hooks.load_adapter(fresh, tmp_path / "out", adapter_name="task_b")
     assert pet_hooks.list_adapters(fresh) == ["task_b"]
+    # the deltas trained: each moved from the values C's seed draws (the same in any process, checked here)
+    initial, again = (_live(pet_hooks.apply(_net(), C, adapter_name="task_b")) for _ in range(2))
+    trained = _live(fresh)
+    assert set(trained) == set(initial) == {"dense1", "dense2"}
+    for layer, (a, b) in trained.items():
+        np.testing.assert_array_equal(initial[layer][0], again[layer][0])        # the init is the seed's alone
+        assert not initial[layer][1].any() and np.abs(b).max() > 1e-4, layer    # B starts at 0 and moved
+        assert np.abs(a - initial[layer][0]).max() > 1e-4, layer                # A moved from its draw too
 
 
 # ----------------------------------------------------------------------------- against PEFT itself

@@ -5,14 +5,27 @@ worker runs, that the variants train what they should (counts against the LoRA f
 MindFormers' own LoRA), and that BENCHMARKS.md has its tables and keeps the analysis.
 """
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 
 import pytest
 from tests.conftest import ROOT
 
+
+def is_number(value) -> bool:
+    """A finite int or float: what a measured figure must be (its size is the machine's business, not the test's)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_stats(stats: dict, n: int) -> bool:
+    """``{"median", "min", "max", "n"}`` of n measurements, in order."""
+    return (set(stats) == {"median", "min", "max", "n"} and stats["n"] == n
+            and all(is_number(stats[k]) for k in ("median", "min", "max"))
+            and stats["min"] <= stats["median"] <= stats["max"])
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +53,7 @@ def test_training_variants_train_what_they_should(quick_run):
     for group in (llama, gpt):
         for name, result in group.items():
             assert len(result["steps"]) == 1, name
-            assert result["steps"][0]["ms"] > 0 and result["done"]["peak_rss_above_baseline_mb"] > 0, name
+            assert is_number(result["steps"][0]["ms"]) and is_number(result["done"]["peak_rss_above_baseline_mb"]), name
             assert result["steps"][0]["loss"] == pytest.approx(result["ready"]["first_loss"], rel=0.2), name
 
 
@@ -50,9 +63,18 @@ def test_hooks_and_inference_results(quick_run):
     assert hooks["apply"]["qkvo"]["cells"] == 4 * 4 and hooks["apply"]["all"]["cells"] == 4 * 7
     size = hooks["size"]["qkvo"]
     assert size["raw_bytes"] == 4 * size["delta_params"] and size["weights_file_bytes"] > size["raw_bytes"]
-    assert 0 < hooks["callback"]["overhead_fraction"] < 1
+    callback = hooks["callback"]
+    assert callback["steps"] >= 1 and is_stats(callback["step_ms"], callback["steps"])
+    assert is_stats(callback["callback_ms_per_step"], callback["steps"]) and is_number(callback["train_begin_ms"])
+    # the fraction is what its parts say, whatever the machine's speed (each part kept to 4 decimals, it to 6)
+    part, whole = callback["callback_ms_per_step"]["median"], callback["step_ms"]["median"]
+    assert (part - 5e-5) / (whole + 5e-5) - 5e-7 <= callback["overhead_fraction"] <= \
+        (part + 5e-5) / (whole - 5e-5) + 5e-7, callback
     inference = results["inference"]["gpt/32"]
-    assert set(inference["median_ms"]) == {"base", "adapter", "merged"}
+    assert set(inference["median_ms"]) == set(inference["ms"]) == {"base", "adapter", "merged"}
+    for name, times in inference["ms"].items():             # every variant timed as often, the median of its times
+        assert len(times) == len(inference["ms"]["base"]) >= 1 and all(is_number(t) for t in times), name
+        assert inference["median_ms"][name] == pytest.approx(statistics.median(times), abs=1e-3), name
 
 
 def test_compiled_kernels_are_counted(quick_run):
@@ -107,6 +129,22 @@ def test_smollm2_quick_run(tmp_path):
     for method in ("lora_all", "full", "peft_lora_qkvo"):        # B = 0 / nothing changed yet: the same model
         assert before[method]["right"] == before["lora_qkvo"]["right"], method
         assert abs(before[method]["loss"] - before["lora_qkvo"]["loss"]) < 1e-3 * before["lora_qkvo"]["loss"], method
-    assert set(data["ratios"]) and all(v["time"] > 0 and v["memory"] > 0 for v in data["ratios"].values())
+    # each ratio is the quotient of the measurements it names (paired step times, peak memory), whatever they are
+    variants = {"pet_hooks LoRA": "ms_lora_qkvo", "PEFT LoRA": "torch_lora_qkvo", "PyTorch full": "torch_full",
+                "MindSpore full": "ms_full"}
+    groups = data["speed"]["groups"]
+    checked = 0
+    for label, ratio in data["ratios"].items():
+        assert set(ratio) == {"time", "memory"} and is_number(ratio["time"]) and is_number(ratio["memory"]), label
+        found = re.fullmatch(r"(.+) / (.+) \((\w)\)", label)
+        if found and found.group(1) in variants and found.group(2) in variants:
+            group = groups[found.group(3)]
+            a, b = group[variants[found.group(1)]], group[variants[found.group(2)]]
+            assert ratio["time"] == pytest.approx(statistics.median(
+                x["ms"] / y["ms"] for x, y in zip(a["steps"], b["steps"])), rel=1e-9), label
+            assert ratio["memory"] == pytest.approx(
+                a["done"]["peak_rss_above_baseline_mb"] / b["done"]["peak_rss_above_baseline_mb"], rel=1e-9), label
+            checked += 1
+    assert checked >= 3, sorted(data["ratios"])
     assert text.index("EARLIER SECTIONS") < text.index("## SmolLM2-135M-Instruct (real weights)") < text.index(marker)
     assert text.rstrip().endswith("WHY IT IS SO") and (tmp_path / "smollm2_quality.png").is_file()

@@ -6,6 +6,8 @@ pet_hooks (nn.Dense, and MindFormers' Linear in both weight layouts), identical 
 
 - DoRA: the magnitude PEFT initialises, the outputs, the gradients of A, B and the magnitude, the merged
   weights (PEFT's ``merge_adapter``) and unmerge back; PEFT reads our PEFT-format DoRA adapter and we read PEFT's;
+  the same against DoRA written out in NumPy from the paper's definition (tests/numpy_references.py), which
+  needs no PyTorch, and that NumPy reference against PEFT;
 - PiSSA and OLoRA: the initial ``s B A`` and the residual base weight PEFT computes, the output at init;
   PEFT reads our PiSSA adapter (re-deriving the residual from the original weights, as we do) and our
   conversion of it to a plain rank-2r LoRA (``save_as_lora``);
@@ -29,6 +31,7 @@ import pet_hooks
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, three_layers
+from tests.numpy_references import DoraLayer, three_layers as numpy_three_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 R, ALPHA = 2, 8
@@ -147,6 +150,69 @@ def test_dora_outputs_gradients_and_merge_equal_peft(mode, kind, peft_run):
         close(_out_in(getattr(net, layer)), theirs[f"dora.unmerged.{layer}"], layer, 1e-6)
     close(net(x).asnumpy(), out)
     print(f"DoRA {kind} mode {mode}: max |ours - PEFT| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+
+
+def _numpy_dora(job, magnitudes=None, lora_b=None):
+    """The job's net with DoRA in NumPy: {layer: DoraLayer} (default the job's A, B and m)."""
+    return {layer: DoraLayer(job[f"{layer}.weight"], job[f"{layer}.bias"], job[f"dora.{layer}.A"],
+                             job[f"dora.{layer}.B"] if lora_b is None else lora_b[layer],
+                             job[f"dora.{layer}.m"] if magnitudes is None else magnitudes[layer], SCALING)
+            for layer in LAYERS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dora_outputs_gradients_and_merge_equal_numpy(mode, kind):
+    """Without PyTorch: DoRA by its definition (tests/numpy_references.py): the magnitude at init, outputs,
+    gradients of A, B and m (the norm held constant), merged weights, and unmerge back."""
+    job = _job()
+    net = pet_hooks.apply(three_layers(job, kind), DORA)
+    x, g = Tensor(job["x"]), Tensor(job["g"])
+    for layer in LAYERS:                                    # m = ||W|| per output row, so the output is the base's
+        close(getattr(net, layer).lora_magnitude_vector.asnumpy(),
+              DoraLayer.initial_magnitude(job[f"{layer}.weight"]), layer, 1e-6)
+    _set(net, _dora_values(job))
+    deltas = pet_hooks.delta_parameters(net)
+
+    def loss(x, g):
+        return (net(x) * g).sum()
+
+    _, grads = ms.value_and_grad(loss, None, deltas)(x, g)
+    reference = _numpy_dora(job)
+    expected, expected_grads = numpy_three_layers(reference, job["x"], job["g"])
+    base, _ = numpy_three_layers(_numpy_dora(job, {layer: DoraLayer.initial_magnitude(job[f"{layer}.weight"])
+                                                   for layer in LAYERS},
+                                             {layer: np.zeros_like(job[f"dora.{layer}.B"]) for layer in LAYERS}),
+                                 job["x"], job["g"])
+    assert np.abs(expected - base).max() > 20 * 1e-5 * max(1.0, np.abs(expected).max())    # the adapter shows
+    out = net(x).asnumpy()
+    close(out, expected)
+    for param, grad in zip(deltas, grads):
+        layer, leaf = param.name.split(".")
+        close(grad.asnumpy(), expected_grads[layer][leaf], param.name)
+    assert len(deltas) == 3 * len(LAYERS)
+
+    pet_hooks.merge(net)
+    for layer in LAYERS:
+        close(_out_in(getattr(net, layer)), reference[layer].merged_weight(), layer, 1e-6)
+    close(net(x).asnumpy(), expected)
+    pet_hooks.unmerge(net)
+    for layer in LAYERS:
+        close(_out_in(getattr(net, layer)), job[f"{layer}.weight"], layer, 1e-6)
+    close(net(x).asnumpy(), expected)
+
+
+@NEEDS_PEFT
+def test_the_numpy_dora_is_peft_s(peft_run):
+    """The NumPy DoRA above gives PEFT's magnitude at init, output, gradients and merged weights."""
+    _, job, theirs, _ = peft_run
+    reference = _numpy_dora(job)
+    out, grads = numpy_three_layers(reference, job["x"], job["g"])
+    close(out, theirs["dora.out"])
+    for layer in LAYERS:
+        close(DoraLayer.initial_magnitude(job[f"{layer}.weight"]), theirs[f"dora.init_m.{layer}"], layer, 1e-6)
+        for leaf, key in (("lora_A", "A"), ("lora_B", "B"), ("lora_magnitude_vector", "m")):
+            close(grads[layer][leaf], theirs[f"dora.grad.{layer}.{key}"], f"{layer} {leaf}")
+        close(reference[layer].merged_weight(), theirs[f"dora.merged.{layer}"], layer, 1e-6)
 
 
 @NEEDS_PEFT

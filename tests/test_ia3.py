@@ -1,10 +1,12 @@
-"""IA3 against Hugging Face PEFT's own implementation, in graph and PyNative mode.
+"""IA3 against Hugging Face PEFT's own implementation and against NumPy, in graph and PyNative mode.
 
 The same three-layer net (``k``, ``v``, ``down``; ``down`` feed-forward) in PyTorch with PEFT's
 ``IA3Config`` and in MindSpore with pet_hooks, on nn.Dense and on MindFormers' Linear with both
 weight layouts: the outputs, the gradient of every ``ia3_l`` and the merged weights must be
-PEFT's; PEFT must read pet_hooks' PEFT-format adapter and pet_hooks PEFT's. Then the contract:
-output unchanged at init, only the vectors train, disable_adapters, remove.
+PEFT's; PEFT must read pet_hooks' PEFT-format adapter and pet_hooks PEFT's. The same outputs, gradients
+and merged weights against IA3 written out in NumPy from its definition (tests/numpy_references.py), which
+needs no PyTorch, and that NumPy reference against PEFT. Then the contract: output unchanged at init, only
+the vectors train, disable_adapters, remove.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import pet_hooks
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, ThreeLayers, three_layers
+from tests.numpy_references import Ia3Layer, three_layers as numpy_three_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CFG = {"pet_type": "ia3", "target_modules": ["k", "v", "down"], "feedforward_modules": ["down"]}
@@ -129,6 +132,66 @@ def test_peft_reads_our_adapter_and_we_read_peft_s(mode, peft_run):
     cfg = get_state(fresh).config
     assert cfg.pet_type == "ia3" and cfg.feedforward_modules == ["down"]
     assert_close(fresh(Tensor(job["x"])).asnumpy(), torch_out["out"])
+
+
+def _numpy_ia3(job, vectors=None):
+    """The job's net with IA3 in NumPy: {layer: Ia3Layer} (``vectors`` layer -> l, default the job's)."""
+    return {layer: Ia3Layer(job[f"{layer}.weight"], job[f"{layer}.bias"],
+                            job[f"ia3.{layer}"] if vectors is None else vectors[layer], feedforward=layer == "down")
+            for layer in LAYERS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_gradients_and_merge_equal_numpy(mode, kind):
+    """Without PyTorch: IA3 by its definition (tests/numpy_references.py), outputs, gradients of every ia3_l,
+    merged weights and biases, and unmerge back to the originals."""
+    job = _job()
+    net = pet_hooks.apply(three_layers(job, kind), CFG)
+    _set_vectors(net, job)
+    x, g = Tensor(job["x"]), Tensor(job["g"])
+    vectors = pet_hooks.delta_parameters(net)
+
+    def loss(x, g):
+        return (net(x) * g).sum()
+
+    value, grads = ms.value_and_grad(loss, None, vectors)(x, g)
+    reference = _numpy_ia3(job)
+    expected, expected_grads = numpy_three_layers(reference, job["x"], job["g"])
+    base, _ = numpy_three_layers(_numpy_ia3(job, {layer: np.ones(job[f"ia3.{layer}"].shape) for layer in LAYERS}),
+                                 job["x"], job["g"])
+    assert np.abs(expected - base).max() > 20 * 1e-5 * max(1.0, np.abs(expected).max())    # the vectors show
+    out = net(x).asnumpy()
+    assert_close(out, expected)
+    assert_close(float(value.asnumpy()), float((expected * job["g"]).sum()))
+    for layer, param, grad in zip(LAYERS, vectors, grads):
+        assert param.name == f"{layer}.ia3_l"
+        assert_close(grad.asnumpy(), expected_grads[layer]["ia3_l"], err_msg=layer)
+
+    pet_hooks.merge(net)
+    for layer in LAYERS:
+        cell = getattr(net, layer)
+        weight, bias = reference[layer].merged()
+        np.testing.assert_allclose(_weight_out_in(cell), weight, rtol=1e-6, atol=1e-6, err_msg=layer)
+        np.testing.assert_allclose(cell.bias.asnumpy(), bias, rtol=1e-6, atol=1e-6, err_msg=layer)
+    assert_close(net(x).asnumpy(), expected)
+    pet_hooks.unmerge(net)
+    for layer in LAYERS:
+        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
+    assert_close(net(x).asnumpy(), expected)
+
+
+@NEEDS_PEFT
+def test_the_numpy_reference_is_peft_s(peft_run):
+    """The NumPy IA3 above gives PEFT's output, gradients and merged weights (so either reference checks the same)."""
+    _, job, theirs = peft_run
+    reference = _numpy_ia3(job)
+    out, grads = numpy_three_layers(reference, job["x"], job["g"])
+    assert_close(out, theirs["out"])
+    for layer in LAYERS:
+        assert_close(grads[layer]["ia3_l"], theirs[f"grad.{layer}"], err_msg=layer)
+        weight, bias = reference[layer].merged()
+        np.testing.assert_allclose(weight, theirs[f"merged.{layer}.weight"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(bias, theirs[f"merged.{layer}.bias"], rtol=1e-6, atol=1e-6)
 
 
 def test_the_contract_init_training_disable_remove(mode):

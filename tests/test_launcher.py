@@ -100,7 +100,26 @@ def test_prefix_methods_and_llama_through_the_launcher(tmp_path, config, script,
     assert sorted(adapter) == sorted(deltas)
     for name, value in adapter.items():
         np.testing.assert_array_equal(value, deltas[name])
+    # the deltas trained: each moved from its initial value, which is the seed's alone (the script seeds
+    # MindSpore with 0 when it builds the model, and pet_hooks draws the deltas from that seed): drawn here twice
+    initial, again = (_initial_deltas(config, script) for _ in range(2))
+    assert sorted(initial) == sorted(deltas)
+    for name, value in deltas.items():
+        np.testing.assert_array_equal(initial[name], again[name], err_msg=name)
+        assert np.abs(value - initial[name]).max() > 1e-5, f"{name} did not move from its initial value"
     if script == "llama_train.py":  # the base weights the script saved are the untrained ones
         from samples.llama_train import build_llama
         for param in build_llama(os.path.join(ROOT, "samples", "configs", config)).get_parameters():
             np.testing.assert_array_equal(saved[param.name].asnumpy(), param.asnumpy(), err_msg=param.name)
+
+
+def _initial_deltas(config: str, script: str) -> dict:
+    """The deltas of the model ``script`` builds, as pet_hooks adapts it before the first step."""
+    path = os.path.join(ROOT, "samples", "configs", config)
+    if script == "llama_train.py":
+        from samples.llama_train import build_llama
+        net = build_llama(path)
+    else:
+        net = build(seed=0)
+    pet_hooks.apply(net, pet_hooks.load_config(path))
+    return {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(net)}

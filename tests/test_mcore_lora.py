@@ -7,7 +7,9 @@ MindSpore runs in graph mode only ("Morph is only supported in GRAPH_MODE").
 The reference is MindFormers' own mcore LoRA (``mindformers.pet.get_pet_model``, which puts
 ``ColumnParallelLinearWithLoRA`` / ``RowParallelLinearWithLoRA`` from
 ``parallel_core/training_graph/tensor_parallel/lora_layers.py`` in place of the projections) on
-the same patched model, with the same base and delta values.
+the same patched model, with the same base and delta values; merging against ``W + s B A`` in NumPy;
+and ``SequenceParallelLinear`` (DeepSeek-V3's MLA down projection, which MindFormers' LoRA does not
+cover) against ``x W^T + b + s x A^T B^T`` and its gradients in NumPy.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import Tensor
+
+from mindspore import nn
 
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
@@ -121,19 +125,98 @@ def test_starts_at_the_base_output_and_remove_restores_the_original():
     np.testing.assert_array_equal(logits(net, ids), base)
 
 
+def weight_out_in(cell) -> np.ndarray:
+    """A copy of the cell's weight as [out, in] (``asnumpy`` shares the Parameter's memory, which merge writes)."""
+    weight = cell.weight.asnumpy().copy()
+    return weight if cell.transpose_b else weight.T
+
+
 def test_training_moves_only_the_deltas_and_merge_folds_them():
     net = pet_hooks.apply(tiny_qwen3(), CFG)
     base_names = [p.name for p in net.get_parameters() if ".lora_" not in p.name and not p.name.endswith("pet_lora_scale")]
     before = snapshot(net)
+    ids = ids_of(4)
+    base = logits(net, ids)                                       # B = 0: the base model's logits
     losses = adam_losses(net, ids_of(3), lr=1e-2)
     assert losses[-1] < losses[0]
     assert_params_equal(before, net, base_names)                 # the base is untouched
-    ids = ids_of(4)
     adapted = logits(net, ids)
+    rtol, atol = 1e-4, 1e-5                                       # merged against adapted logits, below
+    assert np.abs(adapted - base).max() > 20 * (atol + rtol * np.abs(adapted).max())   # the trained adapter shows
+    cells = {path: cell for path, cell in net.cells_and_names() if hasattr(cell, "lora_A")}
+    assert len(cells) == 2 * 4
+    unmerged = {path: (weight_out_in(cell), cell.lora_A.asnumpy(), cell.lora_B.asnumpy()) for path, cell in cells.items()}
     pet_hooks.merge(net)
-    np.testing.assert_allclose(logits(net, ids), adapted, rtol=1e-4, atol=1e-5)
+    scaling = CFG["lora_alpha"] / CFG["lora_rank"]
+    for path, cell in cells.items():                              # W' = W + s B A, written out here
+        w, a, b = unmerged[path]
+        delta = scaling * b @ a
+        assert np.abs(delta).max() > 20 * 1e-6, path
+        np.testing.assert_allclose(weight_out_in(cell), w + delta, rtol=0, atol=1e-6, err_msg=path)
+    np.testing.assert_allclose(logits(net, ids), adapted, rtol=rtol, atol=atol)
     pet_hooks.unmerge(net)
-    np.testing.assert_allclose(logits(net, ids), adapted, rtol=1e-4, atol=1e-5)
+    for path, cell in cells.items():
+        np.testing.assert_allclose(weight_out_in(cell), unmerged[path][0], rtol=0, atol=1e-6, err_msg=path)
+    np.testing.assert_allclose(logits(net, ids), adapted, rtol=rtol, atol=atol)
+
+
+class _Down(nn.Cell):
+    """A ``SequenceParallelLinear`` as DeepSeek-V3's MLA builds its ``linear_qkv`` (with a bias here, to cover the
+    bias path too), input ``[S, B, H]``."""
+
+    def __init__(self, config, out_size: int):
+        super().__init__()
+        from mindformers.parallel_core.training_graph.tensor_parallel.layers import SequenceParallelLinear
+        self.linear_qkv = SequenceParallelLinear(32, out_size, config=config, init_method=config.init_method,
+                                                 bias=True, skip_bias_add=False)
+
+    def construct(self, x):
+        return self.linear_qkv(x)[0]
+
+
+def test_lora_on_a_sequence_parallel_linear_equals_numpy():
+    """LoRA on ``SequenceParallelLinear`` (DeepSeek-V3's MLA down projection, the shared experts): output,
+    gradients of A and B, merge, against NumPy; the branch large against the tolerance."""
+    rng = np.random.default_rng(11)
+    config = tiny_qwen3().model.decoder.layers[0].self_attention.linear_qkv.config
+    net = _Down(config, 40)
+    w = (rng.standard_normal((40, 32)) * 0.2).astype(np.float32)
+    bias = (rng.standard_normal(40) * 0.2).astype(np.float32)
+    net.linear_qkv.weight.set_data(Tensor(w))
+    net.linear_qkv.bias.set_data(Tensor(bias))
+    pet_hooks.apply(net, dict(CFG, target_modules="linear_qkv"))
+    cell = net.linear_qkv
+    assert type(cell).__name__ == "LoraColumnParallelLinear_of_SequenceParallelLinear"
+    a = (rng.standard_normal((4, 32)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal((40, 4)) * 0.3).astype(np.float32)
+    cell.lora_A.set_data(Tensor(a))
+    cell.lora_B.set_data(Tensor(b))
+    x = rng.standard_normal((8, 2, 32)).astype(np.float32)              # [S, B, H]
+    g = rng.standard_normal((8, 2, 40)).astype(np.float32)
+    s = CFG["lora_alpha"] / CFG["lora_rank"]
+
+    def loss(x, g):
+        return (net(x) * g).sum()
+
+    out = net(Tensor(x)).asnumpy()
+    _, (grad_a, grad_b) = ms.value_and_grad(loss, None, [cell.lora_A, cell.lora_B])(Tensor(x), Tensor(g))
+    x64, g64 = x.astype(np.float64).reshape(-1, 32), g.astype(np.float64).reshape(-1, 40)
+    base = x64 @ w.T + bias
+    expected = base + s * (x64 @ a.T) @ b.T
+    tol = 1e-5 * np.abs(expected).max()
+    assert np.abs(expected - base).max() > 20 * tol                     # the branch shows
+    np.testing.assert_allclose(out.reshape(-1, 40), expected, rtol=1e-5, atol=tol)
+    np.testing.assert_allclose(grad_a.asnumpy(), s * (g64 @ b).T @ x64, rtol=1e-5,
+                               atol=1e-5 * np.abs(s * (g64 @ b).T @ x64).max())
+    np.testing.assert_allclose(grad_b.asnumpy(), s * g64.T @ (x64 @ a.T), rtol=1e-5,
+                               atol=1e-5 * np.abs(s * g64.T @ (x64 @ a.T)).max())
+    pet_hooks.merge(net)
+    np.testing.assert_allclose(cell.weight.asnumpy(), w + s * b @ a, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(net(Tensor(x)).asnumpy().reshape(-1, 40), expected, rtol=1e-5, atol=tol)
+    pet_hooks.unmerge(net)
+    np.testing.assert_allclose(cell.weight.asnumpy(), w, rtol=0, atol=1e-6)
+    pet_hooks.remove(net)
+    np.testing.assert_allclose(net(Tensor(x)).asnumpy().reshape(-1, 40), base, rtol=1e-5, atol=tol)
 
 
 def test_cells_lora_cannot_adapt_are_named():

@@ -78,6 +78,29 @@ def test_expert_lora_equals_the_base_model_with_each_expert_merged_by_hand():
     np.testing.assert_allclose(logits(net, ids), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+def _merged_by_hand(net) -> dict:
+    """parameter name -> (the Parameter, its value with the deltas folded in NumPy, the fold) for every adapted
+    weight: each expert's ``s (B_e A_e)^T`` into ``weight1`` / ``weight2`` ([E * in, out]), ``s B A`` into qkv's W."""
+    deltas = {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(net)}
+    scaling = EXPERTS["lora_alpha"] / R
+    out = {}
+    for layer in range(2):
+        experts = net.model.decoder.layers[layer].mlp.experts
+        for weight in ("weight1", "weight2"):
+            prefix = f"model.decoder.layers.{layer}.mlp.experts.{weight}"
+            a, b = deltas[prefix + ".lora_A"], deltas[prefix + ".lora_B"]
+            param = getattr(experts, weight)
+            value = param.asnumpy().copy()
+            delta = scaling * np.stack([(b[e] @ a[e]).T for e in range(E)]).reshape(value.shape)
+            out[param.name] = (param, value + delta, delta)
+        qkv = net.model.decoder.layers[layer].self_attention.linear_qkv
+        assert qkv.transpose_b                                        # W as [out, in]
+        delta = scaling * deltas[f"model.decoder.layers.{layer}.self_attention.linear_qkv.lora_B"] @ \
+            deltas[f"model.decoder.layers.{layer}.self_attention.linear_qkv.lora_A"]
+        out[qkv.weight.name] = (qkv.weight, qkv.weight.asnumpy().copy() + delta, delta)
+    return out
+
+
 def test_expert_lora_trains_merges_saves_and_removes(tmp_path):
     ids = np.random.default_rng(2).integers(0, V, (2, 8)).astype(np.int32)
     net = tiny_qwen3_moe()
@@ -90,16 +113,24 @@ def test_expert_lora_trains_merges_saves_and_removes(tmp_path):
     assert len(moved) == 2 * 2 + 2                                   # both expert weights and qkv, each layer
     assert_params_equal(before, net)                                 # the base is untouched
     adapted = logits(net, ids)
+    rtol, atol = 1e-4, 1e-5                                          # merged against adapted logits, below
+    assert np.abs(adapted - base).max() > 20 * (atol + rtol * np.abs(adapted).max())   # the trained adapter shows
     pet_hooks.save_adapter(net, str(tmp_path / "adapter"))
     with pytest.raises(pet_hooks.PetStateError, match=r"layers\.0\.mlp\.experts.*FFNGroupedGEMM.*PEFT"):
         pet_hooks.save_adapter(net, str(tmp_path / "peft"), format="peft")
     fresh = tiny_qwen3_moe()
     pet_hooks.load_adapter(fresh, str(tmp_path / "adapter"))
     np.testing.assert_array_equal(logits(fresh, ids), adapted)
-    pet_hooks.merge(fresh)                                           # folded into weight1 / weight2
-    np.testing.assert_allclose(logits(fresh, ids), adapted, rtol=1e-4, atol=1e-5)
+    expected = _merged_by_hand(fresh)
+    pet_hooks.merge(fresh)                                           # folded into weight1 / weight2 (and qkv's W)
+    for name, (weight, value, delta) in expected.items():
+        assert np.abs(delta).max() > 20 * 1e-6, name                  # the deltas are there to be seen
+        np.testing.assert_allclose(weight.asnumpy(), value, rtol=0, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(logits(fresh, ids), adapted, rtol=rtol, atol=atol)
     pet_hooks.unmerge(fresh)
-    np.testing.assert_allclose(logits(fresh, ids), adapted, rtol=1e-4, atol=1e-5)
+    for name, (weight, value, delta) in expected.items():
+        np.testing.assert_allclose(weight.asnumpy(), value - delta, rtol=0, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(logits(fresh, ids), adapted, rtol=rtol, atol=atol)
 
     pet_hooks.remove(net)
     assert {path: type(cell) for path, cell in net.cells_and_names()} == classes

@@ -23,6 +23,7 @@ import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
 from tests.mcore_cpu import CpuCoreAttention, adam_losses, register_prefix_stand_in, tiny_qwen3
 from tests.test_prefix import np_encoder_output
+from tests.unchanged import unchanged
 
 pytestmark = NEEDS_MINDFORMERS
 LAYERS, KV_DIM, V = 2, 2 * 8, 97          # 2 layers; 2 kv heads of 8
@@ -103,5 +104,6 @@ def test_the_qwen3_yaml_geometry_is_checked(tmp_path):
     doc["model"]["model_config"]["num_key_value_heads"] = 4
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(doc))
-    with pytest.raises(pet_hooks.PetConfigError, match=r"model_config num_heads is 4 but the model has 2"):
-        pet_hooks.apply(net, pet_hooks.load_config(str(bad)))
+    with unchanged(net):
+        with pytest.raises(pet_hooks.PetConfigError, match=r"model_config num_heads is 4 but the model has 2"):
+            pet_hooks.apply(net, pet_hooks.load_config(str(bad)))

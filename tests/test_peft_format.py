@@ -19,7 +19,8 @@ from mindspore import Tensor
 import pet_hooks
 from pet_hooks.surgery.core import get_state, has_pet
 from samples.tiny_gpt import build
-from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS, assert_params_equal, snapshot
+from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS, snapshot
+from tests.unchanged import unchanged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LLAMA_ALL = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -180,16 +181,19 @@ def test_same_logits_as_pytorch_peft_both_ways(tmp_path, mode):
 # ----------------------------------------------------------------------------- bad input
 def test_a_name_map_leaving_a_cell_unmapped_names_it(tmp_path):
     net = pet_hooks.apply(build(seed=0), GPT_CFG)
-    with pytest.raises(ValueError, match=r"name_map 'llama' leaves cell 'blocks\.0\.attention\.dense1'.*"
-                                         r"blocks\.0\.attention\.dense1\.lora_A"):
-        pet_hooks.save_adapter(net, tmp_path / "ad", format="peft", name_map="llama")
-    assert not (tmp_path / "ad" / "adapter_config.json").exists()
-    with pytest.raises(ValueError, match="unknown name_map 'gpt9'.*llama"):
-        pet_hooks.save_adapter(net, tmp_path / "ad", format="peft", name_map="gpt9")
-    with pytest.raises(ValueError, match="maps both"):
-        pet_hooks.save_adapter(net, tmp_path / "ad", format="peft", name_map=lambda path: "same")
-    with pytest.raises(ValueError, match="leaves cell 'blocks.0.attention.dense1'"):
-        pet_hooks.save_adapter(net, tmp_path / "ad", format="peft", name_map={"mlp.mapping": "mlp.fc_in"})
+    with unchanged(net, tmp_path / "ad"):
+        with pytest.raises(ValueError, match=r"name_map 'llama' leaves cell 'blocks\.0\.attention\.dense1'.*"
+                                             r"blocks\.0\.attention\.dense1\.lora_A"):
+            pet_hooks.save_adapter(net, tmp_path / "ad", format="peft", name_map="llama")
+    assert not (tmp_path / "ad").exists()
+    pet_hooks.save_adapter(net, tmp_path / "ad")             # an adapter there already: the refusals keep it
+    with unchanged(net, tmp_path / "ad"):
+        with pytest.raises(ValueError, match="unknown name_map 'gpt9'.*llama"):
+            pet_hooks.save_adapter(net, tmp_path / "ad", format="peft", name_map="gpt9")
+        with pytest.raises(ValueError, match="maps both"):
+            pet_hooks.save_adapter(net, tmp_path / "ad", format="peft", name_map=lambda path: "same")
+        with pytest.raises(ValueError, match="leaves cell 'blocks.0.attention.dense1'"):
+            pet_hooks.save_adapter(net, tmp_path / "ad", format="peft", name_map={"mlp.mapping": "mlp.fc_in"})
 
 
 def _write_peft(directory, tensors, **fields):
@@ -212,10 +216,10 @@ def test_an_adapter_for_another_architecture_names_the_module(tmp_path):
     net = build(seed=0)
     before = snapshot(net)
     path = _write_peft(tmp_path / "gpt2", GPT2_KEYS)
-    with pytest.raises(ValueError, match=r"module 'transformer\.h\.0\.attn\.c_attn'.*TinyGPT.*another architecture"):
-        pet_hooks.load_adapter(net, path)
+    with unchanged(net, path):
+        with pytest.raises(ValueError, match=r"module 'transformer\.h\.0\.attn\.c_attn'.*TinyGPT.*another architecture"):
+            pet_hooks.load_adapter(net, path)
     assert not has_pet(net)
-    assert_params_equal(before, net)
     assert len(net.trainable_params()) == len(before)
 
 
@@ -235,13 +239,12 @@ def test_an_adapter_for_another_architecture_names_the_module(tmp_path):
 ])
 def test_bad_peft_directories_name_the_culprit_and_leave_the_net(tmp_path, fields, keys, words):
     net = build(seed=0)
-    before = snapshot(net)
     path = _write_peft(tmp_path / "bad", keys, **fields)
-    with pytest.raises(ValueError) as err:
-        pet_hooks.load_adapter(net, path)
+    with unchanged(net, path):
+        with pytest.raises(ValueError) as err:
+            pet_hooks.load_adapter(net, path)
     assert all(w in str(err.value) for w in words), str(err.value)
     assert not has_pet(net)
-    assert_params_equal(before, net)
 
 
 def test_a_different_scaling_on_an_adapted_net_is_refused(tmp_path):
@@ -251,18 +254,21 @@ def test_a_different_scaling_on_an_adapted_net_is_refused(tmp_path):
     doc["lora_alpha"] = 32
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(doc))
     other = pet_hooks.apply(build(seed=0), GPT_CFG)
-    before = snapshot(other)
-    with pytest.raises(ValueError, match="scaling 4 .*lora_alpha=32"):
-        pet_hooks.load_adapter(other, tmp_path / "ad")
-    assert_params_equal(before, other)
+    with unchanged(other, tmp_path / "ad"):
+        with pytest.raises(ValueError, match="scaling 4 .*lora_alpha=32"):
+            pet_hooks.load_adapter(other, tmp_path / "ad")
 
 
 def test_peft_only_options_are_refused_for_the_own_format(tmp_path):
     net = pet_hooks.apply(build(seed=0), GPT_CFG)
-    with pytest.raises(ValueError, match="format='peft' only"):
-        pet_hooks.save_adapter(net, tmp_path, name_map="llama")
-    with pytest.raises(ValueError, match="unknown adapter format 'hf'"):
-        pet_hooks.save_adapter(net, tmp_path, format="hf")
+    for directory in (tmp_path / "new", tmp_path / "kept"):     # a directory to be made, one holding an adapter
+        if directory.name == "kept":
+            pet_hooks.save_adapter(net, directory)
+        with unchanged(net, directory):
+            with pytest.raises(ValueError, match="format='peft' only"):
+                pet_hooks.save_adapter(net, directory, name_map="llama")
+            with pytest.raises(ValueError, match="unknown adapter format 'hf'"):
+                pet_hooks.save_adapter(net, directory, format="hf")
 
 
 def _bf16_safetensors(path, tensors):

@@ -17,6 +17,7 @@ import pet_hooks
 from samples.tiny_gpt import GPTWithLoss, build
 from tests.conftest import NEEDS_MINDFORMERS, SMALL, assert_params_equal, snapshot
 from tests.nets import tiny_llama
+from tests.unchanged import unchanged
 
 CONFIGS = {
     "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 3, "seed": 1},
@@ -92,8 +93,9 @@ def test_training_moves_only_the_encoder_and_remove_restores(mode, cfg, rng):
     losses = [float(step(ids, ids).asnumpy()) for _ in range(5)]
     assert losses[-1] < losses[0]
     assert_params_equal(base, net)
-    with pytest.raises(ValueError, match="has no weights to merge"):
-        pet_hooks.merge(net)
+    with unchanged(net):
+        with pytest.raises(ValueError, match="has no weights to merge"):
+            pet_hooks.merge(net)
     pet_hooks.remove(net)
     step.set_train(False)
     np.testing.assert_array_equal(net(ids).asnumpy(), base_out)
@@ -122,8 +124,9 @@ def test_geometry_is_checked_against_the_model_config():
                          ({"num_heads": 4}, "num_heads is 4 but the model has 2"),
                          ({"hidden_size": 16, "num_heads": 3}, "num_heads 3 does not divide hidden_size 16")]:
         cfg = pet_hooks.config.config_from_dict({"pet_type": "ptuning2", "pre_seq_len": 2}, hints)
-        with pytest.raises(ValueError, match=words):
-            pet_hooks.apply(net, cfg)
+        with unchanged(net):
+            with pytest.raises(ValueError, match=words):
+                pet_hooks.apply(net, cfg)
         assert not pet_hooks.surgery.has_pet(net)
     assert_params_equal(values, net)
     ok = pet_hooks.config.config_from_dict({"pet_type": "ptuning2", "pre_seq_len": 2},
@@ -180,8 +183,9 @@ class UserNet(nn.Cell):
 
 def test_register_attention_for_a_user_class(mode, rng):
     net = UserNet()
-    with pytest.raises(ValueError, match="no attention cell the prefix adapters know"):
-        pet_hooks.apply(net, {"pet_type": "ptuning2", "pre_seq_len": 2})
+    with unchanged(net):
+        with pytest.raises(ValueError, match="no attention cell the prefix adapters know"):
+            pet_hooks.apply(net, {"pet_type": "ptuning2", "pre_seq_len": 2})
     with pytest.raises(TypeError, match="PrefixAttention"):
         pet_hooks.register_attention(ScoreAttention, object)
     pet_hooks.register_attention(ScoreAttention, ScoreAttentionPrefix)
@@ -327,6 +331,7 @@ def test_enable_on_llama_and_use_past_is_refused(mode):
     decoding = LlamaForCausalLM(LlamaConfig(num_layers=1, hidden_size=32, num_heads=4, vocab_size=64, seq_length=8,
                                             use_past=True, use_flash_attention=False, compute_dtype="float32",
                                             param_init_type="float32", batch_size=1))
-    with pytest.raises(ValueError, match=r"'model.layers.0.attention'.*use_past=True"):
-        pet_hooks.apply(decoding, CONFIGS["ptuning2"])
+    with unchanged(decoding):
+        with pytest.raises(pet_hooks.UnsupportedCellError, match=r"'model.layers.0.attention'.*use_past=True"):
+            pet_hooks.apply(decoding, CONFIGS["ptuning2"])
     assert not pet_hooks.surgery.has_pet(decoding)
