@@ -17,8 +17,16 @@ setup(
     packages=find_packages(include=["pet_hooks", "pet_hooks.*"]),
     python_requires=">=3.9",
     install_requires=[
-        "mindspore==2.9.0",
-        "numpy<2",          # MindSpore 2.9 is built against NumPy 1.x
+        # The MindSpore-only path is tested on exactly 2.9.0 and 2.10.0 (.ci/run runs the fast lane on
+        # both). The drift guard (pet_hooks/utils/internals.py) holds the relied-on sources of both; a
+        # patch release installs and warns once if it differs from them; the next minor release
+        # (2.11) is refused at install time, since minor releases move the internals pet_hooks copies.
+        # The mindformers and real extras keep 2.9.0 through MindFormers 1.9's own mindspore~=2.9.0.
+        "mindspore>=2.9.0,<2.11",
+        # MindSpore 2.9 declares numpy<2; 2.10.0 declares only numpy>=1.25, yet part of it is built against
+        # NumPy 1.x: with NumPy 2 a plain nn.Dense on a 3-D input fails in PyNative ("A module that was
+        # compiled using NumPy 1.x cannot be run in NumPy 2"). So pet_hooks keeps NumPy 1.x on both.
+        "numpy<2",
         "wrapt>=1.14",
         "pyyaml>=5.4",
         "safetensors>=0.4",
