@@ -200,19 +200,28 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+def _drift_guards() -> set:
+    """The guard tests of pet_hooks/utils/internals.py ("tests/file.py::test_name")."""
+    from pet_hooks.utils.internals import REGISTRY
+    return {entry.guard for entry in REGISTRY}
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark as ``slow`` the modules and tests listed in tests/slow_tests.txt (``-m "not slow"`` skips them),
-    and as ``needs_extra`` the tests that need more than MindSpore and the ``test`` extra.
+    as ``needs_extra`` the tests that need more than MindSpore and the ``test`` extra, and as
+    ``drift_guard`` the guards of the internals registry.
 
     A test not listed runs in the fast lane; one that grows slow is added to the list.
     """
-    slow = _slow_entries()
+    slow, guards = _slow_entries(), _drift_guards()
     for item in items:
         module = os.path.basename(str(item.fspath))
         if module in slow or item.nodeid in slow:
             item.add_marker(pytest.mark.slow)
         if _needs_extra(item):
             item.add_marker(pytest.mark.needs_extra)
+        if item.nodeid.split("[")[0] in guards:
+            item.add_marker(pytest.mark.drift_guard)
 
 
 def pytest_sessionfinish(session, exitstatus):

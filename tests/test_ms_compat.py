@@ -216,6 +216,24 @@ def test_both_mindspore_versions_users_have_are_checked(monkeypatch, version):
     assert _ms_compat.unchecked_version("mindspore") is None and _warnings_from_two_applies() == []
 
 
+def test_every_mindspore_entry_is_guarded_where_only_mindspore_is_installed():
+    """An entry lists 2.10.0 because its guard passes there: .ci/run's 2.10 lane has no extra and selects
+    ``(not slow or drift_guard) and not needs_extra``, so no guard of a MindSpore entry may need an extra."""
+    from tests import conftest
+    needing = []
+    for entry in REGISTRY:
+        if entry.package != "mindspore":
+            continue
+        test_file, _, test_name = entry.guard.partition("::")
+        whole, functions = conftest._needs_of_module(os.path.join(ROOT, test_file))  # pylint: disable=protected-access
+        module = __import__(test_file[:-3].replace("/", "."), fromlist=["_"])
+        marks = getattr(getattr(module, test_name), "pytestmark", [])
+        if whole or test_name in functions or any(
+                conftest._MISSING_EXTRA.search(str(m.kwargs.get("reason", ""))) for m in marks):  # pylint: disable=protected-access
+            needing.append(f"{entry.key}: {entry.guard}")
+    assert not needing, "guards of MindSpore entries that need an extra (they never run on 2.10):\n" + "\n".join(needing)
+
+
 def test_drift_on_an_unchecked_version_is_against_every_checked_one(monkeypatch):
     """A pinned source that reads as in any checked version is no drift there; one that reads as in
     none is named. On a checked version only that version's own hash counts."""
