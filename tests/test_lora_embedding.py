@@ -375,7 +375,7 @@ def test_weighted_adapters_of_an_embedding_add_their_deltas(mode):
 @pytest.mark.parametrize("mode", [pytest.param(0, id="graph")], indirect=True)
 def test_switching_an_embedding_s_adapters_compiles_nothing(mode):
     """disable, merge / unmerge and set_adapter between adapters of one rank write values only (graph mode)."""
-    from tests.test_no_recompile import _NoCompile
+    from tests.conftest import NoCompile as _NoCompile
     job = _job()
     net = pet_hooks.apply(EmbedNet(job, "nn"), CELL)
     pet_hooks.add_adapter(net, "b", {**CELL, "lora_alpha": 3})

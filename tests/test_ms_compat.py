@@ -1,9 +1,11 @@
 """The MindSpore / MindFormers internals pet_hooks relies on still are what pet_hooks assumes.
 
 Each entry of ``pet_hooks/utils/internals.py`` is checked here: copied or relied-on sources hash as
-at the checked version, private attributes exist and behave as relied on, the installed
-versions are the checked ones, and a scan of the package finds no private access that the
-registry does not list. ``apply`` warns once per process on an unchecked version.
+at the installed version (one of the checked ones: MindSpore 2.9.0 or 2.10.0, MindFormers 1.9.0),
+private attributes exist and behave as relied on, the installed versions are checked ones, and a
+scan of the package finds no private access that the registry does not list. ``apply`` warns
+once per process on an unchecked version. ``.ci/run`` runs this file on MindSpore 2.9.0 (with
+MindFormers) and on 2.10.0 (MindSpore only).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from mindspore import Parameter, Tensor, nn
 import pet_hooks
 from pet_hooks.utils import internals as _internals, ms_compat as _ms_compat
 from pet_hooks.utils.internals import REGISTRY, Internal
-from pet_hooks.utils.ms_compat import force_recompile, hook_version
+from pet_hooks.utils.ms_compat import HOOK_VERSION_IN_KEY, force_recompile, hook_version, release_compiled_graphs
 from tests.conftest import NEEDS_MINDFORMERS, ROOT
 
 PACKAGE = os.path.join(ROOT, "pet_hooks")
@@ -45,29 +47,79 @@ class Switch(nn.Cell):
         return x
 
 
-def test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves():
+class Outer(nn.Cell):
+    """A cell compiled around another (what a train step built around the net before ``apply`` is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Switch()
+
+    def construct(self, x):
+        return self.inner(x) + 0
+
+
+def test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves(monkeypatch):
     ms.set_context(mode=0)
-    net = Switch()
+    # As in a fresh process: graphs compiled before force_recompile first set the variable (2.10
+    # reads it on every compile; 2.9 never reads it). monkeypatch puts the old value back after.
+    monkeypatch.delenv(HOOK_VERSION_IN_KEY, raising=False)
+    net, outer = Switch(), Outer()
+
+    @ms.jit
+    def jitted(x):
+        return outer.inner(x) * 1
+
     x = Tensor(np.ones(3, np.float32))
-    assert net(x).asnumpy().tolist() == [1, 1, 1]
-    net.double = True
+
+    def outputs():
+        return [each(x).asnumpy().tolist() for each in (net, outer, jitted)]
+
+    assert outputs() == [[1, 1, 1]] * 3
+    net.double = outer.inner.double = True
     # If this starts failing, MindSpore recompiles on attribute changes by itself and
-    # force_recompile may no longer be needed; if the next assertion fails, it no longer works.
-    assert net(x).asnumpy().tolist() == [1, 1, 1]
+    # force_recompile may no longer be needed; if a later assertion fails, it no longer works.
+    assert outputs() == [[1, 1, 1]] * 3
+    if ms.__version__ == "2.10.0":
+        # Why force_recompile sets the variable: without it, 2.10 keeps the hook version out of the key.
+        from mindspore.common import hook_handle
+        hook_handle._update_hook_version()                                # pylint: disable=protected-access
+        assert outputs() == [[1, 1, 1]] * 3
     version = hook_version()
     force_recompile()
-    assert hook_version() == version + 1
-    assert net(x).asnumpy().tolist() == [2, 2, 2]
+    assert hook_version() == version + 1 and os.environ[HOOK_VERSION_IN_KEY] == "1"
+    assert outputs() == [[2, 2, 2]] * 3       # the cell, a cell compiled around it, a jit function
+    net.double = outer.inner.double = False   # a second change, the variable already set
+    assert outputs() == [[2, 2, 2]] * 3
+    force_recompile()
+    assert outputs() == [[1, 1, 1]] * 3
+
+
+def test_releasing_a_cells_graphs_recompiles_it_and_leaves_other_cells_alone():
+    from mindspore.graph.api import _cell_graph_executor
+    ms.set_context(mode=0)
+    net, other = Switch(), Switch()
+    x = Tensor(np.ones(3, np.float32))
+    assert net(x).asnumpy().tolist() == other(x).asnumpy().tolist() == [1, 1, 1]
+    phases, other_phases = set(net.compile_cache), set(other.compile_cache)
+    assert phases and other_phases and all(_cell_graph_executor.has_compiled(p) for p in phases | other_phases)
+    net.double = other.double = True
+    assert release_compiled_graphs(net) == len(phases)
+    assert not net.compile_cache and not any(_cell_graph_executor.has_compiled(p) for p in phases)
+    assert set(other.compile_cache) == other_phases and all(_cell_graph_executor.has_compiled(p) for p in other_phases)
+    assert net(x).asnumpy().tolist() == [2, 2, 2]           # compiled again, with the new structure
+    assert net.compile_cache
 
 
 # ----------------------------------------------------------------------------- copied and relied-on sources
 @pytest.mark.parametrize("entry", [_param(e) for e in REGISTRY if e.source_sha256 is not None])
 def test_relied_on_source_is_the_checked_one(entry):
-    installed = _internals.installed_version(entry.package) or "?"
+    __import__(entry.package)
+    installed = _internals.installed_version(entry.package)
     now = _internals.source_hash(entry.target)
-    assert now == entry.source_sha256, (
+    assert now == entry.hash_at(installed), (
         f"the installed {entry.target} ({entry.package} {installed}) differs from the source pet_hooks was "
-        f"checked against ({entry.package} {entry.checked}). Relied on: {entry.relied_on}. Compare it with {', '.join(entry.sites)}, "
+        f"checked against ({entry.package} {', '.join(entry.checked)}). Relied on: {entry.relied_on}. "
+        f"Compare it with {', '.join(entry.sites)}, "
         f"update the copy if the computation changed, then record the new hash and version in "
         f"pet_hooks/utils/internals.py (python -m pet_hooks.utils.internals prints it). Installed source:\n"
         + _internals.normalised_source(_internals.resolve(entry.target)))
@@ -78,7 +130,7 @@ def test_relied_on_source_is_the_checked_one(entry):
 def test_installed_versions_are_the_checked_ones(package):
     __import__(package)
     installed = _internals.installed_version(package)
-    stale = [e.key for e in _internals.checked_versions()[package] if e.checked != installed]
+    stale = [e.key for e in _internals.checked_versions()[package] if installed not in e.checked]
     assert not stale, f"{package} {installed} is installed; these entries were checked against another: {stale}"
     assert _ms_compat.unchecked_version(package) is None
 
@@ -125,16 +177,21 @@ def _warnings_from_two_applies() -> list:
     return [w for w in caught if issubclass(w.category, _ms_compat.UncheckedVersionWarning)]
 
 
-def test_an_unchecked_version_warns_once_naming_package_and_versions(monkeypatch):
+def _pretend_installed(monkeypatch, version: str) -> None:
     real = _internals.installed_version
     monkeypatch.setattr(_internals, "installed_version",
-                        lambda package: "2.10.0" if package == "mindspore" else real(package))
+                        lambda package: version if package == "mindspore" else real(package))
     monkeypatch.setattr(_ms_compat, "_LOOKED_AT", set())
+
+
+def test_an_unchecked_version_warns_once_naming_package_and_versions(monkeypatch):
+    _pretend_installed(monkeypatch, "2.11.0")
     caught = _warnings_from_two_applies()
     assert len(caught) == 1, [str(w.message) for w in caught]        # once per process, not per apply
     message = str(caught[0].message)
-    assert "mindspore 2.9.0" in message and "mindspore 2.10.0 is installed" in message
-    assert "still read the same" in message and "pet_hooks/utils/internals.py" in message
+    assert "mindspore 2.9.0, 2.10.0, but mindspore 2.11.0 is installed" in message
+    # The installed sources are those of a checked version (whichever this is): they read as one.
+    assert "still read as in a checked version" in message and "pet_hooks/utils/internals.py" in message
     assert caught[0].filename == __file__                            # points at the caller of apply
 
     # A copied computation that changed is named in the warning.
@@ -149,6 +206,46 @@ def test_an_unchecked_version_warns_once_naming_package_and_versions(monkeypatch
 def test_the_checked_versions_do_not_warn(monkeypatch):
     monkeypatch.setattr(_ms_compat, "_LOOKED_AT", set())
     assert _warnings_from_two_applies() == []
+
+
+@pytest.mark.parametrize("version", ["2.9.0", "2.10.0"])
+def test_both_mindspore_versions_users_have_are_checked(monkeypatch, version):
+    """setup.py allows both; each lane of .ci/run installs one, so here the other one is pretended."""
+    _pretend_installed(monkeypatch, version)
+    assert all(version in e.checked for e in _internals.checked_versions()["mindspore"])
+    assert _ms_compat.unchecked_version("mindspore") is None and _warnings_from_two_applies() == []
+
+
+def test_every_mindspore_entry_is_guarded_where_only_mindspore_is_installed():
+    """An entry lists 2.10.0 because its guard passes there: .ci/run's 2.10 lane has no extra and selects
+    ``(not slow or drift_guard) and not needs_extra``, so no guard of a MindSpore entry may need an extra."""
+    from tests import conftest
+    needing = []
+    for entry in REGISTRY:
+        if entry.package != "mindspore":
+            continue
+        test_file, _, test_name = entry.guard.partition("::")
+        whole, functions = conftest._needs_of_module(os.path.join(ROOT, test_file))  # pylint: disable=protected-access
+        module = __import__(test_file[:-3].replace("/", "."), fromlist=["_"])
+        marks = getattr(getattr(module, test_name), "pytestmark", [])
+        if whole or test_name in functions or any(
+                conftest._MISSING_EXTRA.search(str(m.kwargs.get("reason", ""))) for m in marks):  # pylint: disable=protected-access
+            needing.append(f"{entry.key}: {entry.guard}")
+    assert not needing, "guards of MindSpore entries that need an extra (they never run on 2.10):\n" + "\n".join(needing)
+
+
+def test_drift_on_an_unchecked_version_is_against_every_checked_one(monkeypatch):
+    """A pinned source that reads as in any checked version is no drift there; one that reads as in
+    none is named. On a checked version only that version's own hash counts."""
+    entry = _internals.by_key("hook_version_read")                # its source differs in 2.9.0 and 2.10.0
+    assert set(entry.recorded_hashes()) == {"2.9.0", "2.10.0"} and len(set(entry.recorded_hashes().values())) == 2
+    installed = ms.__version__
+    other = next(v for v in entry.checked if v != installed)
+    _pretend_installed(monkeypatch, "2.11.0")
+    assert _internals.source_drift("mindspore") == []
+    _pretend_installed(monkeypatch, other)                       # the other checked version: its hash differs
+    assert {e.key for e, _ in _internals.source_drift("mindspore")} == {
+        key for key in ("hook_version_read", "lazy_inline_marker", "graph_key_of_a_cell", "graph_key_of_a_function")}
 
 
 # ----------------------------------------------------------------------------- private attributes, as relied on
@@ -261,6 +358,10 @@ def test_registry_entries_are_complete_and_their_guards_exist():
     for entry in REGISTRY:
         assert entry.package in ("mindspore", "mindformers", "pet_hooks"), entry.key
         assert entry.checked or entry.package == "pet_hooks", entry.key
+        assert isinstance(entry.checked, tuple) and all(isinstance(v, str) and v for v in entry.checked), entry.key
+        if isinstance(entry.source_sha256, dict):   # one hash per checked version, none for another
+            assert set(entry.source_sha256) == set(entry.checked), entry.key
+            assert len(set(entry.source_sha256.values())) > 1, f"{entry.key}: the same hash everywhere: write it once"
         assert entry.relied_on and entry.sites, entry.key
         texts = []
         for site in entry.sites:

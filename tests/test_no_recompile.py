@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 import pet_hooks
-from pet_hooks.utils.ms_compat import hook_version
+from tests.conftest import NoCompile as _NoCompile
 from tests.nets import tiny_llama
 
 pytest.importorskip("mindformers")
@@ -46,22 +46,6 @@ def adapted():
     _randomise(net)
     _logits(net, ids)
     return net, ids, base
-
-
-class _NoCompile:
-    """Asserts that nothing was compiled for ``net`` and the graph cache key did not move."""
-
-    def __init__(self, net):
-        self.net = net
-
-    def __enter__(self):
-        self.phases, self.version = set(self.net.compile_cache), hook_version()
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            assert hook_version() == self.version, "the hook version moved: every graph recompiles"
-            assert set(self.net.compile_cache) == self.phases, "a new graph was compiled"
 
 
 def test_disable_adapters_compiles_nothing_and_gives_the_base_bit_for_bit(adapted):

@@ -5,23 +5,33 @@ layer's computation, because graph mode compiles the source of ``type(cell).cons
 touches private attributes (``Cell._params``, the hook version) and depends on the shape of
 undocumented behaviour (the optimizer signature decorator, ``TrainOneStepCell.weights``). A new
 MindSpore or MindFormers may change any of these silently. Each dependency is one
-:class:`Internal` below, saying what is relied on, where pet_hooks uses it, the version it
+:class:`Internal` below, saying what is relied on, where pet_hooks uses it, the versions it
 was checked against, the SHA-256 of the relied-on source where the code is copied or its
 exact behaviour matters, and the test that guards it::
 
-    Internal(key="dense_construct", package="mindspore", checked="2.9.0",
+    Internal(key="dense_construct", package="mindspore", checked=("2.9.0", "2.10.0"),
              target="mindspore.nn.Dense.construct", source_sha256="...",
              relied_on="LoraDense.construct is this body with the LoRA branch added",
              sites=("pet_hooks/tuners/lora/linear.py",), names=(),
              guard="tests/test_ms_compat.py::test_relied_on_source_is_the_checked_one")
 
+Several versions: MindSpore-only users may have 2.9.0 or 2.10.0 (setup.py allows both; MindFormers
+1.9 pins 2.9), and ``.ci/run`` runs the tests on each. An entry's ``checked`` lists every version it
+was checked against; its ``source_sha256`` is one hash when the normalised source is the same in
+all of them, else a mapping version -> hash. On a checked version the drift guard wants exactly
+that version's hash; on any other it reports the sources that match no checked version's.
+
 ``tests/test_ms_compat.py`` checks every entry (hashes equal, private attributes present and
 behaving as relied on) and scans the package: a private access (``x._name``, a ``"_name"``
 string, an import of a private name) at a site no entry lists fails it. To add an entry: copy
 one, run ``python -m pet_hooks.utils.internals`` for the current hashes, and name its guard.
+To add a version: install it beside pet_hooks, run ``python -m pet_hooks.utils.internals``; for
+each entry it reports CHANGED, read the change against the entry's sites (a copied computation
+that changed must follow the installed version), record that version's hash, add the version to
+``_MS`` / ``_MF`` and run the tests on it.
 
 ``surgery.apply`` calls :func:`pet_hooks.utils.ms_compat.warn_unchecked_versions`, which warns
-once per process when the installed MindSpore or MindFormers is not the checked version.
+once per process when the installed MindSpore or MindFormers is none of the checked versions.
 """
 from __future__ import annotations
 
@@ -32,10 +42,10 @@ import inspect
 import sys
 import textwrap
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = ["Internal", "REGISTRY", "OWN_PRIVATE_NAMES", "by_key", "checked_versions", "installed_version",
-           "resolve", "normalised_source", "source_hash", "source_drift"]
+           "resolve", "normalised_source", "source_hash", "source_drift", "expected_hashes", "version_key"]
 
 
 @dataclass(frozen=True)
@@ -45,28 +55,48 @@ class Internal:
     Attributes:
         key: short unique id.
         package: "mindspore", "mindformers" or "pet_hooks".
-        checked: the version of ``package`` this entry was checked against ("" for pet_hooks).
+        checked: the versions of ``package`` this entry was checked against (empty for pet_hooks).
         target: dotted path of the relied-on object (module.Class.method), importable.
         relied_on: what pet_hooks assumes about it, in a sentence.
         sites: the pet_hooks files that rely on it (paths from the repository root).
         names: the private names those files use for it (what the source scan finds there).
         guard: the test that fails when the assumption breaks ("tests/file.py::test_name").
         source_sha256: for copied code or code whose exact behaviour is relied on, the hash of
-            :func:`normalised_source` of ``target`` at ``checked``; None for attribute checks.
+            :func:`normalised_source` of ``target``: one hash when it is the same at every checked
+            version, else a mapping with one hash per checked version; None for attribute checks.
     """
 
     key: str
     package: str
-    checked: str
+    checked: Tuple[str, ...]
     target: str
     relied_on: str
     sites: Tuple[str, ...]
     names: Tuple[str, ...]
     guard: str
-    source_sha256: Optional[str] = None
+    source_sha256: Union[None, str, Mapping[str, str]] = None
+
+    # By key: the per-version hashes may be a mapping, which the generated hash would refuse.
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def hash_at(self, version: str) -> Optional[str]:
+        """The source hash recorded for ``version``; None when the entry pins no source or was not
+        checked against ``version``."""
+        if self.source_sha256 is None or version not in self.checked:
+            return None
+        if isinstance(self.source_sha256, str):
+            return self.source_sha256
+        return self.source_sha256.get(version)
+
+    def recorded_hashes(self) -> Dict[str, str]:
+        """checked version -> recorded source hash (empty for attribute checks)."""
+        return {version: h for version in self.checked if (h := self.hash_at(version)) is not None}
 
 
-_MS, _MF = "2.9.0", "1.9.0"
+# The versions every entry of each package was checked against (setup.py's range, .ci/run's two
+# lanes): MindFormers 1.9.0 pins MindSpore 2.9; a MindSpore-only install may have 2.9.0 or 2.10.0.
+_MS, _MF = ("2.9.0", "2.10.0"), ("1.9.0",)
 _COMPAT_TEST = "tests/test_ms_compat.py::"
 _SOURCE_TEST = _COMPAT_TEST + "test_relied_on_source_is_the_checked_one"
 
@@ -79,19 +109,37 @@ REGISTRY: Tuple[Internal, ...] = (
              sites=("pet_hooks/utils/ms_compat.py",), names=("_update_hook_version",),
              guard=_COMPAT_TEST + "test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves",
              source_sha256="16c9df353b8e0086357c6c95aa7e3bd967f464735ba561136ab373f593850827"),
+    Internal(key="graph_key_of_a_cell", package="mindspore", checked=_MS,
+             target="mindspore.graph.api._CellGraphExecutor.compile",
+             relied_on="a cell's compiled-graph key holds the hook version: always in 2.9.0, and in 2.10.0 only when "
+                       "os.environ['MS_DEV_JIT_AST_ENABLE_GUARD'] == '1', read on every compile (force_recompile "
+                       "sets it); nothing else reads that variable",
+             sites=("pet_hooks/utils/ms_compat.py",), names=(),
+             guard=_COMPAT_TEST + "test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves",
+             source_sha256={"2.9.0": "5591f5f265e370fad349c4b08f016b4bceae5f93614730aab0809e9f2d3c7089",
+                            "2.10.0": "1faea5fc728ddea72e5055a30fdf41436cf0472ddb939bea7b5f4f4046a3fdff"}),
+    Internal(key="graph_key_of_a_function", package="mindspore", checked=_MS,
+             target="mindspore.graph.api._JitExecutor.compile",
+             relied_on="the same for a function compiled by mindspore.jit (a user's train step calling the net)",
+             sites=("pet_hooks/utils/ms_compat.py",), names=(),
+             guard=_COMPAT_TEST + "test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves",
+             source_sha256={"2.9.0": "0319f1414e306552f126e73aad347e6e09cbf194a42e55c4247abeec5c553a69",
+                            "2.10.0": "6e754672e668342e7122603cb6eebab51927de8876ff0fb473dc8a717c1d5127"}),
     Internal(key="compiled_graph_release", package="mindspore", checked=_MS,
              target="mindspore.graph.api._CellGraphExecutor.del_net_res",
              relied_on="a cell's compile_cache holds the phases compiled for it; _cell_graph_executor."
                        "del_net_res(cell, phases) frees them (as Cell.__del__ does) and the next call compiles "
                        "again; other cells' graphs stay",
              sites=("pet_hooks/utils/ms_compat.py",), names=("_cell_graph_executor",),
-             guard="tests/test_no_recompile.py::test_structural_changes_release_the_nets_stale_graphs"),
+             guard=_COMPAT_TEST + "test_releasing_a_cells_graphs_recompiles_it_and_leaves_other_cells_alone"),
     Internal(key="hook_version_read", package="mindspore", checked=_MS,
              target="mindspore.common.hook_handle._hook_version",
              relied_on="returns the global hook version, which _update_hook_version increments by one",
              sites=("pet_hooks/utils/ms_compat.py",), names=("_hook_version",),
              guard=_COMPAT_TEST + "test_graph_mode_keeps_a_stale_graph_until_the_hook_version_moves",
-             source_sha256="625cfa8c9eed1ac8812103fd236c30f21e6576cfc5f8bf312a69804d6525351a"),
+             # 2.10.0 drops a needless `global _HOOK_VERSION` (the function only reads it)
+             source_sha256={"2.9.0": "625cfa8c9eed1ac8812103fd236c30f21e6576cfc5f8bf312a69804d6525351a",
+                            "2.10.0": "cf7cffe6dc4dab9fbc822eb4aa0303b3abd0805ddce1204b03f4df8c055d730e"}),
     # ---------------------------------------------------------------- copied computations (LoRA)
     Internal(key="dense_construct", package="mindspore", checked=_MS, target="mindspore.nn.Dense.construct",
              relied_on="LoraDense.construct is this computation with the LoRA output added before the activation "
@@ -286,7 +334,9 @@ REGISTRY: Tuple[Internal, ...] = (
              relied_on="what @lazy_inline(policy='front') leaves on an instance, and all the front end reads: "
                        "cell_init_args (stored as _cell_init_args) starting 'lazy_inline_' and no_inline = False",
              sites=("pet_hooks/surgery/graph_reuse.py",), names=("_cell_init_args",), guard=_SOURCE_TEST,
-             source_sha256="6b9d0ef775502c471746020a8062fde1f56ee7d8621a0448a0869cfdfe929abb"),
+             # 2.10.0 turns three placeholder-less f-strings of error messages into plain strings
+             source_sha256={"2.9.0": "6b9d0ef775502c471746020a8062fde1f56ee7d8621a0448a0869cfdfe929abb",
+                            "2.10.0": "5fcea045bfb07e9fd2bd3f85df65999c26cd7890b4f3fb34a80752f9a3fbaf65"}),
     Internal(key="lazy_inline_reuse_key", package="mindspore", checked=_MS,
              target="mindspore.graph._parse.parser.get_object_key",
              relied_on="cells of one class with the same cell_init_args get one key, so the parser builds their "
@@ -378,9 +428,28 @@ def source_hash(target: str) -> str:
     return hashlib.sha256(normalised_source(resolve(target)).encode("utf-8")).hexdigest()
 
 
+def version_key(version: str) -> Tuple:
+    """Sort key of a version string: numeric parts as numbers ("2.9.0" before "2.10.0")."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in version.split("."))
+
+
+def expected_hashes(entry: Internal, installed: Optional[str]) -> Dict[str, str]:
+    """checked version -> hash that the installed source of ``entry`` may have.
+
+    On a checked version only that version's hash; on another (or unknown) one, any checked
+    version's: its source then "reads as at" that version, which is what the warning reports.
+    """
+    recorded = entry.recorded_hashes()
+    if installed in recorded:
+        return {installed: recorded[installed]}
+    return recorded
+
+
 def source_drift(package: Optional[str] = None) -> List[Tuple[Internal, str]]:
     """(entry, what is wrong) for every pinned source of ``package`` (all when None) that differs.
 
+    The installed source is compared with the hash recorded for the installed version, or, when
+    that version was not checked, with the hash of every checked version (see :func:`expected_hashes`).
     Only packages already imported are looked at: importing MindFormers costs seconds.
     """
     drift = []
@@ -389,27 +458,43 @@ def source_drift(package: Optional[str] = None) -> List[Tuple[Internal, str]]:
             continue
         if entry.package not in sys.modules:
             continue
+        expected = expected_hashes(entry, installed_version(entry.package))
         try:
             now = source_hash(entry.target)
         except Exception as err:  # pylint: disable=broad-except
             drift.append((entry, f"cannot read its source ({type(err).__name__}: {err})"))
             continue
-        if now != entry.source_sha256:
-            drift.append((entry, f"source hash {now[:12]}... differs from the checked {entry.source_sha256[:12]}..."))
+        if now not in expected.values():
+            checked = ", ".join(f"{h[:12]}... at {v}" for v, h in sorted(expected.items(),
+                                                                        key=lambda item: version_key(item[0])))
+            drift.append((entry, f"source hash {now[:12]}... differs from the checked {checked}"))
     return drift
 
 
 def _main() -> None:
-    """Print every entry's current source hash (what to paste after checking a copy against a new version)."""
+    """Print every entry's current source hash against the installed version's recorded one (what to
+    paste, per version, after checking a copy against a new version)."""
     for entry in REGISTRY:
         if entry.source_sha256 is None:
             continue
         try:
+            importlib.import_module(entry.package)
+        except ImportError:
+            print(f"{entry.package} (not installed) {entry.key:28s}")
+            continue
+        installed = installed_version(entry.package)
+        try:
             now = source_hash(entry.target)
         except Exception as err:  # pylint: disable=broad-except
-            now = f"unavailable ({type(err).__name__}: {err})"
-        state = "ok" if now == entry.source_sha256 else "CHANGED"
-        print(f"{entry.key:28s} {state:8s} {now}  {entry.target}")
+            print(f"{entry.key:28s} {'UNREADABLE':10s} ({type(err).__name__}: {err})  {entry.target}")
+            continue
+        expected = expected_hashes(entry, installed)
+        if installed in entry.checked:
+            state = "ok" if now in expected.values() else "CHANGED"
+        else:
+            same = [v for v, h in expected.items() if h == now]
+            state = f"as {same[0]}" if same else "CHANGED"
+        print(f"{entry.package} {installed} {entry.key:28s} {state:10s} {now}  {entry.target}")
 
 
 if __name__ == "__main__":

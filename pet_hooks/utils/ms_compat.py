@@ -1,18 +1,23 @@
 """The one place pet_hooks touches MindSpore internals, and the version check run at ``apply``.
 
-Graph mode caches a compiled graph per cell under a key that includes a global "hook
-version" (``mindspore/graph/api.py``); a cell whose structure changes after its first run
-keeps the stale graph unless that version moves. Registering a forward hook bumps it, and so
-does :func:`force_recompile`, which every structural change in pet_hooks calls::
+Graph mode caches a compiled graph per cell (and per ``mindspore.jit`` function) under a key
+that includes a global "hook version" (``mindspore/graph/api.py``); a cell whose structure
+changes after its first run keeps the stale graph unless that version moves. Registering a
+forward hook bumps it, and so does :func:`force_recompile`, which every structural change in
+pet_hooks calls::
 
     cell.__class__ = patched_class
     force_recompile()          # the next call compiles the new structure
 
+MindSpore 2.10 puts the hook version in the key only when the environment variable
+``MS_DEV_JIT_AST_ENABLE_GUARD`` is ``"1"`` (2.9 always does); :func:`force_recompile` sets it.
+
 Everything pet_hooks relies on inside MindSpore and MindFormers (this function, the copied
 ``construct`` bodies, private attributes) is listed in ``pet_hooks/utils/internals.py`` with the
-version it was checked against; ``tests/test_ms_compat.py`` checks each entry.
+versions it was checked against; ``tests/test_ms_compat.py`` checks each entry.
 :func:`warn_unchecked_versions` (called by ``surgery.apply``) warns once per process and
-package when the installed version is not the checked one.
+package when the installed version is none of the checked ones (MindSpore 2.9.0 and 2.10.0,
+MindFormers 1.9.0).
 
 Warning, not refusal: most releases leave these internals alone, and refusing would block
 every upgrade (even a patch release) until pet_hooks is re-released. The warning names the
@@ -23,6 +28,7 @@ changed. Whoever wants refusal turns the warning into an error::
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional, Set
 
@@ -33,7 +39,7 @@ from mindspore.graph.api import _cell_graph_executor  # pylint: disable=no-name-
 
 from . import internals as _internals
 
-__all__ = ["force_recompile", "hook_version", "write_values", "release_compiled_graphs", "UncheckedVersionWarning", "warn_unchecked_versions",
+__all__ = ["force_recompile", "HOOK_VERSION_IN_KEY", "hook_version", "write_values", "release_compiled_graphs", "UncheckedVersionWarning", "warn_unchecked_versions",
            "unchecked_version"]
 
 
@@ -72,8 +78,20 @@ def release_compiled_graphs(net: nn.Cell) -> int:
     return released
 
 
+# MindSpore 2.10 reads this on every graph-mode compile (of a cell or of a mindspore.jit function) and
+# puts the hook version in the compiled-graph key only when it is "1"; 2.9 always puts it there and
+# never reads the variable. Nothing else in either version reads it (internals: graph_key_of_a_cell,
+# graph_key_of_a_function), so setting it gives 2.10 exactly 2.9's key.
+HOOK_VERSION_IN_KEY = "MS_DEV_JIT_AST_ENABLE_GUARD"
+
+
 def force_recompile() -> None:
-    """Make every cell compiled in graph mode recompile on its next call."""
+    """Make every cell and ``mindspore.jit`` function compiled in graph mode recompile on its next call.
+
+    Set first, the variable also invalidates the graphs compiled before it was set (their keys lack
+    the version), so a train step compiled around the net before ``apply`` recompiles too.
+    """
+    os.environ[HOOK_VERSION_IN_KEY] = "1"
     _hook_handle._update_hook_version()  # pylint: disable=protected-access
 
 
@@ -91,20 +109,24 @@ _LOOKED_AT: Set[str] = set()
 
 
 def unchecked_version(package: str) -> Optional[str]:
-    """Why ``package`` as installed is not what pet_hooks was checked against; None when it is (or not imported)."""
+    """Why ``package`` as installed is not what pet_hooks was checked against; None when it is (or not imported).
+
+    Checked means: every entry of ``package`` in the registry lists the installed version.
+    """
     installed = _internals.installed_version(package)
     if installed is None:
         return None  # not imported: nothing of it can be in use
-    stale = [e for e in _internals.checked_versions().get(package, []) if e.checked != installed]
+    stale = [e for e in _internals.checked_versions().get(package, []) if installed not in e.checked]
     if not stale:
         return None
-    checked = ", ".join(sorted({e.checked for e in stale}))
+    checked = ", ".join(sorted({v for e in stale for v in e.checked}, key=_internals.version_key))
     drift = _internals.source_drift(package)
     if drift:
         detail = "these copied or relied-on sources differ from the checked ones: " + "; ".join(
             f"{entry.target} (used in {', '.join(entry.sites)})" for entry, _ in drift)
     else:
-        detail = "its copied and relied-on sources still read the same, but were not tested with this version"
+        detail = ("its copied and relied-on sources still read as in a checked version, but were not tested "
+                  "with this version")
     return (f"pet_hooks was checked against {package} {checked}, but {package} {installed} is installed; "
             f"{detail}. tests/test_ms_compat.py shows what changed (pet_hooks/utils/internals.py lists each "
             f"internal relied on).")
