@@ -30,6 +30,7 @@ import pet_hooks
 from pet_hooks import cli
 from pet_hooks.errors import (AdapterFileError, AdapterNotFoundError, NoMatchError, PetConfigError, PetConfigTypeError,
                               PetStateError, UnsupportedCellError)
+from pet_hooks.config.methods import config_types
 from pet_hooks.doors import context
 from samples.tiny_gpt import build
 from tests.conftest import GPT_LORA, ROOT, SEED_CONFIG, SMALL
@@ -655,6 +656,7 @@ VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense
          "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 3},
          "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 2, "mid_dim": 8},
          "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK}
+assert set(VALID) == set(config_types()), "every registered method needs a valid block here"
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),
                        st.one_of(st.just({}), st.dictionaries(st.sampled_from(KEYS[1:-1]), SCALARS, max_size=1),
@@ -663,8 +665,7 @@ MAPPINGS = st.one_of(
     NEAR_VALID,
     NEAR_VALID.map(lambda block: {"pet_config": block}),
     NEAR_VALID.map(lambda block: {"model": {"model_config": {"num_layers": 2, "pet_config": block}}}),
-    st.fixed_dictionaries({"pet_type": st.sampled_from(["lora", "ptuning2", "prefixtuning", "ia3", "bitfit", "adapter",
-                                                        "low_rank_adapter", "LoRA", "qlora", 3])},
+    st.fixed_dictionaries({"pet_type": st.sampled_from([*config_types(), "LoRA", "qlora", 3])},
                           optional={k: VALUES for k in KEYS[1:]}),
     st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=5), st.integers()), VALUES, max_size=5),
 )

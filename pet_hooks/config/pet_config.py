@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 import yaml
 
 from ..errors import PetConfigError, PetConfigTypeError
+from .methods import config_types, method, register_method
 from .strategy_ckpt import check_run_yaml
 
 __all__ = [
@@ -415,8 +416,6 @@ def _check_adapter_common(cfg) -> None:
         cfg.compute_dtype = _dtype_name("compute_dtype", cfg.compute_dtype)
 
 
-_CONFIG_CLASSES: dict = {cls.PET_TYPE: cls for cls in (LoraConfig, PTuning2Config, PrefixTuningConfig, IA3Config,
-                                                       BitFitConfig, AdapterConfig, LowRankAdapterConfig)}
 # Keys MindFormers writes under other names; mapped before the unknown-key check.
 _KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lora_a_init"}
 
@@ -454,9 +453,7 @@ def config_from_dict(data: Mapping, model_hints: Optional[Mapping] = None) -> Pe
     if not isinstance(data, Mapping):
         raise PetConfigTypeError(f"pet_config must be a mapping, got {type(data).__name__}")
     pet_type = data.get("pet_type")
-    if not isinstance(pet_type, str) or pet_type.lower() not in _CONFIG_CLASSES:
-        raise PetConfigError(f"unknown pet_type {pet_type!r}; expected one of {sorted(_CONFIG_CLASSES)}")
-    cls = _CONFIG_CLASSES[pet_type.lower()]
+    cls = method(pet_type).config_class
     kwargs = {}
     for key, value in data.items():
         if not isinstance(key, str):
@@ -477,11 +474,6 @@ def config_differences(first: PetConfig, second: PetConfig) -> str:
     return ", ".join(f"{f.name}: {getattr(first, f.name)!r} vs {getattr(second, f.name)!r}"
                      for f in dataclasses.fields(first)
                      if f.compare and getattr(first, f.name) != getattr(second, f.name))
-
-
-def config_types() -> tuple:
-    """The ``pet_type`` values pet_hooks knows."""
-    return tuple(sorted(_CONFIG_CLASSES))
 
 
 def model_hints(model_config: Any) -> dict:
@@ -563,3 +555,14 @@ def load_config(src: Union[str, os.PathLike, Mapping, PetConfig]) -> PetConfig:
     config = config_from_dict(block, hints)
     check_run_yaml(doc, where)      # after validation: a config that fails says only what is wrong
     return config
+
+
+# ----------------------------------------------------------------------------- the methods pet_hooks ships
+# One line per method: its config class and its tuner, imported at first use (config/methods.py).
+register_method(LoraConfig, "pet_hooks.tuners.lora.tuner:LoraTuner")
+register_method(PTuning2Config, "pet_hooks.tuners.prefix.tuner:PrefixTuner")
+register_method(PrefixTuningConfig, "pet_hooks.tuners.prefix.tuner:PrefixTuner")
+register_method(IA3Config, "pet_hooks.tuners.ia3:IA3Tuner")
+register_method(BitFitConfig, "pet_hooks.tuners.bitfit:BitFitTuner")
+register_method(AdapterConfig, "pet_hooks.tuners.bottleneck:AdapterTuner")
+register_method(LowRankAdapterConfig, "pet_hooks.tuners.bottleneck:LowRankAdapterTuner")

@@ -29,7 +29,8 @@ __all__ = ["read_mindformers_lora", "save_merged_checkpoint", "from_mindformers_
 
 def _suffixes() -> List[Tuple[str, str]]:
     """[(".mindpet_delta_lora_a", ".lora_A"), ...]: MindFormers' delta name endings and ours, every method's."""
-    return [(f".{theirs}", f".{ours}") for tuner in all_tuners() for theirs, ours in tuner.mindformers_weights.items()]
+    return [(f".{theirs}", f".{ours}") for tuner in all_tuners() if tuner.mindformers
+            for theirs, ours in tuner.mindformers.weights.items()]
 
 
 def from_mindformers_name(name: str) -> str:

@@ -7,15 +7,15 @@ A PEFT LoRA directory holds ``adapter_config.json`` (``peft_type: "LORA"``, ``r`
 ``lora_alpha``, ``target_modules``, ...) and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
 ([out, r]); an embedding's are ``<module path>.lora_embedding_A`` ([r, num_embeddings]) and
-``.lora_embedding_B`` ([dim, r]), bare (the tuner's ``peft_layouts``). pet_hooks' deltas have the
+``.lora_embedding_B`` ([dim, r]), bare (the layout's ``tensor_sets``). pet_hooks' deltas have the
 same shapes and the same scaling (``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``),
 whatever the layout of the base weight, so only the names change. PEFT's ``save_pretrained`` also
 writes a copy of an adapted embedding's base table (``<module>.base_layer.weight``, its
 ``save_embedding_layers``); reading, pet_hooks checks its shape and never writes it into the net
 (a copy that differs from the net's table is reported in a warning). An IA3 directory (``peft_type: "IA3"``) holds ``<module path>.ia3_l`` vectors
 in PEFT's shapes ([out, 1], or [1, in] for ``feedforward_modules``). Which tensors a module has,
-and what the config says, is the tuner's (``peft_type``, ``peft_weights``, ``peft_key_tail``,
-``peft_fields``, ``peft_module_fields`` ... of :class:`pet_hooks.tuners.Tuner`).
+and what the config says, is the method's PEFT layout (``tuner.peft``, a
+:class:`pet_hooks.tuners.PeftLayout`: ``peft_type``, ``weights``, ``key_tail``, ``fields``, ``module_fields`` ...).
 
 A *name map* (:mod:`pet_hooks.matching.name_maps`) turns a pet_hooks cell path into the other
 framework's module path. Saving with a map that leaves a delta unmapped is an error naming
@@ -53,7 +53,7 @@ from ..tuners import Tuner, all_tuners, peft_tuner
 __all__ = ["save_peft", "load_peft", "is_peft_config", "PEFT_PREFIX", "NAME_MAPS", "register_name_map"]
 
 PEFT_PREFIX = "base_model.model."
-# The fields PEFT writes for a method beyond the common ones and the tuner's own (peft_fields), by
+# The fields PEFT writes for a method beyond the common ones and the layout's own (PeftLayout.fields), by
 # peft_type: what PEFT's LoraConfig saves by default. (PEFT ignores keys its config class lacks,
 # with a warning, so a method without an entry here gets only the common fields.)
 _PEFT_DEFAULTS = {
@@ -113,8 +113,8 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
     from safetensors.numpy import save
 
     state = get_state(net)
-    if state is None or state.tuner.peft_type is None:
-        methods = ", ".join(t.label for t in all_tuners() if t.peft_type)
+    if state is None or state.tuner.peft is None:
+        methods = ", ".join(t.label for t in all_tuners() if t.peft)
         raise PetStateError(f"the PEFT format holds the methods PEFT has ({methods}); {type(net).__name__} has "
                             f"{'no PET' if state is None else state.config.pet_type}")
     if state.kept:
@@ -129,7 +129,7 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
     tensors = {}
     for record in state.injections:
         params = {param.name: param for param in tuner.deltas_of(record)}
-        bare = {suffix: params[f"{record.path}.{leaf}"] for suffix, leaf in tuner.peft_bare_weights.items()
+        bare = {suffix: params[f"{record.path}.{leaf}"] for suffix, leaf in tuner.peft.bare_weights.items()
                 if f"{record.path}.{leaf}" in params}
         if record.path in fused_cells and bare:
             raise PetStateError(f"cell '{record.path}' is fused in name map {label} and has {sorted(bare)}: "
@@ -146,10 +146,10 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
                 tensors[f"{PEFT_PREFIX}{their_path}.lora_B.weight"] = b
                 mapped[f"{record.path}#{index}"] = their_path
             continue
-        layout = next(((weights, tail) for weights, tail in tuner.peft_layouts()
+        layout = next(((weights, tail) for weights, tail in tuner.peft.tensor_sets()
                        if all(f"{record.path}.{leaf}" in params for leaf in weights.values())), None)
         if layout is None:
-            pairs = " or ".join(" / ".join(weights.values()) for weights, _ in tuner.peft_layouts())
+            pairs = " or ".join(" / ".join(weights.values()) for weights, _ in tuner.peft.tensor_sets())
             raise PetStateError(f"cell '{record.path}' ({record.original_class.__name__}) has deltas "
                                 f"{sorted(params)[:4]}, not one {pairs} pair: "
                                 f"PEFT's LoRA layout does not hold them (grouped experts); save with format='pet_hooks'")
@@ -159,10 +159,10 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
                 to_numpy(params[f"{record.path}.{leaf}"]))
     doc = {
         "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
-        "peft_type": tuner.peft_type, "revision": None, "target_modules": _peft_targets(mapped, net, fn, tuner),
-        "task_type": task_type, **_PEFT_DEFAULTS.get(tuner.peft_type, {}), **tuner.peft_fields(state.config),
+        "peft_type": tuner.peft.peft_type, "revision": None, "target_modules": _peft_targets(mapped, net, fn, tuner),
+        "task_type": task_type, **_PEFT_DEFAULTS.get(tuner.peft.peft_type, {}), **tuner.peft.fields(state.config),
     }
-    doc.update(tuner.peft_module_fields(state.injections, mapped, doc["target_modules"]))
+    doc.update(tuner.peft.module_fields(state.injections, mapped, doc["target_modules"]))
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
@@ -181,13 +181,13 @@ def _check_doc(doc: Mapping, config_path: str) -> Tuner:
     """The tuner for the document's ``peft_type``, once the document is one pet_hooks can read."""
     tuner = peft_tuner(doc.get("peft_type"))
     if tuner is None:
-        readable = ", ".join(t.peft_type for t in all_tuners() if t.peft_type)
+        readable = ", ".join(t.peft.peft_type for t in all_tuners() if t.peft)
         raise AdapterFileError(f"{config_path}: peft_type {doc.get('peft_type')!r} is not supported "
                                f"(pet_hooks reads {readable})")
     for key, allowed in _UNSUPPORTED:
         if key in doc and doc[key] not in allowed:
             raise AdapterFileError(f"{config_path}: {key}={doc[key]!r} is not supported by pet_hooks")
-    tuner.check_peft_fields(doc, config_path)
+    tuner.peft.check_fields(doc, config_path)
     return tuner
 
 
@@ -202,9 +202,9 @@ def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str,
     Each module's tensors must form one of the tuner's layouts (plus its optional bare tensors); any
     other key is an error naming it.
     """
-    layouts = tuner.peft_layouts()
+    layouts = tuner.peft.tensor_sets()
     ending = {f"{suffix}{tail}": suffix for weights, tail in layouts for suffix in weights}
-    ending.update({suffix: suffix for suffix in tuner.peft_bare_weights})
+    ending.update({suffix: suffix for suffix in tuner.peft.bare_weights})
     ending[_BASE_COPY] = _BASE_COPY
     key_re = re.compile(r"base_model\.model\.(.+)\.(" + "|".join(re.escape(e) for e in ending) + ")")
     modules: Dict[str, Dict[str, np.ndarray]] = {}
@@ -225,7 +225,7 @@ def _modules_of(tensors: Mapping[str, np.ndarray], weights_path: str,
             raise AdapterFileError(f"{weights_path}: key '{PEFT_PREFIX}{module}.{_BASE_COPY}' is a base weight of a "
                                    f"module without {tuner.label} tensors; pet_hooks does not load base weights")
     for module, found in modules.items():
-        own = {suffix for suffix in found if suffix not in tuner.peft_bare_weights}
+        own = {suffix for suffix in found if suffix not in tuner.peft.bare_weights}
         hit = [(w, t) for w, t in layouts if own & set(w)] or layouts[:1]
         if len(hit) > 1:
             raise AdapterFileError(f"{weights_path}: module '{module}' has both "
@@ -292,7 +292,7 @@ def _choose_map(net: nn.Cell, modules: Mapping[str, Mapping[str, np.ndarray]], n
     missing = next(module for module in sorted(modules) if module not in inverse)
     tried = f"name map {label}" if name_map is not None else f"any name map (none, {', '.join(sorted(NAME_MAPS))})"
     example = next(iter(sorted(inverse)), None)
-    ending = {s: f"{s}{t}" for weights, t in tuner.peft_layouts() for s in weights}
+    ending = {s: f"{s}{t}" for weights, t in tuner.peft.tensor_sets() for s in weights}
     first = ending.get(min(modules[missing]), min(modules[missing]))
     raise AdapterFileError(
         f"{weights_path}: module '{missing}' (key '{PEFT_PREFIX}{missing}.{first}') matches no "
@@ -321,8 +321,8 @@ def _joined_fused_cells(net: nn.Cell, tuner: Tuner, spec: NameMapSpec, ours: Map
 
 def _leaves(tuner: Tuner) -> Dict[str, str]:
     """PEFT's key suffix -> the leaf of our delta's name, of every layout and the bare ones."""
-    leaves = {suffix: leaf for weights, _ in tuner.peft_layouts() for suffix, leaf in weights.items()}
-    return {**leaves, **tuner.peft_bare_weights}
+    leaves = {suffix: leaf for weights, _ in tuner.peft.tensor_sets() for suffix, leaf in weights.items()}
+    return {**leaves, **tuner.peft.bare_weights}
 
 
 def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None,
@@ -347,11 +347,11 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     if cfg is not None and (state is None or fresh):
         target = load_config(cfg)
     elif state is None or fresh:
-        target = tuner.config_from_peft_modules(doc, ours)
+        target = tuner.peft.config_from_modules(doc, ours)
     elif hotswap:         # the file's own config: load_tensors checks that it fits the adapter
-        target = tuner.config_from_peft_modules(doc, ours)
+        target = tuner.peft.config_from_modules(doc, ours)
     else:
-        reason = tuner.peft_mismatch(doc, config_path, type(net).__name__, state.config)
+        reason = tuner.peft.mismatch(doc, config_path, type(net).__name__, state.config)
         if reason is not None:
             raise PetStateError(reason)
         target = None

@@ -1,7 +1,7 @@
 """The tuner contract: what every PET method provides, and all that the rest of pet_hooks may ask of it.
 
-A method is one module under ``tuners/`` with a :class:`Tuner` subclass, and one line in
-``tuners/__init__.py`` (``register_tuner(MyTuner())``)::
+A method is one module under ``tuners/`` with a :class:`Tuner` subclass, tied to its config class by
+one line (``register_method(IA3Config, "pet_hooks.tuners.ia3:IA3Tuner")``, ``config/methods.py``)::
 
     class IA3Tuner(Tuner):
         pet_types = ("ia3",)
@@ -14,8 +14,9 @@ A method is one module under ``tuners/`` with a :class:`Tuner` subclass, and one
 
 ``surgery`` (apply / remove / merge / disable), ``flow`` (the optimizer), ``grad_guard``,
 ``inspection`` and the file formats (``adapter_io``, ``peft_format``, ``mindformers_io``) talk
-to tuners through this class only. What a method does not have keeps the default here: no
-switch parameters, no merge (``can_merge = False``), no PEFT or MindFormers layout.
+to tuners through this class only; how a format spells the method is the layout object it carries
+(``peft``, ``mindformers``: ``tuners/file_layouts.py``). What a method does not have keeps the
+default here: no switch parameters, no merge (``can_merge = False``), no PEFT or MindFormers layout.
 
 Switching a net's adapters on or off (``disable_adapters``, merge/unmerge) is one call with
 all of its records, so a value shared by many cells (LoRA's scale) is written once. A method
@@ -35,6 +36,7 @@ from mindspore.common import dtype as mstype
 from ..utils.ms_compat import write_values
 from ..config.pet_config import PetConfig
 from ..errors import PetStateError
+from .file_layouts import MindFormersLayout, PeftLayout
 
 __all__ = ["Tuner", "Injection", "Targets"]
 
@@ -70,17 +72,10 @@ class Tuner(abc.ABC):
     switch_is_data: ClassVar[bool] = False
     #: True when ``merge`` can fold the deltas into the base weights (and ``weight_deltas`` says how)
     can_merge: ClassVar[bool] = False
-    #: Hugging Face PEFT's ``peft_type`` for this method, None when it has no PEFT layout
-    peft_type: ClassVar[Optional[str]] = None
-    #: PEFT's tensor key suffix (``<module>.<suffix>.weight``) -> the leaf of our delta's name
-    peft_weights: ClassVar[Mapping[str, str]] = {}
-    #: what follows the suffix in PEFT's keys: ".weight" for LoRA's sub-modules, "" for IA3's bare vectors
-    peft_key_tail: ClassVar[str] = ".weight"
-    #: PEFT's optional key suffixes saved bare, with no tail (DoRA's ``lora_magnitude_vector``) -> our leaf;
-    #: written when the cell has that delta, read when the file has it
-    peft_bare_weights: ClassVar[Mapping[str, str]] = {}
-    #: MindFormers' delta name suffix (``<cell>.<theirs>``) -> the leaf of our delta's name
-    mindformers_weights: ClassVar[Mapping[str, str]] = {}
+    #: the method in Hugging Face PEFT's adapter files (``tuners/file_layouts.py``), None when PEFT lacks it
+    peft: ClassVar[Optional[PeftLayout]] = None
+    #: the method's delta names in MindFormers' checkpoints, None when MindFormers has none
+    mindformers: ClassVar[Optional[MindFormersLayout]] = None
 
     # -- choose, inject, undo ----------------------------------------------------------------
     @abc.abstractmethod
@@ -153,36 +148,3 @@ class Tuner(abc.ABC):
         for weight, delta in self.weight_deltas(record):
             merged = weight.astype(mstype.float32).asnumpy() + sign * delta
             write_values(weight, Tensor(merged, mstype.float32))
-
-    # -- the PEFT layout (methods with a peft_type) ---------------------------------------------
-    def peft_layouts(self) -> List[Tuple[Mapping[str, str], str]]:
-        """The sets of tensors one PEFT module of this method may hold, ``[(PEFT suffix -> our leaf, key tail)]``;
-        each module's tensors form exactly one of them. By default ``peft_weights`` with ``peft_key_tail``."""
-        return [(self.peft_weights, self.peft_key_tail)]
-
-    def peft_fields(self, cfg: PetConfig) -> dict:
-        """The method's own fields of a PEFT ``adapter_config.json`` written for ``cfg``."""
-        raise NotImplementedError(f"{type(self).__name__} has no PEFT layout")
-
-    def peft_module_fields(self, records: Sequence[Injection], mapped: Mapping[str, str],
-                           target_modules) -> dict:
-        """Fields of a PEFT config that name modules (IA3's ``feedforward_modules``), in PEFT's names:
-        ``mapped`` is our cell path -> their module path, ``target_modules`` what the config says."""
-        return {}
-
-    def check_peft_fields(self, doc: Mapping, config_path: str) -> None:
-        """Raise naming ``config_path`` when the method's fields of a PEFT config are unusable."""
-
-    def config_from_peft(self, doc: Mapping, target_modules: List[str]) -> PetConfig:
-        """The config equivalent to a PEFT ``adapter_config.json``, adapting ``target_modules``."""
-        raise NotImplementedError(f"{type(self).__name__} has no PEFT layout")
-
-    def config_from_peft_modules(self, doc: Mapping, module_map: Mapping[str, str]) -> PetConfig:
-        """The config for a PEFT adapter whose modules map onto our cells (their path -> our path);
-        by default :meth:`config_from_peft` over our paths. Methods whose config names modules
-        beyond ``target_modules`` (IA3's ``feedforward_modules``) translate them here."""
-        return self.config_from_peft(doc, sorted(set(module_map.values())))
-
-    def peft_mismatch(self, doc: Mapping, config_path: str, net_name: str, applied: PetConfig) -> Optional[str]:
-        """Why a PEFT adapter cannot load into a net that already has ``applied``; None when it can."""
-        return None

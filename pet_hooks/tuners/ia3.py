@@ -31,6 +31,7 @@ from ..config.pet_config import IA3Config
 from ..errors import AdapterFileError, NoMatchError, UnsupportedCellError
 from ..matching.cells import list_entry_matches, select_cells
 from .base import Injection
+from .file_layouts import PeftLayout
 from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch, weight_is_out_in
 
 __all__ = ["IA3Tuner", "IA3Layer", "is_ia3_cell", "SWITCH_NAME"]
@@ -131,6 +132,55 @@ def _scaled(cell: nn.Cell) -> List[Tuple[Parameter, np.ndarray]]:
     return pairs
 
 
+class IA3PeftLayout(PeftLayout):
+    """PEFT's ``IA3``: one bare vector per module (``<module>.ia3_l``), and which modules are feed-forward."""
+
+    peft_type = "IA3"
+    weights = {"ia3_l": "ia3_l"}
+    key_tail = ""              # PEFT's IA3 keys end in ".ia3_l", not ".ia3_l.weight"
+
+    def fields(self, cfg: IA3Config) -> dict:
+        return {"fan_in_fan_out": False, "init_ia3_weights": cfg.init_ia3_weights, "modules_to_save": None}
+
+    def module_fields(self, records: Sequence[Injection], mapped: Mapping[str, str], target_modules) -> dict:
+        """``feedforward_modules`` in PEFT's names: last names when they pick exactly the feed-forward
+        targets out of a list ``target_modules`` (PEFT wants a subset of it), else a regex of full names."""
+        ff = sorted(mapped[r.path] for r in records if r.cell.ia3_feedforward)
+        if not ff:
+            return {"feedforward_modules": []}
+        if isinstance(target_modules, list):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in ff})
+            picked = {mapped[r.path] for r in records if mapped[r.path].rsplit(".", 1)[-1] in leaves}
+            if picked == set(ff):
+                return {"feedforward_modules": leaves}
+        return {"feedforward_modules": "|".join(re.escape(name) for name in ff)}
+
+    def check_fields(self, doc, config_path: str) -> None:
+        ff = doc.get("feedforward_modules")
+        if ff is not None and not isinstance(ff, (str, list)):
+            raise AdapterFileError(f"{config_path}: field 'feedforward_modules' must be a string or a list, "
+                                   f"got {ff!r}")
+        if doc.get("fan_in_fan_out"):
+            raise AdapterFileError(f"{config_path}: fan_in_fan_out=true (GPT-2's Conv1D) is not supported")
+
+    def config_from(self, doc, target_modules: List[str]) -> IA3Config:
+        return IA3Config(pet_type="ia3", target_modules=target_modules,
+                         init_ia3_weights=bool(doc.get("init_ia3_weights", True)))
+
+    def config_from_modules(self, doc, module_map: Mapping[str, str]) -> IA3Config:
+        """Which of our cells are feed-forward follows PEFT's rule applied to their module names."""
+        theirs = doc.get("feedforward_modules")
+        ff = sorted(ours for their, ours in module_map.items() if _peft_is_feedforward(their, theirs))
+        return IA3Config(pet_type="ia3", target_modules=sorted(set(module_map.values())),
+                         feedforward_modules=ff or None,
+                         init_ia3_weights=bool(doc.get("init_ia3_weights", True)))
+
+    def mismatch(self, doc, config_path: str, net_name: str, applied) -> Optional[str]:
+        if applied.pet_type == IA3Config.PET_TYPE:
+            return None      # which layers are feed-forward shows in the shapes, checked per tensor
+        return f"{config_path}: an IA3 adapter cannot load into {net_name}, which has {applied.pet_type}"
+
+
 class IA3Tuner(SwitchedTuner):
     """(IA)^3 as a :class:`~pet_hooks.tuners.base.Tuner`: scaling vectors on Dense / Linear."""
 
@@ -138,9 +188,7 @@ class IA3Tuner(SwitchedTuner):
     pet_types = ("ia3",)
     switch_attr = "pet_ia3_on"
     can_merge = True
-    peft_type = "IA3"
-    peft_weights = {"ia3_l": "ia3_l"}
-    peft_key_tail = ""         # PEFT's IA3 keys end in ".ia3_l", not ".ia3_l.weight"
+    peft = IA3PeftLayout()
 
     def can_adapt(self, cell: nn.Cell) -> Optional[str]:
         return _can_adapt(cell)
@@ -164,48 +212,6 @@ class IA3Tuner(SwitchedTuner):
             value = param.astype(mstype.float32).asnumpy()
             value = value * factor if sign > 0 else value / (factor + _UNMERGE_EPS)
             write_values(param, Tensor(value.astype(np.float32), mstype.float32))
-
-    # -- Hugging Face PEFT's adapter_config.json ------------------------------------------------
-    def peft_fields(self, cfg: IA3Config) -> dict:
-        return {"fan_in_fan_out": False, "init_ia3_weights": cfg.init_ia3_weights, "modules_to_save": None}
-
-    def peft_module_fields(self, records: Sequence[Injection], mapped: Mapping[str, str], target_modules) -> dict:
-        """``feedforward_modules`` in PEFT's names: last names when they pick exactly the feed-forward
-        targets out of a list ``target_modules`` (PEFT wants a subset of it), else a regex of full names."""
-        ff = sorted(mapped[r.path] for r in records if r.cell.ia3_feedforward)
-        if not ff:
-            return {"feedforward_modules": []}
-        if isinstance(target_modules, list):
-            leaves = sorted({name.rsplit(".", 1)[-1] for name in ff})
-            picked = {mapped[r.path] for r in records if mapped[r.path].rsplit(".", 1)[-1] in leaves}
-            if picked == set(ff):
-                return {"feedforward_modules": leaves}
-        return {"feedforward_modules": "|".join(re.escape(name) for name in ff)}
-
-    def check_peft_fields(self, doc, config_path: str) -> None:
-        ff = doc.get("feedforward_modules")
-        if ff is not None and not isinstance(ff, (str, list)):
-            raise AdapterFileError(f"{config_path}: field 'feedforward_modules' must be a string or a list, "
-                                   f"got {ff!r}")
-        if doc.get("fan_in_fan_out"):
-            raise AdapterFileError(f"{config_path}: fan_in_fan_out=true (GPT-2's Conv1D) is not supported")
-
-    def config_from_peft(self, doc, target_modules: List[str]) -> IA3Config:
-        return IA3Config(pet_type="ia3", target_modules=target_modules,
-                         init_ia3_weights=bool(doc.get("init_ia3_weights", True)))
-
-    def config_from_peft_modules(self, doc, module_map: Mapping[str, str]) -> IA3Config:
-        """Which of our cells are feed-forward follows PEFT's rule applied to their module names."""
-        theirs = doc.get("feedforward_modules")
-        ff = sorted(ours for their, ours in module_map.items() if _peft_is_feedforward(their, theirs))
-        return IA3Config(pet_type="ia3", target_modules=sorted(set(module_map.values())),
-                         feedforward_modules=ff or None,
-                         init_ia3_weights=bool(doc.get("init_ia3_weights", True)))
-
-    def peft_mismatch(self, doc, config_path: str, net_name: str, applied) -> Optional[str]:
-        if applied.pet_type in self.pet_types:
-            return None      # which layers are feed-forward shows in the shapes, checked per tensor
-        return f"{config_path}: an IA3 adapter cannot load into {net_name}, which has {applied.pet_type}"
 
 
 def _peft_is_feedforward(module: str, patterns) -> bool:

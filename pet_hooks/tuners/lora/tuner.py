@@ -26,7 +26,6 @@ goes through it.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -36,14 +35,15 @@ from mindspore.common import dtype as mstype
 
 from ...utils.ms_compat import write_values
 from ...config.pet_config import LoraConfig
-from ...errors import AdapterFileError, PetConfigError, UnsupportedCellError
+from ...errors import UnsupportedCellError
 from ...matching.cells import is_excluded, select_cells
-from . import dora as lora_dora, embedding as lora_embedding, inits as lora_init
+from . import inits as lora_init
 from ..base import Injection, Tuner
 from ..common import init_rng, inject_all, restore
 from .dispatch import kind_of, unsupported_reason, variant_of
 from .kind import LoraKind, LoraLayer, LoraVariant, kind_attrs, param_data
 from .linear import LoraDense, LoraLinear
+from .peft_layout import MINDFORMERS_LAYOUT, LoraPeftLayout
 from .scale import add_scale, scaled_a
 
 __all__ = ["LoraTuner", "LoraTargets", "LoraInjection", "LoraLayer", "LoraDense", "LoraLinear", "is_lora_cell",
@@ -268,24 +268,14 @@ class LoraTuner(Tuner):
     # value: the graph stays the same, so graph mode needs no recompile.
     switch_is_data = True
     can_merge = True
-    peft_type = "LORA"
-    peft_weights = {"lora_A": "lora_A", "lora_B": "lora_B"}
-    peft_bare_weights = {lora_dora.MAGNITUDE: lora_dora.MAGNITUDE}     # DoRA's, saved without ".weight"
-    # an embedding's A and B, PEFT's names, saved bare too: the second layout a module's tensors may form
-    peft_embedding_weights = {leaf: leaf for leaf in lora_embedding.PEFT_LEAVES}
-    # legacy (mindpet LoRADense) and mcore (lora_layers.py: lora_A / lora_B are LinearNoTP / ColumnParallelLinear cells)
-    mindformers_weights = {"mindpet_delta_lora_a": "lora_A", "mindpet_delta_lora_b": "lora_B",
-                           "lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+    peft = LoraPeftLayout()
+    mindformers = MINDFORMERS_LAYOUT
 
     def can_adapt(self, cell: nn.Cell) -> Optional[str]:
         return _can_adapt(cell)
 
     def base_weight(self, cell: nn.Cell) -> Optional[Parameter]:
         return base_weight(cell)
-
-    def peft_layouts(self):
-        """``lora_A.weight`` / ``lora_B.weight`` (linear layers), or an embedding's bare ``lora_embedding_A`` / ``_B``."""
-        return [(self.peft_weights, self.peft_key_tail), (self.peft_embedding_weights, "")]
 
     def select_targets(self, net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
         return select_targets(net, cfg)
@@ -342,39 +332,3 @@ class LoraTuner(Tuner):
             record.variant.merge(record.kind, record.cell)
         else:
             record.variant.unmerge(record.kind, record.cell)
-
-    # -- Hugging Face PEFT's adapter_config.json ------------------------------------------------
-    def peft_fields(self, cfg: LoraConfig) -> dict:
-        return {"lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "r": cfg.lora_rank,
-                "use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora, "init_lora_weights": cfg.init_lora_weights}
-
-    def check_peft_fields(self, doc, config_path: str) -> None:
-        for key in ("r", "lora_alpha"):
-            if not isinstance(doc.get(key), (int, float)) or isinstance(doc.get(key), bool):
-                raise AdapterFileError(f"{config_path}: field {key!r} is missing or not a number")
-        try:
-            LoraConfig(target_modules=".*", init_lora_weights=doc.get("init_lora_weights", True),
-                       use_dora=bool(doc.get("use_dora")))
-        except PetConfigError as err:
-            raise AdapterFileError(f"{config_path}: {err}") from None
-
-    def config_from_peft(self, doc, target_modules: List[str]) -> LoraConfig:
-        return LoraConfig(pet_type="lora", lora_rank=int(doc["r"]), lora_alpha=doc["lora_alpha"],
-                          lora_dropout=float(doc.get("lora_dropout") or 0.0),
-                          target_modules=target_modules, use_rslora=bool(doc.get("use_rslora")),
-                          use_dora=bool(doc.get("use_dora")), init_lora_weights=doc.get("init_lora_weights", True))
-
-    def peft_mismatch(self, doc, config_path: str, net_name: str, applied) -> Optional[str]:
-        scaling = doc["lora_alpha"] / (math.sqrt(doc["r"]) if doc.get("use_rslora") else doc["r"])
-        if applied.pet_type in self.pet_types and math.isclose(applied.scaling, scaling, rel_tol=1e-6):
-            theirs = self.config_from_peft(doc, [".*"])
-            if theirs.use_dora != applied.use_dora:
-                return f"{config_path}: use_dora={theirs.use_dora} differs from the LoRA applied to {net_name}"
-            if (lora_init.mutates_base(theirs) or lora_init.mutates_base(applied)) and \
-                    theirs.init_lora_weights != applied.init_lora_weights:
-                return (f"{config_path}: init_lora_weights={theirs.init_lora_weights!r} differs from the LoRA applied "
-                        f"to {net_name} ({applied.init_lora_weights!r}): its base weight is another residual")
-            return None
-        return (f"{config_path}: LoRA scaling {scaling:g} (r={doc['r']}, lora_alpha={doc['lora_alpha']}) "
-                f"differs from the PET applied to {net_name} "
-                f"({applied.pet_type}, scaling {getattr(applied, 'scaling', 'n/a')})")
