@@ -129,19 +129,19 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
     tied = tied_weights(net, state) if state.tuner.can_merge else {}
     matched_paths = set()
     matched_types = set()
-    for record in state.injections:
-        own, prefix = [], record.path + "."
-        for param in state.tuner.deltas_of(record):
+    for injection in state.injections:
+        own, prefix = [], injection.path + "."
+        for param in state.tuner.deltas_of(injection):
             if param.name.startswith(prefix):
                 own.append({"name": param.name[len(prefix):], "shape": list(param.shape)})
             else:
                 shared.setdefault(param.name, list(param.shape))
-        size = state.tuner.io_channels(record)
-        report["matched"].append({"path": record.path, "type": record.original_class.__name__,
+        size = state.tuner.io_channels(injection)
+        report["matched"].append({"path": injection.path, "type": injection.original_class.__name__,
                                   "in": size[0], "out": size[1], "deltas": own,
-                                  "tied_to": tied[record.path][1] if record.path in tied else None})
-        matched_paths.add(record.path)
-        matched_types.add(record.original_class)
+                                  "tied_to": tied[injection.path][1] if injection.path in tied else None})
+        matched_paths.add(injection.path)
+        matched_types.add(injection.original_class)
     report["shared"] = [{"name": name, "shape": shape} for name, shape in shared.items()]
     adaptable_set = set(adaptable)
     for path, cell in cells:

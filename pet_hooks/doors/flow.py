@@ -99,9 +99,9 @@ def _home_of(model: nn.Cell) -> Dict[int, Parameter]:
     """delta id -> the base parameter whose optimizer group it joins (its layer's weight)."""
     state = get_state(model)
     homes: Dict[int, Parameter] = {}
-    for record in state.injections:
-        home = state.tuner.group_anchor(record)
-        for delta in state.tuner.deltas_of(record):
+    for injection in state.injections:
+        home = state.tuner.group_anchor(injection)
+        for delta in state.tuner.deltas_of(injection):
             if home is not None:
                 homes[id(delta)] = home
     for kept in state.kept:

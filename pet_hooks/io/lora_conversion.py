@@ -7,7 +7,7 @@ only with that residual. PEFT's ``save_pretrained(..., path_initial_model_for_we
     W_res + s B A = W + s (B A - B0 A0) = W + s [B | -B0] @ [A ; A0]
 
 a LoRA of rank 2r with ``lora_alpha`` doubled (``* sqrt(2)`` with ``use_rslora``) so that the scaling
-stays ``s``, and ``init_lora_weights: true``. pet_hooks keeps A0 and B0 in the injection record
+stays ``s``, and ``init_lora_weights: true``. pet_hooks keeps A0 and B0 in the Injection
 (with the original weight, which ``remove`` writes back), so no initial adapter needs saving::
 
     pet_hooks.save_as_lora(net, "plain_lora/")                    # pet_hooks' layout
@@ -37,14 +37,14 @@ __all__ = ["save_as_lora"]
 
 def _records(net):
     state = get_state(net)
-    records = [] if state is None else [r for r in state.injections if getattr(r, "base_init", None) is not None]
-    if state is None or state.config.pet_type != "lora" or not records:
+    injections = [] if state is None else [r for r in state.injections if getattr(r, "base_init", None) is not None]
+    if state is None or state.config.pet_type != "lora" or not injections:
         raise PetStateError(f"save_as_lora needs a LoRA initialised with init_lora_weights 'pissa', 'pissa_niter_N' "
                             f"or 'olora'; {type(net).__name__} has "
                             f"{'no PET' if state is None else state.config.pet_type + ' with init_lora_weights=' + repr(getattr(state.config, 'init_lora_weights', None))}")
     if state.config.use_dora:
         raise PetStateError("save_as_lora: a DoRA adapter is not a sum of low-rank products; it has no plain LoRA form")
-    return state, records
+    return state, injections
 
 
 def _save(net, directory, fmt, name_map, peft_fields):
@@ -76,12 +76,12 @@ def save_as_lora(net, directory, format: str = "pet_hooks", name_map=None,  # py
                  **peft_fields) -> str:
     """Write ``net``'s PiSSA / OLoRA adapter as a plain LoRA of rank 2r for the original weights (see the module
     docstring); arguments as :func:`pet_hooks.save_adapter`. The net is left as it was."""
-    state, records = _records(net)
+    state, injections = _records(net)
     with tempfile.TemporaryDirectory(prefix="pet_hooks_as_lora_") as tmp:
         now_dir, init_dir = os.path.join(tmp, "now"), os.path.join(tmp, "init")
         _save(net, now_dir, format, name_map, peft_fields)
-        kept = [(r.cell.lora_A, r.cell.lora_A.asnumpy().copy(), r.base_init.a0) for r in records] + \
-               [(r.cell.lora_B, r.cell.lora_B.asnumpy().copy(), r.base_init.b0) for r in records]
+        kept = [(r.cell.lora_A, r.cell.lora_A.asnumpy().copy(), r.base_init.a0) for r in injections] + \
+               [(r.cell.lora_B, r.cell.lora_B.asnumpy().copy(), r.base_init.b0) for r in injections]
         try:
             for param, _, initial in kept:
                 write_values(param, initial)

@@ -78,8 +78,8 @@ def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
     deltas = {id(p) for p in all_delta_parameters(net) + switch_parameters(net)}
     merged = {}
     if not state.merged:  # a merged net already holds the merged weights
-        for record in state.injections:
-            for weight, delta in state.tuner.weight_deltas(record):
+        for injection in state.injections:
+            for weight, delta in state.tuner.weight_deltas(injection):
                 value = weight.astype(mstype.float32).asnumpy() + delta
                 merged[id(weight)] = ms.Tensor(value, mstype.float32).astype(weight.dtype)
     entries = [{"name": p.name, "data": merged.get(id(p), p.data)}

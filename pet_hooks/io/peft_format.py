@@ -122,41 +122,41 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
                             f"{[p.name for p in state.kept][:3]} trainable; save with format='pet_hooks'")
     tuner = state.tuner
     label, fn = resolve_name_map(name_map)
-    paths = [record.path for record in state.injections]
+    paths = [injection.path for injection in state.injections]
     fused_cells = {path: parts for path in paths for parts in [fused_parts(name_map, path)] if parts}
-    delta_names = {record.path: [p.name for p in tuner.deltas_of(record)] for record in state.injections}
+    delta_names = {injection.path: [p.name for p in tuner.deltas_of(injection)] for injection in state.injections}
     mapped = _map_all([p for p in paths if p not in fused_cells], fn, label, net, delta_names)
     tensors = {}
-    for record in state.injections:
-        params = {param.name: param for param in tuner.deltas_of(record)}
-        bare = {suffix: params[f"{record.path}.{leaf}"] for suffix, leaf in tuner.peft.bare_weights.items()
-                if f"{record.path}.{leaf}" in params}
-        if record.path in fused_cells and bare:
-            raise PetStateError(f"cell '{record.path}' is fused in name map {label} and has {sorted(bare)}: "
+    for injection in state.injections:
+        params = {param.name: param for param in tuner.deltas_of(injection)}
+        bare = {suffix: params[f"{injection.path}.{leaf}"] for suffix, leaf in tuner.peft.bare_weights.items()
+                if f"{injection.path}.{leaf}" in params}
+        if injection.path in fused_cells and bare:
+            raise PetStateError(f"cell '{injection.path}' is fused in name map {label} and has {sorted(bare)}: "
                                 f"splitting those is not supported; save with format='pet_hooks'")
         for suffix, param in bare.items():
-            tensors[f"{PEFT_PREFIX}{fn(record.path)}.{suffix}"] = np.ascontiguousarray(to_numpy(param))
-        if record.path in fused_cells:      # one cell, several PEFT modules sharing its A (pet_hooks.io.fused)
-            layout, theirs = fused_cells[record.path]
-            rows = fused.part_rows(layout, record.cell, record.path)
-            parts = fused.split(to_numpy(params[f"{record.path}.lora_A"]), to_numpy(params[f"{record.path}.lora_B"]),
+            tensors[f"{PEFT_PREFIX}{fn(injection.path)}.{suffix}"] = np.ascontiguousarray(to_numpy(param))
+        if injection.path in fused_cells:      # one cell, several PEFT modules sharing its A (pet_hooks.io.fused)
+            layout, theirs = fused_cells[injection.path]
+            rows = fused.part_rows(layout, injection.cell, injection.path)
+            parts = fused.split(to_numpy(params[f"{injection.path}.lora_A"]), to_numpy(params[f"{injection.path}.lora_B"]),
                                 rows)
             for index, (their_path, (a, b)) in enumerate(zip(theirs, parts)):
                 tensors[f"{PEFT_PREFIX}{their_path}.lora_A.weight"] = np.ascontiguousarray(a)
                 tensors[f"{PEFT_PREFIX}{their_path}.lora_B.weight"] = b
-                mapped[f"{record.path}#{index}"] = their_path
+                mapped[f"{injection.path}#{index}"] = their_path
             continue
         layout = next(((weights, tail) for weights, tail in tuner.peft.tensor_sets()
-                       if all(f"{record.path}.{leaf}" in params for leaf in weights.values())), None)
+                       if all(f"{injection.path}.{leaf}" in params for leaf in weights.values())), None)
         if layout is None:
             pairs = " or ".join(" / ".join(weights.values()) for weights, _ in tuner.peft.tensor_sets())
-            raise PetStateError(f"cell '{record.path}' ({record.original_class.__name__}) has deltas "
+            raise PetStateError(f"cell '{injection.path}' ({injection.original_class.__name__}) has deltas "
                                 f"{sorted(params)[:4]}, not one {pairs} pair: "
                                 f"PEFT's LoRA layout does not hold them (grouped experts); save with format='pet_hooks'")
         weights, tail = layout
         for suffix, leaf in weights.items():
-            tensors[f"{PEFT_PREFIX}{mapped[record.path]}.{suffix}{tail}"] = np.ascontiguousarray(
-                to_numpy(params[f"{record.path}.{leaf}"]))
+            tensors[f"{PEFT_PREFIX}{mapped[injection.path]}.{suffix}{tail}"] = np.ascontiguousarray(
+                to_numpy(params[f"{injection.path}.{leaf}"]))
     doc = {
         "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "peft_type": tuner.peft.peft_type, "revision": None, "target_modules": _peft_targets(mapped, net, fn, tuner),
@@ -264,7 +264,7 @@ def _net_paths(net: nn.Cell, tuner: Tuner, fresh: bool = False) -> List[str]:
     state = get_state(net)
     if state is None:
         return _adaptable_paths(net, tuner)
-    adapted = [record.path for record in (state.cells if fresh else state.injections)]
+    adapted = [injection.path for injection in (state.cells if fresh else state.injections)]
     return adapted + [path for path in _adaptable_paths(net, tuner) if path not in adapted] if fresh else adapted
 
 

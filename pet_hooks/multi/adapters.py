@@ -183,7 +183,7 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
             raise PetConfigError(f"add_adapter: {field} {getattr(cfg, field)!r} would change which base parameters "
                                  f"train, which all adapters of a net share; set it on the first adapter only")
     _refuse_single_only([("the new adapter", cfg)] + [(repr(n), a.config) for n, a in state.adapters.items()])
-    adapted = {record.path: record for record in state.cells}
+    adapted = {injection.path: injection for injection in state.cells}
     model = state_owner(net)                   # the cell apply adapted (net may wrap it): paths relative to it
     targets = select_targets(model, cfg, include_adapted=True)        # validates; changes nothing
     _refuse_experts(list(targets) + [(r.path, r.cell) for r in state.cells], "add an adapter")
@@ -193,12 +193,12 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
         stored[path] = initial_values(cell, cfg, rng)
     new = LoraTargets([(p, c) for p, c in targets if p not in adapted],
                       {p: c for p, c in targets.parents.items() if p not in adapted})
-    records = state.tuner.inject(new, cfg) if new else []
+    injections = state.tuner.inject(new, cfg) if new else []
     order = {path: index for index, (path, _) in enumerate(model.cells_and_names())}
-    state.cells = sorted(state.cells + records, key=lambda record: order[record.path])
+    state.cells = sorted(state.cells + injections, key=lambda injection: order[injection.path])
     state.adapters[adapter_name] = NamedAdapter(adapter_name, cfg, [path for path, _ in targets], stored)
     lora_slots.compose(state, state.active)     # the new cells parked: scale 0, not trainable
-    after_change(net, state, bool(records))
+    after_change(net, state, bool(injections))
     return net
 
 
@@ -213,15 +213,15 @@ def delete_adapter(net: nn.Cell, adapter_name: str) -> nn.Cell:
     if adapter_name in state.active:
         raise PetStateError(f"cannot delete adapter {adapter_name!r}: it is active; set_adapter to another first "
                             f"(or pet_hooks.remove(net) to take PET away)")
-    for record in state.cells:
-        if adapter_name in record.occupants:
-            lora_slots.bank(state, record)
+    for injection in state.cells:
+        if adapter_name in injection.occupants:
+            lora_slots.bank(state, injection)
     del state.adapters[adapter_name]
     targeted = {path for adapter in state.adapters.values() for path in adapter.paths}
-    orphans = [record for record in state.cells if record.path not in targeted]
-    for record in reversed(orphans):
-        state.tuner.eject(record)
-    state.cells = [record for record in state.cells if record.path in targeted]
+    orphans = [injection for injection in state.cells if injection.path not in targeted]
+    for injection in reversed(orphans):
+        state.tuner.eject(injection)
+    state.cells = [injection for injection in state.cells if injection.path in targeted]
     for adapter in state.adapters.values():
         for path in [p for p in adapter.stored if p not in targeted]:
             del adapter.stored[path]
@@ -235,13 +235,13 @@ def _held(net: nn.Cell, state: PetState) -> Iterator[None]:
     """After the block the net holds the very Parameter objects (values, flags) and active adapters it held
     before; what the block wrote into an adapter's values stays with that adapter."""
     before_active, held = list(state.active), lora_slots.slot_objects(state)
-    flags = {id(p): p.requires_grad for record in state.cells for p in record.params}
+    flags = {id(p): p.requires_grad for injection in state.cells for p in injection.params}
     try:
         yield
     finally:
         lora_slots.compose(state, before_active, reuse=held)
-        for record in state.cells:
-            for param in record.params:
+        for injection in state.cells:
+            for param in injection.params:
                 param.requires_grad = flags.get(id(param), param.requires_grad)
 
 
@@ -304,15 +304,15 @@ def adapter_per_row(net: nn.Cell, names: Sequence[str]) -> Iterator[RowSelection
     rows = _row_names(state, names)
     if state.merged:
         raise PetStateError("adapter_per_row needs the adapters unmerged: call pet_hooks.unmerge(net) first")
-    training = [record.path for record in state.cells if record.cell.training]
+    training = [injection.path for injection in state.cells if injection.cell.training]
     if training:
         raise PetStateError(f"adapter_per_row is for inference, but cell '{training[0]}' is in training mode: "
                             f"call net.set_train(False) first")
-    for record in state.cells:
-        reason = lora_rows.unsupported(record)
+    for injection in state.cells:
+        reason = lora_rows.unsupported(injection)
         if reason:
-            raise UnsupportedCellError(f"adapter_per_row cannot select per row in cell '{record.path}' "
-                                       f"({record.original_class.__name__}): {reason}")
+            raise UnsupportedCellError(f"adapter_per_row cannot select per row in cell '{injection.path}' "
+                                       f"({injection.original_class.__name__}): {reason}")
     everyone = list(state.adapters)
     _check_compatible(state, everyone, ("param_init_type", "compute_dtype"))
     with _held(net, state):

@@ -64,38 +64,38 @@ class LoraRowBranch:
         return ops.reshape(h, (rank, -1))
 
 
-def unsupported(record) -> Optional[str]:
-    """Why the record's cell cannot take a row selection (its LoRA kind says); None when it can."""
-    return rows_reason(record)
+def unsupported(injection) -> Optional[str]:
+    """Why the injection's cell cannot take a row selection (its LoRA kind says); None when it can."""
+    return rows_reason(injection)
 
 
-def _masks(state, record, names: Sequence[str]) -> np.ndarray:
-    """[rows, R] of the record's slot for the row adapters ``names``."""
-    mask = np.zeros((len(names), int(record.cell.lora_A.shape[-2])), np.float32)
+def _masks(state, injection, names: Sequence[str]) -> np.ndarray:
+    """[rows, R] of the injection's slot for the row adapters ``names``."""
+    mask = np.zeros((len(names), int(injection.cell.lora_A.shape[-2])), np.float32)
     for row, name in enumerate(names):
-        if name in record.occupants and state.enabled:
-            mask[row, lora_slots.rows_of(state, record, name)] = state.adapters[name].config.scaling
+        if name in injection.occupants and state.enabled:
+            mask[row, lora_slots.rows_of(state, injection, name)] = state.adapters[name].config.scaling
     return mask
 
 
 def install(state, names: Sequence[str]) -> None:
     """Give every adapted cell the row branch and its mask (the slots already hold every adapter)."""
-    for record in state.cells:
-        cell = record.cell
-        setattr(cell, MASK, Parameter(_masks(state, record, names), name=f"{record.path}.{MASK}",
+    for injection in state.cells:
+        cell = injection.cell
+        setattr(cell, MASK, Parameter(_masks(state, injection, names), name=f"{injection.path}.{MASK}",
                                       requires_grad=False))
         cell.__class__ = patched_class(LoraRowBranch, type(cell))
 
 
 def write_masks(state, names: Sequence[str]) -> None:
     """Another composition of as many rows: only the masks' values change."""
-    for record in state.cells:
-        write_values(getattr(record.cell, MASK), _masks(state, record, names))
+    for injection in state.cells:
+        write_values(getattr(injection.cell, MASK), _masks(state, injection, names))
 
 
 def uninstall(state) -> None:
-    for record in state.cells:
-        cell = record.cell
+    for injection in state.cells:
+        cell = injection.cell
         cell.__class__ = _without_rows(type(cell))
         strip_attrs(cell, (MASK,))
 

@@ -6,7 +6,7 @@ parameters are the cell's "slot"::
     lora_A [R, in]   lora_B [out, R]   pet_lora_scale [R, 1]    R = the sum of the ranks it holds
 
 The slot holds the rows (A) and columns (B) of the cell's *occupants*, the adapters listed in
-the record's ``occupants``, concatenated along the rank in that order; each row's scale is its
+the injection's ``occupants``, concatenated along the rank in that order; each row's scale is its
 adapter's scaling while the adapter is active, else 0. ``B_1 s_1 A_1 + B_2 s_2 A_2`` is one
 rank-(r1 + r2) product, so several active adapters add up as PEFT adds them. Every other
 adapter's values for the cell live on the host, in ``NamedAdapter.stored``.
@@ -43,10 +43,10 @@ def _rank(state, name: str) -> int:
     return int(state.adapters[name].config.lora_rank)
 
 
-def rows_of(state, record, name: str) -> slice:
-    """The rank positions of ``name`` in the record's slot."""
+def rows_of(state, injection, name: str) -> slice:
+    """The rank positions of ``name`` in the injection's slot."""
     offset = 0
-    for occupant in record.occupants:
+    for occupant in injection.occupants:
         rank = _rank(state, occupant)
         if occupant == name:
             return slice(offset, offset + rank)
@@ -62,43 +62,43 @@ def _take(array: np.ndarray, attr: str, rows: slice) -> np.ndarray:
     return np.array(array[tuple(index)], copy=True, order="C")
 
 
-def _slot_arrays(record) -> Dict[str, np.ndarray]:
-    return {attr: to_numpy(getattr(record.cell, attr)) for attr in RANK_AXIS}
+def _slot_arrays(injection) -> Dict[str, np.ndarray]:
+    return {attr: to_numpy(getattr(injection.cell, attr)) for attr in RANK_AXIS}
 
 
-def _occupant_values(state, record, name: str, arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def _occupant_values(state, injection, name: str, arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Copies of occupant ``name``'s rows (A) and columns (B) of the slot ``arrays``."""
-    rows = rows_of(state, record, name)
+    rows = rows_of(state, injection, name)
     return {attr: _take(arrays[attr], attr, rows) for attr in RANK_AXIS}
 
 
 def adapter_arrays(state, name: str) -> Dict[str, Dict[str, np.ndarray]]:
     """cell path -> {"lora_A": [r, in], "lora_B": [out, r]} of adapter ``name``, wherever its values are."""
     adapter = state.adapters[name]
-    by_path = {record.path: record for record in state.cells}
+    by_path = {injection.path: injection for injection in state.cells}
     out = {}
     for path in adapter.paths:
-        record = by_path[path]
-        if name in record.occupants:
-            out[path] = _occupant_values(state, record, name, _slot_arrays(record))
+        injection = by_path[path]
+        if name in injection.occupants:
+            out[path] = _occupant_values(state, injection, name, _slot_arrays(injection))
         else:
             out[path] = {attr: np.array(value) for attr, value in adapter.stored[path].items()}
     return out
 
 
-def bank(state, record) -> None:
-    """Copy the values of the record's occupants out of its slot into their ``stored`` arrays; it is then vacant."""
-    if not record.occupants:
+def bank(state, injection) -> None:
+    """Copy the values of the injection's occupants out of its slot into their ``stored`` arrays; it is then vacant."""
+    if not injection.occupants:
         return
-    arrays = _slot_arrays(record)
-    for name in record.occupants:
-        state.adapters[name].stored[record.path] = _occupant_values(state, record, name, arrays)
-    record.occupants = []
+    arrays = _slot_arrays(injection)
+    for name in injection.occupants:
+        state.adapters[name].stored[injection.path] = _occupant_values(state, injection, name, arrays)
+    injection.occupants = []
 
 
-def live(state, record, names: Iterable[str]) -> List[str]:
-    """The adapters among ``names`` that adapt the record's cell, in the order given."""
-    return [name for name in names if record.path in state.adapters[name].paths]
+def live(state, injection, names: Iterable[str]) -> List[str]:
+    """The adapters among ``names`` that adapt the injection's cell, in the order given."""
+    return [name for name in names if injection.path in state.adapters[name].paths]
 
 
 def _install(cell: nn.Cell, attr: str, values: np.ndarray, dtype, reuse: Optional[Parameter]) -> bool:
@@ -121,10 +121,10 @@ def _rate(dropout: Optional[nn.Cell]) -> float:
     return 0.0 if dropout is None else float(dropout.p)
 
 
-def _set_dropout(cell: nn.Cell, record, rate: float, reuse: Dict[str, object]) -> bool:
+def _set_dropout(cell: nn.Cell, injection, rate: float, reuse: Dict[str, object]) -> bool:
     """Give the cell a dropout of ``rate`` (none at 0, and none where LoRA applies none: a branch folded into a
     weight, an embedding), the one held before when ``reuse`` has it. True when it changed."""
-    wanted = float(rate) if takes_dropout(cell, getattr(record, "parent", None) is not None) else 0.0
+    wanted = float(rate) if takes_dropout(cell, getattr(injection, "parent", None) is not None) else 0.0
     if "lora_dropout" in reuse and reuse["lora_dropout"] is not cell.lora_dropout:
         before = reuse["lora_dropout"]
         if _rate(before) == wanted:
@@ -140,52 +140,52 @@ def _set_dropout(cell: nn.Cell, record, rate: float, reuse: Dict[str, object]) -
     return True
 
 
-def _fill(state, record, wanted: List[str], kept: Dict[str, object]) -> bool:
+def _fill(state, injection, wanted: List[str], kept: Dict[str, object]) -> bool:
     """The slot's values: ``wanted``'s (the occupants banked first), or the Parameter objects held before
     (``kept``). True when the cell holds other Parameter objects now."""
-    cell = record.cell
+    cell = injection.cell
     changed = False
-    if wanted and wanted != record.occupants:
-        bank(state, record)
-        stored = [state.adapters[name].stored.pop(record.path) for name in wanted]
+    if wanted and wanted != injection.occupants:
+        bank(state, injection)
+        stored = [state.adapters[name].stored.pop(injection.path) for name in wanted]
         dtype = getattr(mstype, state.adapters[wanted[0]].config.param_init_type)
         for attr, axis in RANK_AXIS.items():
             values = np.concatenate([arrays[attr] for arrays in stored], axis=axis)
             changed |= _install(cell, attr, values, dtype, kept.get(attr))
-        record.occupants = wanted
+        injection.occupants = wanted
     elif kept and any(getattr(cell, attr) is not kept[attr] for attr in RANK_AXIS):
         for attr in RANK_AXIS:               # same occupants, other objects: put the old ones back
             current = getattr(cell, attr)
             changed |= _install(cell, attr, to_numpy(current), current.dtype, kept[attr])
     else:
         return False
-    record.params = [cell.lora_A, cell.lora_B]
+    injection.params = [cell.lora_A, cell.lora_B]
     return changed
 
 
-def _switch(state, record, names: List[str], wanted: List[str], kept: Dict[str, object]) -> bool:
+def _switch(state, injection, names: List[str], wanted: List[str], kept: Dict[str, object]) -> bool:
     """Each rank row's scale (its adapter's scaling while active and the net enabled, else 0), the deltas'
     ``requires_grad`` (trainable where an active adapter adapts the cell) and the dropout of the active
     ones. True when the cell changed structure."""
-    cell = record.cell
+    cell = injection.cell
     scaling = [np.full(_rank(state, name), state.adapters[name].config.scaling if name in names else 0.0,
-                       np.float32) for name in record.occupants]
+                       np.float32) for name in injection.occupants]
     cell.pet_lora_rank_scaling = (np.concatenate(scaling) if scaling
                                   else np.zeros(int(cell.lora_A.shape[-2]), np.float32))
-    if record.occupants:
-        cell.lora_scaling = state.adapters[record.occupants[0]].config.scaling
+    if injection.occupants:
+        cell.lora_scaling = state.adapters[injection.occupants[0]].config.scaling
     on = cell.pet_lora_rank_scaling[:, None] * (1.0 if state.enabled else 0.0)
     changed = _install(cell, "pet_lora_scale", on, mstype.float32, kept.get("pet_lora_scale"))
-    for param in record.params:
+    for param in injection.params:
         param.requires_grad = bool(wanted) and delta_requires_grad(param.name, state.adapters[wanted[0]].config)
     if wanted:
-        changed |= _set_dropout(cell, record, state.adapters[wanted[0]].config.lora_dropout, kept)
+        changed |= _set_dropout(cell, injection, state.adapters[wanted[0]].config.lora_dropout, kept)
     return changed
 
 
 def slot_objects(state) -> Dict[int, Dict[str, object]]:
-    """id(record) -> the objects its slot holds now, for :func:`compose` to put back (``reuse``)."""
-    return {id(record): {attr: getattr(record.cell, attr) for attr in SLOT_ATTRS} for record in state.cells}
+    """id(injection) -> the objects its slot holds now, for :func:`compose` to put back (``reuse``)."""
+    return {id(injection): {attr: getattr(injection.cell, attr) for attr in SLOT_ATTRS} for injection in state.cells}
 
 
 def compose(state, names: List[str], reuse: Optional[Dict[int, Dict[str, object]]] = None) -> bool:
@@ -193,10 +193,10 @@ def compose(state, names: List[str], reuse: Optional[Dict[int, Dict[str, object]
     scale and ``requires_grad`` flag set. ``reuse`` (from :func:`slot_objects`) puts back the very
     Parameter objects held before. True when a cell changed structure (graph mode must recompile)."""
     structural = False
-    for record in state.cells:
-        wanted = live(state, record, names)
-        kept = (reuse or {}).get(id(record), {})
-        structural |= _fill(state, record, wanted, kept)
-        structural |= _switch(state, record, names, wanted, kept)
-    state.activate(names, [record for record in state.cells if live(state, record, names)])
+    for injection in state.cells:
+        wanted = live(state, injection, names)
+        kept = (reuse or {}).get(id(injection), {})
+        structural |= _fill(state, injection, wanted, kept)
+        structural |= _switch(state, injection, names, wanted, kept)
+    state.activate(names, [injection for injection in state.cells if live(state, injection, names)])
     return structural

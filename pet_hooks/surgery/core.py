@@ -55,7 +55,7 @@ class NamedAdapter:
 class PetState:
     """Everything ``apply`` changed on one net, kept on that net for the other operations.
 
-    ``cells`` holds one record per adapted cell; ``injections`` the records of the cells that the
+    ``cells`` holds one Injection per adapted cell; ``injections`` those of the cells that the
     active adapters adapt (all of them with one adapter): what trains, merges and is saved.
     """
 
@@ -165,17 +165,17 @@ def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
     targets = tuner.select_targets(net, cfg)            # validates; changes nothing
     injections = tuner.inject(targets, cfg)             # all or nothing
     try:
-        deltas = {id(p): p for record in injections for p in tuner.deltas_of(record)}.values()
+        deltas = {id(p): p for injection in injections for p in tuner.deltas_of(injection)}.values()
         switches = tuner.switch_parameters(injections)
         before = optim.freeze_for_pet(net, deltas, cfg, switches)
         kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas} | {id(p) for p in switches})
     except BaseException:
-        for record in reversed(injections):
-            tuner.eject(record)
+        for injection in reversed(injections):
+            tuner.eject(injection)
         raise
     check_adapter_name(adapter_name)
-    for record in injections:
-        record.occupants = [adapter_name]               # the values each adapted cell holds (multi.slots)
+    for injection in injections:
+        injection.occupants = [adapter_name]               # the values each adapted cell holds (multi.slots)
     state = PetState(cfg, tuner, injections, before, kept=kept, active=[adapter_name],
                      adapters={adapter_name: NamedAdapter(adapter_name, cfg, [r.path for r in injections])})
     setattr(net, _STATE_ATTR, state)
@@ -201,8 +201,8 @@ def remove(net: nn.Cell) -> nn.Cell:
                        "restored within float tolerance, not bit for bit)")
         unmerge(net)
     graph_reuse.unmark(state.reuse_marks)
-    for record in reversed(state.cells):
-        state.tuner.eject(record)
+    for injection in reversed(state.cells):
+        state.tuner.eject(injection)
     optim.restore_requires_grad(owner, state.requires_grad_before)
     delattr(owner, _STATE_ATTR)
     strategy_ckpt.release(owner)
@@ -223,18 +223,18 @@ def tied_weights(net: nn.Cell, state: PetState) -> Dict[str, tuple]:
     """adapted cell path -> (its base weight's name, the first other cell computing with that weight), for the
     cells whose delta merging would fold into a weight another cell shares (an embedding tied to the output
     head, ``tie_word_embeddings``: tied Parameters, and what the tuner's ``weight_readers`` name)."""
-    model = state_owner(net)                    # record paths are relative to the adapted model
+    model = state_owner(net)                    # injection paths are relative to the adapted model
     owners: Dict[int, List[str]] = {}
     for path, cell in model.cells_and_names():
         for param in cell.get_parameters(expand=False):
             owners.setdefault(id(param), []).append(path)
     tied = {}
-    for record in state.injections:
-        readers = state.tuner.weight_readers(model, record)
-        for weight in state.tuner.merge_weights(record):
-            others = [path for path in owners.get(id(weight), []) if path != record.path] + readers
-            if others and record.path not in tied:
-                tied[record.path] = (weight.name, others[0])
+    for injection in state.injections:
+        readers = state.tuner.weight_readers(model, injection)
+        for weight in state.tuner.merge_weights(injection):
+            others = [path for path in owners.get(id(weight), []) if path != injection.path] + readers
+            if others and injection.path not in tied:
+                tied[injection.path] = (weight.name, others[0])
     return tied
 
 
@@ -265,8 +265,8 @@ def merge(net: nn.Cell) -> nn.Cell:
     if not state.tuner.can_merge:
         raise PetStateError(f"pet_type {state.config.pet_type!r} has no weights to merge")
     refuse_tied(net, state, "merge")
-    for record in state.injections:
-        state.tuner.merge(record, +1)
+    for injection in state.injections:
+        state.tuner.merge(injection, +1)
     state.merged = True
     _set_active(net, state, False)
     return net
@@ -278,8 +278,8 @@ def unmerge(net: nn.Cell) -> nn.Cell:
     if not state.merged:
         logger.warning("pet_hooks: the adapter is not merged; unmerge() did nothing")
         return net
-    for record in state.injections:
-        state.tuner.merge(record, -1)
+    for injection in state.injections:
+        state.tuner.merge(injection, -1)
     state.merged = False
     _set_active(net, state, True)
     return net
@@ -310,8 +310,8 @@ def disable_adapters(net: nn.Cell) -> Iterator[nn.Cell]:
 def _all_deltas(state: PetState) -> List[Parameter]:
     """Every delta once, in net order (prefix encoders are shared by all their layers)."""
     unique: Dict[int, Parameter] = {}
-    for record in state.injections:
-        for param in state.tuner.deltas_of(record):
+    for injection in state.injections:
+        for param in state.tuner.deltas_of(injection):
             unique.setdefault(id(param), param)
     return list(unique.values())
 

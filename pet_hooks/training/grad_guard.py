@@ -12,7 +12,7 @@ training "succeeds" while training nothing there. The doors snapshot each adapte
 
 The rule (what can be told reliably from values alone): an adapted cell is reported when none
 of its sentinel deltas changed bit for bit. The sentinels are what the tuner names in
-``grad_sentinels(record)`` (by default the cell's deltas). For LoRA it is ``lora_B``: it
+``grad_sentinels(injection)`` (by default the cell's deltas). For LoRA it is ``lora_B``: it
 starts at zero, gets a gradient from the first step whenever the branch is reached (A's
 gradient is zero until B moves, so A is no witness), and with no gradient it stays exactly
 zero even under weight decay. On an embedding the roles swap (PEFT starts its A at zero and its B
@@ -41,8 +41,8 @@ logger = logging.getLogger("pet_hooks")
 EARLY_STEP = 2  # by the end of step 2 every reached LoRA delta has had a gradient (B at 1, A at 2)
 
 
-def _sentinels(state, record) -> List[Parameter]:
-    return [p for p in state.tuner.grad_sentinels(record) if p.requires_grad]
+def _sentinels(state, injection) -> List[Parameter]:
+    return [p for p in state.tuner.grad_sentinels(injection) if p.requires_grad]
 
 
 class GradGuard:
@@ -57,11 +57,11 @@ class GradGuard:
         self._early_done = False
         if state is None:
             return
-        for record in state.injections:
-            sentinels = _sentinels(state, record)
+        for injection in state.injections:
+            sentinels = _sentinels(state, injection)
             if sentinels:
-                names = [p.name for p in state.tuner.deltas_of(record) if p.requires_grad]
-                self._cells[record.path] = (names, [(p, p.asnumpy().copy()) for p in sentinels])
+                names = [p.name for p in state.tuner.deltas_of(injection) if p.requires_grad]
+                self._cells[injection.path] = (names, [(p, p.asnumpy().copy()) for p in sentinels])
 
     def unmoved(self) -> List[str]:
         """Paths of the adapted cells none of whose sentinels changed."""

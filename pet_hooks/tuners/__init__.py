@@ -7,7 +7,7 @@ for the methods pet_hooks ships). The rest of pet_hooks asks this module for a t
 contract only::
 
     tuner = get_tuner(cfg.pet_type)
-    records = tuner.inject(tuner.select_targets(net, cfg), cfg)
+    injections = tuner.inject(tuner.select_targets(net, cfg), cfg)
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ def _build(path: str) -> Tuner:
 def get_tuner(pet_type: str) -> Tuner:
     """The tuner for ``pet_type``; PetConfigError naming it when there is none, TypeError naming the
     registration when what was registered is not a tuner for it."""
-    record = method(pet_type)
-    tuner = _build(record.tuner) if isinstance(record.tuner, str) else record.tuner
-    if not isinstance(tuner, Tuner) or record.pet_type not in tuner.pet_types:
-        raise TypeError(f"register_method({record.config_class.__name__}, {record.tuner!r}): "
-                        f"{tuner!r} is not a pet_hooks.tuners.Tuner whose pet_types include {record.pet_type!r}")
+    entry = method(pet_type)
+    tuner = _build(entry.tuner) if isinstance(entry.tuner, str) else entry.tuner
+    if not isinstance(tuner, Tuner) or entry.pet_type not in tuner.pet_types:
+        raise TypeError(f"register_method({entry.config_class.__name__}, {entry.tuner!r}): "
+                        f"{tuner!r} is not a pet_hooks.tuners.Tuner whose pet_types include {entry.pet_type!r}")
     return tuner
 
 

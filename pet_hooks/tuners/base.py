@@ -8,9 +8,9 @@ one line (``register_method(IA3Config, "pet_hooks.tuners.ia3:IA3Tuner")``, ``con
         def can_adapt(self, cell): ...          # None, or why this cell cannot be adapted
         def select_targets(self, net, cfg): ... # validate and choose cells; changes nothing
         def inject(self, targets, cfg): ...     # all or nothing; returns one Injection per cell
-        def eject(self, record): ...            # the exact mirror of inject for one cell
-        def deltas_of(self, record): ...        # the new Parameters of that cell
-        def set_active(self, records, active): ...
+        def eject(self, injection): ...            # the exact mirror of inject for one cell
+        def deltas_of(self, injection): ...        # the new Parameters of that cell
+        def set_active(self, injections, active): ...
 
 ``surgery`` (apply / remove / merge / disable), ``flow`` (the optimizer), ``grad_guard``,
 ``inspection`` and the file formats (``adapter_io``, ``peft_format``, ``mindformers_io``) talk
@@ -19,7 +19,7 @@ to tuners through this class only; how a format spells the method is the layout 
 default here: no switch parameters, no merge (``can_merge = False``), no PEFT or MindFormers layout.
 
 Switching a net's adapters on or off (``disable_adapters``, merge/unmerge) is one call with
-all of its records, so a value shared by many cells (LoRA's scale) is written once. A method
+all of its injections, so a value shared by many cells (LoRA's scale) is written once. A method
 whose switch only writes values sets ``switch_is_data = True``; otherwise surgery makes graph
 mode recompile after the switch.
 """
@@ -62,7 +62,7 @@ def _channels(cell: nn.Cell, attr: str) -> Optional[int]:
 
 
 class Tuner(abc.ABC):
-    """One PET method. Instances are stateless: everything about a net lives in its records."""
+    """One PET method. Instances are stateless: everything about a net lives in its injections."""
 
     #: the method's name in messages ("LoRA")
     label: ClassVar[str] = ""
@@ -91,34 +91,34 @@ class Tuner(abc.ABC):
         """Adapt every target; all or nothing (on error what was done is undone)."""
 
     @abc.abstractmethod
-    def eject(self, record: Injection) -> None:
+    def eject(self, injection: Injection) -> None:
         """The exact mirror of ``inject`` for one cell."""
 
     @abc.abstractmethod
-    def deltas_of(self, record: Injection) -> List[Parameter]:
-        """The delta Parameters of one adapted cell (shared ones are the same objects in every record)."""
+    def deltas_of(self, injection: Injection) -> List[Parameter]:
+        """The delta Parameters of one adapted cell (shared ones are the same objects in every injection)."""
 
     # -- switches ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def set_active(self, records: Sequence[Injection], active: bool) -> None:
-        """Turn the adapters of these records (one net's) on or off, each switch written once."""
+    def set_active(self, injections: Sequence[Injection], active: bool) -> None:
+        """Turn the adapters of these injections (one net's) on or off, each switch written once."""
 
-    def switch_parameters(self, records: Sequence[Injection]) -> List[Parameter]:
+    def switch_parameters(self, injections: Sequence[Injection]) -> List[Parameter]:
         """Parameters that are switches, not weights: never trained, counted, merged into or saved."""
         return []
 
     # -- what the rest of pet_hooks reads ------------------------------------------------------
-    def grad_sentinels(self, record: Injection) -> List[Parameter]:
+    def grad_sentinels(self, injection: Injection) -> List[Parameter]:
         """The deltas whose change shows that the cell's branch received a gradient (grad_guard)."""
-        return self.deltas_of(record)
+        return self.deltas_of(injection)
 
-    def io_channels(self, record: Injection) -> Tuple[Optional[int], Optional[int]]:
+    def io_channels(self, injection: Injection) -> Tuple[Optional[int], Optional[int]]:
         """(in, out) sizes of the adapted computation, None where unknown (for ``pet-hooks inspect``)."""
-        return _channels(record.cell, "in_channels"), _channels(record.cell, "out_channels")
+        return _channels(injection.cell, "in_channels"), _channels(injection.cell, "out_channels")
 
-    def group_anchor(self, record: Injection) -> Optional[Parameter]:
+    def group_anchor(self, injection: Injection) -> Optional[Parameter]:
         """The base parameter whose optimizer group this cell's deltas join (its layer's weight)."""
-        weight = getattr(record.cell, "weight", None)
+        weight = getattr(injection.cell, "weight", None)
         return weight if isinstance(weight, Parameter) else None
 
     def base_weight(self, cell: nn.Cell) -> Optional[Parameter]:
@@ -127,24 +127,24 @@ class Tuner(abc.ABC):
         return weight if isinstance(weight, Parameter) else None
 
     # -- merging -----------------------------------------------------------------------------
-    def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
+    def weight_deltas(self, injection: Injection) -> List[Tuple[Parameter, np.ndarray]]:
         """``[(base weight, float32 change)]`` that merging this cell adds, in the weight's layout."""
         return []
 
-    def merge_weights(self, record: Injection) -> List[Parameter]:
+    def merge_weights(self, injection: Injection) -> List[Parameter]:
         """The base weights merging this cell writes (``weight_deltas``' weights, without computing the deltas)."""
-        return [weight for weight, _ in self.weight_deltas(record)]
+        return [weight for weight, _ in self.weight_deltas(injection)]
 
-    def weight_readers(self, net: nn.Cell, record: Injection) -> List[str]:
-        """Paths of cells that compute with a weight of ``weight_deltas(record)`` without holding it (an mcore
+    def weight_readers(self, net: nn.Cell, injection: Injection) -> List[str]:
+        """Paths of cells that compute with a weight of ``weight_deltas(injection)`` without holding it (an mcore
         output layer given the tied embedding at call time); merging would change them too. The weight's
         other holders (tied Parameters) are found by ``surgery`` itself."""
         return []
 
-    def merge(self, record: Injection, sign: int) -> None:
+    def merge(self, injection: Injection, sign: int) -> None:
         """Fold (+1) or unfold (-1) the cell's deltas into its base weights, computed in float32."""
         if not self.can_merge:
             raise PetStateError(f"{type(self).__name__} has no weights to merge")
-        for weight, delta in self.weight_deltas(record):
+        for weight, delta in self.weight_deltas(injection):
             merged = weight.astype(mstype.float32).asnumpy() + sign * delta
             write_values(weight, Tensor(merged, mstype.float32))

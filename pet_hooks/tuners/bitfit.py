@@ -80,27 +80,27 @@ class BitFitTuner(Tuner):
         """Record each bias (value and flag); nothing in the net changes here (surgery unfreezes them)."""
         return [_record(path, cell) for path, cell in targets]
 
-    def eject(self, record: BitFitInjection) -> None:
-        bias = record.params[0]
-        write_values(bias, record.bias_before)
-        bias.requires_grad = record.requires_grad_before
-        record.trained_aside = None
+    def eject(self, injection: BitFitInjection) -> None:
+        bias = injection.params[0]
+        write_values(bias, injection.bias_before)
+        bias.requires_grad = injection.requires_grad_before
+        injection.trained_aside = None
 
-    def deltas_of(self, record: Injection) -> List[Parameter]:
-        return list(record.params)
+    def deltas_of(self, injection: Injection) -> List[Parameter]:
+        return list(injection.params)
 
-    def group_anchor(self, record: Injection) -> Optional[Parameter]:
+    def group_anchor(self, injection: Injection) -> Optional[Parameter]:
         """The bias itself: it already sits in one of the script's optimizer groups (often the one
         without weight decay), and stays there rather than joining its layer's weight."""
-        return record.params[0]
+        return injection.params[0]
 
-    def set_active(self, records, active: bool) -> None:
+    def set_active(self, injections, active: bool) -> None:
         """Off: the original biases in, the trained ones aside; on: the trained ones back."""
-        for record in records:
-            bias = record.params[0]
-            if not active and record.trained_aside is None:
-                record.trained_aside = bias.asnumpy().copy()
-                write_values(bias, record.bias_before)
-            elif active and record.trained_aside is not None:
-                write_values(bias, record.trained_aside)
-                record.trained_aside = None
+        for injection in injections:
+            bias = injection.params[0]
+            if not active and injection.trained_aside is None:
+                injection.trained_aside = bias.asnumpy().copy()
+                write_values(bias, injection.bias_before)
+            elif active and injection.trained_aside is not None:
+                write_values(bias, injection.trained_aside)
+                injection.trained_aside = None

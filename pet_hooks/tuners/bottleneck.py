@@ -174,9 +174,9 @@ class _BottleneckTuner(SwitchedTuner):
                           lambda index, path, cell: _attach(path, cell, cfg, self._arrays(cell, cfg, rng), switch),
                           mixin_of=lambda cell: self.mixin)
 
-    def io_channels(self, record: Injection) -> Tuple[int, int]:
+    def io_channels(self, injection: Injection) -> Tuple[int, int]:
         """The adapter maps the layer's output width to itself."""
-        return _width(record.cell), _width(record.cell)
+        return _width(injection.cell), _width(injection.cell)
 
 
 class AdapterTuner(_BottleneckTuner):
@@ -190,10 +190,10 @@ class AdapterTuner(_BottleneckTuner):
     def _arrays(self, cell, cfg, rng):
         return _adapter_arrays(cell, cfg, rng)
 
-    def grad_sentinels(self, record: Injection) -> List[Parameter]:
+    def grad_sentinels(self, injection: Injection) -> List[Parameter]:
         """The up projection: it starts at zero and gets a gradient from the first step whenever the
         branch is reached (down's gradient goes through up, zero until up moves)."""
-        return [record.cell.adapter_up_weight]
+        return [injection.cell.adapter_up_weight]
 
 
 class LowRankAdapterTuner(_BottleneckTuner):
@@ -213,6 +213,6 @@ class LowRankAdapterTuner(_BottleneckTuner):
                 f"reduction_factor {cfg.reduction_factor} is larger than the output width {_width(cell)} of cell "
                 f"'{path}' ({type(cell).__name__}): the bottleneck width // reduction_factor would be 0")
 
-    def grad_sentinels(self, record: Injection) -> List[Parameter]:
+    def grad_sentinels(self, injection: Injection) -> List[Parameter]:
         """The up projection's right factor: zero at first, the one factor with a gradient at step one."""
-        return [record.cell.low_rank_adapter_up_right]
+        return [injection.cell.low_rank_adapter_up_right]

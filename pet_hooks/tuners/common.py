@@ -4,10 +4,10 @@ A tuner adds attributes to each target cell and moves the cell onto a generated 
 ``(mixin, original class)`` whose ``construct`` graph mode compiles; ``restore`` is the exact
 mirror::
 
-    records = inject_all(targets, ADDED_ATTRS, add=lambda i, path, cell: [...params...],
+    injections = inject_all(targets, ADDED_ATTRS, add=lambda i, path, cell: [...params...],
                          mixin_of=lambda cell: MyMixin)      # ADDED_ATTRS, or a function of the cell
-    for record in reversed(records):
-        restore(record)
+    for injection in reversed(injections):
+        restore(injection)
 """
 from __future__ import annotations
 
@@ -81,10 +81,10 @@ def strip_attrs(cell: nn.Cell, names: Sequence[str]) -> None:
             delattr(cell, name)
 
 
-def restore(record: Injection) -> None:
+def restore(injection: Injection) -> None:
     """The mirror of the injection for one cell: original class back, added attributes gone."""
-    record.cell.__class__ = record.original_class
-    strip_attrs(record.cell, record.added)
+    injection.cell.__class__ = injection.original_class
+    strip_attrs(injection.cell, injection.added)
 
 
 def inject_all(targets: List[Tuple[str, nn.Cell]], added: Union[Tuple[str, ...], Callable[[nn.Cell], Tuple[str, ...]]],
@@ -112,8 +112,8 @@ def inject_all(targets: List[Tuple[str, nn.Cell]], added: Union[Tuple[str, ...],
             done.append(Injection(path, cell, type(cell), names, list(params)))
             cell.__class__ = patched_class(mixin, type(cell))
     except BaseException:
-        for record in reversed(done):
-            restore(record)
+        for injection in reversed(done):
+            restore(injection)
         raise
     return done
 
@@ -165,22 +165,22 @@ def shared_switch(name: str, on_value: float = 1.0) -> Parameter:
 class SwitchedTuner(Tuner):
     """A tuner whose cells are moved onto a generated class (:func:`inject_all`) and share one on/off
     switch Parameter (:func:`shared_switch`, 1 or 0), kept on every adapted cell as ``switch_attr``:
-    undoing is :func:`restore`, the deltas are the record's parameters, and switching is one write of
+    undoing is :func:`restore`, the deltas are the injection's parameters, and switching is one write of
     the shared switch, a data change (IA3, the bottleneck adapters)."""
 
     switch_is_data = True      # on/off writes the switch only: no recompile
     switch_attr: str = ""
 
-    def eject(self, record: Injection) -> None:
-        restore(record)
+    def eject(self, injection: Injection) -> None:
+        restore(injection)
 
-    def deltas_of(self, record: Injection) -> List[Parameter]:
-        return list(record.params)
+    def deltas_of(self, injection: Injection) -> List[Parameter]:
+        return list(injection.params)
 
-    def set_active(self, records, active: bool) -> None:
-        for switch in self.switch_parameters(records):
+    def set_active(self, injections, active: bool) -> None:
+        for switch in self.switch_parameters(injections):
             write_values(switch, np.array(1.0 if active else 0.0, np.float32))
 
-    def switch_parameters(self, records) -> List[Parameter]:
-        switches = (getattr(record.cell, self.switch_attr) for record in records)
+    def switch_parameters(self, injections) -> List[Parameter]:
+        switches = (getattr(injection.cell, self.switch_attr) for injection in injections)
         return list({id(switch): switch for switch in switches}.values())

@@ -45,9 +45,9 @@ class PeftLayout:
         """The method's own fields of an ``adapter_config.json`` written for ``cfg``."""
         return {}
 
-    def module_fields(self, records: Sequence, mapped: Mapping[str, str], target_modules) -> dict:
+    def module_fields(self, injections: Sequence, mapped: Mapping[str, str], target_modules) -> dict:
         """Fields that name modules (IA3's ``feedforward_modules``), in PEFT's names: ``mapped`` is our cell
-        path -> their module path (``records`` are the net's injections), ``target_modules`` what the config says."""
+        path -> their module path (``injections`` are the net's), ``target_modules`` what the config says."""
         return {}
 
     def check_fields(self, doc: Mapping, config_path: str) -> None:

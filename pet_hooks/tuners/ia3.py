@@ -142,15 +142,15 @@ class IA3PeftLayout(PeftLayout):
     def fields(self, cfg: IA3Config) -> dict:
         return {"fan_in_fan_out": False, "init_ia3_weights": cfg.init_ia3_weights, "modules_to_save": None}
 
-    def module_fields(self, records: Sequence[Injection], mapped: Mapping[str, str], target_modules) -> dict:
+    def module_fields(self, injections: Sequence[Injection], mapped: Mapping[str, str], target_modules) -> dict:
         """``feedforward_modules`` in PEFT's names: last names when they pick exactly the feed-forward
         targets out of a list ``target_modules`` (PEFT wants a subset of it), else a regex of full names."""
-        ff = sorted(mapped[r.path] for r in records if r.cell.ia3_feedforward)
+        ff = sorted(mapped[r.path] for r in injections if r.cell.ia3_feedforward)
         if not ff:
             return {"feedforward_modules": []}
         if isinstance(target_modules, list):
             leaves = sorted({name.rsplit(".", 1)[-1] for name in ff})
-            picked = {mapped[r.path] for r in records if mapped[r.path].rsplit(".", 1)[-1] in leaves}
+            picked = {mapped[r.path] for r in injections if mapped[r.path].rsplit(".", 1)[-1] in leaves}
             if picked == set(ff):
                 return {"feedforward_modules": leaves}
         return {"feedforward_modules": "|".join(re.escape(name) for name in ff)}
@@ -199,16 +199,16 @@ class IA3Tuner(SwitchedTuner):
     def inject(self, targets, cfg: IA3Config) -> List[Injection]:
         return _inject(targets, cfg)
 
-    def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
+    def weight_deltas(self, injection: Injection) -> List[Tuple[Parameter, np.ndarray]]:
         """What merging adds, ``p * (l - 1)`` for the weight (and the bias when the output is scaled):
         the merged checkpoint (``save_merged_checkpoint``) and the tied-weight check read this."""
         return [(param, param.astype(mstype.float32).asnumpy() * (factor - 1.0))
-                for param, factor in _scaled(record.cell)]
+                for param, factor in _scaled(injection.cell)]
 
-    def merge(self, record: Injection, sign: int) -> None:
+    def merge(self, injection: Injection, sign: int) -> None:
         """PEFT's merge: ``W *= l`` along the scaled axis, and ``b *= l`` when the output is scaled;
         unmerge divides by ``l + 1e-8`` (not the additive mirror of merge, hence this override)."""
-        for param, factor in _scaled(record.cell):
+        for param, factor in _scaled(injection.cell):
             value = param.astype(mstype.float32).asnumpy()
             value = value * factor if sign > 0 else value / (factor + _UNMERGE_EPS)
             write_values(param, Tensor(value.astype(np.float32), mstype.float32))

@@ -3,10 +3,10 @@
 The flow is the same for every cell LoRA adapts (``nn.Dense``, MindFormers' ``Linear`` and mcore
 projections, ``nn.MultiheadAttention``, grouped MoE experts, the embeddings, and kinds users register);
 what differs is asked of the cell's kind (``lora/kind.py``), which the dispatcher picks once per cell
-(``lora/dispatch.py``, the one place that asks a cell's type) and the injection record keeps::
+(``lora/dispatch.py``, the one place that asks a cell's type) and the injection keeps::
 
     targets = select_targets(net, cfg)          # validated; the net is unchanged
-    records = LoraTuner().inject(targets, cfg)  # each cell on its kind's generated class, deltas added
+    injections = LoraTuner().inject(targets, cfg)  # each cell on its kind's generated class, deltas added
 
 Graph mode compiles the *source* of ``type(cell).construct`` and ignores a wrapped method, so
 each matched cell is moved onto a generated subclass (``LoraDense_of_Dense``) of its kind's
@@ -148,10 +148,10 @@ def initial_values(cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator) -> 
     return _kind(cell, type(cell).__name__).initial_values(cell, cfg, rng)
 
 
-def rows_reason(record: Injection) -> Optional[str]:
-    """Why the record's cell cannot take one adapter per row of a batch (its kind's reason, or its reading
+def rows_reason(injection: Injection) -> Optional[str]:
+    """Why the injection's cell cannot take one adapter per row of a batch (its kind's reason, or its reading
     parent's), None when it can."""
-    owner = record.parent_kind if record.parent is not None else record.kind
+    owner = injection.parent_kind if injection.parent is not None else injection.kind
     return owner.rows_reason
 
 
@@ -191,40 +191,40 @@ def _inject(targets: List[Tuple[str, nn.Cell]], cfg: LoraConfig) -> List[Injecti
         mixin = kinds[id(cell)].mixin
         return variant.mixin(mixin) if variant is not None else mixin
 
-    records = inject_all(targets, lambda cell: kind_attrs(kinds[id(cell)], variant),
+    injections = inject_all(targets, lambda cell: kind_attrs(kinds[id(cell)], variant),
                          lambda index, path, cell: _add_branch(path, cell, kinds[id(cell)], variant, cfg, rng,
                                                                path in parents),
                          mixin_of=mixin_of)
     done: List[LoraInjection] = []
     try:
-        for record in records:
-            kind = kinds[id(record.cell)]
-            done.append(LoraInjection(**vars(record), kind=kind, variant=variant))
-            done[-1].base_init = lora_init.write_residual(record.cell, kind.base_weight(record.cell),
-                                                          lambda w, c=record.cell, k=kind: k.in_weight_layout(c, w))
-            parent = parents.get(record.path)
+        for injection in injections:
+            kind = kinds[id(injection.cell)]
+            done.append(LoraInjection(**vars(injection), kind=kind, variant=variant))
+            done[-1].base_init = lora_init.write_residual(injection.cell, kind.base_weight(injection.cell),
+                                                          lambda w, c=injection.cell, k=kind: k.in_weight_layout(c, w))
+            parent = parents.get(injection.path)
             if parent is not None:
                 parent_kind = kind_of(parent)
                 original = parent_kind.attach_child(parent)
                 done[-1].parent, done[-1].parent_kind, done[-1].parent_original = parent, parent_kind, original
     except BaseException:
-        for record in reversed(done):
-            _eject(record)
-        for record in reversed(records[len(done):]):
-            restore(record)
+        for injection in reversed(done):
+            _eject(injection)
+        for injection in reversed(injections[len(done):]):
+            restore(injection)
         raise
     if cfg.lora_dropout > 0:
         _warn_no_dropout(done, cfg.lora_dropout)
     return done
 
 
-def _warn_no_dropout(records: List[LoraInjection], rate: float) -> None:
+def _warn_no_dropout(injections: List[LoraInjection], rate: float) -> None:
     """One warning per kind that drops no input: its cells and the children it reads."""
     groups: Dict[int, Tuple[LoraKind, List[str]]] = {}
-    for record in records:
-        owner = record.parent_kind if record.parent is not None else record.kind
-        if record.parent is not None or not record.kind.takes_dropout:
-            groups.setdefault(id(owner), (owner, []))[1].append(record.path)
+    for injection in injections:
+        owner = injection.parent_kind if injection.parent is not None else injection.kind
+        if injection.parent is not None or not injection.kind.takes_dropout:
+            groups.setdefault(id(owner), (owner, []))[1].append(injection.path)
     for owner, paths in groups.values():
         owner.warn_no_dropout(paths, rate)
 
@@ -250,17 +250,17 @@ def _add_branch(path: str, cell: nn.Cell, kind: LoraKind, variant: Optional[Lora
     return params
 
 
-def _eject(record: LoraInjection) -> None:
+def _eject(injection: LoraInjection) -> None:
     """The mirror of inject for one cell (and of the patch of its parent, if it made one)."""
-    if record.parent is not None:
-        record.parent_kind.detach_child(record.parent, record.parent_original)
-    lora_init.restore_base(record.base_init)
-    restore(record)
+    if injection.parent is not None:
+        injection.parent_kind.detach_child(injection.parent, injection.parent_original)
+    lora_init.restore_base(injection.base_init)
+    restore(injection)
 
 
 class LoraTuner(Tuner):
     """LoRA as a :class:`~pet_hooks.tuners.base.Tuner`: a branch on every cell of a kind it knows; what differs
-    per cell is asked of the record's kind and variant."""
+    per cell is asked of the injection's kind and variant."""
 
     label = "LoRA"
     pet_types = ("lora",)
@@ -283,52 +283,52 @@ class LoraTuner(Tuner):
     def inject(self, targets, cfg: LoraConfig) -> List[Injection]:
         return _inject(targets, cfg)
 
-    def eject(self, record: Injection) -> None:
-        _eject(record)
+    def eject(self, injection: Injection) -> None:
+        _eject(injection)
 
-    def deltas_of(self, record: Injection) -> List[Parameter]:
-        return list(record.params)
+    def deltas_of(self, injection: Injection) -> List[Parameter]:
+        return list(injection.params)
 
-    def set_active(self, records, active: bool) -> None:
+    def set_active(self, injections, active: bool) -> None:
         """Write each cell's scale: its rows' scalings, or 0. Data, not structure."""
-        for record in records:
-            cell = record.cell
+        for injection in injections:
+            cell = injection.cell
             write_values(cell.pet_lora_scale, cell.pet_lora_rank_scaling[:, None] * (1.0 if active else 0.0))
 
-    def switch_parameters(self, records) -> List[Parameter]:
-        return [record.cell.pet_lora_scale for record in records]
+    def switch_parameters(self, injections) -> List[Parameter]:
+        return [injection.cell.pet_lora_scale for injection in injections]
 
-    def grad_sentinels(self, record: Injection) -> List[Parameter]:
+    def grad_sentinels(self, injection: Injection) -> List[Parameter]:
         """The kind's: ``lora_B``, zero at init, gets a gradient from the first step whenever the branch is
         reached, and a B with no gradient stays exactly zero even under weight decay; an embedding's ``lora_A``
         (PEFT's embedding init is the other way round); the experts' two B's."""
-        return record.kind.grad_sentinels(record.cell)
+        return injection.kind.grad_sentinels(injection.cell)
 
-    def io_channels(self, record: Injection) -> Tuple[int, int]:
+    def io_channels(self, injection: Injection) -> Tuple[int, int]:
         """(in, out) of the projection the branch adds to (an attention cell's packed in-projection)."""
-        return record.kind.io_channels(record.cell)
+        return injection.kind.io_channels(injection.cell)
 
-    def weight_deltas(self, record: Injection) -> List[Tuple[Parameter, np.ndarray]]:
-        if record.variant is not None:
-            return record.variant.weight_deltas(record.kind, record.cell)
-        return record.kind.weight_deltas(record.cell)
+    def weight_deltas(self, injection: Injection) -> List[Tuple[Parameter, np.ndarray]]:
+        if injection.variant is not None:
+            return injection.variant.weight_deltas(injection.kind, injection.cell)
+        return injection.kind.weight_deltas(injection.cell)
 
-    def merge_weights(self, record: Injection) -> List[Parameter]:
-        return record.kind.merge_weights(record.cell)
+    def merge_weights(self, injection: Injection) -> List[Parameter]:
+        return injection.kind.merge_weights(injection.cell)
 
-    def weight_readers(self, net: nn.Cell, record: Injection) -> List[str]:
+    def weight_readers(self, net: nn.Cell, injection: Injection) -> List[str]:
         """Cells that compute with the adapted weight passed at call time (an mcore output layer tied to an
         adapted embedding)."""
-        return record.kind.weight_readers(net, record.cell)
+        return injection.kind.weight_readers(net, injection.cell)
 
-    def group_anchor(self, record: Injection) -> Optional[Parameter]:
+    def group_anchor(self, injection: Injection) -> Optional[Parameter]:
         """The layer's ``weight``; an embedding's table, whatever its attribute is called."""
-        return record.kind.group_anchor(record.cell)
+        return injection.kind.group_anchor(injection.cell)
 
-    def merge(self, record: Injection, sign: int) -> None:
-        if record.variant is None:
-            super().merge(record, sign)
+    def merge(self, injection: Injection, sign: int) -> None:
+        if injection.variant is None:
+            super().merge(injection, sign)
         elif sign > 0:          # DoRA is multiplicative: W' = f (W + s B A), unmerged with the kept norms
-            record.variant.merge(record.kind, record.cell)
+            injection.variant.merge(injection.kind, injection.cell)
         else:
-            record.variant.unmerge(record.kind, record.cell)
+            injection.variant.unmerge(injection.kind, injection.cell)

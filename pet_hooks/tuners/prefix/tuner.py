@@ -177,14 +177,14 @@ class PrefixTuner(Tuner):
     def inject(self, targets, cfg: PetConfig) -> List[Injection]:
         return _inject(targets, cfg)
 
-    def eject(self, record: Injection) -> None:
-        restore(record)  # the mirror of inject for one cell
+    def eject(self, injection: Injection) -> None:
+        restore(injection)  # the mirror of inject for one cell
 
-    def deltas_of(self, record: Injection) -> List[Parameter]:
+    def deltas_of(self, injection: Injection) -> List[Parameter]:
         """The shared encoder parameters (the same objects for every layer)."""
-        return list(record.params)
+        return list(injection.params)
 
-    def set_active(self, records, active: bool) -> None:
+    def set_active(self, injections, active: bool) -> None:
         """A flag on each attention cell: structure, so graph mode recompiles (switch_is_data False)."""
-        for record in records:
-            record.cell.pet_prefix_active = bool(active)
+        for injection in injections:
+            injection.cell.pet_prefix_active = bool(active)
