@@ -11,7 +11,7 @@ from pet_hooks import LoraConfig, PrefixTuningConfig, PTuning2Config, load_confi
 from tests.conftest import ROOT, SEED_CONFIG
 
 SEED = SEED_CONFIG
-SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "configs")
+SAMPLES = os.path.join(ROOT, "samples", "configs")
 
 
 def test_seed_example_mapping():
@@ -49,7 +49,7 @@ def test_prefix_configs_validate():
     assert isinstance(load_config({"pet_type": "ptuning2", "pre_seq_len": 4, "dropout_prob": 0.1}), PTuning2Config)
 
 
-# Bad values and bad files: the consolidated table in tests/test_bad_input.py (each row also
+# Bad values and bad files: the consolidated table in tests/project/test_bad_input.py (each row also
 # checks the model is untouched and the traceback never reaches into MindSpore).
 
 
