@@ -110,6 +110,37 @@ class NoCompile:
             assert hook_version() == self.version, "the hook version moved: every graph recompiles"
             assert set(self.net.compile_cache) == self.phases, "a new graph was compiled"
 
+# ----------------------------------------------------------------------------- where a test module is
+# One folder per layer (tests/config, tests/tuners, ...; docs/layout.md): the test modules' file names are
+# unique across the folders (pytest's default import mode needs that, and so do tests/slow_tests.txt's
+# whole-module lines and the guards below).
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=None)
+def _test_modules() -> dict:
+    """file name -> path of every test module under tests/."""
+    found = {}
+    for folder, _, files in os.walk(_TESTS):
+        for name in files:
+            if name.startswith("test_") and name.endswith(".py"):
+                assert name not in found, f"two test modules named {name}: {found[name]} and {folder}"
+                found[name] = os.path.join(folder, name)
+    return found
+
+
+def find_test_module(path: str) -> str:
+    """The file of the test module ``path`` names ("tests/<layer>/test_x.py", or the flat "tests/test_x.py"
+    an older reference may still say), found by its file name."""
+    return _test_modules().get(os.path.basename(path), os.path.join(ROOT, path))
+
+
+def _guard_key(test_id: str) -> str:
+    """A guard or a test's node id as ``test_x.py::test_name`` (its folder and parameters left out)."""
+    path, _, name = test_id.split("[")[0].partition("::")
+    return os.path.basename(path) + "::" + name
+
+
 # ----------------------------------------------------------------------------- the fast lane
 _SLOW_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_tests.txt")
 
@@ -203,9 +234,9 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def _drift_guards() -> set:
-    """The guard tests of pet_hooks/utils/internals.py ("tests/file.py::test_name")."""
+    """The guard tests of pet_hooks/utils/internals.py ("tests/<layer>/file.py::test_name"), as ``_guard_key``s."""
     from pet_hooks.utils.internals import REGISTRY
-    return {entry.guard for entry in REGISTRY}
+    return {_guard_key(entry.guard) for entry in REGISTRY}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -222,7 +253,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if _needs_extra(item):
             item.add_marker(pytest.mark.needs_extra)
-        if item.nodeid.split("[")[0] in guards:
+        if _guard_key(item.nodeid) in guards:
             item.add_marker(pytest.mark.drift_guard)
 
 

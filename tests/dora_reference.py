@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_dora_init.py, run in its own process (torch and MindSpore apart).
+"""The PyTorch side of tests/tuners/test_dora_init.py, run in its own process (torch and MindSpore apart).
 
     python tests/dora_reference.py WORK_DIR
 

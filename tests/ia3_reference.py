@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_ia3.py, run in its own process (torch and MindSpore apart).
+"""The PyTorch side of tests/tuners/test_ia3.py, run in its own process (torch and MindSpore apart).
 
     python tests/ia3_reference.py WORK_DIR
 

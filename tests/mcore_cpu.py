@@ -21,7 +21,7 @@ what these tests mean by "the patched model":
   cell becomes :class:`CpuEmbedding` (a ``Gather`` over the same weight Parameter), so that the
   embedding can be trained too (full fine-tuning in the benchmarks). With ``keep_embedding=True`` the
   real ``VocabParallelEmbedding`` stays: its forward runs on the CPU, and with its table frozen (LoRA
-  on the embedding, ``tests/test_lora_embedding.py``) no backward kernel of it is needed, so the class
+  on the embedding, ``tests/tuners/test_lora_embedding.py``) no backward kernel of it is needed, so the class
   pet_hooks adapts there is MindFormers' own.
 * MoE models (Qwen3-MoE): the router's ``TopkExt`` (no CPU kernel) becomes :class:`CpuTopk`, and the
   grouped experts' ``Morph`` (token dispatch, ``GroupedMatmul``, ``Swiglu``, undispatch: Ascend

@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_peft_format.py, run in its own process (torch and MindSpore apart).
+"""The PyTorch side of tests/io/test_peft_format.py, run in its own process (torch and MindSpore apart).
 
     python tests/peft_reference.py WORK_DIR
 

@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_lora_embedding.py, run in its own process (torch and MindSpore apart).
+"""The PyTorch side of tests/tuners/test_lora_embedding.py, run in its own process (torch and MindSpore apart).
 
     python tests/peft_reference_embedding.py WORK_DIR
 

@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_adapters.py's PEFT check of several adapters, in its own process.
+"""The PyTorch side of tests/multi/test_adapters.py's PEFT check of several adapters, in its own process.
 
     python tests/peft_reference_multi.py WORK_DIR
 

@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_mcore_peft.py, run in its own process (torch and MindSpore apart).
+"""The PyTorch side of tests/models/test_mcore_peft.py, run in its own process (torch and MindSpore apart).
 
     python tests/peft_reference_qwen3.py WORK_DIR
 

@@ -7,7 +7,7 @@
 On leaving the block the net has the same cells of the same classes, the same parameters (names, shapes,
 dtypes, ``requires_grad`` flags) with bit-for-bit the same values, PET or none as before, and each
 directory holds the same files with the same bytes (or still does not exist). The bad-input table
-(tests/test_bad_input.py) checks more (patches, the environment) for its rows; this is for refusals
+(tests/project/test_bad_input.py) checks more (patches, the environment) for its rows; this is for refusals
 tested one by one.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_weighted_math.py, run in its own process (torch and MindSpore apart).
+"""The PyTorch side of tests/multi/test_weighted_math.py, run in its own process (torch and MindSpore apart).
 
     python tests/weighted_reference.py OUT_DIR
 

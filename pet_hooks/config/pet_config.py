@@ -347,7 +347,7 @@ class BitFitConfig(PetConfig):
 
 
 # The activations a bottleneck adapter may use: mindspore.nn.get_activation's names that
-# tests/test_adapter.py has a NumPy reference for.
+# tests/tuners/test_adapter.py has a NumPy reference for.
 NON_LINEARITIES = ("gelu", "relu", "tanh", "sigmoid", "silu", "fast_gelu")
 
 

@@ -25,7 +25,7 @@ one that maps every module of the adapter onto the net.
 MindFormers' own converter (``mindformers/models/llama/convert_weight.py``) turns Hugging
 Face Llama weights into MindFormers ones by renaming alone (the rotary permutation there
 applies to Meta's original checkpoints only), so no row of ``wq`` / ``wk`` needs
-reordering; ``tests/test_peft_format.py`` checks the logits against PyTorch.
+reordering; ``tests/io/test_peft_format.py`` checks the logits against PyTorch.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ weights in, the A and B matrices of one new LoRA adapter out.
 
 ``pet_hooks.add_weighted_adapter(net, ...)`` gathers the adapters of a net as :class:`AdapterWeights`,
 calls :func:`combine` and installs the :class:`CombinedAdapter` it returns; nothing here touches
-MindSpore, so the math is checked against PEFT 0.21.2 itself (tests/test_weighted_math.py) in a
+MindSpore, so the math is checked against PEFT 0.21.2 itself (tests/multi/test_weighted_math.py) in a
 process that never imports a net.
 
 What PEFT does, and so what :func:`combine` does (``w_i`` the weights, ``s_i`` each adapter's scaling,

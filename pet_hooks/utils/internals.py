@@ -13,7 +13,7 @@ exact behaviour matters, and the test that guards it::
              target="mindspore.nn.Dense.construct", source_sha256="...",
              relied_on="LoraDense.construct is this body with the LoRA branch added",
              sites=("pet_hooks/tuners/lora/linear.py",), names=(),
-             guard="tests/test_ms_compat.py::test_relied_on_source_is_the_checked_one")
+             guard="tests/project/test_ms_compat.py::test_relied_on_source_is_the_checked_one")
 
 Several versions: MindSpore-only users may have 2.9.0 or 2.10.0 (setup.py allows both; MindFormers
 1.9 pins 2.9), and ``.ci/run`` runs the tests on each. An entry's ``checked`` lists every version it
@@ -21,7 +21,7 @@ was checked against; its ``source_sha256`` is one hash when the normalised sourc
 all of them, else a mapping version -> hash. On a checked version the drift guard wants exactly
 that version's hash; on any other it reports the sources that match no checked version's.
 
-``tests/test_ms_compat.py`` checks every entry (hashes equal, private attributes present and
+``tests/project/test_ms_compat.py`` checks every entry (hashes equal, private attributes present and
 behaving as relied on) and scans the package: a private access (``x._name``, a ``"_name"``
 string, an import of a private name) at a site no entry lists fails it. To add an entry: copy
 one, run ``python -m pet_hooks.utils.internals`` for the current hashes, and name its guard.
@@ -97,7 +97,7 @@ class Internal:
 # The versions every entry of each package was checked against (setup.py's range, .ci/run's two
 # lanes): MindFormers 1.9.0 pins MindSpore 2.9; a MindSpore-only install may have 2.9.0 or 2.10.0.
 _MS, _MF = ("2.9.0", "2.10.0"), ("1.9.0",)
-_COMPAT_TEST = "tests/test_ms_compat.py::"
+_COMPAT_TEST = "tests/project/test_ms_compat.py::"
 _SOURCE_TEST = _COMPAT_TEST + "test_relied_on_source_is_the_checked_one"
 
 REGISTRY: Tuple[Internal, ...] = (
@@ -181,13 +181,13 @@ REGISTRY: Tuple[Internal, ...] = (
                        "compute_dtype, skip_weight_param_allocation (column), sequence_parallel (row) and config "
                        "(data_parallel_size, context_parallel_size, tensor_model_parallel_size)",
              sites=("pet_hooks/tuners/lora/mcore.py",), names=(),
-             guard="tests/test_mcore_lora.py::test_mcore_projections_have_what_lora_reads"),
+             guard="tests/models/test_mcore_lora.py::test_mcore_projections_have_what_lora_reads"),
     Internal(key="mcore_qkv_rows", package="mindformers", checked=_MF,
              target="mindformers.parallel_core.training_graph.transformer.attention.SelfAttention."
                     "get_query_key_value_tensors",
              relied_on="linear_qkv's output rows are grouped by key/value head (per group: its query heads, its key "
                        "head, its value head); pet_hooks.io.fused splits a fused LoRA B into q/k/v by that layout "
-                       "(checked against transformers in tests/test_mcore_peft.py)",
+                       "(checked against transformers in tests/models/test_mcore_peft.py)",
              sites=("pet_hooks/io/fused.py",), names=(), guard=_SOURCE_TEST,
              source_sha256="8db99f3305b7bb555838dea48eb7a3df5d53cbfd227a2ebbaf81618ef16f4edc"),
     Internal(key="mcore_gate_up_rows", package="mindformers", checked=_MF,
@@ -255,7 +255,7 @@ REGISTRY: Tuple[Internal, ...] = (
                        "(data_parallel_size, context_parallel_size) and sequence_parallel; an mcore GPTModel has "
                        "embedding.word_embeddings, share_embeddings_and_output_weights and mtp_process",
              sites=("pet_hooks/tuners/lora/embedding.py",), names=(),
-             guard="tests/test_lora_embedding.py::test_the_embedding_classes_have_what_lora_reads"),
+             guard="tests/tuners/test_lora_embedding.py::test_the_embedding_classes_have_what_lora_reads"),
     Internal(key="mha_construct", package="mindspore", checked=_MS,
              target="mindspore.nn.MultiheadAttention.construct",
              relied_on="LoraMultiheadAttention.construct is this computation with in_proj_weight and out_proj.weight "
@@ -267,7 +267,7 @@ REGISTRY: Tuple[Internal, ...] = (
              relied_on="an instance has _qkv_same_embed_dim (True exactly when in_proj_weight is the packed "
                        "[3 * embed_dim, embed_dim] input projection), embed_dim and out_proj (a Dense)",
              sites=("pet_hooks/tuners/lora/mha.py",), names=("_qkv_same_embed_dim",),
-             guard="tests/test_unreached_cells.py::test_multihead_attention_has_what_lora_reads"),
+             guard="tests/tuners/test_unreached_cells.py::test_multihead_attention_has_what_lora_reads"),
     # ---------------------------------------------------------------- MindFormers' attention (prefix methods)
     Internal(key="llama_attention_construct", package="mindformers", checked=_MF,
              target="mindformers.models.llama.llama_transformer.LLamaAttention.construct",
@@ -342,7 +342,7 @@ REGISTRY: Tuple[Internal, ...] = (
              relied_on="cells of one class with the same cell_init_args get one key, so the parser builds their "
                        "graph once and reuses it",
              sites=("pet_hooks/surgery/graph_reuse.py",), names=(),
-             guard="tests/test_graph_reuse.py::test_graph_mode_parses_the_block_once_and_reuses_it_for_the_others",
+             guard="tests/surgery/test_graph_reuse.py::test_graph_mode_parses_the_block_once_and_reuses_it_for_the_others",
              source_sha256="16007f4b49e1ca74fc9d79c2d2fdd4fceae567b70be3e6f53b7ef6bd4e4fe542"),
     Internal(key="train_step_attributes", package="mindspore", checked=_MS, target="mindspore.nn.TrainOneStepCell",
              relied_on="an instance has optimizer, weights (is optimizer.parameters) and reducer_flag; in data "

@@ -14,7 +14,7 @@ MindSpore 2.10 puts the hook version in the key only when the environment variab
 
 Everything pet_hooks relies on inside MindSpore and MindFormers (this function, the copied
 ``construct`` bodies, private attributes) is listed in ``pet_hooks/utils/internals.py`` with the
-versions it was checked against; ``tests/test_ms_compat.py`` checks each entry.
+versions it was checked against; ``tests/project/test_ms_compat.py`` checks each entry.
 :func:`warn_unchecked_versions` (called by ``surgery.apply``) warns once per process and
 package when the installed version is none of the checked ones (MindSpore 2.9.0 and 2.10.0,
 MindFormers 1.9.0).
@@ -50,7 +50,7 @@ def write_values(param: Parameter, values) -> None:
     call, but a function graph compiled before (``mindspore.value_and_grad`` of a function in
     graph mode) keeps reading the old one. ``ops.assign`` writes into the same memory, which
     every compiled graph reads, so switching (the LoRA scale), merging and hot-swapping values
-    need no recompile (``tests/test_no_recompile.py`` guards this).
+    need no recompile (``tests/surgery/test_no_recompile.py`` guards this).
     """
     tensor = values if isinstance(values, Tensor) else Tensor(np.asarray(values))
     if tensor.dtype != param.dtype:
@@ -128,7 +128,7 @@ def unchecked_version(package: str) -> Optional[str]:
         detail = ("its copied and relied-on sources still read as in a checked version, but were not tested "
                   "with this version")
     return (f"pet_hooks was checked against {package} {checked}, but {package} {installed} is installed; "
-            f"{detail}. tests/test_ms_compat.py shows what changed (pet_hooks/utils/internals.py lists each "
+            f"{detail}. tests/project/test_ms_compat.py shows what changed (pet_hooks/utils/internals.py lists each "
             f"internal relied on).")
 
 

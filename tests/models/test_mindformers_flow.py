@@ -3,7 +3,7 @@ its Trainer and run_mindformer.py call), gets pet_hooks' PET; outside the doors 
 
 Also ``Trainer(model=instance, pet_method=...)`` under a door, and the default targets per model family.
 The Trainer on a complete run YAML (train, finetune, resume, parity with MindFormers' own PET) is in
-tests/test_trainer_yaml.py.
+tests/models/test_trainer_yaml.py.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import pet_hooks
 from pet_hooks.utils import internals as _internals, ms_compat as _ms_compat
 from pet_hooks.utils.internals import REGISTRY, Internal
 from pet_hooks.utils.ms_compat import HOOK_VERSION_IN_KEY, force_recompile, hook_version, release_compiled_graphs
-from tests.conftest import NEEDS_MINDFORMERS, ROOT
+from tests.conftest import NEEDS_MINDFORMERS, ROOT, find_test_module
 
 PACKAGE = os.path.join(ROOT, "pet_hooks")
 
@@ -225,8 +225,9 @@ def test_every_mindspore_entry_is_guarded_where_only_mindspore_is_installed():
         if entry.package != "mindspore":
             continue
         test_file, _, test_name = entry.guard.partition("::")
-        whole, functions = conftest._needs_of_module(os.path.join(ROOT, test_file))  # pylint: disable=protected-access
-        module = __import__(test_file[:-3].replace("/", "."), fromlist=["_"])
+        path = conftest.find_test_module(test_file)
+        whole, functions = conftest._needs_of_module(path)  # pylint: disable=protected-access
+        module = __import__(os.path.relpath(path, ROOT)[:-3].replace(os.sep, "."), fromlist=["_"])
         marks = getattr(getattr(module, test_name), "pytestmark", [])
         if whole or test_name in functions or any(
                 conftest._MISSING_EXTRA.search(str(m.kwargs.get("reason", ""))) for m in marks):  # pylint: disable=protected-access
@@ -372,7 +373,7 @@ def test_registry_entries_are_complete_and_their_guards_exist():
         for name in entry.names:       # a listed name no site uses any more: the entry is stale
             assert any(re.search(rf"\b{re.escape(name)}\b", text) for text in texts), (entry.key, name)
         test_file, _, test_name = entry.guard.partition("::")
-        with open(os.path.join(ROOT, test_file), encoding="utf-8") as handle:
+        with open(find_test_module(test_file), encoding="utf-8") as handle:
             assert re.search(rf"^def {re.escape(test_name)}\(", handle.read(), re.M), (entry.key, entry.guard)
 
 

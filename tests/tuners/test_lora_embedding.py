@@ -40,7 +40,7 @@ from pet_hooks.surgery.core import get_state, has_pet
 from tests.conftest import (HAS_TORCH_PEFT, NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT,
                             assert_params_equal, snapshot)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 V, D, O, R, ALPHA = 13, 6, 5, 3, 6           # vocabulary, width, head outputs, rank, alpha: scaling 2
 CELL = {"pet_type": "lora", "lora_rank": R, "lora_alpha": ALPHA, "target_modules": "emb"}
 LLAMA = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -404,7 +404,7 @@ def test_switching_an_embedding_s_adapters_compiles_nothing(mode):
 
 # ----------------------------------------------------------------------------- refused
 def test_dora_pissa_olora_on_an_embedding_are_refused_naming_the_cell_and_the_option():
-    from tests.test_bad_input import assert_same_world, world
+    from tests.project.test_bad_input import assert_same_world, world
     for extra, word in (({"use_dora": True}, "DoRA (use_dora: true)"), ({"init_lora_weights": "pissa"}, "'pissa'"),
                         ({"init_lora_weights": "olora"}, "'olora'")):
         net = EmbedNet(_job(), "nn")
@@ -456,7 +456,7 @@ def _llama_ids() -> np.ndarray:
 
 
 def _write_llama(folder, tied: bool) -> dict:
-    from tests.test_peft_format import hf_name
+    from tests.io.test_peft_format import hf_name
     folder.mkdir()
     net = _llama(tied)
     np.savez(folder / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
@@ -510,7 +510,7 @@ def test_llama_embedding_and_projections_equal_transformers_and_peft_both_ways(p
 @NEEDS_MINDFORMERS
 @NEEDS_TORCH_PEFT
 def test_a_tied_embedding_changes_the_lookup_only_as_in_peft_and_merge_is_refused(peft_models, mode, tmp_path):
-    from tests.test_bad_input import assert_same_world, world
+    from tests.project.test_bad_input import assert_same_world, world
     work, theirs = peft_models
     net = _llama(True)
     table = net.model.tok_embeddings.embedding_weight
@@ -562,7 +562,7 @@ def _qwen3_logits(net) -> np.ndarray:
 
 def _write_qwen3(folder) -> dict:
     from tests.mcore_cpu import TINY, mcore_context, restore_legacy_context
-    from tests.test_mcore_peft import hf_weights
+    from tests.models.test_mcore_peft import hf_weights
     folder.mkdir()
     before = ms.get_context("mode")
     ms.set_context(mode=0)
@@ -592,7 +592,7 @@ def _write_qwen3(folder) -> dict:
 def test_mindformers_published_qwen3_block_applies_and_trains_the_real_vocab_parallel_embedding(mcore_graph, caplog):
     from mindformers.parallel_core.training_graph.tensor_parallel.layers import VocabParallelEmbedding
     from tests.mcore_cpu import adam_losses
-    from tests.test_mcore_peft import hf_weights
+    from tests.models.test_mcore_peft import hf_weights
     net = _qwen3(hf_weights())
     embedding = net.model.embedding.word_embeddings
     assert type(embedding) is VocabParallelEmbedding                  # MindFormers' own class, no stand-in
@@ -624,7 +624,7 @@ def test_mindformers_published_qwen3_block_applies_and_trains_the_real_vocab_par
 @NEEDS_MINDFORMERS
 @NEEDS_TORCH_PEFT
 def test_the_published_qwen3_adapter_gives_transformers_and_peft_logits(peft_models, mcore_graph):
-    from tests.test_mcore_peft import hf_weights
+    from tests.models.test_mcore_peft import hf_weights
     work, theirs = peft_models
     doc = json.loads((work / "qwen3" / "ours" / "adapter_config.json").read_text())
     assert "embed_tokens" in doc["target_modules"]
@@ -646,7 +646,7 @@ def test_the_published_qwen3_adapter_gives_transformers_and_peft_logits(peft_mod
 @NEEDS_MINDFORMERS
 def test_a_qwen3_embedding_shared_with_the_output_layer_refuses_merge(mcore_graph):
     from tests.mcore_cpu import tiny_qwen3
-    from tests.test_bad_input import assert_same_world, world
+    from tests.project.test_bad_input import assert_same_world, world
     net = pet_hooks.apply(tiny_qwen3(keep_embedding=True, tie_word_embeddings=True),
                           {**QWEN3_PUBLISHED, "lora_dropout": 0.0})
     assert net.model.output_layer.skip_weight_param_allocation        # no weight of its own: given the table

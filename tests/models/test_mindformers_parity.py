@@ -12,7 +12,7 @@ from mindspore import Tensor
 
 import pet_hooks
 from tests.nets import tiny_llama
-from tests.conftest import NEEDS_MINDFORMERS
+from tests.conftest import NEEDS_MINDFORMERS, ROOT
 
 pytestmark = NEEDS_MINDFORMERS
 CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -130,7 +130,7 @@ def test_merged_checkpoint_loads_into_plain_mindformers(mode, tmp_path):
 
 def test_seed_yamls_load_unchanged():
     import os
-    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "configs")
+    configs = os.path.join(ROOT, "samples", "configs")
     gpt2 = pet_hooks.load_config(os.path.join(configs, "gpt2_lora_mindformers.yaml"))
     ptuning2 = pet_hooks.load_config(os.path.join(configs, "llama_ptuning2.yaml"))
     prefix = pet_hooks.load_config(os.path.join(configs, "llama_prefixtuning.yaml"))

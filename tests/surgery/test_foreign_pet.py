@@ -3,7 +3,7 @@ the hand-over, through apply and the doors, and is left exactly as it was (its c
 parameters' names, values and requires_grad flags: tests/unchanged.py).
 
 The hand-over itself (MindFormers' LoRA checkpoint into a plain model with load_adapter) is checked
-against MindFormers' logits in tests/test_mindformers_parity.py::test_load_a_mindformers_lora_checkpoint.
+against MindFormers' logits in tests/models/test_mindformers_parity.py::test_load_a_mindformers_lora_checkpoint.
 """
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def _saved(tmp_path, rng):
 
 
 # Damaged adapters (missing, truncated or corrupt files, wrong shapes and dtypes, configs for
-# another method or model): the consolidated table in tests/test_bad_input.py.
+# another method or model): the consolidated table in tests/project/test_bad_input.py.
 
 
 def test_adapter_for_a_different_config_than_applied(rng, tmp_path):

@@ -33,7 +33,7 @@ from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal,
 from tests.nets import LAYERS, SIZES, three_layers
 from tests.numpy_references import DoraLayer, three_layers as numpy_three_layers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 R, ALPHA = 2, 8
 SCALING = ALPHA / R
 LORA = {"pet_type": "lora", "lora_rank": R, "lora_alpha": ALPHA, "target_modules": list(LAYERS)}
@@ -257,7 +257,7 @@ def test_dora_trains_only_deltas_disable_and_remove(mode):
 
 
 def test_dora_is_refused_on_cells_it_cannot_adapt():
-    from tests.test_bad_input import assert_same_world, world
+    from tests.project.test_bad_input import assert_same_world, world
 
     class Attn(nn.Cell):
         def __init__(self):

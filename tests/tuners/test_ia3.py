@@ -25,7 +25,7 @@ from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal,
 from tests.nets import LAYERS, SIZES, ThreeLayers, three_layers
 from tests.numpy_references import Ia3Layer, three_layers as numpy_three_layers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 CFG = {"pet_type": "ia3", "target_modules": ["k", "v", "down"], "feedforward_modules": ["down"]}
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
 
@@ -250,7 +250,7 @@ def test_llama_ia3_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
     """MindFormers' Llama with IA3 on wk / wv / w2 (w2 feed-forward), saved with the llama name map: PEFT
     on transformers' Llama with the same weights reads it (k_proj, v_proj, down_proj) and gives our logits."""
     import json
-    from tests.test_peft_format import hf_name, llama_ids, llama_logits, llama_with_weights
+    from tests.io.test_peft_format import hf_name, llama_ids, llama_logits, llama_with_weights
     before = ms.get_context("mode")
     ms.set_context(mode=0)
     try:

@@ -94,18 +94,18 @@ def MF(id, make, exc, *words):
 
 # ----------------------------------------------------------------------------- MindFormers' flow under a door
 def _run_yaml(tmp_path, **pet_changes):
-    from tests.test_mindformers_flow import LORA_YAML, _doc, write_run_yaml
+    from tests.models.test_mindformers_flow import LORA_YAML, _doc, write_run_yaml
     return write_run_yaml(tmp_path, {**_doc(LORA_YAML)["model"]["model_config"]["pet_config"], **pet_changes})
 
 
 def _build_in_door(path, cfg=None):
-    from tests.test_mindformers_flow import build_from_yaml
+    from tests.models.test_mindformers_flow import build_from_yaml
     with pet_hooks.enable(cfg):
         build_from_yaml(path)
 
 
 def _trainer_in_door(net, tmp_path, pet_method, cfg=None):
-    from tests.test_mindformers_flow import _trainer
+    from tests.models.test_mindformers_flow import _trainer
     with pet_hooks.enable(cfg):
         _trainer(net, tmp_path, pet_method=pet_method)
 

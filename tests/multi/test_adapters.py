@@ -22,10 +22,10 @@ from mindspore.train import Model
 import pet_hooks
 from pet_hooks.surgery.core import get_state
 from pet_hooks.utils.ms_compat import hook_version
-from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT
+from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT, ROOT
 from tests.nets import TwoDense
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 
 A = {"pet_type": "lora", "target_modules": "dense1|dense2", "lora_rank": 2, "lora_alpha": 4, "seed": 1}
 B = {"pet_type": "lora", "target_modules": "dense2", "lora_rank": 3, "lora_alpha": 12, "seed": 2}
@@ -380,7 +380,7 @@ def test_launcher_takes_an_adapter_name(tmp_path):
         "net = TwoDense(act='tanh', din=6, dh=10, dout=4)\n"
         "step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.MSELoss()), nn.Adam(net.trainable_params(), 1e-2))\n"
         "x = Tensor(np.ones((2, 6), np.float32)); y = Tensor(np.zeros((2, 4), np.float32))\n"
-        "for _ in range(2):\n    step(x, y)\n" % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        "for _ in range(2):\n    step(x, y)\n" % ROOT)
     config = tmp_path / "pet.json"
     config.write_text(json.dumps(C))
     code = pet_hooks.cli.main(["run", "--config", str(config), "--adapter-name", "task_b", "--save-dir",
@@ -408,7 +408,7 @@ def test_several_adapters_in_peft_layout_both_ways_and_peft_mixed_batches(tmp_pa
     """Ours in PEFT's layout of several adapters read by PEFT (each adapter's logits); PEFT's two adapters
     (saved by ``save_pretrained``) read with ``adapter_name="all"``; and a mixed batch against PEFT's
     ``adapter_names``. Graph mode, the tiny Llama with the same weights on both sides."""
-    from tests.test_peft_format import llama_ids, llama_logits, llama_with_weights, randomize, write_reference_job
+    from tests.io.test_peft_format import llama_ids, llama_logits, llama_with_weights, randomize, write_reference_job
     net = llama_with_weights()
     ids = np.concatenate([llama_ids(2), llama_ids(3)])                  # 4 rows
     write_reference_job(net, ids, tmp_path)

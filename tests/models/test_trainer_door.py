@@ -4,7 +4,7 @@
 ``with pet_hooks.enable():`` and under ``pet-hooks run`` (no --config): the model MindFormers builds from the
 YAML's pet_config gets pet_hooks' PET, trains only its deltas, and the adapter lands in output_dir. Against
 MindFormers' own PET on the same YAML, base and LoRA values: the same ten losses. The Trainer itself on the
-CPU, and MindFormers' own PET on these YAMLs, are in tests/test_trainer_yaml.py (whose helper runs both).
+CPU, and MindFormers' own PET on these YAMLs, are in tests/models/test_trainer_yaml.py (whose helper runs both).
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_load_checkpoint_of_mindformers_own_lora_run_fills_pet_hooks_deltas(tmp_
 
 def test_the_strategy_rule_holds_on_the_trainer_path(tmp_path, caplog):
     """The YAML asks for only_trainable_params: true; inside the door the deltas' model is compiled with it
-    False (MindFormers' own PET keeps it: tests/test_trainer_yaml.py)."""
+    False (MindFormers' own PET keeps it: tests/models/test_trainer_yaml.py)."""
     seen = {}
 
     class Look(ms.train.Callback):

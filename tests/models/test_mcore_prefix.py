@@ -5,7 +5,7 @@ here its CPU stand-in from ``tests/mcore_cpu.py``, registered with ``pet_hooks.r
 under pet_hooks' own adapter for FlashAttention).
 
 The reference is MindFormers' own prefix path: the same patched model called with
-``prefix_keys_values`` built from the encoder's parameters by the formulas (``tests/test_prefix.py``'s
+``prefix_keys_values`` built from the encoder's parameters by the formulas (``tests/tuners/test_prefix.py``'s
 NumPy encoder); ``GPTModel`` widens the mask and hands each layer's attention its prefix. That path
 does not run as shipped: ``Attention._cat_prefix`` concatenates ``[S, B, heads, head_dim]`` tensors
 along axis 2 (``self.cat = Concat(2)``); the reference gets ``Concat(0)`` there (a fix in this test
@@ -22,7 +22,7 @@ from mindspore import Tensor, ops
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, assert_params_equal, snapshot
 from tests.mcore_cpu import CpuCoreAttention, adam_losses, register_prefix_stand_in, tiny_qwen3
-from tests.test_prefix import np_encoder_output
+from tests.tuners.test_prefix import np_encoder_output
 from tests.unchanged import unchanged
 
 pytestmark = NEEDS_MINDFORMERS

@@ -12,7 +12,7 @@ from pet_hooks.config.methods import config_types
 from tests.conftest import ROOT, SEED_CONFIG
 
 SEED = SEED_CONFIG
-SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "configs")
+SAMPLES = os.path.join(ROOT, "samples", "configs")
 
 
 def test_seed_example_mapping():
@@ -50,7 +50,7 @@ def test_prefix_configs_validate():
     assert isinstance(load_config({"pet_type": "ptuning2", "pre_seq_len": 4, "dropout_prob": 0.1}), PTuning2Config)
 
 
-# Bad values and bad files: the consolidated table in tests/test_bad_input.py (each row also
+# Bad values and bad files: the consolidated table in tests/project/test_bad_input.py (each row also
 # checks the model is untouched and the traceback never reaches into MindSpore).
 
 

@@ -76,9 +76,9 @@ def test_child_processes_get_the_hooks(tmp_path):
 
 
 # Bad command lines (missing config file, script not found, no script, a misspelt flag) are the cli
-# rows of tests/test_bad_input.py (through cli.main, in process; tests/test_cli.py checks the exit
+# rows of tests/project/test_bad_input.py (through cli.main, in process; tests/cli/test_cli.py checks the exit
 # code of a real process); a pattern that matches nothing in a script run by the launcher is in
-# tests/test_launcher_errors.py.
+# tests/doors/test_launcher_errors.py.
 
 
 @pytest.mark.parametrize("config,script,extra", [

@@ -22,7 +22,7 @@ from samples.tiny_gpt import build
 from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS, snapshot
 from tests.unchanged import unchanged
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 LLAMA_ALL = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
              "target_modules": ".*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3"}
 GPT_CFG = os.path.join(os.path.dirname(HERE), "samples", "configs", "lora.yaml")

@@ -15,7 +15,7 @@ from mindspore.train import Callback
 
 import pet_hooks
 from samples.tiny_gpt import GPTWithLoss, build
-from tests.conftest import NEEDS_MINDFORMERS, SMALL, assert_params_equal, snapshot
+from tests.conftest import NEEDS_MINDFORMERS, ROOT, SMALL, assert_params_equal, snapshot
 from tests.nets import tiny_llama
 from tests.unchanged import unchanged
 
@@ -292,8 +292,7 @@ def test_callback_on_llama_from_the_run_yaml(mode, tmp_path):
     from mindspore.train import Model
     import mindspore.dataset as ds
     from samples.llama_train import build_llama
-    yaml_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "samples", "configs", "llama_prefixtuning.yaml")
+    yaml_path = os.path.join(ROOT, "samples", "configs", "llama_prefixtuning.yaml")
     net = build_llama(yaml_path)
     base = snapshot(net)
     rows = np.random.default_rng(0).integers(0, 256, (3, 2, 33)).astype(np.int32)

@@ -27,7 +27,7 @@ import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT
 from tests.mcore_cpu import TINY, tiny_qwen3
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
        "target_modules": ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"}
 H, F, N, G, D, V, L = 32, 64, 4, 2, 8, 97, 2       # the TINY geometry
