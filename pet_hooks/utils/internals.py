@@ -101,7 +101,7 @@ _COMPAT_TEST = "tests/project/test_ms_compat.py::"
 _SOURCE_TEST = _COMPAT_TEST + "test_relied_on_source_is_the_checked_one"
 
 REGISTRY: Tuple[Internal, ...] = (
-    # ---------------------------------------------------------------- the graph cache (DESIGN.md fact 2)
+    # ---------------------------------------------------------------- the graph cache: a compiled graph is kept per cell and key (docs/guarantees.md)
     Internal(key="hook_version_bump", package="mindspore", checked=_MS,
              target="mindspore.common.hook_handle._update_hook_version",
              relied_on="bumping the global hook version makes every graph-mode cell recompile on its next call "
@@ -301,7 +301,7 @@ REGISTRY: Tuple[Internal, ...] = (
                        "holds the loss cell as the child 'network' and has an 'optimizer'",
              sites=("pet_hooks/doors/flow.py",), names=("_backbone", "_cells"),
              guard=_COMPAT_TEST + "test_wrappers_hold_the_model_where_unwrap_model_looks"),
-    # ---------------------------------------------------------------- the optimizer follows (DESIGN.md facts 4-5)
+    # ---------------------------------------------------------------- the optimizer follows: a built optimizer holds its own parameter list
     Internal(key="opt_init_args_register", package="mindspore", checked=_MS,
              target="mindspore.nn.optim.optimizer.opt_init_args_register",
              relied_on="the decorator hides __init__'s signature behind (self, *args, **kwargs) without "
