@@ -194,3 +194,16 @@ def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         pet_hooks.no_such_name  # pylint: disable=pointless-statement
     assert np.isclose(pet_hooks.LoraConfig(target_modules="x").scaling, 2.0)
+
+
+def test_docs_layout_names_every_module_of_the_package():
+    """docs/layout.md is the tree with one line per module: a module added without its line fails here."""
+    import glob
+    import os
+    with open(os.path.join(ROOT, "docs", "layout.md"), encoding="utf-8") as handle:
+        layout = handle.read()
+    modules = [path for path in glob.glob(os.path.join(ROOT, "pet_hooks", "**", "*.py"), recursive=True)
+               if os.path.basename(path) != "__init__.py"]
+    assert len(modules) > 50
+    missing = [os.path.relpath(path, ROOT) for path in modules if os.path.basename(path) not in layout]
+    assert not missing, missing
