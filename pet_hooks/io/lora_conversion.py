@@ -35,7 +35,7 @@ from ..surgery.core import get_state
 __all__ = ["save_as_lora"]
 
 
-def _records(net):
+def _residual_injections(net):
     state = get_state(net)
     injections = [] if state is None else [r for r in state.injections if getattr(r, "base_init", None) is not None]
     if state is None or state.config.pet_type != "lora" or not injections:
@@ -76,7 +76,7 @@ def save_as_lora(net, directory, format: str = "pet_hooks", name_map=None,  # py
                  **peft_fields) -> str:
     """Write ``net``'s PiSSA / OLoRA adapter as a plain LoRA of rank 2r for the original weights (see the module
     docstring); arguments as :func:`pet_hooks.save_adapter`. The net is left as it was."""
-    state, injections = _records(net)
+    state, injections = _residual_injections(net)
     with tempfile.TemporaryDirectory(prefix="pet_hooks_as_lora_") as tmp:
         now_dir, init_dir = os.path.join(tmp, "now"), os.path.join(tmp, "init")
         _save(net, now_dir, format, name_map, peft_fields)
