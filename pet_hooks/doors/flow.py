@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import sys
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -22,10 +21,11 @@ from mindspore import Parameter, nn
 from ..io.adapter_io import save_adapter
 from ..errors import OptimizerRebuildError
 from ..training.loraplus import rebuilt_groups
-from ..training.recorder import constructor_arguments
+from ..training.recorder import constructor_arguments, init_signature
 from ..multi.adapters import add_adapter, set_adapter
 from ..errors import PetStateError
 from ..surgery.core import apply, get_state  # apply is idempotent: a model is adapted once
+from ..utils.distributed import is_rank_zero
 
 __all__ = ["unwrap_model", "apply", "adapt", "params_for_optimizer", "optimizer_params", "rebuild_optimizer",
            "attach_to_train_step", "init_signature", "save_for_rank", "is_rank_zero"]
@@ -150,28 +150,6 @@ def optimizer_params(params: Any, model: nn.Cell, optimizer_name: str, learning_
     return rebuilt_groups(model, optimizer_name, learning_rate, weight_decay, ratio)
 
 
-def init_signature(cls: type) -> inspect.Signature:
-    """The signature of ``cls.__init__``, seen through MindSpore's ``opt_init_args_register``
-    decorator, which hides it behind ``(self, *args, **kwargs)`` without ``functools.wraps``."""
-    init = cls.__init__
-    signature = inspect.signature(init)
-    kinds = [p.kind for p in signature.parameters.values()][1:]
-    if kinds == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]:
-        # Breadth-first through nested closures: LazyAdam's __init__ is wrapped twice
-        # (deprecated around opt_init_args_register), so the original is two closures deep.
-        pending, seen = [init], set()
-        while pending:
-            func = pending.pop(0)
-            for cell in getattr(func, "__closure__", None) or ():
-                inner = cell.cell_contents
-                if inspect.isfunction(inner) and id(inner) not in seen:
-                    if inner.__name__ == "__init__":
-                        return inspect.signature(inner)
-                    seen.add(id(inner))
-                    pending.append(inner)
-    return signature
-
-
 def _argument(bound: inspect.BoundArguments, *names: str) -> Any:
     """The value of the first of ``names`` the signature has: as passed, or its default (None if none)."""
     for key in names:
@@ -243,14 +221,6 @@ def attach_to_train_step(train_cell: nn.Cell, model: nn.Cell) -> Optional[nn.Opt
 
 
 # ----------------------------------------------------------------------------- the adapter on disk
-def is_rank_zero() -> bool:
-    """True unless this process is a non-zero rank of a distributed job."""
-    for var in ("RANK_ID", "RANK"):
-        if os.environ.get(var, "0").strip() not in ("", "0"):
-            return False
-    return True
-
-
 def save_for_rank(model: nn.Cell, directory: str, adapter_name: Optional[str] = None) -> Optional[str]:
     """Save the adapter (the named one, else the active one) from rank 0 only; other ranks do nothing."""
     if not is_rank_zero():

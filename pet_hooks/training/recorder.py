@@ -21,6 +21,7 @@ Importing this module imports neither MindSpore nor the rest of pet_hooks.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import weakref
 from typing import Any, Dict, Optional, Tuple
@@ -29,7 +30,7 @@ import wrapt
 
 from ..utils.patching import PatchSet, is_patched
 
-__all__ = ["install", "uninstall", "install_when_imported", "is_installed", "recorded_arguments",
+__all__ = ["install", "init_signature", "uninstall", "install_when_imported", "is_installed", "recorded_arguments",
            "constructor_arguments"]
 
 _RECORDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -101,6 +102,28 @@ def recorded_arguments(optimizer: Any) -> Optional[Tuple[tuple, Dict[str, Any]]]
         return None
 
 
+def init_signature(cls: type) -> inspect.Signature:
+    """The signature of ``cls.__init__``, seen through MindSpore's ``opt_init_args_register``
+    decorator, which hides it behind ``(self, *args, **kwargs)`` without ``functools.wraps``."""
+    init = cls.__init__
+    signature = inspect.signature(init)
+    kinds = [p.kind for p in signature.parameters.values()][1:]
+    if kinds == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]:
+        # Breadth-first through nested closures: LazyAdam's __init__ is wrapped twice
+        # (deprecated around opt_init_args_register), so the original is two closures deep.
+        pending, seen = [init], set()
+        while pending:
+            func = pending.pop(0)
+            for cell in getattr(func, "__closure__", None) or ():
+                inner = cell.cell_contents
+                if inspect.isfunction(inner) and id(inner) not in seen:
+                    if inner.__name__ == "__init__":
+                        return inspect.signature(inner)
+                    seen.add(id(inner))
+                    pending.append(inner)
+    return signature
+
+
 def _mindspore_record(optimizer: Any) -> Optional[Tuple[tuple, Dict[str, Any]]]:
     """``(args, kwargs)`` from MindSpore's own ``opt_init_args_register`` record on ``optimizer``, if it has one.
 
@@ -112,6 +135,14 @@ def _mindspore_record(optimizer: Any) -> Optional[Tuple[tuple, Dict[str, Any]]]:
     if not isinstance(init_args, dict) or not isinstance(init_params, dict) or "params" not in init_params:
         return None
     kwargs = dict(init_args)
+    # The decorator binds the original signature: a ``**kwargs`` of it is kept as one dict under its name
+    # (nn.Adam's 'kwargs': {}), a ``*args`` as a tuple; spread them back as they were passed.
+    for param in init_signature(type(optimizer)).parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and isinstance(kwargs.get(param.name), dict):
+            kwargs.update(kwargs.pop(param.name))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL and param.name in kwargs:
+            if kwargs.pop(param.name):
+                return None     # positional extras cannot be placed by name: not known
     if hasattr(optimizer, "init_learning_rate"):
         rate = optimizer.init_learning_rate
         kwargs["learning_rate"] = optimizer.learning_rate if rate is None else rate

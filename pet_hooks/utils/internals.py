@@ -305,7 +305,7 @@ REGISTRY: Tuple[Internal, ...] = (
     Internal(key="opt_init_args_register", package="mindspore", checked=_MS,
              target="mindspore.nn.optim.optimizer.opt_init_args_register",
              relied_on="the decorator hides __init__'s signature behind (self, *args, **kwargs) without "
-                       "functools.wraps and keeps the original __init__ in its closure (flow.init_signature)",
+                       "functools.wraps and keeps the original __init__ in its closure (training.recorder.init_signature)",
              sites=("pet_hooks/doors/flow.py",), names=(),
              guard=_COMPAT_TEST + "test_optimizer_signatures_are_found_through_the_decorator",
              source_sha256="5b39fcbcfb7e8f19b09ef2eb08aeb4f6b303588494a76753f94f47a36928952d"),
