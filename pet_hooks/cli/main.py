@@ -1,6 +1,7 @@
 """The ``pet-hooks`` command line (also ``python -m pet_hooks``).
 
     pet-hooks run --config pet.yaml [--save-dir adapter/] [--quiet] [--plot loss.png] train.py [ARGS...]
+    pet-hooks run --config pet.yaml --save-dir run/ --save-steps 50 [--keep 2] --resume train.py   # resumable
     pet-hooks run run_mindformer.py --config run_llama_lora.yaml    # the run YAML's own pet_config
     pet-hooks inspect --config pet.yaml (--model MODULE:FACTORY | train.py [ARGS...]) [--json]
     pet-hooks check-config samples/configs/lora.yaml    # validate a config, print it normalised
@@ -53,7 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     monitor = TrainingMonitor(show=not args.quiet and sys.stdout.isatty())
     if args.adapter_name is not None:
         check_adapter_name(args.adapter_name)
-    code = run_script(script, script_args, cfg, args.save_dir, monitor=monitor, adapter_name=args.adapter_name)
+    code = run_script(script, script_args, cfg, args.save_dir, monitor=monitor, adapter_name=args.adapter_name,
+                      save_steps=args.save_steps, keep=args.keep, resume=args.resume)
     if args.plot:
         if monitor.losses:
             write_loss_plot(monitor.losses, args.plot, title=f"pet-hooks run {os.path.basename(script)}")
@@ -97,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
                      "is not a terminal)")
     run.add_argument("--adapter-name", default=None, help="train and save the adapter of this name "
                      "(pet_hooks.add_adapter / set_adapter); default: the one adapter, 'default'")
+    run.add_argument("--save-steps", type=int, default=None, metavar="N", help="every N steps write a run "
+                     "checkpoint (adapter, optimizer state, position) to SAVE_DIR/checkpoints/step-<n>/")
+    run.add_argument("--keep", type=int, default=2, metavar="K", help="keep the newest K run checkpoints (default 2)")
+    run.add_argument("--resume", action="store_true", help="continue after the newest complete run checkpoint in "
+                     "SAVE_DIR/checkpoints (none there: start from step 0, saying so)")
     run.add_argument("--plot", default=None, metavar="FILE.png", help="write the loss curve of the run here")
     run.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...] or a command such as msrun")
     run.set_defaults(func=_run)

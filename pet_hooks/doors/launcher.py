@@ -2,6 +2,7 @@
 
     pet-hooks run --config pet.yaml --save-dir adapter/ train.py --epochs 2
     pet-hooks run --config pet.yaml --save-dir adapter/ -- msrun --worker_num=2 ... train.py
+    pet-hooks run --config pet.yaml --save-dir run/ --save-steps 50 --resume train.py   # killed? run it again
 
 A Python script runs in this process as ``python SCRIPT ARGS`` would (``sys.argv``,
 ``__name__ == "__main__"``, imports next to the script, its exit code, its own traceback).
@@ -12,6 +13,12 @@ on ``PYTHONPATH`` and passes the config in ``PET_HOOKS_CONFIG``; the bootstrap e
 ``PET_HOOKS_SAVE_DIR`` is set, and then still loads the user's own ``sitecustomize``.
 ``PET_HOOKS_DISABLE=1`` turns the hooks off in such children; a child in which they cannot
 start prints one line naming the cause and runs on without them.
+
+With ``--save-steps N`` every ``Model.train`` of the script (in this process and in its Python
+children) writes a run checkpoint every N steps to ``SAVE_DIR/checkpoints/`` (rank 0), and with
+``--resume`` continues after the newest complete one (``pet_hooks.doors.resume``; the settings
+reach children in ``PET_HOOKS_CHECKPOINTS``). A hand-written loop calls ``pet_hooks.save_checkpoint``
+and ``pet_hooks.load_checkpoint`` itself.
 """
 from __future__ import annotations
 
@@ -29,18 +36,21 @@ from . import flow
 from ..config.pet_config import PetConfig
 from ..utils.files import CONFIG_NAME
 from .context import enable
+from .resume import RunCheckpointer, checkpointing
 
-__all__ = ["run_script", "child_environment", "as_main", "run_as_main", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV"]
+__all__ = ["run_script", "child_environment", "as_main", "run_as_main", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV",
+           "CHECKPOINTS_ENV"]
 
 DOORS_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.dirname(DOORS_DIR)              # pet_hooks/: where "raised by pet_hooks" is judged
 BOOTSTRAP_DIR = os.path.join(DOORS_DIR, "_bootstrap")
 CONFIG_ENV = "PET_HOOKS_CONFIG"        # the config, as JSON
 SAVE_DIR_ENV = "PET_HOOKS_SAVE_DIR"
+CHECKPOINTS_ENV = "PET_HOOKS_CHECKPOINTS"  # {"save_steps": N, "keep": K, "resume": bool}, as JSON
 
 
 def child_environment(cfg: Optional[PetConfig], save_dir: Optional[str], base: Optional[dict] = None,
-                      adapter_name: Optional[str] = None) -> dict:
+                      adapter_name: Optional[str] = None, checkpoints: Optional[dict] = None) -> dict:
     """The environment that makes Python child processes start under the same hooks."""
     env = dict(os.environ if base is None else base)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != BOOTSTRAP_DIR]
@@ -56,6 +66,10 @@ def child_environment(cfg: Optional[PetConfig], save_dir: Optional[str], base: O
         env[SAVE_DIR_ENV] = os.path.abspath(save_dir)
     else:
         env.pop(SAVE_DIR_ENV, None)
+    if checkpoints:
+        env[CHECKPOINTS_ENV] = json.dumps(checkpoints)
+    else:
+        env.pop(CHECKPOINTS_ENV, None)
     return env
 
 
@@ -80,10 +94,27 @@ def run_as_main(script: str) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
+@contextlib.contextmanager
+def run_checkpoints(save_dir: Optional[str], checkpoints: Optional[dict], cfg: Optional[PetConfig],
+                    adapter_name: Optional[str]) -> Iterator[Optional[RunCheckpointer]]:
+    """While the block runs, every ``Model.train`` writes run checkpoints and resumes from them as
+    ``checkpoints`` asks (``{"save_steps": N, "keep": K, "resume": bool}``; None: nothing)."""
+    if not checkpoints:
+        yield None
+        return
+    checkpointer = RunCheckpointer(save_dir, checkpoints.get("save_steps"), checkpoints.get("keep", 2),
+                                   bool(checkpoints.get("resume")), adapter_name, cfg)
+    wrap = checkpointing(checkpointer)
+    try:
+        yield checkpointer
+    finally:
+        wrap.undo()
+
+
 def _run_python(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str], monitor=None,
-                adapter_name: Optional[str] = None) -> int:
+                adapter_name: Optional[str] = None, checkpoints: Optional[dict] = None) -> int:
     code = 0
-    with as_main(script, args) as script:
+    with as_main(script, args) as script, run_checkpoints(save_dir, checkpoints, cfg, adapter_name):
         with enable(cfg, adapter_name) as session, (monitor.installed() if monitor else contextlib.nullcontext()):
             try:
                 run_as_main(script)
@@ -141,17 +172,23 @@ def _find_command(name: str) -> Optional[str]:
 
 
 def run_script(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str] = None,
-               monitor=None, adapter_name: Optional[str] = None) -> int:
+               monitor=None, adapter_name: Optional[str] = None, save_steps: Optional[int] = None,
+               keep: int = 2, resume: bool = False) -> int:
     """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code.
 
     ``monitor`` (a :class:`pet_hooks.cli.progress.TrainingMonitor`) follows the script's
-    ``Model.train`` runs; a command run as a child is not followed.
+    ``Model.train`` runs; a command run as a child is not followed. ``save_steps``, ``keep`` and
+    ``resume``: the run checkpoints in ``save_dir/checkpoints`` (``pet_hooks.doors.resume``).
     """
     if not os.path.isfile(script) and _find_command(script) is None:
         raise FileNotFoundError(f"script not found: {script}")
+    checkpoints = None
+    if save_steps is not None or resume:
+        RunCheckpointer(save_dir, save_steps, keep)           # the arguments' checks, before anything runs
+        checkpoints = {"save_steps": save_steps, "keep": keep, "resume": bool(resume)}
     # Children started by the script (or the command itself) inherit this environment.
-    env = child_environment(cfg, save_dir, adapter_name=adapter_name)
-    keys = ("PATH", "PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV)
+    env = child_environment(cfg, save_dir, adapter_name=adapter_name, checkpoints=checkpoints)
+    keys = ("PATH", "PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV, CHECKPOINTS_ENV)
     before = {key: os.environ.get(key) for key in keys}
     try:
         for key in keys:
@@ -160,7 +197,7 @@ def run_script(script: str, args: List[str], cfg: Optional[PetConfig], save_dir:
             else:
                 os.environ.pop(key, None)
         if os.path.isfile(script):
-            return _run_python(script, args, cfg, save_dir, monitor, adapter_name)
+            return _run_python(script, args, cfg, save_dir, monitor, adapter_name, checkpoints)
         try:
             return subprocess.call([_find_command(script)] + list(args))
         except KeyboardInterrupt:  # the child was killed by subprocess.call; exit as Python would

@@ -359,7 +359,8 @@ def restore_checkpoint(net: nn.Cell, optimizer: Optional[nn.Cell], checkpoint: R
         for key, value in weights.items():
             params[key].set_data(Tensor(value).astype(params[key].dtype))
     for key, value in tensors.items():
-        targets[key].set_data(Tensor(value).astype(targets[key].dtype))
+        target = targets[key]
+        target.set_data(Tensor(value.reshape(target.shape)).astype(target.dtype))
     if restore_random:
         _restore_random(checkpoint.meta.get("random_state", {}))
     logger.info("pet_hooks: resumed from %s (step %d)", checkpoint.path, checkpoint.step)
@@ -371,7 +372,9 @@ def _check_values(where: str, values: Dict[str, np.ndarray], params: Dict[str, P
         missing, extra = sorted(set(params) - set(values))[:3], sorted(set(values) - set(params))[:3]
         raise PetStateError(f"checkpoint {where} does not fit: not in it {missing}, not here {extra}")
     for key, value in values.items():
-        if tuple(value.shape) != tuple(params[key].shape):
+        # a scalar state may be () or (1,) (Adam's beta1_power after a PyNative step): same value either way
+        if tuple(value.shape) != tuple(params[key].shape) and (
+                value.size != 1 or int(np.prod(params[key].shape)) != 1):
             raise PetStateError(f"checkpoint {where}: {key} has shape {list(value.shape)} there and "
                                 f"{list(params[key].shape)} here")
 

@@ -105,7 +105,8 @@ def test_callback_with_checkpoint_and_save_steps(mode, tmp_path):
     callback = PetCallback(CFG, save_dir=str(tmp_path / "ad"), save_steps=2)
     spy = AdapterSpy(str(tmp_path / "ad"), callback)
     model.train(1, _dataset(5), callbacks=[callback, spy, ckpt])
-    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors", "checkpoints"]
+    assert sorted(os.listdir(tmp_path / "ad" / "checkpoints")) == ["step-2", "step-4"]   # run checkpoints too
     # Saved at steps 2 and 4 as they ended (not only at the end): nothing before step 2, the
     # file at steps 2-3 holds step 2's deltas, at step 4 step 4's; every step moved the deltas.
     assert spy.files[1] is None

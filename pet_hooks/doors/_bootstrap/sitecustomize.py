@@ -2,7 +2,9 @@
 
 Python imports this at start-up because the launcher put this folder first on PYTHONPATH.
 When ``PET_HOOKS_CONFIG`` is set it enters ``pet_hooks.enable`` for the life of the process
-and, when ``PET_HOOKS_SAVE_DIR`` is set, saves the adapter from rank 0 at exit. Then it
+and, when ``PET_HOOKS_SAVE_DIR`` is set, saves the adapter from rank 0 at exit; ``PET_HOOKS_CHECKPOINTS``
+(``pet-hooks run --save-steps/--resume``) gives the process's ``Model.train`` calls run checkpoints
+in that folder and resumes from them. Then it
 loads the user's own ``sitecustomize``, if there is one further down the path.
 
 ``PET_HOOKS_DISABLE=1`` turns the hooks off in this process (and in the children it starts).
@@ -41,9 +43,18 @@ def _start_hooks():
     from pet_hooks.doors.context import enable
 
     adapter_name = doc.get("adapter_name")
+    save_dir = os.environ.get("PET_HOOKS_SAVE_DIR")
+    checkpoints = None
+    if os.environ.get("PET_HOOKS_CHECKPOINTS"):
+        from pet_hooks.doors.launcher import run_checkpoints
+        try:
+            settings = json.loads(os.environ["PET_HOOKS_CHECKPOINTS"])
+        except ValueError as err:
+            raise _BadConfig(f"PET_HOOKS_CHECKPOINTS is not JSON: {err}") from None
+        checkpoints = run_checkpoints(save_dir, settings, config, adapter_name)
+        checkpoints.__enter__()   # for the life of the process (its wrap of Model.train is never taken off)
     block = enable(config, adapter_name)
     session = block.__enter__()
-    save_dir = os.environ.get("PET_HOOKS_SAVE_DIR")
 
     def _finish():
         try:
