@@ -5,8 +5,8 @@
         model.train(1, dataset)            #   pet-hooks: step 12/60  loss 4.7123  18.3 steps/s
     write_loss_plot(monitor.losses, "loss.png")
 
-``installed()`` wraps ``mindspore.train.Model.train`` (one ``wrapt`` patch, undone on exit) so
-that its ``callbacks`` get one more: a :class:`ProgressCallback` that records the loss of
+``installed()`` sees every ``mindspore.train.Model.train`` call (``pet_hooks.doors.train_calls``, the
+one wrap of it, taken off on exit) so that its ``callbacks`` get one more: a :class:`ProgressCallback` that records the loss of
 every step and, when ``show`` is true, redraws one line (``\\r``) on the stream. It clears that
 line when the next step begins, so whatever the script prints during a step (a
 ``LossMonitor``) starts at the left margin. MindFormers' Trainer trains through
@@ -19,7 +19,6 @@ with ``zlib`` alone.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import struct
@@ -32,7 +31,7 @@ import numpy as np
 from mindspore.train import Callback
 
 from ..utils.files import write_bytes
-from ..utils.patching import PatchSet
+from ..doors.train_calls import add_handler, callbacks_of
 
 __all__ = ["TrainingMonitor", "ProgressCallback", "write_loss_plot", "write_png_plot", "loss_value",
            "PLOT_SIZE", "PLOT_MARGINS", "CURVE_RGB"]
@@ -135,24 +134,17 @@ class TrainingMonitor:
     @contextlib.contextmanager
     def installed(self) -> Iterator["TrainingMonitor"]:
         """Inside the block every ``Model.train`` call gets a :class:`ProgressCallback` as well."""
-        from mindspore.train import Model
-
-        signature = inspect.signature(Model.train)
         monitor = self
 
-        def with_progress(wrapped, instance, args, kwargs):
-            bound = signature.bind(instance, *args, **kwargs)
-            given = bound.arguments.get("callbacks")
-            callbacks = [] if given is None else (list(given) if isinstance(given, (list, tuple)) else [given])
-            bound.arguments["callbacks"] = callbacks + [ProgressCallback(monitor)]
-            return wrapped(*bound.args[1:], **bound.kwargs)
+        def with_progress(model, bound, proceed):
+            bound.arguments["callbacks"] = callbacks_of(bound) + [ProgressCallback(monitor)]
+            return proceed()
 
-        patches = PatchSet()
+        remove = add_handler(with_progress)
         try:
-            patches.wrap(Model, "train", with_progress)
             yield self
         finally:
-            patches.undo()
+            remove()
             self.end_line()
 
 

@@ -10,8 +10,8 @@ the model has its PET and the train step its optimizer.
 
 Skipping the batches a resumed run has done can only be chosen when ``Model.train`` is called: the
 dataset's iterator and the first epoch are fixed before any callback runs. So while steps remain to
-skip, ``Model.train`` is wrapped (one ``wrapt`` patch, undone when nothing remains to skip, or when
-``pet-hooks run`` ends): a call is given the epoch to start at (``initial_epoch``), its dataset the
+skip, a handler sees every ``Model.train`` call (``pet_hooks.doors.train_calls``; removed when nothing
+remains to skip, or when ``pet-hooks run`` ends): a call is given the epoch to start at (``initial_epoch``), its dataset the
 number of rows to skip (``Dataset.set_init_step``, what MindFormers' own resume uses, which replays
 the skipped rows' shuffle) and its callbacks the step count so far; a call whose steps were all
 done before is not run, only its adapter loaded. On the CPU, MindSpore runs ``dataset_sink_mode=True``
@@ -24,7 +24,7 @@ import inspect
 import logging
 import os
 import sys
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from mindspore import nn
 from mindspore.train import Callback, RunContext
@@ -34,7 +34,7 @@ from ..errors import PetStateError
 from ..surgery.core import has_pet
 from ..training.run_checkpoint import (CHECKPOINTS_DIR, RunCheckpoint, check_compatible, check_keep,
                                        latest_checkpoint, restore_checkpoint, save_checkpoint)
-from ..utils.patching import PatchSet
+from .train_calls import add_handler, callbacks_of
 
 __all__ = ["RunCheckpointer", "CheckpointCallback", "checkpointing", "check_save_steps"]
 
@@ -108,10 +108,10 @@ class RunCheckpointer:
                                steps_per_epoch=batches, adapter_name=self.adapter_name)
 
     # -- Model.train ----------------------------------------------------------------------
-    def run_train(self, wrapped, model, bound: inspect.BoundArguments, callback: Callback):
-        """Call ``Model.train`` as bound, starting where the resumed run stands."""
+    def run_train(self, model, bound: inspect.BoundArguments, proceed, callback: Callback):
+        """Go on with the ``Model.train`` call (``proceed``), starting where the resumed run stands."""
         if self.to_skip == 0:
-            return wrapped(*bound.args[1:], **bound.kwargs)
+            return proceed()
         epoch = bound.arguments["epoch"]
         initial = bound.arguments.get("initial_epoch", 0)
         dataset = bound.arguments["train_dataset"]
@@ -130,7 +130,7 @@ class RunCheckpointer:
         # the callbacks count on from the steps done (Model.train itself always starts them at 0)
         model._train = functools.partial(type(model)._train, model, initial_step=skip)  # pylint: disable=protected-access
         try:
-            return wrapped(*bound.args[1:], **bound.kwargs)
+            return proceed()
         finally:
             del model._train  # pylint: disable=protected-access
             dataset.set_init_step(previous)
@@ -171,38 +171,25 @@ class CheckpointCallback(Callback):
             self.checkpointer.step_end(self.model, params.train_network, params)
 
 
-def _callbacks_of(bound: inspect.BoundArguments) -> List[Callback]:
-    given = bound.arguments.get("callbacks")
-    return [] if given is None else (list(given) if isinstance(given, (list, tuple)) else [given])
-
-
 class checkpointing:  # pylint: disable=invalid-name
-    """``Model.train`` wrapped for a checkpointer: ``add_callback`` gives every call a
-    :class:`CheckpointCallback` (``pet-hooks run``); otherwise only calls holding ``callback`` (a
-    PetCallback) are changed, to skip what was done. ``undo()`` takes the wrap off."""
+    """Every ``Model.train`` call for a checkpointer: without ``callback`` each call gets a
+    :class:`CheckpointCallback` (``pet-hooks run``); with one (a PetCallback) only calls holding it are
+    changed, to skip what was done, until nothing remains to skip. ``undo()`` stops it."""
 
     def __init__(self, checkpointer: RunCheckpointer, callback: Optional[Callback] = None):
-        from mindspore.train import Model
-
         self.checkpointer = checkpointer
         self.callback = callback or CheckpointCallback(checkpointer)
         self._add = callback is None
-        self._signature = inspect.signature(Model.train)
-        self._patches = PatchSet()
-        self._patches.wrap(Model, "train", self._train)
+        self.undo = add_handler(self._handle)
 
-    def _train(self, wrapped, instance, args, kwargs):
-        bound = self._signature.bind(instance, *args, **kwargs)
-        callbacks = _callbacks_of(bound)
+    def _handle(self, model, bound, proceed):
+        callbacks = callbacks_of(bound)
         if self._add:
             bound.arguments["callbacks"] = callbacks + [self.callback]
         elif all(cb is not self.callback for cb in callbacks):
-            return wrapped(*args, **kwargs)
+            return proceed()
         try:
-            return self.checkpointer.run_train(wrapped, instance, bound, self.callback)
+            return self.checkpointer.run_train(model, bound, proceed, self.callback)
         finally:
             if not self._add and self.checkpointer.to_skip == 0:
-                self.undo()       # a PetCallback's wrap: nothing left to skip
-
-    def undo(self) -> None:
-        self._patches.undo()
+                self.undo()       # a PetCallback's: nothing left to skip
