@@ -36,7 +36,8 @@ from . import flow
 from ..config.pet_config import PetConfig
 from ..utils.files import CONFIG_NAME
 from .context import enable
-from .resume import RunCheckpointer, checkpointing
+from ..training.run_checkpoint import check_keep
+from .resume import RunCheckpointer, check_save_steps, checkpointing
 
 __all__ = ["run_script", "child_environment", "as_main", "run_as_main", "BOOTSTRAP_DIR", "CONFIG_ENV", "SAVE_DIR_ENV",
            "CHECKPOINTS_ENV"]
@@ -180,12 +181,13 @@ def run_script(script: str, args: List[str], cfg: Optional[PetConfig], save_dir:
     ``Model.train`` runs; a command run as a child is not followed. ``save_steps``, ``keep`` and
     ``resume``: the run checkpoints in ``save_dir/checkpoints`` (``pet_hooks.doors.resume``).
     """
-    if not os.path.isfile(script) and _find_command(script) is None:
-        raise FileNotFoundError(f"script not found: {script}")
     checkpoints = None
     if save_steps is not None or resume:
-        RunCheckpointer(save_dir, save_steps, keep)           # the arguments' checks, before anything runs
+        check_save_steps(save_steps, save_dir, resume)       # the arguments' checks, before anything runs
+        check_keep(keep)
         checkpoints = {"save_steps": save_steps, "keep": keep, "resume": bool(resume)}
+    if not os.path.isfile(script) and _find_command(script) is None:
+        raise FileNotFoundError(f"script not found: {script}")
     # Children started by the script (or the command itself) inherit this environment.
     env = child_environment(cfg, save_dir, adapter_name=adapter_name, checkpoints=checkpoints)
     keys = ("PATH", "PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV, CHECKPOINTS_ENV)

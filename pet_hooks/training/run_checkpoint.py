@@ -342,13 +342,11 @@ def restore_checkpoint(net: nn.Cell, optimizer: Optional[nn.Cell], checkpoint: R
     """Write ``checkpoint``'s adapter into ``net`` and its state into ``optimizer`` (checked first: on a
     mismatch nothing is written); returns its global step."""
     state = require_state(net, "resume from a checkpoint")
-    check_compatible(checkpoint, net=net, optimizer=optimizer)
     name = checkpoint.meta.get("adapter_name") or state.active[0]
-    adapter_config = config_from_dict(checkpoint.meta["pet_config"])
-    current = state.adapters[name].config if name in state.adapters else state.config
-    if adapter_config != current:
-        raise PetStateError(f"checkpoint {checkpoint.path} was written with another PET config "
-                            f"({config_differences(adapter_config, current)}; the checkpoint's first)")
+    if name not in state.adapters:
+        raise PetStateError(f"checkpoint {checkpoint.path} trains adapter {name!r}, which "
+                            f"{type(net).__name__} does not have (it has {sorted(state.adapters)})")
+    check_compatible(checkpoint, config=state.adapters[name].config, net=net, optimizer=optimizer)
     weights = read_safetensors(os.path.join(checkpoint.path, WEIGHTS_NAME))
     tensors = read_safetensors(os.path.join(checkpoint.path, STATE_NAME))
     with focused(net, name):

@@ -82,6 +82,14 @@ def _rows_of(net, names):
         pass
 
 
+def _checkpoint_of(directory, cfg, adapter_name="default", **shape):
+    """A run checkpoint in ``directory`` written by another net (of the sample GPT with ``shape``) with ``cfg``."""
+    other = build(seed=2, **{**SMALL, **shape})
+    pet_hooks.apply(other, cfg, adapter_name=adapter_name)
+    pet_hooks.save_checkpoint(other, None, 4, str(directory))
+    return str(directory)
+
+
 def C(id, argv, *words):
     return Row(id, "cli", argv, SystemExit, list(words))
 
@@ -449,6 +457,18 @@ ROWS: List[Row] = [
     N("rows-unknown-name", lambda net, d: _rows_of(net, ["default", "zz"]), PetConfigError, "'zz'"),
     N("rows-not-a-list", lambda net, d: _rows_of(net, "default"), PetConfigError, "list of adapter names",
       "got 'default'"),
+    N("checkpoint-of-another-config", lambda net, d: pet_hooks.load_checkpoint(
+        net, None, _checkpoint_of(d, {**CFG, "lora_alpha": 3})), PetStateError, "step-4", "another PET config",
+      "lora_alpha: 3"),
+    N("checkpoint-of-another-model", lambda net, d: pet_hooks.load_checkpoint(
+        net, None, _checkpoint_of(d, CFG, hidden_size=32)), PetStateError, "step-4", "another model or method",
+      "has shape"),
+    N("checkpoint-of-another-adapter", lambda net, d: pet_hooks.load_checkpoint(net, None, _checkpoint_of(
+        d, CFG, adapter_name="x")), PetStateError, "step-4", "trains adapter 'x'", "['b', 'default']"),
+    N("checkpoint-keep-0", lambda net, d: pet_hooks.save_checkpoint(net, None, 1, str(d), keep=0), ValueError,
+      "keep must be a positive integer", "got 0"),
+    N("checkpoint-step-negative", lambda net, d: pet_hooks.save_checkpoint(net, None, -1, str(d)), ValueError,
+      "step must be a non-negative integer", "-1"),
     # ---- the command line ----
     C("no-command", [], "required: command"),
     C("unknown-command", ["train"], "invalid choice: 'train'"),
@@ -468,6 +488,15 @@ ROWS: List[Row] = [
     C("check-config-tag", ["check-config", "{tmp}/tag.yaml"], "tag.yaml", "python/object"),
     C("check-config-directory", ["check-config", "{tmp}"], "is a directory"),
     C("version-extra", ["version", "extra"], "unrecognized arguments: extra"),
+    C("save-steps-without-save-dir", ["run", "--config", CONFIG, "--save-steps", "5", "x.py"],
+      "save_steps needs save_dir"),
+    C("resume-without-save-dir", ["run", "--config", CONFIG, "--resume", "x.py"], "resume needs save_dir"),
+    C("keep-0", ["run", "--config", CONFIG, "--save-dir", "{tmp}/out", "--save-steps", "5", "--keep", "0", "x.py"],
+      "keep must be a positive integer", "got 0"),
+    C("save-steps-0", ["run", "--config", CONFIG, "--save-dir", "{tmp}/out", "--save-steps", "0", "x.py"],
+      "save_steps must be a positive integer", "got 0"),
+    C("save-steps-not-a-number", ["run", "--config", CONFIG, "--save-steps", "ten", "x.py"], "--save-steps",
+      "invalid int value: 'ten'"),
     C("adapter-name-reserved", ["run", "--config", CONFIG, "--adapter-name", "all", "x.py"], "adapter_name 'all'"),
     # ---- MindFormers' own flow under a door (hooks.mindformers) ----
     MF("yaml-unknown-pet-type", lambda t: (None, lambda: _build_in_door(_run_yaml(t, pet_type="slora"))),
