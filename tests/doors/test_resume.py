@@ -114,6 +114,29 @@ def test_stopped_after_step_7_and_resumed_ends_as_the_uninterrupted_run(mode, si
         np.testing.assert_array_equal(final[name], value, err_msg=name)
 
 
+def test_a_script_training_one_epoch_per_call_resumes(mode, tmp_path):
+    """Steps are counted over the run, across Model.train calls: resumed at step 6, the first call (steps 1-5)
+    is not run (its adapter is loaded), the second starts after its first batch."""
+    def run(folder, stop_after=None, resume=False):
+        ds.config.set_seed(3)
+        net = build(seed=0, **SMALL)
+        model = Model(net, LMLoss(), _optimizer(net))
+        callback = PetCallback(CFG, save_dir=str(folder), save_steps=SAVE_STEPS, resume=resume)
+        losses, data = Losses(), _dataset()
+        for epoch in range(EPOCHS):
+            stop = [StopAfter(stop_after)] if stop_after and epoch == 1 else []
+            model.train(1, data, callbacks=[callback, losses] + stop)
+        return {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(net)}, [x for _, x in losses.seen]
+
+    whole, whole_losses = run(tmp_path / "whole")
+    _, cut_losses = run(tmp_path / "cut", stop_after=2)       # the second call stops after its 2nd step
+    assert cut_losses == whole_losses[:7]
+    resumed, resumed_losses = run(tmp_path / "cut", resume=True)
+    assert resumed_losses == whole_losses[6:]
+    for name, value in whole.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
 def test_a_checkpoint_holds_the_adapter_the_optimizer_state_and_the_position(tmp_path):
     """Megabytes, never the base model: the adapter's deltas, Adam's two moments per delta and its counters."""
     net, _, _ = _train(tmp_path, stop_after=3)

@@ -113,6 +113,26 @@ def test_resume_training_continues_pet_hooks_run_exactly(tmp_path):
         np.testing.assert_array_equal(value, whole.trainable[name], err_msg=name)
 
 
+def test_pet_hooks_run_checkpoints_resume_the_trainer(tmp_path):
+    """pet-hooks run --save-steps 3 --resume around MindFormers' Trainer (the launcher's run_checkpoints, in
+    this process): stopped after step 7, run again, it resumes from step 6's run checkpoint (pet_hooks' own,
+    not MindFormers' resume_training) and ends with the uninterrupted run's losses and adapter. It fails if
+    the Trainer's batches were not skipped or its optimizer (MindFormers' AdamW) state not restored."""
+    from pet_hooks.doors.launcher import run_checkpoints
+    data = lambda: token_dataset(yaml_of("lora"), steps=10)   # noqa: E731
+    whole, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "whole"))
+    saves = str(tmp_path / "saves")
+    with run_checkpoints(saves, {"save_steps": 3}, None, None):
+        cut, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "cut"), callbacks=[StopAfter(7)])
+    assert cut.losses == whole.losses[:7]
+    assert sorted(os.listdir(os.path.join(saves, "checkpoints"))) == ["step-3", "step-6"]
+    with run_checkpoints(saves, {"save_steps": 3, "resume": True}, None, None):
+        resumed, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "resumed"))
+    assert resumed.losses == whole.losses[6:]
+    for name, value in whole.trainable.items():
+        np.testing.assert_array_equal(resumed.trainable[name], value, err_msg=name)
+
+
 def test_load_checkpoint_of_mindformers_own_lora_run_fills_pet_hooks_deltas(tmp_path):
     """A run trained with MindFormers' own LoRA (outside the doors), loaded with load_checkpoint inside one:
     its mindpet_delta_lora_a/_b go into pet_hooks' lora_A/_B instead of being skipped as unknown names."""
