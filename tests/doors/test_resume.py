@@ -31,7 +31,7 @@ from pet_hooks.surgery.core import has_pet
 from tests.conftest import GPT_LORA, SMALL, snapshot, assert_params_equal
 
 CFG = GPT_LORA
-BATCHES, EPOCHS, SAVE_STEPS = 5, 2, 3
+BATCHES, EPOCHS, SAVE_STEPS = 3, 2, 2   # a checkpoint inside the second epoch (step 4)
 
 
 def _dataset():
@@ -83,28 +83,27 @@ def _train(save_dir, stop_after=None, resume=False, sink=False, cfg=CFG, optimiz
 _WHOLE = {}
 
 
-def _whole(mode, tmp_path_factory, adapter_name=None):
-    """The uninterrupted run (once per mode and adapter name: several tests read it)."""
-    key = (mode, adapter_name)
-    if key not in _WHOLE:
+def _whole(mode, tmp_path_factory):
+    """The uninterrupted run (once per mode: several tests read it)."""
+    if mode not in _WHOLE:
         folder = tmp_path_factory.mktemp("whole")
-        _, deltas, losses = _train(folder, adapter_name=adapter_name)
-        _WHOLE[key] = deltas, losses, folder
-    return _WHOLE[key]
+        _, deltas, losses = _train(folder)
+        _WHOLE[mode] = deltas, losses, folder
+    return _WHOLE[mode]
 
 
 @pytest.mark.parametrize("sink", [False, True], ids=["no_sink", "sink"])
-def test_stopped_after_step_7_and_resumed_ends_as_the_uninterrupted_run(mode, sink, tmp_path, tmp_path_factory,
+def test_stopped_after_step_5_and_resumed_ends_as_the_uninterrupted_run(mode, sink, tmp_path, tmp_path_factory,
                                                                         capsys):
     whole, whole_losses, whole_dir = _whole(mode, tmp_path_factory)
     assert len(whole_losses) == BATCHES * EPOCHS
-    _, _, cut_losses = _train(tmp_path, stop_after=7, sink=sink)
-    assert cut_losses == whole_losses[:7]
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-3", "step-6"]    # keep=2
+    _, _, cut_losses = _train(tmp_path, stop_after=5, sink=sink)
+    assert cut_losses == whole_losses[:5]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-2", "step-4"]    # keep=2
     _, resumed, resumed_losses = _train(tmp_path, resume=True, sink=sink)
     assert "resuming from" in capsys.readouterr().err
-    # step 7 is done again (the checkpoint is step 6's), in the second epoch's shuffled order
-    assert resumed_losses == whole_losses[6:]
+    # step 5 is done again (the checkpoint is step 4's), in the second epoch's shuffled order
+    assert resumed_losses == whole_losses[4:]
     assert sorted(resumed) == sorted(whole)
     for name, value in whole.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
@@ -115,7 +114,7 @@ def test_stopped_after_step_7_and_resumed_ends_as_the_uninterrupted_run(mode, si
 
 
 def test_a_script_training_one_epoch_per_call_resumes(mode, tmp_path):
-    """Steps are counted over the run, across Model.train calls: resumed at step 6, the first call (steps 1-5)
+    """Steps are counted over the run, across Model.train calls: resumed at step 4, the first call (steps 1-3)
     is not run (its adapter is loaded), the second starts after its first batch."""
     def run(folder, stop_after=None, resume=False):
         ds.config.set_seed(3)
@@ -130,28 +129,28 @@ def test_a_script_training_one_epoch_per_call_resumes(mode, tmp_path):
 
     whole, whole_losses = run(tmp_path / "whole")
     _, cut_losses = run(tmp_path / "cut", stop_after=2)       # the second call stops after its 2nd step
-    assert cut_losses == whole_losses[:7]
+    assert cut_losses == whole_losses[:5]
     resumed, resumed_losses = run(tmp_path / "cut", resume=True)
-    assert resumed_losses == whole_losses[6:]
+    assert resumed_losses == whole_losses[4:]
     for name, value in whole.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
 
 def test_a_checkpoint_holds_the_adapter_the_optimizer_state_and_the_position(tmp_path):
     """Megabytes, never the base model: the adapter's deltas, Adam's two moments per delta and its counters."""
-    net, _, _ = _train(tmp_path, stop_after=3)
-    folder = tmp_path / "checkpoints" / "step-3"
+    net, _, _ = _train(tmp_path, stop_after=2)
+    folder = tmp_path / "checkpoints" / "step-2"
     assert sorted(os.listdir(folder)) == ["COMPLETE", "adapter_config.json", "adapter_model.safetensors",
                                           "train_state.safetensors", "trainer_state.json"]
     deltas = {p.name for p in pet_hooks.delta_parameters(net)}
     state = load_file(str(folder / "train_state.safetensors"))
     assert {f"moment1.{name}" for name in deltas} | {f"moment2.{name}" for name in deltas} <= set(state)
     assert {"beta1_power", "beta2_power", "global_step"} <= set(state)
-    assert int(np.asarray(state["global_step"]).reshape(-1)[0]) == 3
+    assert int(np.asarray(state["global_step"]).reshape(-1)[0]) == 2
     base = {p.name for p in net.get_parameters()} - deltas
     assert not base & set(state) and not base & set(load_file(str(folder / "adapter_model.safetensors")))
     meta = json.loads((folder / "trainer_state.json").read_text())
-    assert (meta["global_step"], meta["epoch"], meta["step_in_epoch"], meta["steps_per_epoch"]) == (3, 1, 3, 5)
+    assert (meta["global_step"], meta["epoch"], meta["step_in_epoch"], meta["steps_per_epoch"]) == (2, 1, 2, 3)
     assert meta["adapter_name"] == "default" and meta["optimizer_class"] == "TrainOneStepCell"
     # load_adapter reads a checkpoint's folder as any adapter
     fresh = pet_hooks.load_adapter(build(seed=0, **SMALL), str(folder))
@@ -160,24 +159,25 @@ def test_a_checkpoint_holds_the_adapter_the_optimizer_state_and_the_position(tmp
 
 
 def test_named_adapter_is_recorded_and_resumes(mode, tmp_path, tmp_path_factory):
-    whole, whole_losses, _ = _whole(mode, tmp_path_factory, adapter_name="task_a")
-    _train(tmp_path, stop_after=4, adapter_name="task_a")
-    meta = json.loads((tmp_path / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    """(The first adapter of a net, named or not, starts from the same values: the default run is the reference.)"""
+    whole, whole_losses, _ = _whole(mode, tmp_path_factory)
+    _train(tmp_path, stop_after=3, adapter_name="task_a")
+    meta = json.loads((tmp_path / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert meta["adapter_name"] == "task_a"
     with pytest.raises(pet_hooks.PetStateError, match="trains adapter 'task_a', not 'task_b'"):
         PetCallback(CFG, save_dir=str(tmp_path), resume=True, adapter_name="task_b")
     _, resumed, losses = _train(tmp_path, resume=True, adapter_name="task_a")
-    assert losses == whole_losses[3:]
+    assert losses == whole_losses[2:]
     for name, value in whole.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
 
 def test_a_run_resumed_after_its_last_checkpoint_does_not_train_again(mode, tmp_path, tmp_path_factory, capsys):
-    """Killed after the checkpoint of the last step (step 10 of 10, save_steps 5) but before the adapter was
+    """Killed after the checkpoint of the last step (step 6 of 6, save_steps 3) but before the adapter was
     saved: the resumed Model.train call runs no step, and the model ends with the checkpoint's adapter."""
     global SAVE_STEPS  # pylint: disable=global-statement
     whole, _, _ = _whole(mode, tmp_path_factory)
-    saved, SAVE_STEPS = SAVE_STEPS, 5
+    saved, SAVE_STEPS = SAVE_STEPS, 3
     try:
         _train(tmp_path)
         (tmp_path / "adapter_model.safetensors").unlink()
@@ -244,17 +244,18 @@ class Kill(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 batches = lm_batches(seq_length=8, batch_size=4, seed=1)
-data = ds.GeneratorDataset([next(batches) for _ in range(5)], ["ids", "labels"], shuffle=True, num_parallel_workers=1)
+data = ds.GeneratorDataset([next(batches) for _ in range(3)], ["ids", "labels"], shuffle=True, num_parallel_workers=1)
 net = build(seed=0, **SMALL)
 model = Model(net, LMLoss(), nn.Adam(net.trainable_params(), nn.ExponentialDecayLR(1e-2, 0.8, 2)))
 model.train(2, data, callbacks=[Kill()])
 '''
 
 
-@pytest.mark.parametrize("mode_name", ["graph", "pynative"])
-def test_the_launcher_resumes_a_run_killed_with_sigkill(tmp_path, mode_name):
-    """pet-hooks run --save-steps 3 --resume, the script unmodified: killed with SIGKILL at the end of step 8,
-    run again with the same command, it ends with the uninterrupted run's adapter."""
+def test_the_launcher_resumes_a_run_killed_with_sigkill(tmp_path):
+    """pet-hooks run --save-steps 2 --resume, the script unmodified (graph mode; PyNative: the fault test,
+    tests/doors/test_resume_faults.py): killed with SIGKILL at the end of step 5, run again with the same
+    command, it ends with the uninterrupted run's adapter."""
+    mode_name = "graph"
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(root=os.getcwd()))
     (tmp_path / "pet.json").write_text(json.dumps({"pet_config": CFG}))
@@ -262,20 +263,20 @@ def test_the_launcher_resumes_a_run_killed_with_sigkill(tmp_path, mode_name):
 
     def run(folder, kill_at=0, resume=False):
         command = [sys.executable, "-m", "pet_hooks", "run", "--config", str(tmp_path / "pet.json"),
-                   "--save-dir", str(tmp_path / folder), "--save-steps", "3"] + (["--resume"] if resume else []) \
+                   "--save-dir", str(tmp_path / folder), "--save-steps", "2"] + (["--resume"] if resume else []) \
             + [str(script)]
         return subprocess.run(command, env={**env, "KILL_AT": str(kill_at)}, capture_output=True, text=True,
                               timeout=300)
 
     whole = run("whole")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = run("cut", kill_at=8)
+    killed = run("cut", kill_at=5)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()       # it died before the end
-    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step-3", "step-6"]
+    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step-2", "step-4"]
     resumed = run("cut", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stderr and "step-6 (step 6)" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "step-4 (step 4)" in resumed.stderr
     reference = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
     final = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
     assert sorted(final) == sorted(reference)

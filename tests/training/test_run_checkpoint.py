@@ -1,9 +1,9 @@
 """pet_hooks.save_checkpoint / load_checkpoint for a hand-written loop, and the checkpoint folder's rules.
 
 The hand-written loop is the documented one (docs/front_doors.md): a TrainOneStepCell over an optimizer
-built after ``apply``; six steps straight are the reference, three steps + a checkpoint, then a new
+built after ``apply``; four steps straight are the reference, three steps (a checkpoint at step 2), then a new
 process's worth of objects (a fresh net, the same config applied, a fresh optimizer) loading it and doing
-steps 4-6, must end with the same deltas, losses and optimizer state. It fails if the adapter, the
+steps 3-4, must end with the same deltas, losses and optimizer state. It fails if the adapter, the
 moments or the step counter (Adam's bias correction, the schedule) are not restored.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, build
 from tests.conftest import GPT_LORA, SMALL
 
-BATCHES = [next(b) for b in [lm_batches(seq_length=8, batch_size=4, seed=1)] for _ in range(6)]
+BATCHES = [next(b) for b in [lm_batches(seq_length=8, batch_size=4, seed=1)] for _ in range(4)]
 
 
 def _fresh():
@@ -35,7 +35,7 @@ def _fresh():
 
 
 def _loop(save_dir, stop=None):
-    """The documented loop: load (0 when fresh), train the steps after it, save every 3 steps."""
+    """The documented loop: load (0 when fresh), train the steps after it, save every 2 steps."""
     net, optimizer, train_step = _fresh()
     start = pet_hooks.load_checkpoint(net, optimizer, save_dir)
     losses = []
@@ -43,7 +43,7 @@ def _loop(save_dir, stop=None):
         if step <= start:
             continue                        # done before the checkpoint
         losses.append(float(train_step(Tensor(ids), Tensor(labels)).asnumpy()))
-        if step % 3 == 0:
+        if step % 2 == 0:
             pet_hooks.save_checkpoint(net, optimizer, step, save_dir)
         if step == stop:
             break
@@ -58,10 +58,10 @@ def _values(net, optimizer):
 def test_a_hand_written_loop_resumes_with_three_lines(mode, tmp_path):
     net, optimizer, whole_losses = _loop(str(tmp_path / "whole"))
     whole = _values(net, optimizer)
-    _, _, cut_losses = _loop(str(tmp_path / "cut"), stop=4)          # killed during step 5, say
-    assert cut_losses == whole_losses[:4]
+    _, _, cut_losses = _loop(str(tmp_path / "cut"), stop=3)          # killed during step 4, say
+    assert cut_losses == whole_losses[:3]
     net, optimizer, resumed_losses = _loop(str(tmp_path / "cut"))
-    assert resumed_losses == whole_losses[3:]
+    assert resumed_losses == whole_losses[2:]
     resumed = _values(net, optimizer)
     assert sorted(resumed) == sorted(whole) and any(k.startswith("moment1.") for k in whole)
     for name, value in whole.items():
