@@ -55,7 +55,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.adapter_name is not None:
         check_adapter_name(args.adapter_name)
     code = run_script(script, script_args, cfg, args.save_dir, monitor=monitor, adapter_name=args.adapter_name,
-                      save_steps=args.save_steps, keep=args.keep, resume=args.resume)
+                      save_steps=args.save_steps, keep=args.keep, resume=args.resume,
+                      compile_cache=args.compile_cache)
     if args.plot:
         if monitor.losses:
             write_loss_plot(monitor.losses, args.plot, title=f"pet-hooks run {os.path.basename(script)}")
@@ -104,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--keep", type=int, default=2, metavar="K", help="keep the newest K run checkpoints (default 2)")
     run.add_argument("--resume", action="store_true", help="continue after the newest complete run checkpoint in "
                      "SAVE_DIR/checkpoints (none there: start from step 0, saying so)")
+    run.add_argument("--compile-cache", default=None, metavar="DIR", help="keep MindSpore's compiled graphs in DIR: "
+                     "the next run of the same script and config skips the compile")
     run.add_argument("--plot", default=None, metavar="FILE.png", help="write the loss curve of the run here")
     run.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...] or a command such as msrun")
     run.set_defaults(func=_run)

@@ -18,7 +18,8 @@ With ``--save-steps N`` every ``Model.train`` of the script (in this process and
 children) writes a run checkpoint every N steps to ``SAVE_DIR/checkpoints/`` (rank 0), and with
 ``--resume`` continues after the newest complete one (``pet_hooks.doors.resume``; the settings
 reach children in ``PET_HOOKS_CHECKPOINTS``). A hand-written loop calls ``pet_hooks.save_checkpoint``
-and ``pet_hooks.load_checkpoint`` itself.
+and ``pet_hooks.load_checkpoint`` itself. ``--compile-cache DIR`` keeps MindSpore's compiled graphs for
+the next run of the same script and config (``pet_hooks.doors.compile_cache``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from typing import Iterator, List, Optional
 from . import flow
 from ..config.pet_config import PetConfig
 from ..utils.files import CONFIG_NAME
+from ..utils.ms_compat import set_compile_cache_entry
+from .compile_cache import ENABLE_ENV, PATH_ENV, seal_compile_cache, use_compile_cache
 from .context import enable
 from ..training.run_checkpoint import check_keep
 from .resume import RunCheckpointer, check_save_steps, checkpointing
@@ -167,6 +170,12 @@ def _print_script_error(script: str) -> int:
     return 130 if isinstance(exc, KeyboardInterrupt) else 1
 
 
+def _is_python_script(path: str) -> bool:
+    """A file run in this process as Python: a ``.py`` file, or any file that is not executable (``pet-hooks
+    run -- /usr/bin/python3 train.py`` runs the interpreter as a command)."""
+    return os.path.isfile(path) and (path.endswith(".py") or not os.access(path, os.X_OK))
+
+
 def _find_command(name: str) -> Optional[str]:
     """A command on PATH or, failing that, beside this Python (``msrun`` in a venv not activated)."""
     return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
@@ -174,12 +183,13 @@ def _find_command(name: str) -> Optional[str]:
 
 def run_script(script: str, args: List[str], cfg: Optional[PetConfig], save_dir: Optional[str] = None,
                monitor=None, adapter_name: Optional[str] = None, save_steps: Optional[int] = None,
-               keep: int = 2, resume: bool = False) -> int:
+               keep: int = 2, resume: bool = False, compile_cache: Optional[str] = None) -> int:
     """Run SCRIPT (a .py file in process, or a command as a child) under the hooks; its exit code.
 
     ``monitor`` (a :class:`pet_hooks.cli.progress.TrainingMonitor`) follows the script's
     ``Model.train`` runs; a command run as a child is not followed. ``save_steps``, ``keep`` and
     ``resume``: the run checkpoints in ``save_dir/checkpoints`` (``pet_hooks.doors.resume``).
+    ``compile_cache``: a folder for MindSpore's compiled graphs (``pet_hooks.doors.compile_cache``).
     """
     checkpoints = None
     if save_steps is not None or resume:
@@ -190,20 +200,28 @@ def run_script(script: str, args: List[str], cfg: Optional[PetConfig], save_dir:
         raise FileNotFoundError(f"script not found: {script}")
     # Children started by the script (or the command itself) inherit this environment.
     env = child_environment(cfg, save_dir, adapter_name=adapter_name, checkpoints=checkpoints)
-    keys = ("PATH", "PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV, CHECKPOINTS_ENV)
+    keys = ("PATH", "PYTHONPATH", CONFIG_ENV, SAVE_DIR_ENV, CHECKPOINTS_ENV, ENABLE_ENV, PATH_ENV)
     before = {key: os.environ.get(key) for key in keys}
     try:
         for key in keys:
             if key in env:
                 os.environ[key] = env[key]
-            else:
+            elif key not in (ENABLE_ENV, PATH_ENV):
                 os.environ.pop(key, None)
-        if os.path.isfile(script):
-            return _run_python(script, args, cfg, save_dir, monitor, adapter_name, checkpoints)
-        try:
-            return subprocess.call([_find_command(script)] + list(args))
-        except KeyboardInterrupt:  # the child was killed by subprocess.call; exit as Python would
-            return 130
+        cache = use_compile_cache(compile_cache, cfg) if compile_cache else None
+        in_process = _is_python_script(script)
+        if cache and in_process:
+            set_compile_cache_entry(script)     # the graphs depend on the script, not on the launcher
+        if in_process:
+            code = _run_python(script, args, cfg, save_dir, monitor, adapter_name, checkpoints)
+        else:
+            try:
+                code = subprocess.call([_find_command(script)] + list(args))
+            except KeyboardInterrupt:  # the child was killed by subprocess.call; exit as Python would
+                code = 130
+        if cache and code == 0:
+            seal_compile_cache(cache)
+        return code
     finally:
         # Called as a function (not the CLI), the caller's environment must come back as it was.
         for key, value in before.items():

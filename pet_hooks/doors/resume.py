@@ -33,7 +33,8 @@ from . import flow
 from ..errors import PetStateError
 from ..surgery.core import has_pet
 from ..training.run_checkpoint import (CHECKPOINTS_DIR, RunCheckpoint, check_compatible, check_keep,
-                                       latest_checkpoint, restore_checkpoint, save_checkpoint)
+                                       latest_checkpoint, restore_checkpoint, save_checkpoint, sweep_temporary)
+from ..utils.distributed import is_rank_zero
 from .train_calls import add_handler, callbacks_of
 
 __all__ = ["RunCheckpointer", "CheckpointCallback", "checkpointing", "check_save_steps"]
@@ -75,6 +76,8 @@ class RunCheckpointer:
             self._find()
 
     def _find(self) -> None:
+        if is_rank_zero():   # what killed saves and deletions left, when no save came after them
+            sweep_temporary(os.path.join(self.save_dir, CHECKPOINTS_DIR))
         checkpoint = latest_checkpoint(self.save_dir)
         if checkpoint is None:
             print(f"pet-hooks: no complete checkpoint in {os.path.join(self.save_dir, CHECKPOINTS_DIR)}; "
@@ -138,8 +141,8 @@ class RunCheckpointer:
     @staticmethod
     def _skip_call(model, callback: Callback) -> None:
         """The call's steps were all done: its callback still loads the checkpoint and ends as after training."""
-        # pylint: disable=protected-access
-        params = _Params(train_network=model._train_network, network=model._network, optimizer=model._optimizer,
+        params = _Params(train_network=model._train_network, network=model._network,  # pylint: disable=protected-access
+                         optimizer=model._optimizer,  # pylint: disable=protected-access
                          cur_step_num=0, cur_epoch_num=0, batch_num=0, epoch_num=0, skipped=True)
         context = RunContext(params)
         callback.on_train_begin(context)

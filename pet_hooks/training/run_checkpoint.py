@@ -47,7 +47,7 @@ from ..utils.distributed import is_rank_zero
 from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_json, read_safetensors, to_numpy
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "restore_checkpoint", "check_compatible",
-           "RunCheckpoint", "CHECKPOINTS_DIR", "STATE_NAME", "TRAINER_STATE_NAME", "MARKER_NAME", "check_keep"]
+           "RunCheckpoint", "sweep_temporary", "CHECKPOINTS_DIR", "STATE_NAME", "TRAINER_STATE_NAME", "MARKER_NAME", "check_keep"]
 
 logger = logging.getLogger("pet_hooks")
 
@@ -176,7 +176,7 @@ def save_checkpoint(net: nn.Cell, optimizer: Optional[nn.Cell], step: int, save_
     name = adapter_name or state.active[0]
     root = os.path.join(os.fspath(save_dir), CHECKPOINTS_DIR)
     os.makedirs(root, exist_ok=True)
-    _sweep_temporary(root)
+    sweep_temporary(root)
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".step-{step}.tmp-{os.getpid()}")
     from safetensors.numpy import save  # local: only saving and loading need it
@@ -226,8 +226,10 @@ def _discard(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _sweep_temporary(root: str) -> None:
-    """Remove what killed saves and deletions left (hidden folders of this layout)."""
+def sweep_temporary(root: str) -> None:
+    """Remove what killed saves and deletions left (hidden folders of this layout) under ``root``."""
+    if not os.path.isdir(root):
+        return
     for entry in os.listdir(root):
         if entry.startswith(".step-"):
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)

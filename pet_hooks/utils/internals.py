@@ -132,6 +132,23 @@ REGISTRY: Tuple[Internal, ...] = (
                        "again; other cells' graphs stay",
              sites=("pet_hooks/utils/ms_compat.py",), names=("_cell_graph_executor",),
              guard=_COMPAT_TEST + "test_releasing_a_cells_graphs_recompiles_it_and_leaves_other_cells_alone"),
+    Internal(key="model_train_start_step", package="mindspore", checked=_MS,
+             target="mindspore.train.Model._train",
+             relied_on="Model.train calls self._train(epoch, dataset, callbacks=, dataset_sink_mode=, sink_size=, "
+                       "initial_epoch=), whose initial_step= starts cb_params.cur_step_num (an instance attribute "
+                       "_train given that keyword is what a resumed call runs); a Model holds _train_network, _network "
+                       "and _optimizer (the callbacks of a call that is not run get them)",
+             sites=("pet_hooks/doors/resume.py",), names=("_train", "_train_network", "_network", "_optimizer"),
+             guard="tests/doors/test_resume.py::test_stopped_after_step_5_and_resumed_ends_as_the_uninterrupted_run",
+             source_sha256="e91541bcf43eed9f88e006c29cf101f69f29df0c1bbd6e4366105a66e4569a2b"),
+    Internal(key="compile_cache_entry_script", package="mindspore", checked=_MS,
+             target="mindspore.graph.api._get_compile_cache_dep_files",
+             relied_on="the compile cache hashes the module global entry_script_path (sys.argv[0] at import) and "
+                       "the files it imports that are not under a path of the module global sys_path; setting both "
+                       "makes the user's script the entry (set_compile_cache_entry, pet-hooks run --compile-cache)",
+             sites=("pet_hooks/utils/ms_compat.py",), names=(),
+             guard="tests/doors/test_compile_cache.py::test_the_second_run_loads_the_graphs_and_a_corrupt_cache_is_compiled_again",
+             source_sha256="8551cdde6cd590eec163a637b5e8f9f696acad765c1a2779a2f1128d5e0f88bd"),
     Internal(key="hook_version_read", package="mindspore", checked=_MS,
              target="mindspore.common.hook_handle._hook_version",
              relied_on="returns the global hook version, which _update_hook_version increments by one",

@@ -40,7 +40,7 @@ from mindspore.graph.api import _cell_graph_executor  # pylint: disable=no-name-
 from . import internals as _internals
 
 __all__ = ["force_recompile", "HOOK_VERSION_IN_KEY", "hook_version", "write_values", "release_compiled_graphs", "UncheckedVersionWarning", "warn_unchecked_versions",
-           "unchecked_version"]
+           "unchecked_version", "set_compile_cache_entry"]
 
 
 def write_values(param: Parameter, values) -> None:
@@ -93,6 +93,23 @@ def force_recompile() -> None:
     """
     os.environ[HOOK_VERSION_IN_KEY] = "1"
     _hook_handle._update_hook_version()  # pylint: disable=protected-access
+
+
+def set_compile_cache_entry(script: str) -> None:
+    """Make MindSpore's compile cache judge the graphs by ``script`` and the files it imports.
+
+    The cache keeps, beside each compiled graph, a hash of the entry script and of every non-installed
+    file it imports, found from ``mindspore.graph.api.entry_script_path`` (``sys.argv[0]`` when MindSpore
+    was imported). Under ``pet-hooks run`` that is the launcher (``python -m pet_hooks``, whose relative
+    import the scan cannot even resolve), so it is pointed at the user's script, and the script's folder
+    is taken out of the paths the scan treats as installed, as MindSpore does for its own entry script.
+    """
+    from mindspore.graph import api  # internals: compile_cache_entry_script
+    path = os.path.realpath(script)
+    api.entry_script_path = path
+    folder = os.path.dirname(path)
+    while folder in api.sys_path:
+        api.sys_path.remove(folder)
 
 
 def hook_version() -> int:

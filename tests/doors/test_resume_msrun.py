@@ -6,7 +6,7 @@
 The script (``tests/resume_train.py``) trains with ``Model.train`` and ``PetCallback(..., save_steps=3,
 keep=2, resume=True)`` on every rank; each rank trains on its own rows of the global batch, gradients
 averaged (as in tests/doors/test_data_parallel.py), graph mode. (``pet-hooks run ... -- msrun`` is the
-other way in; its children do not checkpoint at all yet: the xfail test at the end.)
+other way in: its Python children get the checkpoints through the bootstrap, the last test here.)
 
 Three runs of the same command: uninterrupted (the reference); one whose two workers SIGKILL themselves
 as step 7 begins, once rank 0 has written ``step-6/`` (every rank waits to see the folder in place and the
@@ -32,7 +32,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from tests.conftest import GPT_LORA, ROOT
@@ -203,12 +202,6 @@ def test_msrun_run_killed_after_a_checkpoint_resumes_on_every_rank_as_the_uninte
 
 
 # ----------------------------------------------------------------------------- pet-hooks run's children
-@pytest.mark.xfail(strict=True, reason=(
-    "pet_hooks/doors/_bootstrap/sitecustomize.py: _start_hooks enters run_checkpoints(...) (a contextmanager) "
-    "and keeps no reference to it; when _start_hooks returns, the _GeneratorContextManager is collected, its "
-    "generator closed, and run_checkpoints' finally (wrap.undo()) takes the Model.train wrap off: in a child "
-    "(msrun workers) no run checkpoint is written and --resume only prints 'resuming from ...'. Fix: keep it "
-    "for the life of the process (a module-level reference, or build RunCheckpointer + checkpointing directly)"))
 def test_a_python_child_of_the_launcher_writes_run_checkpoints_and_resumes(tmp_path):
     """``pet-hooks run --save-steps 2 --resume -- python script.py``: the child gets the checkpoints through the
     bootstrap (``PET_HOOKS_CHECKPOINTS``), as msrun workers do. Killed as step 3 begins, it leaves step-2/;

@@ -15,6 +15,7 @@ import os
 import sys
 
 DISABLE_ENV = "PET_HOOKS_DISABLE"
+_KEPT = []   # what must live as long as the process (the run checkpoints' context)
 
 
 class _BadConfig(Exception):
@@ -52,7 +53,8 @@ def _start_hooks():
         except ValueError as err:
             raise _BadConfig(f"PET_HOOKS_CHECKPOINTS is not JSON: {err}") from None
         checkpoints = run_checkpoints(save_dir, settings, config, adapter_name)
-        checkpoints.__enter__()   # for the life of the process (its wrap of Model.train is never taken off)
+        checkpoints.__enter__()   # for the life of the process (its wrap of Model.train is never taken off):
+        _KEPT.append(checkpoints)  # held here, or collecting the generator would run its exit at once
     block = enable(config, adapter_name)
     session = block.__enter__()
 
