@@ -6,7 +6,7 @@
         ... the script's own loop ...
     session.models                                         # the models that were adapted
 
-Two ``wrapt`` patches, both undone on exit (also when the body raises), each attribute set
+Three ``wrapt`` patches, all undone on exit (also when the body raises), each attribute set
 back to the identical original object:
 
 - ``nn.Cell.__init__`` notes every cell built inside the block, so that the models built
@@ -14,7 +14,8 @@ back to the identical original object:
 - ``nn.Optimizer.__init__`` (reached through ``super().__init__`` from every optimizer
   class) finds the model built inside the block that owns the parameters it is given,
   adapts that model once, and hands the optimizer the model's PET parameters instead,
-  keeping parameter groups and their settings.
+  keeping parameter groups and their settings; ``mindspore.experimental.optim.Optimizer.__init__``
+  (torch-style optimizers such as its ``AdamW``, another base class) the same.
 
 Without a config (``enable()``), the config is the ``pet_config`` of the run YAML MindFormers builds a
 model from inside the block (``hooks.mindformers``: MindFormers' own PET construction is pet_hooks'
@@ -35,6 +36,7 @@ import weakref
 from typing import Iterator, List, Optional
 
 from mindspore import Parameter, nn
+from mindspore.experimental.optim import Optimizer as ExperimentalOptimizer
 
 from . import flow
 from ..training.grad_guard import GradGuard
@@ -50,6 +52,7 @@ __all__ = ["enable", "PetSession", "active_session"]
 logger = logging.getLogger("pet_hooks")
 _ACTIVE: Optional["PetSession"] = None
 _OPTIMIZER_INIT = inspect.signature(nn.Optimizer.__init__)
+_EXPERIMENTAL_INIT = inspect.signature(ExperimentalOptimizer.__init__)
 
 
 class PetSession:
@@ -74,21 +77,34 @@ class PetSession:
 
     def redirect_optimizer(self, wrapped, instance, args, kwargs):
         bound = _OPTIMIZER_INIT.bind(instance, *args, **kwargs)
-        params = bound.arguments.get("parameters")
+        bound.arguments["parameters"] = self._parameters_for(
+            bound.arguments.get("parameters"), type(instance).__name__, bound.arguments.get("learning_rate"),
+            bound.arguments.get("weight_decay", 0.0))
+        return wrapped(*bound.args[1:], **bound.kwargs)
+
+    def redirect_experimental_optimizer(self, wrapped, instance, args, kwargs):
+        """The same for ``mindspore.experimental.optim`` (torch-style optimizers, another base class)."""
+        bound = _EXPERIMENTAL_INIT.bind(instance, *args, **kwargs)
+        defaults = bound.arguments.get("defaults") or {}
+        bound.arguments["params"] = self._parameters_for(
+            bound.arguments.get("params"), type(instance).__name__, defaults.get("lr"), defaults.get("weight_decay", 0.0))
+        return wrapped(*bound.args[1:], **bound.kwargs)
+
+    def _parameters_for(self, params, optimizer_name: str, learning_rate, weight_decay):
+        """What an optimizer built in the block gets instead of ``params``: the PET parameters of the models
+        (built in the block) owning them, adapted now; ``params`` itself when it holds none of theirs."""
         if params is not None and not isinstance(params, (list, tuple)):
             params = list(params)  # a generator such as net.get_parameters(): read it once
-            bound.arguments["parameters"] = params
         models = self.models_owning(params or [])
-        if models:
-            for model in models:
-                self._adapt(model)
-                if all(guard.model is not model for guard in self._guards):
-                    self._guards.append(GradGuard(model))  # the deltas as the optimizer gets them
-            bound.arguments["parameters"] = (
-                flow.optimizer_params(params, models[0], type(instance).__name__,
-                                      bound.arguments.get("learning_rate"), bound.arguments.get("weight_decay", 0.0))
-                if len(models) == 1 else [p for m in models for p in m.trainable_params()])
-        return wrapped(*bound.args[1:], **bound.kwargs)
+        if not models:
+            return params
+        for model in models:
+            self._adapt(model)
+            if all(guard.model is not model for guard in self._guards):
+                self._guards.append(GradGuard(model))  # the deltas as the optimizer gets them
+        if len(models) == 1:
+            return flow.optimizer_params(params, models[0], optimizer_name, learning_rate, weight_decay)
+        return [p for m in models for p in m.trainable_params()]
 
     # -- helpers ----------------------------------------------------------------------------
     def roots(self) -> List[nn.Cell]:
@@ -178,6 +194,7 @@ def enable(cfg=None, adapter_name: Optional[str] = None) -> Iterator[PetSession]
     try:
         patches.wrap(nn.Cell, "__init__", session.note_cell)
         patches.wrap(nn.Optimizer, "__init__", session.redirect_optimizer)
+        patches.wrap(ExperimentalOptimizer, "__init__", session.redirect_experimental_optimizer)
         _ACTIVE, session.is_open = session, True
         mindformers_door.install(session, patches)      # MindFormers' own PET construction, now or on import
         yield session

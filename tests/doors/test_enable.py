@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import pytest
+import mindspore as ms
 from mindspore import Tensor, nn
+from mindspore.experimental import optim as experimental
+from mindspore.experimental.optim import Optimizer as ExperimentalOptimizer
 
 import pet_hooks
 from pet_hooks.utils.patching import PatchSet, is_patched
@@ -12,7 +15,7 @@ from samples.tiny_gpt import GPTWithLoss, build
 from tests.conftest import SMALL, assert_params_equal, snapshot
 
 CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"}
-PATCHED = [(nn.Cell, "__init__"), (nn.Optimizer, "__init__")]
+PATCHED = [(nn.Cell, "__init__"), (nn.Optimizer, "__init__"), (ExperimentalOptimizer, "__init__")]
 
 
 def _originals():
@@ -44,6 +47,38 @@ def test_models_and_optimizers_built_inside(mode, params):
     assert losses[-1] < losses[0]
     assert not has_pet(before_block) and not has_pet(after_block)
     assert not has_pet(optimizer) and not has_pet(step.network.loss)
+
+
+@pytest.mark.parametrize("kind", ["AdamW", "SGD_grouped"])
+def test_torch_style_optimizers_built_inside_hold_only_the_deltas(mode, kind):
+    """mindspore.experimental.optim (torch's formulas, another base class than nn.Optimizer): built in the
+    block over the model's parameters, it gets the deltas and the model is adapted then, so a loop in the
+    block trains only them. (Before: it kept every base parameter, the model was adapted only when the block
+    ended, and the loop fine-tuned the whole model.)"""
+    with pet_hooks.enable(CFG):
+        net = build(seed=0, **SMALL)
+        base = snapshot(net)
+        if kind == "AdamW":
+            optimizer = experimental.AdamW(net.trainable_params(), lr=1e-2)
+        else:
+            weights = [p for p in net.trainable_params() if p.name.endswith("weight")]
+            rest = [p for p in net.trainable_params() if not p.name.endswith("weight")]
+            optimizer = experimental.SGD([{"params": weights, "lr": 0.1}, {"params": rest}], lr=0.05)
+        assert has_pet(net)
+        loss_of = GPTWithLoss(net)
+        grad = ms.value_and_grad(loss_of, None, optimizer.parameters)
+        batch = [Tensor(x) for x in next(lm_batches(8, 4, seed=2))]     # one batch: its loss must fall
+        losses = []
+        for _ in range(4):
+            loss, grads = grad(*batch)
+            optimizer(grads)
+            losses.append(float(loss.asnumpy()))
+    assert {p.name for p in optimizer.parameters} == {p.name for p in pet_hooks.delta_parameters(net)}
+    assert_params_equal(base, net)
+    assert losses[-1] < losses[0]
+    if kind == "SGD_grouped":   # each delta joined the group of its layer's weight, with that group's lr
+        groups = [{p.name for p in g["params"]} for g in optimizer.param_groups]
+        assert all(name.endswith(("lora_A", "lora_B")) for name in groups[0]) and len(groups) == 1
 
 
 def test_model_without_optimizer_is_adapted_at_exit():
