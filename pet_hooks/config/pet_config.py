@@ -140,10 +140,6 @@ class PetConfig:
     # A compile setting, not part of the adapter (compare=False): see pet_hooks.surgery.graph_reuse.
     reuse_block_graphs: bool = field(default=True, compare=False, metadata={
         "help": "graph mode: compile identically adapted repeated blocks once (MindSpore lazy inline)"})
-    # A training setting, not part of the adapter (compare=False): see pet_hooks.training.fused_adamw.
-    fused_optimizer: bool = field(default=False, compare=False, metadata={
-        "help": "a mindspore.experimental.optim.AdamW built for the deltas in a door runs as pet_hooks.optim.AdamW "
-                "(the same update in one fused kernel per tensor: less memory and compile time)"})
 
     PET_TYPE: ClassVar[str] = ""
 
@@ -167,7 +163,6 @@ class PetConfig:
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         _check_bool("reuse_block_graphs", self.reuse_block_graphs)
-        _check_bool("fused_optimizer", self.fused_optimizer)
         self.validate()
 
     def validate(self) -> None:

@@ -36,7 +36,7 @@ import weakref
 from typing import Iterator, List, Optional
 
 from mindspore import Parameter, nn
-from mindspore.experimental.optim import AdamW as ExperimentalAdamW, Optimizer as ExperimentalOptimizer
+from mindspore.experimental.optim import Optimizer as ExperimentalOptimizer
 
 from . import flow
 from ..training.grad_guard import GradGuard
@@ -45,8 +45,7 @@ from ..config.default_targets import config_for_method
 from ..errors import NoMatchError, PetConfigError
 from . import mindformers as mindformers_door
 from ..utils.patching import PatchSet
-from ..surgery.core import get_state, has_pet
-from ..training.fused_adamw import make_fused
+from ..surgery.core import has_pet
 
 __all__ = ["enable", "PetSession", "active_session"]
 
@@ -78,7 +77,7 @@ class PetSession:
 
     def redirect_optimizer(self, wrapped, instance, args, kwargs):
         bound = _OPTIMIZER_INIT.bind(instance, *args, **kwargs)
-        bound.arguments["parameters"], _ = self._parameters_for(
+        bound.arguments["parameters"] = self._parameters_for(
             bound.arguments.get("parameters"), type(instance).__name__, bound.arguments.get("learning_rate"),
             bound.arguments.get("weight_decay", 0.0))
         return wrapped(*bound.args[1:], **bound.kwargs)
@@ -87,30 +86,25 @@ class PetSession:
         """The same for ``mindspore.experimental.optim`` (torch-style optimizers, another base class)."""
         bound = _EXPERIMENTAL_INIT.bind(instance, *args, **kwargs)
         defaults = bound.arguments.get("defaults") or {}
-        bound.arguments["params"], models = self._parameters_for(
+        bound.arguments["params"] = self._parameters_for(
             bound.arguments.get("params"), type(instance).__name__, defaults.get("lr"), defaults.get("weight_decay", 0.0))
-        result = wrapped(*bound.args[1:], **bound.kwargs)
-        if len(models) == 1 and type(instance) is ExperimentalAdamW and not defaults.get("amsgrad") and \
-                has_pet(models[0]) and get_state(models[0]).config.fused_optimizer:
-            make_fused(instance)       # fused_optimizer: the same optimizer, its update in one kernel per tensor
-        return result
+        return wrapped(*bound.args[1:], **bound.kwargs)
 
     def _parameters_for(self, params, optimizer_name: str, learning_rate, weight_decay):
-        """(What an optimizer built in the block gets instead of ``params``, the models it trains): the PET
-        parameters of the models (built in the block) owning them, adapted now; ``params`` itself when it
-        holds none of theirs."""
+        """What an optimizer built in the block gets instead of ``params``: the PET parameters of the models
+        (built in the block) owning them, adapted now; ``params`` itself when it holds none of theirs."""
         if params is not None and not isinstance(params, (list, tuple)):
             params = list(params)  # a generator such as net.get_parameters(): read it once
         models = self.models_owning(params or [])
         if not models:
-            return params, models
+            return params
         for model in models:
             self._adapt(model)
             if all(guard.model is not model for guard in self._guards):
                 self._guards.append(GradGuard(model))  # the deltas as the optimizer gets them
         if len(models) == 1:
-            return flow.optimizer_params(params, models[0], optimizer_name, learning_rate, weight_decay), models
-        return [p for m in models for p in m.trainable_params()], models
+            return flow.optimizer_params(params, models[0], optimizer_name, learning_rate, weight_decay)
+        return [p for m in models for p in m.trainable_params()]
 
     # -- helpers ----------------------------------------------------------------------------
     def roots(self) -> List[nn.Cell]:

@@ -29,7 +29,7 @@ from mindspore.common import dtype as mstype
 from mindspore.experimental.optim import AdamW as ExperimentalAdamW
 from mindspore.ops import operations as P
 
-__all__ = ["AdamW", "make_fused"]
+__all__ = ["AdamW"]
 
 _fused_update = ops.MultitypeFuncGraph("pet_hooks_fused_adamw")
 
@@ -76,14 +76,3 @@ class AdamW(ExperimentalAdamW):
                            self.parameters[start_id:end_id], self.exp_avg[start_id:end_id],
                            self.exp_avg_sq[start_id:end_id], grads)
         return True
-
-
-def make_fused(optimizer: ExperimentalAdamW) -> AdamW:
-    """Turn a built ``mindspore.experimental.optim.AdamW`` (not amsgrad) into this class in place: the same
-    object, parameters, groups and state, its update now fused (``fused_optimizer: true`` in a door)."""
-    if type(optimizer) is not ExperimentalAdamW or any(group.get("amsgrad") for group in optimizer.param_groups):
-        raise TypeError(f"only a mindspore.experimental.optim.AdamW without amsgrad can be fused, not "
-                        f"{type(optimizer).__name__}")
-    optimizer.__class__ = AdamW
-    optimizer.fused_opt = P.AdamWeightDecay()
-    return optimizer

@@ -1,7 +1,6 @@
 """enable(): models built inside get PET, optimizers built inside get the deltas, everything restored."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import Tensor, nn
@@ -9,7 +8,6 @@ from mindspore.experimental import optim as experimental
 from mindspore.experimental.optim import Optimizer as ExperimentalOptimizer
 
 import pet_hooks
-from pet_hooks.optim import AdamW
 from pet_hooks.utils.patching import PatchSet, is_patched
 from pet_hooks.surgery.core import has_pet
 from samples.data import lm_batches
@@ -81,27 +79,6 @@ def test_torch_style_optimizers_built_inside_hold_only_the_deltas(mode, kind):
     if kind == "SGD_grouped":   # each delta joined the group of its layer's weight, with that group's lr
         groups = [{p.name for p in g["params"]} for g in optimizer.param_groups]
         assert all(name.endswith(("lora_A", "lora_B")) for name in groups[0]) and len(groups) == 1
-
-
-def test_fused_optimizer_runs_the_same_adamw_in_one_kernel_per_tensor(mode):
-    """fused_optimizer: true turns the AdamW built in the block into pet_hooks.optim.AdamW (the same object and
-    state); five steps give the unfused run's deltas within float rounding. Off (the default), it stays."""
-    def train(fused):
-        with pet_hooks.enable({**CFG, "fused_optimizer": fused}):
-            net = build(seed=0, **SMALL)
-            optimizer = experimental.AdamW(net.trainable_params(), lr=1e-2, weight_decay=0.01)
-            grad = ms.value_and_grad(GPTWithLoss(net), None, optimizer.parameters)
-            batch = [Tensor(x) for x in next(lm_batches(8, 4, seed=2))]
-            for _ in range(5):
-                optimizer(grad(*batch)[1])
-        return type(optimizer), {p.name: p.asnumpy() for p in pet_hooks.delta_parameters(net)}
-
-    plain_type, plain = train(False)
-    fused_type, fused = train(True)
-    assert plain_type is experimental.AdamW and fused_type is AdamW
-    for name, value in plain.items():
-        np.testing.assert_allclose(fused[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
-    assert any(np.abs(value).max() > 0 for name, value in fused.items() if name.endswith("lora_B"))
 
 
 def test_model_without_optimizer_is_adapted_at_exit():
