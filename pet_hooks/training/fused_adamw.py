@@ -1,32 +1,33 @@
-"""``pet_hooks.optim.AdamW``: torch's AdamW update in one fused kernel per tensor (``P.AdamWeightDecay``).
+"""``pet_hooks.optim.AdamW``: torch's AdamW update, with MindSpore's fused kernel and on its ``nn.Optimizer`` base.
 
     from pet_hooks.optim import AdamW
     opt = AdamW(net.trainable_params(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
-``mindspore.experimental.optim.AdamW`` (torch's formula, what the SmolLM2 benchmark and the demo train
-with) compiles its update as about 25 small kernels per trainable tensor: with LoRA on every block of
-a real model that is hundreds of kernels and about a gigabyte of compiled graph on the CPU.
-MindSpore's fused ``P.AdamWeightDecay`` kernel (what ``nn.AdamWeightDecay`` runs) computes
+``mindspore.experimental.optim.AdamW`` (torch's formula, what the SmolLM2 benchmark trains with) and
+MindFormers' AdamW compile far bigger graphs than ``nn.AdamWeightDecay`` on the CPU: on SmolLM2 with
+LoRA q/k/v/o, 8,620 MB of peak memory and a 65 s first step against 7,375 MB and 21 s
+(``bench/fused_adamw.py``). ``nn.AdamWeightDecay`` is one fused ``P.AdamWeightDecay`` kernel per tensor,
 
     m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2;   p -= lr' (m / (sqrt(v) + eps') + decay' p)
 
-without bias correction. Torch's AdamW is
+without bias correction, so another update. Torch's AdamW is
 
     p *= 1 - lr wd;   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
 and the two are the same update when, at step t, ``lr' = lr sqrt(1 - b2^t) / (1 - b1^t)``,
-``eps' = eps sqrt(1 - b2^t)`` and ``decay' = lr wd / lr'`` (the decay term does not depend on m,
-so applying it before or with the step is the same). This class computes those three scalars per
-step and group and calls the fused kernel: the same arguments and the same state (``exp_avg``,
-``exp_avg_sq``, ``state_step``; ``max_exp_avg_sq`` kept for the same names, unused) as
-``mindspore.experimental.optim.AdamW``, updates equal to it within float rounding. ``amsgrad`` is
-not fused: use MindSpore's class for it.
+``eps' = eps sqrt(1 - b2^t)`` and ``decay' = lr wd / lr'`` (the decay term does not depend on m, so
+applying it before or with the step is the same). This class is ``nn.AdamWeightDecay`` computing those
+three scalars each step: torch's (and ``mindspore.experimental.optim.AdamW``'s) arguments and update,
+within float rounding, at ``nn.AdamWeightDecay``'s cost. Its state is ``nn.AdamWeightDecay``'s:
+``adam_m`` / ``adam_v`` hold what the experimental class calls ``exp_avg`` / ``exp_avg_sq``, and
+``global_step`` its ``state_step``. ``lr`` may be a number, a Tensor, a list per step or a
+``LearningRateSchedule``; parameter groups as for ``nn`` optimizers. ``amsgrad`` and ``maximize`` are
+not provided: use MindSpore's class for them.
 """
 from __future__ import annotations
 
-from mindspore import ops
+from mindspore import jit, nn, ops
 from mindspore.common import dtype as mstype
-from mindspore.experimental.optim import AdamW as ExperimentalAdamW
 from mindspore.ops import operations as P
 
 __all__ = ["AdamW"]
@@ -34,45 +35,46 @@ __all__ = ["AdamW"]
 _fused_update = ops.MultitypeFuncGraph("pet_hooks_fused_adamw")
 
 
-@_fused_update.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                        "Tensor")
-def _run_fused(opt, beta1, beta2, eps, lr, decay, param, exp_avg, exp_avg_sq, grad):
-    opt(param, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, ops.cast(grad, param.dtype))
+@_fused_update.register("Function", "Tensor", "Tensor", "Tensor", "Tuple", "Tensor", "Tensor", "Tensor", "Tensor",
+                        "Tensor", "Tensor")
+@_fused_update.register("Function", "Tensor", "Tensor", "Tensor", "Tuple", "Tensor", "Number", "Tensor", "Tensor",
+                        "Tensor", "Tensor")
+def _run_fused(opt, beta1, beta2, eps, scale, lr, decay, param, moment1, moment2, grad):
+    """One tensor: the fused kernel with the step's bias-corrected learning rate and epsilon; ``decay`` is the
+    group's weight decay (``lr * wd``, divided by the corrected rate, so the kernel's product is torch's)."""
+    step_lr = lr * scale[0]
+    opt(param, moment1, moment2, step_lr, beta1, beta2, eps * scale[1], lr * decay / step_lr,
+        P.Cast()(grad, param.dtype))
     return True
 
 
-class AdamW(ExperimentalAdamW):
-    """``mindspore.experimental.optim.AdamW`` (same arguments, state and update) in one fused kernel per tensor."""
+class AdamW(nn.AdamWeightDecay):
+    """Torch's AdamW (``mindspore.experimental.optim.AdamW``'s arguments and update) on ``nn.AdamWeightDecay``."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False):
-        if amsgrad:
-            raise ValueError("pet_hooks.optim.AdamW does not fuse amsgrad=True; use "
-                             "mindspore.experimental.optim.AdamW for it")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize)
-        self.fused_opt = P.AdamWeightDecay()
+        if amsgrad or maximize:
+            raise ValueError("pet_hooks.optim.AdamW does not provide amsgrad=True or maximize=True; use "
+                             "mindspore.experimental.optim.AdamW for them")
+        super().__init__(params, learning_rate=lr, beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
+                         weight_decay=weight_decay)
+        self.torch_betas = (float(betas[0]), float(betas[1]))
 
+    @jit(backend="ms_backend")
     def construct(self, gradients):
-        self.assignadd(self.state_step, self.increase_tensor)
-        step = self.op_cast(self.state_step, mstype.float32)
-        for group_id, group in enumerate(self.param_groups):
-            beta1, beta2 = group["betas"]
-            start_id = self.group_start_id[group_id]
-            end_id = self.group_start_id[group_id + 1]
-            lr = self.lrs[group_id]
-            if isinstance(group.get("lr"), float):
-                lr = self.op_cast(group.get("lr"), mstype.float32)
-            grads = tuple([grad if not group.get("maximize") else ops.neg(grad)
-                           for grad in gradients[start_id:end_id]])
-            correction1 = 1 - ops.pow(beta1, step)
-            root2 = ops.sqrt(1 - ops.pow(beta2, step))
-            lr_t = lr * root2 / correction1                       # the step size torch's AdamW takes
-            eps_t = group.get("eps") * root2                      # eps outside the corrected sqrt(v)
-            decay_t = lr * group.get("weight_decay") / lr_t       # so that lr_t * decay_t = lr * wd
-            self.hyper_map(ops.partial(_fused_update, self.fused_opt,
-                                       self.op_cast(beta1, mstype.float32), self.op_cast(beta2, mstype.float32),
-                                       eps_t, lr_t, decay_t),
-                           self.parameters[start_id:end_id], self.exp_avg[start_id:end_id],
-                           self.exp_avg_sq[start_id:end_id], grads)
-        return True
+        weight_decay = self.get_weight_decay()
+        lr = self.get_lr()
+        self.assignadd(self.global_step, self.global_step_increase_tensor)
+        step = ops.cast(self.global_step, mstype.float32)
+        root2 = ops.sqrt(1 - ops.pow(self.torch_betas[1], step))
+        # (lr' / lr, eps' / eps) of this step, shared by every tensor
+        scale = (root2 / (1 - ops.pow(self.torch_betas[0], step)), root2)
+        opt, beta1, beta2, eps = self.fused_opt, self.beta1, self.beta2, self.eps
+        if self.is_group and self.is_group_lr:
+            return self.hyper_map(ops.partial(_fused_update, opt, beta1, beta2, eps, scale), lr, weight_decay,
+                                  self._parameters, self.moments1, self.moments2, gradients)
+        if self.is_group:
+            return self.hyper_map(ops.partial(_fused_update, opt, beta1, beta2, eps, scale, lr), weight_decay,
+                                  self._parameters, self.moments1, self.moments2, gradients)
+        return self.hyper_map(ops.partial(_fused_update, opt, beta1, beta2, eps, scale, lr, weight_decay),
+                              self._parameters, self.moments1, self.moments2, gradients)
