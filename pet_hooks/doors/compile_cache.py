@@ -22,6 +22,7 @@ from typing import Optional
 
 from .._version import __version__
 from ..config.pet_config import PetConfig
+from ..utils.files import file_sha256
 
 __all__ = ["use_compile_cache", "seal_compile_cache", "cache_folder", "MANIFEST"]
 
@@ -46,14 +47,6 @@ def _files(folder: str):
                 yield os.path.relpath(path, folder), path
 
 
-def _digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _problem(folder: str) -> Optional[str]:
     try:
         with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
@@ -64,7 +57,7 @@ def _problem(folder: str) -> Optional[str]:
     if set(found) != set(manifest):
         return f"its files are not the ones sealed ({sorted(set(found) ^ set(manifest))[:3]})"
     for name, digest in manifest.items():
-        if _digest(found[name]) != digest:
+        if file_sha256(found[name]) != digest:
             return f"{name} does not match its recorded hash"
     return None
 
@@ -86,7 +79,7 @@ def use_compile_cache(root: str, cfg: Optional[PetConfig]) -> str:
 
 def seal_compile_cache(folder: str) -> None:
     """After a run that ended well: record every file of the cache and its hash."""
-    manifest = {name: _digest(path) for name, path in _files(folder)}
+    manifest = {name: file_sha256(path) for name, path in _files(folder)}
     tmp = os.path.join(folder, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1, sort_keys=True)

@@ -23,7 +23,6 @@ loop calls :func:`save_checkpoint` and :func:`load_checkpoint` itself (docs/fron
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from ..io.adapter_io import save_adapter
 from ..multi.adapters import focused
 from ..surgery.core import get_state, require_state, saved_parameters
 from ..utils.distributed import is_rank_zero
-from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_json, read_safetensors, to_numpy
+from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256, read_json, read_safetensors, to_numpy
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "restore_checkpoint", "check_compatible",
            "RunCheckpoint", "sweep_temporary", "CHECKPOINTS_DIR", "STATE_NAME", "TRAINER_STATE_NAME", "MARKER_NAME", "check_keep"]
@@ -135,14 +134,6 @@ def _restore_random(states: Dict[str, Any]) -> None:
         ms.set_rng_state(Tensor(np.asarray(states["mindspore"], dtype=np.uint8)))
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -197,7 +188,7 @@ def save_checkpoint(net: nn.Cell, optimizer: Optional[nn.Cell], step: int, save_
         }
         _write(os.path.join(tmp, TRAINER_STATE_NAME), json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"))
         files = sorted(entry for entry in os.listdir(tmp) if not entry.startswith("."))
-        marker = {"files": {entry: _sha256(os.path.join(tmp, entry)) for entry in files}, "global_step": step}
+        marker = {"files": {entry: file_sha256(os.path.join(tmp, entry)) for entry in files}, "global_step": step}
         _write(os.path.join(tmp, MARKER_NAME), json.dumps(marker, indent=1, sort_keys=True).encode("utf-8"))
         _fsync_dir(tmp)
         if os.path.exists(final):          # the same step saved again (a resumed run): swap it whole
@@ -272,7 +263,7 @@ def _problem(path: str) -> Optional[str]:
         full = os.path.join(path, entry)
         if not os.path.isfile(full):
             return f"{entry} is missing"
-        if _sha256(full) != digest:
+        if file_sha256(full) != digest:
             return f"{entry} does not match its recorded hash (truncated or changed on disk)"
     return None
 

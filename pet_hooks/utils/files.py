@@ -10,6 +10,7 @@ imported by the functions that need them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import AdapterFileError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_write", "write_bytes", "to_numpy", "read_safetensors", "read_json"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_write", "file_sha256", "write_bytes", "to_numpy", "read_safetensors", "read_json"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,6 +40,15 @@ def atomic_write(path: str, write: Callable[[Any], Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (run checkpoints' and the compile cache's seals)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes(path: str, data: bytes) -> None:

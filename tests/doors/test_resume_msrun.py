@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,45 +33,11 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from tests.conftest import GPT_LORA, ROOT
+from tests.doors.test_data_parallel import descendants, free_port, kill_tree   # msrun on the CPU, as that module runs it
 
 WORKER = os.path.join(ROOT, "tests", "resume_train.py")
 STEPS, SAVE_STEPS, KEEP, RANKS, KILL_AFTER = 12, 3, 2, 2, 6
 TIMEOUT = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def descendants(pid: int) -> list:
-    """Every live process below ``pid`` (msrun starts its workers in sessions of their own)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    for pid in descendants(proc.pid) + [proc.pid]:
-        for kill in (lambda: os.killpg(os.getpgid(pid), signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-            try:
-                kill()
-            except (ProcessLookupError, PermissionError):
-                pass
-    proc.wait()
 
 
 def clean_env() -> dict:
