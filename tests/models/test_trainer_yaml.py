@@ -382,14 +382,31 @@ def test_train_without_a_checkpoint_is_seeded_by_the_yaml(tmp_path):
     assert first == second and first != other_seed
 
 
+@pytest.fixture(scope="module")
+def whole_and_cut(tmp_path_factory):
+    """mode -> (the uninterrupted ten-step run, the same run interrupted after step 7), each pair trained once
+    per mode and shared by the resume variants: they only read the two runs (each resumes into an output_dir
+    of its own), so training them again for every variant would only repeat the same seeded runs."""
+    from tests.trainer_yaml import StopAfter, run_trainer, token_dataset
+    runs = {}
+
+    def get(mode):
+        if mode not in runs:
+            root = tmp_path_factory.mktemp(f"resume_mode{mode}")
+            whole = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(root / "whole"), mode=mode)
+            cut = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(root / "cut"), mode=mode,
+                              callbacks=[StopAfter(7)])
+            runs[mode] = whole, cut
+        return runs[mode]
+    return get
+
+
 @pytest.mark.parametrize("how", ["meta_json", "file_name"])
-def test_resume_training_continues_an_interrupted_run_exactly(mode, how, tmp_path):
+def test_resume_training_continues_an_interrupted_run_exactly(mode, how, whole_and_cut, tmp_path):
     """Interrupted after step 7 (CheckpointMonitor saved steps 5 and 7), resumed from the run's own
     checkpoint folder: the remaining losses and the final model are the uninterrupted run's."""
-    from tests.trainer_yaml import StopAfter, run_trainer, token_dataset
-    whole = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(tmp_path / "whole"), mode=mode)
-    cut = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(tmp_path / "cut"), mode=mode,
-                      callbacks=[StopAfter(7)])
+    from tests.trainer_yaml import run_trainer, token_dataset
+    whole, cut = whole_and_cut(mode)
     folder = os.path.join(cut.output_dir, "checkpoint")
     assert sorted(os.listdir(os.path.join(folder, "rank_0"))) == [
         "llama_lora_rank_0-1_5.ckpt", "llama_lora_rank_0-1_7.ckpt", "meta.json"]
