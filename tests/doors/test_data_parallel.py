@@ -33,7 +33,10 @@ from samples.tiny_gpt import GPTWithLoss, build
 from tests.conftest import ROOT
 
 CONFIG = os.path.join(ROOT, "samples", "configs", "lora.yaml")
-STEPS, BATCH, LR, RANKS = 12, 8, 0.1, 2
+# Six steps: a summed instead of averaged gradient doubles the very first update, so the per-step losses
+# and the final deltas part from the reference at step 2 already; the seeded loss falls from 5.53 to
+# about 5.04 over the last three (12 steps took 15 s more per mode, mostly PyNative's, for nothing more).
+STEPS, BATCH, LR, RANKS = 6, 8, 0.1, 2
 LOSS = re.compile(r"epoch: 1 step: (\d+), loss is ([\d.]+)")
 
 

@@ -47,7 +47,8 @@ from tests.conftest import HAS_TORCH_PEFT, assert_params_equal, snapshot  # noqa
 needs_torch = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
 
 SEQ = 48          # static sequence length of the two-block nets
-FULL_SEQ = 96     # and of the full model
+FULL_SEQ = 72     # and of the full model: the longest prompt (38 tokens) and the 32 generated ones fit;
+                  # every call runs the whole padded window, so a longer one only costs time
 LORA = {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "target_modules": ".*wq|.*wk|.*wv|.*wo", "seed": 0}
 PREFIX = {
@@ -368,7 +369,9 @@ def test_prefix_methods_with_grouped_query_attention(mode, name, prompts, train_
     remove restores the logits. (Their values against transformers: the test after this one, which needs torch.)"""
     ids = prompts[0]
     net, base, base_logits, _ = prefixed_two_blocks(name, ids, rng)
-    losses = train(net, train_batch, steps=6, lr=1e-2)
+    # three steps: the loss falls by about 1 (P-Tuning v2) and 9 (Prefix-Tuning) over them, twenty and
+    # more times the 0.05 asked; a gradient that misses the encoder leaves it where it was
+    losses = train(net, train_batch, steps=3, lr=1e-2)
     print(f"mode {mode} {name}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < losses[0] - 0.05
     assert_params_equal(base, net)

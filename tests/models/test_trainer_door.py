@@ -57,11 +57,13 @@ def test_each_run_yaml_fine_tunes_with_pet_hooks_pet_inside_enable(method, mode,
     """.finetune(finetune_checkpoint=base) in enable() with no config: pet_hooks' PET from the YAML's block,
     the base weights the checkpoint's and untouched, only pet_hooks' deltas train, the adapter in output_dir."""
     begin = AtTrainBegin()
-    run, session = _in_door(yaml_of(method), token_dataset(yaml_of(method), steps=4), str(tmp_path / "out"),
+    # two steps: every delta moves (LoRA's A at the second, once B is not zero), and the run ends before the
+    # fifth step's checkpoint, so MindFormers writes the end's alone
+    run, session = _in_door(yaml_of(method), token_dataset(yaml_of(method), steps=2), str(tmp_path / "out"),
                             mode=mode, finetune_checkpoint=base, callbacks=[begin])
     [net] = session.models
     assert type(net).__name__ == "LlamaForCausalLM" and get_state(net).config == pet_hooks.load_config(yaml_of(method))
-    assert len(run.losses) == 4 and all(np.isfinite(run.losses))
+    assert len(run.losses) == 2 and all(np.isfinite(run.losses))
     saved = {name: value.asnumpy() for name, value in ms.load_checkpoint(base).items()}
     for name, value in saved.items():                   # every base weight loaded by its own name, left alone
         np.testing.assert_array_equal(run.parameters[name], value, err_msg=name)
@@ -69,7 +71,7 @@ def test_each_run_yaml_fine_tunes_with_pet_hooks_pet_inside_enable(method, mode,
     assert sorted(run.trainable) == deltas and not any("mindpet" in name for name in run.parameters)
     # the adapter in output_dir is the trained one, and MindFormers' checkpoint holds the same deltas
     fresh = pet_hooks.load_adapter(plain_llama(yaml_of(method)), run.output_dir)
-    final = _checkpoint(run, 4)
+    final = _checkpoint(run, 2)
     for param in pet_hooks.delta_parameters(fresh):
         np.testing.assert_array_equal(param.asnumpy(), run.trainable[param.name], err_msg=param.name)
         np.testing.assert_array_equal(final[param.name].asnumpy(), run.trainable[param.name], err_msg=param.name)

@@ -341,19 +341,21 @@ def test_trainer_runs_each_yaml_with_mindformers_pet(method, mode, base, tmp_pat
     """``.finetune(finetune_checkpoint=base)``: the base weights are the checkpoint's and stay so, the
     deltas move, MindFormers' callbacks write their checkpoints into output_dir."""
     from tests.trainer_yaml import run_trainer, token_dataset
-    run = run_trainer(yaml_of(method), token_dataset(yaml_of(method), steps=4), str(tmp_path / "out"), mode=mode,
+    # two steps: the deltas move at the first two (LoRA's A at the second, once B is not zero), and end before
+    # the fifth, so the checkpoint written is the end's alone
+    run = run_trainer(yaml_of(method), token_dataset(yaml_of(method), steps=2), str(tmp_path / "out"), mode=mode,
                       finetune_checkpoint=base)
-    assert len(run.losses) == 4 and all(np.isfinite(run.losses)) and not any(run.overflow)
+    assert len(run.losses) == 2 and all(np.isfinite(run.losses)) and not any(run.overflow)
     saved = {name: value.asnumpy() for name, value in ms.load_checkpoint(base).items()}
     for name, value in saved.items():                  # every base weight loaded and left alone
         np.testing.assert_array_equal(run.parameters[name], value, err_msg=name)
     deltas = sorted(set(run.trainable) - set(saved))
     assert deltas and sorted(run.trainable) == deltas  # only MindFormers' PET parameters train
     assert all("mindpet_delta" in name or "prefix" in name for name in deltas), deltas
-    # saved every 5 steps and when training ends: after 4 steps, the end's
+    # saved every 5 steps and when training ends: after 2 steps, the end's
     assert sorted(os.listdir(os.path.join(run.output_dir, "checkpoint", "rank_0"))) == [
-        f"llama_{method}_rank_0-1_4.ckpt", "meta.json"]
-    final = ms.load_checkpoint(os.path.join(run.output_dir, "checkpoint", "rank_0", f"llama_{method}_rank_0-1_4.ckpt"))
+        f"llama_{method}_rank_0-1_2.ckpt", "meta.json"]
+    final = ms.load_checkpoint(os.path.join(run.output_dir, "checkpoint", "rank_0", f"llama_{method}_rank_0-1_2.ckpt"))
     for name in deltas:                                 # the checkpoint holds the trained deltas, by name
         np.testing.assert_array_equal(final[name].asnumpy(), run.trainable[name], err_msg=name)
     if method == "lora":                                # MindFormers' LoRA writes a PEFT-style config there
@@ -382,14 +384,31 @@ def test_train_without_a_checkpoint_is_seeded_by_the_yaml(tmp_path):
     assert first == second and first != other_seed
 
 
+@pytest.fixture(scope="module")
+def whole_and_cut(tmp_path_factory):
+    """mode -> (the uninterrupted ten-step run, the same run interrupted after step 7), each pair trained once
+    per mode and shared by the resume variants: they only read the two runs (each resumes into an output_dir
+    of its own), so training them again for every variant would only repeat the same seeded runs."""
+    from tests.trainer_yaml import StopAfter, run_trainer, token_dataset
+    runs = {}
+
+    def get(mode):
+        if mode not in runs:
+            root = tmp_path_factory.mktemp(f"resume_mode{mode}")
+            whole = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(root / "whole"), mode=mode)
+            cut = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(root / "cut"), mode=mode,
+                              callbacks=[StopAfter(7)])
+            runs[mode] = whole, cut
+        return runs[mode]
+    return get
+
+
 @pytest.mark.parametrize("how", ["meta_json", "file_name"])
-def test_resume_training_continues_an_interrupted_run_exactly(mode, how, tmp_path):
+def test_resume_training_continues_an_interrupted_run_exactly(mode, how, whole_and_cut, tmp_path):
     """Interrupted after step 7 (CheckpointMonitor saved steps 5 and 7), resumed from the run's own
     checkpoint folder: the remaining losses and the final model are the uninterrupted run's."""
-    from tests.trainer_yaml import StopAfter, run_trainer, token_dataset
-    whole = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(tmp_path / "whole"), mode=mode)
-    cut = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(tmp_path / "cut"), mode=mode,
-                      callbacks=[StopAfter(7)])
+    from tests.trainer_yaml import run_trainer, token_dataset
+    whole, cut = whole_and_cut(mode)
     folder = os.path.join(cut.output_dir, "checkpoint")
     assert sorted(os.listdir(os.path.join(folder, "rank_0"))) == [
         "llama_lora_rank_0-1_5.ckpt", "llama_lora_rank_0-1_7.ckpt", "meta.json"]

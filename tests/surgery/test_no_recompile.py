@@ -229,13 +229,16 @@ def test_soak_apply_remove_frees_the_stale_graphs():
         pet_hooks.remove(net)
         _logits(net, ids)
 
-    released = _growth_per_cycle(cycle, cycles=8, skip=3)
+    # The growth is the same every cycle after the first (11.2 MB released, 26.4 MB kept, to 0.1 MB in
+    # eight-cycle runs): three measured cycles after two of warm-up estimate it as well as five, at two
+    # compiles a cycle fewer.
+    released = _growth_per_cycle(cycle, cycles=5, skip=2)
     real = pet_hooks.utils.ms_compat.release_compiled_graphs
     try:
         pet_hooks.utils.ms_compat.release_compiled_graphs = lambda cell: 0
         import pet_hooks.surgery.core as surgery
         surgery.release_compiled_graphs = pet_hooks.utils.ms_compat.release_compiled_graphs
-        kept = _growth_per_cycle(cycle, cycles=8, skip=3)
+        kept = _growth_per_cycle(cycle, cycles=5, skip=2)
     finally:
         pet_hooks.utils.ms_compat.release_compiled_graphs = real
         surgery.release_compiled_graphs = real
