@@ -24,7 +24,8 @@ what each lever did. Levers (comma separated, applied in this order where it mat
   pyjit            mode=1 and mindspore.jit on each decoder block's construct
   compile_split    compile the train step (Cell.compile) before the first step, recording its time and RSS
   noreuse          pet_hooks variants: reuse_block_graphs=False (each block compiled on its own, as before issue 14)
-Variants (--variant): lora (q/k/v/o r=8), ptuning2 (16 positions), prefix (16 positions, MLP 64), full,
+Variants (--variant): lora (q/k/v/o r=8; --pet-config FILE applies that file instead), mindformers_lora
+(MindFormers' own get_pet_model, the same LoRA), ptuning2 (16 positions), prefix (16 positions, MLP 64), full,
 floor (one norm weight trains), forward (no grad). The pet_hooks variants record how many blocks share a graph.
 """
 from __future__ import annotations
@@ -55,9 +56,14 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lever", default="baseline")
-    parser.add_argument("--variant", default="lora", choices=("lora", "ptuning2", "prefix", "full", "floor", "forward"))
+    parser.add_argument("--variant", default="lora", choices=("lora", "ptuning2", "prefix", "full", "floor", "forward",
+                                                              "mindformers_lora"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--pet-config", default="",
+                        help="variant lora: apply this config file (relative to the repository), e.g. the demo's")
+    parser.add_argument("--chunked-loss", type=int, default=None,
+                        help="pet_hooks variants: the config's chunked_loss (rows per chunk of the head and loss)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamwd", "sgd"))
     parser.add_argument("--save-graphs", default="")
@@ -130,15 +136,24 @@ def run(args, levers, out):
     layers = list(net.model.layers)
 
     reuse = "noreuse" not in levers
-    if args.variant == "lora":
+    if args.variant == "lora" and args.pet_config:     # a config file as the demo applies it (its settings count)
+        cfg = pet_hooks.load_config(os.path.join(ROOT, args.pet_config))
+        out["config"] = {key: value for key, value in cfg.to_dict().items() if value is not None}
+        pet_hooks.apply(net, cfg)
+    elif args.variant == "lora":
         cfg = pet_hooks.LoraConfig(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*wq|.*wk|.*wv|.*wo",
-                                   seed=0, reuse_block_graphs=reuse)
+                                   seed=0, reuse_block_graphs=reuse, chunked_loss=args.chunked_loss)
         pet_hooks.apply(net, cfg)
     elif args.variant in ("ptuning2", "prefix"):       # bench.smollm2's settings: 16 positions (prefix: MLP 64)
         from bench.models import Shape, pet_config
         cfg = pet_config(Shape("llama"), args.variant)
         cfg.reuse_block_graphs = reuse
+        cfg.chunked_loss = args.chunked_loss
         pet_hooks.apply(net, cfg)
+    elif args.variant == "mindformers_lora":          # MindFormers' own LoRA (mindpet) on the same model
+        from mindformers.pet import get_pet_model
+        net = get_pet_model(net, {"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                                  "target_modules": r".*wq|.*wk|.*wv|.*wo"})
     elif args.variant == "floor":
         for param in net.get_parameters():
             param.requires_grad = param.name == "model.layers.0.attention_norm.weight"

@@ -140,6 +140,13 @@ class PetConfig:
     # A compile setting, not part of the adapter (compare=False): see pet_hooks.surgery.graph_reuse.
     reuse_block_graphs: bool = field(default=True, compare=False, metadata={
         "help": "graph mode: compile identically adapted repeated blocks once (MindSpore lazy inline)"})
+    # A memory setting, not part of the adapter (compare=False): see pet_hooks.surgery.chunked_loss.
+    chunked_loss: Optional[int] = field(default=None, compare=False, metadata={
+        "help": "MindFormers' Llama: compute the head and loss N rows at a time, never the whole logits (None: off)"})
+    # A training setting, not part of the adapter (compare=False): see pet_hooks.training.fused_adamw.
+    fused_optimizer: bool = field(default=False, compare=False, metadata={
+        "help": "the doors build pet_hooks.optim.AdamW (one fused kernel per tensor, the same update) for "
+                "MindSpore's experimental AdamW and MindFormers' AdamW"})
 
     PET_TYPE: ClassVar[str] = ""
 
@@ -163,6 +170,9 @@ class PetConfig:
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         _check_bool("reuse_block_graphs", self.reuse_block_graphs)
+        _check_bool("fused_optimizer", self.fused_optimizer)
+        if self.chunked_loss is not None:
+            _check_int("chunked_loss", self.chunked_loss)
         self.validate()
 
     def validate(self) -> None:

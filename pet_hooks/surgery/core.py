@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional
 
 from mindspore import Parameter, nn
 
-from . import graph_reuse, freeze as optim
+from . import chunked_loss, graph_reuse, freeze as optim
 from ..config import strategy_ckpt
 from ..utils.ms_compat import force_recompile, release_compiled_graphs, warn_unchecked_versions
 from ..config.pet_config import PetConfig, check_adapter_name, load_config
@@ -66,6 +66,7 @@ class PetState:
     merged: bool = False
     kept: List[Parameter] = field(default_factory=list)
     reuse_marks: List[graph_reuse.ReuseMark] = field(default_factory=list)
+    head_loss: Optional[chunked_loss.HeadLossSwap] = None     # config chunked_loss
     cells: list = field(default_factory=list)
     adapters: Dict[str, NamedAdapter] = field(default_factory=dict)
     active: List[str] = field(default_factory=list)
@@ -161,22 +162,26 @@ def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
         raise PetStateError(f"{type(net).__name__} already has PET ({existing.config.pet_type}) with a different "
                          f"config; call pet_hooks.remove(net) before applying another (or add_adapter for another LoRA)")
     refuse_foreign_pet(net)                             # MindFormers' own PET already there: no second layer
+    check_adapter_name(adapter_name)
     tuner = get_tuner(cfg.pet_type)
     targets = tuner.select_targets(net, cfg)            # validates; changes nothing
     injections = tuner.inject(targets, cfg)             # all or nothing
+    before: Optional[Dict[str, bool]] = None
     try:
         deltas = {id(p): p for injection in injections for p in tuner.deltas_of(injection)}.values()
         switches = tuner.switch_parameters(injections)
         before = optim.freeze_for_pet(net, deltas, cfg, switches)
         kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas} | {id(p) for p in switches})
+        head_loss = chunked_loss.install(net, cfg.chunked_loss) if cfg.chunked_loss else None
     except BaseException:
+        if before is not None:                          # the model as it was: flags, then classes
+            optim.restore_requires_grad(net, before)
         for injection in reversed(injections):
             tuner.eject(injection)
         raise
-    check_adapter_name(adapter_name)
     for injection in injections:
         injection.occupants = [adapter_name]               # the values each adapted cell holds (multi.slots)
-    state = PetState(cfg, tuner, injections, before, kept=kept, active=[adapter_name],
+    state = PetState(cfg, tuner, injections, before, kept=kept, active=[adapter_name], head_loss=head_loss,
                      adapters={adapter_name: NamedAdapter(adapter_name, cfg, [r.path for r in injections])})
     setattr(net, _STATE_ATTR, state)
     _mark_blocks(net, state)                            # last: the marks read the adapted, frozen blocks
@@ -201,6 +206,7 @@ def remove(net: nn.Cell) -> nn.Cell:
                        "restored within float tolerance, not bit for bit)")
         unmerge(net)
     graph_reuse.unmark(state.reuse_marks)
+    chunked_loss.uninstall(state.head_loss)
     for injection in reversed(state.cells):
         state.tuner.eject(injection)
     optim.restore_requires_grad(owner, state.requires_grad_before)

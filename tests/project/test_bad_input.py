@@ -223,6 +223,11 @@ ROWS: List[Row] = [
     M("compute-dtype", {**SEED, "compute_dtype": "float64"}, PetConfigError, "compute_dtype", "float64"),
     M("seed-negative", {**SEED, "seed": -1}, PetConfigError, "seed", "-1"),
     M("reuse-str", {**SEED, "reuse_block_graphs": "no"}, PetConfigTypeError, "reuse_block_graphs", "'no'"),
+    M("chunked-loss-zero", {**SEED, "chunked_loss": 0}, PetConfigError, "chunked_loss", "got 0"),
+    M("chunked-loss-str", {**SEED, "chunked_loss": "8"}, PetConfigTypeError, "chunked_loss", "'8'"),
+    M("chunked-loss-not-llama", {**SEED, "chunked_loss": 8}, UnsupportedCellError, "chunked_loss",
+      "LlamaForCausalLM"),
+    M("fused-optimizer-str", {**SEED, "fused_optimizer": "yes"}, PetConfigTypeError, "fused_optimizer", "'yes'"),
     M("loraplus-zero", {**SEED, "loraplus_lr_ratio": 0}, PetConfigError, "loraplus_lr_ratio", "got 0"),
     M("loraplus-str", {**SEED, "loraplus_lr_ratio": "16"}, PetConfigTypeError, "loraplus_lr_ratio", "'16'"),
     M("freeze-exclude-int", {**SEED, "freeze_exclude": [1]}, PetConfigTypeError, "freeze_exclude", "[1]"),
@@ -668,7 +673,7 @@ def test_bad_command_line_is_one_error_line_and_exit_2(row, tmp_path, capsys):
 # ----------------------------------------------------------------------------- random mappings
 KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "exclude_layers", "lora_a_init",
         "lora_b_init", "use_rslora", "param_init_type", "compute_dtype", "freeze_include", "freeze_exclude", "seed",
-        "reuse_block_graphs", "loraplus_lr_ratio", "pre_seq_len", "prefix_projection", "projection_dim",
+        "reuse_block_graphs", "chunked_loss", "fused_optimizer", "loraplus_lr_ratio", "pre_seq_len", "prefix_projection", "projection_dim",
         "dropout_rate", "dropout_prob", "prefix_token_num", "mid_dim", "feedforward_modules", "init_ia3_weights", "bottleneck_size", "non_linearity",
         "init_lora_weights", "use_dora",
         "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
