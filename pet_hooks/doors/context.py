@@ -36,9 +36,10 @@ import weakref
 from typing import Iterator, List, Optional
 
 from mindspore import Parameter, nn
-from mindspore.experimental.optim import Optimizer as ExperimentalOptimizer
+from mindspore.experimental.optim import AdamW as ExperimentalAdamW, Optimizer as ExperimentalOptimizer
 
 from . import flow
+from ..training.fused_adamw import build_fused_instead
 from ..training.grad_guard import GradGuard
 from ..config.pet_config import PetConfig, check_adapter_name, config_differences, load_config
 from ..config.default_targets import config_for_method
@@ -105,6 +106,10 @@ class PetSession:
         if len(models) == 1:
             return flow.optimizer_params(params, models[0], optimizer_name, learning_rate, weight_decay)
         return [p for m in models for p in m.trainable_params()]
+
+    def wants_fused_optimizer(self) -> bool:
+        """Config ``fused_optimizer: true``: torch's AdamW classes built in the block are pet_hooks' fused one."""
+        return self.is_open and self.config is not None and self.config.fused_optimizer
 
     # -- helpers ----------------------------------------------------------------------------
     def roots(self) -> List[nn.Cell]:
@@ -195,6 +200,7 @@ def enable(cfg=None, adapter_name: Optional[str] = None) -> Iterator[PetSession]
         patches.wrap(nn.Cell, "__init__", session.note_cell)
         patches.wrap(nn.Optimizer, "__init__", session.redirect_optimizer)
         patches.wrap(ExperimentalOptimizer, "__init__", session.redirect_experimental_optimizer)
+        build_fused_instead(patches, ExperimentalAdamW, session.wants_fused_optimizer)
         _ACTIVE, session.is_open = session, True
         mindformers_door.install(session, patches)      # MindFormers' own PET construction, now or on import
         yield session

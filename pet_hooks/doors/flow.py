@@ -20,6 +20,7 @@ from mindspore import Parameter, nn
 
 from ..io.adapter_io import save_adapter
 from ..errors import OptimizerRebuildError
+from ..training.fused_adamw import fused_in_place_of
 from ..training.loraplus import rebuilt_groups
 from ..training.recorder import constructor_arguments, init_signature
 from ..multi.adapters import add_adapter, set_adapter
@@ -189,7 +190,9 @@ def rebuild_optimizer(optimizer: nn.Optimizer, model: nn.Cell) -> nn.Optimizer:
     bound.arguments[first] = optimizer_params(bound.arguments[first], model, cls.__name__,
                                               _argument(bound, "learning_rate", "lr"), _argument(bound, "weight_decay"))
     try:
-        return cls(*bound.args[1:], **bound.kwargs)
+        fused = fused_in_place_of(cls, bound.args[1:], bound.kwargs) if get_state(model).config.fused_optimizer \
+            else None
+        return fused if fused is not None else cls(*bound.args[1:], **bound.kwargs)
     except Exception as err:
         raise OptimizerRebuildError(f"cannot rebuild optimizer {cls.__name__} over the PET parameters: {err}") from err
 

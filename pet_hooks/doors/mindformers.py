@@ -47,6 +47,7 @@ from ..surgery.foreign_pet import refuse_foreign_pet
 from ..io.mindformers_io import from_mindformers_name
 from ..utils.patching import PatchSet
 from ..surgery.core import has_pet
+from ..training.fused_adamw import build_fused_instead
 
 __all__ = ["install", "yaml_config"]
 
@@ -178,6 +179,8 @@ class _Door:
 
         self.patches.wrap(mindformers.pet, "get_pet_model", self.get_pet_model)   # build_network imports it late
         self.patches.wrap(Trainer, "__init__", self.trainer_init)
+        from mindformers.core.optim.adamw import AdamW
+        build_fused_instead(self.patches, AdamW, self.session.wants_fused_optimizer)
         self.patches.wrap(Trainer, "train", self.trainer_run)
         self.patches.wrap(Trainer, "finetune", self.trainer_run)
         for module in _CHECKPOINT_READERS:          # each imported the function by name

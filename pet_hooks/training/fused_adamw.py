@@ -26,11 +26,14 @@ not provided: use MindSpore's class for them.
 """
 from __future__ import annotations
 
+import inspect
+from typing import Any, Callable, Dict, List, Optional
+
 from mindspore import jit, nn, ops
 from mindspore.common import dtype as mstype
 from mindspore.ops import operations as P
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "torch_adamw_classes", "fused_in_place_of", "build_fused_instead"]
 
 _fused_update = ops.MultitypeFuncGraph("pet_hooks_fused_adamw")
 
@@ -78,3 +81,57 @@ class AdamW(nn.AdamWeightDecay):
                                   self._parameters, self.moments1, self.moments2, gradients)
         return self.hyper_map(ops.partial(_fused_update, opt, beta1, beta2, eps, scale, lr, weight_decay),
                               self._parameters, self.moments1, self.moments2, gradients)
+
+
+# ----------------------------------------------------------------------------- in place of torch's AdamW classes
+#: (module, class) of the AdamW classes with torch's update that config ``fused_optimizer: true`` replaces
+_TORCH_ADAMW = (("mindspore.experimental.optim.adamw", "AdamW"), ("mindformers.core.optim.adamw", "AdamW"))
+
+
+def torch_adamw_classes() -> List[type]:
+    """MindSpore's experimental AdamW and MindFormers' AdamW, those of them already imported."""
+    import sys
+    return [cls for cls in (getattr(sys.modules.get(module), name, None) for module, name in _TORCH_ADAMW)
+            if cls is not None]
+
+
+def _adamw_arguments(cls: type, args: tuple, kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """This class's AdamW arguments for a constructor call of ``cls``, or None when ``cls`` is not one of
+    :func:`torch_adamw_classes` (exactly: a subclass may change the update) or the call asks for what this
+    class does not do (amsgrad, maximize, MindFormers' host-memory ``swap``), or does not bind."""
+    if cls not in torch_adamw_classes():
+        return None
+    try:
+        given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+    except TypeError:
+        return None                     # the class itself will say what is wrong with the call
+    if given.get("amsgrad") or given.get("maximize") or given.get("swap"):
+        return None
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+    value = {**defaults, **given}
+    return {"params": value["params"], "lr": value["lr"] if "lr" in value else value["learning_rate"],
+            "betas": value["betas"], "eps": value["eps"], "weight_decay": value["weight_decay"]}
+
+
+def fused_in_place_of(cls: type, args: tuple, kwargs: Dict[str, Any]) -> Optional[AdamW]:
+    """An :class:`AdamW` computing what ``cls(*args, **kwargs)`` would (``fused_optimizer: true``), or None
+    when it cannot stand in for that call (then the caller builds ``cls`` as asked)."""
+    arguments = _adamw_arguments(cls, args, kwargs)
+    return None if arguments is None else AdamW(**arguments)
+
+
+def build_fused_instead(patches, cls: type, wanted: Callable[[], bool]) -> None:
+    """Make ``cls(...)`` build :func:`fused_in_place_of` instead while ``wanted()`` is true (the doors, with
+    ``fused_optimizer: true``), through ``patches`` (a ``PatchSet``: undone with it). ``__new__`` is the
+    one place a call can return another class's instance; that instance is built completely there, so
+    Python does not run ``cls.__init__`` on it."""
+    original = cls.__new__
+
+    def __new__(klass, *args, **kwargs):
+        if klass is cls and wanted():
+            fused = fused_in_place_of(klass, args, kwargs)
+            if fused is not None:
+                return fused
+        return original(klass, *args, **kwargs)
+
+    patches.set(cls, "__new__", staticmethod(__new__))
