@@ -3,8 +3,10 @@
 A training script that knows nothing about PET (like ``samples/legacy_train.py``): it loads
 the real pretrained model (all 30 blocks, ``samples/smollm2.py``), scores it on held-out
 docstrings, trains it with ``mindspore.train.Model.train`` and an optimizer over
-``net.trainable_params()``, and scores it again. Alone it fine-tunes every weight; under the
-launcher the optimizer it builds holds only LoRA's deltas::
+``net.trainable_params()`` (MindFormers' ``AdamW``, torch's update), and scores it again. Alone it
+fine-tunes every weight; under the launcher the optimizer it builds holds only LoRA's deltas (and, with
+the config's ``fused_optimizer: true``, is pet_hooks' AdamW: the same update, one fused kernel per
+tensor)::
 
     pet-hooks run --config samples/configs/smollm2_lora.yaml --save-dir smollm2_adapter \\
         samples/smollm2_train.py
@@ -28,8 +30,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 import mindspore.dataset as ds
-from mindspore import nn
 from mindspore.train import Callback, Model
+from mindformers.core.optim import AdamW
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from samples.smollm2 import EOS_ID, batch_logits, load_smollm2, smollm2_tokenizer  # noqa: E402
@@ -134,7 +136,7 @@ def main() -> int:
     ids, labels = train_rows(tok, train, args.seq)
     rows = training_order(len(train), args.steps, args.batch_size, args.seed)
     dataset = ds.GeneratorDataset([(ids[r], labels[r]) for r in rows], ["input_ids", "labels"], shuffle=False)
-    optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=args.lr, weight_decay=0.0)
+    optimizer = AdamW(net.trainable_params(), learning_rate=args.lr, weight_decay=0.0)    # MindFormers': torch's update
     tuned = sum(int(np.prod(p.shape)) for p in optimizer.parameters)
     total = sum(int(np.prod(p.shape)) for p in net.get_parameters())
     print(f"training {args.steps} steps of {args.batch_size} x {args.seq} tokens; the optimizer holds "
