@@ -131,12 +131,15 @@ def main() -> int:
     print(f"SmolLM2-135M-Instruct loaded ({net.config.num_layers} blocks) in {time.perf_counter() - started:.0f} s",
           flush=True)
 
+    # The optimizer first, then the score before training: the model the evaluation compiles is then the one that
+    # trains (under pet-hooks run, adapted when its optimizer is built; LoRA's B starts at zero, so its outputs are
+    # the pretrained model's), and the evaluation after training runs the same compiled graph instead of another.
+    optimizer = AdamW(net.trainable_params(), learning_rate=args.lr, weight_decay=0.0)    # MindFormers': torch's update
     before, loss_before, answers_before = evaluate(net, tok, held_out, args, "before")
 
     ids, labels = train_rows(tok, train, args.seq)
     rows = training_order(len(train), args.steps, args.batch_size, args.seed)
     dataset = ds.GeneratorDataset([(ids[r], labels[r]) for r in rows], ["input_ids", "labels"], shuffle=False)
-    optimizer = AdamW(net.trainable_params(), learning_rate=args.lr, weight_decay=0.0)    # MindFormers': torch's update
     tuned = sum(int(np.prod(p.shape)) for p in optimizer.parameters)
     total = sum(int(np.prod(p.shape)) for p in net.get_parameters())
     print(f"training {args.steps} steps of {args.batch_size} x {args.seq} tokens; the optimizer holds "

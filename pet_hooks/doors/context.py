@@ -6,7 +6,7 @@
         ... the script's own loop ...
     session.models                                         # the models that were adapted
 
-Three ``wrapt`` patches, all undone on exit (also when the body raises), each attribute set
+Four patches, all undone on exit (also when the body raises), each attribute set
 back to the identical original object:
 
 - ``nn.Cell.__init__`` notes every cell built inside the block, so that the models built
@@ -15,7 +15,10 @@ back to the identical original object:
   class) finds the model built inside the block that owns the parameters it is given,
   adapts that model once, and hands the optimizer the model's PET parameters instead,
   keeping parameter groups and their settings; ``mindspore.experimental.optim.Optimizer.__init__``
-  (torch-style optimizers such as its ``AdamW``, another base class) the same.
+  (torch-style optimizers such as its ``AdamW``, another base class) the same;
+- ``mindspore.experimental.optim.AdamW.__new__`` (and MindFormers' ``AdamW``'s, by the MindFormers door):
+  with ``fused_optimizer: true`` in the config the call builds ``pet_hooks.optim.AdamW`` instead
+  (``pet_hooks.training.fused_adamw``).
 
 Without a config (``enable()``), the config is the ``pet_config`` of the run YAML MindFormers builds a
 model from inside the block (``hooks.mindformers``: MindFormers' own PET construction is pet_hooks'
