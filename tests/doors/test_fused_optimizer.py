@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor
 from mindspore.experimental.optim import AdamW as ExperimentalAdamW
 
 import pet_hooks
