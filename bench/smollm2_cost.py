@@ -7,7 +7,9 @@ SmolLM2-135M-Instruct with its 30 blocks, batch 4 x 128, graph mode, ``nn.AdamWe
 side (``torch.optim.AdamW`` on PEFT's):
 
 - ``demo``: pet_hooks LoRA applying the demo's own config file, ``samples/configs/smollm2_lora.yaml`` (so the
-  memory settings that file ships, ``chunked_loss``, count);
+  memory settings that file ships, ``chunked_loss``, count), with MindSpore's compile cache in a fresh folder;
+- ``demo_again``: the same run started again right after, loading the compiled graphs from that folder
+  (what ``pet-hooks run --compile-cache DIR`` gives a second run);
 - ``lora``: pet_hooks LoRA r=8 q/k/v/o with no memory setting (the issue's first row);
 - ``floor``: plain MindSpore, every weight frozen but block 0's norm (what the frozen backward costs);
 - ``mindformers``: MindFormers' own LoRA (``mindformers.pet.get_pet_model``) with the same settings;
@@ -24,8 +26,10 @@ import datetime
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Dict, List
 
 from bench.models import ROOT, load_average
@@ -35,6 +39,8 @@ DEMO_CONFIG = os.path.join("samples", "configs", "smollm2_lora.yaml")
 ROWS: Dict[str, tuple] = {
     "demo": ("pet_hooks LoRA, the demo's config (`chunked_loss` included)", "run.py",
              ["--variant", "lora", "--pet-config", DEMO_CONFIG, "--optimizer", "adamwd"]),
+    "demo_again": ("the same, started again (compile cache)", "run.py",
+                   ["--variant", "lora", "--pet-config", DEMO_CONFIG, "--optimizer", "adamwd"]),
     "lora": ("pet_hooks LoRA, no memory setting", "run.py", ["--variant", "lora", "--optimizer", "adamwd"]),
     "floor": ("plain MindSpore, every weight frozen but block 0's norm", "run.py",
               ["--variant", "floor", "--optimizer", "adamwd"]),
@@ -45,13 +51,17 @@ ROWS: Dict[str, tuple] = {
 OUT = os.path.join(ROOT, "bench", "smollm2_cost_last_run.json")
 
 
-def run_row(key: str, steps: int) -> dict:
-    """One process of row ``key``: its RESULT line (``error`` set when it failed), with the load at its start."""
+def run_row(key: str, steps: int, cache: str) -> dict:
+    """One process of row ``key``: its RESULT line (``error`` set when it failed), with the load at its start;
+    the demo rows compile into (``demo``) and load from (``demo_again``) MindSpore's cache in ``cache``."""
     _, script, extra = ROWS[key]
     argv = [sys.executable, os.path.join(STUDY, script), "--blocks", "30", "--seq", "128", "--batch", "4",
             "--steps", str(steps), *extra]
+    env = dict(os.environ)
+    if key in ("demo", "demo_again"):
+        env.update(MS_COMPILER_CACHE_ENABLE="1", MS_COMPILER_CACHE_PATH=cache)
     load = load_average()
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=3600, check=False)
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
     lines = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     result = json.loads(lines[-1]) if lines else {"error": f"exit {done.returncode}: {done.stderr.strip()[-600:]}"}
     return {**result, "load_start": load}
@@ -97,14 +107,19 @@ def main(argv=None) -> int:
     started = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "load_start": load_average()}
     runs: Dict[str, List[dict]] = {row: [] for row in rows}
     for round_index in range(args.rounds):
-        order = rows if round_index % 2 == 0 else list(reversed(rows))    # alternate: no row always runs first
+        order = list(rows) if round_index % 2 == 0 else list(reversed(rows))    # alternate: no row always runs first
+        if "demo_again" in order:                                            # right after the run that fills the cache
+            order.remove("demo_again")
+            order.insert(order.index("demo") + 1 if "demo" in order else 0, "demo_again")
+        cache = tempfile.mkdtemp(prefix="smollm2_cost_cache_")
         for row in order:
             print(f"round {round_index + 1}: {row}", flush=True)
-            runs[row].append(run_row(row, args.steps))
+            runs[row].append(run_row(row, args.steps, cache))
             result = runs[row][-1]
             print("    " + (result["error"][:300] if "error" in result else
                             f"first {result['first_s']} s, later {result['later_median_s']} s, "
                             f"peak {result['peak_above_base_mb']} MB, losses {result.get('losses')}"), flush=True)
+        shutil.rmtree(cache, ignore_errors=True)
     data = {**started, "load_end": load_average(), "rounds": args.rounds, "steps": args.steps, "runs": runs}
     with open(OUT, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1)
