@@ -95,12 +95,21 @@ def test_ten_losses_equal_mindformers_own_lora(mode_, base, tmp_path):
         np.testing.assert_allclose(ours.trainable[ours_name], value, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_resume_training_continues_pet_hooks_run_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def whole_in_door(tmp_path_factory):
+    """The YAML's ten-step LoRA run inside enable(), uninterrupted (graph mode): the reference of both resume
+    tests below, trained once (they only read it; each trains its interrupted and resumed runs itself)."""
+    run, _ = _in_door(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=10),
+                      str(tmp_path_factory.mktemp("whole") / "whole"))
+    return run
+
+
+def test_resume_training_continues_pet_hooks_run_exactly(whole_in_door, tmp_path):
     """Stopped after step 7, resumed with resume_training: True from the run's own checkpoint folder:
     the remaining losses and the final deltas are the uninterrupted run's (optimizer moments and step
     reloaded by pet_hooks' delta names); the adapter saved at the end is the uninterrupted run's."""
     data = lambda: token_dataset(yaml_of("lora"))   # noqa: E731
-    whole, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "whole"))
+    whole = whole_in_door
     cut, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "cut"), callbacks=[StopAfter(7)])
     resumed, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "resumed"),
                           overrides={"resume_training": True,
@@ -115,14 +124,14 @@ def test_resume_training_continues_pet_hooks_run_exactly(tmp_path):
         np.testing.assert_array_equal(value, whole.trainable[name], err_msg=name)
 
 
-def test_pet_hooks_run_checkpoints_resume_the_trainer(tmp_path):
+def test_pet_hooks_run_checkpoints_resume_the_trainer(whole_in_door, tmp_path):
     """pet-hooks run --save-steps 3 --resume around MindFormers' Trainer (the launcher's run_checkpoints, in
     this process): stopped after step 7, run again, it resumes from step 6's run checkpoint (pet_hooks' own,
     not MindFormers' resume_training) and ends with the uninterrupted run's losses and adapter. It fails if
     the Trainer's batches were not skipped or its optimizer (MindFormers' AdamW) state not restored."""
     from pet_hooks.doors.launcher import run_checkpoints
     data = lambda: token_dataset(yaml_of("lora"), steps=10)   # noqa: E731
-    whole, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "whole"))
+    whole = whole_in_door
     saves = str(tmp_path / "saves")
     with run_checkpoints(saves, {"save_steps": 3}, None, None):
         cut, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "cut"), callbacks=[StopAfter(7)])

@@ -385,22 +385,29 @@ def test_train_without_a_checkpoint_is_seeded_by_the_yaml(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def whole_and_cut(tmp_path_factory):
-    """mode -> (the uninterrupted ten-step run, the same run interrupted after step 7), each pair trained once
-    per mode and shared by the resume variants: they only read the two runs (each resumes into an output_dir
-    of its own), so training them again for every variant would only repeat the same seeded runs."""
+def lora_runs(tmp_path_factory):
+    """(kind, mode) -> the YAML's ten-step LoRA run from scratch: "whole" uninterrupted, "cut" the same run
+    interrupted after step 7 (CheckpointMonitor saved steps 5 and 7), each trained once per mode and shared
+    by the tests that only read them (the resume variants, the load_checkpoint and refused-file tests: each
+    trains into an output_dir of its own), so training them again for every test would only repeat the same
+    seeded runs."""
     from tests.trainer_yaml import StopAfter, run_trainer, token_dataset
     runs = {}
 
-    def get(mode):
-        if mode not in runs:
-            root = tmp_path_factory.mktemp(f"resume_mode{mode}")
-            whole = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(root / "whole"), mode=mode)
-            cut = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(root / "cut"), mode=mode,
-                              callbacks=[StopAfter(7)])
-            runs[mode] = whole, cut
-        return runs[mode]
+    def get(kind, mode=0):
+        if (kind, mode) not in runs:
+            root = tmp_path_factory.mktemp(f"{kind}_mode{mode}")
+            callbacks = {"whole": [], "cut": [StopAfter(7)]}[kind]
+            runs[kind, mode] = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora")), str(root / kind),
+                                           mode=mode, callbacks=callbacks)
+        return runs[kind, mode]
     return get
+
+
+@pytest.fixture(scope="module")
+def whole_and_cut(lora_runs):
+    """mode -> (the uninterrupted ten-step run, the same run interrupted after step 7)."""
+    return lambda mode: (lora_runs("whole", mode), lora_runs("cut", mode))
 
 
 @pytest.mark.parametrize("how", ["meta_json", "file_name"])
@@ -423,13 +430,14 @@ def test_resume_training_continues_an_interrupted_run_exactly(mode, how, whole_a
 
 
 @pytest.mark.parametrize("where", ["file", "folder"])
-def test_load_checkpoint_of_a_trained_run_loads_its_deltas_by_name(where, tmp_path):
+def test_load_checkpoint_of_a_trained_run_loads_its_deltas_by_name(where, lora_runs, tmp_path):
     """``load_checkpoint`` without resume_training: the run's own checkpoint (file, or the checkpoint
-    folder) goes into the new model by parameter name, the deltas included; training starts over."""
+    folder) goes into the new model by parameter name, the deltas included; training starts over.
+    (The trained run is the module's interrupted one: its folder holds steps 5 and 7, its meta.json names 7.)"""
     from tests.trainer_yaml import run_trainer, token_dataset
-    first = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=3), str(tmp_path / "first"))
+    first = lora_runs("cut")
     folder = os.path.join(first.output_dir, "checkpoint")
-    path = os.path.join(folder, "rank_0", "llama_lora_rank_0-1_3.ckpt") if where == "file" else folder
+    path = os.path.join(folder, "rank_0", "llama_lora_rank_0-1_7.ckpt") if where == "file" else folder
     from tests.trainer_yaml import AtTrainBegin
     seen = AtTrainBegin()
     again = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=1), str(tmp_path / "again"),
@@ -440,12 +448,14 @@ def test_load_checkpoint_of_a_trained_run_loads_its_deltas_by_name(where, tmp_pa
     assert again.losses[0] != first.losses[0]
 
 
-def test_resume_from_a_checkpoint_file_is_refused_by_mindformers(tmp_path):
+def test_resume_from_a_checkpoint_file_is_refused_by_mindformers(lora_runs, tmp_path):
     """MindFormers 1.9 wants the checkpoint folder: a file fails its Hugging Face check. If this starts
-    passing, the note in the report and the YAML comments are stale."""
+    passing, the note in the report and the YAML comments are stale. (The file: step 5's of the module's
+    interrupted run.)"""
     from tests.trainer_yaml import run_trainer, token_dataset
-    first = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=5), str(tmp_path / "first"))
+    first = lora_runs("cut")
     ckpt = os.path.join(first.output_dir, "checkpoint", "rank_0", "llama_lora_rank_0-1_5.ckpt")
+    assert os.path.isfile(ckpt)
     with pytest.raises(ValueError, match="checkpoint_path is not a directory"):
         run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=5), str(tmp_path / "again"),
                     overrides={"resume_training": True, "load_checkpoint": ckpt})
