@@ -165,15 +165,13 @@ def _causal_lm(net: nn.Cell) -> nn.Cell:
 
 def _refusal(model: nn.Cell) -> Optional[str]:
     """Why the head and loss of ``model`` cannot be chunked, or None."""
-    from mindspore.context import ParallelMode
-    from mindspore.parallel._utils import _get_parallel_mode
     head, loss = getattr(model, "lm_head", None), getattr(model, "loss", None)
     loss_class = loaded_class(*_LOSS)
     if type(loss) is not loss_class:
         return f"its loss is {type(loss).__name__}, not MindFormers' CrossEntropyLoss"
     if loss.calculate_per_token_loss or loss.seq_pipe or loss.need_monitor:
         return "its CrossEntropyLoss returns per-token sums or monitors the local loss"
-    if _get_parallel_mode() in (ParallelMode.SEMI_AUTO_PARALLEL, ParallelMode.AUTO_PARALLEL):
+    if ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
         return "semi/auto parallel mode: the head's sharding would be lost"
     weight = getattr(head, "weight", None)
     if weight is None or getattr(head, "has_bias", False):
