@@ -9,9 +9,9 @@ gradient ``dL/dh = (softmax - onehot) * mask / sum(mask) @ W`` are computed in t
 dropped, so only ``dL/dh`` (``[rows, hidden]``) waits for the backward pass, whose custom ``bprop``
 scales it by the incoming gradient. The chunks run in a loop on a tensor counter, which graph mode
 compiles once: one set of ``[R, vocab]`` kernels (measured on SmolLM2, 30 blocks, 4 x 128: 6,322 ->
-4,920 MB peak with ``R = 32``; a Python loop, unrolled into a kernel set per chunk, saved 143 MB). The loss is MindFormers' ``CrossEntropyLoss``
-(``sum(ce * mask) / (sum(mask) + 1e-8)``) and the gradients equal the unchunked model's within float
-rounding (tests/surgery/test_chunked_loss.py, both modes).
+4,920 MB peak with ``R = 32``; a Python loop, unrolled into a kernel set per chunk, saved 143 MB). The
+loss is MindFormers' ``CrossEntropyLoss`` (``sum(ce * mask) / (sum(mask) + 1e-8)``) and the gradients
+equal the unchunked model's within float rounding (tests/surgery/test_chunked_loss.py, both modes).
 
 How it is put on, non-invasively like the adapters: two cells change class, and ``remove`` gives
 them back theirs.
@@ -30,7 +30,6 @@ parallel modes (the head's sharding would be lost).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,7 +37,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..errors import PetConfigError, UnsupportedCellError
-from ..tuners.common import loaded_class
+from ..tuners.common import loaded_class, patched_class, strip_attrs
 
 __all__ = ["ChunkedHeadLoss", "HeadLossSwap", "install", "uninstall", "chunk_loss_and_grad"]
 
@@ -46,6 +45,7 @@ _LLAMA = ("mindformers.models.llama.llama", "LlamaForCausalLM")
 _LOSS = ("mindformers.core.loss.loss", "CrossEntropyLoss")
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 _MATMUL = ops.MatMul()
+_LOSS_ATTRS = ("pet_chunked_loss", "pet_head_weight")     # what install puts on the loss cell
 _ONE_HOT = ops.OneHot()           # MindFormers' _LogSoftmax's
 _ONE = Tensor(1.0, ms.float32)
 _ZERO = Tensor(0.0, ms.float32)
@@ -117,29 +117,22 @@ class ChunkedHeadLoss(nn.Cell):
         return dout[n, 0] * out[:n], self.zeros(labels), self.zeros(mask), self.zeros(weight)
 
 
-def _passthrough_construct(base_construct):
+class PassThroughHead:
+    """Mixin for ``lm_head`` (``patched_class``): its input in training, its own computation otherwise."""
+
     def construct(self, x):
         if self.training:
             return x            # the hidden states go on to the chunked loss; no logits are made
-        return base_construct(self, x)
-    return construct
+        return self.pet_base_construct(x)
 
 
-def _chunked_loss_construct(self, logits, label, input_mask):
-    hidden = logits             # in training the head passed the hidden states through
-    packed = self.pet_chunked_loss(hidden, label.reshape(-1), input_mask.reshape(-1), self.pet_head_weight)
-    return packed[hidden.shape[0], 0]
+class ChunkedLoss:
+    """Mixin for ``loss`` (``patched_class``): the hidden states the head passed through go to the chunked loss."""
 
-
-@functools.lru_cache(maxsize=None)
-def _passthrough_class(cls: type) -> type:
-    return type(f"PassThroughHead_of_{cls.__name__}", (cls,),
-                {"construct": _passthrough_construct(cls.construct), "__module__": __name__})
-
-
-@functools.lru_cache(maxsize=None)
-def _chunked_class(cls: type) -> type:
-    return type(f"ChunkedLoss_of_{cls.__name__}", (cls,), {"construct": _chunked_loss_construct, "__module__": __name__})
+    def construct(self, logits, label, input_mask):
+        hidden = logits         # in training the head passed the hidden states through
+        packed = self.pet_chunked_loss(hidden, label, input_mask, self.pet_head_weight)
+        return packed[hidden.shape[0], 0]
 
 
 @dataclass
@@ -195,10 +188,10 @@ def install(net: nn.Cell, rows: int) -> HeadLossSwap:
     swap = HeadLossSwap(model, type(model.lm_head), type(model.loss))
     # Plain attributes, not registered: the weight is the head's (or the tied embedding's) parameter already,
     # and registering it on the loss would give the net a second path to it.
-    object.__setattr__(model.loss, "pet_chunked_loss", ChunkedHeadLoss(int(rows)))
-    object.__setattr__(model.loss, "pet_head_weight", model.lm_head.weight)
-    model.lm_head.__class__ = _passthrough_class(swap.head_class)
-    model.loss.__class__ = _chunked_class(swap.loss_class)
+    for name, value in zip(_LOSS_ATTRS, (ChunkedHeadLoss(int(rows)), model.lm_head.weight)):
+        object.__setattr__(model.loss, name, value)
+    model.lm_head.__class__ = patched_class(PassThroughHead, swap.head_class)
+    model.loss.__class__ = patched_class(ChunkedLoss, swap.loss_class)
     return swap
 
 
@@ -208,5 +201,4 @@ def uninstall(swap: Optional[HeadLossSwap]) -> None:
         return
     swap.model.lm_head.__class__ = swap.head_class
     swap.model.loss.__class__ = swap.loss_class
-    for name in ("pet_chunked_loss", "pet_head_weight"):
-        del swap.model.loss.__dict__[name]
+    strip_attrs(swap.model.loss, _LOSS_ATTRS)
