@@ -102,13 +102,13 @@ def _adamw_arguments(cls: type, args: tuple, kwargs: Dict[str, Any]) -> Optional
     if cls not in torch_adamw_classes():
         return None
     try:
-        given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
     except TypeError:
         return None                     # the class itself will say what is wrong with the call
-    if given.get("amsgrad") or given.get("maximize") or given.get("swap"):
+    bound.apply_defaults()
+    value = bound.arguments
+    if value.get("amsgrad") or value.get("maximize") or value.get("swap"):
         return None
-    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
-    value = {**defaults, **given}
     return {"params": value["params"], "lr": value["lr"] if "lr" in value else value["learning_rate"],
             "betas": value["betas"], "eps": value["eps"], "weight_decay": value["weight_decay"]}
 
