@@ -108,7 +108,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=64, help="tokens per training row and per generation window")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval", type=int, default=0, help="held-out docstrings to score (0: all)")
-    parser.add_argument("--eval-batch", type=int, default=4, help="held-out rows per call (the training batch: a smaller graph than 8)")
+    parser.add_argument("--eval-batch", type=int, default=4,
+                        help="held-out rows per call (the training batch: a smaller graph than 8)")
     parser.add_argument("--max-new", type=int, default=8, help="tokens generated per shown answer at most")
     parser.add_argument("--show", type=int, default=8, help="held-out answers shown before and after")
     parser.add_argument("--num-layers", type=int, default=None, help="keep the first N blocks (tests)")

@@ -68,6 +68,8 @@ def main():
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamwd", "sgd"))
     parser.add_argument("--save-graphs", default="")
     args = parser.parse_args()
+    if args.pet_config and args.chunked_loss is not None:
+        parser.error("--chunked-loss with --pet-config: the config file's chunked_loss is the one applied")
     levers = [x for x in args.lever.split(",") if x and x != "baseline"]
     out = {"blocks": args.blocks, "seq": args.seq, "batch": args.batch, "variant": args.variant,
            "lever": args.lever, "notes": []}
