@@ -10,7 +10,8 @@ The report lists every pattern of ``target_modules`` (a top-level ``|`` alternat
 regex, or a list entry) with how many cells it selects and, when it selects none, the
 nearest names; every matched cell (path, type, input/output size, its delta parameters and
 their shapes, and ``tied_to``: the cell that shares its weight, for a tied embedding, whose merge
-is refused); the cells that almost matched (the same type as a matched cell, or a type the
+is refused; with LoRA's ``rank_pattern`` / ``alpha_pattern``, its own ``rank`` and ``lora_alpha``, and
+``by_pattern`` when a key set them); the cells that almost matched (the same type as a matched cell, or a type the
 method adapts, not selected); and the trainable summary. It is built by running the core flow
 (``apply``) on the net and undoing it (``remove``), so what it shows is what training gets.
 
@@ -140,6 +141,10 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
         report["matched"].append({"path": injection.path, "type": injection.original_class.__name__,
                                   "in": size[0], "out": size[1], "deltas": own,
                                   "tied_to": tied[injection.path][1] if injection.path in tied else None})
+        if getattr(state.config, "has_patterns", False):      # rank_pattern / alpha_pattern: this cell's own
+            own_cfg = state.config.for_module(injection.path)
+            report["matched"][-1].update(rank=own_cfg.lora_rank, lora_alpha=own_cfg.lora_alpha,
+                                         by_pattern=own_cfg is not state.config)
         matched_paths.add(injection.path)
         matched_types.add(injection.original_class)
     report["shared"] = [{"name": name, "shape": shape} for name, shape in shared.items()]
@@ -232,10 +237,13 @@ def format_report(report: Dict[str, Any]) -> str:
     if report["error"]:
         lines += ["", f"error: {report['error']}"]
     if report["matched"]:
-        rows = [["path", "type", "in", "out", "delta parameters"]]
+        ranked = any("rank" in cell for cell in report["matched"])       # rank_pattern / alpha_pattern
+        rows = [["path", "type", "in", "out", "delta parameters"] + (["r / alpha"] if ranked else [])]
         for cell in report["matched"]:
             rows.append([cell["path"], cell["type"], _num(cell["in"]), _num(cell["out"]),
-                         ", ".join(f"{d['name']} {_shape(d['shape'])}" for d in cell["deltas"]) or "-"])
+                         ", ".join(f"{d['name']} {_shape(d['shape'])}" for d in cell["deltas"]) or "-"]
+                        + ([f"{cell['rank']} / {cell['lora_alpha']:g}" + (" (pattern)" if cell["by_pattern"] else "")]
+                           if ranked else []))
         lines += ["", f"matched ({len(report['matched'])} cells)"] + _table(rows)
         tied = [cell for cell in report["matched"] if cell.get("tied_to")]
         if tied:

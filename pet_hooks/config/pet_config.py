@@ -25,6 +25,7 @@ import yaml
 
 from ..errors import PetConfigError, PetConfigTypeError
 from .methods import config_types, method, register_method
+from .lora_patterns import PATTERN_FIELDS, check_pattern, pattern_key
 from .strategy_ckpt import check_run_yaml
 
 __all__ = [
@@ -220,6 +221,12 @@ class LoraConfig(PetConfig):
     use_dora: bool = field(default=False, metadata={
         "help": "DoRA: a trainable magnitude per output row (lora_magnitude_vector), direction W + scaling*B@A"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    # rank_pattern / alpha_pattern (issue 29): PEFT's per-module rank and alpha, see config/lora_patterns.py.
+    rank_pattern: dict = field(default_factory=dict, metadata={
+        "help": "regex -> rank for the cells it selects (PEFT's rule: the key matches the end of the dotted "
+                "path, after a dot; the first matching key wins); a key selecting no adapted cell is an error"})
+    alpha_pattern: dict = field(default_factory=dict, metadata={
+        "help": "regex -> lora_alpha for the cells it selects (matched as rank_pattern)"})
     param_init_type: str = field(default="float32", metadata={"help": "dtype of the delta parameters"})
     compute_dtype: Optional[str] = field(default=None, metadata={"help": "branch dtype; None = the layer's own"})
     # A training setting, not part of the adapter (compare=False): see pet_hooks.training.loraplus.
@@ -250,6 +257,8 @@ class LoraConfig(PetConfig):
                                  f"(the default init), got init_lora_weights={self.init_lora_weights!r}")
         _check_bool("use_dora", self.use_dora)
         _check_bool("use_rslora", self.use_rslora)
+        for name in PATTERN_FIELDS:      # rank_pattern / alpha_pattern
+            setattr(self, name, check_pattern(name, getattr(self, name)))
         self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
         if self.compute_dtype is not None:
             self.compute_dtype = _dtype_name("compute_dtype", self.compute_dtype)
@@ -262,6 +271,24 @@ class LoraConfig(PetConfig):
     def scaling(self) -> float:
         """The factor on ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
         return float(self.lora_alpha) / (self.lora_rank ** 0.5 if self.use_rslora else self.lora_rank)
+
+    # rank_pattern / alpha_pattern: the one place a cell's own rank and alpha are read.
+    def for_module(self, path: str) -> "LoraConfig":
+        """The config of the cell at ``path``: ``lora_rank`` / ``lora_alpha`` from the first ``rank_pattern`` /
+        ``alpha_pattern`` key selecting it (PEFT's rule, ``config/lora_patterns.py``), the patterns emptied;
+        this config itself when no key selects it."""
+        rank_key, alpha_key = pattern_key(self.rank_pattern, path), pattern_key(self.alpha_pattern, path)
+        if rank_key is None and alpha_key is None:
+            return self
+        return dataclasses.replace(
+            self, rank_pattern={}, alpha_pattern={},
+            lora_rank=self.rank_pattern[rank_key] if rank_key is not None else self.lora_rank,
+            lora_alpha=self.alpha_pattern[alpha_key] if alpha_key is not None else self.lora_alpha)
+
+    @property
+    def has_patterns(self) -> bool:
+        """True when ``rank_pattern`` or ``alpha_pattern`` holds a key (ranks or scalings may differ per cell)."""
+        return bool(self.rank_pattern or self.alpha_pattern)
 
 
 @dataclass

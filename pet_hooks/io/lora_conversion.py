@@ -68,6 +68,13 @@ def _doubled(cfg: dict, rank_key: str, rslora: bool) -> dict:
     cfg = dict(cfg)
     cfg[rank_key] *= 2
     cfg["lora_alpha"] = cfg["lora_alpha"] * (math.sqrt(2.0) if rslora else 2)
+    # rank_pattern / alpha_pattern: every cell's own rank doubles and its scaling stays (as PEFT's
+    # save_pretrained does; PEFT refuses rsLoRA here, the sqrt(2) keeps alpha / sqrt(r) per cell too)
+    if cfg.get("rank_pattern"):
+        cfg["rank_pattern"] = {key: 2 * value for key, value in cfg["rank_pattern"].items()}
+    if cfg.get("alpha_pattern"):
+        cfg["alpha_pattern"] = {key: value * (math.sqrt(2.0) if rslora else 2)
+                                for key, value in cfg["alpha_pattern"].items()}
     cfg["init_lora_weights"] = True
     return cfg
 

@@ -162,7 +162,7 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
         "peft_type": tuner.peft.peft_type, "revision": None, "target_modules": _peft_targets(mapped, net, fn, tuner),
         "task_type": task_type, **_PEFT_DEFAULTS.get(tuner.peft.peft_type, {}), **tuner.peft.fields(state.config),
     }
-    doc.update(tuner.peft.module_fields(state.injections, mapped, doc["target_modules"]))
+    doc.update(tuner.peft.module_fields(state.injections, mapped, doc["target_modules"], cfg=state.config))
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
@@ -171,8 +171,7 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
 
 
 # ----------------------------------------------------------------------------- loading
-_UNSUPPORTED = (("bias", ("none", None)), ("rank_pattern", ({}, None)),
-                ("alpha_pattern", ({}, None)), ("layers_to_transform", (None,)), ("modules_to_save", (None, [])),
+_UNSUPPORTED = (("bias", ("none", None)), ("layers_to_transform", (None,)), ("modules_to_save", (None, [])),
                 ("layer_replication", (None,)), ("trainable_token_indices", (None,)),
                 ("target_parameters", (None, [])))
 
@@ -351,7 +350,7 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     elif hotswap:         # the file's own config: load_tensors checks that it fits the adapter
         target = tuner.peft.config_from_modules(doc, ours)
     else:
-        reason = tuner.peft.mismatch(doc, config_path, type(net).__name__, state.config)
+        reason = tuner.peft.mismatch(doc, config_path, type(net).__name__, state.config, module_map=ours)
         if reason is not None:
             raise PetStateError(reason)
         target = None

@@ -118,15 +118,21 @@ def set_adapter(net: nn.Cell, names: Names) -> nn.Cell:
 
 
 def check_hotswap_config(state: PetState, name: str, cfg, source: str) -> None:
-    """A hot swap of adapter ``name`` may bring another scaling (``lora_alpha``, ``use_rslora``), nothing else:
-    PetStateError naming ``source`` when ``cfg`` differs from the adapter's config in more."""
+    """A hot swap of adapter ``name`` may bring another scaling (``lora_alpha``, ``use_rslora``,
+    ``alpha_pattern``), nothing else: PetStateError naming ``source`` when ``cfg`` differs from the adapter's
+    config in more. ``rank_pattern`` may be spelled otherwise (a PEFT file's names) if every cell keeps its rank."""
     old = state.adapters[name].config
-    same = (dataclasses.replace(cfg, lora_alpha=old.lora_alpha, use_rslora=old.use_rslora) == old
-            if isinstance(old, LoraConfig) and type(cfg) is type(old) else cfg == old)
+    if isinstance(old, LoraConfig) and type(cfg) is type(old):
+        same = dataclasses.replace(cfg, lora_alpha=old.lora_alpha, use_rslora=old.use_rslora, rank_pattern={},
+                                   alpha_pattern={}) == dataclasses.replace(old, rank_pattern={}, alpha_pattern={})
+        same = same and all(cfg.for_module(path).lora_rank == old.for_module(path).lora_rank
+                            for path in state.adapters[name].paths)
+    else:
+        same = cfg == old
     if not same:
         raise PetStateError(f"{source} does not fit adapter {name!r} for a hot swap: its config "
                             f"{cfg.to_dict()} differs from the adapter's {old.to_dict()} in more than "
-                            f"lora_alpha / use_rslora (ranks and targets must be the same)")
+                            f"lora_alpha / use_rslora / alpha_pattern (ranks and targets must be the same)")
 
 
 def rescale_adapter(state: PetState, name: str, cfg) -> None:
@@ -190,7 +196,7 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
     rng = init_rng(cfg)
     stored = {}
     for path, cell in targets:                  # drawn in net order, as apply would for this config
-        stored[path] = initial_values(cell, cfg, rng)
+        stored[path] = initial_values(cell, cfg.for_module(path), rng)
     new = LoraTargets([(p, c) for p, c in targets if p not in adapted],
                       {p: c for p, c in targets.parents.items() if p not in adapted})
     injections = state.tuner.inject(new, cfg) if new else []
@@ -363,6 +369,12 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
                 raise PetConfigError(f"combination_type {combination_type!r} combines A and B of the same cells, but "
                                      f"adapters {adapters[0]!r} and {name!r} adapt different cells ({differ[:3]}); "
                                      f"use 'cat' or 'svd'")
+    patterned = [name for name in adapters if state.adapters[name].config.has_patterns]
+    if patterned:       # AdapterWeights holds one rank and one scaling per adapter
+        cfg = state.adapters[patterned[0]].config
+        raise PetConfigError(f"add_weighted_adapter: adapter {patterned[0]!r} has rank_pattern {cfg.rank_pattern!r} / "
+                             f"alpha_pattern {cfg.alpha_pattern!r}; weighted merges of adapters whose rank or "
+                             f"alpha differs per cell are not supported")
     inputs = []
     for name in adapters:
         cfg = state.adapters[name].config
@@ -377,7 +389,7 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
                                 majority_sign_method=majority_sign_method, svd_driver=svd_driver)
     first = state.adapters[adapters[0]].config
     cfg = dataclasses.replace(first, lora_rank=combined.rank, lora_alpha=combined.alpha,
-                              use_rslora=combined.use_rslora, exclude_layers=None,
+                              use_rslora=combined.use_rslora, exclude_layers=None, rank_pattern={}, alpha_pattern={},
                               target_modules=_paths_pattern(combined.target_paths))
     add_adapter(net, adapter_name, cfg)
     stored = state.adapters[adapter_name].stored           # inactive: its values live here

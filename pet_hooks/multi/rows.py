@@ -74,7 +74,8 @@ def _masks(state, injection, names: Sequence[str]) -> np.ndarray:
     mask = np.zeros((len(names), int(injection.cell.lora_A.shape[-2])), np.float32)
     for row, name in enumerate(names):
         if name in injection.occupants and state.enabled:
-            mask[row, lora_slots.rows_of(state, injection, name)] = state.adapters[name].config.scaling
+            mask[row, lora_slots.rows_of(state, injection, name)] = lora_slots.scaling_of(state, name,
+                                                                                          injection.path)
     return mask
 
 

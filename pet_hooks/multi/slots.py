@@ -31,7 +31,7 @@ from ..utils.files import to_numpy
 from ..surgery.freeze import delta_requires_grad
 from ..tuners.lora.tuner import param_data, takes_dropout
 
-__all__ = ["RANK_AXIS", "SLOT_ATTRS", "compose", "bank", "adapter_arrays", "slot_objects", "live"]
+__all__ = ["RANK_AXIS", "SLOT_ATTRS", "compose", "bank", "adapter_arrays", "slot_objects", "live", "scaling_of"]
 
 #: the delta attributes of a slot and the axis of each along which the rank runs
 RANK_AXIS: Mapping[str, int] = {"lora_A": -2, "lora_B": -1}
@@ -39,15 +39,21 @@ RANK_AXIS: Mapping[str, int] = {"lora_A": -2, "lora_B": -1}
 SLOT_ATTRS = ("lora_A", "lora_B", "pet_lora_scale", "lora_dropout")
 
 
-def _rank(state, name: str) -> int:
-    return int(state.adapters[name].config.lora_rank)
+def _rank(state, name: str, path: str) -> int:
+    """Adapter ``name``'s rank in the cell at ``path`` (its ``rank_pattern`` may give the cell its own)."""
+    return int(state.adapters[name].config.for_module(path).lora_rank)
+
+
+def scaling_of(state, name: str, path: str) -> float:
+    """Adapter ``name``'s scaling in the cell at ``path`` (its ``rank_pattern`` / ``alpha_pattern`` apply)."""
+    return state.adapters[name].config.for_module(path).scaling
 
 
 def rows_of(state, injection, name: str) -> slice:
     """The rank positions of ``name`` in the injection's slot."""
     offset = 0
     for occupant in injection.occupants:
-        rank = _rank(state, occupant)
+        rank = _rank(state, occupant, injection.path)
         if occupant == name:
             return slice(offset, offset + rank)
         offset += rank
@@ -168,12 +174,13 @@ def _switch(state, injection, names: List[str], wanted: List[str], kept: Dict[st
     ``requires_grad`` (trainable where an active adapter adapts the cell) and the dropout of the active
     ones. True when the cell changed structure."""
     cell = injection.cell
-    scaling = [np.full(_rank(state, name), state.adapters[name].config.scaling if name in names else 0.0,
+    path = injection.path
+    scaling = [np.full(_rank(state, name, path), scaling_of(state, name, path) if name in names else 0.0,
                        np.float32) for name in injection.occupants]
     cell.pet_lora_rank_scaling = (np.concatenate(scaling) if scaling
                                   else np.zeros(int(cell.lora_A.shape[-2]), np.float32))
     if injection.occupants:
-        cell.lora_scaling = state.adapters[injection.occupants[0]].config.scaling
+        cell.lora_scaling = scaling_of(state, injection.occupants[0], path)
     on = cell.pet_lora_rank_scaling[:, None] * (1.0 if state.enabled else 0.0)
     changed = _install(cell, "pet_lora_scale", on, mstype.float32, kept.get("pet_lora_scale"))
     for param in injection.params:

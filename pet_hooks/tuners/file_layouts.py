@@ -45,9 +45,10 @@ class PeftLayout:
         """The method's own fields of an ``adapter_config.json`` written for ``cfg``."""
         return {}
 
-    def module_fields(self, injections: Sequence, mapped: Mapping[str, str], target_modules) -> dict:
-        """Fields that name modules (IA3's ``feedforward_modules``), in PEFT's names: ``mapped`` is our cell
-        path -> their module path (``injections`` are the net's), ``target_modules`` what the config says."""
+    def module_fields(self, injections: Sequence, mapped: Mapping[str, str], target_modules, cfg=None) -> dict:
+        """Fields that name modules (IA3's ``feedforward_modules``, LoRA's ``rank_pattern``), in PEFT's names:
+        ``mapped`` is our cell path -> their module path (``injections`` are the net's), ``target_modules``
+        what the config says, ``cfg`` the adapter's config."""
         return {}
 
     def check_fields(self, doc: Mapping, config_path: str) -> None:
@@ -63,8 +64,10 @@ class PeftLayout:
         (IA3's ``feedforward_modules``) translate them here."""
         return self.config_from(doc, sorted(set(module_map.values())))
 
-    def mismatch(self, doc: Mapping, config_path: str, net_name: str, applied: PetConfig) -> Optional[str]:
-        """Why a PEFT adapter cannot load into a net that already has ``applied``; None when it can."""
+    def mismatch(self, doc: Mapping, config_path: str, net_name: str, applied: PetConfig,
+                 module_map: Optional[Mapping[str, str]] = None) -> Optional[str]:
+        """Why a PEFT adapter cannot load into a net that already has ``applied``; None when it can.
+        ``module_map``: the file's module paths -> our cell paths (per-module fields such as LoRA's patterns)."""
         return None
 
 

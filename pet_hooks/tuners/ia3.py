@@ -142,7 +142,8 @@ class IA3PeftLayout(PeftLayout):
     def fields(self, cfg: IA3Config) -> dict:
         return {"fan_in_fan_out": False, "init_ia3_weights": cfg.init_ia3_weights, "modules_to_save": None}
 
-    def module_fields(self, injections: Sequence[Injection], mapped: Mapping[str, str], target_modules) -> dict:
+    def module_fields(self, injections: Sequence[Injection], mapped: Mapping[str, str], target_modules,
+                      cfg=None) -> dict:
         """``feedforward_modules`` in PEFT's names: last names when they pick exactly the feed-forward
         targets out of a list ``target_modules`` (PEFT wants a subset of it), else a regex of full names."""
         ff = sorted(mapped[r.path] for r in injections if r.cell.ia3_feedforward)
@@ -175,7 +176,7 @@ class IA3PeftLayout(PeftLayout):
                          feedforward_modules=ff or None,
                          init_ia3_weights=bool(doc.get("init_ia3_weights", True)))
 
-    def mismatch(self, doc, config_path: str, net_name: str, applied) -> Optional[str]:
+    def mismatch(self, doc, config_path: str, net_name: str, applied, module_map=None) -> Optional[str]:
         if applied.pet_type == IA3Config.PET_TYPE:
             return None      # which layers are feed-forward shows in the shapes, checked per tensor
         return f"{config_path}: an IA3 adapter cannot load into {net_name}, which has {applied.pet_type}"

@@ -37,6 +37,7 @@ from ...utils.ms_compat import write_values
 from ...config.pet_config import LoraConfig
 from ...errors import UnsupportedCellError
 from ...matching.cells import is_excluded, select_cells
+from ...matching.patterns import check_pattern_keys
 from . import inits as lora_init
 from ..base import Injection, Tuner
 from ..common import init_rng, inject_all, restore
@@ -117,6 +118,7 @@ def select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False)
             if variant is not None:
                 raise UnsupportedCellError(f"cell '{path}' ({type(cell).__name__}) is read by its parent "
                                            f"{type(parent).__name__}: {variant.label} is not supported there")
+    check_pattern_keys(cfg, [path for path, _ in targets])     # every rank_pattern / alpha_pattern key selects one
     return LoraTargets(targets, parents)
 
 
@@ -144,7 +146,7 @@ def takes_dropout(cell: nn.Cell, read_by_parent: bool) -> bool:
 
 def initial_values(cell: nn.Cell, cfg: LoraConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
     """{"lora_A", "lora_B"}: the values a new adapter (``add_adapter``) starts the cell with, as its kind draws
-    them (an embedding's are PEFT's: A zeros, B normal)."""
+    them (an embedding's are PEFT's: A zeros, B normal); ``cfg`` is the cell's own (``cfg.for_module(path)``)."""
     return _kind(cell, type(cell).__name__).initial_values(cell, cfg, rng)
 
 
@@ -231,7 +233,9 @@ def _warn_no_dropout(injections: List[LoraInjection], rate: float) -> None:
 
 def _add_branch(path: str, cell: nn.Cell, kind: LoraKind, variant: Optional[LoraVariant], cfg: LoraConfig,
                 rng: np.random.Generator, read_by_parent: bool = False) -> List[Parameter]:
-    """The cell's deltas (its kind's), dropout, switch, compute dtype, the kind's extras, the variant's own."""
+    """The cell's deltas (its kind's), dropout, switch, compute dtype, the kind's extras, the variant's own.
+    Everything below reads the cell's own rank and alpha (``rank_pattern`` / ``alpha_pattern``)."""
+    cfg = cfg.for_module(path)
     drawn = kind.add_deltas(path, cell, cfg, rng)
     cell.lora_dropout = None
     # A branch folded into a weight (attention cells), an embedding: no input of its own to drop.
