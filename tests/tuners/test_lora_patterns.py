@@ -1,0 +1,337 @@
+"""LoRA's ``rank_pattern`` / ``alpha_pattern`` (a rank and alpha per cell) against Hugging Face PEFT 0.21.2, both modes.
+
+The three-layer net of tests/nets.py (``k``, ``v``, ``down``) in PyTorch with PEFT and in MindSpore with
+pet_hooks, identical weights, input and delta values (``tests/peft_reference_patterns.py`` is the PyTorch
+side, in its own process):
+
+- the rank PEFT gives each layer and its scaling, the outputs, the gradients of A and B, the merged weights
+  (plain scaling, and rsLoRA with both fields); unmerge and ``remove`` give the original weights bit for bit;
+- the key matching itself: PEFT's ``get_pattern_key`` on a table of keys and paths;
+- PEFT reads our PEFT-format adapter (the patterns under PEFT's module names) and we read PEFT's;
+- PiSSA with patterns: the initial A, B and residual per layer, and our ``save_as_lora`` read by PEFT;
+- the native format both ways; several named adapters, each with its own patterns, active together, one per
+  row, hot-swapped; the weighted merge refused; ``inspect``; a key that selects no adapted cell refused.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor
+
+import pet_hooks
+from pet_hooks.config.lora_patterns import pattern_key
+from pet_hooks.errors import NoMatchError, PetConfigError, PetStateError
+from pet_hooks.multi.adapters import focused
+from pet_hooks.surgery.core import get_state
+from tests.conftest import HAS_TORCH_PEFT, assert_params_equal, snapshot
+from tests.nets import LAYERS, SIZES, three_layers
+from tests.unchanged import unchanged
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
+NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
+
+#: PEFT's spelling; ours is the same fields under lora_rank (see _ours)
+CONFIGS = {
+    "plain": {"r": 2, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {"v": 4, "down": 3},
+              "alpha_pattern": {"k": 3, "down": 12}},
+    "rslora": {"r": 3, "lora_alpha": 6, "use_rslora": True, "rank_pattern": {"k|v": 5}, "alpha_pattern": {"v": 2.5}},
+}
+#: (keys, path): which key PEFT's get_pattern_key picks (None: none matches)
+KEY_CASES = [(["v"], "v"), (["v"], "k"), (["layers.0.v"], "model.layers.0.v"), (["layers.0.v"], "model.layers.10.v"),
+             (["v_proj"], "model.layers.0.self_attn.v_proj"), (["proj"], "a.v_proj"), (["attn.*"], "a.self_attn.q"),
+             (["^a.*q_proj"], "a.self_attn.q_proj"), (["k", ".*"], "k"), ([".*", "k"], "k"), (["0\\.v"], "layers.0.v"),
+             (["q_proj$"], "x.q_proj"), (["k|v"], "down"), (["self_attn"], "a.self_attn.q_proj")]
+
+
+def _ours(spec: dict, **extra) -> dict:
+    return {"pet_type": "lora", "lora_rank": spec["r"], "lora_alpha": spec["lora_alpha"],
+            "use_rslora": spec["use_rslora"], "target_modules": list(LAYERS), "rank_pattern": spec["rank_pattern"],
+            "alpha_pattern": spec["alpha_pattern"], **extra}
+
+
+def _own(spec: dict, layer: str):
+    """(rank, alpha, scaling) of ``layer`` written out from PEFT's rule (for the NumPy checks)."""
+    r = next((v for k, v in spec["rank_pattern"].items() if pattern_key([k], layer)), spec["r"])
+    alpha = next((v for k, v in spec["alpha_pattern"].items() if pattern_key([k], layer)), spec["lora_alpha"])
+    return r, alpha, alpha / (math.sqrt(r) if spec["use_rslora"] else r)
+
+
+def _job() -> dict:
+    rng = np.random.default_rng(29)
+    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
+           "g": rng.standard_normal((3, 5, 4)).astype(np.float32)}
+    for layer, (din, dout) in SIZES.items():
+        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
+        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
+        for name, spec in CONFIGS.items():
+            r = _own(spec, layer)[0]
+            job[f"{name}.{layer}.A"] = (rng.standard_normal((r, din)) * 0.4).astype(np.float32)
+            job[f"{name}.{layer}.B"] = (rng.standard_normal((dout, r)) * 0.4).astype(np.float32)
+        r = _own(CONFIGS["plain"], layer)[0]
+        job[f"pissa.{layer}.dA"] = (rng.standard_normal((r, din)) * 0.2).astype(np.float32)
+        job[f"pissa.{layer}.dB"] = (rng.standard_normal((dout, r)) * 0.2).astype(np.float32)
+    return job
+
+
+def _set(net, job, name: str) -> None:
+    for layer in LAYERS:
+        cell = getattr(net, layer)
+        cell.lora_A.set_data(Tensor(job[f"{name}.{layer}.A"]))
+        cell.lora_B.set_data(Tensor(job[f"{name}.{layer}.B"]))
+
+
+def close(ours, theirs, err_msg="", tol=1e-5):
+    theirs = np.asarray(theirs)
+    np.testing.assert_allclose(ours, theirs, rtol=tol, atol=tol * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
+    return float(np.abs(np.asarray(ours) - theirs).max())
+
+
+def _numpy_out(job, deltas, x=None):
+    """The three layers with LoRA in NumPy: ``deltas`` is layer -> [(scaling, A, B), ...] (summed)."""
+    h = job["x"] if x is None else x
+    for index, layer in enumerate(LAYERS):
+        y = h @ job[f"{layer}.weight"].T + job[f"{layer}.bias"]
+        for scaling, a, b in deltas.get(layer, []):
+            y = y + scaling * (h @ a.T @ b.T)
+        h = np.maximum(y, 0.0) if index < len(LAYERS) - 1 else y
+    return h
+
+
+@pytest.fixture(scope="module")
+def peft_run(tmp_path_factory):
+    """PEFT's results for _job() (one torch process), with pet_hooks' adapters of it read by PEFT."""
+    if not HAS_TORCH_PEFT:
+        pytest.skip("torch, transformers and peft are not all installed")
+    work = tmp_path_factory.mktemp("patterns")
+    job = _job()
+    np.savez(work / "job.npz", **job)
+    (work / "job.json").write_text(json.dumps({"configs": CONFIGS, "key_cases": KEY_CASES}))
+    x = Tensor(job["x"])
+    ours = {}
+    for name, spec in CONFIGS.items():
+        net = pet_hooks.apply(three_layers(job), _ours(spec))
+        _set(net, job, name)
+        ours[name] = net(x).asnumpy()
+        pet_hooks.save_adapter(net, work / f"ours_{name}", format="peft", task_type=None)
+    pissa = pet_hooks.apply(three_layers(job), _ours(CONFIGS["plain"], init_lora_weights="pissa"))
+    ours["pissa.A0"] = {layer: getattr(pissa, layer).lora_A.asnumpy().copy() for layer in LAYERS}
+    ours["pissa.B0"] = {layer: getattr(pissa, layer).lora_B.asnumpy().copy() for layer in LAYERS}
+    ours["pissa.res"] = {layer: getattr(pissa, layer).weight.asnumpy().copy() for layer in LAYERS}
+    for layer in LAYERS:                                       # "trained": A and B moved off their init
+        cell = getattr(pissa, layer)
+        cell.lora_A.set_data(Tensor(cell.lora_A.asnumpy() + job[f"pissa.{layer}.dA"]))
+        cell.lora_B.set_data(Tensor(cell.lora_B.asnumpy() + job[f"pissa.{layer}.dB"]))
+    ours["pissa.out"] = pissa(x).asnumpy()
+    pet_hooks.save_as_lora(pissa, work / "ours_pissa_lora", format="peft", task_type=None)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_patterns.py"), str(work)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = json.loads((work / "keys.json").read_text())
+    return work, job, dict(np.load(work / "torch.npz")), ours, keys
+
+
+# ----------------------------------------------------------------------------- against PEFT
+@NEEDS_PEFT
+def test_keys_select_cells_as_peft_s_get_pattern_key(peft_run):
+    *_, keys = peft_run
+    ours = [pattern_key(pattern_keys, path) for pattern_keys, path in KEY_CASES]
+    assert ours == keys
+    assert ours.count(None) >= 4                 # the table holds misses too
+
+
+@NEEDS_PEFT
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_ranks_outputs_gradients_and_merge_equal_peft(mode, name, peft_run):
+    _, job, theirs, _, _ = peft_run
+    net = pet_hooks.apply(three_layers(job), _ours(CONFIGS[name]))
+    for layer in LAYERS:
+        cell = getattr(net, layer)
+        r = int(theirs[f"{name}.shape.{layer}"][0])
+        assert tuple(cell.lora_A.shape) == (r, SIZES[layer][0]) and tuple(cell.lora_B.shape) == (SIZES[layer][1], r)
+        assert math.isclose(cell.lora_scaling, float(theirs[f"{name}.scaling.{layer}"]), rel_tol=1e-7), layer
+        assert r == _own(CONFIGS[name], layer)[0]
+    assert len({tuple(getattr(net, layer).lora_A.shape)[0] for layer in LAYERS}) > 1     # the ranks do differ
+    _set(net, job, name)
+    x, g = Tensor(job["x"]), Tensor(job["g"])
+    deltas = pet_hooks.delta_parameters(net)
+
+    def loss(x, g):
+        return (net(x) * g).sum()
+
+    _, grads = ms.value_and_grad(loss, None, deltas)(x, g)
+    out = net(x).asnumpy()
+    diffs = {"out": close(out, theirs[f"{name}.out"])}
+    for param, grad in zip(deltas, grads):
+        layer, leaf = param.name.split(".")
+        diffs[param.name] = close(grad.asnumpy(), theirs[f"{name}.grad.{layer}.{leaf[-1]}"], param.name)
+    pet_hooks.merge(net)
+    for layer in LAYERS:
+        close(getattr(net, layer).weight.asnumpy(), theirs[f"{name}.merged.{layer}"], layer, 1e-6)
+    close(net(x).asnumpy(), out)
+    pet_hooks.unmerge(net)
+    close(net(x).asnumpy(), out)
+    for layer in LAYERS:
+        close(getattr(net, layer).weight.asnumpy(), job[f"{layer}.weight"], layer, 1e-6)
+    print(f"{name} mode {mode}: max |ours - PEFT| out {diffs['out']:.1e}, grads {max(diffs.values()):.1e}")
+
+
+@NEEDS_PEFT
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_peft_reads_ours_and_we_read_peft_s(mode, name, peft_run):
+    work, job, theirs, ours, _ = peft_run
+    close(theirs[f"{name}.ours.out"], ours[name])              # PEFT ran our file: our output
+    doc = json.loads((work / f"ours_{name}" / "adapter_config.json").read_text())
+    spec = CONFIGS[name]
+    assert doc["r"] == spec["r"] and doc["lora_alpha"] == spec["lora_alpha"]
+    assert doc["rank_pattern"] == {layer: _own(spec, layer)[0] for layer in LAYERS if _own(spec, layer)[0] != spec["r"]}
+    assert doc["alpha_pattern"] == {layer: _own(spec, layer)[1] for layer in LAYERS
+                                    if _own(spec, layer)[1] != spec["lora_alpha"]}
+    x = Tensor(job["x"])
+    fresh = pet_hooks.load_adapter(three_layers(job), work / f"theirs_{name}")
+    close(fresh(x).asnumpy(), theirs[f"{name}.out"])
+    cfg = get_state(fresh).config
+    for layer in LAYERS:
+        assert cfg.for_module(layer).lora_rank == _own(spec, layer)[0]
+        assert math.isclose(cfg.for_module(layer).scaling, _own(spec, layer)[2])
+    already = pet_hooks.apply(three_layers(job), _ours(spec))        # into a net that has the same LoRA
+    pet_hooks.load_adapter(already, work / f"theirs_{name}")
+    close(already(x).asnumpy(), theirs[f"{name}.out"])
+    other = pet_hooks.apply(three_layers(job), _ours({**spec, "alpha_pattern": {}}))
+    with unchanged(other):
+        with pytest.raises(PetStateError, match="module '(k|v|down)' has LoRA scaling"):
+            pet_hooks.load_adapter(other, work / f"theirs_{name}")
+
+
+@NEEDS_PEFT
+def test_pissa_with_patterns_equals_peft_and_converts_to_a_lora_peft_reads(peft_run):
+    _, _, theirs, ours, _ = peft_run
+    for layer in LAYERS:          # singular vectors have a free sign: compare B0 @ A0 (and its shapes)
+        assert ours["pissa.A0"][layer].shape == theirs[f"pissa.A0.{layer}"].shape
+        close(ours["pissa.B0"][layer] @ ours["pissa.A0"][layer],
+              theirs[f"pissa.B0.{layer}"] @ theirs[f"pissa.A0.{layer}"], layer, 1e-4)
+        close(ours["pissa.res"][layer], theirs[f"pissa.res.{layer}"], layer, 1e-4)
+        assert ours["pissa.A0"][layer].shape[0] == _own(CONFIGS["plain"], layer)[0]
+    close(theirs["pissa_lora.out"], ours["pissa.out"], "save_as_lora read by PEFT", 1e-4)
+
+
+# ----------------------------------------------------------------------------- pet_hooks alone
+def test_native_save_load_round_trip(mode, tmp_path):
+    job = _job()
+    spec = CONFIGS["plain"]
+    net = three_layers(job)
+    before = snapshot(net)
+    pet_hooks.apply(net, _ours(spec))
+    _set(net, job, "plain")
+    x = Tensor(job["x"])
+    expected = _numpy_out(job, {layer: [(_own(spec, layer)[2], job[f"plain.{layer}.A"], job[f"plain.{layer}.B"])]
+                                for layer in LAYERS})
+    close(net(x).asnumpy(), expected)
+    pet_hooks.save_adapter(net, tmp_path / "ad")
+    doc = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert doc["pet_config"]["rank_pattern"] == spec["rank_pattern"]
+    assert doc["pet_config"]["alpha_pattern"] == spec["alpha_pattern"]
+    fresh = pet_hooks.load_adapter(three_layers(job), tmp_path / "ad")
+    close(fresh(x).asnumpy(), expected)
+    assert get_state(fresh).config == get_state(net).config
+    other = pet_hooks.apply(three_layers(job), _ours({**spec, "rank_pattern": {"v": 4}}))
+    with unchanged(other, tmp_path / "ad"):
+        with pytest.raises(PetStateError, match="rank_pattern"):
+            pet_hooks.load_adapter(other, tmp_path / "ad")
+    pet_hooks.remove(net)
+    assert_params_equal(before, net)                              # every base weight bit for bit
+    close(net(x).asnumpy(), _numpy_out(job, {}))
+
+
+def test_first_key_wins_and_yaml_fields(tmp_path):
+    (tmp_path / "pet.yaml").write_text("pet_config:\n  pet_type: lora\n  lora_rank: 2\n  target_modules: [k, v, down]\n"
+                                       "  rank_pattern:\n    '.*': 3\n    v: 7\n  alpha_pattern:\n    down: 1.5\n")
+    cfg = pet_hooks.load_config(str(tmp_path / "pet.yaml"))
+    assert cfg.rank_pattern == {".*": 3, "v": 7} and cfg.alpha_pattern == {"down": 1.5}
+    assert [cfg.for_module(layer).lora_rank for layer in LAYERS] == [3, 3, 3]      # ".*" comes first, as in PEFT
+    assert cfg.for_module("down").lora_alpha == 1.5 and cfg.for_module("k").lora_alpha == cfg.lora_alpha
+    swapped = pet_hooks.load_config({**cfg.to_dict(), "rank_pattern": {"v": 7, ".*": 3}})
+    assert [swapped.for_module(layer).lora_rank for layer in LAYERS] == [3, 7, 3]
+    assert "rank_pattern" in pet_hooks.config.pet_config.explain(cfg)
+
+
+def test_a_key_selecting_no_adapted_cell_is_an_error_naming_it():
+    job = _job()
+    net = three_layers(job)
+    cfg = _ours(CONFIGS["plain"])
+    for field, key in (("rank_pattern", "vv"), ("alpha_pattern", "down_proj"), ("rank_pattern", "k.v")):
+        with unchanged(net):
+            with pytest.raises(NoMatchError, match=rf"{field} key '{key}' selects none.*nearest adapted cells: \["):
+                pet_hooks.apply(net, {**cfg, field: {**cfg[field], key: 2}})
+    with unchanged(net):                                  # a key for a cell that is there, but not targeted
+        with pytest.raises(NoMatchError, match="rank_pattern key 'down'"):
+            pet_hooks.apply(net, {**cfg, "target_modules": ["k", "v"]})
+
+
+def test_named_adapters_each_with_own_patterns(mode):
+    job = _job()
+    x = Tensor(job["x"])
+    plain, rs = CONFIGS["plain"], CONFIGS["rslora"]
+    net = pet_hooks.apply(three_layers(job), _ours(plain))
+    _set(net, job, "plain")
+    pet_hooks.add_adapter(net, "b", _ours(rs))
+    with focused(net, "b"):
+        _set(net, job, "rslora")
+    values = {name: {layer: [(_own(spec, layer)[2], job[f"{name}.{layer}.A"], job[f"{name}.{layer}.B"])]
+                     for layer in LAYERS} for name, spec in CONFIGS.items()}
+    pet_hooks.set_adapter(net, "b")
+    close(net(x).asnumpy(), _numpy_out(job, values["rslora"]))
+    pet_hooks.set_adapter(net, ["default", "b"])                # summed per cell, each its own rank and scaling
+    both = {layer: values["plain"][layer] + values["rslora"][layer] for layer in LAYERS}
+    close(net(x).asnumpy(), _numpy_out(job, both))
+    pet_hooks.set_adapter(net, "default")
+    close(net(x).asnumpy(), _numpy_out(job, values["plain"]))
+    net.set_train(False)
+    rows = ["b", "default", "__base__"]
+    with pet_hooks.adapter_per_row(net, rows):
+        out = net(x).asnumpy()
+    for row, name in enumerate(rows):
+        ref = _numpy_out(job, values.get({"default": "plain", "b": "rslora"}.get(name), {}), job["x"][row:row + 1])
+        close(out[row:row + 1], ref, name)
+    with unchanged(net):
+        with pytest.raises(PetConfigError, match="adapter 'default' has rank_pattern.*not supported"):
+            pet_hooks.add_weighted_adapter(net, ["default", "b"], [0.5, 0.5], "mix", combination_type="cat")
+
+
+def test_hot_swap_may_change_alpha_pattern_not_ranks(tmp_path):
+    job = _job()
+    x = Tensor(job["x"])
+    spec = CONFIGS["plain"]
+    other = {**spec, "alpha_pattern": {"v": 5}}
+    source = pet_hooks.apply(three_layers(job), _ours(other))
+    _set(source, job, "plain")
+    pet_hooks.save_adapter(source, tmp_path / "other")
+    net = pet_hooks.apply(three_layers(job), _ours(spec), adapter_name="a")
+    pet_hooks.load_adapter(net, tmp_path / "other", adapter_name="a", hotswap=True)
+    close(net(x).asnumpy(), source(x).asnumpy())
+    assert math.isclose(net.v.lora_scaling, 5 / 4) and math.isclose(net.down.lora_scaling, 8 / 3)
+    wider = pet_hooks.apply(three_layers(job), _ours({**spec, "rank_pattern": {"v": 4}}))
+    pet_hooks.save_adapter(wider, tmp_path / "wider")
+    with unchanged(net):
+        with pytest.raises(PetStateError, match="hot swap"):
+            pet_hooks.load_adapter(net, tmp_path / "wider", adapter_name="a", hotswap=True)
+
+
+def test_inspect_shows_each_cells_rank():
+    from pet_hooks.cli.inspection import format_report, inspect_net
+    job = _job()
+    report = inspect_net(three_layers(job), _ours(CONFIGS["plain"]))
+    rows = {row["path"]: (row["rank"], row["lora_alpha"], row["by_pattern"]) for row in report["matched"]}
+    assert rows == {"k": (2, 3, True), "v": (4, 8, True), "down": (3, 12, True)}
+    assert {d["name"]: d["shape"] for d in report["matched"][1]["deltas"]} == {"lora_A": [4, 10], "lora_B": [8, 4]}
+    text = format_report(report)
+    assert "r / alpha" in text and "4 / 8 (pattern)" in text
+    plain = format_report(inspect_net(three_layers(job), _ours({**CONFIGS["plain"], "rank_pattern": {},
+                                                                "alpha_pattern": {}})))
+    assert "r / alpha" not in plain
