@@ -9,7 +9,8 @@ Reads ``WORK_DIR/job.json`` (the Llama geometry), ``base.npz`` (Hugging Face nam
 - ``torch_ours.npy``: its logits with the adapter in ``WORK_DIR/ours`` (written by pet_hooks)
   loaded by ``peft.PeftModel.from_pretrained``;
 - ``theirs/``: a LoRA adapter made by PEFT itself (q_proj and v_proj, random A and B, seeded),
-  and ``torch_theirs.npy``: the logits with it.
+  and ``torch_theirs.npy``: the logits with it. ``WORK_DIR/theirs_fields.json``, when there, holds more
+  ``LoraConfig`` fields for it (``rank_pattern`` / ``alpha_pattern``: tests/io/test_peft_patterns.py).
 """
 import json
 import os
@@ -47,8 +48,10 @@ def main(work):
     np.save(os.path.join(work, "torch_ours.npy"), logits(ours, ids))
 
     torch.manual_seed(7)
+    fields_path = os.path.join(work, "theirs_fields.json")
+    fields = json.load(open(fields_path, encoding="utf-8")) if os.path.exists(fields_path) else {}
     theirs = get_peft_model(base_model(job, weights), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+                                                                 lora_dropout=0.0, task_type="CAUSAL_LM", **fields))
     with torch.no_grad():
         for name, param in theirs.named_parameters():
             if "lora_B" in name:  # PEFT starts B at zero; give it values so the adapter shows
