@@ -335,3 +335,97 @@ def test_inspect_shows_each_cells_rank():
     plain = format_report(inspect_net(three_layers(job), _ours({**CONFIGS["plain"], "rank_pattern": {},
                                                                 "alpha_pattern": {}})))
     assert "r / alpha" not in plain
+
+
+# ----------------------------------------------------------------------------- the doors (one flow: doors/flow.py)
+GPT_PATTERNS = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*dense1|.*dense3",
+                "rank_pattern": {r"blocks\.1\.attention\.dense1": 2}, "alpha_pattern": {"dense3": 2}}
+
+
+def _gpt_ranks(net) -> dict:
+    return {p.name: tuple(p.shape)[0] for p in pet_hooks.delta_parameters(net) if p.name.endswith("lora_A")}
+
+
+GPT_RANKS = {"blocks.0.attention.dense1.lora_A": 4, "blocks.1.attention.dense1.lora_A": 2,
+             "blocks.0.attention.dense3.lora_A": 4, "blocks.1.attention.dense3.lora_A": 4}
+
+
+def test_alpha_pattern_equals_scaling_b_by_hand_in_repeated_blocks(mode):
+    """Graph mode may compile identically shaped blocks once (surgery/graph_reuse.py): an alpha that differs
+    between them is data (each cell's switch), as a B scaled by hand shows."""
+    from samples.tiny_gpt import build
+    from tests.conftest import SMALL
+    cfg = {**GPT_PATTERNS, "rank_pattern": {}, "alpha_pattern": {r"blocks\.1\.attention\.dense1": 32}}
+    ids = Tensor(np.random.default_rng(3).integers(0, 64, (2, 8)).astype(np.int32))
+    patterned = pet_hooks.apply(build(seed=0, **SMALL), cfg)
+    by_hand = pet_hooks.apply(build(seed=0, **SMALL), {**cfg, "alpha_pattern": {}})
+    for net in (patterned, by_hand):
+        for param in pet_hooks.delta_parameters(net):
+            param.set_data(Tensor(np.random.default_rng(len(param.name)).standard_normal(param.shape)
+                                  .astype(np.float32) * 0.2))
+    marks = {block.cell_init_args for block in patterned.blocks}      # one graph for both blocks
+    assert len(marks) == 1 and marks.pop().startswith("lazy_inline_Block_pet_hooks_")
+    b = by_hand.blocks[1].attention.dense1.lora_B
+    b.set_data(Tensor(b.asnumpy() * 4))                    # alpha 32 instead of 8: scaling x4
+    assert patterned.blocks[1].attention.dense1.lora_scaling == 4 * by_hand.blocks[1].attention.dense1.lora_scaling
+    close(patterned(ids).asnumpy(), by_hand(ids).asnumpy(), tol=1e-5)
+    with pet_hooks.disable_adapters(patterned):
+        assert np.abs(patterned(ids).asnumpy() - by_hand(ids).asnumpy()).max() > 1e-3
+
+
+def test_pet_callback_trains_patterned_cells(mode, tmp_path):
+    import mindspore.dataset as ds
+    from mindspore import nn
+    from mindspore.train import Model
+    from samples.data import lm_batches
+    from samples.tiny_gpt import LMLoss, build
+    from tests.conftest import SMALL
+    net = build(seed=0, **SMALL)
+    base = snapshot(net)
+    batches = lm_batches(seq_length=8, batch_size=4, seed=1)
+    data = ds.GeneratorDataset([next(batches) for _ in range(2)], ["ids", "labels"], shuffle=False)
+    model = Model(net, LMLoss(), nn.Adam(net.trainable_params(), 1e-2))
+    model.train(1, data, callbacks=[pet_hooks.PetCallback(GPT_PATTERNS, save_dir=str(tmp_path / "ad"))])
+    assert _gpt_ranks(net) == GPT_RANKS
+    assert {p.name for p in model.train_network.optimizer.parameters} == {p.name for p in pet_hooks.delta_parameters(net)}
+    assert all(np.abs(p.asnumpy()).sum() > 0 for p in pet_hooks.delta_parameters(net) if p.name.endswith("lora_B"))
+    assert_params_equal(base, net)
+    fresh = pet_hooks.load_adapter(build(seed=0, **SMALL), tmp_path / "ad")
+    assert get_state(fresh).config.rank_pattern == GPT_PATTERNS["rank_pattern"]
+    ids = Tensor(next(lm_batches(8, 2, seed=5))[0])
+    close(fresh(ids).asnumpy(), net(ids).asnumpy())
+
+
+def test_enable_adapts_with_patterns(mode):
+    from mindspore import nn
+    from samples.data import lm_batches
+    from samples.tiny_gpt import GPTWithLoss, build
+    from tests.conftest import SMALL
+    with pet_hooks.enable(GPT_PATTERNS):
+        net = build(seed=0, **SMALL)
+        optimizer = nn.Adam(net.get_parameters(), 1e-2)
+        step = nn.TrainOneStepCell(GPTWithLoss(net), optimizer)
+        step(*map(Tensor, next(lm_batches(8, 4, seed=2))))
+    assert _gpt_ranks(net) == GPT_RANKS
+    assert {p.name for p in optimizer.parameters} == {p.name for p in pet_hooks.delta_parameters(net)}
+
+
+@pytest.mark.parametrize("run_mode", [0, 1])
+def test_the_launcher_reads_patterns_from_yaml(tmp_path, run_mode):
+    from safetensors.numpy import load_file
+    from tests.conftest import ROOT
+    (tmp_path / "pet.yaml").write_text(
+        "pet_config:\n  pet_type: lora\n  lora_rank: 4\n  lora_alpha: 8\n  target_modules: '.*dense1|.*dense3'\n"
+        "  rank_pattern:\n    'blocks\\.1\\.attention\\.dense1': 2\n  alpha_pattern:\n    dense3: 2\n")
+    out = subprocess.run([sys.executable, "-m", "pet_hooks", "run", "--config", str(tmp_path / "pet.yaml"),
+                          "--save-dir", str(tmp_path / "ad"), os.path.join("samples", "legacy_train.py"),
+                          "--steps", "2", "--mode", str(run_mode)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert doc["pet_config"]["rank_pattern"] == GPT_PATTERNS["rank_pattern"]
+    assert doc["pet_config"]["alpha_pattern"] == GPT_PATTERNS["alpha_pattern"]
+    saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert {k: v.shape[0] for k, v in saved.items() if k.endswith("lora_A") and ".dense" in k} == {
+        f"blocks.{i}.attention.{d}.lora_A": (2 if (i, d) == (1, "dense1") else 4)
+        for i in range(len({k.split(".")[1] for k in saved})) for d in ("dense1", "dense3")}
