@@ -249,6 +249,23 @@ def test_native_save_load_round_trip(mode, tmp_path):
     close(net(x).asnumpy(), _numpy_out(job, {}))
 
 
+def test_save_as_lora_doubles_each_cells_rank_in_our_format(tmp_path):
+    job = _job()
+    x = Tensor(job["x"])
+    spec = CONFIGS["rslora"]
+    pissa = pet_hooks.apply(three_layers(job), _ours(spec, init_lora_weights="olora"))
+    for layer in LAYERS:
+        cell = getattr(pissa, layer)
+        cell.lora_B.set_data(Tensor(cell.lora_B.asnumpy() + 0.3))
+    pet_hooks.save_as_lora(pissa, tmp_path / "plain")
+    doc = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["pet_config"]
+    assert doc["rank_pattern"] == {"k|v": 10} and doc["lora_rank"] == 6
+    assert math.isclose(doc["alpha_pattern"]["v"], 2.5 * math.sqrt(2)) and doc["init_lora_weights"] is True
+    plain = pet_hooks.load_adapter(three_layers(job), tmp_path / "plain")      # on the original weights
+    assert [tuple(getattr(plain, layer).lora_A.shape)[0] for layer in LAYERS] == [10, 10, 6]
+    close(plain(x).asnumpy(), pissa(x).asnumpy(), tol=1e-4)
+
+
 def test_first_key_wins_and_yaml_fields(tmp_path):
     (tmp_path / "pet.yaml").write_text("pet_config:\n  pet_type: lora\n  lora_rank: 2\n  target_modules: [k, v, down]\n"
                                        "  rank_pattern:\n    '.*': 3\n    v: 7\n  alpha_pattern:\n    down: 1.5\n")
