@@ -446,3 +446,29 @@ def test_the_launcher_reads_patterns_from_yaml(tmp_path, run_mode):
     assert {k: v.shape[0] for k, v in saved.items() if k.endswith("lora_A") and ".dense" in k} == {
         f"blocks.{i}.attention.{d}.lora_A": (2 if (i, d) == (1, "dense1") else 4)
         for i in range(len({k.split(".")[1] for k in saved})) for d in ("dense1", "dense3")}
+
+
+def test_an_embedding_takes_its_own_rank_and_scaling(mode):
+    """The embedding kind draws and scales with the cell's own config too: merge (W += s (B A)^T) equals
+    the branch, whose delta is checked by hand."""
+    from samples.tiny_gpt import build
+    from tests.conftest import SMALL
+    cfg = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": r"embedding|.*dense1",
+           "rank_pattern": {"embedding": 2}, "alpha_pattern": {"embedding": 6}}
+    net = pet_hooks.apply(build(seed=0, **SMALL), cfg)
+    ids = Tensor(np.random.default_rng(4).integers(0, 64, (2, 8)).astype(np.int32))
+    cell = net.embedding
+    a, b = cell.lora_A, cell.lora_B               # named <path>.lora_embedding_A / _B, PEFT's leaves
+    assert (a.name, b.name) == ("embedding.lora_embedding_A", "embedding.lora_embedding_B")
+    assert tuple(a.shape)[0] == 2 and tuple(b.shape)[1] == 2 and cell.lora_scaling == 3.0
+    assert tuple(net.blocks[0].attention.dense1.lora_A.shape)[0] == 4
+    for param in (a, b):
+        param.set_data(Tensor(np.random.default_rng(7).standard_normal(param.shape).astype(np.float32) * 0.3))
+    weight = cell.embedding_table
+    before = weight.asnumpy().copy()
+    out = net(ids).asnumpy()
+    pet_hooks.merge(net)
+    close(weight.asnumpy() - before, 3.0 * (b.asnumpy() @ a.asnumpy()).T, "embedding merge", 1e-5)
+    close(net(ids).asnumpy(), out, tol=1e-4)
+    pet_hooks.unmerge(net)
+    close(weight.asnumpy(), before, "embedding unmerge", 1e-5)
