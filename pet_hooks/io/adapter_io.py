@@ -14,7 +14,6 @@ the net, and a failed load leaves the net as it was.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -22,9 +21,10 @@ import numpy as np
 from mindspore import nn
 
 from .._version import __version__
+from ..config.lora_patterns import PATTERN_FIELDS
 from ..config.pet_config import PetConfigError, load_config
 from ..errors import AdapterNotFoundError, PetStateError
-from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_json, read_safetensors, to_numpy, write_bytes
+from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, json_text, read_json, read_safetensors, to_numpy, write_bytes
 from .loading import load_tensors
 from .mindformers_io import read_mindformers_lora
 from .peft_format import is_peft_config, load_peft, save_peft
@@ -88,7 +88,8 @@ def _save_own(net: nn.Cell, directory: str) -> str:
     }
     blob = save(tensors, metadata={"format": "pet_hooks"})
     write_bytes(os.path.join(directory, WEIGHTS_NAME), blob)
-    write_bytes(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
+    # rank_pattern / alpha_pattern keep their order (the first key selecting a cell wins)
+    write_bytes(os.path.join(directory, CONFIG_NAME), json_text(meta, PATTERN_FIELDS).encode("utf-8"))
     return directory
 
 

@@ -27,9 +27,10 @@ import tempfile
 import numpy as np
 from safetensors.numpy import load_file, save
 
+from ..config.lora_patterns import PATTERN_FIELDS
 from ..utils.ms_compat import write_values
 from ..errors import PetStateError
-from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, write_bytes
+from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, json_text, write_bytes
 from ..surgery.core import get_state
 
 __all__ = ["save_as_lora"]
@@ -109,5 +110,5 @@ def save_as_lora(net, directory, format: str = "pet_hooks", name_map=None,  # py
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata=meta))
-    write_bytes(os.path.join(directory, CONFIG_NAME), json.dumps(doc, indent=2, sort_keys=True).encode("utf-8"))
+    write_bytes(os.path.join(directory, CONFIG_NAME), json_text(doc, PATTERN_FIELDS).encode("utf-8"))
     return directory

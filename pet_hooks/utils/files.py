@@ -14,13 +14,14 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Sequence
 
 import numpy as np
 
 from ..errors import AdapterFileError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_write", "file_sha256", "write_bytes", "to_numpy", "read_safetensors", "read_json"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_write", "file_sha256", "write_bytes", "to_numpy", "read_safetensors", "read_json",
+           "json_text"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,6 +50,19 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_text(doc: Any, keep_order: Sequence[str] = ()) -> str:
+    """``json.dumps(doc, indent=2, sort_keys=True)``, except that the mappings held under a key named in
+    ``keep_order`` keep their own order (LoRA's ``rank_pattern`` / ``alpha_pattern``: the first key wins)."""
+    def ordered(value: Any, keep: bool = False) -> Any:
+        if isinstance(value, dict):
+            items = value.items() if keep else sorted(value.items(), key=lambda item: str(item[0]))
+            return {key: ordered(item, key in keep_order) for key, item in items}
+        if isinstance(value, (list, tuple)):
+            return [ordered(item) for item in value]
+        return value
+    return json.dumps(ordered(doc), indent=2)
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -266,6 +266,18 @@ def test_save_as_lora_doubles_each_cells_rank_in_our_format(tmp_path):
     close(plain(x).asnumpy(), pissa(x).asnumpy(), tol=1e-4)
 
 
+def test_the_key_order_survives_our_files(tmp_path):
+    """The first key selecting a cell wins, so the files keep the mapping's order (JSON is written sorted)."""
+    job = _job()
+    cfg = {"pet_type": "lora", "lora_rank": 2, "target_modules": list(LAYERS), "rank_pattern": {"v": 7, ".*": 3}}
+    net = pet_hooks.apply(three_layers(job), cfg)
+    assert [tuple(getattr(net, layer).lora_A.shape)[0] for layer in LAYERS] == [3, 7, 3]
+    pet_hooks.save_adapter(net, tmp_path / "ad")
+    fresh = pet_hooks.load_adapter(three_layers(job), tmp_path / "ad")
+    assert list(get_state(fresh).config.rank_pattern) == ["v", ".*"]
+    assert [tuple(getattr(fresh, layer).lora_A.shape)[0] for layer in LAYERS] == [3, 7, 3]
+
+
 def test_first_key_wins_and_yaml_fields(tmp_path):
     (tmp_path / "pet.yaml").write_text("pet_config:\n  pet_type: lora\n  lora_rank: 2\n  target_modules: [k, v, down]\n"
                                        "  rank_pattern:\n    '.*': 3\n    v: 7\n  alpha_pattern:\n    down: 1.5\n")
