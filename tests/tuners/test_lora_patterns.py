@@ -30,7 +30,7 @@ from pet_hooks.config.lora_patterns import pattern_key
 from pet_hooks.errors import NoMatchError, PetConfigError, PetStateError
 from pet_hooks.multi.adapters import focused
 from pet_hooks.surgery.core import get_state
-from tests.conftest import HAS_TORCH_PEFT, assert_params_equal, snapshot
+from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, three_layers
 from tests.unchanged import unchanged
 
@@ -484,3 +484,20 @@ def test_an_embedding_takes_its_own_rank_and_scaling(mode):
     close(net(ids).asnumpy(), out, tol=1e-4)
     pet_hooks.unmerge(net)
     close(weight.asnumpy(), before, "embedding unmerge", 1e-5)
+
+
+@NEEDS_MINDFORMERS
+def test_a_mindformers_run_yaml_with_patterns_under_enable(tmp_path):
+    """MindFormers' own flow (build_network from a run YAML) inside enable(): the YAML's pet_config brings
+    the patterns; MindFormers' LoRA, which has no such fields, never sees them."""
+    from tests.models.test_mindformers_flow import build_from_yaml, write_run_yaml
+    block = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*wq|.*wv",
+             "rank_pattern": {r"layers\.1\.attention\.wq": 2}, "alpha_pattern": {"wv": 2}}
+    path = write_run_yaml(tmp_path, block)
+    with pet_hooks.enable():
+        net = build_from_yaml(path)
+    assert get_state(net).config == pet_hooks.load_config(block)
+    ranks = {p.name: tuple(p.shape)[0] for p in pet_hooks.delta_parameters(net) if p.name.endswith("lora_A")}
+    assert ranks == {f"model.layers.{i}.attention.{c}.lora_A": 2 if (i, c) == (1, "wq") else 4
+                     for i in range(2) for c in ("wq", "wv")}
+    assert net.model.layers[0].attention.wv.lora_scaling == 0.5
