@@ -4,10 +4,10 @@
 
 Reads ``WORK_DIR/job.npz`` (the weights of ``k``, ``v``, ``down`` in torch's [out, in] layout, an input
 ``x``, an upstream gradient ``g``, per config name ``<c>.<layer>.A`` / ``.B``) and ``job.json`` (the
-configs: r, lora_alpha, use_rslora, rank_pattern, alpha_pattern; the key-matching cases) and writes
+configs: r, lora_alpha, use_rslora, use_dora, rank_pattern, alpha_pattern; the key-matching cases) and writes
 ``torch.npz`` with, from PEFT 0.21.2 on the same three-layer net, per config ``c``:
 
-- ``c.out``, the gradients ``c.grad.<layer>.A`` / ``.B`` of ``sum(out * g)``, ``c.merged.<layer>``
+- ``c.out``, the gradients ``c.grad.<layer>.A`` / ``.B`` (``.m``: DoRA's magnitude) of ``sum(out * g)``, ``c.merged.<layer>``
   (``merge_adapter``) and ``c.shape.<layer>`` (the rank PEFT gave the layer), ``c.scaling.<layer>``;
 - ``c.ours.out``: the output with pet_hooks' PEFT-format adapter ``WORK_DIR/ours_<c>`` read by
   ``PeftModel.from_pretrained``;
@@ -50,8 +50,8 @@ def _modules(model):
 
 def _lora_config(spec, **extra):
     return LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], use_rslora=spec["use_rslora"],
-                      target_modules=list(LAYERS), rank_pattern=spec["rank_pattern"],
-                      alpha_pattern=spec["alpha_pattern"], **extra)
+                      use_dora=spec.get("use_dora", False), target_modules=list(LAYERS),
+                      rank_pattern=spec["rank_pattern"], alpha_pattern=spec["alpha_pattern"], **extra)
 
 
 def main(work):
@@ -73,6 +73,8 @@ def main(work):
         for layer, module in _modules(model).items():
             out[f"{name}.grad.{layer}.A"] = module.lora_A["default"].weight.grad.numpy()
             out[f"{name}.grad.{layer}.B"] = module.lora_B["default"].weight.grad.numpy()
+            if spec.get("use_dora"):
+                out[f"{name}.grad.{layer}.m"] = module.lora_magnitude_vector["default"].weight.grad.numpy()
         model.save_pretrained(os.path.join(work, f"theirs_{name}"))
         model.merge_adapter()
         for layer, module in _modules(model).items():

@@ -5,7 +5,8 @@ pet_hooks, identical weights, input and delta values (``tests/peft_reference_pat
 side, in its own process):
 
 - the rank PEFT gives each layer and its scaling, the outputs, the gradients of A and B, the merged weights
-  (plain scaling, and rsLoRA with both fields); unmerge and ``remove`` give the original weights bit for bit;
+  (plain scaling, rsLoRA, and DoRA with its magnitude's gradient); unmerge gives the original weights back
+  and ``remove`` gives them bit for bit;
 - the key matching itself: PEFT's ``get_pattern_key`` on a table of keys and paths;
 - PEFT reads our PEFT-format adapter (the patterns under PEFT's module names) and we read PEFT's;
 - PiSSA with patterns: the initial A, B and residual per layer, and our ``save_as_lora`` read by PEFT;
@@ -42,6 +43,8 @@ CONFIGS = {
     "plain": {"r": 2, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {"v": 4, "down": 3},
               "alpha_pattern": {"k": 3, "down": 12}},
     "rslora": {"r": 3, "lora_alpha": 6, "use_rslora": True, "rank_pattern": {"k|v": 5}, "alpha_pattern": {"v": 2.5}},
+    "dora": {"r": 2, "lora_alpha": 8, "use_rslora": False, "use_dora": True, "rank_pattern": {"v": 3},
+             "alpha_pattern": {"down": 4}},
 }
 #: (keys, path): which key PEFT's get_pattern_key picks (None: none matches)
 KEY_CASES = [(["v"], "v"), (["v"], "k"), (["layers.0.v"], "model.layers.0.v"), (["layers.0.v"], "model.layers.10.v"),
@@ -52,8 +55,8 @@ KEY_CASES = [(["v"], "v"), (["v"], "k"), (["layers.0.v"], "model.layers.0.v"), (
 
 def _ours(spec: dict, **extra) -> dict:
     return {"pet_type": "lora", "lora_rank": spec["r"], "lora_alpha": spec["lora_alpha"],
-            "use_rslora": spec["use_rslora"], "target_modules": list(LAYERS), "rank_pattern": spec["rank_pattern"],
-            "alpha_pattern": spec["alpha_pattern"], **extra}
+            "use_rslora": spec["use_rslora"], "use_dora": spec.get("use_dora", False), "target_modules": list(LAYERS),
+            "rank_pattern": spec["rank_pattern"], "alpha_pattern": spec["alpha_pattern"], **extra}
 
 
 def _own(spec: dict, layer: str):
@@ -170,7 +173,9 @@ def test_ranks_outputs_gradients_and_merge_equal_peft(mode, name, peft_run):
     diffs = {"out": close(out, theirs[f"{name}.out"])}
     for param, grad in zip(deltas, grads):
         layer, leaf = param.name.split(".")
-        diffs[param.name] = close(grad.asnumpy(), theirs[f"{name}.grad.{layer}.{leaf[-1]}"], param.name)
+        key = {"lora_A": "A", "lora_B": "B", "lora_magnitude_vector": "m"}[leaf]
+        diffs[param.name] = close(grad.asnumpy(), theirs[f"{name}.grad.{layer}.{key}"], param.name)
+    assert len(deltas) == len(LAYERS) * (3 if CONFIGS[name].get("use_dora") else 2)
     pet_hooks.merge(net)
     for layer in LAYERS:
         close(getattr(net, layer).weight.asnumpy(), theirs[f"{name}.merged.{layer}"], layer, 1e-6)
