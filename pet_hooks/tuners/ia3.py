@@ -195,6 +195,10 @@ class IA3Tuner(SwitchedTuner):
     def can_adapt(self, cell: nn.Cell) -> Optional[str]:
         return _can_adapt(cell)
 
+    def is_linear(self, cell: nn.Cell) -> bool:
+        """What ``target_modules: "all-linear"`` selects: the cells IA3 adapts (Dense, MindFormers' Linear)."""
+        return _can_adapt(cell) is None
+
     def select_targets(self, net: nn.Cell, cfg: IA3Config):
         return _select_targets(net, cfg)
 

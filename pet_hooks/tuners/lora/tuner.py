@@ -286,6 +286,9 @@ class LoraTuner(Tuner):
     def base_weight(self, cell: nn.Cell) -> Optional[Parameter]:
         return base_weight(cell)
 
+    def is_linear(self, cell: nn.Cell) -> bool:
+        return is_linear(cell)
+
     def select_targets(self, net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
         return select_targets(net, cfg)
 
