@@ -171,8 +171,10 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
 
 
 # ----------------------------------------------------------------------------- loading
+# layers_to_transform / layers_pattern / exclude_modules / "all-linear" (issue 29) are read: the file's modules
+# are exactly the ones PEFT adapted, and the config built from them selects those (config_from_modules).
 _UNSUPPORTED = (("bias", ("none", None)), ("rank_pattern", ({}, None)),
-                ("alpha_pattern", ({}, None)), ("layers_to_transform", (None,)), ("modules_to_save", (None, [])),
+                ("alpha_pattern", ({}, None)), ("modules_to_save", (None, [])),
                 ("layer_replication", (None,)), ("trainable_token_indices", (None,)),
                 ("target_parameters", (None, [])))
 
