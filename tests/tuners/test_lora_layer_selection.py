@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-import mindspore as ms
 import mindspore.dataset as ds
 import yaml
 from mindspore import Tensor, nn
