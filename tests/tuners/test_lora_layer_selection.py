@@ -176,3 +176,15 @@ def test_inspect_shows_what_the_config_selects():
     text = format_report(report)
     assert "layers_to_transform [1]" in text and "exclude_modules ['projection']" in text
     assert get_state(net) is None
+
+
+def test_a_weighted_adapter_of_adapters_on_different_layers_covers_them_all():
+    first = {"pet_type": "lora", "lora_rank": 2, "target_modules": "all-linear", "layers_to_transform": [0],
+             "exclude_modules": ["projection"]}
+    second = {"pet_type": "lora", "lora_rank": 2, "target_modules": ["projection"], "layers_to_transform": [2]}
+    net = pet_hooks.apply(build(seed=0, **GEOMETRY), first)
+    pet_hooks.add_adapter(net, "second", second)
+    pet_hooks.add_weighted_adapter(net, ["default", "second"], [1.0, 1.0], "both", combination_type="cat")
+    state = get_state(net)
+    expected = sorted(set(state.adapters["default"].paths) | set(state.adapters["second"].paths))
+    assert len(expected) == 6 and sorted(state.adapters["both"].paths) == expected
