@@ -190,8 +190,9 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
 
     Raises:
         NoMatchError: a pattern (or list entry, or exclude_modules entry) that selects nothing, naming it and
-            listing a few adaptable names. PetConfigError: the exclusions or the layers leave nothing; a
-            layer index or layers_pattern the net does not have.
+            listing a few adaptable names; a selection none of whose cells is in ``layers_to_transform``.
+            PetConfigError: the exclusions leave nothing; a layer index or layers_pattern the net does
+            not have.
         UnsupportedCellError: a selected cell the method cannot adapt, naming its path and type.
         (Both are PetConfigError, a ValueError.)
     """
@@ -225,7 +226,7 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
     if keep is not None:
         in_layers = [(p, c) for p, c in selected if keep(p)]
         if not in_layers:
-            raise PetConfigError(f"{what} {targets!r} selects {len(selected)} cell(s) (e.g. '{selected[0][0]}') but "
+            raise NoMatchError(f"{what} {targets!r} selects {len(selected)} cell(s) (e.g. '{selected[0][0]}') but "
                                  f"none of them is in layers_to_transform {list(layers_to_transform)}"
                                  + (f" (layers_pattern {list(layers_pattern)})" if layers_pattern else ""))
         selected = in_layers

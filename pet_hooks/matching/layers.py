@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..errors import PetConfigError
+from ..errors import NoMatchError, PetConfigError
 
 __all__ = ["layer_index", "layer_filter", "layer_indices", "GENERIC_RULE"]
 
@@ -80,8 +80,8 @@ def layer_filter(paths: Sequence[str], layers_to_transform: Optional[Sequence[in
 
     Raises:
         PetConfigError: a ``layers_pattern`` entry that matches no path (naming it and the numbered
-            containers the net has); no numbered layer at all; an index the net does not have (naming
-            it and the indices there are).
+            containers the net has); an index the net does not have (naming it and the indices there
+            are). NoMatchError (a PetConfigError): no numbered layer at all.
     """
     if layers_to_transform is None:
         return None
@@ -94,7 +94,8 @@ def layer_filter(paths: Sequence[str], layers_to_transform: Optional[Sequence[in
                                  + (f"its numbered layers are {there}" if there else "it has no numbered layers"))
     found = layer_indices(paths, patterns)
     if not found:
-        raise PetConfigError(f"layers_to_transform {list(layers_to_transform)} needs numbered layers, but no cell "
+        # NoMatchError: the selection matches nothing in this net (enable() then takes it for another model)
+        raise NoMatchError(f"layers_to_transform {list(layers_to_transform)} needs numbered layers, but no cell "
                              f"path of {net_name} holds '<container>.<index>.' (like 'model.layers.0.'); "
                              f"set layers_pattern to the name of its layer container")
     there = sorted({index for indices in found.values() for index in indices})

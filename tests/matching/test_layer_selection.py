@@ -163,7 +163,7 @@ def test_ia3_takes_all_linear_and_exclude_modules():
      ["layer index 3 does not exist in TinyGPT", "0, 1, 2 under 'blocks'"]),
     ({"target_modules": ["dense1"], "layers_to_transform": 0, "layers_pattern": ["blocks", "layers"]},
      PetConfigError, ["layers_pattern 'layers' matches no cell path", "0, 1, 2 under 'blocks'"]),
-    ({"target_modules": "head", "layers_to_transform": [0]}, PetConfigError,
+    ({"target_modules": "head", "layers_to_transform": [0]}, NoMatchError,
      ["selects 1 cell(s)", "none of them is in layers_to_transform [0]"]),
     ({"target_modules": ["dense1"], "exclude_modules": ["dense9"]}, NoMatchError,
      ["exclude_modules 'dense9' matches no cell"]),
@@ -186,7 +186,7 @@ class Flat(nn.Cell):
 
 
 def test_a_net_without_numbered_layers_is_told_to_name_them():
-    with pytest.raises(PetConfigError, match="no cell path of Flat holds '<container>.<index>.'"):
+    with pytest.raises(NoMatchError, match="no cell path of Flat holds '<container>.<index>.'"):
         chosen({"target_modules": ["a"], "layers_to_transform": [0]}, Flat())
     assert layer_filter(["a"], None, None, "Flat") is None
 

@@ -329,7 +329,7 @@ ROWS: List[Row] = [
       "needs layers_to_transform"),
     M("layers-pattern-bad-regex", {**CFG, "layers_to_transform": 0, "layers_pattern": "("}, PetConfigError,
       "layers_pattern", "'('"),
-    M("layers-leave-nothing", {**CFG, "target_modules": "head", "layers_to_transform": [1]}, PetConfigError,
+    M("layers-leave-nothing", {**CFG, "target_modules": "head", "layers_to_transform": [1]}, NoMatchError,
       "'head'", "none of them is in layers_to_transform [1]"),
     M("exclude-modules-matches-nothing", {**CFG, "exclude_modules": ["dense9"]}, NoMatchError,
       "exclude_modules 'dense9' matches no cell"),
