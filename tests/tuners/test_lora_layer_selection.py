@@ -191,3 +191,19 @@ def test_a_weighted_adapter_of_adapters_on_different_layers_covers_them_all():
     state = get_state(net)
     expected = sorted(set(state.adapters["default"].paths) | set(state.adapters["second"].paths))
     assert len(expected) == 6 and sorted(state.adapters["both"].paths) == expected
+
+
+def test_ia3_all_linear_and_exclude_modules_adapt_what_the_explicit_list_adapts(mode):
+    shorthand = {"pet_type": "ia3", "target_modules": "all-linear", "feedforward_modules": ["mapping"],
+                 "exclude_modules": ".*dense[12]"}
+    paths = [f"blocks.{i}.{leaf}" for i in range(3) for leaf in LINEAR if leaf not in ("attention.dense1",
+                                                                                       "attention.dense2")]
+    explicit = {"pet_type": "ia3", "target_modules": paths, "feedforward_modules": ["mapping"]}
+    results = []
+    for cfg in (shorthand, explicit):
+        net = pet_hooks.apply(build(seed=0, **GEOMETRY), cfg)
+        assert adapted_paths(net) == sorted(paths)
+        randomize_deltas(net, seed=4)
+        results.append(logits(net))
+    assert np.abs(results[0] - logits(build(seed=0, **GEOMETRY))).max() > 1e-2
+    np.testing.assert_array_equal(results[0], results[1])
