@@ -144,7 +144,8 @@ def _check_exclude_modules(net: nn.Cell, exclude_modules: Patterns, paths: List[
         if not any(module_excluded(path, rule) for path in paths):
             close = nearest_names(entry, paths, 4)
             raise NoMatchError(f"exclude_modules {entry!r} matches no cell of {type(net).__name__} "
-                               f"(the nearest cell paths: {', '.join(close)})")
+                               f"(the nearest cell paths: {', '.join(close)})"
+                               f"{_name_map_hint(entry, paths, isinstance(exclude_modules, str))}")
 
 
 def _all_linear(net: nn.Cell, cells: List[Tuple[str, nn.Cell]], is_linear: Optional[Callable[[nn.Cell], bool]],

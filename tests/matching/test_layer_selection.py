@@ -234,6 +234,10 @@ def test_mindformers_llama_layers_and_all_linear():
     assert chosen({"target_modules": ".*wq", "layers_to_transform": 0, "layers_pattern": "layers"}, llama) == [
         "model.layers.0.attention.wq"]
     assert set(output_heads(llama, named_cells(llama), is_linear)) == {"lm_head"}
+    # PEFT's (Hugging Face's) names: an error that says what they mean here
+    with pytest.raises(NoMatchError, match="'down_proj' matches no cell .* name map 'llama': here it would be the "
+                                           "2 cell\\(s\\) named w2"):
+        chosen({"target_modules": "all-linear", "exclude_modules": ["down_proj"]}, llama)
 
 
 @NEEDS_MINDFORMERS
