@@ -256,7 +256,8 @@ class LoraConfig(PetConfig):
     lora_alpha: float = field(default=16, metadata={"help": "scaling = alpha / r (alpha / sqrt(r) with use_rslora)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input, in [0, 1)"})
     target_modules: Union[str, list, None] = field(
-        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
     exclude_layers: Union[str, list, None] = field(
         default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
     # issue 29 item 2/3, PEFT's layer selection: exclude_modules, layers_to_transform, layers_pattern
@@ -379,7 +380,8 @@ class IA3Config(PetConfig):
     PET_TYPE: ClassVar[str] = "ia3"
 
     target_modules: Union[str, list, None] = field(
-        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
     feedforward_modules: Union[str, list, None] = field(
         default=None, metadata={"help": "targets whose input (not output) is scaled; each must select a target"})
     exclude_layers: Union[str, list, None] = field(
