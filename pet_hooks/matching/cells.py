@@ -150,8 +150,9 @@ def _check_exclude_modules(net: nn.Cell, exclude_modules: Patterns, paths: List[
 
 def _all_linear(net: nn.Cell, cells: List[Tuple[str, nn.Cell]], is_linear: Optional[Callable[[nn.Cell], bool]],
                 can_adapt: Callable[[nn.Cell], Optional[str]], what: str) -> List[Tuple[str, nn.Cell]]:
-    """PEFT's ``"all-linear"``: the linear cells but the output head; those the method cannot adapt are left
-    out with a warning naming them (an error would make the shorthand unusable on a net with one such cell)."""
+    """PEFT's ``"all-linear"``: the linear cells but the output head; those the method cannot adapt (``can_adapt``
+    here: the cell itself, not what the config asks of it) are left out with a warning naming them (an error
+    would make the shorthand unusable on a net with one such cell)."""
     if is_linear is None:
         raise PetConfigError(f"{what} 'all-linear' is not supported by this method; give a regex or a list of names")
     heads = output_heads(net, cells, is_linear)
@@ -175,7 +176,8 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
                  skip: Callable[[str, nn.Cell], bool] = lambda path, cell: False,
                  what: str = "target_modules", exclude_modules: Patterns = None,
                  layers_to_transform: Optional[Sequence[int]] = None, layers_pattern: Optional[Sequence[str]] = None,
-                 is_linear: Optional[Callable[[nn.Cell], bool]] = None) -> List[Tuple[str, nn.Cell]]:
+                 is_linear: Optional[Callable[[nn.Cell], bool]] = None,
+                 linear_refusal: Optional[Callable[[nn.Cell], Optional[str]]] = None) -> List[Tuple[str, nn.Cell]]:
     """Return ``[(path, cell)]`` selected by ``targets`` minus ``excludes``, in net order.
 
     Args:
@@ -188,6 +190,9 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
         exclude_modules: PEFT's exclusions (:func:`module_excluded`), skipped as ``excludes`` are.
         layers_to_transform / layers_pattern: keep only the cells in these layers (``matching/layers.py``).
         is_linear: which cells ``"all-linear"`` means (None: the method has no such shorthand).
+        linear_refusal: why a linear cell itself cannot be adapted (``"all-linear"`` leaves it out with a
+            warning); by default ``can_adapt``. What the config asks of a cell it cannot give (DoRA on a kind
+            without it) stays an error: pass the cell-only check here.
 
     Raises:
         NoMatchError: a pattern (or list entry, or exclude_modules entry) that selects nothing, naming it and
@@ -206,7 +211,7 @@ def select_cells(net: nn.Cell, targets: Patterns, excludes: Patterns = None, *,
     _check_exclude_modules(net, exclude_modules, [p for p, _ in every])
 
     if is_all_linear(targets):
-        chosen = _all_linear(net, cells, is_linear, can_adapt, what)
+        chosen = _all_linear(net, cells, is_linear, linear_refusal or can_adapt, what)
     elif isinstance(targets, str):
         chosen = [(p, c) for p, c in cells if re.fullmatch(targets, p)]
         unmatched: Iterable[str] = [] if chosen else [targets]

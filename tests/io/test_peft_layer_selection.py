@@ -84,7 +84,8 @@ def test_same_modules_and_logits_as_pytorch_peft_both_ways(tmp_path, mode):
         assert any(doc.get(key) for key in ("layers_to_transform", "exclude_modules")), doc
         net = pet_hooks.load_adapter(llama_with_weights(), theirs_dir)
         # PEFT adapted exactly the cells pet_hooks' own config with the same options selects
-        assert sorted(to_hf(p) for p in cells_of(net)) == json.loads((tmp_path / f"modules_theirs_{name}.json").read_text())
+        peft_modules = json.loads((tmp_path / f"modules_theirs_{name}.json").read_text())
+        assert sorted(to_hf(p) for p in cells_of(net)) == peft_modules
         assert cells_of(net) == cells, name
         theirs = llama_logits(net, ids)
         assert np.abs(theirs - base).max() > 1e-2

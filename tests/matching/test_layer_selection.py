@@ -13,7 +13,7 @@ import pytest
 from mindspore import nn
 
 from pet_hooks.config.pet_config import IA3Config, LoraConfig
-from pet_hooks.errors import NoMatchError, PetConfigError, PetConfigTypeError
+from pet_hooks.errors import NoMatchError, PetConfigError, PetConfigTypeError, UnsupportedCellError
 from pet_hooks.matching.all_linear import output_heads
 from pet_hooks.matching.cells import module_excluded, named_cells, select_cells
 from pet_hooks.matching.layers import layer_filter, layer_index
@@ -252,3 +252,6 @@ def test_mcore_qwen3_decoder_layers_and_all_linear(mcore_graph):
     assert set(output_heads(qwen, named_cells(qwen), is_linear)) == {"model.output_layer"}
     with pytest.raises(PetConfigError, match="layer index 2 does not exist .* 0, 1 under 'layers'"):
         chosen({"target_modules": ["linear_qkv"], "layers_to_transform": [2]}, qwen)
+    # what the config asks of a linear cell it cannot give is an error, not a cell left out
+    with pytest.raises(UnsupportedCellError, match="linear_proj.*DoRA"):
+        chosen({"target_modules": "all-linear", "use_dora": True}, qwen)

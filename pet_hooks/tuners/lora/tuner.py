@@ -101,7 +101,9 @@ def select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False)
                           skip=lambda path, cell: (is_lora_cell(cell) and not include_adapted)
                           or path.rsplit(".", 1)[-1] == "lora_dropout",
                           exclude_modules=cfg.exclude_modules, layers_to_transform=cfg.layers_to_transform,
-                          layers_pattern=cfg.layers_pattern, is_linear=is_linear)
+                          layers_pattern=cfg.layers_pattern, is_linear=is_linear,
+                          linear_refusal=lambda cell: None if include_adapted and is_lora_cell(cell)
+                          else _can_adapt(cell))
     paths = {path for path, _ in chosen}
     targets: List[Tuple[str, nn.Cell]] = []
     for path, cell in chosen:
