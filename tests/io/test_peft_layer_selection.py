@@ -91,3 +91,35 @@ def test_same_modules_and_logits_as_pytorch_peft_both_ways(tmp_path, mode):
         assert np.abs(theirs - base).max() > 1e-2
         np.testing.assert_allclose(theirs, np.load(tmp_path / f"torch_theirs_{name}.npy"), rtol=1e-4, atol=1e-5)
         assert get_state(net).config.lora_rank == doc["r"]
+
+
+@NEEDS_MINDFORMERS
+@pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
+def test_all_linear_on_the_mcore_qwen3_is_read_by_peft_as_the_same_adapter(tmp_path, mcore_graph):
+    """The mcore projections under "all-linear" and a layer, through the qwen3 name map (fused q/k/v and
+    gate/up split into PEFT's modules): PEFT on transformers' Qwen3 gives the same logits."""
+    from tests.mcore_cpu import TINY
+    from tests.models.test_mcore_peft import D, F, G, H, L, N, V, hf_weights, logits as qwen_logits, mcore_qwen3_with
+    hf = hf_weights()
+    ids = np.random.default_rng(4).integers(0, V, (2, 8)).astype(np.int32)
+    net = pet_hooks.apply(mcore_qwen3_with(hf), {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8,
+                                                 "target_modules": "all-linear", "layers_to_transform": [1],
+                                                 "exclude_modules": ["linear_proj"]})
+    assert cells_of(net) == [f"model.decoder.layers.1.{leaf}" for leaf in
+                             ("mlp.linear_fc1", "mlp.linear_fc2", "self_attention.linear_qkv")]
+    base = qwen_logits(net, ids)
+    randomize(pet_hooks.delta_parameters(net), seed=8, scale=0.2)
+    ours = qwen_logits(net, ids)
+    pet_hooks.save_adapter(net, str(tmp_path / "ours"), format="peft", name_map="qwen3")
+    job = {"vocab_size": V, "hidden_size": H, "intermediate_size": F, "num_layers": L, "num_heads": N,
+           "num_kv_heads": G, "head_dim": D, "rms_norm_eps": TINY["rms_norm_eps"],
+           "rope_theta": float(net.config.rope_theta), "max_position_embeddings": TINY["max_position_embeddings"]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    np.savez(tmp_path / "base.npz", **hf)
+    np.save(tmp_path / "ids.npy", ids)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_qwen3.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tol = 2e-3 * np.abs(base).max()                     # float16 q/k/v in MindFormers' attention (test_mcore_peft)
+    assert np.abs(ours - base).max() > 20 * tol
+    np.testing.assert_allclose(ours, np.load(tmp_path / "torch_ours.npy"), atol=tol)
