@@ -39,17 +39,22 @@ from ..config.pet_config import load_config
 from ..doors.context import PetSession
 from ..doors.launcher import as_main, run_as_main
 from ..utils.patching import PatchSet
-from ..matching.cells import (is_excluded, list_entry_matches, named_cells, nearest_names, split_alternatives,
-                              under_name_maps)
+from ..matching.all_linear import is_all_linear, output_heads
+from ..matching.cells import (is_excluded, list_entry_matches, module_excluded, named_cells, nearest_names,
+                              split_alternatives, under_name_maps)
+from ..matching.layers import layer_filter
 from ..surgery.core import apply, get_state, parameter_counts, remove, tied_weights, trainable_summary
 from ..tuners import get_tuner
 
 __all__ = ["inspect_net", "format_report", "build_from_factory", "capture_script_model", "split_alternatives"]
 
 
-def _pattern_rows(targets: Any, cells: List[Tuple[str, nn.Cell]], adaptable: List[str]) -> List[Dict[str, Any]]:
+def _pattern_rows(targets: Any, cells: List[Tuple[str, nn.Cell]], adaptable: List[str],
+                  linear: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     if targets is None:
         return []
+    if is_all_linear(targets):      # one row: the linear cells but the output head
+        return [{"pattern": targets, "cells": len(linear or []), "nearest": [], "under_name_maps": {}}]
     if isinstance(targets, str):
         entries = [(alt, lambda path, alt=alt: re.fullmatch(alt, path) is not None)
                    for alt in split_alternatives(targets)]
@@ -98,9 +103,10 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
     cells = named_cells(net)
     adaptable = [path for path, cell in cells if can_adapt(cell) is None]
     excludes = getattr(config, "exclude_layers", None)
+    skipped = _skip_rules(net, config, tuner, cells)
     report: Dict[str, Any] = {
         "model": _type_name(type(net)), "pet_type": config.pet_type, "config": config.to_dict(),
-        "patterns": _pattern_rows(getattr(config, "target_modules", None), cells, adaptable),
+        "patterns": _pattern_rows(getattr(config, "target_modules", None), cells, adaptable, skipped["linear"]),
         "matched": [], "shared": [], "near_misses": [], "unreached": [], "error": None,
     }
     applied_here = get_state(net) is None
@@ -113,7 +119,7 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
         state = None
     try:
         if state is not None:
-            _fill(report, state, net, cells, adaptable, excludes)
+            _fill(report, state, net, cells, adaptable, excludes, skipped)
             _flag_unreached(report, net)
         trainable, total = parameter_counts(net)
         report["summary"] = {"trainable": trainable, "all": total,
@@ -125,7 +131,43 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
     return report
 
 
-def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[str], excludes) -> None:
+def _skip_rules(net: nn.Cell, config, tuner, cells) -> Dict[str, Any]:
+    """What the near-miss reasons need beyond exclude_layers: ``exclude_modules``, the layers
+    ``layers_to_transform`` keeps, and for ``"all-linear"`` the linear cells and the output head(s) left out."""
+    rules: Dict[str, Any] = {"exclude_modules": getattr(config, "exclude_modules", None), "keep": None,
+                             "heads": {}, "linear": None, "is_linear": None}
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is not None:
+        try:
+            rules["keep"] = layer_filter([p for p, _ in cells], layers, getattr(config, "layers_pattern", None),
+                                         type(net).__name__)
+        except ValueError:
+            pass                # apply reports it as the error
+    is_linear = getattr(tuner, "is_linear", None)
+    if is_all_linear(getattr(config, "target_modules", None)) and is_linear is not None:
+        rules["is_linear"] = is_linear
+        rules["heads"] = output_heads(net, cells, is_linear)
+        rules["linear"] = [p for p, c in cells if is_linear(c) and p not in rules["heads"]]
+    return rules
+
+
+def _why_not(path: str, cell: nn.Cell, excludes, skipped: Dict[str, Any]) -> str:
+    """Why a cell of an adaptable type was not adapted (the first rule that left it out)."""
+    if is_excluded(path, excludes):
+        return "excluded by exclude_layers"
+    if module_excluded(path, skipped["exclude_modules"]):
+        return "excluded by exclude_modules"
+    if path in skipped["heads"]:
+        return f"the output head, which 'all-linear' leaves out ({skipped['heads'][path]})"
+    if skipped["is_linear"] is not None and not skipped["is_linear"](cell):
+        return "not a linear layer ('all-linear')"
+    if skipped["keep"] is not None and not skipped["keep"](path):
+        return "outside layers_to_transform"
+    return "not selected by target_modules"
+
+
+def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[str], excludes,
+          skipped: Dict[str, Any]) -> None:
     shared: Dict[str, List[int]] = {}
     tied = tied_weights(net, state) if state.tuner.can_merge else {}
     matched_paths = set()
@@ -153,7 +195,7 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
         if path in matched_paths or any(path.startswith(p + ".") for p in matched_paths):
             continue
         if type(cell) in matched_types or path in adaptable_set:
-            reason = "excluded by exclude_layers" if is_excluded(path, excludes) else "not selected by target_modules"
+            reason = _why_not(path, cell, excludes, skipped)
             report["near_misses"].append({"path": path, "type": type(cell).__name__,
                                           "in": _size(cell, "in_channels"), "out": _size(cell, "out_channels"),
                                           "reason": reason})
@@ -220,7 +262,11 @@ def format_report(report: Dict[str, Any]) -> str:
     """The report as the table ``pet-hooks inspect`` prints."""
     lines = [f"{report['model']}: {report['pet_type']}"
              + (f", target_modules {report['config'].get('target_modules')!r}"
-                if report["config"].get("target_modules") is not None else "")]
+                if report["config"].get("target_modules") is not None else "")
+             # issue 29: the other fields that select cells
+             + "".join(f", {key} {report['config'][key]!r}" for key in ("exclude_layers", "exclude_modules",
+                                                                        "layers_to_transform", "layers_pattern")
+                       if report["config"].get(key) is not None)]
     if report["patterns"]:
         rows = [["pattern", "cells", "nearest names"]]
         for row in report["patterns"]:

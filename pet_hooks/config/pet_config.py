@@ -117,6 +117,56 @@ def _warn_long_prefix(name: str, length: int) -> None:
                        "(about 5000 training samples) and produce garbled output", name, length)
 
 
+# issue 29 items 2/3: PEFT's layer selection fields (LoRA; exclude_modules and "all-linear" for IA3 too)
+def _check_exclude_modules(cfg) -> None:
+    """PEFT's ``exclude_modules``: a regex string (kept a string: fullmatched) or a non-empty list of names."""
+    value = cfg.exclude_modules
+    if value is None or isinstance(value, str):
+        if value is not None:
+            _check_regex("exclude_modules", value)
+        return
+    if not isinstance(value, (list, tuple, set)):
+        raise PetConfigTypeError(f"exclude_modules must be a regex string or a list of names, got {value!r}")
+    if not value:
+        raise PetConfigError("exclude_modules is an empty list")
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise PetConfigTypeError(f"exclude_modules entries must be non-empty strings, got {item!r}")
+    cfg.exclude_modules = sorted(value) if isinstance(value, set) else list(value)
+
+
+def _check_all_linear(cfg) -> None:
+    """``target_modules: "all-linear"`` in any case (PEFT lowers it) is stored as PEFT spells it."""
+    if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear":
+        cfg.target_modules = "all-linear"
+
+
+def _check_layer_selection(cfg) -> None:
+    """``exclude_modules``, ``layers_to_transform`` (an int >= 0 or a non-empty list of them, kept sorted and
+    unique) and ``layers_pattern`` (a name or a list of names, each a regex piece; needs layers_to_transform)."""
+    _check_all_linear(cfg)
+    _check_exclude_modules(cfg)
+    value = cfg.layers_to_transform
+    if value is not None:
+        items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(items, (list, tuple)):
+            raise PetConfigTypeError(f"layers_to_transform must be a layer index or a list of them, got {value!r}")
+        if not items:
+            raise PetConfigError("layers_to_transform is an empty list")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise PetConfigTypeError(f"layers_to_transform entries must be integers, got {item!r} "
+                                         f"({type(item).__name__})")
+            if item < 0:
+                raise PetConfigError(f"layers_to_transform entries must be >= 0, got {item!r}")
+        cfg.layers_to_transform = sorted(set(items))
+    if cfg.layers_pattern is not None:
+        cfg.layers_pattern = _as_pattern_list("layers_pattern", cfg.layers_pattern)
+        if cfg.layers_to_transform is None:
+            raise PetConfigError(f"layers_pattern {cfg.layers_pattern!r} needs layers_to_transform (PEFT's rule: "
+                                 f"the pattern only says where the layer index is)")
+
+
 # ----------------------------------------------------------------------------- dataclasses
 @dataclass
 class PetConfig:
@@ -207,9 +257,21 @@ class LoraConfig(PetConfig):
     lora_alpha: float = field(default=16, metadata={"help": "scaling = alpha / r (alpha / sqrt(r) with use_rslora)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input, in [0, 1)"})
     target_modules: Union[str, list, None] = field(
-        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
     exclude_layers: Union[str, list, None] = field(
         default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    # issue 29 item 2/3, PEFT's layer selection: exclude_modules, layers_to_transform, layers_pattern
+    # (target_modules also takes PEFT's "all-linear"; pet_hooks.matching.layers / all_linear)
+    exclude_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts); "
+                "a cell it or exclude_layers excludes is skipped"})
+    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
+        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list; the number after "
+                "layers_pattern, or after the first numbered container: model.layers.N, blocks.N, decoder.layers.N)"})
+    layers_pattern: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads "
+                "(layers, h, decoder.layers); None = the first numbered container in the path"})
     # Init-only fields (compare=False): two configs that differ only here describe the same adapter.
     lora_a_init: str = field(default="kaiming_uniform", compare=False,
                              metadata={"help": "kaiming_uniform | normal"})
@@ -247,6 +309,7 @@ class LoraConfig(PetConfig):
                                  "or a list of cell names)")
         _check_targets(self)
         self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_layer_selection(self)        # issue 29: exclude_modules, layers_to_transform, layers_pattern
         _check_choice("lora_a_init", self.lora_a_init, tuple(self._A_INITS))
         self.lora_a_init = self._A_INITS[self.lora_a_init.lower()]
         _check_choice("lora_b_init", self.lora_b_init, ("zero", "zeros"))
@@ -344,11 +407,16 @@ class IA3Config(PetConfig):
     PET_TYPE: ClassVar[str] = "ia3"
 
     target_modules: Union[str, list, None] = field(
-        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names"})
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
     feedforward_modules: Union[str, list, None] = field(
         default=None, metadata={"help": "targets whose input (not output) is scaled; each must select a target"})
     exclude_layers: Union[str, list, None] = field(
         default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    # issue 29 item 3: PEFT's IA3Config has exclude_modules (and target_modules "all-linear") too
+    exclude_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts); "
+                "a cell it or exclude_layers excludes is skipped"})
     # Init-only (compare=False), as lora_a_init: two configs differing only here describe one adapter.
     init_ia3_weights: bool = field(default=True, compare=False, metadata={
         "help": "true: vectors start at 1 (output unchanged); false: standard normal, as PEFT"})
@@ -363,6 +431,8 @@ class IA3Config(PetConfig):
         else:
             self.feedforward_modules = _as_pattern_list("feedforward_modules", self.feedforward_modules)
         self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_all_linear(self)             # issue 29: "all-linear" and exclude_modules, as LoRA's
+        _check_exclude_modules(self)
         _check_bool("init_ia3_weights", self.init_ia3_weights)
 
 

@@ -171,7 +171,9 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
 
 
 # ----------------------------------------------------------------------------- loading
-_UNSUPPORTED = (("bias", ("none", None)), ("layers_to_transform", (None,)), ("modules_to_save", (None, [])),
+# layers_to_transform / layers_pattern / exclude_modules / "all-linear" (issue 29) are read: the file's modules
+# are exactly the ones PEFT adapted, and the config built from them selects those (config_from_modules).
+_UNSUPPORTED = (("bias", ("none", None)), ("modules_to_save", (None, [])),
                 ("layer_replication", (None,)), ("trainable_token_indices", (None,)),
                 ("target_parameters", (None, [])))
 

@@ -390,7 +390,10 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
     first = state.adapters[adapters[0]].config
     cfg = dataclasses.replace(first, lora_rank=combined.rank, lora_alpha=combined.alpha,
                               use_rslora=combined.use_rslora, exclude_layers=None, rank_pattern={}, alpha_pattern={},
-                              target_modules=_paths_pattern(combined.target_paths))
+                              target_modules=_paths_pattern(combined.target_paths),
+                              # issue 29: the union of the targets is the selection; no layer or exclusion rule
+                              # of the first adapter may narrow it
+                              exclude_modules=None, layers_to_transform=None, layers_pattern=None)
     add_adapter(net, adapter_name, cfg)
     stored = state.adapters[adapter_name].stored           # inactive: its values live here
     for path, (a, b) in combined.tensors.items():

@@ -78,8 +78,10 @@ def _is_feedforward(path: str, patterns: Union[str, list, None]) -> bool:
 
 def _select_targets(net: nn.Cell, cfg: IA3Config) -> List[Tuple[str, nn.Cell]]:
     """The cells ``cfg`` selects; raises before anything is changed."""
+    # "all-linear" / exclude_modules: PEFT's IA3Config has them as LoRA's (no layers_to_transform there)
     targets = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=_can_adapt,
-                           skip=lambda path, cell: is_ia3_cell(cell))
+                           skip=lambda path, cell: is_ia3_cell(cell), exclude_modules=cfg.exclude_modules,
+                           is_linear=lambda cell: _can_adapt(cell) is None)
     paths = [path for path, _ in targets]
     ff = cfg.feedforward_modules
     for pattern in ([ff] if isinstance(ff, str) else list(ff or [])):
@@ -193,6 +195,10 @@ class IA3Tuner(SwitchedTuner):
 
     def can_adapt(self, cell: nn.Cell) -> Optional[str]:
         return _can_adapt(cell)
+
+    def is_linear(self, cell: nn.Cell) -> bool:
+        """What ``target_modules: "all-linear"`` selects: the cells IA3 adapts (Dense, MindFormers' Linear)."""
+        return _can_adapt(cell) is None
 
     def select_targets(self, net: nn.Cell, cfg: IA3Config):
         return _select_targets(net, cfg)

@@ -146,6 +146,9 @@ class LoraKind(abc.ABC):
     rows_reason: Optional[str] = None
     #: why a cell of this kind keeps one adapter per net (``add_adapter`` refuses it), None if it need not
     single_adapter_reason: Optional[str] = None
+    #: True for a linear layer in PEFT's sense (what ``target_modules: "all-linear"`` selects): nn.Dense,
+    #: MindFormers' Linear and the mcore projections; not embeddings, attention cells or grouped experts
+    is_linear: bool = False
 
     def __repr__(self) -> str:
         return f"<LoRA cell kind {self.name or type(self).__name__}>"

@@ -123,6 +123,7 @@ class McoreLinearKind(LoraKind):
 
     extra_attrs = lora_layout.PRIMITIVE_ATTRS
     rows_reason = "MindFormers' mcore layers take sequence-major input (rows are not the leading axis)"
+    is_linear = True
 
     def __init__(self, class_name: str, mixin: type, splits, row_parallel: bool = False) -> None:
         self.class_name = class_name

@@ -36,7 +36,7 @@ from mindspore.common import dtype as mstype
 from ...utils.ms_compat import write_values
 from ...config.pet_config import LoraConfig
 from ...errors import UnsupportedCellError
-from ...matching.cells import is_excluded, select_cells
+from ...matching.cells import is_excluded, module_excluded, select_cells
 from ...matching.patterns import check_pattern_keys
 from . import inits as lora_init
 from ..base import Injection, Tuner
@@ -49,7 +49,7 @@ from .scale import add_scale, scaled_a
 
 __all__ = ["LoraTuner", "LoraTargets", "LoraInjection", "LoraLayer", "LoraDense", "LoraLinear", "is_lora_cell",
            "scaled_a", "param_data", "select_targets", "base_weight", "takes_dropout", "initial_values",
-           "rows_reason", "single_adapter_reason"]
+           "rows_reason", "single_adapter_reason", "is_linear"]
 
 logger = logging.getLogger("pet_hooks")
 
@@ -67,6 +67,12 @@ def _can_adapt_with(cell: nn.Cell, cfg: LoraConfig) -> Optional[str]:
         return unsupported_reason()
     variant = variant_of(cfg)
     return kind.refuse(cell) or (variant.reason(kind) if variant is not None else None) or kind.init_reason(cfg)
+
+
+def is_linear(cell: nn.Cell) -> bool:
+    """A linear layer in PEFT's sense, what ``target_modules: "all-linear"`` selects (its kind's ``is_linear``)."""
+    kind = kind_of(cell)
+    return kind is not None and kind.is_linear
 
 
 def is_lora_cell(cell: nn.Cell) -> bool:
@@ -94,13 +100,18 @@ def select_targets(net: nn.Cell, cfg: LoraConfig, include_adapted: bool = False)
 
     chosen = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=can_adapt,
                           skip=lambda path, cell: (is_lora_cell(cell) and not include_adapted)
-                          or path.rsplit(".", 1)[-1] == "lora_dropout")
+                          or path.rsplit(".", 1)[-1] == "lora_dropout",
+                          exclude_modules=cfg.exclude_modules, layers_to_transform=cfg.layers_to_transform,
+                          layers_pattern=cfg.layers_pattern, is_linear=is_linear,
+                          linear_refusal=lambda cell: None if include_adapted and is_lora_cell(cell)
+                          else _can_adapt(cell))
     paths = {path for path, _ in chosen}
     targets: List[Tuple[str, nn.Cell]] = []
     for path, cell in chosen:
         targets.append((path, cell))
         for extra_path, extra in _kind(cell, path).companions(path, cell):
-            if extra_path not in paths and not is_excluded(extra_path, cfg.exclude_layers):
+            if extra_path not in paths and not is_excluded(extra_path, cfg.exclude_layers) \
+                    and not module_excluded(extra_path, cfg.exclude_modules):
                 targets.append((extra_path, extra))
                 paths.add(extra_path)
     variant = variant_of(cfg)
@@ -280,6 +291,9 @@ class LoraTuner(Tuner):
 
     def base_weight(self, cell: nn.Cell) -> Optional[Parameter]:
         return base_weight(cell)
+
+    def is_linear(self, cell: nn.Cell) -> bool:
+        return is_linear(cell)
 
     def select_targets(self, net: nn.Cell, cfg: LoraConfig) -> LoraTargets:
         return select_targets(net, cfg)
