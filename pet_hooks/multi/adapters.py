@@ -335,18 +335,20 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
                          combination_type: str = "svd", svd_rank: Optional[int] = None,
                          svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
                          svd_driver: Optional[str] = None, density: Optional[float] = None,
-                         majority_sign_method: str = "total") -> nn.Cell:
+                         majority_sign_method: str = "total", seed: Optional[int] = None) -> nn.Cell:
     """Add the adapter ``adapter_name`` combining ``adapters`` with ``weights``, as PEFT's
     ``add_weighted_adapter`` does (``pet_hooks.multi.weighted``: "linear", "cat", "svd", "ties",
-    "magnitude_prune" and their "_svd" forms; the arguments are PEFT's). It starts inactive; its
+    "magnitude_prune", "dare_linear", "dare_ties" and their "_svd" forms; the arguments are PEFT's, plus
+    ``seed``, required by the DARE types: their random masks are drawn from it with NumPy, not from
+    torch's generator as in PEFT, so the same seed gives the same adapter). It starts inactive; its
     config is the first adapter's with PEFT's new rank and ``lora_alpha`` (= rank) and the union of
     the targets.
 
     Raises:
         PetConfigError: an unknown or taken name, weights that do not match the adapters, adapters of
             different ranks or (unlike PEFT, which then mixes unrelated cells) different targets for
-            the types that combine A and B separately ("linear", "ties", "magnitude_prune"), a bad
-            argument. The net is left as it was.
+            the types that combine A and B separately ("linear", "ties", "magnitude_prune", "dare_linear",
+            "dare_ties"), a bad argument (a DARE type without ``seed``, its ``density`` outside (0, 1]). The net is left as it was.
     """
     state = _lora_state(net, "add a weighted adapter")
     _check_new_name(state, adapter_name)
@@ -374,7 +376,7 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
     combined = weighted.combine(inputs, list(weights) if isinstance(weights, (list, tuple)) else weights,
                                 combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
                                 svd_full_matrices=svd_full_matrices, density=density,
-                                majority_sign_method=majority_sign_method, svd_driver=svd_driver)
+                                majority_sign_method=majority_sign_method, svd_driver=svd_driver, seed=seed)
     first = state.adapters[adapters[0]].config
     cfg = dataclasses.replace(first, lora_rank=combined.rank, lora_alpha=combined.alpha,
                               use_rslora=combined.use_rslora, exclude_layers=None,
