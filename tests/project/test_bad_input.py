@@ -459,6 +459,19 @@ ROWS: List[Row] = [
       setup=lambda net: pet_hooks.add_adapter(net, "t", {**CFG, "target_modules": ".*dense1"})),
     N("weighted-unknown-type", lambda net, d: pet_hooks.add_weighted_adapter(net, ["default", "b"], [1, 1], "w",
                                                                              "average"), PetConfigError, "'average'"),
+    # add_weighted_adapter DARE (issue 29 item 7): seed required, density in (0, 1]
+    N("weighted-dare-without-seed", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "dare_linear_svd", density=0.5), PetConfigError, "'dare_linear_svd'",
+      "pass seed"),
+    N("weighted-dare-density-zero", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "dare_ties_svd", density=0.0, seed=1), PetConfigError, "density",
+      "(0, 1]", "got 0.0"),
+    N("weighted-dare-density-above-one", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "dare_linear_svd", density=1.5, seed=1), PetConfigError, "density",
+      "got 1.5"),
+    N("weighted-dare-bad-seed", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "dare_linear_svd", density=0.5, seed=-2), PetConfigError, "seed",
+      "got -2"),
     N("rows-unknown-name", lambda net, d: _rows_of(net, ["default", "zz"]), PetConfigError, "'zz'"),
     N("rows-not-a-list", lambda net, d: _rows_of(net, "default"), PetConfigError, "list of adapter names",
       "got 'default'"),
