@@ -153,6 +153,9 @@ def _refuse_single_only(configs) -> None:
         if lora_init.mutates_base(cfg):
             raise PetConfigError(f"add_adapter: {who} uses init_lora_weights={cfg.init_lora_weights!r}, which "
                                  f"replaces the base weights by its residual; it keeps one adapter per net")
+        if getattr(cfg, "lora_bias", False):
+            # the bias is one [out] vector per cell, outside the rank slots several adapters share (multi/slots.py)
+            raise PetConfigError(f"add_adapter: {who} uses lora_bias=True, which keeps one adapter per net")
 
 
 def _refuse_experts(cells, action: str) -> None:
@@ -178,8 +181,8 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
     cfg = load_config(cfg)
     if not isinstance(cfg, LoraConfig):
         raise PetConfigError(f"add_adapter takes a LoRA config; pet_type {cfg.pet_type!r} keeps one adapter per net")
-    for field in ("freeze_include", "freeze_exclude"):
-        if getattr(cfg, field):
+    for field in ("freeze_include", "freeze_exclude", "bias"):
+        if getattr(cfg, field) and getattr(cfg, field) != "none":
             raise PetConfigError(f"add_adapter: {field} {getattr(cfg, field)!r} would change which base parameters "
                                  f"train, which all adapters of a net share; set it on the first adapter only")
     _refuse_single_only([("the new adapter", cfg)] + [(repr(n), a.config) for n, a in state.adapters.items()])

@@ -131,6 +131,7 @@ class DenseKind(LoraKind):
     mixin = LoraDense
     variants = frozenset({"dora"})
     residual_inits = True
+    lora_bias = True
 
     def recognises(self, cell: nn.Cell) -> bool:
         return isinstance(cell, nn.Dense)
@@ -148,6 +149,7 @@ class LinearKind(LoraKind):
     extra_attrs = lora_layout.PRIMITIVE_ATTRS
     variants = frozenset({"dora"})
     residual_inits = True
+    lora_bias = True
 
     def recognises(self, cell: nn.Cell) -> bool:
         linear = mindformers_linear()
