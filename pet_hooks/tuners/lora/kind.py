@@ -294,7 +294,7 @@ class LoraKind(abc.ABC):
     def merge_reason(self, cell: nn.Cell) -> Optional[str]:
         """Why the cell's branch cannot be merged, or None: a ``lora_bias`` on a cell without a base bias."""
         if getattr(cell, BIAS_LEAF, None) is not None and self.base_bias(cell) is None:
-            return ("it has lora_bias but its base layer has no bias to merge it into (PEFT: \"Impossible to merge "
+            return ("has lora_bias but its base layer has no bias to merge it into (PEFT: \"Impossible to merge "
                     "LoRA with `lora_bias=True` because the base layer has no bias\")")
         return None
 
