@@ -272,6 +272,15 @@ ROWS: List[Row] = [
     M("embedding-olora", {**CFG, "target_modules": "position_embedding", "init_lora_weights": "olora"},
       UnsupportedCellError,
       "'position_embedding'", "'olora'"),
+    # lora_bias / bias (issue 29 item 6)
+    M("lora-bias-str", {**SEED, "lora_bias": "yes"}, PetConfigTypeError, "lora_bias", "'yes'"),
+    M("lora-bias-dora", {**SEED, "lora_bias": True, "use_dora": True}, PetConfigError, "lora_bias", "DoRA"),
+    M("lora-bias-pissa", {**SEED, "lora_bias": True, "init_lora_weights": "pissa"}, PetConfigError, "lora_bias",
+      "'pissa'"),
+    M("lora-bias-embedding", {**CFG, "target_modules": ".*embedding", "lora_bias": True}, UnsupportedCellError,
+      "'embedding'", "lora_bias"),
+    M("bias-unknown", {**SEED, "bias": "some"}, PetConfigError, "bias", "'some'"),
+    M("bias-bool", {**SEED, "bias": True}, PetConfigError, "bias", "True"),
     # ---- IA3, BitFit, bottleneck adapters: a bad value per field, a pattern matching nothing, a cell they refuse ----
     M("ia3-target-missing", {"pet_type": "ia3"}, PetConfigError, "target_modules", "required"),
     M("ia3-ff-int", {**IA3, "feedforward_modules": 3}, PetConfigTypeError, "feedforward_modules", "got 3"),
@@ -423,6 +432,11 @@ ROWS: List[Row] = [
       PetConfigError, "freeze_exclude", "['*ln1*']"),
     N("add-dora", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "use_dora": True}), PetConfigError,
       "use_dora"),
+    # lora_bias / bias (issue 29 item 6): one adapter per net
+    N("add-lora-bias", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "lora_bias": True}), PetConfigError,
+      "lora_bias=True", "one adapter per net"),
+    N("add-bias-all", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "bias": "all"}), PetConfigError,
+      "bias", "'all'"),
     N("add-pissa", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "init_lora_weights": "pissa"}),
       PetConfigError,
       "init_lora_weights", "'pissa'"),
@@ -689,6 +703,7 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "reuse_block_graphs", "chunked_loss", "fused_optimizer", "loraplus_lr_ratio", "pre_seq_len", "prefix_projection", "projection_dim",
         "dropout_rate", "dropout_prob", "prefix_token_num", "mid_dim", "feedforward_modules", "init_ia3_weights", "bottleneck_size", "non_linearity",
         "init_lora_weights", "use_dora",
+        "lora_bias", "bias",
         "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2"]
@@ -737,7 +752,7 @@ def test_random_configs_either_work_or_raise_value_or_type_error_untouched(mappi
     # It worked: only deltas are trainable, and remove brings back exactly the model from before.
     assert pet_hooks.surgery.has_pet(net)
     kept = {p.name for p in net.trainable_params()} - {p.name for p in pet_hooks.delta_parameters(net)}
-    if not cfg.freeze_exclude:                           # only freeze_exclude keeps base weights trainable
+    if not cfg.freeze_exclude and getattr(cfg, "bias", "none") == "none":   # (and LoRA's bias: all / lora_only)
         assert not kept, kept
     pet_hooks.remove(net)
     assert_same_world(before, net)
