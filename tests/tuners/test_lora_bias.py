@@ -254,3 +254,55 @@ def test_refusals():
     with pytest.raises(PetConfigError, match="add_adapter: bias 'all' would change which base parameters train"):
         pet_hooks.add_adapter(net, "b", {"pet_type": "lora", "target_modules": "fc1", "bias": "all"})
     assert pet_hooks.list_adapters(net) == ["default"]
+
+
+def test_callback_trains_the_biases_and_saves_them(mode, tmp_path):
+    """A front door (PetCallback; apply / enable / the launcher share doors/flow.py): with lora_bias and
+    bias='lora_only' the rebuilt optimizer trains the lora biases and the adapted cells' base biases, every
+    other base parameter stays bit for bit, and the adapter saved at the end carries the biases."""
+    import mindspore.dataset as ds
+    from mindspore.train import Model
+    from pet_hooks import PetCallback
+    from samples.data import lm_batches
+    from samples.tiny_gpt import LMLoss, build
+    from tests.conftest import GPT_LORA, SMALL
+
+    net = build(seed=0, **SMALL)
+    base = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    batches = lm_batches(seq_length=8, batch_size=4, seed=1)
+    data = ds.GeneratorDataset([next(batches) for _ in range(2)], ["ids", "labels"], shuffle=False)
+    model = Model(net, LMLoss(), nn.Adam(net.trainable_params(), 1e-2))
+    callback = PetCallback({**GPT_LORA, "lora_bias": True, "bias": "lora_only"}, save_dir=str(tmp_path / "adapter"))
+    model.train(1, data, callbacks=[callback])
+
+    state = get_state(net)
+    adapted_biases = {f"{i.path}.bias" for i in state.injections}
+    assert adapted_biases and adapted_biases <= set(base)
+    trained = {p.name for p in model.train_network.optimizer.parameters}
+    lora_biases = {f"{i.path}.lora_B_bias" for i in state.injections}
+    assert lora_biases | adapted_biases <= trained
+    for param in net.get_parameters():
+        if param.name in adapted_biases:
+            assert not np.array_equal(param.asnumpy(), base[param.name]), param.name
+        elif param.name in base:
+            assert np.array_equal(param.asnumpy(), base[param.name]), param.name
+        elif param.name in lora_biases:
+            assert np.abs(param.asnumpy()).max() > 0, param.name
+    fresh = build(seed=0, **SMALL)
+    pet_hooks.load_adapter(fresh, tmp_path / "adapter")
+    ids = Tensor(next(lm_batches(8, 2, seed=5))[0])
+    np.testing.assert_allclose(fresh(ids).asnumpy(), net(ids).asnumpy(), atol=1e-5)
+
+
+def test_inspect_shows_the_biases():
+    """pet-hooks inspect: the lora bias among each cell's deltas, the base biases bias='lora_only' trains listed."""
+    from pet_hooks.cli.inspection import format_report, inspect_net
+
+    net = Net3()
+    report = inspect_net(net, {**_cfg("lb"), "bias": "lora_only"})
+    rows = {cell["path"]: cell["deltas"] for cell in report["matched"]}
+    assert {"name": "lora_B_bias", "shape": [10]} in rows["fc1"] and {"name": "lora_B_bias", "shape": [4]} in rows["fc2"]
+    assert [d["name"] for d in report["kept"]] == ["fc1.bias", "fc2.bias"]
+    text = format_report(report)
+    assert "lora_B_bias [10]" in text and "base parameters that train and are saved with the adapter (2)" in text
+    assert get_state(net) is None and not any("lora" in p.name for p in net.get_parameters())
