@@ -306,3 +306,36 @@ def test_inspect_shows_the_biases():
     text = format_report(report)
     assert "lora_B_bias [10]" in text and "base parameters that train and are saved with the adapter (2)" in text
     assert get_state(net) is None and not any("lora" in p.name for p in net.get_parameters())
+
+
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_mindformers_linear_against_numpy(mode, transpose_b):
+    """MindFormers' legacy Linear (weight [out, in] or [in, out]): y = x W + b + s (x A^T B^T + c), merged alike."""
+    pytest.importorskip("mindformers")
+    from tests.nets import TwoLinear
+
+    net = TwoLinear(transpose_b=transpose_b, compute_dtype=ms.float32)
+    net.set_train(False)
+    rng = np.random.default_rng(6)
+    for param in net.get_parameters():
+        param.set_data(Tensor((0.3 * rng.standard_normal(param.shape)).astype(np.float32)))
+    base = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    pet_hooks.apply(net, {"pet_type": "lora", "target_modules": "linear1|linear2", "lora_rank": 2, "lora_alpha": 2,
+                          "lora_bias": True})
+    values = {}
+    for param in pet_hooks.delta_parameters(net):
+        values[param.name] = (0.5 * rng.standard_normal(param.shape)).astype(np.float32)
+        param.set_data(Tensor(values[param.name]))
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    h = x
+    for cell in ("linear1", "linear2"):
+        weight = base[f"{cell}.weight"]
+        w_in_out = weight.T if transpose_b else weight
+        h = (h @ w_in_out + base[f"{cell}.bias"]
+             + (h @ values[f"{cell}.lora_A"].T) @ values[f"{cell}.lora_B"].T + values[f"{cell}.lora_B_bias"])
+    np.testing.assert_allclose(net(Tensor(x)).asnumpy(), h, rtol=1e-5, atol=1e-5)
+    pet_hooks.merge(net)
+    merged = {p.name: p.asnumpy() for p in net.get_parameters()}
+    np.testing.assert_allclose(merged["linear1.bias"], base["linear1.bias"] + values["linear1.lora_B_bias"], atol=1e-6)
+    np.testing.assert_allclose(net(Tensor(x)).asnumpy(), h, rtol=1e-5, atol=1e-5)
+    pet_hooks.remove(net)
