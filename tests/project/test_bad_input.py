@@ -178,6 +178,14 @@ def _peft_dir(d, tensors):
     save_file({k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
 
 
+def _peft_bias_dir(d, bias, tensors):
+    """lora_bias / bias (issue 29 item 6): a PEFT LoRA of one query projection with ``bias`` and ``tensors`` added."""
+    q = "base_model.model.blocks.0.attention.dense1."
+    _write_config(d, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["dense1"], "bias": bias})
+    save_file({k: np.zeros(v, np.float32) for k, v in {q + "lora_A.weight": (4, 16), q + "lora_B.weight": (16, 4),
+                                                       **tensors}.items()}, str(_weights(d)))
+
+
 def _ckpt_without_lora(d):
     ms.save_checkpoint(nn.Dense(2, 2), str(d / "base.ckpt"))
     return {"path": d / "base.ckpt", "cfg": CFG}
@@ -419,6 +427,12 @@ ROWS: List[Row] = [
                                                               EMB + "lora_embedding_B": (16, 4),
                                                               "base_model.model.head.base_layer.weight": (256, 16)}),
       AdapterFileError, "base_model.model.head.base_layer.weight", "without LoRA tensors"),
+    # lora_bias / bias (issue 29 item 6): base biases in a PEFT file
+    A("peft-base-bias-with-bias-none", lambda d: _peft_bias_dir(
+        d, "none", {"base_model.model.blocks.0.attention.dense1.base_layer.bias": (16,)}), AdapterFileError,
+      "holds base biases", "blocks.0.attention.dense1", "bias='none'"),
+    A("peft-bias-of-no-cell", lambda d: _peft_bias_dir(d, "all", {"base_model.model.nosuch.bias": (16,)}),
+      AdapterFileError, "base_model.model.nosuch.bias", "names no cell with a bias"),
     # ---- several adapters: names, switching, deleting, loading into one, rows ----
     N("add-taken-name", lambda net, d: pet_hooks.add_adapter(net, "b", CFG), PetConfigError, "'b'", "taken"),
     N("add-reserved-name", lambda net, d: pet_hooks.add_adapter(net, "all", CFG), PetConfigError, "'all'",
