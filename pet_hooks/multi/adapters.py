@@ -311,6 +311,10 @@ def adapter_per_row(net: nn.Cell, names: Sequence[str]) -> Iterator[RowSelection
     if training:
         raise PetStateError(f"adapter_per_row is for inference, but cell '{training[0]}' is in training mode: "
                             f"call net.set_train(False) first")
+    biased = [name for name, adapter in state.adapters.items() if getattr(adapter.config, "lora_bias", False)]
+    if biased:      # the per-row branch (multi/rows.py) masks rank positions; lora_bias's vector has none
+        raise PetConfigError(f"adapter_per_row: adapter {biased[0]!r} uses lora_bias=True, whose bias cannot be "
+                             f"selected per row")
     for injection in state.cells:
         reason = lora_rows.unsupported(injection)
         if reason:

@@ -178,10 +178,11 @@ def _peft_dir(d, tensors):
     save_file({k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
 
 
-def _peft_bias_dir(d, bias, tensors):
+def _peft_bias_dir(d, bias, tensors, lora_bias=False):
     """lora_bias / bias (issue 29 item 6): a PEFT LoRA of one query projection with ``bias`` and ``tensors`` added."""
     q = "base_model.model.blocks.0.attention.dense1."
-    _write_config(d, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["dense1"], "bias": bias})
+    _write_config(d, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["dense1"], "bias": bias,
+                      "lora_bias": lora_bias})
     save_file({k: np.zeros(v, np.float32) for k, v in {q + "lora_A.weight": (4, 16), q + "lora_B.weight": (16, 4),
                                                        **tensors}.items()}, str(_weights(d)))
 
@@ -431,6 +432,10 @@ ROWS: List[Row] = [
     A("peft-base-bias-with-bias-none", lambda d: _peft_bias_dir(
         d, "none", {"base_model.model.blocks.0.attention.dense1.base_layer.bias": (16,)}), AdapterFileError,
       "holds base biases", "blocks.0.attention.dense1", "bias='none'"),
+    A("peft-lora-bias-into-lora-without", lambda d: _peft_bias_dir(
+        d, "none", {"base_model.model.blocks.0.attention.dense1.lora_B.bias": (16,)}, lora_bias=True) or {
+        "pre_apply": {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*dense1"}},
+      PetStateError, "lora_bias=True differs", "(False)"),
     A("peft-bias-of-no-cell", lambda d: _peft_bias_dir(d, "all", {"base_model.model.nosuch.bias": (16,)}),
       AdapterFileError, "base_model.model.nosuch.bias", "names no cell with a bias"),
     # ---- several adapters: names, switching, deleting, loading into one, rows ----

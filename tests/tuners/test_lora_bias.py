@@ -247,6 +247,9 @@ def test_refusals():
     assert all(np.array_equal(p.asnumpy(), before[p.name]) for p in bare.get_parameters())
     with pytest.raises(PetConfigError, match="uses lora_bias=True, which keeps one adapter per net"):
         pet_hooks.add_adapter(bare, "b", {"pet_type": "lora", "target_modules": "fc1"})
+    with pytest.raises(PetConfigError, match="adapter_per_row: adapter 'default' uses lora_bias=True"):
+        with pet_hooks.adapter_per_row(bare, ["default", "__base__"]):
+            pass
     net = Net3()
     pet_hooks.apply(net, {"pet_type": "lora", "target_modules": "fc1"})
     with pytest.raises(PetConfigError, match="the new adapter uses lora_bias=True"):
@@ -339,3 +342,17 @@ def test_mindformers_linear_against_numpy(mode, transpose_b):
     np.testing.assert_allclose(merged["linear1.bias"], base["linear1.bias"] + values["linear1.lora_B_bias"], atol=1e-6)
     np.testing.assert_allclose(net(Tensor(x)).asnumpy(), h, rtol=1e-5, atol=1e-5)
     pet_hooks.remove(net)
+
+
+def test_save_merged_checkpoint_folds_the_bias(job, tmp_path):
+    """The merged checkpoint holds scaling * lora_B_bias in the base biases: a plain net loading it computes
+    what the adapted net computes."""
+    net = _net(job, "lb")
+    x = Tensor(job["x"])
+    adapted = net(x).asnumpy()
+    path = pet_hooks.save_merged_checkpoint(net, str(tmp_path / "merged.ckpt"))
+    plain = Net3()
+    plain.set_train(False)
+    ms.load_param_into_net(plain, ms.load_checkpoint(path))
+    np.testing.assert_allclose(plain(x).asnumpy(), adapted, **TOL)
+    assert np.abs(plain.fc1.bias.asnumpy() - job["fc1.bias"]).max() > 0.1
