@@ -356,3 +356,28 @@ def test_save_merged_checkpoint_folds_the_bias(job, tmp_path):
     ms.load_param_into_net(plain, ms.load_checkpoint(path))
     np.testing.assert_allclose(plain(x).asnumpy(), adapted, **TOL)
     assert np.abs(plain.fc1.bias.asnumpy() - job["fc1.bias"]).max() > 0.1
+
+
+def test_enable_gives_the_optimizer_the_biases(mode):
+    """pet_hooks.enable: an optimizer built in the block over all parameters gets the deltas, the lora biases and
+    the base biases bias='lora_only' trains; training moves those and leaves every other base parameter."""
+    from samples.data import lm_batches
+    from samples.tiny_gpt import GPTWithLoss, build
+    from tests.conftest import GPT_LORA, SMALL
+
+    with pet_hooks.enable({**GPT_LORA, "lora_bias": True, "bias": "lora_only"}):
+        net = build(seed=0, **SMALL)
+        base = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+        optimizer = nn.Adam(net.get_parameters(), 1e-2)
+        step = nn.TrainOneStepCell(GPTWithLoss(net), optimizer)
+        batches = lm_batches(8, 4, seed=2)
+        for _ in range(2):
+            step(*map(Tensor, next(batches)))
+    state = get_state(net)
+    adapted_biases = {f"{i.path}.bias" for i in state.injections}
+    expected = {p.name for p in pet_hooks.delta_parameters(net)} | adapted_biases
+    assert {f"{i.path}.lora_B_bias" for i in state.injections} <= expected
+    assert {p.name for p in optimizer.parameters} == expected
+    for param in net.get_parameters():
+        if param.name in base:
+            assert np.array_equal(param.asnumpy(), base[param.name]) == (param.name not in adapted_biases), param.name
