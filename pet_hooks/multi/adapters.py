@@ -355,7 +355,8 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
         PetConfigError: an unknown or taken name, weights that do not match the adapters, adapters of
             different ranks or (unlike PEFT, which then mixes unrelated cells) different targets for
             the types that combine A and B separately ("linear", "ties", "magnitude_prune", "dare_linear",
-            "dare_ties"), a bad argument (a DARE type without ``seed``, its ``density`` outside (0, 1]). The net is left as it was.
+            "dare_ties"), a bad argument (a DARE type without ``seed``, its ``density`` outside (0, 1]).
+            The net is left as it was.
     """
     state = _lora_state(net, "add a weighted adapter")
     _check_new_name(state, adapter_name)

@@ -136,8 +136,8 @@ def combine(adapters: list[AdapterWeights], weights: list[float], combination_ty
 
     The arguments are PEFT's (``svd_driver`` is checked and otherwise ignored: it only picks the
     cuSOLVER algorithm, and PEFT refuses it on CPU), plus ``seed``: the DARE types' masks are drawn
-    from it (:func:`dare_masks`), it is required for them and ignored by the others. Raises :class:`~pet_hooks.errors.PetConfigError`
-    (a ``ValueError``) naming the adapter, weight or argument at fault, also where PEFT would
+    from it (:func:`dare_masks`), it is required for them and ignored by the others. Raises
+    :class:`~pet_hooks.errors.PetConfigError` (a ``ValueError``) naming the adapter, weight or argument at fault, also where PEFT would
     silently go on: ``weights`` shorter or longer than ``adapters`` (PEFT zips them and drops the
     rest), an unknown ``combination_type`` with one adapter (PEFT then runs ``linear``), an SVD of a
     rank the full-matrices SVD cannot give (PEFT fails or writes A and B that do not multiply).

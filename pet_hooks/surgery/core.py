@@ -341,7 +341,8 @@ def saved_parameters(net: nn.Cell) -> List[Parameter]:
     """What an adapter file holds: every delta, plus base parameters kept trainable by the config."""
     state = require_state(net, "list adapter parameters")
     # kept base parameters belong to the adapter whose config keeps them (only the first one may: add_adapter)
-    keeps = state.config.freeze_exclude or getattr(state.config, "bias", "none") != "none"   # LoRA's bias: all/lora_only
+    # LoRA's bias all / lora_only keeps base biases trainable, as freeze_exclude keeps what it names
+    keeps = state.config.freeze_exclude or getattr(state.config, "bias", "none") != "none"
     return _all_deltas(state) + (list(state.kept) if keeps else [])
 
 

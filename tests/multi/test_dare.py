@@ -243,8 +243,8 @@ def test_add_weighted_adapter_dare_on_a_net(mode, how):
     x = np.random.default_rng(1).normal(size=(2, 3, 6)).astype(np.float32)
     out = net(Tensor(x)).asnumpy()
     scaling = state.adapters["m1"].config.scaling
-    ref = _forward(x.astype(np.float64), net_weights, {layer: expected.tensors[layer] for layer in ("dense1", "dense2")},
-                   scaling)
+    ref = _forward(x.astype(np.float64), net_weights,
+                   {layer: expected.tensors[layer] for layer in ("dense1", "dense2")}, scaling)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     # the base is untouched
     for p in net.get_parameters():

@@ -304,7 +304,8 @@ def test_inspect_shows_the_biases():
     net = Net3()
     report = inspect_net(net, {**_cfg("lb"), "bias": "lora_only"})
     rows = {cell["path"]: cell["deltas"] for cell in report["matched"]}
-    assert {"name": "lora_B_bias", "shape": [10]} in rows["fc1"] and {"name": "lora_B_bias", "shape": [4]} in rows["fc2"]
+    assert {"name": "lora_B_bias", "shape": [10]} in rows["fc1"]
+    assert {"name": "lora_B_bias", "shape": [4]} in rows["fc2"]
     assert [d["name"] for d in report["kept"]] == ["fc1.bias", "fc2.bias"]
     text = format_report(report)
     assert "lora_B_bias [10]" in text and "base parameters that train and are saved with the adapter (2)" in text

@@ -38,7 +38,8 @@ from mindspore.common import dtype as mstype
 
 from ...utils.ms_compat import write_values
 
-__all__ = ["initial_bias", "BaseInit", "mutates_base", "reason", "kaiming_uniform", "default_a", "initial_arrays", "write_residual",
+__all__ = ["initial_bias",  # lora_bias (issue 29 item 6)
+           "BaseInit", "mutates_base", "reason", "kaiming_uniform", "default_a", "initial_arrays", "write_residual",
            "restore_base", "RESIDUAL_ATTR"]
 
 RESIDUAL_ATTR = "pet_lora_residual"   # the pending residual on a cell between add_deltas and write_residual

@@ -1,7 +1,8 @@
 """LoRA in other tools' files: Hugging Face PEFT's adapter layout and MindFormers' delta names.
 
 PEFT saves a linear layer's branch as ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``, DoRA's
-magnitude bare as ``<module>.lora_magnitude_vector``, ``lora_bias``'s vector as ``<module>.lora_B.bias``, and an embedding's branch bare as
+magnitude bare as ``<module>.lora_magnitude_vector``, ``lora_bias``'s vector as ``<module>.lora_B.bias``,
+and an embedding's branch bare as
 ``<module>.lora_embedding_A`` / ``_B``; its ``adapter_config.json`` holds ``r``, ``lora_alpha`` and the
 flags below. MindFormers names the same two matrices ``mindpet_delta_lora_a`` / ``_b`` (legacy
 ``LoRADense``) or ``lora_A.weight`` / ``lora_B.weight`` (mcore). ``pet_hooks.io`` reads both through
