@@ -1,6 +1,6 @@
 """The PyTorch side of tests/multi/test_weighted_math.py, run in its own process (torch and MindSpore apart).
 
-    python tests/weighted_reference.py OUT_DIR
+    python tests/weighted_reference.py OUT_DIR [MASKS.npz]
 
 Builds a tiny three-layer torch model, adds the LoRA adapters of ``ADAPTERS`` with PEFT (random A
 and B, seeded), runs PEFT's ``add_weighted_adapter`` for every case of ``CASES`` and writes:
@@ -8,6 +8,13 @@ and B, seeded), runs PEFT's ``add_weighted_adapter`` for every case of ``CASES``
 - ``tensors.npz``: ``adapter/<name>/<cell>/A|B`` the inputs, ``case/<id>/<cell>/A|B`` PEFT's results;
 - ``meta.json``: per adapter its r, lora_alpha, use_rslora, targets and PEFT's per-cell scaling; per
   case PEFT's new r, lora_alpha, use_rslora, per-cell scaling, or the error it raised.
+
+The DARE cases (``seed`` in their arguments: pet_hooks' own, PEFT has none) need ``MASKS.npz``:
+``<case>/<index>`` the masks pet_hooks drew for that case, in the order PEFT calls ``torch.bernoulli``
+(per cell in module order: the A's, then the B's of the adapters there, or their deltas for the
+``_svd`` forms). ``torch.bernoulli`` is replaced by a function handing them out in that order (it
+checks each one's shape and that the probability asked is the case's density), so PEFT's own
+``merge_utils`` and ``add_weighted_adapter`` run on pet_hooks' masks.
 
 ``ADAPTERS`` and ``CASES`` are plain data (torch is imported in ``main`` only), so the test imports
 them too and replays each case with ``pet_hooks.multi.weighted.combine``.
@@ -53,6 +60,18 @@ CASES = {
                          density=0.5, svd_rank=4),
     "magnitude_prune_svd_123": dict(adapters=["one", "two", "three"], weights=[1.0, 0.5, -0.8],
                                     combination_type="magnitude_prune_svd", density=0.4),
+    # DARE: PEFT run on the masks pet_hooks drew from `seed` (one and two target different cells, so on fc1
+    # and head.0 a single adapter takes part)
+    "dare_linear_12": dict(adapters=["one", "two"], weights=[0.8, -0.6], combination_type="dare_linear",
+                           density=0.6, seed=11),
+    "dare_ties_12": dict(adapters=["one", "two"], weights=[0.8, 0.6], combination_type="dare_ties", density=0.5,
+                         seed=12),
+    "dare_ties_12_frequency": dict(adapters=["one", "two"], weights=[0.8, -0.6], combination_type="dare_ties",
+                                   density=0.7, majority_sign_method="frequency", seed=13),
+    "dare_linear_svd_123": dict(adapters=["one", "two", "three"], weights=[1.0, 0.5, -0.8],
+                                combination_type="dare_linear_svd", density=0.5, svd_rank=4, seed=14),
+    "dare_ties_svd_123": dict(adapters=["one", "two", "three"], weights=[1.0, 0.5, -0.8],
+                              combination_type="dare_ties_svd", density=0.6, svd_rank=3, seed=15),
     # where PEFT goes on although something is off
     "weights_short": dict(adapters=["one", "two", "three"], weights=[1.0, 0.5], combination_type="cat"),
     "svd_r9_full": dict(adapters=["one", "two", "three", "four"], weights=[0.5, -0.6, 0.7, 0.8],
@@ -66,7 +85,7 @@ CASES = {
 }
 
 
-def main(out_dir):
+def main(out_dir, masks_file=None):
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
@@ -106,13 +125,37 @@ def main(out_dir):
                                                                    for key, layer in lora_layers()
                                                                    if name in layer.lora_A})
 
+    masks = {}
+    if masks_file:
+        with np.load(masks_file) as npz:
+            for key in sorted(npz.files):  # "<case>/<index:03d>"
+                case_id, _ = key.rsplit("/", 1)
+                masks.setdefault(case_id, []).append(npz[key])
+    real_bernoulli = torch.bernoulli
+    queue = []
+
+    def fed_bernoulli(probabilities, *args, **kwargs):  # PEFT's random_pruning calls it on full_like(t, density)
+        assert not args and not kwargs and queue, "torch.bernoulli called more often than pet_hooks drew masks"
+        mask, density = queue.pop(0)
+        assert tuple(mask.shape) == tuple(probabilities.shape), (mask.shape, probabilities.shape)
+        assert bool((probabilities == density).all()), "not the case's density"
+        return torch.from_numpy(mask).to(probabilities.dtype)
+
     for case_id, kwargs in CASES.items():
+        kwargs = dict(kwargs)
+        seed = kwargs.pop("seed", None)  # pet_hooks' argument, not PEFT's
+        if seed is not None:
+            queue[:] = [(mask, kwargs["density"]) for mask in masks[case_id]]
+            torch.bernoulli = fed_bernoulli
         try:
             model.add_weighted_adapter(adapter_name=case_id, **kwargs)
         except Exception as err:  # the test compares the type and the message
             meta["cases"][case_id] = {"error_type": type(err).__name__, "error": str(err)}
             model.peft_config.pop(case_id, None)
             continue
+        finally:
+            torch.bernoulli = real_bernoulli
+        assert not queue, f"{case_id}: PEFT drew {len(queue)} masks fewer than pet_hooks"
         config = model.peft_config[case_id]
         scaling = {}
         for key, layer in lora_layers():
@@ -129,4 +172,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -107,7 +107,7 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "model": _type_name(type(net)), "pet_type": config.pet_type, "config": config.to_dict(),
         "patterns": _pattern_rows(getattr(config, "target_modules", None), cells, adaptable, skipped["linear"]),
-        "matched": [], "shared": [], "near_misses": [], "unreached": [], "error": None,
+        "matched": [], "shared": [], "near_misses": [], "unreached": [], "error": None, "kept": [],
     }
     applied_here = get_state(net) is None
     try:
@@ -190,6 +190,8 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
         matched_paths.add(injection.path)
         matched_types.add(injection.original_class)
     report["shared"] = [{"name": name, "shape": shape} for name, shape in shared.items()]
+    # base parameters that train with the adapter and are saved with it (freeze_exclude, LoRA's bias)
+    report["kept"] = [{"name": param.name, "shape": list(param.shape)} for param in state.kept]
     adaptable_set = set(adaptable)
     for path, cell in cells:
         if path in matched_paths or any(path.startswith(p + ".") for p in matched_paths):
@@ -303,6 +305,9 @@ def format_report(report: Dict[str, Any]) -> str:
     if report["shared"]:
         lines += ["", "shared delta parameters"] + _table(
             [["name", "shape"]] + [[d["name"], _shape(d["shape"])] for d in report["shared"]])
+    if report.get("kept"):
+        lines += ["", f"base parameters that train and are saved with the adapter ({len(report['kept'])})"] + _table(
+            [["name", "shape"]] + [[d["name"], _shape(d["shape"])] for d in report["kept"]])
     if report["near_misses"]:
         rows = [["path", "type", "in", "out", "why not"]]
         for cell in report["near_misses"]:

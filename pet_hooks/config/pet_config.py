@@ -294,6 +294,13 @@ class LoraConfig(PetConfig):
     # A training setting, not part of the adapter (compare=False): see pet_hooks.training.loraplus.
     loraplus_lr_ratio: Optional[float] = field(default=None, compare=False, metadata={
         "help": "LoRA+: the rebuilt optimizer gives the B matrices lr x this ratio (PEFT's name)"})
+    # lora_bias / bias (issue 29 item 6): PEFT's names and values. Part of the adapter (compared).
+    lora_bias: bool = field(default=False, metadata={
+        "help": "a trainable bias on B (<cell>.lora_B_bias, [out], zeros; PEFT's lora_B.bias): the branch adds "
+                "scaling * bias; linear layers only, not with DoRA; merging adds it to the base bias"})
+    bias: str = field(default="none", metadata={
+        "help": "none | all (every base parameter named bias or *.bias trains) | lora_only (the base biases of "
+                "the adapted layers train); the trained biases are saved with the adapter (PEFT's bias)"})
 
     _A_INITS: ClassVar[dict] = {"kaiming_uniform": "kaiming_uniform", "he_uniform": "kaiming_uniform",
                                 "heuniform": "kaiming_uniform", "normal": "normal"}
@@ -329,6 +336,15 @@ class LoraConfig(PetConfig):
             _check_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
             if self.loraplus_lr_ratio <= 0:
                 raise PetConfigError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio!r}")
+        # lora_bias / bias (issue 29 item 6), PEFT's checks
+        _check_bool("lora_bias", self.lora_bias)
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise PetConfigError(f"lora_bias=True is only supported with init_lora_weights true or false, got "
+                                 f"init_lora_weights={self.init_lora_weights!r}")
+        if self.lora_bias and self.use_dora:
+            raise PetConfigError("lora_bias=True is not supported with DoRA (use_dora=True), as in PEFT")
+        _check_choice("bias", self.bias, ("none", "all", "lora_only"))
+        self.bias = self.bias.lower()
 
     @property
     def scaling(self) -> float:

@@ -36,7 +36,7 @@ import re
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
-from mindspore import nn
+from mindspore import Parameter, nn
 
 from ..config.pet_config import load_config
 from ..errors import AdapterFileError, PetConfigError, PetStateError
@@ -44,7 +44,7 @@ from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_safetensors, to_numpy,
 from .loading import load_tensors
 from . import fused
 from ..matching.name_maps import NAME_MAPS, MapFn, NameMapSpec, fused_parts, register_name_map, resolve_name_map
-from ..surgery.core import get_state
+from ..surgery.core import get_state, state_owner
 
 logger = logging.getLogger("pet_hooks")
 from ..tuners import Tuner, all_tuners, peft_tuner
@@ -117,7 +117,7 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
         methods = ", ".join(t.label for t in all_tuners() if t.peft)
         raise PetStateError(f"the PEFT format holds the methods PEFT has ({methods}); {type(net).__name__} has "
                             f"{'no PET' if state is None else state.config.pet_type}")
-    if state.kept:
+    if state.kept and state.config.freeze_exclude:
         raise PetStateError(f"the PEFT format holds LoRA deltas only, but freeze_exclude keeps base parameter(s) "
                             f"{[p.name for p in state.kept][:3]} trainable; save with format='pet_hooks'")
     tuner = state.tuner
@@ -157,6 +157,7 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
         for suffix, leaf in weights.items():
             tensors[f"{PEFT_PREFIX}{mapped[injection.path]}.{suffix}{tail}"] = np.ascontiguousarray(
                 to_numpy(params[f"{injection.path}.{leaf}"]))
+    tensors.update(_bias_tensors(net, state, fn, label, fused_cells))
     doc = {
         "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "peft_type": tuner.peft.peft_type, "revision": None, "target_modules": _peft_targets(mapped, net, fn, tuner),
@@ -170,10 +171,79 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
     return directory
 
 
+# LoRA's bias "all" / "lora_only" (issue 29 item 6): the base biases it trains travel with the adapter, under
+# PEFT's keys: <module>.base_layer.bias for an adapted module (PEFT's layer wraps the base), <module>.bias else
+_BASE_BIAS, _PLAIN_BIAS = "base_layer.bias", "bias"
+
+
+def _bias_tensors(net: nn.Cell, state, fn: MapFn, label: str, fused_cells: Mapping) -> Dict[str, np.ndarray]:
+    """The base biases LoRA's ``bias`` keeps trainable (``state.kept``), under PEFT's keys."""
+    if not state.kept:
+        return {}
+    adapted = {injection.path for injection in state.injections}
+    owner = {id(cell.bias): path for path, cell in state_owner(net).cells_and_names()
+             if isinstance(getattr(cell, "bias", None), Parameter)}
+    out = {}
+    for param in state.kept:
+        path = owner.get(id(param))
+        if path is None or path in fused_cells:
+            raise PetStateError(f"bias={state.config.bias!r} trains '{param.name}', which is not the bias of a cell "
+                                f"PEFT's format can name{' (a fused cell)' if path else ''}; save with "
+                                f"format='pet_hooks'")
+        theirs = fn(path)
+        if not isinstance(theirs, str) or not theirs:
+            raise PetConfigError(f"name_map {label} leaves cell '{path}' of {type(net).__name__} unmapped "
+                                 f"(its bias '{param.name}', trained by bias={state.config.bias!r})")
+        tail = _BASE_BIAS if path in adapted else _PLAIN_BIAS
+        out[f"{PEFT_PREFIX}{theirs}.{tail}"] = np.ascontiguousarray(to_numpy(param))
+    return out
+
+
+def _split_biases(tensors: Mapping[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], Dict[str, tuple]]:
+    """(the other tensors, their module path -> (base bias, of an adapted module?)) of a PEFT file."""
+    rest, biases = {}, {}
+    for key, value in tensors.items():
+        if key.startswith(PEFT_PREFIX) and key.endswith("." + _BASE_BIAS):
+            biases[key[len(PEFT_PREFIX):-len(_BASE_BIAS) - 1]] = (value, True)
+        elif key.startswith(PEFT_PREFIX) and key.endswith("." + _PLAIN_BIAS) and not key.endswith(".lora_B.bias"):
+            biases[key[len(PEFT_PREFIX):-len(_PLAIN_BIAS) - 1]] = (value, False)
+        else:
+            rest[key] = value
+    return rest, biases
+
+
+def _bias_names(net: nn.Cell, biases: Mapping[str, tuple], ours: Mapping[str, str], spec: NameMapSpec,
+                doc: Mapping, weights_path: str) -> Dict[str, np.ndarray]:
+    """The file's base biases under the names of the net's bias Parameters (their cells found by the name map)."""
+    if not biases:
+        return {}
+    if (doc.get("bias") or "none") == "none":
+        raise AdapterFileError(f"{weights_path} holds base biases ({sorted(biases)[:3]}) but its config says "
+                               f"bias='none'")
+    _, fn = resolve_name_map(spec)
+    model = state_owner(net) or net
+    inverse = {}
+    for path, _ in model.cells_and_names():
+        theirs = fn(path)
+        if isinstance(theirs, str):
+            inverse.setdefault(theirs, path)
+    cells = dict(model.cells_and_names())
+    out = {}
+    for module, (value, adapted) in sorted(biases.items()):
+        key = f"{PEFT_PREFIX}{module}.{_BASE_BIAS if adapted else _PLAIN_BIAS}"
+        path = ours.get(module) if adapted else inverse.get(module)
+        bias = getattr(cells[path], "bias", None) if path is not None else None
+        if bias is None or not hasattr(bias, "name"):
+            raise AdapterFileError(f"{weights_path}: key '{key}' (a base bias trained with bias="
+                                   f"{doc.get('bias')!r}) names no cell with a bias in {type(net).__name__}")
+        out[bias.name] = value
+    return out
+
+
 # ----------------------------------------------------------------------------- loading
 # layers_to_transform / layers_pattern / exclude_modules / "all-linear" (issue 29) are read: the file's modules
 # are exactly the ones PEFT adapted, and the config built from them selects those (config_from_modules).
-_UNSUPPORTED = (("bias", ("none", None)), ("modules_to_save", (None, [])),
+_UNSUPPORTED = (("modules_to_save", (None, [])),
                 ("layer_replication", (None,)), ("trainable_token_indices", (None,)),
                 ("target_parameters", (None, [])))
 
@@ -335,7 +405,9 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     tuner = _check_doc(doc, config_path)
-    modules, copies = _modules_of(read_safetensors(weights_path), weights_path, tuner)
+    rest, biases = _split_biases(read_safetensors(weights_path)) if tuner.peft.peft_type == "LORA" else \
+        (read_safetensors(weights_path), {})
+    modules, copies = _modules_of(rest, weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
     fresh = adapter_name is not None and (get_state(net) is None or adapter_name not in get_state(net).adapters)
@@ -344,6 +416,7 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     tensors = {f"{ours[module]}.{_leaves(tuner)[suffix]}": value
                for module, pair in modules.items() for suffix, value in pair.items()}
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
+    tensors.update(_bias_names(net, biases, ours, spec, doc, weights_path))
     state = get_state(net)
     if cfg is not None and (state is None or fresh):
         target = load_config(cfg)
@@ -356,5 +429,6 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
         if reason is not None:
             raise PetStateError(reason)
         target = None
-    return load_tensors(net, target, tensors, weights_path, deltas_only=True, cast_floats=True,
-                        adapter_name=adapter_name, hotswap=hotswap)
+    # with LoRA's bias "all" / "lora_only" the base biases it trains are part of the adapter (saved_parameters)
+    return load_tensors(net, target, tensors, weights_path, deltas_only=(doc.get("bias") or "none") == "none",
+                        cast_floats=True, adapter_name=adapter_name, hotswap=hotswap)

@@ -159,6 +159,9 @@ def _refuse_single_only(configs) -> None:
         if lora_init.mutates_base(cfg):
             raise PetConfigError(f"add_adapter: {who} uses init_lora_weights={cfg.init_lora_weights!r}, which "
                                  f"replaces the base weights by its residual; it keeps one adapter per net")
+        if getattr(cfg, "lora_bias", False):
+            # the bias is one [out] vector per cell, outside the rank slots several adapters share (multi/slots.py)
+            raise PetConfigError(f"add_adapter: {who} uses lora_bias=True, which keeps one adapter per net")
 
 
 def _refuse_experts(cells, action: str) -> None:
@@ -184,8 +187,8 @@ def add_adapter(net: nn.Cell, adapter_name: str, cfg) -> nn.Cell:
     cfg = load_config(cfg)
     if not isinstance(cfg, LoraConfig):
         raise PetConfigError(f"add_adapter takes a LoRA config; pet_type {cfg.pet_type!r} keeps one adapter per net")
-    for field in ("freeze_include", "freeze_exclude"):
-        if getattr(cfg, field):
+    for field in ("freeze_include", "freeze_exclude", "bias"):
+        if getattr(cfg, field) and getattr(cfg, field) != "none":
             raise PetConfigError(f"add_adapter: {field} {getattr(cfg, field)!r} would change which base parameters "
                                  f"train, which all adapters of a net share; set it on the first adapter only")
     _refuse_single_only([("the new adapter", cfg)] + [(repr(n), a.config) for n, a in state.adapters.items()])
@@ -314,6 +317,10 @@ def adapter_per_row(net: nn.Cell, names: Sequence[str]) -> Iterator[RowSelection
     if training:
         raise PetStateError(f"adapter_per_row is for inference, but cell '{training[0]}' is in training mode: "
                             f"call net.set_train(False) first")
+    biased = [name for name, adapter in state.adapters.items() if getattr(adapter.config, "lora_bias", False)]
+    if biased:      # the per-row branch (multi/rows.py) masks rank positions; lora_bias's vector has none
+        raise PetConfigError(f"adapter_per_row: adapter {biased[0]!r} uses lora_bias=True, whose bias cannot be "
+                             f"selected per row")
     for injection in state.cells:
         reason = lora_rows.unsupported(injection)
         if reason:
@@ -341,18 +348,21 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
                          combination_type: str = "svd", svd_rank: Optional[int] = None,
                          svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
                          svd_driver: Optional[str] = None, density: Optional[float] = None,
-                         majority_sign_method: str = "total") -> nn.Cell:
+                         majority_sign_method: str = "total", seed: Optional[int] = None) -> nn.Cell:
     """Add the adapter ``adapter_name`` combining ``adapters`` with ``weights``, as PEFT's
     ``add_weighted_adapter`` does (``pet_hooks.multi.weighted``: "linear", "cat", "svd", "ties",
-    "magnitude_prune" and their "_svd" forms; the arguments are PEFT's). It starts inactive; its
+    "magnitude_prune", "dare_linear", "dare_ties" and their "_svd" forms; the arguments are PEFT's, plus
+    ``seed``, required by the DARE types: their random masks are drawn from it with NumPy, not from
+    torch's generator as in PEFT, so the same seed gives the same adapter). It starts inactive; its
     config is the first adapter's with PEFT's new rank and ``lora_alpha`` (= rank) and the union of
     the targets.
 
     Raises:
         PetConfigError: an unknown or taken name, weights that do not match the adapters, adapters of
             different ranks or (unlike PEFT, which then mixes unrelated cells) different targets for
-            the types that combine A and B separately ("linear", "ties", "magnitude_prune"), a bad
-            argument. The net is left as it was.
+            the types that combine A and B separately ("linear", "ties", "magnitude_prune", "dare_linear",
+            "dare_ties"), a bad argument (a DARE type without ``seed``, its ``density`` outside (0, 1]).
+            The net is left as it was.
     """
     state = _lora_state(net, "add a weighted adapter")
     _check_new_name(state, adapter_name)
@@ -386,7 +396,7 @@ def add_weighted_adapter(net: nn.Cell, adapters: Sequence[str], weights: Sequenc
     combined = weighted.combine(inputs, list(weights) if isinstance(weights, (list, tuple)) else weights,
                                 combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
                                 svd_full_matrices=svd_full_matrices, density=density,
-                                majority_sign_method=majority_sign_method, svd_driver=svd_driver)
+                                majority_sign_method=majority_sign_method, svd_driver=svd_driver, seed=seed)
     first = state.adapters[adapters[0]].config
     cfg = dataclasses.replace(first, lora_rank=combined.rank, lora_alpha=combined.alpha,
                               use_rslora=combined.use_rslora, exclude_layers=None, rank_pattern={}, alpha_pattern={},

@@ -15,13 +15,24 @@ per cell only the adapters that target that cell take part):
 - ``svd``: the truncated SVD of ``sum_i w_i s_i B_i A_i`` at ``svd_rank`` (default: the largest
   rank), ``B = U S``, ``A = Vh``, optionally clamped at the ``svd_clamp`` quantile;
 - ``ties`` / ``magnitude_prune`` (and their ``_svd`` forms): as ``linear`` (resp. ``svd``) with the
-  TIES / magnitude pruning of PEFT's ``merge_utils`` applied to the A's and B's (resp. to the deltas).
+  TIES / magnitude pruning of PEFT's ``merge_utils`` applied to the A's and B's (resp. to the deltas);
+- ``dare_linear`` / ``dare_ties`` (and their ``_svd`` forms): as ``linear`` / ``ties`` (resp. ``svd`` /
+  ``ties_svd``) with PEFT's DARE instead of the magnitude pruning: every A and B (resp. delta) is
+  multiplied by its own random 0/1 mask, each entry kept with probability ``density``, and divided
+  by ``density`` (no magnitude pruning before the TIES sign election).
 
 The new adapter's ``lora_alpha`` is its rank, and it inherits ``use_rslora`` from the *first*
 adapter, so its scaling is 1, or ``sqrt(rank)`` when the first adapter used rsLoRA (PEFT does not
-correct A and B for that; neither do we, so the deltas stay PEFT's). DARE (``dare_linear``,
-``dare_ties`` and their ``_svd`` forms) draws random masks from torch's generator, which NumPy cannot
-replay, so it is refused rather than silently differing.
+correct A and B for that; neither do we, so the deltas stay PEFT's).
+
+DARE's masks: PEFT draws them with ``torch.bernoulli`` from torch's global generator, which NumPy
+cannot replay. Here they come from the ``seed`` the caller gives (required for the DARE types):
+:func:`dare_masks` draws, per cell, from a NumPy generator seeded by ``(seed, crc32(cell path))``,
+so the same seed gives the same adapter, whatever the other cells, and the masks are *not*
+those PEFT would draw after ``torch.manual_seed(seed)``. Given the same masks, the result is PEFT's
+(tests/multi/test_weighted_math.py feeds them to PEFT in place of ``torch.bernoulli``). On
+average over seeds ``dare_linear`` is ``linear`` (each kept entry is divided by ``density``); the
+average of ``dare_ties`` is not ``ties``: an entry kept with fewer others is averaged over fewer.
 
 Everything is in the orientation of a ``Dense``/``nn.Linear`` LoRA: ``A [r, in]``, ``B [out, r]``,
 delta ``scaling * B @ A`` of shape ``[out, in]`` (PEFT transposes embedding and ``fan_in_fan_out``
@@ -37,6 +48,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -45,13 +57,15 @@ import numpy as np
 from ..errors import PetConfigError, PetConfigTypeError
 
 __all__ = ["AdapterWeights", "CombinedAdapter", "combine", "select_adapters", "COMBINATION_TYPES",
-           "SUPPORTED_COMBINATION_TYPES"]
+           "SUPPORTED_COMBINATION_TYPES", "DARE_TYPES", "dare_masks"]
 
 #: every combination_type PEFT 0.21.2 accepts
 COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
                      "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
-#: the ones reproduced here (DARE's random masks come from torch's generator)
-SUPPORTED_COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd")
+#: the ones reproduced here: all (DARE with masks of its own, drawn from the caller's ``seed``)
+SUPPORTED_COMBINATION_TYPES = COMBINATION_TYPES
+#: the types whose masks are random, which need ``seed``
+DARE_TYPES = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
 # the types PEFT combines on A and B separately, which need one rank for all adapters
 _SAME_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 #: those types, whose sum of A's and of B's means something only for adapters of the same cells
@@ -116,12 +130,14 @@ def select_adapters(available: Mapping[str, AdapterWeights], names: Sequence[str
 def combine(adapters: list[AdapterWeights], weights: list[float], combination_type: str = "svd",
             svd_rank: Optional[int] = None,
             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True, density: Optional[float] = None,
-            majority_sign_method: str = "total", svd_driver: Optional[str] = None) -> CombinedAdapter:
+            majority_sign_method: str = "total", svd_driver: Optional[str] = None,
+            seed: Optional[int] = None) -> CombinedAdapter:
     """Combine ``adapters`` with ``weights`` the way PEFT's ``add_weighted_adapter`` does.
 
     The arguments are PEFT's (``svd_driver`` is checked and otherwise ignored: it only picks the
-    cuSOLVER algorithm, and PEFT refuses it on CPU). Raises :class:`~pet_hooks.errors.PetConfigError`
-    (a ``ValueError``) naming the adapter, weight or argument at fault, also where PEFT would
+    cuSOLVER algorithm, and PEFT refuses it on CPU), plus ``seed``: the DARE types' masks are drawn
+    from it (:func:`dare_masks`), it is required for them and ignored by the others. Raises
+    :class:`~pet_hooks.errors.PetConfigError` (a ``ValueError``) naming the adapter, weight or argument at fault, also where PEFT would
     silently go on: ``weights`` shorter or longer than ``adapters`` (PEFT zips them and drops the
     rest), an unknown ``combination_type`` with one adapter (PEFT then runs ``linear``), an SVD of a
     rank the full-matrices SVD cannot give (PEFT fails or writes A and B that do not multiply).
@@ -134,9 +150,7 @@ def combine(adapters: list[AdapterWeights], weights: list[float], combination_ty
     # PEFT: "if there is only one adapter, we can only use linear merging"
     if len(adapters) == 1:
         combination_type = "linear"
-    if combination_type not in SUPPORTED_COMBINATION_TYPES:
-        raise PetConfigError(f"combination_type {combination_type!r} is not supported: DARE prunes with random "
-                             f"masks drawn from torch's generator; use one of {list(SUPPORTED_COMBINATION_TYPES)}")
+    _check_seed(seed, combination_type)
     _check_svd_args(svd_rank, svd_clamp, svd_full_matrices, svd_driver)
     if majority_sign_method not in _SIGN_METHODS:
         raise PetConfigError(f"majority_sign_method must be one of {list(_SIGN_METHODS)}, "
@@ -155,6 +169,8 @@ def combine(adapters: list[AdapterWeights], weights: list[float], combination_ty
         new_rank = svd_rank if svd_rank is not None else max(ranks)
     if combination_type in _DENSITY_TYPES:  # after the ranks, as in PEFT (its merge_utils meet density last)
         density = _check_density(density, combination_type)
+    elif combination_type in DARE_TYPES:
+        density = _check_dare_density(density, combination_type)
 
     # PEFT's new target_modules is the union of the adapters' (a set union, or regexes joined by '|')
     target_paths = sorted({path for adapter in adapters for path in adapter.target_paths})
@@ -166,9 +182,9 @@ def combine(adapters: list[AdapterWeights], weights: list[float], combination_ty
             tensors[path] = _cat(path, present, new_rank)
         elif combination_type in _SVD_TYPES:
             tensors[path] = _svd(path, present, combination_type, new_rank, svd_clamp, svd_full_matrices,
-                                 density, majority_sign_method)
+                                 density, majority_sign_method, seed)
         else:
-            tensors[path] = _on_a_and_b(path, present, combination_type, density, majority_sign_method)
+            tensors[path] = _on_a_and_b(path, present, combination_type, density, majority_sign_method, seed)
     # the new config is a copy of the first adapter's with r = lora_alpha = new_rank
     return CombinedAdapter(combination_type=combination_type, rank=int(new_rank), alpha=float(new_rank),
                            use_rslora=bool(adapters[0].use_rslora), target_paths=target_paths, tensors=tensors)
@@ -260,6 +276,28 @@ def _check_density(density: Optional[float], combination_type: str) -> float:
     return float(density)
 
 
+def _check_seed(seed: Optional[int], combination_type: str) -> None:
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0):
+        raise PetConfigError(f"seed must be a non-negative int (or None outside the DARE types), got {seed!r}")
+    if seed is None and combination_type in DARE_TYPES:
+        # PEFT draws DARE's masks from torch's global generator; there is no such hidden state here
+        raise PetConfigError(f"combination_type {combination_type!r} draws random masks: pass seed=<int> (the "
+                             f"masks are pet_hooks' own, not those of PEFT's torch generator)")
+
+
+def _check_dare_density(density: Optional[float], combination_type: str) -> float:
+    # PEFT: density < 0 raises, 0 divides by zero (NaN everywhere), >= 1 warns and prunes nothing
+    if density is None:
+        raise PetConfigError(f"combination_type {combination_type!r} needs density (the probability of keeping "
+                             f"each value, in (0, 1])")
+    if not _is_number(density) or not math.isfinite(density) or not 0 < density <= 1:
+        raise PetConfigError(f"density of {combination_type!r} is the probability of keeping each value, in "
+                             f"(0, 1], got {density!r}")
+    if density == 1:
+        warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.")
+    return float(density)
+
+
 # ----------------------------------------------------------------------------- the math
 # Everything in float32, in PEFT's order of operations, so the results agree to float32 rounding.
 def _f32(array: object) -> np.ndarray:
@@ -291,13 +329,37 @@ def _magnitude_prune(tensor: np.ndarray, density: float) -> np.ndarray:
     return (flat * mask).reshape(tensor.shape)
 
 
-def _merge(tensors: list, weights: np.ndarray, how: str, density: Optional[float], sign_method: str) -> np.ndarray:
-    """PEFT's ``task_arithmetic`` / ``ties`` / ``magnitude_prune`` of ``merge_utils`` over stacked tensors."""
+def dare_masks(seed: int, path: str, shapes: Sequence[tuple], density: float) -> list:
+    """DARE's random masks of one cell: one float32 0/1 array per shape, each entry 1 with probability
+    ``density``, drawn in order from a generator seeded by ``(seed, crc32(path))`` (so a cell's masks do
+    not depend on the other cells). :func:`combine` draws, per cell, the masks of the A's then of the
+    B's of the adapters there (in the adapters' order), or of their deltas for the ``_svd`` forms: the
+    order PEFT calls ``torch.bernoulli`` in. None drawn for ``density >= 1`` (PEFT does not prune then)."""
+    if density >= 1:
+        return []
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(path.encode("utf-8"))]))
+    # uniform in [0, 1) below density: probability density, as torch.bernoulli(full_like(t, density))
+    return [(rng.random(tuple(shape)) < density).astype(np.float32) for shape in shapes]
+
+
+def _dare_prune(tensor: np.ndarray, mask: np.ndarray, density: float) -> np.ndarray:
+    """PEFT's ``prune(..., method="random", rescale=True)`` with the mask given: ``tensor * mask / density``."""
+    if density >= 1:
+        return tensor
+    return (tensor * mask / np.float32(density)).astype(np.float32)
+
+
+def _merge(tensors: list, weights: np.ndarray, how: str, density: Optional[float], sign_method: str,
+           masks: Optional[list] = None) -> np.ndarray:
+    """PEFT's ``task_arithmetic`` / ``ties`` / ``magnitude_prune`` / ``dare_linear`` / ``dare_ties`` of
+    ``merge_utils`` over stacked tensors (``masks``: DARE's, one per tensor)."""
     if how in ("ties", "magnitude_prune"):
         tensors = [_magnitude_prune(t, density) for t in tensors]
+    elif how in ("dare_linear", "dare_ties") and density < 1:
+        tensors = [_dare_prune(t, m, density) for t, m in zip(tensors, masks, strict=True)]
     stacked = np.stack(tensors, axis=0)
     weighted = stacked * weights.reshape((-1,) + (1,) * (stacked.ndim - 1))
-    if how != "ties":
+    if how not in ("ties", "dare_ties"):
         return weighted.sum(axis=0)
     # TIES: elect a sign per entry (from the unweighted, pruned tensors), then average the entries that agree
     sign = np.sign(stacked)
@@ -308,8 +370,8 @@ def _merge(tensors: list, weights: np.ndarray, how: str, density: Optional[float
 
 
 def _on_a_and_b(path: str, present: list, combination_type: str, density: Optional[float],
-                sign_method: str) -> tuple:
-    """linear / ties / magnitude_prune: the A's and the B's merged separately, at the common rank."""
+                sign_method: str, seed: Optional[int]) -> tuple:
+    """linear / ties / magnitude_prune / dare_*: the A's and the B's merged separately, at the common rank."""
     weights_a, weights_b = [], []
     for adapter, weight in present:
         # the factor w * s is split as sqrt on both sides, its sign on A only (on both it would cancel)
@@ -317,20 +379,29 @@ def _on_a_and_b(path: str, present: list, combination_type: str, density: Option
         root = math.sqrt(abs(factor))
         weights_a.append(root if factor >= 0 else -root)
         weights_b.append(root)
-    a = _merge([_f32(adapter.tensors[path][0]) for adapter, _ in present], _f32(weights_a), combination_type,
-               density, sign_method)
-    b = _merge([_f32(adapter.tensors[path][1]) for adapter, _ in present], _f32(weights_b), combination_type,
-               density, sign_method)
+    a_list = [_f32(adapter.tensors[path][0]) for adapter, _ in present]
+    b_list = [_f32(adapter.tensors[path][1]) for adapter, _ in present]
+    masks_a = masks_b = None
+    if combination_type in DARE_TYPES and density < 1:
+        # PEFT merges all A's (one bernoulli each), then all B's
+        masks = dare_masks(seed, path, [t.shape for t in a_list + b_list], density)
+        masks_a, masks_b = masks[:len(a_list)], masks[len(a_list):]
+    a = _merge(a_list, _f32(weights_a), combination_type, density, sign_method, masks_a)
+    b = _merge(b_list, _f32(weights_b), combination_type, density, sign_method, masks_b)
     return a.astype(np.float32), b.astype(np.float32)
 
 
 def _svd(path: str, present: list, combination_type: str, new_rank: int, clamp: Optional[float],
-         full_matrices: bool, density: Optional[float], sign_method: str) -> tuple:
+         full_matrices: bool, density: Optional[float], sign_method: str, seed: Optional[int]) -> tuple:
     """svd family: merge the full deltas, then the best rank-``new_rank`` factorisation of the sum."""
     deltas = [(_f32(adapter.tensors[path][1]) @ _f32(adapter.tensors[path][0])) * np.float32(adapter.scaling)
               for adapter, _ in present]
-    how = {"svd": "linear", "ties_svd": "ties", "magnitude_prune_svd": "magnitude_prune"}[combination_type]
-    delta = _merge(deltas, _f32([weight for _, weight in present]), how, density, sign_method).astype(np.float32)
+    how = combination_type[:-len("_svd")] if combination_type != "svd" else "linear"
+    masks = None
+    if combination_type in DARE_TYPES and density < 1:
+        masks = dare_masks(seed, path, [d.shape for d in deltas], density)
+    delta = _merge(deltas, _f32([weight for _, weight in present]), how, density, sign_method,
+                   masks).astype(np.float32)
     out_dim, in_dim = delta.shape
     if full_matrices and new_rank > min(out_dim, in_dim) and out_dim != in_dim:
         # PEFT's U[:, :r] @ diag(S[:r]) then fails (out > in) or gives A and B that do not multiply (in > out)

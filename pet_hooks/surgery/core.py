@@ -248,7 +248,12 @@ def refuse_tied(net: nn.Cell, state: PetState, action: str) -> None:
     """Raise PetStateError, naming the cells, when merging would fold a delta into a weight another cell also
     computes with (:func:`tied_weights`): unmerged, the delta changes its own cell only (as PEFT computes
     it); merged, the other cell too, so the merged model would not be the adapted one. ``action`` is what is
-    refused ("merge", "save_merged_checkpoint")."""
+    refused ("merge", "save_merged_checkpoint"). Also any cell the tuner cannot merge (``merge_reason``:
+    a ``lora_bias`` on a layer without a base bias), before anything is written."""
+    for injection in state.injections:
+        reason = state.tuner.merge_reason(injection)
+        if reason:
+            raise PetStateError(f"cannot {action}: cell '{injection.path}' {reason}")
     for path, (weight, other) in tied_weights(net, state).items():
         raise PetStateError(
             f"cannot {action}: the LoRA of '{path}' would go into its weight '{weight}', which is tied to "
@@ -336,7 +341,9 @@ def saved_parameters(net: nn.Cell) -> List[Parameter]:
     """What an adapter file holds: every delta, plus base parameters kept trainable by the config."""
     state = require_state(net, "list adapter parameters")
     # kept base parameters belong to the adapter whose config keeps them (only the first one may: add_adapter)
-    return _all_deltas(state) + (list(state.kept) if state.config.freeze_exclude else [])
+    # LoRA's bias all / lora_only keeps base biases trainable, as freeze_exclude keeps what it names
+    keeps = state.config.freeze_exclude or getattr(state.config, "bias", "none") != "none"
+    return _all_deltas(state) + (list(state.kept) if keeps else [])
 
 
 def trainable_summary(net: nn.Cell) -> str:

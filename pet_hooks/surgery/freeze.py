@@ -1,8 +1,10 @@
 """Freezing: which parameters train after ``apply``, and the undo record of the flags before.
 
 After ``apply`` exactly the deltas train, plus base parameters the config asks to keep
-trainable with MindFormers' ``freeze_exclude`` (fnmatch wildcards over parameter names);
-``freeze_include`` wildcards freeze what they match unless ``freeze_exclude`` also does::
+trainable with MindFormers' ``freeze_exclude`` (fnmatch wildcards over parameter names), and
+the base biases of LoRA's ``bias`` (PEFT's: ``"all"``, every parameter named ``bias`` or
+``*.bias``; ``"lora_only"``, the ``bias`` of the adapted cells, whose class then says
+``pet_hooks_lora``); ``freeze_include`` wildcards freeze what they match unless ``freeze_exclude`` also does::
 
     before = freeze_for_pet(net, deltas, cfg)   # {param name: requires_grad before}
     restore_requires_grad(net, before)
@@ -29,11 +31,24 @@ def delta_requires_grad(name: str, cfg: PetConfig) -> bool:
     return not (_matches(name, cfg.freeze_include) and not _matches(name, cfg.freeze_exclude))
 
 
+def _trained_biases(net: nn.Cell, cfg: PetConfig) -> set:
+    """ids of the base biases LoRA's ``bias`` trains (PEFT's ``_mark_only_adapters_as_trainable``)."""
+    bias = getattr(cfg, "bias", "none")
+    if bias == "all":
+        return {id(p) for p in net.get_parameters() if p.name == "bias" or p.name.endswith(".bias")}
+    if bias == "lora_only":
+        return {id(cell.bias) for _, cell in net.cells_and_names()
+                if getattr(type(cell), "pet_hooks_lora", False) is True and isinstance(getattr(cell, "bias", None),
+                                                                                        Parameter)}
+    return set()
+
+
 def kept_trainable(net: nn.Cell, cfg: PetConfig, delta_ids: set) -> List[Parameter]:
-    """Base parameters that ``freeze_exclude`` keeps trainable (and the adapter saves)."""
+    """Base parameters that ``freeze_exclude`` or LoRA's ``bias`` keeps trainable (and the adapter saves)."""
+    biases = _trained_biases(net, cfg)
     return [p for p in net.get_parameters()
-            if id(p) not in delta_ids and _matches(p.name, cfg.freeze_exclude)
-            and not _matches(p.name, cfg.freeze_include)]
+            if id(p) not in delta_ids and (id(p) in biases or (_matches(p.name, cfg.freeze_exclude)
+                                                                 and not _matches(p.name, cfg.freeze_include)))]
 
 
 def freeze_for_pet(net: nn.Cell, deltas: Iterable[Parameter], cfg: PetConfig,

@@ -135,6 +135,10 @@ class Tuner(abc.ABC):
         """The base weights merging this cell writes (``weight_deltas``' weights, without computing the deltas)."""
         return [weight for weight, _ in self.weight_deltas(injection)]
 
+    def merge_reason(self, injection: Injection) -> Optional[str]:
+        """Why this cell's deltas cannot be merged (asked of every cell before any is), None when they can."""
+        return None
+
     def weight_readers(self, net: nn.Cell, injection: Injection) -> List[str]:
         """Paths of cells that compute with a weight of ``weight_deltas(injection)`` without holding it (an mcore
         output layer given the tied embedding at call time); merging would change them too. The weight's

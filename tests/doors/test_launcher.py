@@ -44,6 +44,30 @@ def test_legacy_scripts_train_only_the_deltas(tmp_path, script, mode):
         np.testing.assert_array_equal(param.asnumpy(), deltas[param.name].asnumpy())
 
 
+def test_lora_bias_and_trained_base_biases_through_the_launcher(tmp_path):
+    """lora_bias / bias (issue 29 item 6) through pet-hooks run: the lora biases and the adapted cells' base
+    biases train (bias: lora_only), every other base weight stays, and the adapter holds the biases."""
+    config = tmp_path / "lora_bias.yaml"
+    config.write_text("pet_config:\n  pet_type: lora\n  lora_rank: 4\n  lora_alpha: 8\n"
+                      "  target_modules: \".*dense1|.*dense3\"\n  lora_bias: true\n  bias: lora_only\n")
+    ckpt = tmp_path / "after.ckpt"
+    out = _launch("--config", str(config), "--save-dir", str(tmp_path / "adapter"),
+                  os.path.join("samples", "legacy_train.py"), "--steps", "3", "--mode", "0", "--save-ckpt", str(ckpt))
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = ms.load_checkpoint(str(ckpt))
+    base = build(seed=0)
+    trained = {name for name in saved if name.endswith((".dense1.bias", ".dense3.bias"))}
+    assert len(trained) == 4
+    for param in base.get_parameters():
+        same = np.array_equal(saved[param.name].asnumpy(), param.asnumpy())
+        assert same == (param.name not in trained), param.name
+    lora_biases = {k: v for k, v in saved.items() if k.endswith(".lora_B_bias")}
+    assert len(lora_biases) == 4 and all(np.abs(v.asnumpy()).max() > 0 for v in lora_biases.values())
+    pet_hooks.load_adapter(base, tmp_path / "adapter")
+    for param in base.trainable_params():
+        np.testing.assert_array_equal(param.asnumpy(), saved[param.name].asnumpy(), err_msg=param.name)
+
+
 def test_script_semantics_exit_code_argv_and_traceback(tmp_path):
     (tmp_path / "helper.py").write_text("VALUE = 41\n")
     (tmp_path / "script.py").write_text(

@@ -8,6 +8,9 @@ its ``CASES`` gave. Here each case is replayed with ``combine`` and compared per
 magnitude_prune; an SVD's factors are unique only up to signs). The error cases compare with what
 PEFT raises, or document where PEFT goes on and ``combine`` refuses.
 
+DARE: the masks ``combine`` draws from a case's ``seed`` (``dare_masks``) are fed to PEFT in place
+of ``torch.bernoulli``, so PEFT's own DARE runs on them and A and B must agree as for ``ties``.
+
 The last tests need no torch: ``combine``'s own argument checks, and exactness facts (cat and a
 full-rank svd reproduce the weighted sum of the deltas) that hold whatever PEFT does.
 """
@@ -26,22 +29,40 @@ import pytest
 from tests.conftest import NEEDS_TORCH_PEFT, ROOT
 from tests.weighted_reference import ADAPTERS, CASES, CELLS
 from pet_hooks.errors import PetConfigError
-from pet_hooks.multi.weighted import AdapterWeights, CombinedAdapter, combine, select_adapters
+from pet_hooks.multi.weighted import AdapterWeights, CombinedAdapter, combine, dare_masks, select_adapters
 
 # float32 all through on both sides: deltas of order 1, so 1e-5 is a few float32 ulps of headroom
 DELTA_TOL = dict(rtol=1e-5, atol=1e-5)
 FACTOR_TOL = dict(rtol=1e-6, atol=1e-6)
 # the cases whose A and B PEFT computes without an SVD, hence uniquely
-EXACT_FACTORS = ("linear", "cat", "ties", "magnitude_prune")
-ARGS = ("combination_type", "svd_rank", "svd_clamp", "svd_full_matrices", "density", "majority_sign_method")
+EXACT_FACTORS = ("linear", "cat", "ties", "magnitude_prune", "dare_linear", "dare_ties")
+ARGS = ("combination_type", "svd_rank", "svd_clamp", "svd_full_matrices", "density", "majority_sign_method", "seed")
+
+
+def _peft_mask_order(case: dict) -> list:
+    """The masks of a DARE case as PEFT asks torch.bernoulli for them: per cell in module order (fc1, fc2,
+    head.0), the adapters there in the case's order, their A's then their B's (their deltas for _svd)."""
+    masks = []
+    for path, (fan_in, fan_out) in CELLS.items():
+        present = [name for name in case["adapters"] if path in ADAPTERS[name]["target_modules"]]
+        if case["combination_type"].endswith("_svd"):
+            shapes = [(fan_out, fan_in)] * len(present)
+        else:
+            shapes = ([(ADAPTERS[name]["r"], fan_in) for name in present]
+                      + [(fan_out, ADAPTERS[name]["r"]) for name in present])
+        masks += dare_masks(case["seed"], path, shapes, case["density"])
+    return masks
 
 
 @pytest.fixture(scope="module")
 def peft_run(tmp_path_factory):
     """PEFT's adapters and results: (meta, arrays) as tests/weighted_reference.py wrote them."""
     out = tmp_path_factory.mktemp("weighted_reference")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "weighted_reference.py"), str(out)],
-                          capture_output=True, text=True, timeout=300)
+    masks = {f"{case_id}/{index:03d}": mask for case_id, case in CASES.items() if "seed" in case
+             for index, mask in enumerate(_peft_mask_order(case))}
+    np.savez(os.path.join(out, "masks.npz"), **masks)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "weighted_reference.py"), str(out),
+                           os.path.join(out, "masks.npz")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(out, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
@@ -194,7 +215,15 @@ def test_cat_and_full_rank_svd_are_exact(pair):
     (dict(adapters=[]), "adapters is empty"),
     (dict(weights=[1.0, float("nan")]), "weight of adapter 'q' must be a finite number"),
     (dict(weights=[1.0, True]), "weight of adapter 'q'"),
-    (dict(combination_type="dare_linear"), "'dare_linear' is not supported"),
+    (dict(combination_type="dare_linear_svd", density=0.5), "'dare_linear_svd' draws random masks: pass seed"),
+    (dict(combination_type="dare_ties_svd", seed=1), "'dare_ties_svd' needs density"),
+    (dict(combination_type="dare_linear_svd", seed=1, density=0.0),
+     r"density of 'dare_linear_svd' .* \(0, 1\], got 0.0"),
+    (dict(combination_type="dare_ties_svd", seed=1, density=1.5), r"\(0, 1\], got 1.5"),
+    (dict(combination_type="dare_ties_svd", seed=1, density=float("nan")), r"\(0, 1\], got nan"),
+    (dict(combination_type="dare_linear_svd", seed=-1, density=0.5), "seed must be a non-negative int"),
+    (dict(combination_type="dare_linear_svd", seed=1.5, density=0.5), "seed must be a non-negative int"),
+    (dict(seed="7"), "seed must be a non-negative int"),
     (dict(combination_type="ties"), "same r value"),
     (dict(combination_type="ties_svd"), "'ties_svd' needs density"),
     (dict(combination_type="magnitude_prune_svd", density=-0.1), "Density should be >= 0"),
@@ -252,7 +281,7 @@ class _ThreeLayers:
 
 
 @NEEDS_TORCH_PEFT
-@pytest.mark.parametrize("case_id", ["cat_123", "svd_123_r3", "svd_42_r5"])
+@pytest.mark.parametrize("case_id", ["cat_123", "svd_123_r3", "svd_42_r5", "dare_linear_svd_123"])
 def test_add_weighted_adapter_on_a_net_gives_peft_deltas(peft_run, case_id):
     """pet_hooks.add_weighted_adapter on a MindSpore net holding PEFT's adapters (their A and B loaded into it)
     makes the adapter whose per-cell deltas PEFT's add_weighted_adapter made."""
@@ -260,6 +289,7 @@ def test_add_weighted_adapter_on_a_net_gives_peft_deltas(peft_run, case_id):
     import pet_hooks
     from pet_hooks.surgery.core import get_state
     from pet_hooks.multi import slots as lora_slots
+    from pet_hooks.multi.adapters import focused  # (pet_hooks.multi.adapters is not loaded before add_adapter)
 
     meta, arrays = peft_run
     case = CASES[case_id]
@@ -272,7 +302,7 @@ def test_add_weighted_adapter_on_a_net_gives_peft_deltas(peft_run, case_id):
             pet_hooks.apply(net, cfg, adapter_name=name)
         else:
             pet_hooks.add_adapter(net, name, cfg)
-        with pet_hooks.multi.adapters.focused(net, name):
+        with focused(net, name):
             for path in spec["target_modules"]:
                 cell = dict(net.cells_and_names())[path]
                 cell.lora_A.set_data(ms.Tensor(arrays[f"adapter/{name}/{path}/A"]))

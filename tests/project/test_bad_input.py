@@ -178,6 +178,15 @@ def _peft_dir(d, tensors):
     save_file({k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
 
 
+def _peft_bias_dir(d, bias, tensors, lora_bias=False):
+    """lora_bias / bias (issue 29 item 6): a PEFT LoRA of one query projection with ``bias`` and ``tensors`` added."""
+    q = "base_model.model.blocks.0.attention.dense1."
+    _write_config(d, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["dense1"], "bias": bias,
+                      "lora_bias": lora_bias})
+    save_file({k: np.zeros(v, np.float32) for k, v in {q + "lora_A.weight": (4, 16), q + "lora_B.weight": (16, 4),
+                                                       **tensors}.items()}, str(_weights(d)))
+
+
 def _ckpt_without_lora(d):
     ms.save_checkpoint(nn.Dense(2, 2), str(d / "base.ckpt"))
     return {"path": d / "base.ckpt", "cfg": CFG}
@@ -291,6 +300,15 @@ ROWS: List[Row] = [
     M("embedding-olora", {**CFG, "target_modules": "position_embedding", "init_lora_weights": "olora"},
       UnsupportedCellError,
       "'position_embedding'", "'olora'"),
+    # lora_bias / bias (issue 29 item 6)
+    M("lora-bias-str", {**SEED, "lora_bias": "yes"}, PetConfigTypeError, "lora_bias", "'yes'"),
+    M("lora-bias-dora", {**SEED, "lora_bias": True, "use_dora": True}, PetConfigError, "lora_bias", "DoRA"),
+    M("lora-bias-pissa", {**SEED, "lora_bias": True, "init_lora_weights": "pissa"}, PetConfigError, "lora_bias",
+      "'pissa'"),
+    M("lora-bias-embedding", {**CFG, "target_modules": ".*embedding", "lora_bias": True}, UnsupportedCellError,
+      "'embedding'", "lora_bias"),
+    M("bias-unknown", {**SEED, "bias": "some"}, PetConfigError, "bias", "'some'"),
+    M("bias-bool", {**SEED, "bias": True}, PetConfigError, "bias", "True"),
     # ---- IA3, BitFit, bottleneck adapters: a bad value per field, a pattern matching nothing, a cell they refuse ----
     M("ia3-target-missing", {"pet_type": "ia3"}, PetConfigError, "target_modules", "required"),
     M("ia3-ff-int", {**IA3, "feedforward_modules": 3}, PetConfigTypeError, "feedforward_modules", "got 3"),
@@ -458,6 +476,16 @@ ROWS: List[Row] = [
                                                               EMB + "lora_embedding_B": (16, 4),
                                                               "base_model.model.head.base_layer.weight": (256, 16)}),
       AdapterFileError, "base_model.model.head.base_layer.weight", "without LoRA tensors"),
+    # lora_bias / bias (issue 29 item 6): base biases in a PEFT file
+    A("peft-base-bias-with-bias-none", lambda d: _peft_bias_dir(
+        d, "none", {"base_model.model.blocks.0.attention.dense1.base_layer.bias": (16,)}), AdapterFileError,
+      "holds base biases", "blocks.0.attention.dense1", "bias='none'"),
+    A("peft-lora-bias-into-lora-without", lambda d: _peft_bias_dir(
+        d, "none", {"base_model.model.blocks.0.attention.dense1.lora_B.bias": (16,)}, lora_bias=True) or {
+        "pre_apply": {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*dense1"}},
+      PetStateError, "lora_bias=True differs", "(False)"),
+    A("peft-bias-of-no-cell", lambda d: _peft_bias_dir(d, "all", {"base_model.model.nosuch.bias": (16,)}),
+      AdapterFileError, "base_model.model.nosuch.bias", "names no cell with a bias"),
     # ---- several adapters: names, switching, deleting, loading into one, rows ----
     N("add-taken-name", lambda net, d: pet_hooks.add_adapter(net, "b", CFG), PetConfigError, "'b'", "taken"),
     N("add-reserved-name", lambda net, d: pet_hooks.add_adapter(net, "all", CFG), PetConfigError, "'all'",
@@ -471,6 +499,11 @@ ROWS: List[Row] = [
       PetConfigError, "freeze_exclude", "['*ln1*']"),
     N("add-dora", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "use_dora": True}), PetConfigError,
       "use_dora"),
+    # lora_bias / bias (issue 29 item 6): one adapter per net
+    N("add-lora-bias", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "lora_bias": True}), PetConfigError,
+      "lora_bias=True", "one adapter per net"),
+    N("add-bias-all", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "bias": "all"}), PetConfigError,
+      "bias", "'all'"),
     N("add-pissa", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "init_lora_weights": "pissa"}),
       PetConfigError,
       "init_lora_weights", "'pissa'"),
@@ -507,6 +540,19 @@ ROWS: List[Row] = [
       setup=lambda net: pet_hooks.add_adapter(net, "t", {**CFG, "target_modules": ".*dense1"})),
     N("weighted-unknown-type", lambda net, d: pet_hooks.add_weighted_adapter(net, ["default", "b"], [1, 1], "w",
                                                                              "average"), PetConfigError, "'average'"),
+    # add_weighted_adapter DARE (issue 29 item 7): seed required, density in (0, 1]
+    N("weighted-dare-without-seed", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "dare_linear_svd", density=0.5), PetConfigError, "'dare_linear_svd'",
+      "pass seed"),
+    N("weighted-dare-density-zero", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "dare_ties_svd", density=0.0, seed=1), PetConfigError, "density",
+      "(0, 1]", "got 0.0"),
+    N("weighted-dare-density-above-one", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "dare_linear_svd", density=1.5, seed=1), PetConfigError, "density",
+      "got 1.5"),
+    N("weighted-dare-bad-seed", lambda net, d: pet_hooks.add_weighted_adapter(
+        net, ["default", "b"], [1, 1], "w", "dare_linear_svd", density=0.5, seed=-2), PetConfigError, "seed",
+      "got -2"),
     N("rows-unknown-name", lambda net, d: _rows_of(net, ["default", "zz"]), PetConfigError, "'zz'"),
     N("rows-not-a-list", lambda net, d: _rows_of(net, "default"), PetConfigError, "list of adapter names",
       "got 'default'"),
@@ -727,6 +773,7 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "rank_pattern", "alpha_pattern",             # rank_pattern / alpha_pattern (issue 29)
         # issue 29 items 2/3: PEFT's layer selection
         "exclude_modules", "layers_to_transform", "layers_pattern",
+        "lora_bias", "bias",
         "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
@@ -776,7 +823,7 @@ def test_random_configs_either_work_or_raise_value_or_type_error_untouched(mappi
     # It worked: only deltas are trainable, and remove brings back exactly the model from before.
     assert pet_hooks.surgery.has_pet(net)
     kept = {p.name for p in net.trainable_params()} - {p.name for p in pet_hooks.delta_parameters(net)}
-    if not cfg.freeze_exclude:                           # only freeze_exclude keeps base weights trainable
+    if not cfg.freeze_exclude and getattr(cfg, "bias", "none") == "none":   # (and LoRA's bias: all / lora_only)
         assert not kept, kept
     pet_hooks.remove(net)
     assert_same_world(before, net)

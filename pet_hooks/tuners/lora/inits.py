@@ -38,7 +38,8 @@ from mindspore.common import dtype as mstype
 
 from ...utils.ms_compat import write_values
 
-__all__ = ["BaseInit", "mutates_base", "reason", "kaiming_uniform", "default_a", "initial_arrays", "write_residual",
+__all__ = ["initial_bias",  # lora_bias (issue 29 item 6)
+           "BaseInit", "mutates_base", "reason", "kaiming_uniform", "default_a", "initial_arrays", "write_residual",
            "restore_base", "RESIDUAL_ATTR"]
 
 RESIDUAL_ATTR = "pet_lora_residual"   # the pending residual on a cell between add_deltas and write_residual
@@ -126,6 +127,16 @@ def initial_arrays(cfg, rng: np.random.Generator, in_ch: int, out_ch: int,
         a, b = root[:, None] * uh, v * root[None, :]
     a, b = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
     return a, b, (w - scaling * (b @ a)).astype(np.float32)
+
+
+def initial_bias(cfg, rng: np.random.Generator, out_ch: int) -> np.ndarray:
+    """``lora_bias``'s start (float32 [out]), as PEFT's ``lora_B`` (an ``nn.Linear(r, out, bias=True)``): zeros
+    with ``init_lora_weights`` true (the output is unchanged at init), ``nn.Linear``'s default
+    uniform(-1/sqrt(r), 1/sqrt(r)) with false (PEFT then leaves the layer's own init)."""
+    if cfg.init_lora_weights is False:
+        bound = 1.0 / math.sqrt(cfg.lora_rank)
+        return rng.uniform(-bound, bound, size=(out_ch,)).astype(np.float32)
+    return np.zeros((out_ch,), np.float32)
 
 
 def write_residual(cell: nn.Cell, weight: Parameter,

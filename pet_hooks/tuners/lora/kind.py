@@ -14,6 +14,7 @@ the geometry          ``io_channels``, ``base_weight`` and how it is stored (``w
                       ``compute_dtype``, ``group_anchor``
 the branch            ``mixin`` (the generated class's first base: the base computation plus the branch),
                       ``leaves`` (the deltas' names), ``add_deltas`` / ``initial_values`` (their values),
+                      ``lora_bias`` / ``base_bias`` (whether the branch may add a bias, the base's),
                       ``add_extras`` (its own primitives: the tensor-parallel layout), ``takes_dropout``
 merging               ``weight_deltas`` (in the weight's layout), ``merge_weights``, ``weight_readers``
 the rest              ``grad_sentinels``, ``variants`` / ``residual_inits`` (what DoRA and the inits
@@ -49,15 +50,17 @@ from mindspore.common import dtype as mstype
 
 from ..common import weight_is_out_in
 from . import inits as lora_init
-from .scale import scaled_a
+from .scale import scaled_a, scaled_bias
 
-__all__ = ["LoraKind", "LoraLayer", "LoraVariant", "Drawn", "param_data", "kind_attrs", "COMMON_ATTRS"]
+__all__ = ["LoraKind", "LoraLayer", "LoraVariant", "Drawn", "param_data", "kind_attrs", "COMMON_ATTRS", "BIAS_LEAF"]
 
 _MATMUL_TB = ops.MatMul(transpose_b=True)
 
 #: what every LoRA cell gains, whatever its kind (removed again on eject); a kind adds its ``extra_attrs``
 COMMON_ATTRS = ("lora_A", "lora_B", "lora_dropout", "lora_scaling", "lora_compute_dtype", "pet_lora_scale",
-                "pet_lora_rank_scaling", lora_init.RESIDUAL_ATTR)
+                "pet_lora_rank_scaling", lora_init.RESIDUAL_ATTR, "lora_B_bias")
+#: the leaf of ``lora_bias``'s Parameter, ``<cell path>.lora_B_bias`` (PEFT's ``lora_B.bias``); None when off
+BIAS_LEAF = "lora_B_bias"
 
 _NUMPY_DTYPES = {mstype.float32: np.float32, mstype.float16: np.float16}
 
@@ -97,7 +100,10 @@ class LoraLayer:
         if self.lora_dropout is not None:       # None when the rate is 0: no cell to build or run
             h = self.lora_dropout(h)
         h = _MATMUL_TB(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
-        return _MATMUL_TB(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+        h = _MATMUL_TB(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+        if self.lora_B_bias is not None:        # lora_bias: None otherwise (structure, fixed at apply)
+            h = h + scaled_bias(self, self.lora_compute_dtype)
+        return h
 
     def _sharded_branch(self, x2):
         """``_lora_branch`` on the cell's own (sharded) MatMul primitives."""
@@ -105,7 +111,10 @@ class LoraLayer:
         if self.lora_dropout is not None:
             h = self.lora_dropout(h)
         h = self.pet_lora_matmul_a(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
-        return self.pet_lora_matmul_b(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+        h = self.pet_lora_matmul_b(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+        if self.lora_B_bias is not None:
+            h = h + scaled_bias(self, self.lora_compute_dtype)
+        return h
 
     def _lora_output(self, x2, out):
         """Plain LoRA on the base product ``out`` (no bias yet): ``W x + b + s B A x``, the bias first as in the
@@ -149,6 +158,9 @@ class LoraKind(abc.ABC):
     #: True for a linear layer in PEFT's sense (what ``target_modules: "all-linear"`` selects): nn.Dense,
     #: MindFormers' Linear and the mcore projections; not embeddings, attention cells or grouped experts
     is_linear: bool = False
+    #: True when the kind's branch adds ``lora_B_bias`` (``lora_bias``: a linear layer's output); PEFT refuses it
+    #: on embeddings, and the kinds whose branch is not a linear layer's output cannot take it
+    lora_bias: bool = False
 
     def __repr__(self) -> str:
         return f"<LoRA cell kind {self.name or type(self).__name__}>"
@@ -209,6 +221,11 @@ class LoraKind(abc.ABC):
         """An [out, in] array laid out as the base weight is stored."""
         return np.ascontiguousarray(out_in if self.weight_is_out_in(cell) else out_in.T)
 
+    def base_bias(self, cell: nn.Cell) -> Optional[Parameter]:
+        """The base bias ``lora_bias`` merges into (``bias``), None when the cell has none."""
+        bias = getattr(cell, "bias", None)
+        return bias if isinstance(bias, Parameter) and getattr(cell, "has_bias", True) is not False else None
+
     def compute_dtype(self, cell: nn.Cell):
         """The branch's compute dtype when the config sets none: the base weight's."""
         return self.base_weight(cell).dtype
@@ -220,7 +237,9 @@ class LoraKind(abc.ABC):
 
     # -- the deltas ---------------------------------------------------------------------------
     def init_reason(self, cfg) -> Optional[str]:
-        """Why ``cfg``'s ``init_lora_weights`` cannot be used on this kind, or None."""
+        """Why ``cfg``'s ``init_lora_weights`` (or ``lora_bias``) cannot be used on this kind, or None."""
+        if getattr(cfg, "lora_bias", False) and not self.lora_bias:
+            return f"lora_bias=True is not supported on {self.name or type(self).__name__} (linear layers only)"
         return lora_init.reason(cfg, self.residual_inits)
 
     def initial_arrays(self, cell: nn.Cell, cfg,
@@ -243,7 +262,12 @@ class LoraKind(abc.ABC):
         dtype = getattr(mstype, cfg.param_init_type)
         cell.lora_A = Parameter(param_data(a, dtype), name=f"{path}.{self.leaves[0]}", requires_grad=True)
         cell.lora_B = Parameter(param_data(b, dtype), name=f"{path}.{self.leaves[1]}", requires_grad=True)
-        return Drawn([cell.lora_A, cell.lora_B], a, b, residual)
+        params = [cell.lora_A, cell.lora_B]
+        if getattr(cfg, "lora_bias", False):
+            cell.lora_B_bias = Parameter(param_data(lora_init.initial_bias(cfg, rng, b.shape[0]), dtype),
+                                         name=f"{path}.{BIAS_LEAF}", requires_grad=True)
+            params.append(cell.lora_B_bias)
+        return Drawn(params, a, b, residual)
 
     def add_extras(self, cell: nn.Cell) -> None:
         """What the branch needs beyond the deltas, the switch and the dropout (its own primitives, laid out as
@@ -259,11 +283,23 @@ class LoraKind(abc.ABC):
         """``[(W, B @ (s A))]`` in the weight's layout, float32, each rank row at its own scaling."""
         a = cell.lora_A.astype(mstype.float32).asnumpy()
         b = cell.lora_B.astype(mstype.float32).asnumpy()
-        return [(self.base_weight(cell), self.in_weight_layout(cell, b @ (cell.pet_lora_rank_scaling[:, None] * a)))]
+        deltas = [(self.base_weight(cell), self.in_weight_layout(cell, b @ (cell.pet_lora_rank_scaling[:, None] * a)))]
+        if getattr(cell, BIAS_LEAF, None) is not None:      # lora_bias: the base bias gains scaling * bias
+            bias = cell.lora_B_bias.astype(mstype.float32).asnumpy()
+            deltas.append((self.base_bias(cell), cell.pet_lora_rank_scaling[0] * bias))
+        return deltas
 
     def merge_weights(self, cell: nn.Cell) -> List[Parameter]:
         """The base weights merging writes (those of :meth:`weight_deltas`, without computing them)."""
-        return [self.base_weight(cell)]
+        bias = self.base_bias(cell) if getattr(cell, BIAS_LEAF, None) is not None else None
+        return [self.base_weight(cell)] + ([bias] if bias is not None else [])
+
+    def merge_reason(self, cell: nn.Cell) -> Optional[str]:
+        """Why the cell's branch cannot be merged, or None: a ``lora_bias`` on a cell without a base bias."""
+        if getattr(cell, BIAS_LEAF, None) is not None and self.base_bias(cell) is None:
+            return ("has lora_bias but its base layer has no bias to merge it into (PEFT: \"Impossible to merge "
+                    "LoRA with `lora_bias=True` because the base layer has no bias\")")
+        return None
 
     def weight_readers(self, net: nn.Cell, cell: nn.Cell) -> List[str]:
         """Paths of cells of ``net`` that compute with the base weight without holding it (merging changes them)."""

@@ -132,6 +132,7 @@ class DenseKind(LoraKind):
     variants = frozenset({"dora"})
     residual_inits = True
     is_linear = True
+    lora_bias = True
 
     def recognises(self, cell: nn.Cell) -> bool:
         return isinstance(cell, nn.Dense)
@@ -150,6 +151,7 @@ class LinearKind(LoraKind):
     variants = frozenset({"dora"})
     residual_inits = True
     is_linear = True
+    lora_bias = True
 
     def recognises(self, cell: nn.Cell) -> bool:
         linear = mindformers_linear()

@@ -61,7 +61,7 @@ from mindspore import nn, ops
 from ..common import loaded_class
 from . import layout as lora_layout
 from .kind import LoraKind
-from .scale import scaled_a
+from .scale import scaled_a, scaled_bias
 
 __all__ = ["LoraColumnParallelLinear", "LoraRowParallelLinear", "McoreLinearKind", "KINDS"]
 
@@ -78,6 +78,8 @@ class _McoreBranch:
             h = self.lora_dropout(h)
         h = self.pet_lora_matmul_a(h, ops.cast(scaled_a(self), self.lora_compute_dtype))
         h = self.pet_lora_matmul_b(h, ops.cast(self.lora_B, self.lora_compute_dtype))
+        if self.lora_B_bias is not None:        # lora_bias (added to output, whatever skip_bias_add does)
+            h = h + scaled_bias(self, self.lora_compute_dtype)
         return ops.cast(ops.reshape(h, ops.shape(like)), ops.dtype(like))
 
 
@@ -124,6 +126,7 @@ class McoreLinearKind(LoraKind):
     extra_attrs = lora_layout.PRIMITIVE_ATTRS
     rows_reason = "MindFormers' mcore layers take sequence-major input (rows are not the leading axis)"
     is_linear = True
+    lora_bias = True
 
     def __init__(self, class_name: str, mixin: type, splits, row_parallel: bool = False) -> None:
         self.class_name = class_name

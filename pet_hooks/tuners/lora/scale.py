@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from mindspore import Parameter, nn, ops
 
-__all__ = ["SCALE_NAME", "scaled_a", "times_scale", "add_scale"]
+__all__ = ["SCALE_NAME", "scaled_a", "scaled_bias", "times_scale", "add_scale"]
 
 SCALE_NAME = "pet_lora_scale"   # the switch: a parameter, not a weight (not counted, never saved)
 
@@ -32,6 +32,13 @@ def times_scale(a, scale):
 def scaled_a(cell):
     """``A * scale`` in A's dtype (see the module docstring)."""
     return times_scale(cell.lora_A, cell.pet_lora_scale)
+
+
+def scaled_bias(cell, dtype):
+    """``lora_B_bias * scale`` in ``dtype`` (``lora_bias``): the first row's scale, the cell's one scaling while on,
+    0 while off, so the bias switches with the branch (the adapter of a cell with a bias is its only one)."""
+    bias = cell.lora_B_bias
+    return ops.cast(bias * ops.cast(cell.pet_lora_scale[0], ops.dtype(bias)), dtype)
 
 
 def add_scale(path: str, cell: nn.Cell, cfg) -> None:

@@ -247,6 +247,7 @@ def _add_branch(path: str, cell: nn.Cell, kind: LoraKind, variant: Optional[Lora
     """The cell's deltas (its kind's), dropout, switch, compute dtype, the kind's extras, the variant's own.
     Everything below reads the cell's own rank and alpha (``rank_pattern`` / ``alpha_pattern``)."""
     cfg = cfg.for_module(path)
+    cell.lora_B_bias = None             # lora_bias: the kinds that take it set it in add_deltas
     drawn = kind.add_deltas(path, cell, cfg, rng)
     cell.lora_dropout = None
     # A branch folded into a weight (attention cells), an embedding: no input of its own to drop.
@@ -333,6 +334,9 @@ class LoraTuner(Tuner):
 
     def merge_weights(self, injection: Injection) -> List[Parameter]:
         return injection.kind.merge_weights(injection.cell)
+
+    def merge_reason(self, injection: Injection) -> Optional[str]:
+        return injection.kind.merge_reason(injection.cell)
 
     def weight_readers(self, net: nn.Cell, injection: Injection) -> List[str]:
         """Cells that compute with the adapted weight passed at call time (an mcore output layer tied to an
