@@ -131,6 +131,11 @@ class PetConfig:
         "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter or low_rank_adapter"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
+    # modules_to_save (PEFT's, on every PEFT config): a trainable copy of each named cell, saved with the adapter;
+    # the original stays frozen and untouched (pet_hooks.surgery.modules_to_save). Part of the adapter (compared).
+    modules_to_save: Optional[list] = field(default=None, metadata={
+        "help": "cell names (PEFT's: a cell whose path ends with an entry); each gets a trainable copy, saved "
+                "with the adapter, the original kept frozen (freeze_exclude trains the original in place)"})
     # model_config values (num_layers, kv_channels, ...) found beside a pet_config block.
     model_hints: dict = field(default_factory=dict, repr=False, compare=False,
                               metadata={"help": "model_config values found next to the pet_config block"})
@@ -165,6 +170,12 @@ class PetConfig:
                 if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
                     raise PetConfigTypeError(f"{name} must be a list of non-empty strings, got {value!r}")
                 setattr(self, name, list(value))
+        if self.modules_to_save is not None:         # modules_to_save: a list of non-empty names (PEFT's)
+            names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
+            if not isinstance(names, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in names):
+                raise PetConfigTypeError(f"modules_to_save must be a list of non-empty cell names, "
+                                         f"got {self.modules_to_save!r}")
+            self.modules_to_save = list(dict.fromkeys(names)) or None
         if not isinstance(self.model_hints, dict):
             raise PetConfigTypeError(f"model_hints must be a mapping, got {self.model_hints!r}")
         if self.seed is not None:
