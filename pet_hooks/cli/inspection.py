@@ -101,6 +101,7 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
         "model": _type_name(type(net)), "pet_type": config.pet_type, "config": config.to_dict(),
         "patterns": _pattern_rows(getattr(config, "target_modules", None), cells, adaptable),
         "matched": [], "shared": [], "near_misses": [], "unreached": [], "error": None,
+        "copies": [],                                   # config modules_to_save: the copied cells
     }
     applied_here = get_state(net) is None
     try:
@@ -143,6 +144,10 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
         matched_paths.add(injection.path)
         matched_types.add(injection.original_class)
     report["shared"] = [{"name": name, "shape": shape} for name, shape in shared.items()]
+    for saved in state.copies:                          # config modules_to_save
+        report["copies"].append({"path": saved.path, "type": saved.original_class.__name__,
+                                 "params": [{"name": p.name, "shape": list(p.shape)} for p in saved.params]})
+        matched_paths.add(saved.path)
     adaptable_set = set(adaptable)
     for path, cell in cells:
         if path in matched_paths or any(path.startswith(p + ".") for p in matched_paths):
@@ -246,6 +251,12 @@ def format_report(report: Dict[str, Any]) -> str:
         if flagged:
             lines += ["", f"warning: {len(flagged)} matched cell(s) are never called, so they would train nothing"]
             lines += [f"  {cell['path']}: {cell['unreached']}" for cell in flagged]
+    if report.get("copies"):                            # config modules_to_save
+        rows = [["path", "type", "trainable copy"]]
+        for cell in report["copies"]:
+            rows.append([cell["path"], cell["type"], ", ".join(f"{d['name']} {_shape(d['shape'])}" for d in cell["params"])])
+        lines += ["", f"modules_to_save ({len(report['copies'])} cells: a trainable copy each, the original frozen)"]
+        lines += _table(rows)
     if report["shared"]:
         lines += ["", "shared delta parameters"] + _table(
             [["name", "shape"]] + [[d["name"], _shape(d["shape"])] for d in report["shared"]])

@@ -42,9 +42,9 @@ from ..config.pet_config import load_config
 from ..errors import AdapterFileError, PetConfigError, PetStateError
 from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_safetensors, to_numpy, write_bytes
 from .loading import load_tensors
-from . import fused
+from . import fused, saved_copies
 from ..matching.name_maps import NAME_MAPS, MapFn, NameMapSpec, fused_parts, register_name_map, resolve_name_map
-from ..surgery.core import get_state
+from ..surgery.core import DEFAULT_ADAPTER, get_state
 
 logger = logging.getLogger("pet_hooks")
 from ..tuners import Tuner, all_tuners, peft_tuner
@@ -163,6 +163,8 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
         "task_type": task_type, **_PEFT_DEFAULTS.get(tuner.peft.peft_type, {}), **tuner.peft.fields(state.config),
     }
     doc.update(tuner.peft.module_fields(state.injections, mapped, doc["target_modules"]))
+    copy_tensors, doc["modules_to_save"] = saved_copies.peft_tensors(state, fn, label, PEFT_PREFIX, net)
+    tensors.update(copy_tensors)                        # config modules_to_save: the copies, PEFT's keys
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
@@ -172,7 +174,7 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
 
 # ----------------------------------------------------------------------------- loading
 _UNSUPPORTED = (("bias", ("none", None)), ("rank_pattern", ({}, None)),
-                ("alpha_pattern", ({}, None)), ("layers_to_transform", (None,)), ("modules_to_save", (None, [])),
+                ("alpha_pattern", ({}, None)), ("layers_to_transform", (None,)),
                 ("layer_replication", (None,)), ("trainable_token_indices", (None,)),
                 ("target_parameters", (None, [])))
 
@@ -334,7 +336,10 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     tuner = _check_doc(doc, config_path)
-    modules, copies = _modules_of(read_safetensors(weights_path), weights_path, tuner)
+    # config modules_to_save: the copies' keys apart first (pet_hooks.io.saved_copies)
+    copy_modules, rest = saved_copies.split_keys(read_safetensors(weights_path), doc.get("modules_to_save"),
+                                                 PEFT_PREFIX, weights_path)
+    modules, copies = _modules_of(rest, weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
     fresh = adapter_name is not None and (get_state(net) is None or adapter_name not in get_state(net).adapters)
@@ -344,12 +349,15 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
                for module, pair in modules.items() for suffix, value in pair.items()}
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
     state = get_state(net)
+    copy_adapter = adapter_name or (state.active[0] if state is not None else DEFAULT_ADAPTER)
+    copy_tensors, copy_paths = saved_copies.our_tensors(net, copy_modules, spec, copy_adapter, weights_path)
+    tensors.update(copy_tensors)
     if cfg is not None and (state is None or fresh):
         target = load_config(cfg)
     elif state is None or fresh:
-        target = tuner.peft.config_from_modules(doc, ours)
+        target = saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths)
     elif hotswap:         # the file's own config: load_tensors checks that it fits the adapter
-        target = tuner.peft.config_from_modules(doc, ours)
+        target = saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths)
     else:
         reason = tuner.peft.mismatch(doc, config_path, type(net).__name__, state.config)
         if reason is not None:

@@ -1,0 +1,178 @@
+"""Config ``modules_to_save`` against Hugging Face PEFT's ``ModulesToSaveWrapper``, in graph and PyNative mode.
+
+The three-layer net of tests/nets.py (``k``, ``v``, ``down``) with LoRA on k and v and ``down`` in
+``modules_to_save``, in PyTorch with PEFT 0.21 (tests/peft_reference_modules_to_save.py, its own process) and
+in MindSpore with pet_hooks, on the same weights, LoRA values and copy values: the outputs, the gradients of
+every trainable parameter (the copy's included), the disabled and merged outputs must be PEFT's; PEFT must read
+pet_hooks' PEFT-format adapter and pet_hooks PEFT's. Then the contract: the original ``down`` is never
+written (training through PetCallback, merge), remove gives it back bit for bit, the native format round
+trip, ``inspect``, and the errors.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import mindspore as ms
+import mindspore.dataset as ds
+from mindspore import Tensor, nn
+from mindspore.train import Model
+from safetensors.numpy import load_file
+
+import pet_hooks
+from pet_hooks.cli.inspection import format_report, inspect_net
+from pet_hooks.errors import NoMatchError, PetConfigError
+from pet_hooks.surgery.core import get_state
+from tests.conftest import HAS_TORCH_PEFT, assert_params_equal, snapshot
+from tests.nets import SIZES, ThreeLayers, three_layers
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
+CFG = {"pet_type": "lora", "lora_rank": 2, "lora_alpha": 4, "target_modules": ["k", "v"], "modules_to_save": ["down"]}
+COPY = "down.modules_to_save.default."
+TRAINABLE = ["k.lora_A", "k.lora_B", "v.lora_A", "v.lora_B", COPY + "weight", COPY + "bias"]
+NAMES = ["A.k", "B.k", "A.v", "B.v", "copy.weight", "copy.bias"]     # the same, in the reference's names
+
+
+def _job() -> dict:
+    """Weights ([out, in]), input, upstream gradient, LoRA values and copy values all different from the base."""
+    rng = np.random.default_rng(7)
+    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
+           "g": rng.standard_normal((3, 5, 4)).astype(np.float32)}
+    for layer, (din, dout) in SIZES.items():
+        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
+        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
+        if layer != "down":
+            job[f"A.{layer}"] = (rng.standard_normal((2, din)) * 0.5).astype(np.float32)
+            job[f"B.{layer}"] = (rng.standard_normal((dout, 2)) * 0.5).astype(np.float32)
+    job["copy.weight"] = (rng.standard_normal((4, 8)) * 0.5).astype(np.float32)
+    job["copy.bias"] = (rng.standard_normal(4) * 0.5).astype(np.float32)
+    return job
+
+
+def _set_values(net, job) -> None:
+    params = {p.name: p for p in pet_hooks.delta_parameters(net)}
+    for ours, theirs in zip(TRAINABLE, NAMES):
+        params[ours].set_data(Tensor(job[theirs]))
+
+
+def assert_close(ours, theirs, err_msg=""):
+    theirs = np.asarray(theirs)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
+
+
+@pytest.fixture(scope="module")
+def peft_run(tmp_path_factory):
+    """PEFT's results for _job(), with pet_hooks' PEFT-format adapter of it read by PEFT (one torch process)."""
+    if not HAS_TORCH_PEFT:
+        pytest.skip("torch, transformers and peft are not all installed")
+    work = tmp_path_factory.mktemp("mts")
+    job = _job()
+    np.savez(work / "job.npz", **job)
+    net = pet_hooks.apply(three_layers(job), CFG)
+    _set_values(net, job)
+    pet_hooks.save_adapter(net, work / "ours", format="peft", task_type=None)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_modules_to_save.py"), str(work)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return work, job, dict(np.load(work / "torch.npz"))
+
+
+def test_outputs_gradients_disable_and_merge_equal_peft(mode, peft_run):
+    _, job, torch_out = peft_run
+    net = pet_hooks.apply(three_layers(job), CFG)
+    base = snapshot(net)
+    assert [p.name for p in net.trainable_params()] == TRAINABLE      # the original down is frozen
+    _set_values(net, job)
+    x, g = Tensor(job["x"]), Tensor(job["g"])
+    params = pet_hooks.delta_parameters(net)
+
+    def loss(x, g):
+        return (net(x) * g).sum()
+
+    _, grads = ms.value_and_grad(loss, None, params)(x, g)
+    assert_close(net(x).asnumpy(), torch_out["out"])
+    for name, grad in zip(NAMES, grads):
+        assert_close(grad.asnumpy(), torch_out[f"grad.{name}"], err_msg=name)
+    with pet_hooks.disable_adapters(net):               # the original down, LoRA off: the base output
+        assert_close(net(x).asnumpy(), torch_out["disabled"])
+    assert_close(net(x).asnumpy(), torch_out["out"])
+    pet_hooks.merge(net)                                # LoRA folds into k and v; the copy still computes
+    assert_close(net(x).asnumpy(), torch_out["merged"])
+    assert_params_equal(base, net, ["down.weight", "down.bias"])  # the copy is not merged into the original
+    pet_hooks.unmerge(net)
+    assert_close(net(x).asnumpy(), torch_out["out"])
+
+
+def test_peft_reads_ours_and_we_read_peft(mode, peft_run):
+    work, job, torch_out = peft_run
+    assert_close(torch_out["ours"], torch_out["out"])   # PEFT with pet_hooks' file gives PEFT's own output
+    # PEFT's keys: the copy without its modules_to_save.<adapter> prefix
+    assert {"base_model.model.down.weight", "base_model.model.down.bias"} <= set(torch_out["keys"].tolist())
+    assert set(load_file(work / "ours" / "adapter_model.safetensors")) == set(torch_out["keys"].tolist())
+    net = three_layers(job)
+    base = snapshot(net)
+    pet_hooks.load_adapter(net, work / "theirs")
+    assert get_state(net).config.modules_to_save == ["down"]
+    assert_close(net(Tensor(job["x"])).asnumpy(), torch_out["out"])
+    assert_params_equal(base, net)
+    pet_hooks.remove(net)
+    assert_params_equal(base, net)
+
+
+def test_native_round_trip_and_remove_bit_for_bit(mode, tmp_path):
+    job = _job()
+    net = three_layers(job)
+    x = Tensor(job["x"])
+    base, base_out = snapshot(net), net(x).asnumpy()
+    pet_hooks.apply(net, CFG)
+    np.testing.assert_array_equal(net(x).asnumpy(), base_out)   # the copy starts as the original
+    _set_values(net, job)
+    out = net(x).asnumpy()
+    pet_hooks.save_adapter(net, tmp_path / "a")
+    assert set(load_file(tmp_path / "a" / "adapter_model.safetensors")) == set(TRAINABLE)
+    fresh = pet_hooks.load_adapter(three_layers(job), tmp_path / "a")
+    np.testing.assert_array_equal(fresh(x).asnumpy(), out)
+    pet_hooks.remove(net)
+    assert type(net.down) is nn.Dense and not hasattr(net.down, "pet_mts_copy")
+    assert [name for name, _ in net.cells_and_names()] == ["", "k", "v", "down"]
+    assert_params_equal(base, net)
+    assert sorted(p.name for p in net.get_parameters()) == sorted(base)
+    np.testing.assert_array_equal(net(x).asnumpy(), base_out)
+
+
+def test_petcallback_trains_the_copy_only(mode):
+    job = _job()
+    net = three_layers(job)
+    base = snapshot(net)
+    data = ds.NumpySlicesDataset({"x": job["x"], "y": job["g"]}, shuffle=False).batch(3)
+    model = Model(net, nn.MSELoss(), nn.Momentum(net.trainable_params(), 0.1, 0.9))
+    model.train(2, data, callbacks=[pet_hooks.PetCallback(CFG)])
+    assert_params_equal(base, net)                      # every base weight bit for bit, down's too
+    copy = {p.name: p.asnumpy() for p in pet_hooks.delta_parameters(net) if p.name.startswith(COPY)}
+    assert np.abs(copy[COPY + "weight"] - job["down.weight"]).max() > 1e-4   # the copy trained
+    assert {p.name for p in model.train_network.optimizer.parameters} == set(TRAINABLE)
+
+
+def test_inspect_lists_the_copies():
+    report = inspect_net(ThreeLayers(), CFG)
+    assert [row["path"] for row in report["copies"]] == ["down"]
+    assert [p["name"] for p in report["copies"][0]["params"]] == [COPY + "weight", COPY + "bias"]
+    assert "modules_to_save (1 cells" in format_report(report)
+
+
+@pytest.mark.parametrize("entries, error, words", [
+    (["dwn"], NoMatchError, ["'dwn'", "down"]),                       # matches nothing: the nearest names
+    (["k"], PetConfigError, ["'k'", "also a target"]),                # adapted and copied at once
+])
+def test_bad_entries_leave_the_net_as_it_was(entries, error, words):
+    net = ThreeLayers()
+    base = snapshot(net)
+    with pytest.raises(error) as info:
+        pet_hooks.apply(net, {**CFG, "modules_to_save": entries})
+    for word in words:
+        assert word in str(info.value)
+    assert get_state(net) is None and type(net.down) is nn.Dense and not hasattr(net.down, "pet_mts_copy")
+    assert_params_equal(base, net)
