@@ -255,7 +255,7 @@ def format_report(report: Dict[str, Any]) -> str:
         rows = [["path", "type", "trainable copy"]]
         for cell in report["copies"]:
             rows.append([cell["path"], cell["type"], ", ".join(f"{d['name']} {_shape(d['shape'])}" for d in cell["params"])])
-        lines += ["", f"modules_to_save ({len(report['copies'])} cells: a trainable copy each, the original frozen)"]
+        lines += ["", f"modules_to_save ({len(report['copies'])} cell(s): a trainable copy each, the original frozen)"]
         lines += _table(rows)
     if report["shared"]:
         lines += ["", "shared delta parameters"] + _table(

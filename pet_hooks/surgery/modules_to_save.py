@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from mindspore import Parameter, nn
 
@@ -27,7 +27,7 @@ from ..errors import NoMatchError, PetConfigError, UnsupportedCellError
 from ..matching.cells import nearest_names
 from ..tuners.common import patched_class, strip_attrs
 
-__all__ = ["SavedCopy", "select", "install", "uninstall", "set_active", "copy_parameters", "COPY_ATTR", "ON_ATTR"]
+__all__ = ["SavedCopy", "select", "install", "uninstall", "set_active", "copy_parameters", "unloaded_values", "COPY_ATTR", "ON_ATTR"]
 
 COPY_ATTR = "pet_mts_copy"      # the copy, a sub-cell of the original
 ON_ATTR = "pet_mts_on"          # True: the copy computes; False (disable_adapters): the original does
@@ -68,7 +68,10 @@ def select(net: nn.Cell, names: Sequence[str], adapted: Sequence[str]) -> List[T
     cells = [(path, cell) for path, cell in net.cells_and_names() if path]
     for entry in names:
         if not any(_name_matches(path, entry) for path, _ in cells):
-            close = nearest_names(entry, [path for path, _ in cells])
+            # entries are ends of paths: offer the ends of the net's paths ("dense1", "mlp.dense1", ...)
+            ends = dict.fromkeys(".".join(parts[i:]) for parts in (path.split(".") for path, _ in cells)
+                                 for i in range(len(parts)))
+            close = nearest_names(entry, list(ends))
             raise NoMatchError(f"modules_to_save entry {entry!r} matches no cell of {type(net).__name__} (a cell "
                                f"matches when its path ends with the entry)"
                                + (f"; nearest cell names: {close}" if close else ""))
@@ -144,6 +147,17 @@ def set_active(copies: List[SavedCopy], active: bool) -> bool:
             setattr(saved.cell, ON_ATTR, active)
             changed = True
     return changed
+
+
+def unloaded_values(copies: List[SavedCopy]) -> Dict[int, Parameter]:
+    """id(an original's parameter) -> its copy's parameter: what PEFT's ``merge_and_unload`` leaves in the
+    model (the copy in place of the original), for a merged full checkpoint."""
+    out: Dict[int, Parameter] = {}
+    for saved in copies:
+        own = dict(saved.cell.parameters_and_names())      # the original's own names ("weight"), not the copy's
+        for local, param in saved.copy.parameters_and_names():
+            out[id(own[local])] = param
+    return out
 
 
 def copy_parameters(copies: List[SavedCopy]) -> List[Parameter]:

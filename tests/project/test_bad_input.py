@@ -263,6 +263,12 @@ ROWS: List[Row] = [
     M("exclude-everything", {**CFG, "exclude_layers": ["blocks.*"]}, PetConfigError, "excludes all", "['blocks.*']"),
     M("freeze-exclude-matches-nothing", {**CFG, "freeze_exclude": ["no_such_param*"]}, ValueError,
       "freeze_exclude", "no_such_param*"),
+    # modules_to_save (branch i29_aux): a name that ends no cell's path; a bad type; a cell also adapted
+    M("modules-to-save-matches-nothing", {**CFG, "modules_to_save": ["dense9"]}, NoMatchError, "modules_to_save",
+      "'dense9'", "'dense1'"),
+    M("modules-to-save-int", {**CFG, "modules_to_save": [3]}, PetConfigTypeError, "modules_to_save", "[3]"),
+    M("modules-to-save-adapted", {**CFG, "modules_to_save": ["blocks.0.attention.dense1"]}, PetConfigError,
+      "modules_to_save", "'blocks.0.attention.dense1'", "also a target"),
     M("prefix-on-a-dense", {"pet_type": "prefixtuning", "target_modules": [".*dense1"]}, NoMatchError,
       ".*dense1"),
     M("embedding-dora", {**CFG, "target_modules": ".*embedding", "use_dora": True}, UnsupportedCellError, "'embedding'",
@@ -421,6 +427,8 @@ ROWS: List[Row] = [
       NoMatchError, "'.*wq' matches no cell"),
     N("add-freezing-base", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "freeze_exclude": ["*ln1*"]}),
       PetConfigError, "freeze_exclude", "['*ln1*']"),
+    N("add-modules-to-save", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "modules_to_save": ["head"]}),
+      PetConfigError, "modules_to_save", "['head']"),                 # modules_to_save (branch i29_aux)
     N("add-dora", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "use_dora": True}), PetConfigError,
       "use_dora"),
     N("add-pissa", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "init_lora_weights": "pissa"}),
@@ -676,6 +684,7 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "reuse_block_graphs", "chunked_loss", "fused_optimizer", "loraplus_lr_ratio", "pre_seq_len", "prefix_projection", "projection_dim",
         "dropout_rate", "dropout_prob", "prefix_token_num", "mid_dim", "feedforward_modules", "init_ia3_weights", "bottleneck_size", "non_linearity",
         "init_lora_weights", "use_dora",
+        "modules_to_save",                              # modules_to_save (branch i29_aux)
         "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2"]

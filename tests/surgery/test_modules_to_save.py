@@ -160,7 +160,7 @@ def test_inspect_lists_the_copies():
     report = inspect_net(ThreeLayers(), CFG)
     assert [row["path"] for row in report["copies"]] == ["down"]
     assert [p["name"] for p in report["copies"][0]["params"]] == [COPY + "weight", COPY + "bias"]
-    assert "modules_to_save (1 cells" in format_report(report)
+    assert "modules_to_save (1 cell(s)" in format_report(report)
 
 
 @pytest.mark.parametrize("entries, error, words", [
@@ -176,3 +176,14 @@ def test_bad_entries_leave_the_net_as_it_was(entries, error, words):
         assert word in str(info.value)
     assert get_state(net) is None and type(net.down) is nn.Dense and not hasattr(net.down, "pet_mts_copy")
     assert_params_equal(base, net)
+
+
+def test_merged_checkpoint_is_peft_merge_and_unload(mode, peft_run, tmp_path):
+    _, job, torch_out = peft_run
+    net = pet_hooks.apply(three_layers(job), CFG)
+    _set_values(net, job)
+    pet_hooks.save_merged_checkpoint(net, str(tmp_path / "merged.ckpt"))
+    plain = ThreeLayers()
+    assert not ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")))[0]
+    np.testing.assert_array_equal(plain.down.weight.asnumpy(), torch_out["unloaded.down.weight"])  # the copy
+    assert_close(plain(Tensor(job["x"])).asnumpy(), torch_out["unloaded"])
