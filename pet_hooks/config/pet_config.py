@@ -236,6 +236,10 @@ class LoraConfig(PetConfig):
     # A training setting, not part of the adapter (compare=False): see pet_hooks.training.loraplus.
     loraplus_lr_ratio: Optional[float] = field(default=None, compare=False, metadata={
         "help": "LoRA+: the rebuilt optimizer gives the B matrices lr x this ratio (PEFT's name)"})
+    # trainable_token_indices (PEFT's): pet_hooks.surgery.trainable_tokens. Part of the adapter (compared).
+    trainable_token_indices: Union[list, dict, None] = field(default=None, metadata={
+        "help": "train only these rows of an embedding (and of a head tied to it): a list of token ids (the "
+                "first embedding cell) or {cell name: ids} (a cell whose path ends with the name)"})
 
     _A_INITS: ClassVar[dict] = {"kaiming_uniform": "kaiming_uniform", "he_uniform": "kaiming_uniform",
                                 "heuniform": "kaiming_uniform", "normal": "normal"}
@@ -264,6 +268,8 @@ class LoraConfig(PetConfig):
         self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
         if self.compute_dtype is not None:
             self.compute_dtype = _dtype_name("compute_dtype", self.compute_dtype)
+        if self.trainable_token_indices is not None:       # trainable_token_indices
+            self.trainable_token_indices = _token_indices(self.trainable_token_indices)
         if self.loraplus_lr_ratio is not None:
             _check_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
             if self.loraplus_lr_ratio <= 0:
@@ -442,6 +448,29 @@ _KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lor
 
 
 _LORA_INITS = ("gaussian", "pissa", "olora")
+
+
+def _token_indices(value: Any) -> Union[list, dict]:
+    """trainable_token_indices: a non-empty list of distinct ints >= 0, or {non-empty name: such a list}."""
+    def ids(where: str, items: Any) -> list:
+        if not isinstance(items, (list, tuple)) or not items:
+            raise PetConfigTypeError(f"trainable_token_indices{where} must be a non-empty list of token ids, "
+                                     f"got {items!r}")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise PetConfigTypeError(f"trainable_token_indices{where}: token ids are ints, got {item!r}")
+            if item < 0:
+                raise PetConfigError(f"trainable_token_indices{where}: token id {item} is negative")
+        twice = sorted({i for i in items if list(items).count(i) > 1})
+        if twice:
+            raise PetConfigError(f"trainable_token_indices{where}: token id {twice[0]} is listed twice")
+        return list(items)
+
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) and k.strip() for k in value):
+            raise PetConfigTypeError(f"trainable_token_indices must map cell names to token ids, got {value!r}")
+        return {key: ids(f"[{key!r}]", items) for key, items in value.items()}
+    return ids("", value)
 
 
 def _init_lora_weights(value: Any) -> Union[bool, str]:

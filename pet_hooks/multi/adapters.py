@@ -153,6 +153,9 @@ def _refuse_single_only(configs) -> None:
         if lora_init.mutates_base(cfg):
             raise PetConfigError(f"add_adapter: {who} uses init_lora_weights={cfg.init_lora_weights!r}, which "
                                  f"replaces the base weights by its residual; it keeps one adapter per net")
+        if getattr(cfg, "trainable_token_indices", None) is not None:     # config trainable_token_indices
+            raise PetConfigError(f"add_adapter: {who} has trainable_token_indices, whose rows pet_hooks keeps for "
+                                 f"one adapter per net (not yet switched with set_adapter)")
         if getattr(cfg, "modules_to_save", None):    # config modules_to_save: its copies follow one adapter
             raise PetConfigError(f"add_adapter: {who} has modules_to_save {cfg.modules_to_save!r}, whose copies "
                                  f"pet_hooks keeps for one adapter per net (not yet switched with set_adapter)")
