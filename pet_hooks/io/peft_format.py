@@ -42,7 +42,7 @@ from ..config.pet_config import load_config
 from ..errors import AdapterFileError, PetConfigError, PetStateError
 from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_safetensors, to_numpy, write_bytes
 from .loading import load_tensors
-from . import fused, saved_copies
+from . import fused, saved_copies, token_rows
 from ..matching.name_maps import NAME_MAPS, MapFn, NameMapSpec, fused_parts, register_name_map, resolve_name_map
 from ..surgery.core import DEFAULT_ADAPTER, get_state
 
@@ -165,6 +165,9 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
     doc.update(tuner.peft.module_fields(state.injections, mapped, doc["target_modules"]))
     copy_tensors, doc["modules_to_save"] = saved_copies.peft_tensors(state, fn, label, PEFT_PREFIX, net)
     tensors.update(copy_tensors)                        # config modules_to_save: the copies, PEFT's keys
+    if state.tokens:                                    # config trainable_token_indices: the rows, PEFT's keys
+        token_tensors, doc["trainable_token_indices"] = token_rows.peft_tensors(state, fn, label, PEFT_PREFIX, net)
+        tensors.update(token_tensors)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
@@ -175,7 +178,7 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
 # ----------------------------------------------------------------------------- loading
 _UNSUPPORTED = (("bias", ("none", None)), ("rank_pattern", ({}, None)),
                 ("alpha_pattern", ({}, None)), ("layers_to_transform", (None,)),
-                ("layer_replication", (None,)), ("trainable_token_indices", (None,)),
+                ("layer_replication", (None,)),
                 ("target_parameters", (None, [])))
 
 
@@ -339,6 +342,7 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     # config modules_to_save: the copies' keys apart first (pet_hooks.io.saved_copies)
     copy_modules, rest = saved_copies.split_keys(read_safetensors(weights_path), doc.get("modules_to_save"),
                                                  PEFT_PREFIX, weights_path)
+    token_deltas, rest = token_rows.split_keys(rest, PEFT_PREFIX)   # config trainable_token_indices
     modules, copies = _modules_of(rest, weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
@@ -352,12 +356,16 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     copy_adapter = adapter_name or (state.active[0] if state is not None else DEFAULT_ADAPTER)
     copy_tensors, copy_paths = saved_copies.our_tensors(net, copy_modules, spec, copy_adapter, weights_path)
     tensors.update(copy_tensors)
+    token_tensors, token_indices = token_rows.our_tensors(net, token_deltas, doc, spec, weights_path, config_path)
+    tensors.update(token_tensors)
     if cfg is not None and (state is None or fresh):
         target = load_config(cfg)
     elif state is None or fresh:
-        target = saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths)
+        target = token_rows.with_tokens(saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths),
+                                        token_indices)
     elif hotswap:         # the file's own config: load_tensors checks that it fits the adapter
-        target = saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths)
+        target = token_rows.with_tokens(saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths),
+                                        token_indices)
     else:
         reason = tuner.peft.mismatch(doc, config_path, type(net).__name__, state.config)
         if reason is not None:

@@ -77,6 +77,7 @@ class TokenRows:
     heads: List[Tuple[str, nn.Cell]] = field(default_factory=list)
     classes: Dict[int, type] = field(default_factory=dict)     # id(cell) -> its class before
     delta: Optional[Parameter] = None
+    table: Optional[Parameter] = None                           # the embedding's table (never written)
 
 
 def _table_attr(cell: nn.Cell) -> Optional[str]:
@@ -151,7 +152,7 @@ def select(net: nn.Cell, spec, adapted: Sequence[str], copied: Sequence[str]) ->
                                          f"whole cell or some of its rows, not both")
         if any(r.path == path for r in chosen):
             raise PetConfigError(f"trainable_token_indices names '{path}' twice")
-        chosen.append(TokenRows(path, cell, indices, heads))
+        chosen.append(TokenRows(path, cell, indices, heads, table=table_of(cell)))
     return chosen
 
 
@@ -160,7 +161,7 @@ def install(chosen: List[TokenRows]) -> List[TokenRows]:
     done: List[TokenRows] = []
     try:
         for rows in chosen:
-            table = table_of(rows.cell)
+            table = rows.table
             vocab = int(table.shape[0])
             index = np.asarray(rows.indices, np.int64)
             slot = np.zeros(vocab, np.int32)
@@ -218,7 +219,7 @@ def unloaded_values(chosen: List[TokenRows]) -> Dict[int, Tensor]:
     """id(table) -> the table with the listed rows replaced: what PEFT's ``merge_and_unload`` leaves."""
     out = {}
     for rows in chosen:
-        table = table_of(rows.cell)
+        table = rows.table
         value = table.asnumpy().copy() if table.dtype != ms.bfloat16 else None
         if value is None:
             raise PetConfigError(f"a merged checkpoint of the bfloat16 table of '{rows.path}' is not supported")
