@@ -27,7 +27,8 @@ from ..errors import NoMatchError, PetConfigError, UnsupportedCellError
 from ..matching.cells import nearest_names
 from ..tuners.common import patched_class, strip_attrs
 
-__all__ = ["SavedCopy", "select", "install", "uninstall", "set_active", "copy_parameters", "unloaded_values", "COPY_ATTR", "ON_ATTR"]
+__all__ = ["SavedCopy", "select", "install", "uninstall", "set_active", "copy_parameters", "unloaded_values",
+           "COPY_ATTR", "ON_ATTR"]
 
 COPY_ATTR = "pet_mts_copy"      # the copy, a sub-cell of the original
 ON_ATTR = "pet_mts_on"          # True: the copy computes; False (disable_adapters): the original does

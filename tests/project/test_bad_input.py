@@ -269,6 +269,20 @@ ROWS: List[Row] = [
     M("modules-to-save-int", {**CFG, "modules_to_save": [3]}, PetConfigTypeError, "modules_to_save", "[3]"),
     M("modules-to-save-adapted", {**CFG, "modules_to_save": ["blocks.0.attention.dense1"]}, PetConfigError,
       "modules_to_save", "'blocks.0.attention.dense1'", "also a target"),
+    # trainable_token_indices (branch i29_aux): past the vocabulary (256 rows), negative, twice, not ints, a bad key
+    M("tokens-past-vocabulary", {**CFG, "trainable_token_indices": [5, 300]}, PetConfigError,
+      "trainable_token_indices", "index 300", "vocabulary size 256", "'embedding'"),
+    M("tokens-negative", {**CFG, "trainable_token_indices": [-1]}, PetConfigError, "trainable_token_indices", "-1"),
+    M("tokens-twice", {**CFG, "trainable_token_indices": [4, 4]}, PetConfigError, "trainable_token_indices",
+      "listed twice"),
+    M("tokens-str", {**CFG, "trainable_token_indices": ["a"]}, PetConfigTypeError, "trainable_token_indices", "'a'"),
+    M("tokens-empty", {**CFG, "trainable_token_indices": []}, PetConfigTypeError, "trainable_token_indices", "[]"),
+    M("tokens-key-matches-nothing", {**CFG, "trainable_token_indices": {"tok_embeddings": [1]}}, NoMatchError,
+      "trainable_token_indices", "'tok_embeddings'"),
+    M("tokens-key-not-embedding", {**CFG, "trainable_token_indices": {"head": [1]}}, UnsupportedCellError,
+      "trainable_token_indices", "'head'", "not an embedding"),
+    M("tokens-and-lora-on-embedding", {**CFG, "target_modules": ".*dense1|embedding", "trainable_token_indices": [1]},
+      PetConfigError, "trainable_token_indices", "'embedding'", "also a target"),
     M("prefix-on-a-dense", {"pet_type": "prefixtuning", "target_modules": [".*dense1"]}, NoMatchError,
       ".*dense1"),
     M("embedding-dora", {**CFG, "target_modules": ".*embedding", "use_dora": True}, UnsupportedCellError, "'embedding'",
@@ -429,6 +443,8 @@ ROWS: List[Row] = [
       PetConfigError, "freeze_exclude", "['*ln1*']"),
     N("add-modules-to-save", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "modules_to_save": ["head"]}),
       PetConfigError, "modules_to_save", "['head']"),                 # modules_to_save (branch i29_aux)
+    N("add-trainable-tokens", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "trainable_token_indices": [1]}),
+      PetConfigError, "trainable_token_indices"),                   # trainable_token_indices (branch i29_aux)
     N("add-dora", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "use_dora": True}), PetConfigError,
       "use_dora"),
     N("add-pissa", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "init_lora_weights": "pissa"}),
@@ -684,7 +700,7 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "reuse_block_graphs", "chunked_loss", "fused_optimizer", "loraplus_lr_ratio", "pre_seq_len", "prefix_projection", "projection_dim",
         "dropout_rate", "dropout_prob", "prefix_token_num", "mid_dim", "feedforward_modules", "init_ia3_weights", "bottleneck_size", "non_linearity",
         "init_lora_weights", "use_dora",
-        "modules_to_save",                              # modules_to_save (branch i29_aux)
+        "modules_to_save", "trainable_token_indices",   # modules_to_save, trainable_token_indices (branch i29_aux)
         "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2"]

@@ -211,3 +211,13 @@ def test_bad_specs_leave_the_net_as_it_was(spec, error, words):
         assert word in str(info.value)
     assert get_state(net) is None and type(net.embedding) is nn.Embedding
     assert_params_equal(before, net)
+
+
+def test_inspect_lists_the_rows():
+    from pet_hooks.cli.inspection import format_report, inspect_net
+    report = inspect_net(_gpt(True), {"pet_type": "lora", "target_modules": ".*dense1",
+                                      "trainable_token_indices": [4, 9]})
+    assert report["token_rows"] == [{"path": "embedding", "type": "Embedding", "indices": [4, 9],
+                                     "delta": "embedding.token_adapter.trainable_tokens_delta", "shape": [2, 16],
+                                     "tied": ["head"]}]
+    assert "trainable_token_indices (1 embedding(s)" in format_report(report)
