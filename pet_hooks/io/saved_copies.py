@@ -12,6 +12,7 @@ names otherwise (MindFormers' ``embedding_weight``) reads as a missing tensor, a
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,7 +25,7 @@ from ..matching.name_maps import MapFn, NameMapSpec, resolve_name_map
 from ..surgery.core import PetState
 from ..utils.files import to_numpy
 
-__all__ = ["peft_tensors", "split_keys", "our_tensors", "with_copies"]
+__all__ = ["peft_tensors", "split_keys", "our_tensors", "with_copies", "align_adapter_names"]
 
 _INFIX = ".modules_to_save."
 
@@ -93,3 +94,21 @@ def our_tensors(net: nn.Cell, copies: Mapping[str, Mapping[str, np.ndarray]], sp
 def with_copies(cfg: PetConfig, paths: List[str]) -> PetConfig:
     """``cfg`` with ``modules_to_save`` naming the copied cells by their full paths (None without copies)."""
     return dataclasses.replace(cfg, modules_to_save=list(paths) or None)
+
+
+_COPY_NAME = re.compile(r"(.+)" + re.escape(_INFIX) + r"([^.]+)\.(.+)")
+
+
+def align_adapter_names(tensors: Mapping[str, np.ndarray], names) -> Dict[str, np.ndarray]:
+    """A file's copy tensors renamed to the net's adapter name (``<path>.modules_to_save.<adapter>.<param>``):
+    a native file saved as adapter ``default`` loads as adapter ``b`` too, as PEFT's files (no adapter name) do."""
+    wanted = {}
+    for name in names:
+        found = _COPY_NAME.fullmatch(name)
+        if found:
+            wanted[(found.group(1), found.group(3))] = name
+    out = {}
+    for key, value in tensors.items():
+        found = _COPY_NAME.fullmatch(key) if key not in wanted.values() else None
+        out[wanted.get((found.group(1), found.group(3)), key) if found else key] = value
+    return out

@@ -187,3 +187,15 @@ def test_merged_checkpoint_is_peft_merge_and_unload(mode, peft_run, tmp_path):
     assert not ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")))[0]
     np.testing.assert_array_equal(plain.down.weight.asnumpy(), torch_out["unloaded.down.weight"])  # the copy
     assert_close(plain(Tensor(job["x"])).asnumpy(), torch_out["unloaded"])
+
+
+def test_a_native_file_loads_under_another_adapter_name(tmp_path):
+    job = _job()
+    net = pet_hooks.apply(three_layers(job), CFG)
+    _set_values(net, job)
+    x = Tensor(job["x"])
+    pet_hooks.save_adapter(net, tmp_path / "a")
+    other = pet_hooks.load_adapter(three_layers(job), tmp_path / "a", adapter_name="b")
+    copy = {p.name: p for p in pet_hooks.delta_parameters(other)}["down.modules_to_save.b.weight"]
+    np.testing.assert_array_equal(copy.asnumpy(), job["copy.weight"])
+    np.testing.assert_array_equal(other(x).asnumpy(), net(x).asnumpy())
