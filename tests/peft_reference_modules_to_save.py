@@ -1,6 +1,6 @@
 """The PyTorch side of tests/surgery/test_modules_to_save.py, run in its own process (torch and MindSpore apart).
 
-    python tests/peft_reference_modules_to_save.py WORK_DIR
+    python tests/peft_reference_modules_to_save.py WORK_DIR [llama]
 
 Reads ``WORK_DIR/job.npz``: the weights of the three-layer net of tests/nets.py (``k``: 6 -> 10, ``v``:
 10 -> 8, ``down``: 8 -> 4, torch ``Linear`` [out, in], relu between), the input ``x``, the upstream gradient
@@ -13,7 +13,10 @@ PEFT's trainable copy of ``down`` (``modules_to_save=["down"]``). Writes ``WORK_
   ``merge_and_unload()``'s model, and ``unloaded.down.weight``: its ``down`` weight;
 - ``ours``: the output with pet_hooks' PEFT-format adapter ``WORK_DIR/ours`` read by ``PeftModel.from_pretrained``;
 - PEFT's own adapter in ``WORK_DIR/theirs`` (``save_pretrained``), and ``keys``: its tensor names, sorted.
+
+With ``llama``: a tiny Llama through the ``llama`` name map instead (see :func:`llama`).
 """
+import json
 import os
 import sys
 
@@ -87,5 +90,32 @@ def main(work):
     np.savez(os.path.join(work, "torch.npz"), **result)
 
 
+def llama(work):
+    """A tiny untied ``transformers`` Llama (``llama.json``: its geometry; ``llama.npz``: ``w.<name>`` weights,
+    ``ids``, ``copy``: the values of the copy of ``model.norm``). Writes ``llama_torch.npz``: ``ours`` (pet_hooks'
+    ``WORK_DIR/llama_ours``, ``modules_to_save`` of ``model.norm`` and LoRA on q_proj, read by PEFT), ``theirs``
+    (PEFT's own LoRA on q_proj with ``modules_to_save=["norm"]``, the copy set to ``copy``, saved to
+    ``WORK_DIR/llama_theirs``), ``base``."""
+    from peft_reference_tokens import build
+    spec = json.load(open(os.path.join(work, "llama.json"), encoding="utf-8"))
+    job = dict(np.load(os.path.join(work, "llama.npz")))
+    weights = {k[len("w."):]: v for k, v in job.items() if k.startswith("w.")}
+    ids = torch.tensor(job["ids"].astype(np.int64))
+    out = {}
+    with torch.no_grad():
+        out["base"] = build(spec, weights)(ids).logits.numpy()
+        out["ours"] = PeftModel.from_pretrained(build(spec, weights), os.path.join(work, "llama_ours")).eval()(
+            ids).logits.numpy()
+        theirs = get_peft_model(build(spec, weights), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                                 modules_to_save=["norm"])).eval()
+        theirs.base_model.model.model.norm.modules_to_save["default"].weight.copy_(torch.tensor(job["copy"]))
+        out["theirs"] = theirs(ids).logits.numpy()
+        theirs.save_pretrained(os.path.join(work, "llama_theirs"))
+    np.savez(os.path.join(work, "llama_torch.npz"), **out)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["llama"]:
+        llama(sys.argv[1])
+    else:
+        main(sys.argv[1])

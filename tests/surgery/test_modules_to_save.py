@@ -10,6 +10,7 @@ trip, ``inspect``, and the errors.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -199,3 +200,45 @@ def test_a_native_file_loads_under_another_adapter_name(tmp_path):
     copy = {p.name: p for p in pet_hooks.delta_parameters(other)}["down.modules_to_save.b.weight"]
     np.testing.assert_array_equal(copy.asnumpy(), job["copy.weight"])
     np.testing.assert_array_equal(other(x).asnumpy(), net(x).asnumpy())
+
+
+@pytest.mark.slow
+def test_llama_norm_copy_through_the_llama_name_map_both_ways(tmp_path):
+    """A copy of MindFormers Llama's ``model.norm_out`` is PEFT's copy of ``model.norm`` (name map ``llama``):
+    PEFT reads pet_hooks' file and pet_hooks PEFT's, the same logits as transformers + PEFT."""
+    pytest.importorskip("mindformers")
+    if not HAS_TORCH_PEFT:
+        pytest.skip("torch, transformers and peft are not all installed")
+    from tests.io.test_peft_format import hf_name
+    from tests.tuners.test_lora_embedding import _llama, _llama_ids
+    net = _llama(False)
+    config = net.config
+    spec = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                            "num_heads", "rms_norm_eps", "theta", "seq_length")}
+    copy = (1 + np.random.default_rng(3).standard_normal(32) * 0.3).astype(np.float32)
+    (tmp_path / "llama.json").write_text(json.dumps({**spec, "tied": False}))
+    np.savez(tmp_path / "llama.npz", ids=_llama_ids(), copy=copy,
+             **{f"w.{hf_name(p.name)}": p.asnumpy() for p in net.get_parameters()})
+    pet_hooks.apply(net, {"pet_type": "lora", "lora_rank": 2, "lora_alpha": 4, "target_modules": ".*wq",
+                          "modules_to_save": ["norm_out"]})
+    {p.name: p for p in pet_hooks.delta_parameters(net)}["model.norm_out.modules_to_save.default.weight"].set_data(
+        Tensor(copy))
+    pet_hooks.save_adapter(net, tmp_path / "llama_ours", format="peft", name_map="llama")
+    doc = json.loads((tmp_path / "llama_ours" / "adapter_config.json").read_text())
+    assert doc["modules_to_save"] == ["model.norm"]
+    assert "base_model.model.model.norm.weight" in load_file(tmp_path / "llama_ours" / "adapter_model.safetensors")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_modules_to_save.py"), str(tmp_path),
+                          "llama"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    theirs = dict(np.load(tmp_path / "llama_torch.npz"))
+    net.set_train(False)
+    ours = net(Tensor(_llama_ids()))[0].asnumpy()
+    assert np.abs(ours - theirs["base"].reshape(ours.shape)).max() > 1e-2      # the copy changed the logits
+    assert_close(ours, theirs["ours"].reshape(ours.shape))
+    fresh = pet_hooks.load_adapter(_llama(False), tmp_path / "llama_theirs")
+    # PEFT's "norm" ends every norm's name (input_layernorm, ...): PEFT copied all five, and so does pet_hooks
+    assert get_state(fresh).config.modules_to_save == ["model.layers.0.attention_norm", "model.layers.0.ffn_norm",
+                                                       "model.layers.1.attention_norm", "model.layers.1.ffn_norm",
+                                                       "model.norm_out"]
+    fresh.set_train(False)
+    assert_close(fresh(Tensor(_llama_ids()))[0].asnumpy(), theirs["theirs"].reshape(ours.shape))
