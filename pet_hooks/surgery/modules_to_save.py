@@ -35,12 +35,12 @@ ON_ATTR = "pet_mts_on"          # True: the copy computes; False (disable_adapte
 
 
 class ModulesToSaveMixin:
-    """The copy computes in place of the cell while ``pet_mts_on``; positional arguments only."""
+    """The copy computes in place of the cell while ``pet_mts_on``, called as the cell was."""
 
-    def construct(self, *args):
+    def construct(self, *args, **kwargs):
         if self.pet_mts_on:
-            return self.pet_mts_copy(*args)
-        return self.pet_base_construct(*args)
+            return self.pet_mts_copy(*args, **kwargs)
+        return self.pet_base_construct(*args, **kwargs)
 
 
 @dataclass

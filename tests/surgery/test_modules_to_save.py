@@ -242,3 +242,41 @@ def test_llama_norm_copy_through_the_llama_name_map_both_ways(tmp_path):
                                                        "model.norm_out"]
     fresh.set_train(False)
     assert_close(fresh(Tensor(_llama_ids()))[0].asnumpy(), theirs["theirs"].reshape(ours.shape))
+
+
+class _Scaled(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.d = nn.Dense(3, 3)
+
+    def construct(self, x, scale=None):
+        y = self.d(x)
+        if scale is not None:
+            y = y * scale
+        return y
+
+
+class _CallsWithKeywords(nn.Cell):
+    """A parent calling the copied cell with a keyword argument, and without."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _Scaled()
+        self.other = nn.Dense(3, 3)
+
+    def construct(self, x):
+        return self.other(self.inner(x, scale=2.0) + self.inner(x))
+
+
+def test_a_copy_called_with_keywords_computes_as_the_cell_with_its_values(mode):
+    ms.set_seed(1)
+    net, reference = _CallsWithKeywords(), _CallsWithKeywords()
+    for mine, theirs in zip(net.get_parameters(), reference.get_parameters()):
+        theirs.set_data(mine.value())
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32))
+    pet_hooks.apply(net, {"pet_type": "lora", "target_modules": ["other"], "modules_to_save": ["inner"]})
+    values = (np.random.default_rng(1).standard_normal((3, 3))).astype(np.float32)
+    {p.name: p for p in pet_hooks.delta_parameters(net)}["inner.modules_to_save.default.d.weight"].set_data(
+        Tensor(values))
+    reference.inner.d.weight.set_data(Tensor(values))
+    np.testing.assert_array_equal(net(x).asnumpy(), reference(x).asnumpy())
