@@ -280,3 +280,31 @@ def test_a_copy_called_with_keywords_computes_as_the_cell_with_its_values(mode):
         Tensor(values))
     reference.inner.d.weight.set_data(Tensor(values))
     np.testing.assert_array_equal(net(x).asnumpy(), reference(x).asnumpy())
+
+
+def test_every_method_takes_it_and_ia3_files_hold_it(tmp_path):
+    """On the base config: every registered method copies ``ln_f`` of the sample GPT, trains the copy, keeps the
+    original frozen, and remove gives the net back bit for bit; IA3's PEFT files (PEFT's IA3Config has the
+    field too) hold the copy and read back to the same output."""
+    from samples.tiny_gpt import build
+    from tests.conftest import SMALL
+    from tests.project.test_bad_input import VALID
+    ids = Tensor(np.arange(8, dtype=np.int32).reshape(1, 8))
+    for method, block in sorted(VALID.items()):
+        net = build(seed=1, **SMALL)
+        base, base_out = snapshot(net), net(ids).asnumpy()
+        pet_hooks.apply(net, {**block, "modules_to_save": ["ln_f"]})
+        trainable = {p.name for p in net.trainable_params()}
+        assert {"ln_f.modules_to_save.default.gamma", "ln_f.modules_to_save.default.beta"} <= trainable, method
+        assert not {"ln_f.gamma", "ln_f.beta"} & trainable, method
+        if method == "ia3":
+            copy = {p.name: p for p in pet_hooks.delta_parameters(net)}["ln_f.modules_to_save.default.gamma"]
+            copy.set_data(copy * 1.5)
+            out = net(ids).asnumpy()
+            pet_hooks.save_adapter(net, tmp_path / "ia3", format="peft")
+            assert json.loads((tmp_path / "ia3" / "adapter_config.json").read_text())["modules_to_save"] == ["ln_f"]
+            fresh = pet_hooks.load_adapter(build(seed=1, **SMALL), tmp_path / "ia3")
+            np.testing.assert_array_equal(fresh(ids).asnumpy(), out)
+        pet_hooks.remove(net)
+        assert_params_equal(base, net)
+        np.testing.assert_array_equal(net(ids).asnumpy(), base_out, err_msg=method)
