@@ -97,8 +97,10 @@ def select(net: nn.Cell, names: Sequence[str], adapted: Sequence[str]) -> List[T
 def _clone(cell: nn.Cell) -> Tuple[nn.Cell, List[Tuple[str, Parameter]]]:
     """A copy of ``cell`` whose parameters are new Parameters holding the original's values (bit for bit),
     trainable: (the copy, [(dotted name inside the cell, parameter)])."""
-    duplicate = copy.deepcopy(cell)
     originals = dict(cell.parameters_and_names())
+    # the parameters are not deep-copied (the memo hands back the originals): each is replaced by its clone
+    # below, so a large table (a head tied to the embedding) is not held three times on the way
+    duplicate = copy.deepcopy(cell, {id(param): param for param in originals.values()})
     params = []
     for local in list(dict(duplicate.parameters_and_names())):
         owner_path, _, leaf = local.rpartition(".")
