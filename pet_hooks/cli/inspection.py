@@ -108,6 +108,8 @@ def inspect_net(net: nn.Cell, cfg) -> Dict[str, Any]:
         "model": _type_name(type(net)), "pet_type": config.pet_type, "config": config.to_dict(),
         "patterns": _pattern_rows(getattr(config, "target_modules", None), cells, adaptable, skipped["linear"]),
         "matched": [], "shared": [], "near_misses": [], "unreached": [], "error": None, "kept": [],
+        "copies": [],                                   # config modules_to_save: the copied cells
+        "token_rows": [],                               # config trainable_token_indices: the embeddings
     }
     applied_here = get_state(net) is None
     try:
@@ -192,6 +194,16 @@ def _fill(report: Dict[str, Any], state, net: nn.Cell, cells, adaptable: List[st
     report["shared"] = [{"name": name, "shape": shape} for name, shape in shared.items()]
     # base parameters that train with the adapter and are saved with it (freeze_exclude, LoRA's bias)
     report["kept"] = [{"name": param.name, "shape": list(param.shape)} for param in state.kept]
+    for saved in state.copies:                          # config modules_to_save
+        report["copies"].append({"path": saved.path, "type": saved.original_class.__name__,
+                                 "params": [{"name": p.name, "shape": list(p.shape)} for p in saved.params]})
+        matched_paths.add(saved.path)
+    for rows in state.tokens:                           # config trainable_token_indices
+        kind = rows.classes.get(id(rows.cell), type(rows.cell)).__name__
+        report["token_rows"].append({"path": rows.path, "type": kind, "indices": list(rows.indices),
+                                     "delta": rows.delta.name, "shape": list(rows.delta.shape),
+                                     "tied": [head for head, _ in rows.heads]})
+        matched_paths.add(rows.path)
     adaptable_set = set(adaptable)
     for path, cell in cells:
         if path in matched_paths or any(path.startswith(p + ".") for p in matched_paths):
@@ -302,6 +314,19 @@ def format_report(report: Dict[str, Any]) -> str:
         if flagged:
             lines += ["", f"warning: {len(flagged)} matched cell(s) are never called, so they would train nothing"]
             lines += [f"  {cell['path']}: {cell['unreached']}" for cell in flagged]
+    if report.get("copies"):                            # config modules_to_save
+        rows = [["path", "type", "trainable copy"]]
+        for cell in report["copies"]:
+            rows.append([cell["path"], cell["type"], ", ".join(f"{d['name']} {_shape(d['shape'])}" for d in cell["params"])])
+        lines += ["", f"modules_to_save ({len(report['copies'])} cell(s): a trainable copy each, the original frozen)"]
+        lines += _table(rows)
+    if report.get("token_rows"):                        # config trainable_token_indices
+        rows = [["path", "type", "token ids", "delta", "tied heads"]]
+        for cell in report["token_rows"]:
+            rows.append([cell["path"], cell["type"], ", ".join(map(str, cell["indices"])),
+                         f"{cell['delta']} {_shape(cell['shape'])}", ", ".join(cell["tied"]) or "-"])
+        lines += ["", f"trainable_token_indices ({len(report['token_rows'])} embedding(s): only these rows train, "
+                      f"the table stays as it is)"] + _table(rows)
     if report["shared"]:
         lines += ["", "shared delta parameters"] + _table(
             [["name", "shape"]] + [[d["name"], _shape(d["shape"])] for d in report["shared"]])

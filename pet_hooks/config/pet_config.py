@@ -182,6 +182,11 @@ class PetConfig:
         "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter or low_rank_adapter"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
+    # modules_to_save (PEFT's, on every PEFT config): a trainable copy of each named cell, saved with the adapter;
+    # the original stays frozen and untouched (pet_hooks.surgery.modules_to_save). Part of the adapter (compared).
+    modules_to_save: Optional[list] = field(default=None, metadata={
+        "help": "cell names (PEFT's: a cell whose path ends with an entry); each gets a trainable copy, saved "
+                "with the adapter, the original kept frozen (freeze_exclude trains the original in place)"})
     # model_config values (num_layers, kv_channels, ...) found beside a pet_config block.
     model_hints: dict = field(default_factory=dict, repr=False, compare=False,
                               metadata={"help": "model_config values found next to the pet_config block"})
@@ -216,6 +221,12 @@ class PetConfig:
                 if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
                     raise PetConfigTypeError(f"{name} must be a list of non-empty strings, got {value!r}")
                 setattr(self, name, list(value))
+        if self.modules_to_save is not None:         # modules_to_save: a list of non-empty names (PEFT's)
+            names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
+            if not isinstance(names, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in names):
+                raise PetConfigTypeError(f"modules_to_save must be a list of non-empty cell names, "
+                                         f"got {self.modules_to_save!r}")
+            self.modules_to_save = list(dict.fromkeys(names)) or None
         if not isinstance(self.model_hints, dict):
             raise PetConfigTypeError(f"model_hints must be a mapping, got {self.model_hints!r}")
         if self.seed is not None:
@@ -301,6 +312,10 @@ class LoraConfig(PetConfig):
     bias: str = field(default="none", metadata={
         "help": "none | all (every base parameter named bias or *.bias trains) | lora_only (the base biases of "
                 "the adapted layers train); the trained biases are saved with the adapter (PEFT's bias)"})
+    # trainable_token_indices (PEFT's): pet_hooks.surgery.trainable_tokens. Part of the adapter (compared).
+    trainable_token_indices: Union[list, dict, None] = field(default=None, metadata={
+        "help": "train only these rows of an embedding (and of a head tied to it): a list of token ids (the "
+                "first embedding cell) or {cell name: ids} (a cell whose path ends with the name)"})
 
     _A_INITS: ClassVar[dict] = {"kaiming_uniform": "kaiming_uniform", "he_uniform": "kaiming_uniform",
                                 "heuniform": "kaiming_uniform", "normal": "normal"}
@@ -332,6 +347,8 @@ class LoraConfig(PetConfig):
         self.param_init_type = _dtype_name("param_init_type", self.param_init_type)
         if self.compute_dtype is not None:
             self.compute_dtype = _dtype_name("compute_dtype", self.compute_dtype)
+        if self.trainable_token_indices is not None:       # trainable_token_indices
+            self.trainable_token_indices = _token_indices(self.trainable_token_indices)
         if self.loraplus_lr_ratio is not None:
             _check_number("loraplus_lr_ratio", self.loraplus_lr_ratio)
             if self.loraplus_lr_ratio <= 0:
@@ -544,6 +561,29 @@ _KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lor
 
 
 _LORA_INITS = ("gaussian", "pissa", "olora")
+
+
+def _token_indices(value: Any) -> Union[list, dict]:
+    """trainable_token_indices: a non-empty list of distinct ints >= 0, or {non-empty name: such a list}."""
+    def ids(where: str, items: Any) -> list:
+        if not isinstance(items, (list, tuple)) or not items:
+            raise PetConfigTypeError(f"trainable_token_indices{where} must be a non-empty list of token ids, "
+                                     f"got {items!r}")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise PetConfigTypeError(f"trainable_token_indices{where}: token ids are ints, got {item!r}")
+            if item < 0:
+                raise PetConfigError(f"trainable_token_indices{where}: token id {item} is negative")
+        twice = sorted({i for i in items if list(items).count(i) > 1})
+        if twice:
+            raise PetConfigError(f"trainable_token_indices{where}: token id {twice[0]} is listed twice")
+        return list(items)
+
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) and k.strip() for k in value):
+            raise PetConfigTypeError(f"trainable_token_indices must map cell names to token ids, got {value!r}")
+        return {key: ids(f"[{key!r}]", items) for key, items in value.items()}
+    return ids("", value)
 
 
 def _init_lora_weights(value: Any) -> Union[bool, str]:

@@ -19,6 +19,7 @@ from ..utils import ms_compat as _ms_compat
 from ..errors import AdapterFileError, PetConfigError, PetStateError
 from ..multi.adapters import add_adapter, check_hotswap_config, delete_adapter, focused, rescale_adapter
 from ..surgery.core import all_delta_parameters, apply, get_state, remove, saved_parameters
+from . import saved_copies
 
 __all__ = ["load_tensors"]
 
@@ -49,6 +50,7 @@ def _check_fit(net: nn.Cell, tensors: Dict[str, np.ndarray], path: str, *, delta
     params = {p.name: p for p in (all_delta_parameters(net) if deltas_only else saved_parameters(net))}
     if deltas_only:
         tensors = _aligned(params, tensors)
+    tensors = saved_copies.align_adapter_names(tensors, params)     # modules_to_save: the adapter's own name
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise AdapterFileError(f"{path} has no tensor for parameter(s) {missing[:5]}"

@@ -21,6 +21,7 @@ from mindspore.common import dtype as mstype
 
 from ..errors import AdapterFileError, PetStateError
 from ..utils.files import read_safetensors
+from ..surgery import modules_to_save, trainable_tokens
 from ..surgery.core import all_delta_parameters, get_state, refuse_tied, switch_parameters
 from ..tuners import all_tuners
 
@@ -82,6 +83,9 @@ def save_merged_checkpoint(net: nn.Cell, path: str) -> str:
             for weight, delta in state.tuner.weight_deltas(injection):
                 value = weight.astype(mstype.float32).asnumpy() + delta
                 merged[id(weight)] = ms.Tensor(value, mstype.float32).astype(weight.dtype)
+    # config modules_to_save: the trained copy in place of its original, as PEFT's merge_and_unload leaves it
+    merged.update((key, copy.data) for key, copy in modules_to_save.unloaded_values(state.copies).items())
+    merged.update(trainable_tokens.unloaded_values(state.tokens))      # trainable_token_indices: rows replaced
     entries = [{"name": p.name, "data": merged.get(id(p), p.data)}
                for p in net.get_parameters() if id(p) not in deltas]
     directory = os.path.dirname(os.path.abspath(path))

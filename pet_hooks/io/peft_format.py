@@ -42,9 +42,9 @@ from ..config.pet_config import load_config
 from ..errors import AdapterFileError, PetConfigError, PetStateError
 from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_safetensors, to_numpy, write_bytes
 from .loading import load_tensors
-from . import fused
+from . import fused, saved_copies, token_rows
 from ..matching.name_maps import NAME_MAPS, MapFn, NameMapSpec, fused_parts, register_name_map, resolve_name_map
-from ..surgery.core import get_state, state_owner
+from ..surgery.core import DEFAULT_ADAPTER, get_state, state_owner
 
 logger = logging.getLogger("pet_hooks")
 from ..tuners import Tuner, all_tuners, peft_tuner
@@ -164,6 +164,11 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
         "task_type": task_type, **_PEFT_DEFAULTS.get(tuner.peft.peft_type, {}), **tuner.peft.fields(state.config),
     }
     doc.update(tuner.peft.module_fields(state.injections, mapped, doc["target_modules"], cfg=state.config))
+    copy_tensors, doc["modules_to_save"] = saved_copies.peft_tensors(state, fn, label, PEFT_PREFIX, net)
+    tensors.update(copy_tensors)                        # config modules_to_save: the copies, PEFT's keys
+    if state.tokens:                                    # config trainable_token_indices: the rows, PEFT's keys
+        token_tensors, doc["trainable_token_indices"] = token_rows.peft_tensors(state, fn, label, PEFT_PREFIX, net)
+        tensors.update(token_tensors)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_bytes(os.path.join(directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
@@ -243,8 +248,7 @@ def _bias_names(net: nn.Cell, biases: Mapping[str, tuple], ours: Mapping[str, st
 # ----------------------------------------------------------------------------- loading
 # layers_to_transform / layers_pattern / exclude_modules / "all-linear" (issue 29) are read: the file's modules
 # are exactly the ones PEFT adapted, and the config built from them selects those (config_from_modules).
-_UNSUPPORTED = (("modules_to_save", (None, [])),
-                ("layer_replication", (None,)), ("trainable_token_indices", (None,)),
+_UNSUPPORTED = (("layer_replication", (None,)),
                 ("target_parameters", (None, [])))
 
 
@@ -405,8 +409,12 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     tuner = _check_doc(doc, config_path)
-    rest, biases = _split_biases(read_safetensors(weights_path)) if tuner.peft.peft_type == "LORA" else \
-        (read_safetensors(weights_path), {})
+    # config modules_to_save: the copies' keys apart first (pet_hooks.io.saved_copies), then the rows, then (LoRA's
+    # bias "all" / "lora_only") the base biases: a copied cell's own bias is the copy's, not a base bias
+    copy_modules, rest = saved_copies.split_keys(read_safetensors(weights_path), doc.get("modules_to_save"),
+                                                 PEFT_PREFIX, weights_path)
+    token_deltas, rest = token_rows.split_keys(rest, PEFT_PREFIX)   # config trainable_token_indices
+    rest, biases = _split_biases(rest) if tuner.peft.peft_type == "LORA" else (rest, {})
     modules, copies = _modules_of(rest, weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
@@ -418,12 +426,19 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
     tensors.update(_bias_names(net, biases, ours, spec, doc, weights_path))
     state = get_state(net)
+    copy_adapter = adapter_name or (state.active[0] if state is not None else DEFAULT_ADAPTER)
+    copy_tensors, copy_paths = saved_copies.our_tensors(net, copy_modules, spec, copy_adapter, weights_path)
+    tensors.update(copy_tensors)
+    token_tensors, token_indices = token_rows.our_tensors(net, token_deltas, doc, spec, weights_path, config_path)
+    tensors.update(token_tensors)
     if cfg is not None and (state is None or fresh):
         target = load_config(cfg)
     elif state is None or fresh:
-        target = tuner.peft.config_from_modules(doc, ours)
+        target = token_rows.with_tokens(saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths),
+                                        token_indices)
     elif hotswap:         # the file's own config: load_tensors checks that it fits the adapter
-        target = tuner.peft.config_from_modules(doc, ours)
+        target = token_rows.with_tokens(saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths),
+                                        token_indices)
     else:
         reason = tuner.peft.mismatch(doc, config_path, type(net).__name__, state.config, module_map=ours)
         if reason is not None:

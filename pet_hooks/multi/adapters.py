@@ -162,6 +162,12 @@ def _refuse_single_only(configs) -> None:
         if getattr(cfg, "lora_bias", False):
             # the bias is one [out] vector per cell, outside the rank slots several adapters share (multi/slots.py)
             raise PetConfigError(f"add_adapter: {who} uses lora_bias=True, which keeps one adapter per net")
+        if getattr(cfg, "trainable_token_indices", None) is not None:     # config trainable_token_indices
+            raise PetConfigError(f"add_adapter: {who} has trainable_token_indices, whose rows pet_hooks keeps for "
+                                 f"one adapter per net (not yet switched with set_adapter)")
+        if getattr(cfg, "modules_to_save", None):    # config modules_to_save: its copies follow one adapter
+            raise PetConfigError(f"add_adapter: {who} has modules_to_save {cfg.modules_to_save!r}, whose copies "
+                                 f"pet_hooks keeps for one adapter per net (not yet switched with set_adapter)")
 
 
 def _refuse_experts(cells, action: str) -> None:

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional
 
 from mindspore import Parameter, nn
 
-from . import chunked_loss, graph_reuse, freeze as optim
+from . import chunked_loss, graph_reuse, freeze as optim, modules_to_save, trainable_tokens
 from ..config import strategy_ckpt
 from ..utils.ms_compat import force_recompile, release_compiled_graphs, warn_unchecked_versions
 from ..config.pet_config import PetConfig, check_adapter_name, load_config
@@ -71,6 +71,8 @@ class PetState:
     adapters: Dict[str, NamedAdapter] = field(default_factory=dict)
     active: List[str] = field(default_factory=list)
     disabled: bool = False              # inside disable_adapters
+    copies: list = field(default_factory=list)     # config modules_to_save: modules_to_save.SavedCopy each
+    tokens: list = field(default_factory=list)     # config trainable_token_indices: trainable_tokens.TokenRows each
 
     def __post_init__(self):
         if not self.cells:
@@ -165,10 +167,22 @@ def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
     check_adapter_name(adapter_name)
     tuner = get_tuner(cfg.pet_type)
     targets = tuner.select_targets(net, cfg)            # validates; changes nothing
+    copy_targets = (modules_to_save.select(net, cfg.modules_to_save, [path for path, _ in targets])
+                    if cfg.modules_to_save else [])
+    token_spec = getattr(cfg, "trainable_token_indices", None)
+    token_rows = (trainable_tokens.select(net, token_spec, [path for path, _ in targets], [p for p, _ in copy_targets])
+                  if token_spec is not None else [])
     injections = tuner.inject(targets, cfg)             # all or nothing
     before: Optional[Dict[str, bool]] = None
+    copies: list = []
+    tokens: list = []
     try:
-        deltas = {id(p): p for injection in injections for p in tuner.deltas_of(injection)}.values()
+        copies = modules_to_save.install(net, copy_targets, adapter_name)   # config modules_to_save
+        tokens = trainable_tokens.install(token_rows)                       # config trainable_token_indices
+        deltas = {id(p): p for injection in injections for p in tuner.deltas_of(injection)}
+        deltas.update((id(p), p) for p in modules_to_save.copy_parameters(copies))
+        deltas.update((id(p), p) for p in trainable_tokens.delta_parameters(tokens))
+        deltas = deltas.values()
         switches = tuner.switch_parameters(injections)
         before = optim.freeze_for_pet(net, deltas, cfg, switches)
         kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas} | {id(p) for p in switches})
@@ -176,13 +190,16 @@ def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
     except BaseException:
         if before is not None:                          # the model as it was: flags, then classes
             optim.restore_requires_grad(net, before)
+        trainable_tokens.uninstall(tokens)
+        modules_to_save.uninstall(copies)
         for injection in reversed(injections):
             tuner.eject(injection)
         raise
     for injection in injections:
         injection.occupants = [adapter_name]               # the values each adapted cell holds (multi.slots)
     state = PetState(cfg, tuner, injections, before, kept=kept, active=[adapter_name], head_loss=head_loss,
-                     adapters={adapter_name: NamedAdapter(adapter_name, cfg, [r.path for r in injections])})
+                     adapters={adapter_name: NamedAdapter(adapter_name, cfg, [r.path for r in injections])},
+                     copies=copies, tokens=tokens)
     setattr(net, _STATE_ATTR, state)
     _mark_blocks(net, state)                            # last: the marks read the adapted, frozen blocks
     strategy_ckpt.enforce(net)                          # the strategy file must keep the base weights
@@ -207,6 +224,8 @@ def remove(net: nn.Cell) -> nn.Cell:
         unmerge(net)
     graph_reuse.unmark(state.reuse_marks)
     chunked_loss.uninstall(state.head_loss)
+    trainable_tokens.uninstall(state.tokens)            # installed after the injections: undone first
+    modules_to_save.uninstall(state.copies)
     for injection in reversed(state.cells):
         state.tuner.eject(injection)
     optim.restore_requires_grad(owner, state.requires_grad_before)
@@ -308,22 +327,35 @@ def disable_adapters(net: nn.Cell) -> Iterator[nn.Cell]:
         logger.warning("pet_hooks: disable_adapters on a merged net unmerges it for the block")
         unmerge(net)
     _set_active(net, state, False)
+    _set_copies(net, state, False)
     state.disabled = True
     try:
         yield net
     finally:
         state.disabled = False
         _set_active(net, state, True)
+        _set_copies(net, state, True)
         if was_merged:
             merge(net)
 
 
+def _set_copies(net: nn.Cell, state: PetState, active: bool) -> None:
+    """modules_to_save: the copies compute, or the originals; trainable_token_indices: the rows replaced or not.
+    A structural switch, so graph mode recompiles."""
+    if modules_to_save.set_active(state.copies, active) | trainable_tokens.set_active(state.tokens, active):
+        release_compiled_graphs(net)
+        force_recompile()
+
+
 def _all_deltas(state: PetState) -> List[Parameter]:
-    """Every delta once, in net order (prefix encoders are shared by all their layers)."""
+    """Every delta once, in net order (prefix encoders are shared by all their layers), then the parameters of
+    the modules_to_save copies (trained and saved like deltas)."""
     unique: Dict[int, Parameter] = {}
     for injection in state.injections:
         for param in state.tuner.deltas_of(injection):
             unique.setdefault(id(param), param)
+    for param in modules_to_save.copy_parameters(state.copies) + trainable_tokens.delta_parameters(state.tokens):
+        unique.setdefault(id(param), param)
     return list(unique.values())
 
 

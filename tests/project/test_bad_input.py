@@ -291,6 +291,26 @@ ROWS: List[Row] = [
     M("exclude-everything", {**CFG, "exclude_layers": ["blocks.*"]}, PetConfigError, "excludes all", "['blocks.*']"),
     M("freeze-exclude-matches-nothing", {**CFG, "freeze_exclude": ["no_such_param*"]}, ValueError,
       "freeze_exclude", "no_such_param*"),
+    # modules_to_save (branch i29_aux): a name that ends no cell's path; a bad type; a cell also adapted
+    M("modules-to-save-matches-nothing", {**CFG, "modules_to_save": ["dense9"]}, NoMatchError, "modules_to_save",
+      "'dense9'", "'dense1'"),
+    M("modules-to-save-int", {**CFG, "modules_to_save": [3]}, PetConfigTypeError, "modules_to_save", "[3]"),
+    M("modules-to-save-adapted", {**CFG, "modules_to_save": ["blocks.0.attention.dense1"]}, PetConfigError,
+      "modules_to_save", "'blocks.0.attention.dense1'", "also a target"),
+    # trainable_token_indices (branch i29_aux): past the vocabulary (256 rows), negative, twice, not ints, a bad key
+    M("tokens-past-vocabulary", {**CFG, "trainable_token_indices": [5, 300]}, PetConfigError,
+      "trainable_token_indices", "index 300", "vocabulary size 256", "'embedding'"),
+    M("tokens-negative", {**CFG, "trainable_token_indices": [-1]}, PetConfigError, "trainable_token_indices", "-1"),
+    M("tokens-twice", {**CFG, "trainable_token_indices": [4, 4]}, PetConfigError, "trainable_token_indices",
+      "listed twice"),
+    M("tokens-str", {**CFG, "trainable_token_indices": ["a"]}, PetConfigTypeError, "trainable_token_indices", "'a'"),
+    M("tokens-empty", {**CFG, "trainable_token_indices": []}, PetConfigTypeError, "trainable_token_indices", "[]"),
+    M("tokens-key-matches-nothing", {**CFG, "trainable_token_indices": {"tok_embeddings": [1]}}, NoMatchError,
+      "trainable_token_indices", "'tok_embeddings'"),
+    M("tokens-key-not-embedding", {**CFG, "trainable_token_indices": {"head": [1]}}, UnsupportedCellError,
+      "trainable_token_indices", "'head'", "not an embedding"),
+    M("tokens-and-lora-on-embedding", {**CFG, "target_modules": ".*dense1|embedding", "trainable_token_indices": [1]},
+      PetConfigError, "trainable_token_indices", "'embedding'", "also a target"),
     M("prefix-on-a-dense", {"pet_type": "prefixtuning", "target_modules": [".*dense1"]}, NoMatchError,
       ".*dense1"),
     M("embedding-dora", {**CFG, "target_modules": ".*embedding", "use_dora": True}, UnsupportedCellError, "'embedding'",
@@ -497,6 +517,10 @@ ROWS: List[Row] = [
       NoMatchError, "'.*wq' matches no cell"),
     N("add-freezing-base", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "freeze_exclude": ["*ln1*"]}),
       PetConfigError, "freeze_exclude", "['*ln1*']"),
+    N("add-modules-to-save", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "modules_to_save": ["head"]}),
+      PetConfigError, "modules_to_save", "['head']"),                 # modules_to_save (branch i29_aux)
+    N("add-trainable-tokens", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "trainable_token_indices": [1]}),
+      PetConfigError, "trainable_token_indices"),                   # trainable_token_indices (branch i29_aux)
     N("add-dora", lambda net, d: pet_hooks.add_adapter(net, "c", {**CFG, "use_dora": True}), PetConfigError,
       "use_dora"),
     # lora_bias / bias (issue 29 item 6): one adapter per net
@@ -774,6 +798,7 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         # issue 29 items 2/3: PEFT's layer selection
         "exclude_modules", "layers_to_transform", "layers_pattern",
         "lora_bias", "bias",
+        "modules_to_save", "trainable_token_indices",   # modules_to_save, trainable_token_indices (branch i29_aux)
         "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
