@@ -281,6 +281,12 @@ def test_the_key_order_survives_our_files(tmp_path):
     fresh = pet_hooks.load_adapter(three_layers(job), tmp_path / "ad")
     assert list(get_state(fresh).config.rank_pattern) == ["v", ".*"]
     assert [tuple(getattr(fresh, layer).lora_A.shape)[0] for layer in LAYERS] == [3, 7, 3]
+    swapped = {**cfg, "rank_pattern": {".*": 3, "v": 7}}                  # the same items: another adapter
+    assert pet_hooks.load_config(swapped) != pet_hooks.load_config(cfg)
+    other = pet_hooks.apply(three_layers(job), swapped)
+    with unchanged(other, tmp_path / "ad"):
+        with pytest.raises(PetStateError, match="different PET config"):
+            pet_hooks.load_adapter(other, tmp_path / "ad")
 
 
 def test_first_key_wins_and_yaml_fields(tmp_path):
