@@ -512,3 +512,13 @@ def test_a_mindformers_run_yaml_with_patterns_under_enable(tmp_path):
     assert ranks == {f"model.layers.{i}.attention.{c}.lora_A": 2 if (i, c) == (1, "wq") else 4
                      for i in range(2) for c in ("wq", "wv")}
     assert net.model.layers[0].attention.wv.lora_scaling == 0.5
+
+
+def test_the_compile_cache_folder_tells_the_key_orders_apart(tmp_path):
+    from pet_hooks.doors.compile_cache import cache_folder
+    first = {"pet_type": "lora", "lora_rank": 2, "target_modules": list(LAYERS), "rank_pattern": {"v": 7, ".*": 3}}
+    second = {**first, "rank_pattern": {".*": 3, "v": 7}}
+    assert cache_folder(str(tmp_path), pet_hooks.load_config(first)) != cache_folder(str(tmp_path),
+                                                                                    pet_hooks.load_config(second))
+    assert cache_folder(str(tmp_path), pet_hooks.load_config(first)) == cache_folder(str(tmp_path),
+                                                                                    pet_hooks.load_config(dict(first)))
