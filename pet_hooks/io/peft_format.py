@@ -324,6 +324,15 @@ def _leaves(tuner: Tuner) -> Dict[str, str]:
     return {**leaves, **tuner.peft.bare_weights}
 
 
+def _config_of(tuner: Tuner, doc: Mapping, ours: Mapping[str, str], config_path: str):
+    """The file's config over our cells; a per-module field that does not fit them (LoRA's rank_pattern on the
+    parts of a fused cell) is an AdapterFileError naming the file."""
+    try:
+        return tuner.peft.config_from_modules(doc, ours)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{config_path}: {err}") from None
+
+
 def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None,
               adapter_name: Optional[str] = None, hotswap: bool = False) -> nn.Cell:
     """Load a PEFT directory into ``net`` (applying its method first when it has no PET); returns ``net``.
@@ -346,9 +355,9 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     if cfg is not None and (state is None or fresh):
         target = load_config(cfg)
     elif state is None or fresh:
-        target = tuner.peft.config_from_modules(doc, ours)
+        target = _config_of(tuner, doc, ours, config_path)
     elif hotswap:         # the file's own config: load_tensors checks that it fits the adapter
-        target = tuner.peft.config_from_modules(doc, ours)
+        target = _config_of(tuner, doc, ours, config_path)
     else:
         reason = tuner.peft.mismatch(doc, config_path, type(net).__name__, state.config, module_map=ours)
         if reason is not None:
