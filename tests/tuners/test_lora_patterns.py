@@ -522,3 +522,24 @@ def test_the_compile_cache_folder_tells_the_key_orders_apart(tmp_path):
                                                                                     pet_hooks.load_config(second))
     assert cache_folder(str(tmp_path), pet_hooks.load_config(first)) == cache_folder(str(tmp_path),
                                                                                     pet_hooks.load_config(dict(first)))
+
+
+def test_multihead_attention_and_its_out_proj_each_take_their_own_rank(mode):
+    """nn.MultiheadAttention computes with its packed in-projection and its out_proj's weights (the parent
+    reads the child): each weight gets its own cell's rank and scaling, against the NumPy attention."""
+    from tests.tuners.test_unreached_cells import BATCH, E, SEQ, SelfAttention, _np_attention
+    rng = np.random.default_rng(5)
+    net = SelfAttention()
+    cfg = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 4, "target_modules": "attn",
+           "rank_pattern": {"out_proj": 2}, "alpha_pattern": {"out_proj": 3}}
+    pet_hooks.apply(net, cfg)
+    attn, out_proj = net.attn, net.attn.out_proj
+    assert tuple(attn.lora_A.shape) == (4, E) and tuple(out_proj.lora_A.shape) == (2, E)
+    for param in pet_hooks.delta_parameters(net):
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.3))
+    x = Tensor(rng.standard_normal((SEQ, BATCH, E)).astype(np.float32))
+    w_in = attn.in_proj_weight.asnumpy() + 1.0 * attn.lora_B.asnumpy() @ attn.lora_A.asnumpy()
+    w_out = out_proj.weight.asnumpy() + 1.5 * out_proj.lora_B.asnumpy() @ out_proj.lora_A.asnumpy()
+    expected = _np_attention(x.asnumpy(), x.asnumpy(), w_in, attn.in_proj_bias.asnumpy(), w_out,
+                             out_proj.bias.asnumpy())
+    close(net(x, x).asnumpy(), expected, tol=1e-5)
