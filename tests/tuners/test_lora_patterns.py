@@ -543,3 +543,32 @@ def test_multihead_attention_and_its_out_proj_each_take_their_own_rank(mode):
     expected = _np_attention(x.asnumpy(), x.asnumpy(), w_in, attn.in_proj_bias.asnumpy(), w_out,
                              out_proj.bias.asnumpy())
     close(net(x, x).asnumpy(), expected, tol=1e-5)
+
+
+@NEEDS_MINDFORMERS
+@pytest.mark.usefixtures("mcore_graph")
+def test_grouped_experts_take_their_layers_rank_and_scaling():
+    """mcore Qwen3-MoE's grouped experts (one A/B pair per expert, graph mode only): a pattern per layer,
+    against the unadapted model with each expert's ``s (B_e A_e)^T`` merged by hand in NumPy."""
+    from tests.models.test_mcore_moe import E, EXPERTS, V, logits, random_deltas, tiny_qwen3_moe
+    cfg = {**EXPERTS, "rank_pattern": {r"layers\.1\.mlp\.experts": 2}, "alpha_pattern": {r"layers\.0\.mlp\.experts": 3}}
+    own = {0: (EXPERTS["lora_rank"], 3 / EXPERTS["lora_rank"]), 1: (2, EXPERTS["lora_alpha"] / 2)}
+    ids = np.random.default_rng(1).integers(0, V, (2, 8)).astype(np.int32)
+    net, reference = pet_hooks.apply(tiny_qwen3_moe(), cfg), tiny_qwen3_moe()
+    base = logits(reference, ids)
+    random_deltas(net)
+    deltas = {p.name: p.asnumpy() for p in pet_hooks.delta_parameters(net)}
+    params = {p.name: p for p in reference.get_parameters()}
+    for layer, (rank, scaling) in own.items():
+        for weight in ("weight1", "weight2"):
+            prefix = f"model.decoder.layers.{layer}.mlp.experts.{weight}"
+            a, b = deltas[prefix + ".lora_A"], deltas[prefix + ".lora_B"]
+            assert a.shape[1] == rank and b.shape[2] == rank
+            stored = params[f"decoder.layers.{layer}.mlp.experts.{weight}"]
+            per_expert = stored.asnumpy().reshape(E, -1, stored.shape[1])
+            merged = per_expert + scaling * np.stack([(b[e] @ a[e]).T for e in range(E)])
+            stored.set_data(Tensor(merged.reshape(stored.shape).astype(np.float32)))
+    expected = logits(reference, ids)
+    assert np.abs(expected - base).max() > 1e-2
+    # float32 sums in another order: 6e-6 seen; a wrong rank or scaling in one layer is off by ~1e-2
+    np.testing.assert_allclose(logits(net, ids), expected, rtol=1e-5, atol=3e-5 * np.abs(expected).max())
