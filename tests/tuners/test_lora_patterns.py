@@ -572,3 +572,17 @@ def test_grouped_experts_take_their_layers_rank_and_scaling():
     assert np.abs(expected - base).max() > 1e-2
     # float32 sums in another order: 6e-6 seen; a wrong rank or scaling in one layer is off by ~1e-2
     np.testing.assert_allclose(logits(net, ids), expected, rtol=1e-5, atol=3e-5 * np.abs(expected).max())
+
+
+def test_a_run_checkpoint_keeps_the_key_order_and_resumes(tmp_path):
+    """Resuming compares the checkpoint's pet_config with the run's, order of the keys included."""
+    from pet_hooks.training.run_checkpoint import check_compatible, latest_checkpoint
+    job = _job()
+    cfg = {"pet_type": "lora", "lora_rank": 2, "target_modules": list(LAYERS), "rank_pattern": {"v": 7, ".*": 3}}
+    net = pet_hooks.apply(three_layers(job), cfg)
+    pet_hooks.save_checkpoint(net, None, 3, str(tmp_path))
+    checkpoint = latest_checkpoint(str(tmp_path))
+    assert list(checkpoint.meta["pet_config"]["rank_pattern"]) == ["v", ".*"]
+    check_compatible(checkpoint, config=pet_hooks.load_config(cfg), net=net)
+    with pytest.raises(PetStateError, match="rank_pattern"):
+        check_compatible(checkpoint, config=pet_hooks.load_config({**cfg, "rank_pattern": {".*": 3, "v": 7}}))
