@@ -381,10 +381,24 @@ class LoraConfig(PetConfig):
             lora_rank=self.rank_pattern[rank_key] if rank_key is not None else self.lora_rank,
             lora_alpha=self.alpha_pattern[alpha_key] if alpha_key is not None else self.lora_alpha)
 
+    def __eq__(self, other: Any) -> bool:
+        """The dataclass equality, except that rank_pattern / alpha_pattern compare in order too (the first key
+        selecting a cell wins, so two mappings of the same items in another order may be other adapters)."""
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return _compared(self) == _compared(other)
+
+    __hash__ = None     # as the dataclass's own equality leaves it: configs are mutable
+
     @property
     def has_patterns(self) -> bool:
         """True when ``rank_pattern`` or ``alpha_pattern`` holds a key (ranks or scalings may differ per cell)."""
         return bool(self.rank_pattern or self.alpha_pattern)
+
+
+def _compared(cfg: PetConfig) -> tuple:
+    """The fields an equality compares (``compare=True``), each mapping as its items in order."""
+    return tuple(_compared_value(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.compare)
 
 
 @dataclass
@@ -636,7 +650,12 @@ def config_differences(first: PetConfig, second: PetConfig) -> str:
         return f"pet_type: {first.pet_type!r} vs {second.pet_type!r}"
     return ", ".join(f"{f.name}: {getattr(first, f.name)!r} vs {getattr(second, f.name)!r}"
                      for f in dataclasses.fields(first)
-                     if f.compare and getattr(first, f.name) != getattr(second, f.name))
+                     if f.compare and _compared_value(getattr(first, f.name)) != _compared_value(getattr(second, f.name)))
+
+
+def _compared_value(value: Any) -> Any:
+    """A mapping as its items in order (rank_pattern / alpha_pattern: the order decides), else the value."""
+    return tuple(value.items()) if isinstance(value, dict) else value
 
 
 def model_hints(model_config: Any) -> dict:

@@ -21,6 +21,7 @@ import sys
 from typing import Optional
 
 from .._version import __version__
+from ..config.lora_patterns import PATTERN_FIELDS
 from ..config.pet_config import PetConfig
 from ..utils.files import file_sha256
 
@@ -34,8 +35,13 @@ ENABLE_ENV, PATH_ENV = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
 def cache_folder(root: str, cfg: Optional[PetConfig]) -> str:
     """``root/pet_hooks-<key>``: the key names the config and the versions the compiled graphs depend on."""
     import mindspore
-    key = json.dumps({"pet_config": None if cfg is None else cfg.to_dict(), "pet_hooks": __version__,
-                      "mindspore": mindspore.__version__, "python": list(sys.version_info[:2])}, sort_keys=True)
+    parts = {"pet_config": None if cfg is None else cfg.to_dict(), "pet_hooks": __version__,
+             "mindspore": mindspore.__version__, "python": list(sys.version_info[:2])}
+    # rank_pattern / alpha_pattern: the keys' order decides the ranks, and sort_keys would lose it
+    order = {name: list(getattr(cfg, name, None) or {}) for name in PATTERN_FIELDS}
+    if any(order.values()):
+        parts["pattern_order"] = order
+    key = json.dumps(parts, sort_keys=True)
     return os.path.join(os.path.abspath(root), "pet_hooks-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 

@@ -400,6 +400,15 @@ def _leaves(tuner: Tuner) -> Dict[str, str]:
     return {**leaves, **tuner.peft.bare_weights}
 
 
+def _config_of(tuner: Tuner, doc: Mapping, ours: Mapping[str, str], config_path: str):
+    """The file's config over our cells; a per-module field that does not fit them (LoRA's rank_pattern on the
+    parts of a fused cell) is an AdapterFileError naming the file."""
+    try:
+        return tuner.peft.config_from_modules(doc, ours)
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{config_path}: {err}") from None
+
+
 def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec = None, cfg=None,
               adapter_name: Optional[str] = None, hotswap: bool = False) -> nn.Cell:
     """Load a PEFT directory into ``net`` (applying its method first when it has no PET); returns ``net``.
@@ -434,10 +443,10 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     if cfg is not None and (state is None or fresh):
         target = load_config(cfg)
     elif state is None or fresh:
-        target = token_rows.with_tokens(saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths),
+        target = token_rows.with_tokens(saved_copies.with_copies(_config_of(tuner, doc, ours, config_path), copy_paths),
                                         token_indices)
     elif hotswap:         # the file's own config: load_tensors checks that it fits the adapter
-        target = token_rows.with_tokens(saved_copies.with_copies(tuner.peft.config_from_modules(doc, ours), copy_paths),
+        target = token_rows.with_tokens(saved_copies.with_copies(_config_of(tuner, doc, ours, config_path), copy_paths),
                                         token_indices)
     else:
         reason = tuner.peft.mismatch(doc, config_path, type(net).__name__, state.config, module_map=ours)

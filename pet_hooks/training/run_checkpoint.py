@@ -37,13 +37,14 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
 from .._version import __version__
+from ..config.lora_patterns import PATTERN_FIELDS
 from ..config.pet_config import PetConfigError, config_from_dict, config_differences
 from ..errors import AdapterFileError, PetStateError
 from ..io.adapter_io import save_adapter
 from ..multi.adapters import focused
 from ..surgery.core import get_state, require_state, saved_parameters
 from ..utils.distributed import is_rank_zero
-from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256, read_json, read_safetensors, to_numpy
+from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256, json_text, read_json, read_safetensors, to_numpy
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "restore_checkpoint", "check_compatible",
            "RunCheckpoint", "sweep_temporary", "CHECKPOINTS_DIR", "STATE_NAME", "TRAINER_STATE_NAME", "MARKER_NAME", "check_keep"]
@@ -186,7 +187,8 @@ def save_checkpoint(net: nn.Cell, optimizer: Optional[nn.Cell], step: int, save_
             "optimizer_class": None if optimizer is None else type(optimizer).__name__,
             "train_state": sorted(tensors), "random_state": _random_states(),
         }
-        _write(os.path.join(tmp, TRAINER_STATE_NAME), json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"))
+        # rank_pattern / alpha_pattern keep their order (the first key wins; resume compares it)
+        _write(os.path.join(tmp, TRAINER_STATE_NAME), json_text(meta, PATTERN_FIELDS, indent=1).encode("utf-8"))
         files = sorted(entry for entry in os.listdir(tmp) if not entry.startswith("."))
         marker = {"files": {entry: file_sha256(os.path.join(tmp, entry)) for entry in files}, "global_step": step}
         _write(os.path.join(tmp, MARKER_NAME), json.dumps(marker, indent=1, sort_keys=True).encode("utf-8"))

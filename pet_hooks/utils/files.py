@@ -52,8 +52,8 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def json_text(doc: Any, keep_order: Sequence[str] = ()) -> str:
-    """``json.dumps(doc, indent=2, sort_keys=True)``, except that the mappings held under a key named in
+def json_text(doc: Any, keep_order: Sequence[str] = (), indent: int = 2) -> str:
+    """``json.dumps(doc, indent=indent, sort_keys=True)``, except that the mappings held under a key named in
     ``keep_order`` keep their own order (LoRA's ``rank_pattern`` / ``alpha_pattern``: the first key wins)."""
     def ordered(value: Any, keep: bool = False) -> Any:
         if isinstance(value, dict):
@@ -62,7 +62,7 @@ def json_text(doc: Any, keep_order: Sequence[str] = ()) -> str:
         if isinstance(value, (list, tuple)):
             return [ordered(item) for item in value]
         return value
-    return json.dumps(ordered(doc), indent=2)
+    return json.dumps(ordered(doc), indent=indent)
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -132,3 +132,29 @@ def test_fused_cells_write_each_part_and_refuse_parts_of_different_ranks():
     with pytest.raises(AdapterFileError, match="'l.0.k_proj' and 'l.0.q_proj' are parts of one cell 'l.0.linear_qkv'"):
         layout.config_from_modules({**doc, "rank_pattern": {"q_proj": 2}},
                                    {"l.0.q_proj": "l.0.linear_qkv", "l.0.k_proj": "l.0.linear_qkv"})
+
+
+@NEEDS_MINDFORMERS
+@pytest.mark.usefixtures("mcore_graph")
+def test_a_fused_mcore_cell_writes_each_part_under_its_peft_name(tmp_path):
+    """mcore Qwen3's fused linear_qkv is three PEFT modules (q/k/v_proj sharing A): a pattern on it is written
+    for each part, and read back (the parts agree) as the cell's own rank."""
+    from tests.mcore_cpu import tiny_qwen3
+    cfg = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*linear_qkv|.*linear_fc2",
+           "rank_pattern": {r"layers\.1\.self_attention\.linear_qkv": 2}, "alpha_pattern": {"linear_fc2": 2}}
+    net = pet_hooks.apply(tiny_qwen3(), cfg)
+    randomize(pet_hooks.delta_parameters(net), seed=4, scale=0.2)
+    ids = np.random.default_rng(3).integers(0, 97, (2, 8)).astype(np.int32)
+    from mindspore import Tensor
+    net.set_train(False)
+    expected = net(Tensor(ids)).asnumpy()
+    pet_hooks.save_adapter(net, tmp_path / "hf", format="peft", name_map="qwen3")
+    doc = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    assert doc["rank_pattern"] == {f"model.layers.1.self_attn.{m}_proj": 2 for m in "qkv"}
+    assert doc["alpha_pattern"] == {f"model.layers.{i}.mlp.down_proj": 2 for i in range(2)}
+    fresh = pet_hooks.load_adapter(tiny_qwen3(), tmp_path / "hf")
+    ranks = {p.name: tuple(p.shape)[0] for p in pet_hooks.delta_parameters(fresh) if p.name.endswith("lora_A")}
+    assert sorted(ranks.values()) == [2, 4, 4, 4] and all(
+        r == 2 for name, r in ranks.items() if "layers.1.self_attention.linear_qkv" in name), ranks
+    fresh.set_train(False)
+    np.testing.assert_allclose(fresh(Tensor(ids)).asnumpy(), expected, rtol=1e-5, atol=1e-5)

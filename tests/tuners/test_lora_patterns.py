@@ -281,6 +281,12 @@ def test_the_key_order_survives_our_files(tmp_path):
     fresh = pet_hooks.load_adapter(three_layers(job), tmp_path / "ad")
     assert list(get_state(fresh).config.rank_pattern) == ["v", ".*"]
     assert [tuple(getattr(fresh, layer).lora_A.shape)[0] for layer in LAYERS] == [3, 7, 3]
+    swapped = {**cfg, "rank_pattern": {".*": 3, "v": 7}}                  # the same items: another adapter
+    assert pet_hooks.load_config(swapped) != pet_hooks.load_config(cfg)
+    other = pet_hooks.apply(three_layers(job), swapped)
+    with unchanged(other, tmp_path / "ad"):
+        with pytest.raises(PetStateError, match="different PET config"):
+            pet_hooks.load_adapter(other, tmp_path / "ad")
 
 
 def test_first_key_wins_and_yaml_fields(tmp_path):
@@ -506,3 +512,77 @@ def test_a_mindformers_run_yaml_with_patterns_under_enable(tmp_path):
     assert ranks == {f"model.layers.{i}.attention.{c}.lora_A": 2 if (i, c) == (1, "wq") else 4
                      for i in range(2) for c in ("wq", "wv")}
     assert net.model.layers[0].attention.wv.lora_scaling == 0.5
+
+
+def test_the_compile_cache_folder_tells_the_key_orders_apart(tmp_path):
+    from pet_hooks.doors.compile_cache import cache_folder
+    first = {"pet_type": "lora", "lora_rank": 2, "target_modules": list(LAYERS), "rank_pattern": {"v": 7, ".*": 3}}
+    second = {**first, "rank_pattern": {".*": 3, "v": 7}}
+    assert cache_folder(str(tmp_path), pet_hooks.load_config(first)) != cache_folder(str(tmp_path),
+                                                                                    pet_hooks.load_config(second))
+    assert cache_folder(str(tmp_path), pet_hooks.load_config(first)) == cache_folder(str(tmp_path),
+                                                                                    pet_hooks.load_config(dict(first)))
+
+
+def test_multihead_attention_and_its_out_proj_each_take_their_own_rank(mode):
+    """nn.MultiheadAttention computes with its packed in-projection and its out_proj's weights (the parent
+    reads the child): each weight gets its own cell's rank and scaling, against the NumPy attention."""
+    from tests.tuners.test_unreached_cells import BATCH, E, SEQ, SelfAttention, _np_attention
+    rng = np.random.default_rng(5)
+    net = SelfAttention()
+    cfg = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 4, "target_modules": "attn",
+           "rank_pattern": {"out_proj": 2}, "alpha_pattern": {"out_proj": 3}}
+    pet_hooks.apply(net, cfg)
+    attn, out_proj = net.attn, net.attn.out_proj
+    assert tuple(attn.lora_A.shape) == (4, E) and tuple(out_proj.lora_A.shape) == (2, E)
+    for param in pet_hooks.delta_parameters(net):
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.3))
+    x = Tensor(rng.standard_normal((SEQ, BATCH, E)).astype(np.float32))
+    w_in = attn.in_proj_weight.asnumpy() + 1.0 * attn.lora_B.asnumpy() @ attn.lora_A.asnumpy()
+    w_out = out_proj.weight.asnumpy() + 1.5 * out_proj.lora_B.asnumpy() @ out_proj.lora_A.asnumpy()
+    expected = _np_attention(x.asnumpy(), x.asnumpy(), w_in, attn.in_proj_bias.asnumpy(), w_out,
+                             out_proj.bias.asnumpy())
+    close(net(x, x).asnumpy(), expected, tol=1e-5)
+
+
+@NEEDS_MINDFORMERS
+@pytest.mark.usefixtures("mcore_graph")
+def test_grouped_experts_take_their_layers_rank_and_scaling():
+    """mcore Qwen3-MoE's grouped experts (one A/B pair per expert, graph mode only): a pattern per layer,
+    against the unadapted model with each expert's ``s (B_e A_e)^T`` merged by hand in NumPy."""
+    from tests.models.test_mcore_moe import E, EXPERTS, V, logits, random_deltas, tiny_qwen3_moe
+    cfg = {**EXPERTS, "rank_pattern": {r"layers\.1\.mlp\.experts": 2}, "alpha_pattern": {r"layers\.0\.mlp\.experts": 3}}
+    own = {0: (EXPERTS["lora_rank"], 3 / EXPERTS["lora_rank"]), 1: (2, EXPERTS["lora_alpha"] / 2)}
+    ids = np.random.default_rng(1).integers(0, V, (2, 8)).astype(np.int32)
+    net, reference = pet_hooks.apply(tiny_qwen3_moe(), cfg), tiny_qwen3_moe()
+    base = logits(reference, ids)
+    random_deltas(net)
+    deltas = {p.name: p.asnumpy() for p in pet_hooks.delta_parameters(net)}
+    params = {p.name: p for p in reference.get_parameters()}
+    for layer, (rank, scaling) in own.items():
+        for weight in ("weight1", "weight2"):
+            prefix = f"model.decoder.layers.{layer}.mlp.experts.{weight}"
+            a, b = deltas[prefix + ".lora_A"], deltas[prefix + ".lora_B"]
+            assert a.shape[1] == rank and b.shape[2] == rank
+            stored = params[f"decoder.layers.{layer}.mlp.experts.{weight}"]
+            per_expert = stored.asnumpy().reshape(E, -1, stored.shape[1])
+            merged = per_expert + scaling * np.stack([(b[e] @ a[e]).T for e in range(E)])
+            stored.set_data(Tensor(merged.reshape(stored.shape).astype(np.float32)))
+    expected = logits(reference, ids)
+    assert np.abs(expected - base).max() > 1e-2
+    # float32 sums in another order: 6e-6 seen; a wrong rank or scaling in one layer is off by ~1e-2
+    np.testing.assert_allclose(logits(net, ids), expected, rtol=1e-5, atol=3e-5 * np.abs(expected).max())
+
+
+def test_a_run_checkpoint_keeps_the_key_order_and_resumes(tmp_path):
+    """Resuming compares the checkpoint's pet_config with the run's, order of the keys included."""
+    from pet_hooks.training.run_checkpoint import check_compatible, latest_checkpoint
+    job = _job()
+    cfg = {"pet_type": "lora", "lora_rank": 2, "target_modules": list(LAYERS), "rank_pattern": {"v": 7, ".*": 3}}
+    net = pet_hooks.apply(three_layers(job), cfg)
+    pet_hooks.save_checkpoint(net, None, 3, str(tmp_path))
+    checkpoint = latest_checkpoint(str(tmp_path))
+    assert list(checkpoint.meta["pet_config"]["rank_pattern"]) == ["v", ".*"]
+    check_compatible(checkpoint, config=pet_hooks.load_config(cfg), net=net)
+    with pytest.raises(PetStateError, match="rank_pattern"):
+        check_compatible(checkpoint, config=pet_hooks.load_config({**cfg, "rank_pattern": {".*": 3, "v": 7}}))

@@ -116,7 +116,10 @@ class LoraPeftLayout(PeftLayout):
     def mismatch(self, doc, config_path: str, net_name: str, applied, module_map=None) -> Optional[str]:
         patterned = doc.get("rank_pattern") or doc.get("alpha_pattern") or getattr(applied, "has_patterns", False)
         if patterned and applied.pet_type == LoraConfig.PET_TYPE and module_map:
-            theirs = self.config_from_modules(doc, module_map)
+            try:
+                theirs = self.config_from_modules(doc, module_map)
+            except AdapterFileError as err:
+                return f"{config_path}: {err}"
             for module, ours in sorted(module_map.items()):
                 want, have = theirs.for_module(ours), applied.for_module(ours)
                 if not math.isclose(want.scaling, have.scaling, rel_tol=1e-6):
