@@ -11,6 +11,7 @@ import builtins
 import os
 import pickle
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -67,10 +68,17 @@ def _safe_only(real):
     return load
 
 
+#: the standard library's own code generation: ``@dataclass`` and ``namedtuple`` exec the methods they write
+#: when a class is defined (a module pet_hooks imports lazily while loading), never text read from a file
+_CLASS_BUILDERS = ("dataclasses", "collections")
+
+
 def _no_text(name, real):
-    """eval / exec of text is trapped; of a compiled module (what ``import`` does) passes."""
+    """eval / exec of text is trapped; of a compiled module (what ``import`` does) passes, and so does the text
+    the standard library's class builders write (``_CLASS_BUILDERS``)."""
     def run(source, *args, **kwargs):
-        if isinstance(source, (str, bytes)):
+        caller = sys._getframe(1).f_globals.get("__name__")
+        if isinstance(source, (str, bytes)) and caller not in _CLASS_BUILDERS:
             raise AssertionError(f"{name} of text was called while loading: {source[:80]!r}")
         return real(source, *args, **kwargs)
     return run
