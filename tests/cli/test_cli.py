@@ -58,3 +58,26 @@ def test_check_config_explain_prints_each_field_with_its_help():
     assert '".*dense1|.*dense2|.*dense3"' in rows["target_modules"]
     assert "model_config values" in rows["model_hints"] and '"num_layers": 2' in rows["model_hints"]
     assert {"pet_type", "freeze_include", "lora_alpha", "use_rslora"} <= set(rows)
+
+
+def test_explain_lists_every_field_of_every_method_with_its_help(tmp_path):
+    """Every field a user may set, of every registered method, has a help text, and ``--explain`` prints it
+    with its value: the issue-29 fields (PEFT's LoraConfig names) set to non-default values included."""
+    import dataclasses
+    from pet_hooks.config import methods
+    for pet_type in methods.registered():
+        cls = methods.method(pet_type).config_class
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text for --explain"
+    (tmp_path / "peft_names.yaml").write_text(
+        "pet_type: lora\ntarget_modules: all-linear\nexclude_modules: [dense3]\nlayers_to_transform: [1]\n"
+        "rank_pattern: {dense1: 4}\nalpha_pattern: {dense1: 8}\nlora_bias: true\nbias: lora_only\n"
+        "modules_to_save: [head]\ntrainable_token_indices: [3, 5]\n")
+    out = _run("check-config", "--explain", str(tmp_path / "peft_names.yaml"))
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()}
+    expected = {"target_modules": '"all-linear"', "exclude_modules": '["dense3"]', "layers_to_transform": "[1]",
+                "rank_pattern": '{"dense1":', "alpha_pattern": '{"dense1":', "lora_bias": "true",
+                "bias": '"lora_only"', "modules_to_save": '["head"]', "trainable_token_indices": "[3,"}
+    for name, value in expected.items():
+        assert rows[name][0] == value and rows[name][1].strip(), (name, rows.get(name))
