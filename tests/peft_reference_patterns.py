@@ -26,26 +26,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import get_pattern_key
 
-LAYERS = ("k", "v", "down")
-
-
-class ThreeLayers(torch.nn.Module):
-    def __init__(self, job):
-        super().__init__()
-        for layer in LAYERS:
-            w = torch.tensor(job[f"{layer}.weight"])
-            lin = torch.nn.Linear(w.shape[1], w.shape[0])
-            with torch.no_grad():
-                lin.weight.copy_(w)
-                lin.bias.copy_(torch.tensor(job[f"{layer}.bias"]))
-            setattr(self, layer, lin)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.v(torch.relu(self.k(x)))))
-
-
-def _modules(model):
-    return {layer: getattr(model.base_model.model, layer) for layer in LAYERS}
+# the three-layer net of the DoRA reference, and its modules (run from tests/, the script's folder)
+from dora_reference import LAYERS, ThreeLayers, _modules  # noqa: E402
 
 
 def _lora_config(spec, **extra):

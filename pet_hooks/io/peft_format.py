@@ -43,7 +43,8 @@ from ..errors import AdapterFileError, PetConfigError, PetStateError
 from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_safetensors, to_numpy, write_bytes
 from .loading import load_tensors
 from . import fused, saved_copies, token_rows
-from ..matching.name_maps import NAME_MAPS, MapFn, NameMapSpec, fused_parts, register_name_map, resolve_name_map
+from ..matching.name_maps import (NAME_MAPS, MapFn, NameMapSpec, fused_parts, inverse_name_map, register_name_map,
+                                  resolve_name_map)
 from ..surgery.core import DEFAULT_ADAPTER, get_state, state_owner
 
 logger = logging.getLogger("pet_hooks")
@@ -227,11 +228,7 @@ def _bias_names(net: nn.Cell, biases: Mapping[str, tuple], ours: Mapping[str, st
                                f"bias='none'")
     _, fn = resolve_name_map(spec)
     model = state_owner(net) or net
-    inverse = {}
-    for path, _ in model.cells_and_names():
-        theirs = fn(path)
-        if isinstance(theirs, str):
-            inverse.setdefault(theirs, path)
+    inverse = inverse_name_map((path for path, _ in model.cells_and_names()), fn)
     cells = dict(model.cells_and_names())
     out = {}
     for module, (value, adapted) in sorted(biases.items()):

@@ -21,7 +21,7 @@ from mindspore import nn
 
 from ..config.pet_config import PetConfig
 from ..errors import AdapterFileError, PetConfigError
-from ..matching.name_maps import MapFn, NameMapSpec, resolve_name_map
+from ..matching.name_maps import MapFn, NameMapSpec, inverse_name_map, resolve_name_map
 from ..surgery.core import PetState
 from ..utils.files import to_numpy
 
@@ -74,11 +74,7 @@ def our_tensors(net: nn.Cell, copies: Mapping[str, Mapping[str, np.ndarray]], sp
                 adapter_name: str, weights_path: str) -> Tuple[Dict[str, np.ndarray], List[str]]:
     """(our parameter name -> array, our cell paths of the copies) for PEFT's copy tensors, through ``spec``."""
     label, fn = resolve_name_map(spec)
-    inverse: Dict[str, str] = {}
-    for path, _ in net.cells_and_names():
-        theirs = fn(path) if path else None
-        if isinstance(theirs, str):
-            inverse.setdefault(theirs, path)
+    inverse = inverse_name_map((path for path, _ in net.cells_and_names()), fn)
     out: Dict[str, np.ndarray] = {}
     paths: List[str] = []
     for module, params in sorted(copies.items()):

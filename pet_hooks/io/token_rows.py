@@ -17,7 +17,7 @@ from mindspore import nn
 
 from ..config.pet_config import PetConfig
 from ..errors import AdapterFileError, PetConfigError
-from ..matching.name_maps import MapFn, NameMapSpec, resolve_name_map
+from ..matching.name_maps import MapFn, NameMapSpec, inverse_name_map, resolve_name_map
 from ..surgery.core import PetState
 from ..surgery.trainable_tokens import DELTA_LEAF
 from ..utils.files import to_numpy
@@ -66,11 +66,7 @@ def our_tensors(net: nn.Cell, deltas: Mapping[str, np.ndarray], doc: Mapping, sp
         raise AdapterFileError(f"{weights_path} holds '{DELTA_LEAF}' tensors but {config_path} has no "
                                f"trainable_token_indices")
     label, fn = resolve_name_map(spec)
-    inverse: Dict[str, str] = {}
-    for path, _ in net.cells_and_names():
-        theirs = fn(path) if path else None
-        if isinstance(theirs, str):
-            inverse.setdefault(theirs, path)
+    inverse = inverse_name_map((path for path, _ in net.cells_and_names()), fn)
     out: Dict[str, np.ndarray] = {}
     ours: Dict[str, List[int]] = {}
     for module, value in sorted(deltas.items()):

@@ -16,12 +16,12 @@ nothing but the standard library.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 from ..errors import PetConfigError, PetConfigTypeError
 
 __all__ = ["NAME_MAPS", "FUSED_MAPS", "NameMapSpec", "MapFn", "register_name_map", "resolve_name_map",
-           "fused_parts"]
+           "fused_parts", "inverse_name_map"]
 
 #: Built-in maps: pet_hooks path pieces -> the other framework's, replaced as whole segments.
 NAME_MAPS: Dict[str, Dict[str, str]] = {
@@ -99,6 +99,17 @@ def resolve_name_map(spec: NameMapSpec) -> Tuple[str, MapFn]:
         return getattr(spec, "__name__", "the given callable"), spec
     raise PetConfigTypeError(f"name_map must be None, a built-in name {sorted(NAME_MAPS)}, a mapping or a callable; "
                     f"got {type(spec).__name__}")
+
+
+def inverse_name_map(paths: Iterable[str], fn: MapFn) -> Dict[str, str]:
+    """The other framework's module path -> our cell path, over ``paths`` through a resolved map ``fn`` (the first
+    of our paths wins where two map to one name; paths the map leaves out are not in it)."""
+    inverse: Dict[str, str] = {}
+    for path in paths:
+        theirs = fn(path) if path else None
+        if isinstance(theirs, str):
+            inverse.setdefault(theirs, path)
+    return inverse
 
 
 def fused_parts(spec: NameMapSpec, path: str) -> Optional[Tuple[str, Tuple[str, ...]]]:
