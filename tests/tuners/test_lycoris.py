@@ -1,0 +1,184 @@
+"""LoHa and LoKr against Hugging Face PEFT's own implementation, in graph and PyNative mode.
+
+The three-layer net of test_ia3.py (``k``, ``v``, ``down``) in PyTorch with PEFT's ``LoHaConfig`` /
+``LoKrConfig`` and in MindSpore with pet_hooks, on nn.Dense and on MindFormers' Linear with both weight
+layouts. Three variants cover every factor layout PEFT builds for linear layers: LoHa; LoKr with a full
+``lokr_w1`` and ``lokr_w2`` full (``down``) or a product (``k``, ``v``); LoKr with ``decompose_both`` and
+``decompose_factor`` (``lokr_w1_a`` / ``lokr_w1_b``). The factors are random (``init_weights: false``) and
+copied to PEFT, which must have made the same factors with the same shapes; the outputs, the gradient of
+every factor and the merged weights must be PEFT's; PEFT must read our PEFT-format adapter and we PEFT's.
+Then: the default init leaves the output the base's (as PEFT's), training moves only the factors,
+disable / merge / unmerge / remove, the native format, rank and module dropout (statistically, by their
+definition), and the doors (enable, the launcher; PetCallback and inspect in test_more_methods.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn
+
+import pet_hooks
+from pet_hooks.surgery.core import get_state
+from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot
+from tests.nets import LAYERS, SIZES, three_layers
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
+NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
+# name -> PEFT's config fields (our config: the same fields, pet_type the lower-cased peft_type)
+VARIANTS = {
+    "loha": {"peft_type": "LOHA", "r": 2, "alpha": 3},
+    "lokr": {"peft_type": "LOKR", "r": 2, "alpha": 3},
+    "lokr_both": {"peft_type": "LOKR", "r": 1, "alpha": 2, "decompose_both": True, "decompose_factor": 5},
+}
+FACTORS = {"loha": ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+           "lokr": ["lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b"],
+           "lokr_both": ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"]}   # k: w1 full
+KINDS = [pytest.param("dense", id="dense"),
+         pytest.param("linear", id="mf_linear", marks=pytest.mark.skipif(not HAS_MINDFORMERS, reason="no mindformers")),
+         pytest.param("linear_in_out", id="mf_linear_in_out",
+                      marks=pytest.mark.skipif(not HAS_MINDFORMERS, reason="no mindformers"))]
+
+
+def config(variant: str, **changes) -> dict:
+    fields = dict(VARIANTS[variant])
+    return {"pet_type": fields.pop("peft_type").lower(), "target_modules": list(LAYERS), **fields, **changes}
+
+
+def _job() -> dict:
+    rng = np.random.default_rng(5)
+    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
+           "g": rng.standard_normal((3, 5, 4)).astype(np.float32)}
+    for layer, (din, dout) in SIZES.items():
+        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
+        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
+    return job
+
+
+def _factors(variant: str) -> dict:
+    """Random factors (init_weights false, scaled up so the delta shows): ``<layer>.<factor>`` -> array."""
+    net = pet_hooks.apply(three_layers(_job()), config(variant, init_weights=False, seed=7))
+    return {p.name: p.asnumpy() * 2.0 for p in pet_hooks.delta_parameters(net)}
+
+
+def _set_factors(net, factors) -> None:
+    params = {p.name: p for p in pet_hooks.delta_parameters(net)}
+    assert sorted(params) == sorted(factors)
+    for name, value in factors.items():
+        params[name].set_data(Tensor(value))
+
+
+def assert_close(ours, theirs, err_msg=""):
+    """Equal within float32 rounding at the array's scale, where a wrong formula is off by O(1)."""
+    theirs = np.asarray(theirs)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
+
+
+def _weight_out_in(cell) -> np.ndarray:
+    weight = cell.weight.asnumpy()
+    return weight if getattr(cell, "transpose_b", True) else weight.T
+
+
+@pytest.fixture(scope="module")
+def peft_run(tmp_path_factory):
+    """PEFT's results for every variant, with our PEFT-format adapters read by PEFT (one torch process)."""
+    if not HAS_TORCH_PEFT:
+        pytest.skip("torch, transformers and peft are not all installed")
+    work = tmp_path_factory.mktemp("lycoris")
+    job = _job()
+    factors = {variant: _factors(variant) for variant in VARIANTS}
+    for variant, values in factors.items():
+        job.update({f"{variant}/{name}": value for name, value in values.items()})
+        net = pet_hooks.apply(three_layers(_job()), config(variant))
+        _set_factors(net, values)
+        pet_hooks.save_adapter(net, work / f"{variant}_ours", format="peft", task_type=None)
+    np.savez(work / "job.npz", **job)
+    (work / "variants.json").write_text(json.dumps(VARIANTS))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "lycoris_reference.py"), str(work)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return work, job, factors, dict(np.load(work / "torch.npz"))
+
+
+@NEEDS_PEFT
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_outputs_gradients_and_merge_equal_peft(mode, kind, variant, peft_run):
+    _, job, factors, theirs = peft_run
+    net = pet_hooks.apply(three_layers(job, kind), config(variant))
+    _set_factors(net, factors[variant])
+    assert sorted({p.name.split(".", 1)[1] for p in pet_hooks.delta_parameters(net)}) == FACTORS[variant]
+    x, g = Tensor(job["x"]), Tensor(job["g"])
+    params = pet_hooks.delta_parameters(net)
+
+    def loss(x, g):
+        return (net(x) * g).sum()
+
+    value, grads = ms.value_and_grad(loss, None, params)(x, g)
+    out = net(x).asnumpy()
+    base = three_layers(job, kind)(x).asnumpy()
+    assert np.abs(out - base).max() > 0.05                       # the delta shows
+    assert_close(out, theirs[f"{variant}/out"])
+    assert_close(float(value.asnumpy()), float((theirs[f"{variant}/out"] * job["g"]).sum()))
+    for param, grad in zip(params, grads):
+        assert_close(grad.asnumpy(), theirs[f"{variant}/grad/{param.name}"], err_msg=param.name)
+
+    pet_hooks.merge(net)
+    for layer in LAYERS:
+        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), theirs[f"{variant}/merged/{layer}.weight"],
+                                   rtol=1e-5, atol=1e-6, err_msg=layer)
+    assert_close(net(x).asnumpy(), out)
+    pet_hooks.unmerge(net)
+    for layer in LAYERS:
+        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
+    assert_close(net(x).asnumpy(), out)
+
+
+@NEEDS_PEFT
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_peft_reads_our_adapter_and_we_read_peft_s(mode, variant, peft_run):
+    work, job, factors, theirs = peft_run
+    x = Tensor(job["x"])
+    ours = pet_hooks.apply(three_layers(job), config(variant))
+    _set_factors(ours, factors[variant])
+    assert_close(ours(x).asnumpy(), theirs[f"{variant}/ours"])
+    assert_close(theirs[f"{variant}/ours"], theirs[f"{variant}/out"])
+
+    doc = json.loads((work / f"{variant}_ours" / "adapter_config.json").read_text())
+    assert doc["peft_type"] == VARIANTS[variant]["peft_type"] and sorted(doc["target_modules"]) == sorted(LAYERS)
+    assert {k: doc[k] for k in VARIANTS[variant] if k != "peft_type"} == \
+        {k: v for k, v in VARIANTS[variant].items() if k != "peft_type"}
+
+    fresh = pet_hooks.load_adapter(three_layers(job), work / f"{variant}_theirs")   # PEFT's own files
+    cfg = get_state(fresh).config
+    assert cfg.pet_type == config(variant)["pet_type"]
+    assert {k: getattr(cfg, k) for k in VARIANTS[variant] if k != "peft_type"} == \
+        {k: v for k, v in VARIANTS[variant].items() if k != "peft_type"}
+    assert_close(fresh(x).asnumpy(), theirs[f"{variant}/out"])
+
+
+@NEEDS_PEFT
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_default_init_leaves_the_base_output_as_peft_s(mode, variant, peft_run):
+    _, job, _, theirs = peft_run
+    x = Tensor(job["x"])
+    base = three_layers(job)(x).asnumpy()
+    net = pet_hooks.apply(three_layers(job), config(variant))
+    np.testing.assert_array_equal(net(x).asnumpy(), base)
+    assert_close(theirs[f"{variant}/init"], base)
+    zero = [p.name for p in pet_hooks.delta_parameters(net) if not np.abs(p.asnumpy()).max()]
+    names = {p.name for p in pet_hooks.delta_parameters(net)}
+    expected = ["hada_w2_b" if variant == "loha" else "lokr_w1" if f"{layer}.lokr_w1" in names else "lokr_w1_a"
+                for layer in LAYERS]
+    assert zero == [f"{layer}.{leaf}" for layer, leaf in zip(LAYERS, expected)]
+
+
+def test_lokr_init_lycoris_zeroes_w2():
+    net = pet_hooks.apply(three_layers(_job()), config("lokr", init_weights="lycoris"))
+    zero = [p.name for p in pet_hooks.delta_parameters(net) if not np.abs(p.asnumpy()).max()]
+    assert zero == ["k.lokr_w2_b", "v.lokr_w2_b", "down.lokr_w2"]
