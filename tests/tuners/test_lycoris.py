@@ -182,3 +182,141 @@ def test_lokr_init_lycoris_zeroes_w2():
     net = pet_hooks.apply(three_layers(_job()), config("lokr", init_weights="lycoris"))
     zero = [p.name for p in pet_hooks.delta_parameters(net) if not np.abs(p.asnumpy()).max()]
     assert zero == ["k.lokr_w2_b", "v.lokr_w2_b", "down.lokr_w2"]
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_the_contract_training_disable_native_format_remove(mode, variant, tmp_path):
+    job = _job()
+    net = three_layers(job)
+    net.k.bias.requires_grad = False                    # a user's own choice, to be kept
+    classes = {name: type(cell) for name, cell in net.cells_and_names()}
+    flags = {p.name: p.requires_grad for p in net.get_parameters()}
+    values = snapshot(net)
+    x = Tensor(job["x"])
+    base = net(x).asnumpy()                              # compiled before apply, on purpose
+    pet_hooks.apply(net, config(variant, seed=1))
+    assert sorted(p.name for p in net.trainable_params()) == sorted(p.name for p in pet_hooks.delta_parameters(net))
+    start = {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(net)}
+
+    step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.MSELoss()), nn.Adam(net.trainable_params(), 0.05))
+    target = Tensor(np.random.default_rng(0).standard_normal(base.shape).astype(np.float32))
+    losses = [float(step(x, target).asnumpy()) for _ in range(4)]
+    assert losses[-1] < losses[0]
+    assert_params_equal(values, net)                    # every base parameter bit for bit
+    assert [n for n, v in start.items() if np.array_equal(net.parameters_dict()[n].asnumpy(), v)] == []
+    net.set_train(False)
+    adapted = net(x).asnumpy()
+    assert not np.allclose(adapted, base)
+    with pet_hooks.disable_adapters(net):
+        np.testing.assert_array_equal(net(x).asnumpy(), base)
+    np.testing.assert_array_equal(net(x).asnumpy(), adapted)
+
+    pet_hooks.save_adapter(net, tmp_path / "native")    # pet_hooks' own format
+    fresh = pet_hooks.load_adapter(three_layers(job), tmp_path / "native")
+    assert get_state(fresh).config == get_state(net).config
+    np.testing.assert_array_equal(fresh(x).asnumpy(), adapted)
+
+    pet_hooks.remove(net)
+    assert {name: type(cell) for name, cell in net.cells_and_names()} == classes
+    assert {p.name: p.requires_grad for p in net.get_parameters()} == flags
+    assert not [name for name in net.parameters_dict() if ".hada_" in name or ".lokr_" in name]
+    assert_params_equal(values, net)
+    np.testing.assert_array_equal(net(x).asnumpy(), base)
+
+
+def _dense_with(cfg, seed=0):
+    """One Dense 8 -> 12 with random factors; returns (net, x, base output, full delta x @ dW^T)."""
+    rng = np.random.default_rng(seed)
+    net = nn.SequentialCell([nn.Dense(8, 12)])
+    x = Tensor(rng.standard_normal((4, 8)).astype(np.float32))
+    base = net(x).asnumpy()
+    pet_hooks.apply(net, {"target_modules": ["0"], "r": 4, "init_weights": False, "seed": seed, **cfg})
+    net.set_train(False)
+    return net, x, base, net(x).asnumpy() - base
+
+
+@pytest.mark.parametrize("cfg, scaled", [({"pet_type": "loha"}, True), ({"pet_type": "lokr"}, False),
+                                         ({"pet_type": "lokr", "rank_dropout_scale": True}, True)],
+                         ids=["loha", "lokr", "lokr_scaled"])
+def test_rank_dropout_drops_output_rows_of_the_delta_while_training_only(mode, cfg, scaled):
+    """PEFT's rank dropout by its definition: in training each of the 12 output rows of dW is kept with
+    probability 1 - p, the kept ones divided by the mask's mean (LoHa; LoKr with rank_dropout_scale)."""
+    net, x, base, full = _dense_with({**cfg, "rank_dropout": 0.5})
+    np.testing.assert_allclose(net(x).asnumpy() - base, full, atol=1e-6)    # eval: no dropout
+    net.set_train(True)
+    kept_counts, masks = [], set()
+    for _ in range(30):
+        ratio = (net(x).asnumpy() - base) / full                  # per column: 0 (dropped) or the scale
+        kept = np.abs(ratio[0]) > 1e-3
+        if not kept.any():
+            continue
+        scale = 12 / kept.sum() if scaled else 1.0
+        np.testing.assert_allclose(ratio[:, kept], scale, rtol=1e-3)
+        np.testing.assert_allclose(ratio[:, ~kept], 0.0, atol=1e-4)
+        kept_counts.append(kept.sum())
+        masks.add(tuple(kept))
+    assert len(masks) > 10                                        # a fresh mask per call
+    assert 0.35 < np.mean(kept_counts) / 12 < 0.65                # p = 0.5 (30 x 12 draws: sd ~ 0.03)
+    net.set_train(False)
+    np.testing.assert_allclose(net(x).asnumpy() - base, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("pet_type", ["loha", "lokr"])
+def test_module_dropout_skips_the_whole_delta_while_training_only(mode, pet_type):
+    net, x, base, full = _dense_with({"pet_type": pet_type, "module_dropout": 0.3})
+    net.set_train(True)
+    skipped = 0
+    for _ in range(60):
+        delta = net(x).asnumpy() - base
+        if np.abs(delta).max() < 1e-7:
+            skipped += 1
+        else:
+            np.testing.assert_allclose(delta, full, atol=1e-5)
+    assert 0.1 < skipped / 60 < 0.5                               # p = 0.3 (60 draws: sd ~ 0.06)
+    net.set_train(False)
+    assert all(np.allclose(net(x).asnumpy() - base, full, atol=1e-6) for _ in range(5))
+
+
+# ----------------------------------------------------------------------------- doors
+# PetCallback, inspect and the shared-graph training: tests/tuners/test_more_methods.py (METHODS)
+GPT_CFG = {"loha": {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3"},
+           "lokr": {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3"}}
+
+
+@pytest.mark.parametrize("pet_type", sorted(GPT_CFG))
+def test_enable(mode, pet_type):
+    from samples.data import lm_batches
+    from samples.tiny_gpt import GPTWithLoss, build
+    with pet_hooks.enable(GPT_CFG[pet_type]):
+        net = build(seed=0, **SMALL)
+        optimizer = nn.Adam(net.get_parameters(), 1e-2)
+        step = nn.TrainOneStepCell(GPTWithLoss(net), optimizer)
+    deltas = pet_hooks.delta_parameters(net)
+    base = {name: value for name, value in snapshot(net).items() if name not in {p.name for p in deltas}}
+    assert get_state(net).config.pet_type == pet_type and deltas
+    assert {p.name for p in optimizer.parameters} == {p.name for p in deltas}
+    start = {p.name: p.asnumpy().copy() for p in deltas}
+    batches = lm_batches(8, 4, seed=2)
+    for _ in range(3):
+        step(*map(Tensor, next(batches)))
+    assert_params_equal(base, net)
+    assert [p.name for p in deltas if np.array_equal(p.asnumpy(), start[p.name])] == []
+
+
+@pytest.mark.parametrize("pet_type", sorted(GPT_CFG))
+def test_launcher(tmp_path, pet_type):
+    import yaml
+    from samples.tiny_gpt import build
+    path = tmp_path / "pet.yaml"
+    path.write_text(yaml.safe_dump(GPT_CFG[pet_type]))
+    out = subprocess.run([sys.executable, "-m", "pet_hooks", "run", "--config", str(path), "--save-dir",
+                          str(tmp_path / "adapter"), os.path.join("samples", "legacy_train.py"), "--steps", "2",
+                          "--mode", "0"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    net = pet_hooks.load_adapter(build(seed=0), tmp_path / "adapter")     # the script's own geometry
+    state = get_state(net)
+    assert state.config.pet_type == pet_type and state.config.r == 2
+    assert sorted({i.path.rsplit(".", 1)[-1] for i in state.injections}) == ["dense1", "dense3"]
+    zero_init = "hada_w2_b" if pet_type == "loha" else "lokr_w1"
+    moved = [p for p in pet_hooks.delta_parameters(net) if p.name.endswith(zero_init) and np.abs(p.asnumpy()).max()]
+    assert len(moved) == len(state.injections)                    # trained: the zero-init factor moved
