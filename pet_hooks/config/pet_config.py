@@ -528,8 +528,9 @@ class LowRankAdapterConfig(PetConfig):
 
 # issue 30 item 3: LoHa / LoKr (PEFT's LoHaConfig / LoKrConfig; tuners/loha.py, tuners/lokr.py)
 @dataclass
-class _LycorisConfig(PetConfig):
-    """The fields PEFT's LoHaConfig and LoKrConfig share (PEFT's ``LycorisConfig``), in PEFT's names."""
+class _LycorisFields:
+    """The fields PEFT's LoHaConfig and LoKrConfig share (PEFT's ``LycorisConfig``), in PEFT's names: a mixin
+    placed before :class:`PetConfig` (not a PetConfig itself: every PetConfig here is a registered method)."""
 
     r: int = field(default=8, metadata={"help": "rank of the low-rank factors (PEFT's)"})
     alpha: float = field(default=8, metadata={"help": "scaling = alpha / r (PEFT's)"})
@@ -578,7 +579,7 @@ class _LycorisConfig(PetConfig):
 
 
 @dataclass
-class LoHaConfig(_LycorisConfig):
+class LoHaConfig(_LycorisFields, PetConfig):
     """LoHa (PEFT's ``LoHaConfig``): ``y = base(x) + x @ dW^T``, ``dW = (w1a @ w1b) * (w2a @ w2b) * alpha / r``,
     a Hadamard product of two rank-r products."""
 
@@ -586,7 +587,7 @@ class LoHaConfig(_LycorisConfig):
 
 
 @dataclass
-class LoKrConfig(_LycorisConfig):
+class LoKrConfig(_LycorisFields, PetConfig):
     """LoKr (PEFT's ``LoKrConfig``): ``y = base(x) + x @ dW^T``, ``dW = kron(w1, w2) * alpha / r`` with each factor
     full or a rank-r product, as PEFT decides from the layer's factorised sizes."""
 
