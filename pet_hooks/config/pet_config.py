@@ -180,7 +180,7 @@ class PetConfig:
     """
 
     pet_type: str = field(default="", metadata={
-        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter or low_rank_adapter"})
+        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter, low_rank_adapter, loha or lokr"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
     # model_config values (num_layers, kv_channels, ...) found beside a pet_config block.

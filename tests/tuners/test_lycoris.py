@@ -279,8 +279,10 @@ def test_module_dropout_skips_the_whole_delta_while_training_only(mode, pet_type
 
 # ----------------------------------------------------------------------------- doors
 # PetCallback, inspect and the shared-graph training: tests/tuners/test_more_methods.py (METHODS)
-GPT_CFG = {"loha": {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3"},
-           "lokr": {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3"}}
+# rank_dropout on: the doors train with it (graph mode, one compiled graph per repeated block)
+GPT_CFG = {"loha": {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3", "rank_dropout": 0.25},
+           "lokr": {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3", "rank_dropout": 0.25,
+                    "rank_dropout_scale": True}}
 
 
 @pytest.mark.parametrize("pet_type", sorted(GPT_CFG))
