@@ -54,6 +54,9 @@ class LoHaTuner(LycorisTuner):
             values["hada_w2_b"] = np.zeros((r, inp), np.float32)     # PEFT's: the delta starts at zero
         return values
 
+    def zero_factor(self, cell: nn.Cell) -> str:
+        return "hada_w2_b"
+
     def delta_numpy(self, cell: nn.Cell) -> np.ndarray:
         w1 = factor(cell, "hada_w1_a") @ factor(cell, "hada_w1_b")
         w2 = factor(cell, "hada_w2_a") @ factor(cell, "hada_w2_b")

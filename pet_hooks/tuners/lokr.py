@@ -114,6 +114,9 @@ class LoKrTuner(LycorisTuner):
             values[zero] = np.zeros_like(values[zero])
         return values
 
+    def zero_factor(self, cell: nn.Cell) -> str:
+        return "lokr_w1" if cell.lokr_full_w1 else "lokr_w1_a"
+
     def delta_numpy(self, cell: nn.Cell) -> np.ndarray:
         w1 = factor(cell, "lokr_w1") if cell.lokr_full_w1 else factor(cell, "lokr_w1_a") @ factor(cell, "lokr_w1_b")
         w2 = factor(cell, "lokr_w2") if cell.lokr_full_w2 else factor(cell, "lokr_w2_a") @ factor(cell, "lokr_w2_b")

@@ -114,6 +114,15 @@ class LycorisTuner(SwitchedTuner):
         return inject_all(targets, self.factor_names + SETTINGS + ("pet_lyco_on",), add,
                           mixin_of=lambda cell: self.mixin)
 
+    def zero_factor(self, cell: nn.Cell) -> str:
+        """The factor PEFT's default init sets to zero (the gradient guard's witness)."""
+        raise NotImplementedError
+
+    def grad_sentinels(self, injection: Injection) -> List[Parameter]:
+        """The factor zero at init: it gets a gradient from the first step whenever the delta is reached (the
+        others from the second), and with no gradient it stays exactly zero even under weight decay."""
+        return [getattr(injection.cell, self.zero_factor(injection.cell))]
+
     def weight_deltas(self, injection: Injection) -> List[Tuple[Parameter, np.ndarray]]:
         """``dW`` in the weight's layout ([out, in], or [in, out] for a Linear without transpose_b)."""
         delta = self.delta_numpy(injection.cell)

@@ -322,3 +322,24 @@ def test_launcher(tmp_path, pet_type):
     zero_init = "hada_w2_b" if pet_type == "loha" else "lokr_w1"
     moved = [p for p in pet_hooks.delta_parameters(net) if p.name.endswith(zero_init) and np.abs(p.asnumpy()).max()]
     assert len(moved) == len(state.injections)                    # trained: the zero-init factor moved
+
+
+@pytest.mark.parametrize("pet_type, witness", [("loha", "hada_w2_b"), ("lokr", "lokr_w1")])
+def test_the_gradient_guard_reports_the_cell_its_parent_never_calls(mode, caplog, pet_type, witness):
+    """The guard's witness is the factor zero at init: weight decay moves the others without any gradient."""
+    import logging
+    import mindspore.dataset as ds
+    from mindspore.train import Model
+    from tests.tuners.test_unreached_cells import ReadsWeights, _guard_warnings
+    rng = np.random.default_rng(0)
+    data = ds.NumpySlicesDataset({"x": rng.standard_normal((4, 4)).astype(np.float32),
+                                  "y": rng.standard_normal((4, 2)).astype(np.float32)}, shuffle=False).batch(1)
+    net = ReadsWeights()
+    model = Model(net, nn.MSELoss(), nn.Momentum(net.trainable_params(), 0.1, 0.9, weight_decay=0.01))
+    cfg = {"pet_type": pet_type, "r": 2, "seed": 1, "target_modules": ".*proj|.*head"}
+    with caplog.at_level(logging.WARNING, logger="pet_hooks"):
+        model.train(1, data, callbacks=[pet_hooks.PetCallback(cfg)], dataset_sink_mode=False)
+    warnings = _guard_warnings(caplog)
+    assert len(warnings) == 1 and "after 2 steps" in warnings[0] and f"proj.{witness}" in warnings[0], warnings
+    assert "head." not in warnings[0]
+    assert getattr(net.head, witness).asnumpy().any() and not getattr(net.proj, witness).asnumpy().any()
