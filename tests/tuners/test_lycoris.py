@@ -343,3 +343,55 @@ def test_the_gradient_guard_reports_the_cell_its_parent_never_calls(mode, caplog
     assert len(warnings) == 1 and "after 2 steps" in warnings[0] and f"proj.{witness}" in warnings[0], warnings
     assert "head." not in warnings[0]
     assert getattr(net.head, witness).asnumpy().any() and not getattr(net.proj, witness).asnumpy().any()
+
+
+@NEEDS_PEFT
+@pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not installed")
+@pytest.mark.parametrize("pet_type", ["loha", "lokr"])
+def test_llama_in_hugging_face_names_gives_pytorch_s_logits(tmp_path, pet_type):
+    """MindFormers' Llama with LoHa / LoKr on wq / wv / w2 (random factors), saved with the llama name map: PEFT on
+    transformers' Llama with the same weights reads it (q_proj, v_proj, down_proj) and gives our logits."""
+    from tests.io.test_peft_format import hf_name, llama_ids, llama_logits, llama_with_weights
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    try:
+        net = llama_with_weights()
+        ids = llama_ids(2)
+        job = {k: getattr(net.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                                   "num_heads", "rms_norm_eps", "theta", "seq_length")}
+        (tmp_path / "job.json").write_text(json.dumps(job))
+        np.savez(tmp_path / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
+        np.save(tmp_path / "ids.npy", ids)
+        base = llama_logits(net, ids)
+        pet_hooks.apply(net, {"pet_type": pet_type, "r": 2, "alpha": 4, "target_modules": ".*wq|.*wv|.*w2",
+                              "init_weights": False, "seed": 3})
+        ours = llama_logits(net, ids)
+        pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama")
+        doc = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert doc["target_modules"] == ["down_proj", "q_proj", "v_proj"] and doc["peft_type"] == pet_type.upper()
+        out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert np.abs(ours - base).max() > 1e-2
+        np.testing.assert_allclose(ours, np.load(tmp_path / "torch_ours.npy"), rtol=1e-4, atol=1e-5)
+        fresh = pet_hooks.load_adapter(llama_with_weights(), tmp_path / "ours")    # the llama map is found
+        np.testing.assert_allclose(llama_logits(fresh, ids), ours, rtol=1e-5, atol=1e-5)
+    finally:
+        ms.set_context(mode=before)
+
+
+@pytest.mark.parametrize("pet_type", ["loha", "lokr"])
+def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path, pet_type):
+    from tests.nets import ThreeLayers
+    job = _job()
+    net = pet_hooks.apply(three_layers(job), config(pet_type, init_weights=False, seed=2))
+    x = Tensor(job["x"])
+    adapted = net(x).asnumpy()
+    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    pet_hooks.save_merged_checkpoint(net, str(tmp_path / "merged.ckpt"))
+    for name, value in before.items():                            # computed aside: the net is unchanged
+        np.testing.assert_array_equal(net.parameters_dict()[name].asnumpy(), value, err_msg=name)
+    plain = ThreeLayers()
+    ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")), strict_load=True)
+    np.testing.assert_allclose(plain(x).asnumpy(), adapted, rtol=1e-5, atol=1e-5)
+    assert np.abs(plain(x).asnumpy() - three_layers(job)(x).asnumpy()).max() > 1e-2
