@@ -82,7 +82,13 @@ class LycorisTuner(SwitchedTuner):
         raise NotImplementedError
 
     def can_adapt(self, cell: nn.Cell) -> Optional[str]:
-        return projection_reason(cell, self.label)
+        reason = projection_reason(cell, self.label)
+        if reason is None and getattr(cell, "activation_flag", False):
+            # x @ dW^T belongs before the layer's own activation, inside its call: not reachable from outside
+            reason = (f"{self.label} adds x @ dW^T to the layer's output before its activation; a "
+                      f"{type(cell).__name__} with its own activation ({type(cell.activation).__name__}) is not "
+                      f"supported: target a layer without one")
+        return reason
 
     def is_linear(self, cell: nn.Cell) -> bool:
         return self.can_adapt(cell) is None

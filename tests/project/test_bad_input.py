@@ -348,6 +348,8 @@ ROWS: List[Row] = [
     M("lokr-pattern-matches-nothing", {**LOKR, "target_modules": ".*wk"}, NoMatchError, "'.*wk' matches no cell"),
     M("loha-on-layernorm", {**LOHA, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "LayerNorm"),
     M("loha-on-embedding", {**LOHA, "target_modules": "embedding"}, UnsupportedCellError, "'embedding'", "LoHa"),
+    M("lokr-on-activated-layer", {**LOKR, "target_modules": ".*mapping"}, UnsupportedCellError,
+      "blocks.0.mlp.mapping", "activation", "LoKr"),
     M("bitfit-target-int", {"pet_type": "bitfit", "target_modules": 5}, PetConfigTypeError, "target_modules", "got 5"),
     M("bitfit-exclude-everything", {"pet_type": "bitfit", "exclude_layers": [".*"]}, NoMatchError,
       "no cell with a 'bias'",
