@@ -395,3 +395,17 @@ def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path, pet_ty
     ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")), strict_load=True)
     np.testing.assert_allclose(plain(x).asnumpy(), adapted, rtol=1e-5, atol=1e-5)
     assert np.abs(plain(x).asnumpy() - three_layers(job)(x).asnumpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize("pet_type", ["loha", "lokr"])
+def test_peft_s_layer_selection_selects_what_it_selects_for_lora(pet_type):
+    """all-linear, exclude_modules, layers_to_transform: the shared selection, the cells LoRA gets (activated
+    layers left out, as LoHa / LoKr cannot take them)."""
+    from samples.tiny_gpt import build
+    fields = {"target_modules": "all-linear", "exclude_modules": ["projection"], "layers_to_transform": [1]}
+    ours = pet_hooks.apply(build(seed=0, **SMALL), {"pet_type": pet_type, "r": 2, **fields})
+    lora = pet_hooks.apply(build(seed=0, **SMALL), {"pet_type": "lora", "lora_rank": 2, **fields})
+    paths = [i.path for i in get_state(ours).injections]
+    activated = [i.path for i in get_state(lora).injections if getattr(i.cell, "activation_flag", False)]
+    assert activated and paths and all(p.startswith("blocks.1.") for p in paths)
+    assert paths == [i.path for i in get_state(lora).injections if i.path not in activated]
