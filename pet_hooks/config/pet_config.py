@@ -31,6 +31,7 @@ from .strategy_ckpt import check_run_yaml
 __all__ = [
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "IA3Config", "BitFitConfig",
     "AdapterConfig", "LowRankAdapterConfig",
+    "LoHaConfig", "LoKrConfig",   # issue 30 item 3
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
     "config_types", "config_differences",
 ]
@@ -179,7 +180,7 @@ class PetConfig:
     """
 
     pet_type: str = field(default="", metadata={
-        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter or low_rank_adapter"})
+        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter, low_rank_adapter, loha or lokr"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
     # modules_to_save (PEFT's, on every PEFT config): a trainable copy of each named cell, saved with the adapter;
@@ -556,6 +557,95 @@ class LowRankAdapterConfig(PetConfig):
         _check_adapter_common(self)
 
 
+# issue 30 item 3: LoHa / LoKr (PEFT's LoHaConfig / LoKrConfig; tuners/loha.py, tuners/lokr.py)
+@dataclass
+class _LycorisFields:
+    """The fields PEFT's LoHaConfig and LoKrConfig share (PEFT's ``LycorisConfig``), in PEFT's names: a mixin
+    placed before :class:`PetConfig` (not a PetConfig itself: every PetConfig here is a registered method)."""
+
+    r: int = field(default=8, metadata={"help": "rank of the low-rank factors (PEFT's)"})
+    alpha: float = field(default=8, metadata={"help": "scaling = alpha / r (PEFT's)"})
+    rank_dropout: float = field(default=0.0, metadata={
+        "help": "training only: each output row of the delta weight is dropped with this probability, in [0, 1)"})
+    module_dropout: float = field(default=0.0, metadata={
+        "help": "training only: the whole delta of a cell is skipped for a step with this probability, in [0, 1)"})
+    use_effective_conv2d: bool = field(default=False, metadata={
+        "help": "PEFT's, for convolutions only: no effect on Dense / Linear (the only cells adapted), kept "
+                "for PEFT's files"})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    exclude_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
+    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
+        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
+    layers_pattern: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
+    # Init-only (compare=False): two configs that differ only here describe the same adapter.
+    init_weights: Union[bool, str] = field(default=True, compare=False, metadata={
+        "help": "true: one factor starts at zero (the output is unchanged at init); false: every factor random "
+                "(PEFT's kaiming uniform)"})
+
+    _INITS: ClassVar[tuple] = ()
+
+    def validate(self) -> None:
+        if self.target_modules is None:
+            raise PetConfigError(f"target_modules is required for {self.PET_TYPE} (a regex such as '.*wq|.*wv', "
+                                 f"a list of cell names, or 'all-linear')")
+        _check_targets(self)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_layer_selection(self)
+        _check_int("r", self.r)
+        _check_number("alpha", self.alpha)
+        _check_rate("rank_dropout", self.rank_dropout)
+        _check_rate("module_dropout", self.module_dropout)
+        _check_bool("use_effective_conv2d", self.use_effective_conv2d)
+        if isinstance(self.init_weights, str) and self.init_weights.lower() in self._INITS:
+            self.init_weights = self.init_weights.lower()
+        elif not isinstance(self.init_weights, bool):
+            raise PetConfigError(f"init_weights must be true or false{''.join(f' or {v!r}' for v in self._INITS)}, "
+                                 f"got {self.init_weights!r}")
+
+
+@dataclass
+class LoHaConfig(_LycorisFields, PetConfig):
+    """LoHa (PEFT's ``LoHaConfig``): ``y = base(x) + x @ dW^T``, ``dW = (w1a @ w1b) * (w2a @ w2b) * alpha / r``,
+    a Hadamard product of two rank-r products."""
+
+    PET_TYPE: ClassVar[str] = "loha"
+
+
+@dataclass
+class LoKrConfig(_LycorisFields, PetConfig):
+    """LoKr (PEFT's ``LoKrConfig``): ``y = base(x) + x @ dW^T``, ``dW = kron(w1, w2) * alpha / r`` with each factor
+    full or a rank-r product, as PEFT decides from the layer's factorised sizes."""
+
+    PET_TYPE: ClassVar[str] = "lokr"
+
+    decompose_both: bool = field(default=False, metadata={
+        "help": "also write the left Kronecker factor w1 as a rank-r product (when r < its larger side / 2)"})
+    decompose_factor: int = field(default=-1, metadata={
+        "help": "the factor sizes: -1 splits each dimension near its square root, else into (f, dim / f) "
+                "when f divides it (PEFT's factorization)"})
+    rank_dropout_scale: bool = field(default=False, metadata={
+        "help": "rank_dropout divides the kept rows by their mean (PEFT's LoKr option; LoHa always does)"})
+    init_weights: Union[bool, str] = field(default=True, compare=False, metadata={
+        "help": "true: w1 starts at zero (the output is unchanged at init); 'lycoris': w2 starts at zero; "
+                "false: every factor random (PEFT's kaiming uniform)"})
+
+    _INITS: ClassVar[tuple] = ("lycoris",)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_bool("decompose_both", self.decompose_both)
+        _check_bool("rank_dropout_scale", self.rank_dropout_scale)
+        if isinstance(self.decompose_factor, bool) or not isinstance(self.decompose_factor, int) \
+                or (self.decompose_factor < 1 and self.decompose_factor != -1):
+            raise PetConfigError(f"decompose_factor must be -1 or an integer >= 1, got {self.decompose_factor!r}")
+
+
 def _check_adapter_common(cfg) -> None:
     """What both bottleneck adapters check alike."""
     _check_choice("non_linearity", cfg.non_linearity, NON_LINEARITIES)
@@ -748,3 +838,5 @@ register_method(IA3Config, "pet_hooks.tuners.ia3:IA3Tuner")
 register_method(BitFitConfig, "pet_hooks.tuners.bitfit:BitFitTuner")
 register_method(AdapterConfig, "pet_hooks.tuners.bottleneck:AdapterTuner")
 register_method(LowRankAdapterConfig, "pet_hooks.tuners.bottleneck:LowRankAdapterTuner")
+register_method(LoHaConfig, "pet_hooks.tuners.loha:LoHaTuner")      # issue 30 item 3
+register_method(LoKrConfig, "pet_hooks.tuners.lokr:LoKrTuner")      # issue 30 item 3

@@ -44,6 +44,8 @@ NAME = "blocks.0.attention.dense1.lora_A"
 IA3 = {"pet_type": "ia3", "target_modules": ".*dense2|.*dense3|.*mlp.projection", "feedforward_modules": ".*mlp.projection"}
 ADAPTER = {"pet_type": "adapter", "bottleneck_size": 4, "target_modules": ".*projection"}
 LOW_RANK = {"pet_type": "low_rank_adapter", "reduction_factor": 4, "target_modules": ".*projection"}
+LOHA = {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3"}          # issue 30 item 3
+LOKR = {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3"}
 
 
 @dataclass
@@ -185,6 +187,16 @@ def _peft_bias_dir(d, bias, tensors, lora_bias=False):
                       "lora_bias": lora_bias})
     save_file({k: np.zeros(v, np.float32) for k, v in {q + "lora_A.weight": (4, 16), q + "lora_B.weight": (16, 4),
                                                        **tensors}.items()}, str(_weights(d)))
+
+
+def _lycoris_peft_dir(d, peft_type, tensors, **fields):
+    """LoHa / LoKr (issue 30 item 3): a PEFT adapter of one query projection (16 -> 16) holding ``tensors``."""
+    q = "base_model.model.blocks.0.attention.dense1."
+    _write_config(d, {"peft_type": peft_type, "r": 2, "alpha": 2, "target_modules": ["dense1"], **fields})
+    save_file({q + k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
+
+
+_HADA = {"hada_w1_a": (16, 2), "hada_w1_b": (2, 16), "hada_w2_a": (16, 2), "hada_w2_b": (2, 16)}
 
 
 def _ckpt_without_lora(d):
@@ -342,6 +354,22 @@ ROWS: List[Row] = [
     M("ia3-on-layernorm", {**IA3, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "LayerNorm"),
     M("ia3-output-after-activation", {**IA3, "target_modules": ".*mapping", "feedforward_modules": None},
       UnsupportedCellError, "blocks.0.mlp.mapping", "activation", "feedforward_modules"),
+    # LoHa / LoKr (issue 30 item 3)
+    M("loha-target-missing", {"pet_type": "loha"}, PetConfigError, "target_modules", "required"),
+    M("loha-r-0", {**LOHA, "r": 0}, PetConfigError, "r must be", "got 0"),
+    M("loha-alpha-str", {**LOHA, "alpha": "8"}, PetConfigTypeError, "alpha", "'8'"),
+    M("loha-rank-dropout-1", {**LOHA, "rank_dropout": 1.0}, PetConfigError, "rank_dropout", "1.0"),
+    M("lokr-module-dropout-negative", {**LOKR, "module_dropout": -0.1}, PetConfigError, "module_dropout", "-0.1"),
+    M("loha-init-lycoris", {**LOHA, "init_weights": "lycoris"}, PetConfigError, "init_weights", "'lycoris'"),
+    M("loha-effective-conv2d-str", {**LOHA, "use_effective_conv2d": "no"}, PetConfigTypeError,
+      "use_effective_conv2d", "'no'"),
+    M("lokr-decompose-factor-0", {**LOKR, "decompose_factor": 0}, PetConfigError, "decompose_factor", "got 0"),
+    M("lokr-decompose-both-str", {**LOKR, "decompose_both": "yes"}, PetConfigTypeError, "decompose_both", "'yes'"),
+    M("lokr-pattern-matches-nothing", {**LOKR, "target_modules": ".*wk"}, NoMatchError, "'.*wk' matches no cell"),
+    M("loha-on-layernorm", {**LOHA, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "LayerNorm"),
+    M("loha-on-embedding", {**LOHA, "target_modules": "embedding"}, UnsupportedCellError, "'embedding'", "LoHa"),
+    M("lokr-on-activated-layer", {**LOKR, "target_modules": ".*mapping"}, UnsupportedCellError,
+      "blocks.0.mlp.mapping", "activation", "LoKr"),
     M("bitfit-target-int", {"pet_type": "bitfit", "target_modules": 5}, PetConfigTypeError, "target_modules", "got 5"),
     M("bitfit-exclude-everything", {"pet_type": "bitfit", "exclude_layers": [".*"]}, NoMatchError,
       "no cell with a 'bias'",
@@ -478,6 +506,17 @@ ROWS: List[Row] = [
     A("pickle-as-ckpt", lambda d: {**_file_arg(d, "lora.ckpt", pickle.dumps(_Bomb())), "cfg": CFG}, AdapterFileError,
       "lora.ckpt", "not a readable checkpoint"),
     A("ckpt-without-lora", _ckpt_without_lora, AdapterFileError, "base.ckpt", "no MindFormers LoRA tensors"),
+    # ---- PEFT LoHa / LoKr (issue 30 item 3) ----
+    A("peft-loha-rank-pattern", lambda d: _lycoris_peft_dir(d, "LOHA", _HADA, rank_pattern={"dense1": 4}),
+      AdapterFileError, "rank_pattern", "LOHA"),
+    A("peft-loha-without-a-factor", lambda d: _lycoris_peft_dir(d, "LOHA", {k: v for k, v in _HADA.items()
+                                                                            if k != "hada_w2_b"}),
+      AdapterFileError, "module 'blocks.0.attention.dense1' has no hada_w2_b"),
+    A("peft-lokr-factor-pet_hooks-would-not-make", lambda d: _lycoris_peft_dir(
+        d, "LOKR", {"lokr_w1": (4, 4), "lokr_w2_a": (4, 2), "lokr_w2_b": (2, 4)}),
+      AdapterFileError, "has no tensor", "dense1.lokr_w2'"),
+    A("peft-loha-wrong-shape", lambda d: _lycoris_peft_dir(d, "LOHA", {**_HADA, "hada_w1_a": (15, 2)}),
+      AdapterFileError, "hada_w1_a", "(15, 2)", "(16, 2)"),
     # ---- PEFT LoRA of an embedding (lora_embedding_A / _B, PEFT's copy of the table) ----
     A("peft-embedding-without-b", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256)}), AdapterFileError,
       "module 'embedding' has no lora_embedding_B"),
@@ -799,7 +838,11 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "exclude_modules", "layers_to_transform", "layers_pattern",
         "lora_bias", "bias",
         "modules_to_save", "trainable_token_indices",   # modules_to_save, trainable_token_indices (branch i29_aux)
-        "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
+        "reduction_factor", "low_rank_size", "low_rank_w_init",
+        # LoHa / LoKr (issue 30 item 3)
+        "r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights", "decompose_both",
+        "decompose_factor", "rank_dropout_scale",
+        "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
             "all-linear", "All-Linear"]  # issue 29 item 3: PEFT's shorthand
@@ -813,7 +856,8 @@ VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.te
 VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"},
          "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 3},
          "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 2, "mid_dim": 8},
-         "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK}
+         "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK,
+         "loha": LOHA, "lokr": LOKR}                               # issue 30 item 3
 assert set(VALID) == set(config_types()), "every registered method needs a valid block here"
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),
