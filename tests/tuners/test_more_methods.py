@@ -31,6 +31,8 @@ METHODS = {
     "adapter": {"pet_type": "adapter", "bottleneck_size": 4, "target_modules": ".*projection"},
     "low_rank_adapter": {"pet_type": "low_rank_adapter", "reduction_factor": 4, "low_rank_size": 2,
                          "target_modules": ".*projection"},
+    # issue 30 item 5 (its numerics against PEFT: test_oft.py)
+    "oft": {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
 }
 METHOD_PARAMS = [pytest.param(cfg, id=name) for name, cfg in METHODS.items()]
 
@@ -127,7 +129,7 @@ def test_switching_off_compiles_nothing_and_gives_the_base_bit_for_bit(cfg):
         with pet_hooks.disable_adapters(net):
             np.testing.assert_array_equal(net(ids).asnumpy(), base)
         np.testing.assert_array_equal(net(ids).asnumpy(), active)
-        if cfg["pet_type"] == "ia3":
+        if cfg["pet_type"] in ("ia3", "oft"):      # issue 30 item 5: OFT's multiplicative merge too
             pet_hooks.merge(net)
             np.testing.assert_allclose(net(ids).asnumpy(), active, rtol=1e-5, atol=1e-5)
             pet_hooks.unmerge(net)

@@ -39,10 +39,10 @@ VARIANTS = {
     "share": {"oft_block_size": 2, "block_share": True, "num_cayley_neumann_terms": 3},
 }
 MF = pytest.mark.skipif(not HAS_MINDFORMERS, reason="no mindformers")
-# every variant on Dense; MindFormers' Linear (both layouts) with one variant each
+# every variant on Dense; MindFormers' Linear in its [in, out] layout (transpose_b false: the weight
+# transposed for merging; with transpose_b it is Dense's layout) with the variant that does the most
 CASES = [pytest.param("dense", v, id=f"dense-{v}") for v in VARIANTS] + [
-    pytest.param("linear", "coft", id="mf_linear-coft", marks=MF),
-    pytest.param("linear_in_out", "exact", id="mf_linear_in_out-exact", marks=MF)]
+    pytest.param("linear_in_out", "coft", id="mf_linear_in_out-coft", marks=MF)]
 
 
 def config(variant: str, **changes) -> dict:
@@ -144,7 +144,7 @@ def test_outputs_gradients_and_merge_equal_peft(mode, kind, variant, peft_run):
 
 @NEEDS_PEFT
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_peft_reads_our_adapter_and_we_read_peft_s(mode, variant, peft_run):
+def test_peft_reads_our_adapter_we_read_peft_s_and_its_init(mode, variant, peft_run):
     work, job, rotations, theirs = peft_run
     x = Tensor(job["x"])
     assert_close(theirs[f"{variant}/ours"], theirs[f"{variant}/out"])    # PEFT's output from our files
@@ -160,12 +160,7 @@ def test_peft_reads_our_adapter_and_we_read_peft_s(mode, variant, peft_run):
     assert cfg.pet_type == "oft" and {k: getattr(cfg, k) for k in VARIANTS[variant]} == VARIANTS[variant]
     assert_close(fresh(x).asnumpy(), theirs[f"{variant}/out"])
 
-
-@NEEDS_PEFT
-@pytest.mark.parametrize("variant", ["neumann", "exact", "coft"])
-def test_default_init_is_the_identity_rotation_as_peft_s(mode, variant, peft_run):
-    _, job, _, theirs = peft_run
-    x = Tensor(job["x"])
+    # PEFT's init: oft_R zero, the identity rotation, the base output (exactly here)
     base = three_layers(job)(x).asnumpy()
     net = pet_hooks.apply(three_layers(job), config(variant))
     assert not any(np.abs(p.asnumpy()).max() for p in pet_hooks.delta_parameters(net))
@@ -173,7 +168,7 @@ def test_default_init_is_the_identity_rotation_as_peft_s(mode, variant, peft_run
     assert_close(theirs[f"{variant}/init"], base)
 
 
-@pytest.mark.parametrize("variant", ["neumann", "coft"])
+@pytest.mark.parametrize("variant", ["coft"])      # Neumann (in COFT too) and exact: the PEFT comparison
 def test_the_contract_training_disable_native_format_remove(mode, variant, tmp_path):
     job = _job()
     net = three_layers(job)
@@ -192,11 +187,11 @@ def test_the_contract_training_disable_native_format_remove(mode, variant, tmp_p
     assert losses[-1] < losses[0]
     assert_params_equal(values, net)                    # every base parameter bit for bit
     assert all(np.abs(p.asnumpy()).max() > 0 for p in pet_hooks.delta_parameters(net))
-    if variant == "coft":                               # every block within the radius eps / sqrt(rows) = 0.05 / sqrt(2)
-        for p in pet_hooks.delta_parameters(net):
-            assert np.sqrt(2 * (p.asnumpy() ** 2).sum(1)).max() <= 0.05 / np.sqrt(2) * (1 + 1e-5)
     net.set_train(False)
     adapted = net(x).asnumpy()
+    if variant == "coft":      # the forward projected every block (the last step moved them out) to eps / sqrt(rows)
+        for p in pet_hooks.delta_parameters(net):
+            np.testing.assert_allclose(np.sqrt(2 * (p.asnumpy() ** 2).sum(1)), 0.05 / np.sqrt(2), rtol=1e-5)
     assert not np.allclose(adapted, base)
     with pet_hooks.disable_adapters(net):
         np.testing.assert_array_equal(net(x).asnumpy(), base)
@@ -236,7 +231,17 @@ def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path):
 GPT_CFG = {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3"}
 
 
-def test_enable(mode):
+def test_enable():
+    """The enable door, in graph mode (OFT in both modes: the tests above)."""
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    try:
+        _enable()
+    finally:
+        ms.set_context(mode=before)
+
+
+def _enable():
     from samples.data import lm_batches
     from samples.tiny_gpt import GPTWithLoss, build
     with pet_hooks.enable(GPT_CFG):
