@@ -26,6 +26,7 @@ _LAZY = {
     "PetConfig": "config.pet_config", "LoraConfig": "config.pet_config", "PTuning2Config": "config.pet_config",
     "PrefixTuningConfig": "config.pet_config", "IA3Config": "config.pet_config", "BitFitConfig": "config.pet_config",
     "AdapterConfig": "config.pet_config", "LowRankAdapterConfig": "config.pet_config",
+    "OFTConfig": "config.pet_config",                                          # issue 30 item 5
     "load_config": "config.pet_config",
     "register_method": "config.methods", "unregister_method": "config.methods",
     "apply": "surgery.core", "remove": "surgery.core", "merge": "surgery.core", "unmerge": "surgery.core",
@@ -51,6 +52,7 @@ __all__ = [
     "__version__",
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "PetConfigError", "load_config",
     "IA3Config", "BitFitConfig", "AdapterConfig", "LowRankAdapterConfig",
+    "OFTConfig",                                                                   # issue 30 item 5
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",
