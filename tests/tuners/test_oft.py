@@ -217,6 +217,8 @@ def test_the_contract_training_disable_native_format_remove(mode, variant, tmp_p
     assert {name: type(cell) for name, cell in net.cells_and_names()} == classes
     assert {p.name: p.requires_grad for p in net.get_parameters()} == flags
     assert not [name for name in net.parameters_dict() if ".oft_" in name]
+    from pet_hooks.tuners.oft import _ADDED_ATTRS
+    assert not [(layer, attr) for layer in LAYERS for attr in _ADDED_ATTRS if hasattr(getattr(net, layer), attr)]
     assert_params_equal(values, net)
     np.testing.assert_array_equal(net(x).asnumpy(), base)
 
