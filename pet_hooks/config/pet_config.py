@@ -32,6 +32,7 @@ __all__ = [
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "IA3Config", "BitFitConfig",
     "AdapterConfig", "LowRankAdapterConfig",
     "LoHaConfig", "LoKrConfig",   # issue 30 item 3
+    "OFTConfig",   # issue 30 item 5
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
     "config_types", "config_differences",
 ]
@@ -180,7 +181,7 @@ class PetConfig:
     """
 
     pet_type: str = field(default="", metadata={
-        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter, low_rank_adapter, loha or lokr"})
+        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter, low_rank_adapter, loha, lokr or oft"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
     # modules_to_save (PEFT's, on every PEFT config): a trainable copy of each named cell, saved with the adapter;
@@ -660,6 +661,74 @@ def _check_adapter_common(cfg) -> None:
         cfg.compute_dtype = _dtype_name("compute_dtype", cfg.compute_dtype)
 
 
+# issue 30 item 5: OFT (PEFT 0.21's OFTConfig; tuners/oft.py)
+@dataclass
+class OFTConfig(PetConfig):
+    """OFT (PEFT's ``OFTConfig``): the input of each matched Dense / Linear is rotated by a learned
+    block-diagonal orthogonal matrix (Cayley transform of skew-symmetric blocks): ``y = base(x @ R)``."""
+
+    PET_TYPE: ClassVar[str] = "oft"
+
+    r: int = field(default=0, metadata={
+        "help": "number of blocks per layer (in_features / r each); PEFT's: exactly one of r and oft_block_size "
+                "is non-zero, so r: N needs oft_block_size: 0"})
+    oft_block_size: int = field(default=32, metadata={
+        "help": "size of each rotation block; must divide every target's in_features (PEFT's default 32; 0 when r "
+                "is given)"})
+    use_cayley_neumann: bool = field(default=True, metadata={
+        "help": "true: the Cayley transform by a Neumann series (num_cayley_neumann_terms terms, approximately "
+                "orthogonal); false: the exact (I - Q)(I + Q)^-1 with a matrix inverse"})
+    num_cayley_neumann_terms: int = field(default=5, metadata={
+        "help": "terms of the Neumann series (PEFT's count: 5 gives I + 2Q + 2Q^2 + 2Q^3 + Q^4)"})
+    coft: bool = field(default=False, metadata={
+        "help": "constrained OFT: before each use, every block's skew matrix is projected to Frobenius norm "
+                "<= eps / sqrt(blocks) and the projection written back to the parameter (PEFT's)"})
+    eps: float = field(default=6e-5, metadata={"help": "COFT's radius (only with coft: true), > 0"})
+    block_share: bool = field(default=False, metadata={
+        "help": "one rotation block shared by all the blocks of a layer (one row of oft_R)"})
+    module_dropout: float = field(default=0.0, metadata={
+        "help": "PEFT's field, in [0, 1), kept for PEFT's files; PEFT 0.21.2's Linear never applies it, so it has "
+                "no effect here either"})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    exclude_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
+    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
+        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
+    layers_pattern: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
+    # Init-only (compare=False): two configs that differ only here describe the same adapter.
+    init_weights: bool = field(default=True, compare=False, metadata={
+        "help": "true: oft_R starts at zero (the identity rotation: the output is unchanged); false: normal, "
+                "std 0.1 (PEFT's)"})
+
+    def validate(self) -> None:
+        if self.target_modules is None:
+            raise PetConfigError("target_modules is required for oft (a regex such as '.*wq|.*wv', a list of cell "
+                                 "names, or 'all-linear')")
+        _check_targets(self)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_layer_selection(self)
+        _check_int("r", self.r, minimum=0)
+        _check_int("oft_block_size", self.oft_block_size, minimum=0)
+        if (self.r != 0) == (self.oft_block_size != 0):     # PEFT's check: exactly one of them
+            raise PetConfigError(f"exactly one of r and oft_block_size must be non-zero (PEFT's rule, "
+                                 f"r x oft_block_size = in_features), got r={self.r!r}, "
+                                 f"oft_block_size={self.oft_block_size!r}")
+        _check_bool("use_cayley_neumann", self.use_cayley_neumann)
+        _check_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
+        _check_bool("coft", self.coft)
+        _check_number("eps", self.eps)
+        if self.eps <= 0:
+            raise PetConfigError(f"eps must be > 0, got {self.eps!r}")
+        _check_bool("block_share", self.block_share)
+        _check_rate("module_dropout", self.module_dropout)
+        _check_bool("init_weights", self.init_weights)
+
+
 # Keys MindFormers writes under other names; mapped before the unknown-key check.
 _KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lora_a_init"}
 
@@ -840,3 +909,4 @@ register_method(AdapterConfig, "pet_hooks.tuners.bottleneck:AdapterTuner")
 register_method(LowRankAdapterConfig, "pet_hooks.tuners.bottleneck:LowRankAdapterTuner")
 register_method(LoHaConfig, "pet_hooks.tuners.loha:LoHaTuner")      # issue 30 item 3
 register_method(LoKrConfig, "pet_hooks.tuners.lokr:LoKrTuner")      # issue 30 item 3
+register_method(OFTConfig, "pet_hooks.tuners.oft:OFTTuner")      # issue 30 item 5

@@ -46,6 +46,7 @@ ADAPTER = {"pet_type": "adapter", "bottleneck_size": 4, "target_modules": ".*pro
 LOW_RANK = {"pet_type": "low_rank_adapter", "reduction_factor": 4, "target_modules": ".*projection"}
 LOHA = {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3"}          # issue 30 item 3
 LOKR = {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3"}
+OFT = {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3"}     # issue 30 item 5
 
 
 @dataclass
@@ -197,6 +198,11 @@ def _lycoris_peft_dir(d, peft_type, tensors, **fields):
 
 
 _HADA = {"hada_w1_a": (16, 2), "hada_w1_b": (2, 16), "hada_w2_a": (16, 2), "hada_w2_b": (2, 16)}
+def _oft_peft_dir(d, shape, **fields):
+    """OFT (issue 30 item 5): a PEFT adapter of one query projection (16 -> 16, blocks of 4) with ``oft_R`` of ``shape``."""
+    _write_config(d, {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["dense1"], **fields})
+    save_file({"base_model.model.blocks.0.attention.dense1.oft_R.weight": np.zeros(shape, np.float32)},
+              str(_weights(d)))
 
 
 def _ckpt_without_lora(d):
@@ -343,6 +349,22 @@ ROWS: List[Row] = [
     M("bias-bool", {**SEED, "bias": True}, PetConfigError, "bias", "True"),
     # ---- IA3, BitFit, bottleneck adapters: a bad value per field, a pattern matching nothing, a cell they refuse ----
     M("ia3-target-missing", {"pet_type": "ia3"}, PetConfigError, "target_modules", "required"),
+    # OFT (issue 30 item 5)
+    M("oft-target-missing", {"pet_type": "oft"}, PetConfigError, "target_modules", "required"),
+    M("oft-r-and-block-size", {**OFT, "r": 2}, PetConfigError, "exactly one of r and oft_block_size", "r=2",
+      "oft_block_size=4"),
+    M("oft-neither-r-nor-block-size", {**OFT, "oft_block_size": 0}, PetConfigError, "exactly one", "r=0"),
+    M("oft-block-size-negative", {**OFT, "oft_block_size": -4}, PetConfigError, "oft_block_size", "-4"),
+    M("oft-block-size-str", {**OFT, "oft_block_size": "4"}, PetConfigTypeError, "oft_block_size", "'4'"),
+    M("oft-block-size-not-dividing", {**OFT, "oft_block_size": 5}, PetConfigError, "oft_block_size=5",
+      "in_features 16", "'blocks.0.attention.dense1'"),
+    M("oft-r-over-in-features", {**OFT, "r": 32, "oft_block_size": 0}, PetConfigError, "r=32", "in_features 16"),
+    M("oft-neumann-terms-0", {**OFT, "num_cayley_neumann_terms": 0}, PetConfigError, "num_cayley_neumann_terms",
+      "got 0"),
+    M("oft-eps-0", {**OFT, "eps": 0}, PetConfigError, "eps must be > 0", "got 0"),
+    M("oft-coft-str", {**OFT, "coft": "yes"}, PetConfigTypeError, "coft", "'yes'"),
+    M("oft-module-dropout-1", {**OFT, "module_dropout": 1.0}, PetConfigError, "module_dropout", "1.0"),
+    M("oft-on-layernorm", {**OFT, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "LayerNorm"),
     M("ia3-ff-int", {**IA3, "feedforward_modules": 3}, PetConfigTypeError, "feedforward_modules", "got 3"),
     M("ia3-ff-bad-regex", {**IA3, "feedforward_modules": "(ff"}, PetConfigError, "feedforward_modules", "(ff"),
     M("ia3-init-str", {**IA3, "init_ia3_weights": "yes"}, PetConfigTypeError, "init_ia3_weights", "'yes'"),
@@ -493,6 +515,10 @@ ROWS: List[Row] = [
     A("config-for-another-method", lambda d: _write_config(d, {"pet_config": {"pet_type": "ptuning2",
                                                                               "pre_seq_len": 4}}),
       AdapterFileError, "pet_prefix_encoder", "no tensor"),
+    # ---- PEFT OFT (issue 30 item 5) ----
+    A("peft-oft-bias-all", lambda d: _oft_peft_dir(d, (4, 6), bias="all"), AdapterFileError, "bias='all'", "OFT"),
+    A("peft-oft-wrong-shape", lambda d: _oft_peft_dir(d, (4, 5)), AdapterFileError, "oft_R", "(4, 5)", "(4, 6)"),
+    A("peft-oft-both-sizes", lambda d: _oft_peft_dir(d, (4, 6), r=4), AdapterFileError, "exactly one", "r=4"),
     A("config-for-another-model", lambda d: _write_config(d, {"pet_config": {**CFG, "target_modules": ".*wq"}}),
       NoMatchError, "'.*wq' matches no cell"),
     A("net-has-another-pet", lambda d: {"pre_apply": {**CFG, "lora_rank": 2}}, PetStateError, "different PET config",
@@ -842,6 +868,8 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         # LoHa / LoKr (issue 30 item 3)
         "r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights", "decompose_both",
         "decompose_factor", "rank_dropout_scale",
+        # OFT (issue 30 item 5; r, module_dropout and init_weights above)
+        "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps", "block_share",
         "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
@@ -857,7 +885,8 @@ VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense
          "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 3},
          "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 2, "mid_dim": 8},
          "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK,
-         "loha": LOHA, "lokr": LOKR}                               # issue 30 item 3
+         "loha": LOHA, "lokr": LOKR,                               # issue 30 item 3
+         "oft": OFT}                                               # issue 30 item 5
 assert set(VALID) == set(config_types()), "every registered method needs a valid block here"
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),

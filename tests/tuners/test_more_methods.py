@@ -34,6 +34,8 @@ METHODS = {
     # issue 30 item 3 (their numerics against PEFT: test_lycoris.py)
     "loha": {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
     "lokr": {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
+    # issue 30 item 5 (its numerics against PEFT: test_oft.py)
+    "oft": {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
 }
 METHOD_PARAMS = [pytest.param(cfg, id=name) for name, cfg in METHODS.items()]
 
@@ -130,7 +132,7 @@ def test_switching_off_compiles_nothing_and_gives_the_base_bit_for_bit(cfg):
         with pet_hooks.disable_adapters(net):
             np.testing.assert_array_equal(net(ids).asnumpy(), base)
         np.testing.assert_array_equal(net(ids).asnumpy(), active)
-        if cfg["pet_type"] in ("ia3", "loha", "lokr"):
+        if cfg["pet_type"] in ("ia3", "loha", "lokr", "oft"):      # OFT's merge is multiplicative (PEFT's)
             pet_hooks.merge(net)
             np.testing.assert_allclose(net(ids).asnumpy(), active, rtol=1e-5, atol=1e-5)
             pet_hooks.unmerge(net)
