@@ -184,6 +184,7 @@ def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
         deltas.update((id(p), p) for p in trainable_tokens.delta_parameters(tokens))
         deltas = deltas.values()
         switches = tuner.switch_parameters(injections)
+        switches = switches + tuner.frozen_parameters(injections)     # never trained either (VeRA's projections)
         before = optim.freeze_for_pet(net, deltas, cfg, switches)
         kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas} | {id(p) for p in switches})
         head_loss = chunked_loss.install(net, cfg.chunked_loss) if cfg.chunked_loss else None

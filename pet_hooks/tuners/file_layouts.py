@@ -35,6 +35,9 @@ class PeftLayout:
     #: PEFT's optional key suffixes saved bare, with no tail (DoRA's ``lora_magnitude_vector``) -> our leaf;
     #: written when the cell has that delta, read when the file has it
     bare_weights: ClassVar[Mapping[str, str]] = {}
+    #: tensors of the whole adapter, not of one module (VeRA's shared projections): PEFT's full key
+    #: (``base_model.vera_A``) -> the name of our (shared) delta; written on saving, required on loading
+    shared_weights: ClassVar[Mapping[str, str]] = {}
 
     def tensor_sets(self) -> List[Tuple[Mapping[str, str], str]]:
         """The sets of tensors one PEFT module of this method may hold, ``[(PEFT suffix -> our leaf, key tail)]``;
