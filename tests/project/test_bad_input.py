@@ -44,6 +44,7 @@ NAME = "blocks.0.attention.dense1.lora_A"
 IA3 = {"pet_type": "ia3", "target_modules": ".*dense2|.*dense3|.*mlp.projection", "feedforward_modules": ".*mlp.projection"}
 ADAPTER = {"pet_type": "adapter", "bottleneck_size": 4, "target_modules": ".*projection"}
 LOW_RANK = {"pet_type": "low_rank_adapter", "reduction_factor": 4, "target_modules": ".*projection"}
+VERA = {"pet_type": "vera", "r": 4, "target_modules": ".*dense1|.*dense3"}          # issue 30 item 4
 
 
 @dataclass
@@ -185,6 +186,17 @@ def _peft_bias_dir(d, bias, tensors, lora_bias=False):
                       "lora_bias": lora_bias})
     save_file({k: np.zeros(v, np.float32) for k, v in {q + "lora_A.weight": (4, 16), q + "lora_B.weight": (16, 4),
                                                        **tensors}.items()}, str(_weights(d)))
+
+
+def _vera_peft_dir(d, tensors, **fields):
+    """VeRA (issue 30 item 4): a PEFT adapter of one query projection (16 -> 16) holding ``tensors``."""
+    _write_config(d, {"peft_type": "VERA", "r": 2, "target_modules": ["dense1"], "save_projection": True, **fields})
+    save_file({k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
+
+
+_VERA_Q = "base_model.model.blocks.0.attention.dense1."
+_VERA = {"base_model.vera_A": (2, 16), "base_model.vera_B": (16, 2), _VERA_Q + "vera_lambda_b": (16,),
+         _VERA_Q + "vera_lambda_d": (2,)}
 
 
 def _ckpt_without_lora(d):
@@ -342,6 +354,18 @@ ROWS: List[Row] = [
     M("ia3-on-layernorm", {**IA3, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "LayerNorm"),
     M("ia3-output-after-activation", {**IA3, "target_modules": ".*mapping", "feedforward_modules": None},
       UnsupportedCellError, "blocks.0.mlp.mapping", "activation", "feedforward_modules"),
+    # VeRA (issue 30 item 4)
+    M("vera-target-missing", {"pet_type": "vera"}, PetConfigError, "target_modules", "required"),
+    M("vera-r-0", {**VERA, "r": 0}, PetConfigError, "r must be", "got 0"),
+    M("vera-save-projection-false", {**VERA, "save_projection": False}, PetConfigError, "save_projection",
+      "projection_prng_key"),
+    M("vera-prng-key-negative", {**VERA, "projection_prng_key": -1}, PetConfigError, "projection_prng_key", "-1"),
+    M("vera-prng-key-str", {**VERA, "projection_prng_key": "0"}, PetConfigTypeError, "projection_prng_key", "'0'"),
+    M("vera-dropout-1", {**VERA, "vera_dropout": 1.0}, PetConfigError, "vera_dropout", "1.0"),
+    M("vera-d-initial-str", {**VERA, "d_initial": "0.1"}, PetConfigTypeError, "d_initial", "'0.1'"),
+    M("vera-fan-in-fan-out", {**VERA, "fan_in_fan_out": True}, PetConfigError, "fan_in_fan_out", "Conv1D"),
+    M("vera-bias-all", {**VERA, "bias": "vera_only"}, PetConfigError, "bias", "'vera_only'"),
+    M("vera-on-layernorm", {**VERA, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "VeRA"),
     M("bitfit-target-int", {"pet_type": "bitfit", "target_modules": 5}, PetConfigTypeError, "target_modules", "got 5"),
     M("bitfit-exclude-everything", {"pet_type": "bitfit", "exclude_layers": [".*"]}, NoMatchError,
       "no cell with a 'bias'",
@@ -478,6 +502,15 @@ ROWS: List[Row] = [
     A("pickle-as-ckpt", lambda d: {**_file_arg(d, "lora.ckpt", pickle.dumps(_Bomb())), "cfg": CFG}, AdapterFileError,
       "lora.ckpt", "not a readable checkpoint"),
     A("ckpt-without-lora", _ckpt_without_lora, AdapterFileError, "base.ckpt", "no MindFormers LoRA tensors"),
+    # ---- PEFT VeRA (issue 30 item 4) ----
+    A("peft-vera-save-projection-false", lambda d: _vera_peft_dir(d, {k: v for k, v in _VERA.items()
+                                                                      if ".vera_lambda" in k}, save_projection=False),
+      AdapterFileError, "save_projection=False", "projection_prng_key"),
+    A("peft-vera-without-projection", lambda d: _vera_peft_dir(d, {k: v for k, v in _VERA.items()
+                                                                   if k != "base_model.vera_B"}),
+      AdapterFileError, "has no 'base_model.vera_B'"),
+    A("peft-vera-projection-wrong-shape", lambda d: _vera_peft_dir(d, {**_VERA, "base_model.vera_A": (2, 15)}),
+      AdapterFileError, "vera_A", "(2, 15)", "(2, 16)"),
     # ---- PEFT LoRA of an embedding (lora_embedding_A / _B, PEFT's copy of the table) ----
     A("peft-embedding-without-b", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256)}), AdapterFileError,
       "module 'embedding' has no lora_embedding_B"),
@@ -799,7 +832,10 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "exclude_modules", "layers_to_transform", "layers_pattern",
         "lora_bias", "bias",
         "modules_to_save", "trainable_token_indices",   # modules_to_save, trainable_token_indices (branch i29_aux)
-        "reduction_factor", "low_rank_size", "low_rank_w_init", "rank", "pet_config"]
+        "reduction_factor", "low_rank_size", "low_rank_w_init",
+        # VeRA (issue 30 item 4)
+        "r", "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "fan_in_fan_out", "init_weights",
+        "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
             "all-linear", "All-Linear"]  # issue 29 item 3: PEFT's shorthand
@@ -813,7 +849,8 @@ VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.te
 VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"},
          "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 3},
          "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 2, "mid_dim": 8},
-         "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK}
+         "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK,
+         "vera": VERA}                                             # issue 30 item 4
 assert set(VALID) == set(config_types()), "every registered method needs a valid block here"
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),
