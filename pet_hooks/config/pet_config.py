@@ -30,7 +30,7 @@ from .strategy_ckpt import check_run_yaml
 
 __all__ = [
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "IA3Config", "BitFitConfig",
-    "AdapterConfig", "LowRankAdapterConfig",
+    "AdapterConfig", "LowRankAdapterConfig", "VeraConfig",
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
     "config_types", "config_differences",
 ]
