@@ -304,3 +304,37 @@ def test_launcher(tmp_path):
     assert sorted({i.path.rsplit(".", 1)[-1] for i in state.injections}) == ["dense1", "dense3"]
     moved = [p for p in pet_hooks.delta_parameters(net) if p.name.endswith("vera_lambda_b") and np.abs(p.asnumpy()).max()]
     assert len(moved) == len(state.injections)                    # trained: every zero-init lambda_b moved
+
+
+def test_the_gradient_guard_reports_the_cell_its_parent_never_calls(mode, caplog):
+    """The guard's witness is vera_lambda_b, zero at init: weight decay moves lambda_d without any gradient."""
+    import logging
+    import mindspore.dataset as ds
+    from mindspore.train import Model
+    from tests.tuners.test_unreached_cells import ReadsWeights, _guard_warnings
+    rng = np.random.default_rng(0)
+    data = ds.NumpySlicesDataset({"x": rng.standard_normal((4, 4)).astype(np.float32),
+                                  "y": rng.standard_normal((4, 2)).astype(np.float32)}, shuffle=False).batch(1)
+    net = ReadsWeights()
+    model = Model(net, nn.MSELoss(), nn.Momentum(net.trainable_params(), 0.1, 0.9, weight_decay=0.01))
+    cfg = {"pet_type": "vera", "r": 2, "seed": 1, "target_modules": ".*proj|.*head"}
+    with caplog.at_level(logging.WARNING, logger="pet_hooks"):
+        model.train(1, data, callbacks=[pet_hooks.PetCallback(cfg)], dataset_sink_mode=False)
+    warnings = _guard_warnings(caplog)
+    assert len(warnings) == 1 and "after 2 steps" in warnings[0] and "proj.vera_lambda_b" in warnings[0], warnings
+    assert "head." not in warnings[0] and "vera_A" not in warnings[0]
+    assert net.head.vera_lambda_b.asnumpy().any() and not net.proj.vera_lambda_b.asnumpy().any()
+
+
+def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path):
+    from tests.nets import ThreeLayers
+    job = _job()
+    net = pet_hooks.apply(three_layers(job), config(init_weights=False, seed=2))
+    x = Tensor(job["x"])
+    adapted = net(x).asnumpy()
+    pet_hooks.save_merged_checkpoint(net, str(tmp_path / "merged.ckpt"))
+    plain = ThreeLayers()
+    ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")), strict_load=True)
+    np.testing.assert_allclose(plain(x).asnumpy(), adapted, rtol=1e-5, atol=1e-5)
+    assert np.abs(plain(x).asnumpy() - three_layers(job)(x).asnumpy()).max() > 1e-2
+
