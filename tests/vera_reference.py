@@ -13,7 +13,9 @@ shared pair sized by the largest layer), sets pet_hooks' values, and writes ``WO
 - ``init``: the output right after ``get_peft_model`` with PEFT's default init (the base's);
 - ``ours``: the output with pet_hooks' PEFT-format adapter ``WORK_DIR/ours`` loaded by ``PeftModel.from_pretrained``;
 - ``theirs_out``: the output of a second PEFT model with PEFT's OWN projections (``projection_prng_key`` 3) and
-  random lambdas, saved to ``WORK_DIR/theirs`` (``save_pretrained``) for pet_hooks to read; its keys in ``keys.txt``.
+  random lambdas, saved to ``WORK_DIR/theirs`` (``save_pretrained``) for pet_hooks to read; its keys in ``keys.txt``;
+- ``bare_out``, ``bare/vera_A`` / ``_B``: the same with ``save_projection=False`` (key 5), saved to ``WORK_DIR/bare``
+  (the lambdas only: pet_hooks re-derives the projections with torch).
 """
 import os
 import sys
@@ -94,6 +96,17 @@ def main(work):
     keys = sorted(load_file(os.path.join(work, "theirs", "adapter_model.safetensors")))
     with open(os.path.join(work, "keys.txt"), "w") as fh:
         fh.write("\n".join(keys))
+
+    # save_projection=False: the file holds the lambdas only, the projections come from the key (5)
+    bare = get_peft_model(base_net(job), VeraConfig(r=r, target_modules=list(LAYERS), projection_prng_key=5,
+                                                    save_projection=False)).eval()
+    with torch.no_grad():
+        for param in lambdas(bare).values():
+            param.copy_(torch.randn(param.shape, generator=generator))
+        result["bare_out"] = bare(x).numpy()
+    result["bare/vera_A"] = bare.base_model.vera_A["default"].numpy()
+    result["bare/vera_B"] = bare.base_model.vera_B["default"].numpy()
+    bare.save_pretrained(os.path.join(work, "bare"))
     np.savez(os.path.join(work, "torch.npz"), **result)
 
 

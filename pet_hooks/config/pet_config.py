@@ -574,8 +574,8 @@ class VeraConfig(PetConfig):
         "help": "seed of the shared projections vera_A / vera_B (pet_hooks draws them with NumPy, kaiming uniform "
                 "as PEFT; they are saved with the adapter, so loading uses them exactly)"})
     save_projection: bool = field(default=True, metadata={
-        "help": "PEFT's; must be true: vera_A / vera_B travel in the adapter file (pet_hooks cannot replay torch's "
-                "generator to re-derive PEFT's projections from projection_prng_key)"})
+        "help": "PEFT's; must be true: vera_A / vera_B (drawn with NumPy) travel in the adapter file. A PEFT file "
+                "saved with false is read by re-deriving PEFT's projections with torch, when torch is installed"})
     vera_dropout: float = field(default=0.0, metadata={
         "help": "training only: dropout on the input of the VeRA branch, in [0, 1)"})
     d_initial: float = field(default=0.1, metadata={
@@ -608,8 +608,8 @@ class VeraConfig(PetConfig):
         _check_int("projection_prng_key", self.projection_prng_key, minimum=0)
         _check_bool("save_projection", self.save_projection)
         if not self.save_projection:
-            raise PetConfigError("save_projection=false is not supported: pet_hooks cannot re-derive PEFT's vera_A / "
-                                 "vera_B from projection_prng_key (they come from torch's generator), so the "
+            raise PetConfigError("save_projection=false is not supported: pet_hooks draws vera_A / vera_B from "
+                                 "projection_prng_key with NumPy, not with torch's generator as PEFT, so the "
                                  "projections must travel in the adapter file; keep save_projection: true")
         _check_rate("vera_dropout", self.vera_dropout)
         _check_number("d_initial", self.d_initial)

@@ -427,11 +427,8 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
                                                  PEFT_PREFIX, weights_path)
     token_deltas, rest = token_rows.split_keys(rest, PEFT_PREFIX)   # config trainable_token_indices
     rest, biases = _split_biases(rest) if tuner.peft.peft_type == "LORA" else (rest, {})
-    shared = {}
-    for key, name in tuner.peft.shared_weights.items():     # the adapter's own tensors (VeRA's vera_A / vera_B)
-        if key not in rest:
-            raise AdapterFileError(f"{weights_path} has no '{key}' (the {tuner.label} adapter's shared tensor)")
-        shared[name] = rest.pop(key)
+    # the adapter's own tensors (VeRA's vera_A / vera_B); the layout re-derives absent ones or refuses (below)
+    shared = {name: rest.pop(key) for key, name in tuner.peft.shared_weights.items() if key in rest}
     modules, copies = _modules_of(rest, weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
@@ -442,6 +439,11 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
                for module, pair in modules.items() for suffix, value in pair.items()}
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
     tensors.update(_bias_names(net, biases, ours, spec, doc, weights_path))
+    absent = {key: name for key, name in tuner.peft.shared_weights.items() if name not in shared}
+    if absent:
+        cells = dict(net.cells_and_names())
+        shared.update(tuner.peft.derive_shared(doc, absent, [cells[path] for path in sorted(set(ours.values()))],
+                                               weights_path))
     tensors.update(shared)
     state = get_state(net)
     copy_adapter = adapter_name or (state.active[0] if state is not None else DEFAULT_ADAPTER)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List, Mapping, Optional, Sequence, Tuple
 
 from ..config.pet_config import PetConfig
+from ..errors import AdapterFileError
 
 __all__ = ["PeftLayout", "MindFormersLayout"]
 
@@ -43,6 +44,12 @@ class PeftLayout:
         """The sets of tensors one PEFT module of this method may hold, ``[(PEFT suffix -> our leaf, key tail)]``;
         each module's tensors form exactly one of them. By default ``weights`` with ``key_tail``."""
         return [(self.weights, self.key_tail)]
+
+    def derive_shared(self, doc: Mapping, absent: Mapping[str, str], cells: Sequence, weights_path: str) -> dict:
+        """Our name -> array for the ``shared_weights`` a PEFT file lacks (``absent``: PEFT key -> our name), given
+        the cells the adapter maps onto; by default an AdapterFileError naming the first absent key."""
+        key = next(iter(absent))
+        raise AdapterFileError(f"{weights_path} has no '{key}' (the adapter's shared tensor)")
 
     def fields(self, cfg: PetConfig) -> dict:
         """The method's own fields of an ``adapter_config.json`` written for ``cfg``."""

@@ -13,8 +13,10 @@ with ``projection_prng_key``; pet_hooks draws the same distribution from NumPy's
 same key (torch's stream cannot be replayed without torch). So the values differ from PEFT's for one key,
 and they travel with the adapter: ``save_projection`` must be true (PEFT's default), both formats hold
 ``vera_A`` / ``vera_B`` (PEFT's keys ``base_model.vera_A`` / ``base_model.vera_B``, ``PeftLayout.shared_weights``),
-and loading uses the file's exactly. A PEFT file saved with ``save_projection: false`` is refused with an
-error saying why. The projections are never trained (``Tuner.frozen_parameters``: frozen by ``apply`` like a
+and loading uses the file's exactly. A PEFT file saved with ``save_projection: false`` holds no projections:
+when torch is installed they are re-derived as PEFT does, by torch itself in a child process (``peft_projections``:
+PEFT's values exactly; the loaded config then says ``save_projection: true``, so pet_hooks' files carry them);
+without torch the file is refused with an error saying why. The projections are never trained (``Tuner.frozen_parameters``: frozen by ``apply`` like a
 switch), yet saved like deltas; merging, training and switching never write them.
 
 On/off is a data switch (``pet_vera_on``, one float32 Parameter, 1 or 0) multiplying the branch. Merging
@@ -22,7 +24,12 @@ adds ``(lambda_b * B) @ (lambda_d * A)`` to the weight (in its layout), unmergin
 """
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Tuple
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import Parameter, nn, ops
@@ -71,6 +78,41 @@ def kaiming_uniform(rng: np.random.Generator, shape: Tuple[int, int]) -> np.ndar
     return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+# PEFT's _init_vera_A_vera_B: one CPU generator seeded with the key, vera_A then vera_B, kaiming uniform
+_TORCH_DRAW = """
+import math, sys
+import numpy as np
+import torch
+key, r, n_in, n_out, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+generator = torch.Generator(device="cpu").manual_seed(key)
+def draw(shape):
+    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator).numpy()
+a = draw((r, n_in))
+np.savez(path, vera_A=a, vera_B=draw((n_out, r)))
+"""
+
+
+def peft_projections(key: int, r: int, n_in: int, n_out: int) -> Dict[str, np.ndarray]:
+    """PEFT's ``vera_A`` [r, n_in] / ``vera_B`` [n_out, r] for ``projection_prng_key`` ``key``, drawn by torch in a
+    child process (torch and MindSpore are not loaded in one process)."""
+    if not torch_available():
+        raise AdapterFileError("re-deriving PEFT's vera_A / vera_B from projection_prng_key needs torch, which is "
+                               "not installed")
+    with tempfile.TemporaryDirectory() as work:
+        path = os.path.join(work, "projections.npz")
+        out = subprocess.run([sys.executable, "-c", _TORCH_DRAW, str(key), str(r), str(n_in), str(n_out), path],
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise AdapterFileError(f"re-deriving PEFT's vera_A / vera_B with torch failed: {out.stderr[-500:]}")
+        with np.load(path) as found:
+            return {name: found[name].astype(np.float32) for name in PROJECTIONS}
+
+
 def _out_in(cell: nn.Cell) -> Tuple[int, int]:
     return int(cell.out_channels), int(cell.in_channels)
 
@@ -103,18 +145,30 @@ class VeraPeftLayout(PeftLayout):
         return doc
 
     def check_fields(self, doc: Mapping, config_path: str) -> None:
-        if doc.get("save_projection", True) is not True:
+        if doc.get("save_projection", True) is not True and not torch_available():
             raise AdapterFileError(
                 f"{config_path}: save_projection={doc.get('save_projection')!r}: the adapter holds no vera_A / vera_B, "
-                f"and pet_hooks cannot re-derive PEFT's projections from projection_prng_key (torch's generator); "
-                f"save it from PEFT with save_projection=True")
+                f"and without torch pet_hooks cannot re-derive PEFT's projections from projection_prng_key (torch's "
+                f"generator); install torch, or save it from PEFT with save_projection=True")
         if doc.get("fan_in_fan_out"):
             raise AdapterFileError(f"{config_path}: fan_in_fan_out=true (GPT-2's Conv1D) is not supported")
         if (doc.get("bias") or "none") != "none":
             raise AdapterFileError(f"{config_path}: bias={doc.get('bias')!r} is not supported for VeRA (only 'none')")
 
+    def derive_shared(self, doc: Mapping, absent: Mapping[str, str], cells: Sequence, weights_path: str) -> dict:
+        """A file saved with ``save_projection: false``: PEFT's projections re-derived from ``projection_prng_key``
+        by torch itself (in a child process), sized over the cells the file adapts (PEFT's ``_find_dim``)."""
+        if doc.get("save_projection", True) is True:
+            raise AdapterFileError(f"{weights_path} has no '{next(iter(absent))}' but its config says "
+                                   f"save_projection=true (the projections must be in the file)")
+        sizes = [_out_in(cell) for cell in cells]
+        return peft_projections(int(doc.get("projection_prng_key", 0)), int(doc["r"]),
+                                max(s[1] for s in sizes), max(s[0] for s in sizes))
+
     def config_from(self, doc: Mapping, target_modules: List[str]) -> VeraConfig:
-        fields = {name: doc[name] for name in self._FIELDS if name in doc}
+        # save_projection false in the file: the projections were re-derived with torch (derive_shared); from
+        # now on they travel in pet_hooks' files, so the config says true
+        fields = {name: doc[name] for name in self._FIELDS if name in doc and name != "save_projection"}
         try:
             return config_from_dict({"pet_type": "vera", "target_modules": target_modules, **fields})
         except (TypeError, ValueError) as err:

@@ -223,15 +223,32 @@ def test_the_contract_one_frozen_pair_training_disable_native_format_remove(mode
     np.testing.assert_array_equal(net(x).asnumpy(), base)
 
 
-def test_a_peft_file_without_projections_is_refused_naming_why(tmp_path):
+@NEEDS_PEFT
+def test_a_peft_file_saved_without_projections_gets_them_from_torch(peft_run):
+    """PEFT's save_projection=False: the file holds the lambdas only; pet_hooks re-derives vera_A / vera_B from
+    projection_prng_key with torch (in a child process): exactly PEFT's, and the output is PEFT's."""
+    work, job, _, theirs = peft_run
+    from safetensors.numpy import load_file
+    assert not [k for k in load_file(str(work / "bare" / "adapter_model.safetensors")) if "vera_A" in k]
+    fresh = pet_hooks.load_adapter(three_layers(job), work / "bare")
+    cfg = get_state(fresh).config
+    assert (cfg.projection_prng_key, cfg.save_projection) == (5, True)     # from now on they travel in the file
+    for name in ("vera_A", "vera_B"):
+        np.testing.assert_array_equal(fresh.parameters_dict()[name].asnumpy(), theirs[f"bare/{name}"])
+    assert_close(fresh(Tensor(job["x"])).asnumpy(), theirs["bare_out"])
+
+
+def test_without_torch_a_peft_file_without_projections_is_refused_naming_why(tmp_path, monkeypatch):
+    import pet_hooks.tuners.vera as vera
     job = _job()
     net = pet_hooks.apply(three_layers(job), config())
     pet_hooks.save_adapter(net, tmp_path / "peft", format="peft")
     doc_path = tmp_path / "peft" / "adapter_config.json"
     doc = json.loads(doc_path.read_text())
     doc_path.write_text(json.dumps({**doc, "save_projection": False}))
+    monkeypatch.setattr(vera, "torch_available", lambda: False)
     fresh = three_layers(job)
-    with pytest.raises(AdapterFileError, match="save_projection=False.*cannot re-derive PEFT's projections"):
+    with pytest.raises(AdapterFileError, match="save_projection=False.*without torch.*cannot re-derive"):
         pet_hooks.load_adapter(fresh, tmp_path / "peft")
     assert get_state(fresh) is None
 
