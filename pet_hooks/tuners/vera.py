@@ -38,6 +38,7 @@ from mindspore.common import dtype as mstype
 from ..config.pet_config import VeraConfig, config_from_dict
 from ..errors import AdapterFileError
 from ..matching.cells import select_cells
+from ..utils.files import read_safetensors
 from .base import Injection
 from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch, weight_is_out_in
 from .file_layouts import PeftLayout
@@ -85,15 +86,15 @@ def torch_available() -> bool:
 # PEFT's _init_vera_A_vera_B: one CPU generator seeded with the key, vera_A then vera_B, kaiming uniform
 _TORCH_DRAW = """
 import math, sys
-import numpy as np
 import torch
+from safetensors.numpy import save_file
 key, r, n_in, n_out, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 generator = torch.Generator(device="cpu").manual_seed(key)
 def draw(shape):
     bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
     return torch.empty(shape).uniform_(-bound, bound, generator=generator).numpy()
 a = draw((r, n_in))
-np.savez(path, vera_A=a, vera_B=draw((n_out, r)))
+save_file({"vera_A": a, "vera_B": draw((n_out, r))}, path)
 """
 
 
@@ -104,13 +105,13 @@ def peft_projections(key: int, r: int, n_in: int, n_out: int) -> Dict[str, np.nd
         raise AdapterFileError("re-deriving PEFT's vera_A / vera_B from projection_prng_key needs torch, which is "
                                "not installed")
     with tempfile.TemporaryDirectory() as work:
-        path = os.path.join(work, "projections.npz")
+        path = os.path.join(work, "projections.safetensors")
         out = subprocess.run([sys.executable, "-c", _TORCH_DRAW, str(key), str(r), str(n_in), str(n_out), path],
                              capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             raise AdapterFileError(f"re-deriving PEFT's vera_A / vera_B with torch failed: {out.stderr[-500:]}")
-        with np.load(path) as found:
-            return {name: found[name].astype(np.float32) for name in PROJECTIONS}
+        found = read_safetensors(path)          # a tensor file, never a pickle
+        return {name: found[name].astype(np.float32) for name in PROJECTIONS}
 
 
 def _out_in(cell: nn.Cell) -> Tuple[int, int]:
