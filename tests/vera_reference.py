@@ -8,7 +8,7 @@ Reads ``WORK_DIR/job.npz``: the three-layer net of tests/ia3_reference.py (``k``
 Builds the net with PEFT's own ``VeraConfig(r)`` on k, v and down, checks that PEFT made the same shapes (one
 shared pair sized by the largest layer), sets pet_hooks' values, and writes ``WORK_DIR/torch.npz``:
 
-- ``out``: the output; ``grad/<layer>.vera_lambda_b`` / ``_d``: the gradients of ``sum(out * g)``;
+- ``counts``: PEFT's (trainable, all) parameter counts; ``out``: the output; ``grad/<layer>.vera_lambda_b`` / ``_d``: the gradients of ``sum(out * g)``;
 - ``merged/<layer>.weight``: the base weights after ``merge_and_unload``;
 - ``init``: the output right after ``get_peft_model`` with PEFT's default init (the base's);
 - ``ours``: the output with pet_hooks' PEFT-format adapter ``WORK_DIR/ours`` loaded by ``PeftModel.from_pretrained``;
@@ -72,6 +72,7 @@ def main(work):
         vera.vera_B["default"].copy_(torch.tensor(job["vera_B"]))
         for key, param in params.items():
             param.copy_(torch.tensor(job[key]))
+    result["counts"] = np.array(model.get_nb_trainable_parameters())      # (trainable, all), PEFT's print
     out = model(x)
     (out * g).sum().backward()
     result["out"] = out.detach().numpy()

@@ -398,8 +398,13 @@ def switch_parameters(net: nn.Cell) -> List[Parameter]:
 
 
 def parameter_counts(net: nn.Cell) -> tuple:
-    """(trainable, all) parameter values of ``net``, its switches left out."""
+    """(trainable, all) parameter values of ``net``, its switches and the tuners' frozen deltas left out (VeRA's
+    projections: buffers in PEFT, which counts parameters only)."""
     switches = {id(p) for p in switch_parameters(net)}
+    for _, cell in net.cells_and_names():
+        state = cell.__dict__.get(_STATE_ATTR)
+        if isinstance(state, PetState):
+            switches.update(id(p) for p in state.tuner.frozen_parameters(state.cells))
     total = trainable = 0
     for param in net.get_parameters():
         if id(param) not in switches:

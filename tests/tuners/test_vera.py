@@ -23,7 +23,7 @@ from mindspore import Tensor, nn
 
 import pet_hooks
 from pet_hooks.errors import AdapterFileError
-from pet_hooks.surgery.core import all_delta_parameters, get_state
+from pet_hooks.surgery.core import all_delta_parameters, get_state, parameter_counts
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, three_layers
 
@@ -134,6 +134,8 @@ def test_peft_reads_our_adapter_and_we_read_peft_s(mode, peft_run):
     work, job, values, theirs = peft_run
     x = Tensor(job["x"])
     assert_close(theirs["ours"], theirs["out"])                  # PEFT read ours: our projections and lambdas
+    ours = pet_hooks.apply(three_layers(job), config())
+    assert parameter_counts(ours) == tuple(theirs["counts"])     # the projections are not counted, as PEFT's buffers
     doc = json.loads((work / "ours" / "adapter_config.json").read_text())
     assert doc["peft_type"] == "VERA" and sorted(doc["target_modules"]) == sorted(LAYERS)
     assert (doc["r"], doc["save_projection"], doc["projection_prng_key"], doc["d_initial"]) == (R, True, 0, 0.1)
