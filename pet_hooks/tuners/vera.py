@@ -16,8 +16,9 @@ and they travel with the adapter: ``save_projection`` must be true (PEFT's defau
 and loading uses the file's exactly. A PEFT file saved with ``save_projection: false`` holds no projections:
 when torch is installed they are re-derived as PEFT does, by torch itself in a child process (``peft_projections``:
 PEFT's values exactly; the loaded config then says ``save_projection: true``, so pet_hooks' files carry them);
-without torch the file is refused with an error saying why. The projections are never trained (``Tuner.frozen_parameters``: frozen by ``apply`` like a
-switch), yet saved like deltas; merging, training and switching never write them.
+without torch the file is refused with an error saying why. The projections are never trained
+(``Tuner.frozen_parameters``: frozen by ``apply`` like a switch, and not counted, as PEFT's buffers), yet saved
+like deltas; merging, training and switching never write them.
 
 On/off is a data switch (``pet_vera_on``, one float32 Parameter, 1 or 0) multiplying the branch. Merging
 adds ``(lambda_b * B) @ (lambda_d * A)`` to the weight (in its layout), unmerging subtracts it (PEFT's).
