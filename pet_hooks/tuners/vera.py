@@ -132,7 +132,8 @@ def delta_weight(cell: nn.Cell) -> np.ndarray:
 
 
 class VeraPeftLayout(PeftLayout):
-    """PEFT's VeRA files: ``<module>.vera_lambda_b`` / ``.vera_lambda_d`` bare, the pair at ``base_model.vera_A`` / ``_B``."""
+    """PEFT's VeRA files: ``<module>.vera_lambda_b`` / ``.vera_lambda_d`` bare, the shared pair at
+    ``base_model.vera_A`` / ``base_model.vera_B``."""
 
     peft_type = "VERA"
     weights = {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"}

@@ -331,7 +331,8 @@ def test_launcher(tmp_path):
     state = get_state(net)
     assert state.config.pet_type == "vera" and state.config.r == 8
     assert sorted({i.path.rsplit(".", 1)[-1] for i in state.injections}) == ["dense1", "dense3"]
-    moved = [p for p in pet_hooks.delta_parameters(net) if p.name.endswith("vera_lambda_b") and np.abs(p.asnumpy()).max()]
+    moved = [p for p in pet_hooks.delta_parameters(net)
+             if p.name.endswith("vera_lambda_b") and np.abs(p.asnumpy()).max()]
     assert len(moved) == len(state.injections)                    # trained: every zero-init lambda_b moved
 
 
