@@ -6,8 +6,8 @@ pet_hooks' projections and random lambdas are copied to PEFT, which must have ma
 sized by the largest layer, sliced per layer); the outputs, the gradients of every lambda and the merged weights
 must be PEFT's; PEFT must read our PEFT-format adapter and we PEFT's (with PEFT's own projections). Then: the
 default init leaves the output the base's, the projections are ONE frozen Parameter pair that training never
-changes, disable / merge / unmerge / remove, the native format, dropout, and the doors (enable, the launcher;
-PetCallback and inspect in test_more_methods.py).
+changes, disable / merge / unmerge / remove, the native format, dropout, the doors (enable, the launcher;
+PetCallback and inspect in test_more_methods.py), and MindFormers' Llama against transformers' in PEFT's names.
 """
 from __future__ import annotations
 
@@ -371,3 +371,37 @@ def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path):
     np.testing.assert_allclose(plain(x).asnumpy(), adapted, rtol=1e-5, atol=1e-5)
     assert np.abs(plain(x).asnumpy() - three_layers(job)(x).asnumpy()).max() > 1e-2
 
+
+
+@NEEDS_PEFT
+@pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not installed")
+def test_llama_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
+    """MindFormers' Llama with VeRA on wq / wv / w2 (layers of different sizes: the shared pair is sliced), saved
+    with the llama name map: PEFT on transformers' Llama with the same weights reads it and gives our logits."""
+    from tests.io.test_peft_format import hf_name, llama_ids, llama_logits, llama_with_weights
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    try:
+        net = llama_with_weights()
+        ids = llama_ids(2)
+        job = {k: getattr(net.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                                   "num_heads", "rms_norm_eps", "theta", "seq_length")}
+        (tmp_path / "job.json").write_text(json.dumps(job))
+        np.savez(tmp_path / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
+        np.save(tmp_path / "ids.npy", ids)
+        base = llama_logits(net, ids)
+        pet_hooks.apply(net, {"pet_type": "vera", "r": 4, "target_modules": ".*wq|.*wv|.*w2", "init_weights": False,
+                              "seed": 3})
+        ours = llama_logits(net, ids)
+        pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama")
+        doc = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert doc["target_modules"] == ["down_proj", "q_proj", "v_proj"] and doc["peft_type"] == "VERA"
+        out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert np.abs(ours - base).max() > 1e-2
+        np.testing.assert_allclose(ours, np.load(tmp_path / "torch_ours.npy"), rtol=1e-4, atol=1e-5)
+        fresh = pet_hooks.load_adapter(llama_with_weights(), tmp_path / "ours")    # the llama map is found
+        np.testing.assert_allclose(llama_logits(fresh, ids), ours, rtol=1e-5, atol=1e-5)
+    finally:
+        ms.set_context(mode=before)
