@@ -28,6 +28,7 @@ _LAZY = {
     "AdapterConfig": "config.pet_config", "LowRankAdapterConfig": "config.pet_config",
     "LoHaConfig": "config.pet_config", "LoKrConfig": "config.pet_config",      # issue 30 item 3
     "OFTConfig": "config.pet_config",                                          # issue 30 item 5
+    "VeraConfig": "config.pet_config",                                         # issue 30 item 4
     "load_config": "config.pet_config",
     "register_method": "config.methods", "unregister_method": "config.methods",
     "apply": "surgery.core", "remove": "surgery.core", "merge": "surgery.core", "unmerge": "surgery.core",
@@ -53,7 +54,7 @@ __all__ = [
     "__version__",
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "PetConfigError", "load_config",
     "IA3Config", "BitFitConfig", "AdapterConfig", "LowRankAdapterConfig", "LoHaConfig", "LoKrConfig",
-    "OFTConfig",                                                                   # issue 30 item 5
+    "OFTConfig", "VeraConfig",                                                     # issue 30 items 4, 5
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",

@@ -33,6 +33,7 @@ __all__ = [
     "AdapterConfig", "LowRankAdapterConfig",
     "LoHaConfig", "LoKrConfig",   # issue 30 item 3
     "OFTConfig",   # issue 30 item 5
+    "VeraConfig",   # issue 30 item 4
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
     "config_types", "config_differences",
 ]
@@ -181,7 +182,7 @@ class PetConfig:
     """
 
     pet_type: str = field(default="", metadata={
-        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter, low_rank_adapter, loha, lokr or oft"})
+        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter, low_rank_adapter, loha, lokr, oft or vera"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
     # modules_to_save (PEFT's, on every PEFT config): a trainable copy of each named cell, saved with the adapter;
@@ -647,6 +648,73 @@ class LoKrConfig(_LycorisFields, PetConfig):
             raise PetConfigError(f"decompose_factor must be -1 or an integer >= 1, got {self.decompose_factor!r}")
 
 
+# issue 30 item 4: VeRA (PEFT's VeraConfig)
+@dataclass
+class VeraConfig(PetConfig):
+    """VeRA (PEFT's ``VeraConfig``): ``y = base(x) + lambda_b * ((lambda_d * (x @ A^T)) @ B^T)`` with one frozen
+    random pair ``vera_A`` [r, max in] / ``vera_B`` [max out, r] shared by every layer (sliced to its size) and
+    trained vectors ``vera_lambda_d`` [r] and ``vera_lambda_b`` [out] per layer."""
+
+    PET_TYPE: ClassVar[str] = "vera"
+
+    r: int = field(default=256, metadata={
+        "help": "the rank of the shared random projections (PEFT's default 256: VeRA trains r + out values per layer)"})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
+    projection_prng_key: int = field(default=0, metadata={
+        "help": "seed of the shared projections vera_A / vera_B (pet_hooks draws them with NumPy, kaiming uniform "
+                "as PEFT; they are saved with the adapter, so loading uses them exactly)"})
+    save_projection: bool = field(default=True, metadata={
+        "help": "PEFT's; must be true: vera_A / vera_B (drawn with NumPy) travel in the adapter file. A PEFT file "
+                "saved with false is read by re-deriving PEFT's projections with torch, when torch is installed"})
+    vera_dropout: float = field(default=0.0, metadata={
+        "help": "training only: dropout on the input of the VeRA branch, in [0, 1)"})
+    d_initial: float = field(default=0.1, metadata={
+        "help": "the initial value of every vera_lambda_d entry (vera_lambda_b starts at 0: output unchanged)"})
+    fan_in_fan_out: bool = field(default=False, metadata={
+        "help": "PEFT's, for GPT-2's Conv1D only: must be false (Dense / Linear give their own layout)"})
+    bias: str = field(default="none", metadata={
+        "help": "PEFT's; only 'none' (no base bias trains) is supported for VeRA"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    exclude_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
+    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
+        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
+    layers_pattern: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
+    # Init-only (compare=False): two configs that differ only here describe the same adapter.
+    init_weights: bool = field(default=True, compare=False, metadata={
+        "help": "true: vera_lambda_b = 0, vera_lambda_d = d_initial (output unchanged); false: PEFT's raw init, "
+                "vera_lambda_b = 1, vera_lambda_d standard normal"})
+
+    def validate(self) -> None:
+        if self.target_modules is None:
+            raise PetConfigError("target_modules is required for vera (a regex such as '.*wq|.*wv', "
+                                 "a list of cell names, or 'all-linear')")
+        _check_targets(self)
+        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
+        _check_layer_selection(self)
+        _check_int("r", self.r)
+        _check_int("projection_prng_key", self.projection_prng_key, minimum=0)
+        _check_bool("save_projection", self.save_projection)
+        if not self.save_projection:
+            raise PetConfigError("save_projection=false is not supported: pet_hooks draws vera_A / vera_B from "
+                                 "projection_prng_key with NumPy, not with torch's generator as PEFT, so the "
+                                 "projections must travel in the adapter file; keep save_projection: true")
+        _check_rate("vera_dropout", self.vera_dropout)
+        _check_number("d_initial", self.d_initial)
+        _check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        if self.fan_in_fan_out:
+            raise PetConfigError("fan_in_fan_out=true is for GPT-2's Conv1D, which pet_hooks does not adapt; "
+                                 "Dense / Linear say their own weight layout")
+        if self.bias != "none":
+            raise PetConfigError(f"bias must be 'none' for vera (training base biases is not supported), "
+                                 f"got {self.bias!r}")
+        _check_bool("init_weights", self.init_weights)
+
+
 def _check_adapter_common(cfg) -> None:
     """What both bottleneck adapters check alike."""
     _check_choice("non_linearity", cfg.non_linearity, NON_LINEARITIES)
@@ -910,3 +978,4 @@ register_method(LowRankAdapterConfig, "pet_hooks.tuners.bottleneck:LowRankAdapte
 register_method(LoHaConfig, "pet_hooks.tuners.loha:LoHaTuner")      # issue 30 item 3
 register_method(LoKrConfig, "pet_hooks.tuners.lokr:LoKrTuner")      # issue 30 item 3
 register_method(OFTConfig, "pet_hooks.tuners.oft:OFTTuner")      # issue 30 item 5
+register_method(VeraConfig, "pet_hooks.tuners.vera:VeraTuner")      # issue 30 item 4

@@ -159,6 +159,9 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
             tensors[f"{PEFT_PREFIX}{mapped[injection.path]}.{suffix}{tail}"] = np.ascontiguousarray(
                 to_numpy(params[f"{injection.path}.{leaf}"]))
     tensors.update(_bias_tensors(net, state, fn, label, fused_cells))
+    shared = {p.name: p for injection in state.injections for p in tuner.deltas_of(injection)}
+    for key, name in tuner.peft.shared_weights.items():     # the adapter's own tensors (VeRA's vera_A / vera_B)
+        tensors[key] = np.ascontiguousarray(to_numpy(shared[name]))
     doc = {
         "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "peft_type": tuner.peft.peft_type, "revision": None, "target_modules": _peft_targets(mapped, net, fn, tuner),
@@ -421,6 +424,8 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
                                                  PEFT_PREFIX, weights_path)
     token_deltas, rest = token_rows.split_keys(rest, PEFT_PREFIX)   # config trainable_token_indices
     rest, biases = _split_biases(rest) if tuner.peft.peft_type == "LORA" else (rest, {})
+    # the adapter's own tensors (VeRA's vera_A / vera_B); the layout re-derives absent ones or refuses (below)
+    shared = {name: rest.pop(key) for key, name in tuner.peft.shared_weights.items() if key in rest}
     modules, copies = _modules_of(rest, weights_path, tuner)
     if not modules:
         raise AdapterFileError(f"{weights_path} holds no {tuner.label} tensors")
@@ -431,6 +436,12 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
                for module, pair in modules.items() for suffix, value in pair.items()}
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
     tensors.update(_bias_names(net, biases, ours, spec, doc, weights_path))
+    absent = {key: name for key, name in tuner.peft.shared_weights.items() if name not in shared}
+    if absent:
+        cells = dict(net.cells_and_names())
+        shared.update(tuner.peft.derive_shared(doc, absent, [cells[path] for path in sorted(set(ours.values()))],
+                                               weights_path))
+    tensors.update(shared)
     state = get_state(net)
     copy_adapter = adapter_name or (state.active[0] if state is not None else DEFAULT_ADAPTER)
     copy_tensors, copy_paths = saved_copies.our_tensors(net, copy_modules, spec, copy_adapter, weights_path)

@@ -184,6 +184,7 @@ def apply(net: nn.Cell, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Cell:
         deltas.update((id(p), p) for p in trainable_tokens.delta_parameters(tokens))
         deltas = deltas.values()
         switches = tuner.switch_parameters(injections)
+        switches = switches + tuner.frozen_parameters(injections)     # never trained either (VeRA's projections)
         before = optim.freeze_for_pet(net, deltas, cfg, switches)
         kept = optim.kept_trainable(net, cfg, {id(p) for p in deltas} | {id(p) for p in switches})
         head_loss = chunked_loss.install(net, cfg.chunked_loss) if cfg.chunked_loss else None
@@ -397,8 +398,13 @@ def switch_parameters(net: nn.Cell) -> List[Parameter]:
 
 
 def parameter_counts(net: nn.Cell) -> tuple:
-    """(trainable, all) parameter values of ``net``, its switches left out."""
+    """(trainable, all) parameter values of ``net``, its switches and the tuners' frozen deltas left out (VeRA's
+    projections: buffers in PEFT, which counts parameters only)."""
     switches = {id(p) for p in switch_parameters(net)}
+    for _, cell in net.cells_and_names():
+        state = cell.__dict__.get(_STATE_ATTR)
+        if isinstance(state, PetState):
+            switches.update(id(p) for p in state.tuner.frozen_parameters(state.cells))
     total = trainable = 0
     for param in net.get_parameters():
         if id(param) not in switches:

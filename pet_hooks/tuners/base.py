@@ -107,6 +107,11 @@ class Tuner(abc.ABC):
         """Parameters that are switches, not weights: never trained, counted, merged into or saved."""
         return []
 
+    def frozen_parameters(self, injections: Sequence[Injection]) -> List[Parameter]:
+        """Deltas (in ``deltas_of``) that belong to the adapter and are saved with it but never train (VeRA's
+        shared random projections): ``apply`` freezes them as it freezes switches."""
+        return []
+
     # -- what the rest of pet_hooks reads ------------------------------------------------------
     def grad_sentinels(self, injection: Injection) -> List[Parameter]:
         """The deltas whose change shows that the cell's branch received a gradient (grad_guard)."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List, Mapping, Optional, Sequence, Tuple
 
 from ..config.pet_config import PetConfig
+from ..errors import AdapterFileError
 
 __all__ = ["PeftLayout", "MindFormersLayout"]
 
@@ -35,11 +36,20 @@ class PeftLayout:
     #: PEFT's optional key suffixes saved bare, with no tail (DoRA's ``lora_magnitude_vector``) -> our leaf;
     #: written when the cell has that delta, read when the file has it
     bare_weights: ClassVar[Mapping[str, str]] = {}
+    #: tensors of the whole adapter, not of one module (VeRA's shared projections): PEFT's full key
+    #: (``base_model.vera_A``) -> the name of our (shared) delta; written on saving, required on loading
+    shared_weights: ClassVar[Mapping[str, str]] = {}
 
     def tensor_sets(self) -> List[Tuple[Mapping[str, str], str]]:
         """The sets of tensors one PEFT module of this method may hold, ``[(PEFT suffix -> our leaf, key tail)]``;
         each module's tensors form exactly one of them. By default ``weights`` with ``key_tail``."""
         return [(self.weights, self.key_tail)]
+
+    def derive_shared(self, doc: Mapping, absent: Mapping[str, str], cells: Sequence, weights_path: str) -> dict:
+        """Our name -> array for the ``shared_weights`` a PEFT file lacks (``absent``: PEFT key -> our name), given
+        the cells the adapter maps onto; by default an AdapterFileError naming the first absent key."""
+        key = next(iter(absent))
+        raise AdapterFileError(f"{weights_path} has no '{key}' (the adapter's shared tensor)")
 
     def fields(self, cfg: PetConfig) -> dict:
         """The method's own fields of an ``adapter_config.json`` written for ``cfg``."""

@@ -47,6 +47,7 @@ LOW_RANK = {"pet_type": "low_rank_adapter", "reduction_factor": 4, "target_modul
 LOHA = {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3"}          # issue 30 item 3
 LOKR = {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3"}
 OFT = {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3"}     # issue 30 item 5
+VERA = {"pet_type": "vera", "r": 4, "target_modules": ".*dense1|.*dense3"}          # issue 30 item 4
 
 
 @dataclass
@@ -198,11 +199,24 @@ def _lycoris_peft_dir(d, peft_type, tensors, **fields):
 
 
 _HADA = {"hada_w1_a": (16, 2), "hada_w1_b": (2, 16), "hada_w2_a": (16, 2), "hada_w2_b": (2, 16)}
+
+
 def _oft_peft_dir(d, shape, **fields):
     """OFT (issue 30 item 5): a PEFT adapter of one query projection (16 -> 16, blocks of 4) with ``oft_R`` of ``shape``."""
     _write_config(d, {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["dense1"], **fields})
     save_file({"base_model.model.blocks.0.attention.dense1.oft_R.weight": np.zeros(shape, np.float32)},
               str(_weights(d)))
+
+
+def _vera_peft_dir(d, tensors, **fields):
+    """VeRA (issue 30 item 4): a PEFT adapter of one query projection (16 -> 16) holding ``tensors``."""
+    _write_config(d, {"peft_type": "VERA", "r": 2, "target_modules": ["dense1"], "save_projection": True, **fields})
+    save_file({k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
+
+
+_VERA_Q = "base_model.model.blocks.0.attention.dense1."
+_VERA = {"base_model.vera_A": (2, 16), "base_model.vera_B": (16, 2), _VERA_Q + "vera_lambda_b": (16,),
+         _VERA_Q + "vera_lambda_d": (2,)}
 
 
 def _ckpt_without_lora(d):
@@ -392,6 +406,18 @@ ROWS: List[Row] = [
     M("loha-on-embedding", {**LOHA, "target_modules": "embedding"}, UnsupportedCellError, "'embedding'", "LoHa"),
     M("lokr-on-activated-layer", {**LOKR, "target_modules": ".*mapping"}, UnsupportedCellError,
       "blocks.0.mlp.mapping", "activation", "LoKr"),
+    # VeRA (issue 30 item 4)
+    M("vera-target-missing", {"pet_type": "vera"}, PetConfigError, "target_modules", "required"),
+    M("vera-r-0", {**VERA, "r": 0}, PetConfigError, "r must be", "got 0"),
+    M("vera-save-projection-false", {**VERA, "save_projection": False}, PetConfigError, "save_projection",
+      "projection_prng_key"),
+    M("vera-prng-key-negative", {**VERA, "projection_prng_key": -1}, PetConfigError, "projection_prng_key", "-1"),
+    M("vera-prng-key-str", {**VERA, "projection_prng_key": "0"}, PetConfigTypeError, "projection_prng_key", "'0'"),
+    M("vera-dropout-1", {**VERA, "vera_dropout": 1.0}, PetConfigError, "vera_dropout", "1.0"),
+    M("vera-d-initial-str", {**VERA, "d_initial": "0.1"}, PetConfigTypeError, "d_initial", "'0.1'"),
+    M("vera-fan-in-fan-out", {**VERA, "fan_in_fan_out": True}, PetConfigError, "fan_in_fan_out", "Conv1D"),
+    M("vera-bias-all", {**VERA, "bias": "vera_only"}, PetConfigError, "bias", "'vera_only'"),
+    M("vera-on-layernorm", {**VERA, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "VeRA"),
     M("bitfit-target-int", {"pet_type": "bitfit", "target_modules": 5}, PetConfigTypeError, "target_modules", "got 5"),
     M("bitfit-exclude-everything", {"pet_type": "bitfit", "exclude_layers": [".*"]}, NoMatchError,
       "no cell with a 'bias'",
@@ -543,6 +569,13 @@ ROWS: List[Row] = [
       AdapterFileError, "has no tensor", "dense1.lokr_w2'"),
     A("peft-loha-wrong-shape", lambda d: _lycoris_peft_dir(d, "LOHA", {**_HADA, "hada_w1_a": (15, 2)}),
       AdapterFileError, "hada_w1_a", "(15, 2)", "(16, 2)"),
+    # ---- PEFT VeRA (issue 30 item 4) ----
+    # (save_projection=False without torch: tests/tuners/test_vera.py, torch hidden)
+    A("peft-vera-without-projection", lambda d: _vera_peft_dir(d, {k: v for k, v in _VERA.items()
+                                                                   if k != "base_model.vera_B"}),
+      AdapterFileError, "has no 'base_model.vera_B'", "save_projection=true"),
+    A("peft-vera-projection-wrong-shape", lambda d: _vera_peft_dir(d, {**_VERA, "base_model.vera_A": (2, 15)}),
+      AdapterFileError, "vera_A", "(2, 15)", "(2, 16)"),
     # ---- PEFT LoRA of an embedding (lora_embedding_A / _B, PEFT's copy of the table) ----
     A("peft-embedding-without-b", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256)}), AdapterFileError,
       "module 'embedding' has no lora_embedding_B"),
@@ -870,6 +903,8 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "decompose_factor", "rank_dropout_scale",
         # OFT (issue 30 item 5; r, module_dropout and init_weights above)
         "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps", "block_share",
+        # VeRA (issue 30 item 4; r and init_weights above)
+        "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "fan_in_fan_out",
         "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
@@ -886,7 +921,8 @@ VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense
          "prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 2, "mid_dim": 8},
          "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK,
          "loha": LOHA, "lokr": LOKR,                               # issue 30 item 3
-         "oft": OFT}                                               # issue 30 item 5
+         "oft": OFT,                                               # issue 30 item 5
+         "vera": VERA}                                             # issue 30 item 4
 assert set(VALID) == set(config_types()), "every registered method needs a valid block here"
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),

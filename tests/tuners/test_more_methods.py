@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 
 import pet_hooks
 from pet_hooks.surgery.graph_reuse import MARK_PREFIX
+from pet_hooks.surgery.core import all_delta_parameters
 from pet_hooks.cli.inspection import format_report, inspect_net
 from samples.data import lm_batches
 from samples.tiny_gpt import GPTWithLoss, LMLoss, build
@@ -36,6 +37,8 @@ METHODS = {
     "lokr": {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
     # issue 30 item 5 (its numerics against PEFT: test_oft.py)
     "oft": {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
+    # issue 30 item 4 (its numerics against PEFT: test_vera.py)
+    "vera": {"pet_type": "vera", "r": 8, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
 }
 METHOD_PARAMS = [pytest.param(cfg, id=name) for name, cfg in METHODS.items()]
 
@@ -61,7 +64,10 @@ def test_callback_trains_only_the_method_s_parameters(mode, tmp_path, cfg):
     assert_params_equal(before, net, [name for name in before if name not in names])   # the rest bit for bit
     start = {p.name: p.asnumpy() for p in pet_hooks.delta_parameters(pet_hooks.apply(build(seed=0, **SMALL), cfg))}
     assert [p.name for p in deltas if np.array_equal(p.asnumpy(), start[p.name])] == []     # every one trained
-    assert sorted(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))) == sorted(names)
+    # saved: the trained deltas and the frozen ones (VeRA's shared projections, issue 30 item 4)
+    saved = {p.name for p in all_delta_parameters(net)}
+    assert saved - names <= {"vera_A", "vera_B"}
+    assert sorted(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))) == sorted(saved)
 
     fresh = build(seed=0, **SMALL)
     pet_hooks.load_adapter(fresh, tmp_path / "adapter")
@@ -132,7 +138,7 @@ def test_switching_off_compiles_nothing_and_gives_the_base_bit_for_bit(cfg):
         with pet_hooks.disable_adapters(net):
             np.testing.assert_array_equal(net(ids).asnumpy(), base)
         np.testing.assert_array_equal(net(ids).asnumpy(), active)
-        if cfg["pet_type"] in ("ia3", "loha", "lokr", "oft"):      # OFT's merge is multiplicative (PEFT's)
+        if cfg["pet_type"] in ("ia3", "loha", "lokr", "oft", "vera"):      # OFT's merge is multiplicative (PEFT's)
             pet_hooks.merge(net)
             np.testing.assert_allclose(net(ids).asnumpy(), active, rtol=1e-5, atol=1e-5)
             pet_hooks.unmerge(net)
