@@ -396,7 +396,7 @@ def _svd(path: str, present: list, combination_type: str, new_rank: int, clamp: 
     """svd family: merge the full deltas, then the best rank-``new_rank`` factorisation of the sum."""
     deltas = [(_f32(adapter.tensors[path][1]) @ _f32(adapter.tensors[path][0])) * np.float32(adapter.scaling)
               for adapter, _ in present]
-    how = combination_type[:-len("_svd")] if combination_type != "svd" else "linear"
+    how = combination_type.rpartition("_")[0] if combination_type != "svd" else "linear"    # "ties_svd" -> "ties"
     masks = None
     if combination_type in DARE_TYPES and density < 1:
         masks = dare_masks(seed, path, [d.shape for d in deltas], density)
