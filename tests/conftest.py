@@ -3,7 +3,8 @@ mode), the small sample GPT, the common LoRA config, the MindFormers skip marker
 ``needs_extra`` (the tests that need more than MindSpore and the ``test`` extra).
 
 Test modules import the constants from here (``from tests.conftest import ROOT, SMALL, ...``);
-the nets are in ``tests/nets.py``.
+the nets are in ``tests/nets.py``. Under xdist the workers take the test files longest first
+(``tests/file_seconds.txt``).
 """
 from __future__ import annotations
 
