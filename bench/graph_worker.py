@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     # Dump only the pass read below: the same graph_build_0_*.ir, a third of the time of dumping every pass
     # (about 100 files; the counts are the same either way).
     os.environ.setdefault("MS_DEV_DUMP_IR_PASSES", "graph_build")
+    # An inherited MS_DEV_SAVE_GRAPHS=0 overrides save_graphs=1 below and nothing is dumped: MindFormers' Trainer
+    # sets it in its process (a test run that trained a Trainer before starting the benchmark passed it on).
+    os.environ.pop("MS_DEV_SAVE_GRAPHS", None)
     with tempfile.TemporaryDirectory(prefix="bench-graph-") as out:
         start_mindspore(save_graphs=1, save_graphs_path=out)
         net = apply_variant(build_base(shape), shape, args.variant)

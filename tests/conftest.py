@@ -3,7 +3,8 @@ mode), the small sample GPT, the common LoRA config, the MindFormers skip marker
 ``needs_extra`` (the tests that need more than MindSpore and the ``test`` extra).
 
 Test modules import the constants from here (``from tests.conftest import ROOT, SMALL, ...``);
-the nets are in ``tests/nets.py``.
+the nets are in ``tests/nets.py``. Under xdist the workers take the test files longest first
+(``tests/file_seconds.txt``).
 """
 from __future__ import annotations
 
@@ -255,6 +256,48 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.needs_extra)
         if _guard_key(item.nodeid) in guards:
             item.add_marker(pytest.mark.drift_guard)
+    if os.environ.get("PYTEST_XDIST_WORKER"):     # every worker collects the same order, xdist checks that
+        _longest_files_first(items)
+
+
+# ----------------------------------------------------------------------------- the order of the files
+# pytest.ini runs two workers, one file at a time each (--dist loadfile). xdist hands out the files in its own
+# order, by number of tests (most first), which puts the few-test, long files (the benchmark's smoke run, msrun,
+# the demo) at the end, where one of them runs alone while the other worker has nothing left. Longest first
+# instead (tests/file_seconds.txt, measured), the short files fill the end. Only the order of whole files changes.
+_FILE_SECONDS = os.path.join(_TESTS, "file_seconds.txt")
+#: what a file missing from tests/file_seconds.txt is assumed to take, per test
+_UNLISTED_SECONDS_PER_TEST = 0.5
+
+
+def _file_seconds() -> dict:
+    """file name -> seconds it took (tests/file_seconds.txt: "seconds file" lines)."""
+    seconds = {}
+    with open(_FILE_SECONDS, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip() and not line.startswith("#"):
+                value, name = line.split()
+                seconds[name] = float(value)
+    return seconds
+
+
+def pytest_configure(config):
+    """Under xdist, keep the order of the files the workers collected (longest first, see below) instead of
+    xdist's own (most tests first); the option exists from pytest-xdist 3.8."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def _longest_files_first(items) -> None:
+    """Reorder ``items`` file by file, the longest file first; the tests of a file keep their order."""
+    known, files = _file_seconds(), {}
+    for item in items:
+        files.setdefault(str(item.fspath), []).append(item)
+
+    def cost(path):
+        name = os.path.basename(path)
+        return known.get(name, _UNLISTED_SECONDS_PER_TEST * len(files[path]))
+    items[:] = [item for path in sorted(files, key=cost, reverse=True) for item in files[path]]
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,0 +1,49 @@
+"""Per-file test times from a pytest JUnit XML report, in the format of tests/file_seconds.txt.
+
+    python -m pytest --junitxml=/tmp/suite.xml            # the whole suite, on an idle machine
+    python tools/file_seconds.py /tmp/suite.xml > tests/file_seconds.txt
+
+tests/conftest.py hands the files to the two xdist workers longest first from that table, so the
+short files fill the end of the run; a file missing from it counts 0.5 s per test. Each file's
+figure is the sum of its tests' times (setup, call and teardown, as the report gives them).
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import xml.etree.ElementTree as ET
+
+HEADER = """\
+# Seconds each test file takes in a whole-suite run, longest first (tools/file_seconds.py writes this from
+# pytest's --junitxml). tests/conftest.py hands the files to the two xdist workers in this order, so the
+# short files fill the end of the run; the figures only rank the files (a file not listed counts 0.5 s a
+# test), so an update is due when a file's time changes a lot, not on every run.
+"""
+
+
+def file_seconds(report: str) -> dict:
+    """test file name -> seconds, summed over its test cases."""
+    seconds: dict = collections.defaultdict(float)
+    for case in ET.parse(report).iter("testcase"):
+        module = case.get("classname", "").split(".")
+        # classname is "tests.io.test_adapter_io" or, for a test in a class, "tests.io.test_adapter_io.Class"
+        name = next((part for part in reversed(module) if part.startswith("test_")), None)
+        if name:
+            seconds[name + ".py"] += float(case.get("time", 0))
+    return dict(seconds)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    totals = file_seconds(argv[0])
+    sys.stdout.write(HEADER)
+    for name, value in sorted(totals.items(), key=lambda kv: -kv[1]):
+        sys.stdout.write(f"{value:7.1f} {name}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
