@@ -144,6 +144,17 @@ def _check_all_linear(cfg) -> None:
         cfg.target_modules = "all-linear"
 
 
+def _check_linear_selection(cfg) -> None:
+    """What LoHa, LoKr, VeRA and OFT check alike of their cell selection: ``target_modules`` given (a regex, a
+    list or 'all-linear'), ``exclude_layers``, and PEFT's layer selection."""
+    if cfg.target_modules is None:
+        raise PetConfigError(f"target_modules is required for {cfg.PET_TYPE} (a regex such as '.*wq|.*wv', "
+                             f"a list of cell names, or 'all-linear')")
+    _check_targets(cfg)
+    cfg.exclude_layers = _as_pattern_list("exclude_layers", cfg.exclude_layers)
+    _check_layer_selection(cfg)
+
+
 def _check_layer_selection(cfg) -> None:
     """``exclude_modules``, ``layers_to_transform`` (an int >= 0 or a non-empty list of them, kept sorted and
     unique) and ``layers_pattern`` (a name or a list of names, each a regex piece; needs layers_to_transform)."""
@@ -593,12 +604,7 @@ class _LycorisFields:
     _INITS: ClassVar[tuple] = ()
 
     def validate(self) -> None:
-        if self.target_modules is None:
-            raise PetConfigError(f"target_modules is required for {self.PET_TYPE} (a regex such as '.*wq|.*wv', "
-                                 f"a list of cell names, or 'all-linear')")
-        _check_targets(self)
-        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
-        _check_layer_selection(self)
+        _check_linear_selection(self)
         _check_int("r", self.r)
         _check_number("alpha", self.alpha)
         _check_rate("rank_dropout", self.rank_dropout)
@@ -690,12 +696,7 @@ class VeraConfig(PetConfig):
                 "vera_lambda_b = 1, vera_lambda_d standard normal"})
 
     def validate(self) -> None:
-        if self.target_modules is None:
-            raise PetConfigError("target_modules is required for vera (a regex such as '.*wq|.*wv', "
-                                 "a list of cell names, or 'all-linear')")
-        _check_targets(self)
-        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
-        _check_layer_selection(self)
+        _check_linear_selection(self)
         _check_int("r", self.r)
         _check_int("projection_prng_key", self.projection_prng_key, minimum=0)
         _check_bool("save_projection", self.save_projection)
@@ -774,12 +775,7 @@ class OFTConfig(PetConfig):
                 "std 0.1 (PEFT's)"})
 
     def validate(self) -> None:
-        if self.target_modules is None:
-            raise PetConfigError("target_modules is required for oft (a regex such as '.*wq|.*wv', a list of cell "
-                                 "names, or 'all-linear')")
-        _check_targets(self)
-        self.exclude_layers = _as_pattern_list("exclude_layers", self.exclude_layers)
-        _check_layer_selection(self)
+        _check_linear_selection(self)
         _check_int("r", self.r, minimum=0)
         _check_int("oft_block_size", self.oft_block_size, minimum=0)
         if (self.r != 0) == (self.oft_block_size != 0):     # PEFT's check: exactly one of them
