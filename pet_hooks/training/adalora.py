@@ -27,7 +27,7 @@ import weakref
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from mindspore import Parameter, ParameterTuple, nn, ops
+from mindspore import Parameter, ParameterTuple, jit, nn, ops
 from mindspore.common import dtype as mstype
 
 from ..errors import PetStateError
@@ -36,7 +36,7 @@ from ..tuners.adalora import FACTORS, orth_regularizer
 from ..tuners.common import patched_class
 from ..utils.ms_compat import write_values
 
-__all__ = ["AdaLoraStep", "RankAllocator", "prepare_optimizer", "adalora_optimizer", "update_and_allocate", "orth_reg_value",
+__all__ = ["AdaLoraStep", "RankAllocator", "prepare_optimizer", "adalora_optimizer", "update_and_allocate", "orth_reg_value", "captured_gradients",
            "is_adalora"]
 
 # kinds of an optimizer parameter in AdaLoraStep
@@ -89,6 +89,9 @@ class AdaLoraOptimizer:
 
     pet_hooks_adalora_step = True
 
+    # jit as MindSpore's own optimizers' construct: in PyNative, a jit-decorated original construct compiles the
+    # cell's construct, which is this one; compiled once here, the step runs once (measured: twice otherwise)
+    @jit
     def construct(self, gradients):
         return self.pet_base_construct(self.pet_adalora_step(gradients))
 
@@ -224,22 +227,32 @@ def prepare_optimizer(optimizer: nn.Cell, net: nn.Cell) -> nn.Cell:
     return optimizer
 
 
+def _record(net: nn.Cell, action: str) -> _Record:
+    if not is_adalora(net):
+        raise PetStateError(f"{action}: {type(net).__name__} has no AdaLoRA adapter")
+    record = _RECORDS.get(state_owner(net))
+    if record is None:
+        raise PetStateError(f"{action} needs the AdaLoRA gradients: call pet_hooks.adalora_optimizer(optimizer, net) "
+                            f"once after building the optimizer (the doors do it)")
+    return record
+
+
+def captured_gradients(net: nn.Cell) -> Dict[str, np.ndarray]:
+    """``<path>.lora_A`` / ``.lora_E`` / ``.lora_B`` -> the gradient the last optimizer step got (float32)."""
+    record = _record(net, "captured_gradients")
+    return {name: record.step.grads[i].asnumpy() for name, i in record.names.items()}
+
+
 def update_and_allocate(net: nn.Cell, global_step: int) -> Optional[Dict[str, List[bool]]]:
     """PEFT's ``update_and_allocate(global_step)``: call it after each optimizer step (``global_step`` counting
     from 0). Returns the rank pattern when this step set one (also kept in the config as ``rank_pattern``)."""
-    if not is_adalora(net):
-        raise PetStateError(f"update_and_allocate: {type(net).__name__} has no AdaLoRA adapter")
-    record = _RECORDS.get(state_owner(net))
-    if record is None:
-        raise PetStateError("update_and_allocate needs the AdaLoRA gradients: call "
-                            "pet_hooks.adalora_optimizer(optimizer, net) once after building the optimizer (the "
-                            "doors do it)")
+    record = _record(net, "update_and_allocate")
     cfg, allocator = get_state(net).config, record.allocator
     end = cfg.total_step - cfg.tfinal
     pattern = None
     if global_step <= end:
         values = {name: record.step.weights[i].astype(mstype.float32).asnumpy() for name, i in record.names.items()}
-        grads = {name: record.step.grads[i].asnumpy() for name, i in record.names.items()}
+        grads = captured_gradients(net)
         _, pattern = allocator.update_and_allocate(global_step, values, grads, force_mask=global_step == end)
         if pattern:
             cfg.rank_pattern = pattern
