@@ -34,6 +34,7 @@ __all__ = [
     "LoHaConfig", "LoKrConfig",   # issue 30 item 3
     "OFTConfig",   # issue 30 item 5
     "VeraConfig",   # issue 30 item 4
+    "AdaLoraConfig",   # issue 30 item 1
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
     "config_types", "config_differences",
 ]

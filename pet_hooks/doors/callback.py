@@ -34,6 +34,18 @@ __all__ = ["PetCallback"]
 logger = logging.getLogger("pet_hooks")
 
 
+class AdaLoraSchedule(Callback):
+    """AdaLoRA's budget schedule from the training step: PEFT's ``update_and_allocate(step)`` (steps counted
+    from 0) at each step's end (``enable()`` and the launcher add one to each ``Model.train`` call)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def on_train_step_end(self, run_context):
+        adalora.update_and_allocate(self.net, run_context.original_args().cur_step_num - 1)
+
+
 class PetCallback(Callback):
     """Apply PET at train begin and keep the adapter on disk.
 

@@ -21,7 +21,6 @@ import sys
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor, nn
 
 import pet_hooks
@@ -252,3 +251,41 @@ def test_the_contract_init_training_disable_native_format_remove(mode, tmp_path)
     assert not [name for name in net.parameters_dict() if "lora" in name]
     assert_params_equal(values, net)
     np.testing.assert_array_equal(net(x).asnumpy(), base)
+
+
+def _dataset(job, steps):
+    import mindspore.dataset as ds
+    return ds.GeneratorDataset([(job["xs"][i], job["gs"][i]) for i in range(steps)], ["x", "g"], shuffle=False)
+
+
+class _SumLossFn(nn.LossBase):
+    def construct(self, logits, g):
+        return (logits * g).sum()
+
+
+def test_the_doors_run_the_schedule_from_the_training_step(mode):
+    """PetCallback and enable() run update_and_allocate(step) at each Model.train step (counted from 0): the
+    rank pattern and every lora_E as a hand-written loop calling pet_hooks.update_and_allocate(net, i)."""
+    from mindspore.train import Model
+    job, steps, lr = _job(), 6, 1e-3
+    # masks at steps 1-4, fixed after; E standard normal at init, so that each mask's timing shows in the values
+    cfg = config(seed=3, total_step=6, tinit=0, tfinal=2, deltaT=1, init_weights=False)
+    by_hand = pet_hooks.apply(three_layers(job), cfg)
+    step = _train_step(by_hand, lr)
+    for i in range(steps):
+        step(Tensor(job["xs"][i]), Tensor(job["gs"][i]))
+        pet_hooks.update_and_allocate(by_hand, i)
+    expected = get_state(by_hand).config.rank_pattern
+    assert sum(sum(m) for m in expected.values()) == TARGET * len(LAYERS)
+
+    through_callback = three_layers(job)
+    model = Model(through_callback, _SumLossFn(), nn.SGD(through_callback.trainable_params(), learning_rate=lr))
+    model.train(1, _dataset(job, steps), callbacks=[pet_hooks.PetCallback(cfg)], dataset_sink_mode=False)
+    with pet_hooks.enable(cfg):
+        in_block = three_layers(job)
+        model = Model(in_block, _SumLossFn(), nn.SGD(in_block.trainable_params(), learning_rate=lr))
+        model.train(1, _dataset(job, steps), dataset_sink_mode=False)
+    for net in (through_callback, in_block):
+        assert get_state(net).config.rank_pattern == expected
+        for layer in LAYERS:
+            assert_close(getattr(net, layer).lora_E.asnumpy(), getattr(by_hand, layer).lora_E.asnumpy())
