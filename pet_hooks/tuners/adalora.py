@@ -26,7 +26,7 @@ from mindspore import Parameter, nn, ops
 from mindspore.common import dtype as mstype
 
 from ..config.pet_config import AdaLoraConfig, config_from_dict
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, PetConfigError
 from ..matching.cells import select_cells
 from .base import Injection
 from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch, weight_is_out_in
@@ -189,10 +189,15 @@ class AdaLoraTuner(SwitchedTuner):
         return self.can_adapt(cell) is None
 
     def select_targets(self, net: nn.Cell, cfg: AdaLoraConfig):
-        return select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=self.can_adapt,
+        targets = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=self.can_adapt,
                             skip=lambda path, cell: is_adalora_cell(cell), exclude_modules=cfg.exclude_modules,
                             layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
                             is_linear=self.is_linear)
+        unknown = sorted(set(cfg.rank_pattern or {}) - {path for path, _ in targets})
+        if unknown:
+            raise PetConfigError(f"rank_pattern names {unknown[:3]}, which the config does not adapt (its cells: "
+                                 f"{[path for path, _ in targets][:5]})")
+        return targets
 
     def inject(self, targets, cfg: AdaLoraConfig) -> List[Injection]:
         r = int(cfg.init_r)
