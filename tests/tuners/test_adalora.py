@@ -34,10 +34,11 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, wh
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
 R, TARGET, STEPS, LR = 4, 2, 9, 0.05
 SCHEDULE = {"tinit": 1, "tfinal": 3, "deltaT": 2, "total_step": 9}     # warm-up 0-1, budget 2-5, final 6, fixed 7-8
-KINDS = [pytest.param("dense", id="dense"),
-         pytest.param("linear", id="mf_linear", marks=pytest.mark.skipif(not HAS_MINDFORMERS, reason="no mindformers")),
-         pytest.param("linear_in_out", id="mf_linear_in_out",
-                      marks=pytest.mark.skipif(not HAS_MINDFORMERS, reason="no mindformers"))]
+_NEEDS_MF = pytest.mark.skipif(not HAS_MINDFORMERS, reason="no mindformers")
+# nn.Dense in both modes; MindFormers' Linear (both weight layouts) in PyNative: the layouts do not depend on the mode
+MODE_KINDS = [pytest.param(0, "dense", id="graph-dense"), pytest.param(1, "dense", id="pynative-dense"),
+              pytest.param(1, "linear", id="pynative-mf_linear", marks=_NEEDS_MF),
+              pytest.param(1, "linear_in_out", id="pynative-mf_linear_in_out", marks=_NEEDS_MF)]
 FACTORS = ("lora_A", "lora_E", "lora_B")
 
 
@@ -125,7 +126,7 @@ def peft_run(tmp_path_factory):
 
 
 @NEEDS_PEFT
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode, kind", MODE_KINDS, indirect=["mode"])
 def test_outputs_regulariser_gradients_and_merge_equal_peft(mode, kind, peft_run):
     _, job, values, theirs = peft_run
     net = pet_hooks.apply(three_layers(job, kind), config())
@@ -263,9 +264,11 @@ class _SumLossFn(nn.LossBase):
         return (logits * g).sum()
 
 
+@pytest.mark.parametrize("mode", [pytest.param(1, id="pynative")], indirect=True)
 def test_the_doors_run_the_schedule_from_the_training_step(mode):
     """PetCallback and enable() run update_and_allocate(step) at each Model.train step (counted from 0): the
-    rank pattern and every lora_E as a hand-written loop calling pet_hooks.update_and_allocate(net, i)."""
+    rank pattern and every lora_E as a hand-written loop calling pet_hooks.update_and_allocate(net, i). (PyNative
+    only: the optimizer step in graph mode is test_the_rank_allocator_over_a_run_equals_peft_s[graph].)"""
     from mindspore.train import Model
     job, steps, lr = _job(), 6, 1e-3
     # masks at steps 1-4, fixed after; E standard normal at init, so that each mask's timing shows in the values
@@ -289,3 +292,44 @@ def test_the_doors_run_the_schedule_from_the_training_step(mode):
         assert get_state(net).config.rank_pattern == expected
         for layer in LAYERS:
             assert_close(getattr(net, layer).lora_E.asnumpy(), getattr(by_hand, layer).lora_E.asnumpy())
+
+
+def test_llama_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
+    """MindFormers' Llama with AdaLoRA on wq / wv / w2 and a rank pattern, saved with the llama name map (the
+    pattern's keys in transformers' module names): PEFT on transformers' Llama reads it and gives our logits."""
+    if not HAS_TORCH_PEFT or not HAS_MINDFORMERS:
+        pytest.skip("needs torch, transformers, peft and mindformers")
+    import mindspore as ms
+    from tests.io.test_peft_format import hf_name, llama_ids, llama_logits, llama_with_weights
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    try:
+        net = llama_with_weights()
+        ids = llama_ids(2)
+        job = {k: getattr(net.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                                   "num_heads", "rms_norm_eps", "theta", "seq_length")}
+        (tmp_path / "job.json").write_text(json.dumps(job))
+        np.savez(tmp_path / "base.npz", **{hf_name(p.name): p.asnumpy() for p in net.get_parameters()})
+        np.save(tmp_path / "ids.npy", ids)
+        base = llama_logits(net, ids)
+        pet_hooks.apply(net, config(target_modules=".*wq|.*wv|.*w2", init_weights=False, seed=3))
+        state = get_state(net)
+        state.config.rank_pattern = {i.path: [k % 2 == 0 for k in range(R)] for i in state.injections}
+        for injection in state.injections:          # what the allocator's mask leaves: the dropped ranks' E zero
+            cell = injection.cell
+            cell.lora_E.set_data(Tensor(cell.lora_E.asnumpy() * np.array([1, 0] * (R // 2), np.float32)[:, None]))
+        ours = llama_logits(net, ids)
+        pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama")
+        doc = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert doc["target_modules"] == ["down_proj", "q_proj", "v_proj"] and doc["peft_type"] == "ADALORA"
+        assert "model.layers.0.self_attn.q_proj.lora_E" in doc["rank_pattern"]
+        out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert np.abs(ours - base).max() > 1e-2
+        np.testing.assert_allclose(ours, np.load(tmp_path / "torch_ours.npy"), rtol=1e-4, atol=1e-5)
+        fresh = pet_hooks.load_adapter(llama_with_weights(), tmp_path / "ours")    # the llama map is found
+        assert get_state(fresh).config.rank_pattern == state.config.rank_pattern
+        np.testing.assert_allclose(llama_logits(fresh, ids), ours, rtol=1e-5, atol=1e-5)
+    finally:
+        ms.set_context(mode=before)
