@@ -820,7 +820,8 @@ class AdaLoraConfig(PetConfig):
         "help": "required: the number of training steps (the budget schedule's length), > tinit + tfinal"})
     # set by the allocator during training (PEFT's): not part of what makes two adapters the same
     rank_pattern: Optional[dict] = field(default=None, compare=False, metadata={
-        "help": "set by training: cell path -> one bool per rank (kept or not); saved, and applied on loading"})
+        "help": "set by training (update_and_allocate): cell path -> one bool per rank (kept or not); saved with the "
+                "adapter; from step total_step - tfinal on the dropped ranks' lora_E are kept at zero"})
     lora_alpha: float = field(default=8, metadata={
         "help": "scaling = lora_alpha / init_r (PEFT's lora_alpha; 0 scales by init_r / init_r = 1)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the AdaLoRA branch input, in [0, 1)"})
