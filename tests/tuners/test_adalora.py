@@ -333,3 +333,26 @@ def test_llama_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
         np.testing.assert_allclose(llama_logits(fresh, ids), ours, rtol=1e-5, atol=1e-5)
     finally:
         ms.set_context(mode=before)
+
+
+def test_launcher_runs_the_schedule(tmp_path):
+    """pet-hooks run on a Model.train script that knows nothing of AdaLoRA: the saved adapter holds the final rank
+    pattern (target_r ranks per layer on average) and its dropped ranks' lora_E are zero."""
+    import yaml
+    from samples.tiny_gpt import build
+    from tests.conftest import ROOT
+    cfg = {"pet_type": "adalora", "init_r": 4, "target_r": 2, "total_step": 4, "tinit": 0, "tfinal": 1,
+           "target_modules": ".*dense1|.*dense3"}
+    (tmp_path / "pet.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "pet_hooks", "run", "--config", str(tmp_path / "pet.yaml"),
+                          "--save-dir", str(tmp_path / "adapter"), os.path.join("samples", "legacy_train.py"),
+                          "--steps", "4", "--mode", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    net = pet_hooks.load_adapter(build(seed=0), tmp_path / "adapter")     # the script's own geometry
+    state = get_state(net)
+    pattern = state.config.rank_pattern
+    assert sorted(pattern) == sorted(i.path for i in state.injections)
+    assert sum(sum(mask) for mask in pattern.values()) == 2 * len(state.injections)
+    for injection in state.injections:
+        e, kept = injection.cell.lora_E.asnumpy().ravel(), np.array(pattern[injection.path])
+        assert (e[~kept] == 0).all() and (e[kept] != 0).all()      # (a layer may keep no rank at all)
