@@ -34,6 +34,7 @@ __all__ = [
     "LoHaConfig", "LoKrConfig",   # issue 30 item 3
     "OFTConfig",   # issue 30 item 5
     "VeraConfig",   # issue 30 item 4
+    "AdaLoraConfig",   # issue 30 item 1
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
     "config_types", "config_differences",
 ]
@@ -793,6 +794,89 @@ class OFTConfig(PetConfig):
         _check_bool("init_weights", self.init_weights)
 
 
+# issue 30 item 1: AdaLoRA (PEFT's AdaLoraConfig; tuners/adalora.py, training/adalora.py)
+@dataclass
+class AdaLoraConfig(PetConfig):
+    """AdaLoRA (PEFT's ``AdaLoraConfig``): ``y = base(x) + dropout(x) @ (A * E)^T @ B^T * lora_alpha / init_r`` with
+    ``lora_A`` [init_r, in], ``lora_E`` [init_r, 1] (the singular values, zero at init) and ``lora_B`` [out, init_r];
+    during training the rank allocator zeroes the least important entries of ``lora_E`` down to a budget of
+    ``target_r`` per layer on average (``pet_hooks.update_and_allocate``), and the optimizer step adds the gradient
+    of ``orth_reg_weight`` x the orthogonality regulariser of A and B."""
+
+    PET_TYPE: ClassVar[str] = "adalora"
+
+    init_r: int = field(default=12, metadata={"help": "the initial rank of every adapted layer (rows of lora_A)"})
+    target_r: int = field(default=8, metadata={
+        "help": "the average rank per layer once the budget has shrunk (the allocator's final budget)"})
+    tinit: int = field(default=0, metadata={"help": "steps of warm-up before the budget starts shrinking"})
+    tfinal: int = field(default=0, metadata={
+        "help": "the last steps, with the rank pattern fixed (from step total_step - tfinal on)"})
+    deltaT: int = field(default=1, metadata={"help": "steps between two budget allocations while it shrinks"})
+    beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity |p * grad|, in (0, 1)"})
+    beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty, in (0, 1)"})
+    orth_reg_weight: float = field(default=0.5, metadata={
+        "help": "weight of the orthogonality regulariser of lora_A / lora_B added to the loss (>= 0)"})
+    total_step: Optional[int] = field(default=None, metadata={
+        "help": "required: the number of training steps (the budget schedule's length), > tinit + tfinal"})
+    # set by the allocator during training (PEFT's): not part of what makes two adapters the same
+    rank_pattern: Optional[dict] = field(default=None, compare=False, metadata={
+        "help": "set by training (update_and_allocate): cell path -> one bool per rank (kept or not); saved with the "
+                "adapter; from step total_step - tfinal on the dropped ranks' lora_E are kept at zero"})
+    lora_alpha: float = field(default=8, metadata={
+        "help": "scaling = lora_alpha / init_r (PEFT's lora_alpha; 0 scales by init_r / init_r = 1)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the AdaLoRA branch input, in [0, 1)"})
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    exclude_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
+    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
+        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
+    layers_pattern: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
+    # Init-only (compare=False): two configs that differ only here describe the same adapter.
+    init_weights: bool = field(default=True, compare=False, metadata={
+        "help": "true: lora_E = 0 and lora_A / lora_B normal(0, 0.02) (PEFT's; the output is unchanged); false: "
+                "all three standard normal"})
+
+    def validate(self) -> None:
+        _check_linear_selection(self)
+        _check_int("init_r", self.init_r)
+        _check_int("target_r", self.target_r)
+        if self.target_r > self.init_r:
+            raise PetConfigError(f"target_r={self.target_r!r} must not exceed init_r={self.init_r!r} (the "
+                                 f"budget only shrinks)")
+        _check_int("tinit", self.tinit, minimum=0)
+        _check_int("tfinal", self.tfinal, minimum=0)
+        _check_int("deltaT", self.deltaT)
+        if self.total_step is None:
+            raise PetConfigError("total_step is required for adalora (the budget schedule's length), as PEFT's "
+                                 "AdaLoraConfig requires it")
+        _check_int("total_step", self.total_step)
+        if self.tinit >= self.total_step - self.tfinal:   # PEFT's check
+            raise PetConfigError(f"tinit={self.tinit!r} >= total_step - tfinal = {self.total_step!r} - "
+                                 f"{self.tfinal!r}: no budgeting phase is left; decrease tinit / tfinal or "
+                                 f"increase total_step")
+        for name in ("beta1", "beta2"):
+            _check_number(name, getattr(self, name))
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise PetConfigError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+        _check_number("orth_reg_weight", self.orth_reg_weight)
+        if self.orth_reg_weight < 0:
+            raise PetConfigError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        _check_number("lora_alpha", self.lora_alpha)
+        _check_rate("lora_dropout", self.lora_dropout)
+        _check_bool("init_weights", self.init_weights)
+        if self.rank_pattern is not None:
+            if not isinstance(self.rank_pattern, dict) or not all(
+                    isinstance(k, str) and isinstance(v, list) and len(v) == self.init_r
+                    and all(isinstance(b, bool) for b in v) for k, v in self.rank_pattern.items()):
+                raise PetConfigError(f"rank_pattern must map cell paths to lists of init_r={self.init_r} "
+                                     f"booleans, got {self.rank_pattern!r}"[:300])
+
+
 # Keys MindFormers writes under other names; mapped before the unknown-key check.
 _KEY_ALIASES: dict = {"dropout_prob": "dropout_rate", "lora_a_init_method": "lora_a_init"}
 
@@ -975,3 +1059,4 @@ register_method(LoHaConfig, "pet_hooks.tuners.loha:LoHaTuner")      # issue 30 i
 register_method(LoKrConfig, "pet_hooks.tuners.lokr:LoKrTuner")      # issue 30 item 3
 register_method(OFTConfig, "pet_hooks.tuners.oft:OFTTuner")      # issue 30 item 5
 register_method(VeraConfig, "pet_hooks.tuners.vera:VeraTuner")      # issue 30 item 4
+register_method(AdaLoraConfig, "pet_hooks.tuners.adalora:AdaLoraTuner")      # issue 30 item 1

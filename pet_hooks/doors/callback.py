@@ -21,7 +21,7 @@ from mindspore.train import Callback
 
 from . import flow
 from .resume import RunCheckpointer, checkpointing
-from ..training import recorder
+from ..training import adalora, recorder
 from ..training.grad_guard import GradGuard
 from ..utils.ms_compat import force_recompile, release_compiled_graphs
 from ..config.pet_config import check_adapter_name, load_config
@@ -32,6 +32,18 @@ from ..training.run_checkpoint import check_compatible
 __all__ = ["PetCallback"]
 
 logger = logging.getLogger("pet_hooks")
+
+
+class AdaLoraSchedule(Callback):
+    """AdaLoRA's budget schedule from the training step: PEFT's ``update_and_allocate(step)`` (steps counted
+    from 0) at each step's end (``enable()`` and the launcher add one to each ``Model.train`` call)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def on_train_step_end(self, run_context):
+        adalora.update_and_allocate(self.net, run_context.original_args().cur_step_num - 1)
 
 
 class PetCallback(Callback):
@@ -95,6 +107,8 @@ class PetCallback(Callback):
             self._guard.check_early(run_context.original_args().cur_step_num)
         if self.model is not None:
             params = run_context.original_args()
+            if adalora.is_adalora(self.model):       # PEFT's update_and_allocate(step), steps counted from 0
+                adalora.update_and_allocate(self.model, params.cur_step_num - 1)
             self.checkpointer.step_end(self.model, params.train_network, params)
             if self.save_steps and self.checkpointer.step % self.save_steps == 0:
                 flow.save_for_rank(self.model, self.save_dir, self.adapter_name)

@@ -42,6 +42,9 @@ from mindspore import Parameter, nn
 from mindspore.experimental.optim import AdamW as ExperimentalAdamW, Optimizer as ExperimentalOptimizer
 
 from . import flow
+from .callback import AdaLoraSchedule
+from .train_calls import add_handler, callbacks_of
+from ..training import adalora
 from ..training.fused_adamw import build_fused_instead
 from ..training.grad_guard import GradGuard
 from ..config.pet_config import PetConfig, check_adapter_name, config_differences, load_config
@@ -84,7 +87,23 @@ class PetSession:
         bound.arguments["parameters"] = self._parameters_for(
             bound.arguments.get("parameters"), type(instance).__name__, bound.arguments.get("learning_rate"),
             bound.arguments.get("weight_decay", 0.0))
-        return wrapped(*bound.args[1:], **bound.kwargs)
+        result = wrapped(*bound.args[1:], **bound.kwargs)
+        self._prepare_adalora(instance)
+        return result
+
+    def _prepare_adalora(self, optimizer) -> None:
+        """AdaLoRA: the optimizer over a model's deltas keeps their gradients (``training.adalora``)."""
+        held = {id(p) for p in getattr(optimizer, "parameters", None) or []}
+        for model in self.models:
+            if adalora.is_adalora(model) and any(id(p) in held for p in model.trainable_params()):
+                adalora.prepare_optimizer(optimizer, model)
+
+    def add_schedule(self, model, bound, proceed):
+        """A ``Model.train`` handler (``train_calls``): AdaLoRA's budget schedule from the training step."""
+        nets = [m for m in self.models if adalora.is_adalora(m)]
+        if nets:
+            bound.arguments["callbacks"] = callbacks_of(bound) + [AdaLoraSchedule(net) for net in nets]
+        return proceed()
 
     def redirect_experimental_optimizer(self, wrapped, instance, args, kwargs):
         """The same for ``mindspore.experimental.optim`` (torch-style optimizers, another base class)."""
@@ -92,7 +111,9 @@ class PetSession:
         defaults = bound.arguments.get("defaults") or {}
         bound.arguments["params"] = self._parameters_for(
             bound.arguments.get("params"), type(instance).__name__, defaults.get("lr"), defaults.get("weight_decay", 0.0))
-        return wrapped(*bound.args[1:], **bound.kwargs)
+        result = wrapped(*bound.args[1:], **bound.kwargs)
+        self._prepare_adalora(instance)
+        return result
 
     def _parameters_for(self, params, optimizer_name: str, learning_rate, weight_decay):
         """What an optimizer built in the block gets instead of ``params``: the PET parameters of the models
@@ -199,6 +220,7 @@ def enable(cfg=None, adapter_name: Optional[str] = None) -> Iterator[PetSession]
         raise RuntimeError("pet_hooks.enable() is already active; it does not nest (exit the outer block first)")
     session = PetSession(config, adapter_name)
     patches = PatchSet()
+    remove_schedule = add_handler(session.add_schedule)      # AdaLoRA's schedule in the block's Model.train calls
     try:
         patches.wrap(nn.Cell, "__init__", session.note_cell)
         patches.wrap(nn.Optimizer, "__init__", session.redirect_optimizer)
@@ -212,3 +234,4 @@ def enable(cfg=None, adapter_name: Optional[str] = None) -> Iterator[PetSession]
     finally:
         _ACTIVE, session.is_open = None, False
         patches.undo()
+        remove_schedule()

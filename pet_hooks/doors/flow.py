@@ -20,6 +20,7 @@ from mindspore import Parameter, nn
 
 from ..io.adapter_io import save_adapter
 from ..errors import OptimizerRebuildError
+from ..training.adalora import prepare_optimizer
 from ..training.fused_adamw import fused_in_place_of
 from ..training.loraplus import rebuilt_groups
 from ..training.recorder import constructor_arguments, init_signature
@@ -211,8 +212,9 @@ def attach_to_train_step(train_cell: nn.Cell, model: nn.Cell) -> Optional[nn.Opt
         raise OptimizerRebuildError(f"{type(train_cell).__name__} is not a train-step cell with an optimizer "
                          f"(expected TrainOneStepCell, TrainOneStepWithLossScaleCell or a subclass)")
     if _holds_exactly(optimizer, model.trainable_params()):
+        prepare_optimizer(optimizer, model)   # AdaLoRA: its step keeps the gradients (nothing for other methods)
         return None
-    new = rebuild_optimizer(optimizer, model)
+    new = prepare_optimizer(rebuild_optimizer(optimizer, model), model)
     train_cell.optimizer = new
     train_cell.weights = new.parameters
     if getattr(train_cell, "return_grad", False):  # the names it pairs with the gradients it returns

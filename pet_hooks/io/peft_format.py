@@ -155,9 +155,10 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
                                 f"{sorted(params)[:4]}, not one {pairs} pair: "
                                 f"PEFT's LoRA layout does not hold them (grouped experts); save with format='pet_hooks'")
         weights, tail = layout
-        for suffix, leaf in weights.items():
-            tensors[f"{PEFT_PREFIX}{mapped[injection.path]}.{suffix}{tail}"] = np.ascontiguousarray(
-                to_numpy(params[f"{injection.path}.{leaf}"]))
+        module_tensors = tuner.peft.saved_module(state.config, injection.path, {   # AdaLoRA: the kept ranks
+            suffix: to_numpy(params[f"{injection.path}.{leaf}"]) for suffix, leaf in weights.items()})
+        for suffix, value in module_tensors.items():
+            tensors[f"{PEFT_PREFIX}{mapped[injection.path]}.{suffix}{tail}"] = np.ascontiguousarray(value)
     tensors.update(_bias_tensors(net, state, fn, label, fused_cells))
     shared = {p.name: p for injection in state.injections for p in tuner.deltas_of(injection)}
     for key, name in tuner.peft.shared_weights.items():     # the adapter's own tensors (VeRA's vera_A / vera_B)
@@ -432,8 +433,9 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     fresh = adapter_name is not None and (get_state(net) is None or adapter_name not in get_state(net).adapters)
     ours, spec = _choose_map(net, modules, name_map, weights_path, tuner, fresh)
     _check_base_copies(net, tuner, copies, ours, weights_path)
-    tensors = {f"{ours[module]}.{_leaves(tuner)[suffix]}": value
-               for module, pair in modules.items() for suffix, value in pair.items()}
+    tensors = {f"{ours[module]}.{_leaves(tuner)[suffix]}": value       # AdaLoRA: rows back at their ranks
+               for module, pair in modules.items()
+               for suffix, value in tuner.peft.loaded_module(doc, module, pair, weights_path).items()}
     tensors.update(_joined_fused_cells(net, tuner, spec, ours, modules, weights_path))
     tensors.update(_bias_names(net, biases, ours, spec, doc, weights_path))
     absent = {key: name for key, name in tuner.peft.shared_weights.items() if name not in shared}

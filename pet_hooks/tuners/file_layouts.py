@@ -16,7 +16,9 @@ and whose config needs nothing beyond ``target_modules``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Mapping, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
 
 from ..config.pet_config import PetConfig
 from ..errors import AdapterFileError
@@ -50,6 +52,16 @@ class PeftLayout:
         the cells the adapter maps onto; by default an AdapterFileError naming the first absent key."""
         key = next(iter(absent))
         raise AdapterFileError(f"{weights_path} has no '{key}' (the adapter's shared tensor)")
+
+    # AdaLoRA (issue 30 item 1): PEFT saves a rank-pattern'd adapter's kept ranks only
+    def saved_module(self, cfg: PetConfig, path: str, tensors: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """One cell's tensors as PEFT's file holds them (PEFT suffix -> array); by default as they are."""
+        return tensors
+
+    def loaded_module(self, doc: Mapping, module: str, tensors: Dict[str, np.ndarray],
+                      weights_path: str) -> Dict[str, np.ndarray]:
+        """One PEFT module's tensors (suffix -> array) in our deltas' shapes; by default as they are."""
+        return tensors
 
     def fields(self, cfg: PetConfig) -> dict:
         """The method's own fields of an ``adapter_config.json`` written for ``cfg``."""

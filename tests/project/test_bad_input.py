@@ -48,6 +48,8 @@ LOHA = {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3"}      
 LOKR = {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3"}
 OFT = {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3"}     # issue 30 item 5
 VERA = {"pet_type": "vera", "r": 4, "target_modules": ".*dense1|.*dense3"}          # issue 30 item 4
+ADALORA = {"pet_type": "adalora", "init_r": 4, "target_r": 2, "total_step": 10,          # issue 30 item 1
+           "target_modules": ".*dense1|.*dense3"}
 
 
 @dataclass
@@ -217,6 +219,16 @@ def _vera_peft_dir(d, tensors, **fields):
 _VERA_Q = "base_model.model.blocks.0.attention.dense1."
 _VERA = {"base_model.vera_A": (2, 16), "base_model.vera_B": (16, 2), _VERA_Q + "vera_lambda_b": (16,),
          _VERA_Q + "vera_lambda_d": (2,)}
+
+
+def _adalora_peft_dir(d, rows, mask, **fields):
+    """AdaLoRA (issue 30 item 1): a PEFT adapter of one query projection (16 -> 16), ``rows`` ranks, init_r 4."""
+    q = "base_model.model.blocks.0.attention.dense1."
+    _write_config(d, {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "total_step": 10,
+                      "target_modules": ["dense1"], "rank_pattern": mask and {"blocks.0.attention.dense1.lora_E": mask},
+                      **fields})
+    save_file({q + "lora_A": np.zeros((rows, 16), np.float32), q + "lora_E": np.zeros((rows, 1), np.float32),
+               q + "lora_B": np.zeros((16, rows), np.float32)}, str(_weights(d)))
 
 
 def _ckpt_without_lora(d):
@@ -418,6 +430,24 @@ ROWS: List[Row] = [
     M("vera-fan-in-fan-out", {**VERA, "fan_in_fan_out": True}, PetConfigError, "fan_in_fan_out", "Conv1D"),
     M("vera-bias-all", {**VERA, "bias": "vera_only"}, PetConfigError, "bias", "'vera_only'"),
     M("vera-on-layernorm", {**VERA, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "VeRA"),
+    # AdaLoRA (issue 30 item 1): PEFT's checks, and pet_hooks' own
+    M("adalora-total-step-missing", {k: v for k, v in ADALORA.items() if k != "total_step"}, PetConfigError,
+      "total_step is required"),
+    M("adalora-total-step-0", {**ADALORA, "total_step": 0}, PetConfigError, "total_step", "got 0"),
+    M("adalora-target-r-over-init-r", {**ADALORA, "target_r": 5}, PetConfigError, "target_r=5", "init_r=4"),
+    M("adalora-no-budgeting-phase", {**ADALORA, "tinit": 6, "tfinal": 4}, PetConfigError, "tinit=6",
+      "total_step - tfinal", "10", "4"),
+    M("adalora-beta1-1", {**ADALORA, "beta1": 1.0}, PetConfigError, "beta1", "(0, 1)", "1.0"),
+    M("adalora-orth-negative", {**ADALORA, "orth_reg_weight": -0.1}, PetConfigError, "orth_reg_weight", "-0.1"),
+    M("adalora-deltaT-0", {**ADALORA, "deltaT": 0}, PetConfigError, "deltaT", "got 0"),
+    M("adalora-init-r-str", {**ADALORA, "init_r": "4"}, PetConfigTypeError, "init_r", "'4'"),
+    M("adalora-rank-pattern-wrong-length", {**ADALORA, "rank_pattern": {"blocks.0.attention.dense1": [True]}},
+      PetConfigError, "rank_pattern", "init_r=4"),
+    M("adalora-rank-pattern-unknown-cell", {**ADALORA, "rank_pattern": {"blocks.0.nosuch": [True] * 4}},
+      PetConfigError, "rank_pattern", "blocks.0.nosuch"),
+    M("adalora-target-missing", {k: v for k, v in ADALORA.items() if k != "target_modules"}, PetConfigError,
+      "target_modules", "required"),
+    M("adalora-on-layernorm", {**ADALORA, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "AdaLoRA"),
     M("bitfit-target-int", {"pet_type": "bitfit", "target_modules": 5}, PetConfigTypeError, "target_modules", "got 5"),
     M("bitfit-exclude-everything", {"pet_type": "bitfit", "exclude_layers": [".*"]}, NoMatchError,
       "no cell with a 'bias'",
@@ -576,6 +606,11 @@ ROWS: List[Row] = [
       AdapterFileError, "has no 'base_model.vera_B'", "save_projection=true"),
     A("peft-vera-projection-wrong-shape", lambda d: _vera_peft_dir(d, {**_VERA, "base_model.vera_A": (2, 15)}),
       AdapterFileError, "vera_A", "(2, 15)", "(2, 16)"),
+    # ---- PEFT AdaLoRA (issue 30 item 1) ----
+    A("peft-adalora-rank-pattern-misfit", lambda d: _adalora_peft_dir(d, 3, [True, False, True, False]),
+      AdapterFileError, "blocks.0.attention.dense1", "holds 3 rank(s)", "keeps 2 of 4"),
+    A("peft-adalora-fan-in-fan-out", lambda d: _adalora_peft_dir(d, 4, None, fan_in_fan_out=True),
+      AdapterFileError, "fan_in_fan_out=true"),
     # ---- PEFT LoRA of an embedding (lora_embedding_A / _B, PEFT's copy of the table) ----
     A("peft-embedding-without-b", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256)}), AdapterFileError,
       "module 'embedding' has no lora_embedding_B"),
@@ -905,6 +940,8 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps", "block_share",
         # VeRA (issue 30 item 4; r and init_weights above)
         "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "fan_in_fan_out",
+        # AdaLoRA (issue 30 item 1; rank_pattern, init_weights, lora_alpha, lora_dropout above)
+        "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
         "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
@@ -922,7 +959,8 @@ VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense
          "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK,
          "loha": LOHA, "lokr": LOKR,                               # issue 30 item 3
          "oft": OFT,                                               # issue 30 item 5
-         "vera": VERA}                                             # issue 30 item 4
+         "vera": VERA,                                             # issue 30 item 4
+         "adalora": ADALORA}                                       # issue 30 item 1
 assert set(VALID) == set(config_types()), "every registered method needs a valid block here"
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),

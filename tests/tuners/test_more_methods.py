@@ -39,6 +39,9 @@ METHODS = {
     "oft": {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
     # issue 30 item 4 (its numerics against PEFT: test_vera.py)
     "vera": {"pet_type": "vera", "r": 8, "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
+    # issue 30 item 1 (its numerics and the allocator against PEFT: test_adalora.py); no mask in 3 steps (tinit)
+    "adalora": {"pet_type": "adalora", "init_r": 4, "target_r": 2, "total_step": 20, "tinit": 5,
+                "target_modules": ".*dense1|.*dense3|.*mlp.projection"},
 }
 METHOD_PARAMS = [pytest.param(cfg, id=name) for name, cfg in METHODS.items()]
 
@@ -138,7 +141,7 @@ def test_switching_off_compiles_nothing_and_gives_the_base_bit_for_bit(cfg):
         with pet_hooks.disable_adapters(net):
             np.testing.assert_array_equal(net(ids).asnumpy(), base)
         np.testing.assert_array_equal(net(ids).asnumpy(), active)
-        if cfg["pet_type"] in ("ia3", "loha", "lokr", "oft", "vera"):      # OFT's merge is multiplicative (PEFT's)
+        if cfg["pet_type"] in ("ia3", "loha", "lokr", "oft", "vera", "adalora"):      # OFT's merge is multiplicative (PEFT's)
             pet_hooks.merge(net)
             np.testing.assert_allclose(net(ids).asnumpy(), active, rtol=1e-5, atol=1e-5)
             pet_hooks.unmerge(net)
