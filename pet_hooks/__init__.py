@@ -29,6 +29,8 @@ _LAZY = {
     "LoHaConfig": "config.pet_config", "LoKrConfig": "config.pet_config",      # issue 30 item 3
     "OFTConfig": "config.pet_config",                                          # issue 30 item 5
     "VeraConfig": "config.pet_config",                                         # issue 30 item 4
+    "PromptTuningConfig": "config.pet_config", "PromptModel": "tuners.prompt_tuning",       # issue 30 item 2
+    "register_prompt_model": "tuners.prompt_tuning",                                        # issue 30 item 2
     "load_config": "config.pet_config",
     "register_method": "config.methods", "unregister_method": "config.methods",
     "apply": "surgery.core", "remove": "surgery.core", "merge": "surgery.core", "unmerge": "surgery.core",
@@ -55,6 +57,7 @@ __all__ = [
     "PetConfig", "LoraConfig", "PTuning2Config", "PrefixTuningConfig", "PetConfigError", "load_config",
     "IA3Config", "BitFitConfig", "AdapterConfig", "LowRankAdapterConfig", "LoHaConfig", "LoKrConfig",
     "OFTConfig", "VeraConfig",                                                     # issue 30 items 4, 5
+    "PromptTuningConfig", "PromptModel", "register_prompt_model",                  # issue 30 item 2
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",
