@@ -173,11 +173,16 @@ def test_sample_gpt_through_petcallback_disable_native_format_remove(mode, tmp_p
 
 
 def test_enable_and_inspect():
-    """enable() adapts the GPT built inside and its optimizer holds the prompt; inspect reports the two cells."""
+    """enable() adapts the GPT built inside and its optimizer holds the prompt; inspect reports the two cells
+    (the model and its embedding) and the prompt, and leaves the net as it was."""
     from pet_hooks.cli.inspection import format_report, inspect_net
     with pet_hooks.enable(GPT_CFG):
         net = _gpt()
         optimizer = nn.Adam(net.get_parameters(), 1e-2)
     assert [p.name for p in optimizer.parameters] == ["prompt_embeddings"]
-    text = format_report(inspect_net(net))
-    assert "prompt_tuning" in text and "embedding" in text and "prompt_embeddings" in text, text
+    plain = _gpt()
+    report = inspect_net(plain, GPT_CFG)
+    assert report["error"] is None and [row["path"] for row in report["matched"]] == ["", "embedding"]
+    assert report["shared"] == [{"name": "prompt_embeddings", "shape": [4, 16]}]
+    assert report["summary"]["text"] == pet_hooks.trainable_summary(net)
+    assert "prompt_tuning" in format_report(report) and type(plain).__name__ == "TinyGPT"
