@@ -48,6 +48,7 @@ LOHA = {"pet_type": "loha", "r": 2, "target_modules": ".*dense1|.*dense3"}      
 LOKR = {"pet_type": "lokr", "r": 2, "target_modules": ".*dense1|.*dense3"}
 OFT = {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*dense3"}     # issue 30 item 5
 VERA = {"pet_type": "vera", "r": 4, "target_modules": ".*dense1|.*dense3"}          # issue 30 item 4
+PROMPT = {"pet_type": "prompt_tuning", "num_virtual_tokens": 3}                     # issue 30 item 2
 
 
 @dataclass
@@ -217,6 +218,12 @@ def _vera_peft_dir(d, tensors, **fields):
 _VERA_Q = "base_model.model.blocks.0.attention.dense1."
 _VERA = {"base_model.vera_A": (2, 16), "base_model.vera_B": (16, 2), _VERA_Q + "vera_lambda_b": (16,),
          _VERA_Q + "vera_lambda_d": (2,)}
+
+
+def _prompt_peft_dir(d, tensors, **fields):
+    """Prompt tuning (issue 30 item 2): a PEFT PROMPT_TUNING adapter of 3 virtual tokens holding ``tensors``."""
+    _write_config(d, {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "task_type": "CAUSAL_LM", **fields})
+    save_file({k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
 
 
 def _ckpt_without_lora(d):
@@ -418,6 +425,23 @@ ROWS: List[Row] = [
     M("vera-fan-in-fan-out", {**VERA, "fan_in_fan_out": True}, PetConfigError, "fan_in_fan_out", "Conv1D"),
     M("vera-bias-all", {**VERA, "bias": "vera_only"}, PetConfigError, "bias", "'vera_only'"),
     M("vera-on-layernorm", {**VERA, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "VeRA"),
+    # prompt tuning (issue 30 item 2; a model without an adapter or an embedding: tests/tuners/test_prompt_tuning.py)
+    M("prompt-tokens-0", {**PROMPT, "num_virtual_tokens": 0}, PetConfigError, "num_virtual_tokens", "got 0"),
+    M("prompt-tokens-str", {**PROMPT, "num_virtual_tokens": "3"}, PetConfigTypeError, "num_virtual_tokens", "'3'"),
+    M("prompt-init-unknown", {**PROMPT, "prompt_tuning_init": "ZEROS"}, PetConfigError, "prompt_tuning_init",
+      "'ZEROS'"),
+    M("prompt-text-without-text", {**PROMPT, "prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "tok/"},
+      PetConfigError, "prompt_tuning_init_text", "None"),
+    M("prompt-text-without-tokenizer", {**PROMPT, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Hi"},
+      PetConfigError, "tokenizer_name_or_path", "None"),
+    M("prompt-tokenizer-not-there", {**PROMPT, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Hi",
+                                     "tokenizer_name_or_path": "/no/such/tokenizer"}, PetConfigError,
+      "'/no/such/tokenizer'", "tokenizer.json"),
+    M("prompt-tokenizer-kwargs", {**PROMPT, "tokenizer_kwargs": {"gguf_file": "x.gguf"}}, PetConfigError,
+      "tokenizer_kwargs", "gguf_file"),
+    M("prompt-chunked-loss", {**PROMPT, "chunked_loss": 4}, PetConfigError, "chunked_loss=4", "prompt_tuning"),
+    M("prompt-target-not-a-model", {**PROMPT, "target_modules": ".*attention"}, UnsupportedCellError,
+      "blocks.0.attention", "no prompt adapter"),
     M("bitfit-target-int", {"pet_type": "bitfit", "target_modules": 5}, PetConfigTypeError, "target_modules", "got 5"),
     M("bitfit-exclude-everything", {"pet_type": "bitfit", "exclude_layers": [".*"]}, NoMatchError,
       "no cell with a 'bias'",
@@ -576,6 +600,14 @@ ROWS: List[Row] = [
       AdapterFileError, "has no 'base_model.vera_B'", "save_projection=true"),
     A("peft-vera-projection-wrong-shape", lambda d: _vera_peft_dir(d, {**_VERA, "base_model.vera_A": (2, 15)}),
       AdapterFileError, "vera_A", "(2, 15)", "(2, 16)"),
+    # ---- PEFT prompt tuning (issue 30 item 2) ----
+    A("peft-prompt-extra-key", lambda d: _prompt_peft_dir(d, {"prompt_embeddings": (3, 16), EMB + "weight": (3, 16)}),
+      AdapterFileError, "expected exactly ['prompt_embeddings']", "base_model.model.embedding.weight"),
+    A("peft-prompt-other-hidden", lambda d: _prompt_peft_dir(d, {"prompt_embeddings": (3, 15)}),
+      AdapterFileError, "prompt_embeddings", "(3, 15)", "(3, 16)"),
+    A("peft-prompt-encoder-decoder", lambda d: _prompt_peft_dir(d, {"prompt_embeddings": (6, 16)},
+                                                                num_transformer_submodules=2),
+      AdapterFileError, "num_transformer_submodules=2", "causal"),
     # ---- PEFT LoRA of an embedding (lora_embedding_A / _B, PEFT's copy of the table) ----
     A("peft-embedding-without-b", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256)}), AdapterFileError,
       "module 'embedding' has no lora_embedding_B"),
@@ -905,6 +937,9 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps", "block_share",
         # VeRA (issue 30 item 4; r and init_weights above)
         "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "fan_in_fan_out",
+        # prompt tuning (issue 30 item 2)
+        "num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+        "tokenizer_kwargs",
         "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
@@ -922,7 +957,8 @@ VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense
          "ia3": IA3, "bitfit": {"pet_type": "bitfit"}, "adapter": ADAPTER, "low_rank_adapter": LOW_RANK,
          "loha": LOHA, "lokr": LOKR,                               # issue 30 item 3
          "oft": OFT,                                               # issue 30 item 5
-         "vera": VERA}                                             # issue 30 item 4
+         "vera": VERA,                                             # issue 30 item 4
+         "prompt_tuning": PROMPT}                                  # issue 30 item 2
 assert set(VALID) == set(config_types()), "every registered method needs a valid block here"
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),

@@ -186,3 +186,40 @@ def test_enable_and_inspect():
     assert report["shared"] == [{"name": "prompt_embeddings", "shape": [4, 16]}]
     assert report["summary"]["text"] == pet_hooks.trainable_summary(net)
     assert "prompt_tuning" in format_report(report) and type(plain).__name__ == "TinyGPT"
+
+
+def test_models_it_cannot_adapt_are_refused_and_left_as_they_were():
+    """No prompt adapter for the class (the mcore models, any net without one), an adapter naming no embedding, a
+    MindFormers Llama setting the adapter does not support: one clear error each, the net unchanged."""
+    from pet_hooks.errors import PetConfigError, UnsupportedCellError
+    from tests.nets import TwoDense
+
+    class NoEmbedding(TwoDense):
+        pass
+
+    class NoEmbeddingPrompt(pet_hooks.PromptModel):
+        @staticmethod
+        def embedding_path(cell):
+            return "embedding"
+
+        def construct(self, x):
+            return self.pet_base_construct(x)
+
+    net = NoEmbedding()
+    before = snapshot(net)
+    with pytest.raises(PetConfigError, match="NoEmbedding has no model cell prompt tuning knows.*register_prompt_model"):
+        pet_hooks.apply(net, _cfg())
+    pet_hooks.register_prompt_model(NoEmbedding, NoEmbeddingPrompt)
+    with pytest.raises(UnsupportedCellError, match="NoEmbedding has no input embedding cell 'embedding'"):
+        pet_hooks.apply(net, _cfg())
+    with pytest.raises(TypeError, match="subclass of pet_hooks.PromptModel"):
+        pet_hooks.register_prompt_model(NoEmbedding, TwoDense)
+    assert type(net) is NoEmbedding and get_state(net) is None
+    assert_params_equal(before, net)
+    if HAS_MINDFORMERS:
+        from tests.nets import tiny_llama
+        llama = tiny_llama()
+        llama.input_sliced_sig = True
+        with pytest.raises(UnsupportedCellError, match="input_sliced_sig=True"):
+            pet_hooks.apply(llama, _cfg())
+        assert type(llama).__name__ == "LlamaForCausalLM" and get_state(llama) is None
