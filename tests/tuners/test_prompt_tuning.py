@@ -82,7 +82,8 @@ def test_llama_logits_loss_and_prompt_gradient_equal_peft(mode, peft_run):
     work, torch_out = peft_run
     ids = np.load(work / "ids.npy")
     net = llama_with_weights()
-    base = _eval_logits(net, np.concatenate([ids, ids[:, :N]], 1))[:, :8 - N]   # the base, at seq_length
+    whole = np.concatenate([ids, ids[:, :N]], 1)                                 # seq_length ids for the base
+    base = _eval_logits(net, whole)[:, :8 - N]
     pet_hooks.load_adapter(net, work / "ours")
     ours = _eval_logits(net, ids)
     assert ours.shape == (2, 8 - N, 64) and np.abs(ours - base).max() > 1e-2
@@ -94,6 +95,9 @@ def test_llama_logits_loss_and_prompt_gradient_equal_peft(mode, peft_run):
     loss, grads = ms.value_and_grad(net, None, prompt)(Tensor(np.load(work / "train_ids.npy")))
     np.testing.assert_allclose(loss.asnumpy(), torch_out["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grads[0].asnumpy(), torch_out["grad"], rtol=1e-4, atol=1e-6)
+    with pet_hooks.disable_adapters(net):                 # a structural switch: graph mode recompiles
+        np.testing.assert_allclose(_eval_logits(net, whole)[:, :8 - N], base, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_eval_logits(net, ids), ours, rtol=1e-6, atol=1e-6)
 
 
 def test_text_init_and_peft_s_own_adapter(peft_run, tmp_path):
@@ -139,8 +143,9 @@ def _batches(steps=2):
     return ds.GeneratorDataset(data, ["ids", "labels"], shuffle=False)
 
 
+@pytest.mark.parametrize("mode", [1], indirect=True, ids=["pynative"])
 def test_sample_gpt_through_petcallback_disable_native_format_remove(mode, tmp_path):
-    """The prompted GPT on x is the base GPT on (prompt tokens, x) at x's positions when the prompt is those tokens'
+    """PyNative (graph mode: the Llama above runs forward, gradient and disable compiled). The prompted GPT on x is the base GPT on (prompt tokens, x) at x's positions when the prompt is those tokens'
     embedding rows (SAMPLE_VOCAB: rows of random ids); PetCallback trains the prompt alone (the base bit for bit);
     the native format; disable gives the base; remove restores the class and every parameter."""
     from samples.tiny_gpt import LMLoss
