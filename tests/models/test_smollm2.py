@@ -419,7 +419,7 @@ def test_prompt_tuning_text_init_logits_loss_and_gradient_equal_peft_two_blocks(
         ids, train_ids = prompts[0], train_batch[:SEQ - n + 1]
         padded = np.full((1, SEQ - n), S.FILL_ID, np.int32)            # the causal mask is seq_length wide
         padded[0, :len(ids)] = ids
-        base_logits = S.batch_logits(net, padded)[0, :len(ids)]
+        base_logits = S.logits_of(net, ids)                             # (padded to SEQ)
         pet_hooks.apply(net, {"pet_type": "prompt_tuning", "num_virtual_tokens": n, "prompt_tuning_init": "TEXT",
                               "prompt_tuning_init_text": text, "tokenizer_name_or_path": str(tmp_path)})
         prompt = pet_hooks.delta_parameters(net)
