@@ -228,3 +228,21 @@ def test_models_it_cannot_adapt_are_refused_and_left_as_they_were():
         with pytest.raises(UnsupportedCellError, match="input_sliced_sig=True"):
             pet_hooks.apply(llama, _cfg())
         assert type(llama).__name__ == "LlamaForCausalLM" and get_state(llama) is None
+
+
+def test_launcher(tmp_path):
+    """pet-hooks run on the unmodified sample script (rows of 56 tokens: room for the 8 virtual ones in the GPT's
+    64 positions), graph mode: the saved adapter is a trained prompt that loads into a fresh GPT."""
+    import yaml
+    from samples.tiny_gpt import build
+    from tests.conftest import ROOT
+    path = tmp_path / "pet.yaml"
+    path.write_text(yaml.safe_dump(_cfg(num_virtual_tokens=8, seed=0)))
+    out = subprocess.run([sys.executable, "-m", "pet_hooks", "run", "--config", str(path), "--save-dir",
+                          str(tmp_path / "adapter"), os.path.join("samples", "legacy_train.py"), "--steps", "2",
+                          "--mode", "0", "--data-length", "56"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    net = pet_hooks.load_adapter(build(seed=0), tmp_path / "adapter")
+    assert get_state(net).config.num_virtual_tokens == 8
+    start = pet_hooks.delta_parameters(pet_hooks.apply(build(seed=0), _cfg(num_virtual_tokens=8, seed=0)))[0]
+    assert np.abs(pet_hooks.delta_parameters(net)[0].asnumpy() - start.asnumpy()).max() > 1e-4    # trained
