@@ -255,6 +255,11 @@ class PetConfig:
     def validate(self) -> None:
         """Method-specific checks; subclasses extend this."""
 
+    def for_loading(self) -> "PetConfig":
+        """The config to apply when a saved adapter's values follow at once (prompt tuning: an init that reads
+        nothing, as PEFT's ``inference_mode``); by default the config itself. (issue 30 item 2)"""
+        return self
+
     def to_dict(self) -> dict:
         """The fields a user sets (what ``adapter_config.json`` stores), without ``model_hints``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_hints"}
@@ -772,6 +777,11 @@ class PromptTuningConfig(PetConfig):
                                  f"change the model's forward)")
         if self.modules_to_save:
             raise PetConfigError(f"modules_to_save={self.modules_to_save!r} is not supported with prompt_tuning")
+
+    def for_loading(self) -> "PromptTuningConfig":
+        """RANDOM init: the loaded values replace it, and a TEXT init's tokenizer may not be on this machine."""
+        return dataclasses.replace(self, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+                                   tokenizer_name_or_path=None)
 
 
 def _check_adapter_common(cfg) -> None:

@@ -285,7 +285,11 @@ def _initial(cfg: PromptTuningConfig, table: Parameter) -> np.ndarray:
     if cfg.prompt_tuning_init == "SAMPLE_VOCAB":
         ids = init_rng(cfg).integers(0, vocab, n)
     else:
-        from tokenizers import Tokenizer       # only TEXT needs it (the interop extra)
+        try:
+            from tokenizers import Tokenizer   # only TEXT needs it
+        except ImportError:
+            raise PetConfigError("prompt_tuning_init TEXT needs the tokenizers library (pip install tokenizers)") \
+                from None
         ids = init_token_ids(Tokenizer.from_file(_tokenizer_file(cfg)).encode(cfg.prompt_tuning_init_text).ids, n)
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:

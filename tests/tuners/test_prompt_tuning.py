@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,11 +109,16 @@ def test_text_init_and_peft_s_own_adapter(peft_run, tmp_path):
     net = llama_with_weights()
     before = snapshot(net)
     table = net.model.tok_embeddings.embedding_weight.asnumpy()
+    shutil.copytree(work / "tokenizer", tmp_path / "tokenizer")
     pet_hooks.apply(net, _cfg(prompt_tuning_init="TEXT", prompt_tuning_init_text=TEXT,
-                              tokenizer_name_or_path=str(work / "tokenizer")))
+                              tokenizer_name_or_path=str(tmp_path / "tokenizer")))
     prompt = pet_hooks.delta_parameters(net)[0].asnumpy()
     np.testing.assert_array_equal(prompt, table[[10, 11, 10]])             # "<s> review" repeated, cut to 3
     np.testing.assert_array_equal(prompt, torch_out["text_prompt"])
+    pet_hooks.save_adapter(net, tmp_path / "native")
+    shutil.rmtree(tmp_path / "tokenizer")             # loading needs no tokenizer: the values come from the file
+    loaded = pet_hooks.load_adapter(llama_with_weights(), tmp_path / "native")
+    np.testing.assert_array_equal(pet_hooks.delta_parameters(loaded)[0].asnumpy(), prompt)
     pet_hooks.remove(net)
     assert_params_equal(before, net) and type(net).__name__ == "LlamaForCausalLM"
     assert sorted(p.name for p in net.get_parameters()) == sorted(before)
