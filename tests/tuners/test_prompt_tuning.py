@@ -102,8 +102,9 @@ def test_llama_logits_loss_and_prompt_gradient_equal_peft(mode, peft_run):
 
 
 def test_text_init_and_peft_s_own_adapter(peft_run, tmp_path):
-    """TEXT init: the embedding rows of the tokenized text, repeated to n, exactly PEFT's; PEFT's saved adapter
-    (PROMPT_TUNING, ``prompt_embeddings`` alone) gives PEFT's logits here; remove restores the Llama bit for bit."""
+    """TEXT init: the embedding rows of the tokenized text, repeated to n, exactly PEFT's; the native format loads
+    without the tokenizer; PEFT's saved adapter (PROMPT_TUNING, ``prompt_embeddings`` alone) gives PEFT's logits here,
+    also in MindFormers' predict mode; remove restores the Llama bit for bit. (PyNative: the default mode.)"""
     from tests.io.test_peft_format import llama_with_weights
     work, torch_out = peft_run
     net = llama_with_weights()
@@ -127,6 +128,9 @@ def test_text_init_and_peft_s_own_adapter(peft_run, tmp_path):
     assert get_state(theirs).config.num_virtual_tokens == N
     np.testing.assert_allclose(_eval_logits(theirs, np.load(work / "ids.npy")), torch_out["theirs_logits"][:, N:],
                                rtol=1e-4, atol=1e-5)
+    theirs.predict_run_mode = True                   # MindFormers' predict mode: 2-D logits, the prompt's rows cut too
+    np.testing.assert_allclose(theirs(Tensor(np.load(work / "ids.npy"))).asnumpy(),
+                               torch_out["theirs_logits"][:, N:].reshape(-1, 64), rtol=1e-4, atol=1e-5)
     # and a PEFT file written by us again is PEFT's layout: one key, the config PEFT reads (checked by torch above)
     pet_hooks.save_adapter(theirs, tmp_path / "again", format="peft")
     doc = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
