@@ -6,7 +6,9 @@ and pet_hooks loads it back into a fresh Llama; the logits at the real positions
 labels and the prompt's gradient must be PEFT's. PEFT's own TEXT init (a tiny word-level tokenizer written here)
 must be ours row for row, and PEFT's saved adapter must give PEFT's logits here. On the sample GPT: the prompted
 model is the base model run on the prompt's tokens plus the input (an identity needing no reference), training
-through PetCallback keeps the base bit for bit, disable / remove / the native format, enable(), inspect.
+through PetCallback keeps the base bit for bit, disable / remove / the native format, enable(), inspect, the
+launcher; the refusals; MindFormers' own flow (a run YAML's pet_config under enable()). SmolLM2 with TEXT init
+from its own tokenizer against PEFT: tests/models/test_smollm2.py.
 """
 from __future__ import annotations
 
@@ -256,3 +258,16 @@ def test_launcher(tmp_path):
     assert get_state(net).config.num_virtual_tokens == 8
     start = pet_hooks.delta_parameters(pet_hooks.apply(build(seed=0), _cfg(num_virtual_tokens=8, seed=0)))[0]
     assert np.abs(pet_hooks.delta_parameters(net)[0].asnumpy() - start.asnumpy()).max() > 1e-4    # trained
+
+
+@pytest.mark.skipif(not HAS_MINDFORMERS, reason="mindformers is not installed")
+def test_mindformers_run_yaml_under_enable(tmp_path):
+    """MindFormers' own flow: a run YAML whose pet_config is prompt tuning, built by build_network inside enable():
+    pet_hooks' prompt tuning on the Llama (MindFormers' own PET leaves a pet_type it does not know alone)."""
+    from tests.models.test_mindformers_flow import build_from_yaml, write_run_yaml
+    path = write_run_yaml(tmp_path, {"pet_type": "prompt_tuning", "num_virtual_tokens": 2, "seed": 0})
+    with pet_hooks.enable():
+        net = build_from_yaml(path)
+    state = get_state(net)
+    assert state.config.num_virtual_tokens == 2 and [i.path for i in state.injections] == ["", "model.tok_embeddings"]
+    assert [p.name for p in net.trainable_params()] == ["prompt_embeddings"]
