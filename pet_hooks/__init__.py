@@ -29,8 +29,8 @@ _LAZY = {
     "LoHaConfig": "config.pet_config", "LoKrConfig": "config.pet_config",      # issue 30 item 3
     "OFTConfig": "config.pet_config",                                          # issue 30 item 5
     "VeraConfig": "config.pet_config",                                         # issue 30 item 4
-    "PromptTuningConfig": "config.pet_config", "PromptModel": "tuners.prompt_tuning",       # issue 30 item 2
-    "register_prompt_model": "tuners.prompt_tuning",                                        # issue 30 item 2
+    "PromptTuningConfig": "config.pet_config", "PromptModel": "tuners.prompt.models",       # issue 30 item 2
+    "register_prompt_model": "tuners.prompt.models",                                        # issue 30 item 2
     "load_config": "config.pet_config",
     "register_method": "config.methods", "unregister_method": "config.methods",
     "apply": "surgery.core", "remove": "surgery.core", "merge": "surgery.core", "unmerge": "surgery.core",

@@ -1043,4 +1043,4 @@ register_method(LoHaConfig, "pet_hooks.tuners.loha:LoHaTuner")      # issue 30 i
 register_method(LoKrConfig, "pet_hooks.tuners.lokr:LoKrTuner")      # issue 30 item 3
 register_method(OFTConfig, "pet_hooks.tuners.oft:OFTTuner")      # issue 30 item 5
 register_method(VeraConfig, "pet_hooks.tuners.vera:VeraTuner")      # issue 30 item 4
-register_method(PromptTuningConfig, "pet_hooks.tuners.prompt_tuning:PromptTuner")      # issue 30 item 2
+register_method(PromptTuningConfig, "pet_hooks.tuners.prompt.tuner:PromptTuner")      # issue 30 item 2
