@@ -190,13 +190,15 @@ def test_sample_gpt_through_petcallback_disable_native_format_remove(mode, tmp_p
 
 
 def test_enable_and_inspect():
-    """enable() adapts the GPT built inside and its optimizer holds the prompt; inspect reports the two cells
-    (the model and its embedding) and the prompt, and leaves the net as it was."""
+    """enable() adapts the GPT built inside and its optimizer holds the prompt (SAMPLE_VOCAB's rows); inspect reports
+    the two cells (the model and its embedding) and the prompt, and leaves the net as it was."""
     from pet_hooks.cli.inspection import format_report, inspect_net
     with pet_hooks.enable(GPT_CFG):
         net = _gpt()
         optimizer = nn.Adam(net.get_parameters(), 1e-2)
     assert [p.name for p in optimizer.parameters] == ["prompt_embeddings"]
+    table = net.embedding.embedding_table.asnumpy()                       # SAMPLE_VOCAB: the rows of seeded ids
+    np.testing.assert_array_equal(optimizer.parameters[0].asnumpy(), table[np.random.default_rng(3).integers(0, 32, 4)])
     plain = _gpt()
     report = inspect_net(plain, GPT_CFG)
     assert report["error"] is None and [row["path"] for row in report["matched"]] == ["", "embedding"]
