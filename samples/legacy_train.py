@@ -51,13 +51,16 @@ def main():
     parser.add_argument("--data-parallel", action="store_true", help="one rank of an msrun job")
     parser.add_argument("--save-init-ckpt", default=None)
     parser.add_argument("--save-ckpt", default=None)
+    parser.add_argument("--data-length", type=int, default=None,
+                        help="tokens per row (default: the GPT's seq_length; prompt tuning needs room for its tokens)")
     args = parser.parse_args()
 
     ms.set_device("CPU")
     ms.set_context(mode=args.mode)
     rank, ranks = _init_data_parallel() if args.data_parallel else (0, 1)
     net = build(seed=0, hidden_size=args.hidden)
-    batches = lm_batches(seq_length=net.config.seq_length, batch_size=args.batch_size * ranks, seed=0)
+    batches = lm_batches(seq_length=args.data_length or net.config.seq_length, batch_size=args.batch_size * ranks,
+                         seed=0)
     rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
     data = [tuple(part[rows] for part in next(batches)) for _ in range(args.steps)]
     dataset = ds.GeneratorDataset(data, ["input_ids", "labels"], shuffle=False)

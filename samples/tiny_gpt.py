@@ -14,7 +14,8 @@ Layout (names chosen like MindFormers' GPT2 so its LoRA patterns apply unchanged
 
 The one thing: at the end, how its ``CoreAttention`` takes the prefix key/values of P-Tuning v2
 and Prefix-Tuning, registered through ``pet_hooks.register_attention`` as any model's author
-would (pet_hooks itself knows only MindFormers' attention).
+would (pet_hooks itself knows only MindFormers' attention); and, the same way, how ``TinyGPT``
+takes prompt tuning's virtual tokens (``pet_hooks.register_prompt_model``).
 """
 from __future__ import annotations
 
@@ -171,3 +172,24 @@ class CoreAttentionPrefix(PrefixAttention):
 
 
 register_attention(CoreAttention, CoreAttentionPrefix)
+
+
+# ----------------------------------------------------------------------------- prompt tuning (issue 30 item 2)
+from pet_hooks import PromptModel, register_prompt_model  # noqa: E402
+
+
+class TinyGPTPrompt(PromptModel):
+    """``TinyGPT(input_ids)`` with prompt tuning: placeholder ids in front (so the causal mask and the position
+    table cover them), their embedding rows replaced by the prompt, their logits dropped."""
+
+    @staticmethod
+    def embedding_path(cell):
+        return "embedding"
+
+    def construct(self, input_ids):
+        if self.pet_prompt_active:
+            return self.without_prompt(self.pet_base_construct(self.with_prompt_ids(input_ids)))
+        return self.pet_base_construct(input_ids)
+
+
+register_prompt_model(TinyGPT, TinyGPTPrompt)

@@ -35,6 +35,7 @@ __all__ = [
     "OFTConfig",   # issue 30 item 5
     "VeraConfig",   # issue 30 item 4
     "AdaLoraConfig",   # issue 30 item 1
+    "PromptTuningConfig",   # issue 30 item 2
     "PetConfigError", "PetConfigTypeError", "load_config", "config_from_dict", "explain", "model_hints",
     "config_types", "config_differences",
 ]
@@ -194,7 +195,7 @@ class PetConfig:
     """
 
     pet_type: str = field(default="", metadata={
-        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter, low_rank_adapter, loha, lokr, oft or vera"})
+        "help": "the method: lora, ptuning2, prefixtuning, ia3, bitfit, adapter, low_rank_adapter, loha, lokr, oft, vera, adalora or prompt_tuning"})
     freeze_include: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params to freeze"})
     freeze_exclude: Optional[list] = field(default=None, metadata={"help": "fnmatch patterns of params kept trainable"})
     # modules_to_save (PEFT's, on every PEFT config): a trainable copy of each named cell, saved with the adapter;
@@ -254,6 +255,11 @@ class PetConfig:
 
     def validate(self) -> None:
         """Method-specific checks; subclasses extend this."""
+
+    def for_loading(self) -> "PetConfig":
+        """The config to apply when a saved adapter's values follow at once (prompt tuning: an init that reads
+        nothing, as PEFT's ``inference_mode``); by default the config itself. (issue 30 item 2)"""
+        return self
 
     def to_dict(self) -> dict:
         """The fields a user sets (what ``adapter_config.json`` stores), without ``model_hints``."""
@@ -717,6 +723,68 @@ class VeraConfig(PetConfig):
         _check_bool("init_weights", self.init_weights)
 
 
+# issue 30 item 2: prompt tuning (PEFT's PromptTuningConfig)
+_PROMPT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
+
+@dataclass
+class PromptTuningConfig(PetConfig):
+    """Prompt tuning (PEFT's ``PromptTuningConfig``): ``num_virtual_tokens`` learned embedding rows
+    (``prompt_embeddings`` [n, hidden]) in front of the input embeddings; the attention mask and the
+    labels are extended as PEFT extends them (ones, and -100: no loss on the virtual positions)."""
+
+    PET_TYPE: ClassVar[str] = "prompt_tuning"
+
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "the number of virtual tokens: rows of prompt_embeddings, put in front of every input"})
+    target_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "the model cell to adapt (a regex fullmatched on its path); None = the outermost cell whose "
+                "class has a prompt adapter (pet_hooks.register_prompt_model)"})
+    # Init-only (compare=False): two configs that differ only here describe the same adapter.
+    prompt_tuning_init: str = field(default="RANDOM", compare=False, metadata={
+        "help": "RANDOM (normal rows), TEXT (the embedding rows of prompt_tuning_init_text's tokens, repeated or "
+                "cut to num_virtual_tokens, as PEFT) or SAMPLE_VOCAB (the rows of random vocabulary ids)"})
+    prompt_tuning_init_text: Optional[str] = field(default=None, compare=False, metadata={
+        "help": "TEXT init: the text whose tokens' embedding rows start the prompt"})
+    tokenizer_name_or_path: Optional[str] = field(default=None, compare=False, metadata={
+        "help": "TEXT init: a local tokenizer.json, or a directory holding one (read with the tokenizers "
+                "library; nothing is downloaded)"})
+    tokenizer_kwargs: Optional[dict] = field(default=None, compare=False, metadata={
+        "help": "PEFT's (AutoTokenizer's arguments); must be empty: pet_hooks reads tokenizer.json itself"})
+
+    def validate(self) -> None:
+        _check_int("num_virtual_tokens", self.num_virtual_tokens)
+        _check_targets(self)
+        init = self.prompt_tuning_init
+        if not isinstance(init, str) or init.upper() not in _PROMPT_INITS:
+            raise PetConfigError(f"prompt_tuning_init must be one of {list(_PROMPT_INITS)}, got {init!r}")
+        self.prompt_tuning_init = init.upper()
+        for name in ("prompt_tuning_init_text", "tokenizer_name_or_path"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise PetConfigTypeError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+        if self.prompt_tuning_init == "TEXT":
+            if not self.prompt_tuning_init_text:
+                raise PetConfigError(f"prompt_tuning_init TEXT needs prompt_tuning_init_text, got "
+                                     f"{self.prompt_tuning_init_text!r}")
+            if not self.tokenizer_name_or_path:
+                raise PetConfigError(f"prompt_tuning_init TEXT needs tokenizer_name_or_path, got "
+                                     f"{self.tokenizer_name_or_path!r}")
+        if self.tokenizer_kwargs:
+            raise PetConfigError(f"tokenizer_kwargs={self.tokenizer_kwargs!r} is not supported: pet_hooks reads "
+                                 f"the tokenizer.json named by tokenizer_name_or_path itself")
+        if self.chunked_loss is not None:
+            raise PetConfigError(f"chunked_loss={self.chunked_loss!r} is not supported with prompt_tuning (both "
+                                 f"change the model's forward)")
+        if self.modules_to_save:
+            raise PetConfigError(f"modules_to_save={self.modules_to_save!r} is not supported with prompt_tuning")
+
+    def for_loading(self) -> "PromptTuningConfig":
+        """RANDOM init: the loaded values replace it, and a TEXT init's tokenizer may not be on this machine."""
+        return dataclasses.replace(self, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+                                   tokenizer_name_or_path=None)
+
+
 def _check_adapter_common(cfg) -> None:
     """What both bottleneck adapters check alike."""
     _check_choice("non_linearity", cfg.non_linearity, NON_LINEARITIES)
@@ -1060,3 +1128,4 @@ register_method(LoKrConfig, "pet_hooks.tuners.lokr:LoKrTuner")      # issue 30 i
 register_method(OFTConfig, "pet_hooks.tuners.oft:OFTTuner")      # issue 30 item 5
 register_method(VeraConfig, "pet_hooks.tuners.vera:VeraTuner")      # issue 30 item 4
 register_method(AdaLoraConfig, "pet_hooks.tuners.adalora:AdaLoraTuner")      # issue 30 item 1
+register_method(PromptTuningConfig, "pet_hooks.tuners.prompt.tuner:PromptTuner")      # issue 30 item 2

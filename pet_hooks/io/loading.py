@@ -96,7 +96,7 @@ def load_tensors(net: nn.Cell, cfg, tensors: Dict[str, np.ndarray], source: str,
         if cfg is None:
             raise PetStateError(f"{source} carries no PET config and {type(net).__name__} has no PET applied: "
                              f"pass cfg=... (the pet_config the checkpoint was trained with)")
-        apply(net, cfg)
+        apply(net, cfg.for_loading())        # the values follow: an init that reads nothing (issue 30 item 2)
     try:
         _write_checked(net, tensors, source, deltas_only, cast_floats)
     except BaseException:

@@ -43,6 +43,7 @@ from ..errors import AdapterFileError, PetConfigError, PetStateError
 from ..utils.files import CONFIG_NAME, WEIGHTS_NAME, read_safetensors, to_numpy, write_bytes
 from .loading import load_tensors
 from . import fused, saved_copies, token_rows
+from . import whole_adapter   # issue 30 item 2
 from ..matching.name_maps import (NAME_MAPS, MapFn, NameMapSpec, fused_parts, inverse_name_map, register_name_map,
                                   resolve_name_map)
 from ..surgery.core import DEFAULT_ADAPTER, get_state, state_owner
@@ -122,6 +123,8 @@ def save_peft(net: nn.Cell, directory: str, name_map: NameMapSpec = None, *, tas
         raise PetStateError(f"the PEFT format holds LoRA deltas only, but freeze_exclude keeps base parameter(s) "
                             f"{[p.name for p in state.kept][:3]} trainable; save with format='pet_hooks'")
     tuner = state.tuner
+    if tuner.peft.whole_weights:        # prompt tuning (issue 30 item 2): no module keys, no name map
+        return whole_adapter.save(state, directory, task_type, base_model_name_or_path)
     label, fn = resolve_name_map(name_map)
     paths = [injection.path for injection in state.injections]
     fused_cells = {path: parts for path in paths for parts in [fused_parts(name_map, path)] if parts}
@@ -419,6 +422,8 @@ def load_peft(net: nn.Cell, directory: str, doc: Mapping, name_map: NameMapSpec 
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     tuner = _check_doc(doc, config_path)
+    if tuner.peft.whole_weights:        # prompt tuning (issue 30 item 2): the adapter's tensors alone
+        return whole_adapter.load(net, directory, doc, tuner, cfg, adapter_name, hotswap)
     # config modules_to_save: the copies' keys apart first (pet_hooks.io.saved_copies), then the rows, then (LoRA's
     # bias "all" / "lora_only") the base biases: a copied cell's own bias is the copy's, not a base bias
     copy_modules, rest = saved_copies.split_keys(read_safetensors(weights_path), doc.get("modules_to_save"),

@@ -41,6 +41,10 @@ class PeftLayout:
     #: tensors of the whole adapter, not of one module (VeRA's shared projections): PEFT's full key
     #: (``base_model.vera_A``) -> the name of our (shared) delta; written on saving, required on loading
     shared_weights: ClassVar[Mapping[str, str]] = {}
+    #: a method whose adapter is tensors of the whole model and none per module (prompt tuning's
+    #: ``prompt_embeddings``): PEFT's full key -> the name of our delta; the files hold these alone
+    #: (``pet_hooks.io.whole_adapter``)
+    whole_weights: ClassVar[Mapping[str, str]] = {}
 
     def tensor_sets(self) -> List[Tuple[Mapping[str, str], str]]:
         """The sets of tensors one PEFT module of this method may hold, ``[(PEFT suffix -> our leaf, key tail)]``;

@@ -406,6 +406,60 @@ def test_prefix_logits_equal_transformers_with_the_prefix_as_its_cache(mode, nam
     assert shows > SHOWS and err < LOGIT_TOL
 
 
+@needs_torch
+def test_prompt_tuning_text_init_logits_loss_and_gradient_equal_peft_two_blocks(hf_two, tok, prompts, train_batch,
+                                                                                tmp_path):
+    """Prompt tuning (issue 30 item 2) on the real model, PyNative (both modes: tests/tuners/test_prompt_tuning.py):
+    TEXT init with SmolLM2's own tokenizer (its tokenizer.json written from the GGUF) gives PEFT's rows (PEFT reading
+    the GGUF's tokenizer through transformers); the logits at the real positions, the loss with PEFT's -100 labels
+    and the prompt's gradient equal PEFT's on transformers' two blocks; the base weights stay."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from tokenizers import processors
+    n, text = 6, "Answer the Python question:"
+    path = S.gguf_path()
+    # the sample's tokenizer as transformers makes it of the GGUF (PEFT loads that one): with the BOS in front
+    backend = copy.deepcopy(tok.backend)
+    bos = backend.id_to_token(tok.bos_id)
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.bos_id)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    before_mode = ms.get_context("mode")
+    ms.set_context(mode=1)
+    try:
+        net = two_blocks()
+        base = snapshot(net)
+        ids, train_ids = prompts[0], train_batch[:SEQ - n + 1]
+        padded = np.full((1, SEQ - n), S.FILL_ID, np.int32)            # the causal mask is seq_length wide
+        padded[0, :len(ids)] = ids
+        base_logits = S.logits_of(net, ids)                             # (padded to SEQ)
+        pet_hooks.apply(net, {"pet_type": "prompt_tuning", "num_virtual_tokens": n, "prompt_tuning_init": "TEXT",
+                              "prompt_tuning_init_text": text, "tokenizer_name_or_path": str(tmp_path)})
+        prompt = pet_hooks.delta_parameters(net)
+        ours = S.batch_logits(net, padded)[0, :len(ids)]
+        net.set_train(True)
+        loss, grads = ms.value_and_grad(net, None, prompt)(Tensor(np.array([train_ids], np.int32)))
+        net.set_train(False)
+        assert_params_equal(base, net)
+    finally:
+        ms.set_context(mode=before_mode)
+    model = get_peft_model(copy.deepcopy(hf_two), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+        tokenizer_name_or_path=os.path.dirname(path), tokenizer_kwargs={"gguf_file": os.path.basename(path)}))
+    theirs_prompt = model.prompt_encoder["default"].embedding.weight
+    np.testing.assert_allclose(prompt[0].asnumpy(), theirs_prompt.detach().numpy(), rtol=0, atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor([list(ids)])).logits[0, n:].numpy()
+    assert rel_err(ours, base_logits) > SHOWS                                 # the prompt shows
+    assert rel_err(ours, theirs) < LOGIT_TOL
+    train = torch.tensor([list(train_ids)])
+    theirs_loss = model(input_ids=train, labels=train).loss
+    theirs_loss.backward()
+    np.testing.assert_allclose(loss.asnumpy(), theirs_loss.item(), rtol=1e-4)
+    np.testing.assert_allclose(grads[0].asnumpy(), theirs_prompt.grad.numpy(), rtol=1e-3,
+                               atol=1e-4 * float(np.abs(theirs_prompt.grad.numpy()).max()))
+
+
 # ----------------------------------------------------------------------------- the full model (slow)
 # PyNative: a 30-block forward compiles for about 20 s in graph mode, and these tests would compile four (base,
 # adapted, PEFT's adapter loaded, merged) to check what does not depend on the mode: the loader and the

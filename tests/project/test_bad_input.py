@@ -50,6 +50,7 @@ OFT = {"pet_type": "oft", "oft_block_size": 4, "target_modules": ".*dense1|.*den
 VERA = {"pet_type": "vera", "r": 4, "target_modules": ".*dense1|.*dense3"}          # issue 30 item 4
 ADALORA = {"pet_type": "adalora", "init_r": 4, "target_r": 2, "total_step": 10,          # issue 30 item 1
            "target_modules": ".*dense1|.*dense3"}
+PROMPT = {"pet_type": "prompt_tuning", "num_virtual_tokens": 3}                     # issue 30 item 2
 
 
 @dataclass
@@ -229,6 +230,10 @@ def _adalora_peft_dir(d, rows, mask, **fields):
                       **fields})
     save_file({q + "lora_A": np.zeros((rows, 16), np.float32), q + "lora_E": np.zeros((rows, 1), np.float32),
                q + "lora_B": np.zeros((16, rows), np.float32)}, str(_weights(d)))
+def _prompt_peft_dir(d, tensors, **fields):
+    """Prompt tuning (issue 30 item 2): a PEFT PROMPT_TUNING adapter of 3 virtual tokens holding ``tensors``."""
+    _write_config(d, {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "task_type": "CAUSAL_LM", **fields})
+    save_file({k: np.zeros(v, np.float32) for k, v in tensors.items()}, str(_weights(d)))
 
 
 def _ckpt_without_lora(d):
@@ -448,6 +453,23 @@ ROWS: List[Row] = [
     M("adalora-target-missing", {k: v for k, v in ADALORA.items() if k != "target_modules"}, PetConfigError,
       "target_modules", "required"),
     M("adalora-on-layernorm", {**ADALORA, "target_modules": ".*ln1"}, UnsupportedCellError, "blocks.0.ln1", "AdaLoRA"),
+    # prompt tuning (issue 30 item 2; a model without an adapter or an embedding: tests/tuners/test_prompt_tuning.py)
+    M("prompt-tokens-0", {**PROMPT, "num_virtual_tokens": 0}, PetConfigError, "num_virtual_tokens", "got 0"),
+    M("prompt-tokens-str", {**PROMPT, "num_virtual_tokens": "3"}, PetConfigTypeError, "num_virtual_tokens", "'3'"),
+    M("prompt-init-unknown", {**PROMPT, "prompt_tuning_init": "ZEROS"}, PetConfigError, "prompt_tuning_init",
+      "'ZEROS'"),
+    M("prompt-text-without-text", {**PROMPT, "prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "tok/"},
+      PetConfigError, "prompt_tuning_init_text", "None"),
+    M("prompt-text-without-tokenizer", {**PROMPT, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Hi"},
+      PetConfigError, "tokenizer_name_or_path", "None"),
+    M("prompt-tokenizer-not-there", {**PROMPT, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Hi",
+                                     "tokenizer_name_or_path": "/no/such/tokenizer"}, PetConfigError,
+      "'/no/such/tokenizer'", "tokenizer.json"),
+    M("prompt-tokenizer-kwargs", {**PROMPT, "tokenizer_kwargs": {"gguf_file": "x.gguf"}}, PetConfigError,
+      "tokenizer_kwargs", "gguf_file"),
+    M("prompt-chunked-loss", {**PROMPT, "chunked_loss": 4}, PetConfigError, "chunked_loss=4", "prompt_tuning"),
+    M("prompt-target-not-a-model", {**PROMPT, "target_modules": ".*attention"}, UnsupportedCellError,
+      "blocks.0.attention", "no prompt adapter"),
     M("bitfit-target-int", {"pet_type": "bitfit", "target_modules": 5}, PetConfigTypeError, "target_modules", "got 5"),
     M("bitfit-exclude-everything", {"pet_type": "bitfit", "exclude_layers": [".*"]}, NoMatchError,
       "no cell with a 'bias'",
@@ -611,6 +633,14 @@ ROWS: List[Row] = [
       AdapterFileError, "blocks.0.attention.dense1", "holds 3 rank(s)", "keeps 2 of 4"),
     A("peft-adalora-fan-in-fan-out", lambda d: _adalora_peft_dir(d, 4, None, fan_in_fan_out=True),
       AdapterFileError, "fan_in_fan_out=true"),
+    # ---- PEFT prompt tuning (issue 30 item 2) ----
+    A("peft-prompt-extra-key", lambda d: _prompt_peft_dir(d, {"prompt_embeddings": (3, 16), EMB + "weight": (3, 16)}),
+      AdapterFileError, "expected exactly ['prompt_embeddings']", "base_model.model.embedding.weight"),
+    A("peft-prompt-other-hidden", lambda d: _prompt_peft_dir(d, {"prompt_embeddings": (3, 15)}),
+      AdapterFileError, "prompt_embeddings", "(3, 15)", "(3, 16)"),
+    A("peft-prompt-encoder-decoder", lambda d: _prompt_peft_dir(d, {"prompt_embeddings": (6, 16)},
+                                                                num_transformer_submodules=2),
+      AdapterFileError, "num_transformer_submodules=2", "causal"),
     # ---- PEFT LoRA of an embedding (lora_embedding_A / _B, PEFT's copy of the table) ----
     A("peft-embedding-without-b", lambda d: _peft_dir(d, {EMB + "lora_embedding_A": (4, 256)}), AdapterFileError,
       "module 'embedding' has no lora_embedding_B"),
@@ -942,6 +972,9 @@ KEYS = ["pet_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
         "projection_prng_key", "save_projection", "vera_dropout", "d_initial", "fan_in_fan_out",
         # AdaLoRA (issue 30 item 1; rank_pattern, init_weights, lora_alpha, lora_dropout above)
         "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
+        # prompt tuning (issue 30 item 2)
+        "num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+        "tokenizer_kwargs",
         "rank", "pet_config"]
 PATTERNS = [".*dense1", ".*dense1|.*dense3", ".*", ".*ln1", ".*attention", ".*core_attention", "head", "(", "",
             "*x", "blocks\\.0.*", ".*mapping", "dense2", ".*wq", ".*embedding", "embedding|.*dense2",
@@ -960,7 +993,8 @@ VALID = {"lora": {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense
          "loha": LOHA, "lokr": LOKR,                               # issue 30 item 3
          "oft": OFT,                                               # issue 30 item 5
          "vera": VERA,                                             # issue 30 item 4
-         "adalora": ADALORA}                                       # issue 30 item 1
+         "adalora": ADALORA,                                       # issue 30 item 1
+         "prompt_tuning": PROMPT}                                  # issue 30 item 2
 assert set(VALID) == set(config_types()), "every registered method needs a valid block here"
 # A valid block with up to two keys changed, bare or wrapped as a run YAML would hold it.
 NEAR_VALID = st.builds(lambda kind, changes: {**VALID[kind], **changes}, st.sampled_from(sorted(VALID)),

@@ -37,7 +37,8 @@ def test_every_pet_type_has_a_tuner_that_keeps_the_contract():
         if tuner.peft is not None:
             assert isinstance(tuner.peft, PeftLayout) and peft_tuner(tuner.peft.peft_type) is tuner
             # LoKr's tensors are all optional (bare_weights): a module holds one of four sets (issue 30 item 3)
-            assert (tuner.peft.weights or tuner.peft.bare_weights) and tuner.peft.tensor_sets()
+            # prompt tuning's one tensor belongs to no module (whole_weights, issue 30 item 2)
+            assert (tuner.peft.weights or tuner.peft.bare_weights or tuner.peft.whole_weights) and tuner.peft.tensor_sets()
     assert get_tuner("ptuning2") is get_tuner("prefixtuning")        # one tuner object per tuner path
     assert peft_tuner("IA3") is get_tuner("ia3") and peft_tuner("BOFT") is None
     with pytest.raises(errors.PetConfigError, match="unknown pet_type 'dora'"):
