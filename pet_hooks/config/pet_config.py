@@ -577,9 +577,29 @@ class LowRankAdapterConfig(PetConfig):
         _check_adapter_common(self)
 
 
+# The cell selection of the methods that adapt Dense / Linear cells besides LoRA (PEFT's fields; LoRA declares
+# its own, with the same rules: pet_hooks.matching.layers / all_linear), checked by _check_linear_selection.
+@dataclass
+class _LinearSelection:
+    """``target_modules`` and PEFT's layer selection, a mixin placed before :class:`PetConfig` (not a PetConfig
+    itself: every PetConfig here is a registered method)."""
+
+    target_modules: Union[str, list, None] = field(
+        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
+                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
+    exclude_layers: Union[str, list, None] = field(
+        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
+    exclude_modules: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
+    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
+        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
+    layers_pattern: Union[str, list, None] = field(default=None, metadata={
+        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
+
+
 # issue 30 item 3: LoHa / LoKr (PEFT's LoHaConfig / LoKrConfig; tuners/loha.py, tuners/lokr.py)
 @dataclass
-class _LycorisFields:
+class _LycorisFields(_LinearSelection):
     """The fields PEFT's LoHaConfig and LoKrConfig share (PEFT's ``LycorisConfig``), in PEFT's names: a mixin
     placed before :class:`PetConfig` (not a PetConfig itself: every PetConfig here is a registered method)."""
 
@@ -592,17 +612,6 @@ class _LycorisFields:
     use_effective_conv2d: bool = field(default=False, metadata={
         "help": "PEFT's, for convolutions only: no effect on Dense / Linear (the only cells adapted), kept "
                 "for PEFT's files"})
-    target_modules: Union[str, list, None] = field(
-        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
-                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
-    exclude_layers: Union[str, list, None] = field(
-        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
-    exclude_modules: Union[str, list, None] = field(default=None, metadata={
-        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
-    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
-        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
-    layers_pattern: Union[str, list, None] = field(default=None, metadata={
-        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
     # Init-only (compare=False): two configs that differ only here describe the same adapter.
     init_weights: Union[bool, str] = field(default=True, compare=False, metadata={
         "help": "true: one factor starts at zero (the output is unchanged at init); false: every factor random "
@@ -663,7 +672,7 @@ class LoKrConfig(_LycorisFields, PetConfig):
 
 # issue 30 item 4: VeRA (PEFT's VeraConfig)
 @dataclass
-class VeraConfig(PetConfig):
+class VeraConfig(_LinearSelection, PetConfig):
     """VeRA (PEFT's ``VeraConfig``): ``y = base(x) + lambda_b * ((lambda_d * (x @ A^T)) @ B^T)`` with one frozen
     random pair ``vera_A`` [r, max in] / ``vera_B`` [max out, r] shared by every layer (sliced to its size) and
     trained vectors ``vera_lambda_d`` [r] and ``vera_lambda_b`` [out] per layer."""
@@ -672,9 +681,6 @@ class VeraConfig(PetConfig):
 
     r: int = field(default=256, metadata={
         "help": "the rank of the shared random projections (PEFT's default 256: VeRA trains r + out values per layer)"})
-    target_modules: Union[str, list, None] = field(
-        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
-                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
     projection_prng_key: int = field(default=0, metadata={
         "help": "seed of the shared projections vera_A / vera_B (pet_hooks draws them with NumPy, kaiming uniform "
                 "as PEFT; they are saved with the adapter, so loading uses them exactly)"})
@@ -689,14 +695,6 @@ class VeraConfig(PetConfig):
         "help": "PEFT's, for GPT-2's Conv1D only: must be false (Dense / Linear give their own layout)"})
     bias: str = field(default="none", metadata={
         "help": "PEFT's; only 'none' (no base bias trains) is supported for VeRA"})
-    exclude_layers: Union[str, list, None] = field(
-        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
-    exclude_modules: Union[str, list, None] = field(default=None, metadata={
-        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
-    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
-        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
-    layers_pattern: Union[str, list, None] = field(default=None, metadata={
-        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
     # Init-only (compare=False): two configs that differ only here describe the same adapter.
     init_weights: bool = field(default=True, compare=False, metadata={
         "help": "true: vera_lambda_b = 0, vera_lambda_d = d_initial (output unchanged); false: PEFT's raw init, "
@@ -801,7 +799,7 @@ def _check_adapter_common(cfg) -> None:
 
 # issue 30 item 5: OFT (PEFT 0.21's OFTConfig; tuners/oft.py)
 @dataclass
-class OFTConfig(PetConfig):
+class OFTConfig(_LinearSelection, PetConfig):
     """OFT (PEFT's ``OFTConfig``): the input of each matched Dense / Linear is rotated by a learned
     block-diagonal orthogonal matrix (Cayley transform of skew-symmetric blocks): ``y = base(x @ R)``."""
 
@@ -827,17 +825,6 @@ class OFTConfig(PetConfig):
     module_dropout: float = field(default=0.0, metadata={
         "help": "PEFT's field, in [0, 1), kept for PEFT's files; PEFT 0.21.2's Linear never applies it, so it has "
                 "no effect here either"})
-    target_modules: Union[str, list, None] = field(
-        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
-                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
-    exclude_layers: Union[str, list, None] = field(
-        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
-    exclude_modules: Union[str, list, None] = field(default=None, metadata={
-        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
-    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
-        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
-    layers_pattern: Union[str, list, None] = field(default=None, metadata={
-        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
     # Init-only (compare=False): two configs that differ only here describe the same adapter.
     init_weights: bool = field(default=True, compare=False, metadata={
         "help": "true: oft_R starts at zero (the identity rotation: the output is unchanged); false: normal, "
@@ -864,7 +851,7 @@ class OFTConfig(PetConfig):
 
 # issue 30 item 1: AdaLoRA (PEFT's AdaLoraConfig; tuners/adalora.py, training/adalora.py)
 @dataclass
-class AdaLoraConfig(PetConfig):
+class AdaLoraConfig(_LinearSelection, PetConfig):
     """AdaLoRA (PEFT's ``AdaLoraConfig``): ``y = base(x) + dropout(x) @ (A * E)^T @ B^T * lora_alpha / init_r`` with
     ``lora_A`` [init_r, in], ``lora_E`` [init_r, 1] (the singular values, zero at init) and ``lora_B`` [out, init_r];
     during training the rank allocator zeroes the least important entries of ``lora_E`` down to a budget of
@@ -893,17 +880,6 @@ class AdaLoraConfig(PetConfig):
     lora_alpha: float = field(default=8, metadata={
         "help": "scaling = lora_alpha / init_r (PEFT's lora_alpha; 0 scales by init_r / init_r = 1)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the AdaLoRA branch input, in [0, 1)"})
-    target_modules: Union[str, list, None] = field(
-        default=None, metadata={"help": "a regex fullmatched against dotted cell paths, or a list of names, or "
-                                        "'all-linear' (every linear cell but the output head, PEFT's)"})
-    exclude_layers: Union[str, list, None] = field(
-        default=None, metadata={"help": "regexes; a cell whose path (or an ancestor's) fullmatches one is skipped"})
-    exclude_modules: Union[str, list, None] = field(default=None, metadata={
-        "help": "PEFT's: a regex fullmatched on a cell's own path, or a list of names (a path or its last parts)"})
-    layers_to_transform: Union[int, list, None] = field(default=None, metadata={
-        "help": "PEFT's: adapt only the cells in these layer indices (an int or a list)"})
-    layers_pattern: Union[str, list, None] = field(default=None, metadata={
-        "help": "PEFT's: the name(s) of the layer container whose index layers_to_transform reads"})
     # Init-only (compare=False): two configs that differ only here describe the same adapter.
     init_weights: bool = field(default=True, compare=False, metadata={
         "help": "true: lora_E = 0 and lora_A / lora_B normal(0, 0.02) (PEFT's; the output is unchanged); false: "
