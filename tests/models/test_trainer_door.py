@@ -78,12 +78,27 @@ def test_each_run_yaml_fine_tunes_with_pet_hooks_pet_inside_enable(method, mode,
     assert all(np.abs(run.trainable[name] - begin.values[name]).max() > 0 for name in deltas)   # they trained
 
 
+@pytest.fixture(scope="module")
+def mindformers_lora(base, tmp_path_factory):
+    """mode -> MindFormers' own LoRA on the YAML, ten steps from the base checkpoint and seeded LoRA values
+    (outside the doors): the reference of the loss comparison, and in graph mode the run whose checkpoint
+    folder the load_checkpoint test reads (trained once per mode; the tests only read it)."""
+    runs = {}
+
+    def get(mode):
+        if mode not in runs:
+            runs[mode] = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=10),
+                                     str(tmp_path_factory.mktemp(f"theirs{mode}") / "theirs"), mode=mode,
+                                     initial_values=lora_values(yaml_of("lora"), seed=1), finetune_checkpoint=base)
+        return runs[mode]
+    return get
+
+
 @pytest.mark.parametrize("mode_", [0, 1], ids=["graph", "pynative"])
-def test_ten_losses_equal_mindformers_own_lora(mode_, base, tmp_path):
+def test_ten_losses_equal_mindformers_own_lora(mode_, base, mindformers_lora, tmp_path):
     """From the same YAML, base checkpoint and LoRA values: pet_hooks' per-step losses are MindFormers'."""
     values = lora_values(yaml_of("lora"), seed=1)
-    theirs = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=10), str(tmp_path / "theirs"),
-                         mode=mode_, initial_values=values, finetune_checkpoint=base)
+    theirs = mindformers_lora(mode_)
     ours, _ = _in_door(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=10), str(tmp_path / "ours"),
                        mode=mode_, initial_values=values, finetune_checkpoint=base)
     assert any("mindpet_delta" in name for name in theirs.written.values())      # MindFormers' own LoRA
@@ -98,19 +113,34 @@ def test_ten_losses_equal_mindformers_own_lora(mode_, base, tmp_path):
 @pytest.fixture(scope="module")
 def whole_in_door(tmp_path_factory):
     """The YAML's ten-step LoRA run inside enable(), uninterrupted (graph mode): the reference of both resume
-    tests below, trained once (they only read it; each trains its interrupted and resumed runs itself)."""
+    tests below, trained once (they only read it; the interrupted run is cut_in_door's, each resumes itself)."""
     run, _ = _in_door(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=10),
                       str(tmp_path_factory.mktemp("whole") / "whole"))
     return run
 
 
-def test_resume_training_continues_pet_hooks_run_exactly(whole_in_door, tmp_path):
+@pytest.fixture(scope="module")
+def cut_in_door(tmp_path_factory):
+    """The same run stopped after step 7, inside enable() and under the launcher's run checkpoints
+    (``pet-hooks run --save-steps 3``, in this process): (the run, the run checkpoints' folder). Both resume
+    tests below start from it: MindFormers' resume_training from the checkpoints its CheckpointMonitor
+    wrote into output_dir (steps 5 and 7), pet_hooks' resume from its own (steps 3 and 6)."""
+    from pet_hooks.doors.launcher import run_checkpoints
+    root = tmp_path_factory.mktemp("cut")
+    saves = str(root / "saves")
+    with run_checkpoints(saves, {"save_steps": 3}, None, None):
+        cut, _ = _in_door(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=10), str(root / "cut"),
+                          callbacks=[StopAfter(7)])
+    return cut, saves
+
+
+def test_resume_training_continues_pet_hooks_run_exactly(whole_in_door, cut_in_door, tmp_path):
     """Stopped after step 7, resumed with resume_training: True from the run's own checkpoint folder:
     the remaining losses and the final deltas are the uninterrupted run's (optimizer moments and step
     reloaded by pet_hooks' delta names); the adapter saved at the end is the uninterrupted run's."""
     data = lambda: token_dataset(yaml_of("lora"))   # noqa: E731
     whole = whole_in_door
-    cut, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "cut"), callbacks=[StopAfter(7)])
+    cut, _ = cut_in_door
     resumed, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "resumed"),
                           overrides={"resume_training": True,
                                      "load_checkpoint": os.path.join(cut.output_dir, "checkpoint")})
@@ -124,7 +154,7 @@ def test_resume_training_continues_pet_hooks_run_exactly(whole_in_door, tmp_path
         np.testing.assert_array_equal(value, whole.trainable[name], err_msg=name)
 
 
-def test_pet_hooks_run_checkpoints_resume_the_trainer(whole_in_door, tmp_path):
+def test_pet_hooks_run_checkpoints_resume_the_trainer(whole_in_door, cut_in_door, tmp_path):
     """pet-hooks run --save-steps 3 --resume around MindFormers' Trainer (the launcher's run_checkpoints, in
     this process): stopped after step 7, run again, it resumes from step 6's run checkpoint (pet_hooks' own,
     not MindFormers' resume_training) and ends with the uninterrupted run's losses and adapter. It fails if
@@ -132,9 +162,7 @@ def test_pet_hooks_run_checkpoints_resume_the_trainer(whole_in_door, tmp_path):
     from pet_hooks.doors.launcher import run_checkpoints
     data = lambda: token_dataset(yaml_of("lora"), steps=10)   # noqa: E731
     whole = whole_in_door
-    saves = str(tmp_path / "saves")
-    with run_checkpoints(saves, {"save_steps": 3}, None, None):
-        cut, _ = _in_door(yaml_of("lora"), data(), str(tmp_path / "cut"), callbacks=[StopAfter(7)])
+    cut, saves = cut_in_door
     assert cut.losses == whole.losses[:7]
     assert sorted(os.listdir(os.path.join(saves, "checkpoints"))) == ["step-3", "step-6"]
     with run_checkpoints(saves, {"save_steps": 3, "resume": True}, None, None):
@@ -144,10 +172,11 @@ def test_pet_hooks_run_checkpoints_resume_the_trainer(whole_in_door, tmp_path):
         np.testing.assert_array_equal(resumed.trainable[name], value, err_msg=name)
 
 
-def test_load_checkpoint_of_mindformers_own_lora_run_fills_pet_hooks_deltas(tmp_path):
+def test_load_checkpoint_of_mindformers_own_lora_run_fills_pet_hooks_deltas(mindformers_lora, tmp_path):
     """A run trained with MindFormers' own LoRA (outside the doors), loaded with load_checkpoint inside one:
-    its mindpet_delta_lora_a/_b go into pet_hooks' lora_A/_B instead of being skipped as unknown names."""
-    theirs = run_trainer(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=3), str(tmp_path / "theirs"))
+    its mindpet_delta_lora_a/_b go into pet_hooks' lora_A/_B instead of being skipped as unknown names.
+    (The run: the module's graph-mode ten steps of MindFormers' LoRA; its folder's meta.json names the last.)"""
+    theirs = mindformers_lora(0)
     begin = AtTrainBegin()
     folder = os.path.join(theirs.output_dir, "checkpoint")
     _in_door(yaml_of("lora"), token_dataset(yaml_of("lora"), steps=1), str(tmp_path / "ours"),
