@@ -41,8 +41,16 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("wiring", ["net_loss_opt", "net_with_loss"])
+# Every optimizer kind in both modes; the wiring alternates. How the model is wired (Model(net, loss, opt) or
+# Model(net_with_loss, optimizer=opt)) decides how the callback finds the net; the optimizer's kind decides
+# how it is rebuilt over the deltas, whatever the wiring: the cross product ran the same rebuild twice.
+# Each wiring still meets three kinds in each mode, the grouped one (order_params and all) with both.
+WIRED = [("net_loss_opt", "momentum"), ("net_with_loss", "adam"), ("net_loss_opt", "adamw"),
+         ("net_with_loss", "sgd"), ("net_loss_opt", "grouped_adamw"), ("net_with_loss", "grouped_adamw")]
+assert {opt for _, opt in WIRED} == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("wiring,opt_name", WIRED, ids=[f"{w}-{o}" for w, o in WIRED])
 def test_callback_trains_only_the_deltas(mode, tmp_path, opt_name, wiring):
     net = build(seed=0, **SMALL)
     base = snapshot(net)
