@@ -20,6 +20,18 @@ from tests.conftest import GPT_LORA, SMALL, assert_params_equal, snapshot
 CFG = GPT_LORA
 
 
+@pytest.fixture(scope="module", autouse=True)
+def synchronous_pynative():
+    """PyNative ops run synchronously in this module (``pynative_synchronize``, as tests/resume_train.py and
+    tests/doors/test_resume_faults.py run theirs): the same ops and values, several times faster per step on a
+    busy 2-core machine. Asynchronous PyNative through the doors: tests/doors/test_launcher.py's subprocesses,
+    test_copies_and_rows_doors.py, test_fused_optimizer.py (and every other folder's tests). As it was after."""
+    before = ms.get_context("pynative_synchronize")
+    ms.set_context(pynative_synchronize=True)
+    yield
+    ms.set_context(pynative_synchronize=before)
+
+
 def _dataset(steps=4):
     batches = lm_batches(seq_length=8, batch_size=4, seed=1)
     return ds.GeneratorDataset([next(batches) for _ in range(steps)], ["ids", "labels"], shuffle=False)
