@@ -22,6 +22,8 @@ step counter is state a resume must restore, as its moments are).
   ``save_adapter``, ``_write``, ``os.rename``, ``shutil.rmtree``) and ``pet_hooks.doors.flow.save_for_rank``;
   pet_hooks itself is not changed, and a run with no such kill is not wrapped at all.
 - ``--serve``: a fork server for many short runs (``serve`` below).
+- ``--reference D L F``: before the run asked for, the uninterrupted run (no kill) with save dir ``D``, log ``L``
+  and dump ``F``, in the same process (tests/doors/test_resume_msrun.py: one msrun job for both).
 """
 import argparse
 import hashlib
@@ -261,6 +263,8 @@ def main():
     parser.add_argument("--door", choices=("callback", "launcher"), default="callback")
     parser.add_argument("--data-parallel", action="store_true")
     parser.add_argument("--serve", action="store_true", help="be the fork server (see serve)")
+    parser.add_argument("--reference", nargs=3, metavar=("SAVE_DIR", "LOG", "DUMP"), default=None,
+                        help="first, in this process, the uninterrupted run (no kill) into these, then the run asked")
     args = parser.parse_args()
     if args.serve:
         return serve()
@@ -280,8 +284,21 @@ def main():
         init()
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
         rank, ranks = get_rank(), get_group_size()
+    if args.reference:
+        # The reference run of tests/doors/test_resume_msrun.py, the first run of a fresh process as if alone (one
+        # msrun job less): nothing is killed or wrapped in it; the run asked for follows, a new net and model.
+        kill, KILL = KILL, None
+        save_dir, log, dump = args.reference
+        train(argparse.Namespace(**{**vars(args), "save_dir": save_dir, "log": log, "dump": dump}), rank, ranks)
+        KILL = kill
     if KILL is not None and KILL[1] in WRITE_PHASES:
         wrap_checkpoint_writer()
+    train(args, rank, ranks)
+    return None
+
+
+def train(args, rank: int, ranks: int) -> None:
+    """One run: a new net, dataset, optimizer and callbacks, trained with ``Model.train``."""
     net, dataset, optimizer = setup(args.steps, rank, ranks)
     callbacks = [Recorder(args, rank, ranks, net), LastCallback()]
     if args.door == "callback":
@@ -290,7 +307,6 @@ def main():
     model = Model(net, KillingLoss() if KILL is not None and KILL[1] == "forward" else LMLoss(), optimizer)
     model.train(1, dataset, callbacks=callbacks)
     print(f"resume_train: done (rank {rank})", file=sys.stderr, flush=True)
-    return None
 
 
 def serve():

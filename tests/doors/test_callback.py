@@ -20,6 +20,18 @@ from tests.conftest import GPT_LORA, SMALL, assert_params_equal, snapshot
 CFG = GPT_LORA
 
 
+@pytest.fixture(scope="module", autouse=True)
+def synchronous_pynative():
+    """PyNative ops run synchronously in this module (``pynative_synchronize``, as tests/resume_train.py and
+    tests/doors/test_resume_faults.py run theirs): the same ops and values, several times faster per step on a
+    busy 2-core machine. Asynchronous PyNative through the doors: tests/doors/test_launcher.py's subprocesses,
+    test_copies_and_rows_doors.py (and every other folder's tests). As it was after."""
+    before = ms.get_context("pynative_synchronize")
+    ms.set_context(pynative_synchronize=True)
+    yield
+    ms.set_context(pynative_synchronize=before)
+
+
 def _dataset(steps=4):
     batches = lm_batches(seq_length=8, batch_size=4, seed=1)
     return ds.GeneratorDataset([next(batches) for _ in range(steps)], ["ids", "labels"], shuffle=False)
@@ -41,8 +53,16 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("wiring", ["net_loss_opt", "net_with_loss"])
+# Every optimizer kind in both modes; the wiring alternates. How the model is wired (Model(net, loss, opt) or
+# Model(net_with_loss, optimizer=opt)) decides how the callback finds the net; the optimizer's kind decides
+# how it is rebuilt over the deltas, whatever the wiring: the cross product ran the same rebuild twice.
+# Each wiring still meets three kinds in each mode, the grouped one (order_params and all) with both.
+WIRED = [("net_loss_opt", "momentum"), ("net_with_loss", "adam"), ("net_loss_opt", "adamw"),
+         ("net_with_loss", "sgd"), ("net_loss_opt", "grouped_adamw"), ("net_with_loss", "grouped_adamw")]
+assert {opt for _, opt in WIRED} == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("wiring,opt_name", WIRED, ids=[f"{w}-{o}" for w, o in WIRED])
 def test_callback_trains_only_the_deltas(mode, tmp_path, opt_name, wiring):
     net = build(seed=0, **SMALL)
     base = snapshot(net)

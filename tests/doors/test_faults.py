@@ -39,6 +39,18 @@ WIDE = 1024          # the saver's layers: 2 x 2 x (128 x 1024) float32 deltas, 
 PATCHED = [(nn.Cell, "__init__"), (nn.Optimizer, "__init__")]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def synchronous_pynative():
+    """PyNative ops run synchronously in this module (``pynative_synchronize``, as tests/resume_train.py and
+    tests/doors/test_resume_faults.py run theirs): the same ops and values, several times faster per step on a
+    busy 2-core machine. Asynchronous PyNative through the doors: tests/doors/test_launcher.py's subprocesses,
+    test_copies_and_rows_doors.py (and every other folder's tests). As it was after."""
+    before = ms.get_context("pynative_synchronize")
+    ms.set_context(pynative_synchronize=True)
+    yield
+    ms.set_context(pynative_synchronize=before)
+
+
 def originals():
     return [owner.__dict__.get(name) for owner, name in PATCHED]
 
@@ -119,10 +131,12 @@ def test_launcher_restores_everything_and_passes_the_status(tmp_path, how, code,
 
 
 def test_cli_passes_the_status_through(tmp_path):
+    # The CLI's part is passing run_script's status on as the process's; the script need not train for that
+    # (a script trained, then interrupted: run_script in both modes, the test above).
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(root=ROOT))
+    script.write_text("raise KeyboardInterrupt\n")
     run = [sys.executable, "-m", "pet_hooks", "run", "--config", os.path.join(ROOT, "samples", "configs", "lora.yaml")]
-    out = subprocess.run(run + [str(script), "1", "interrupt"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(run + [str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 130 and "KeyboardInterrupt" in out.stderr and "pet-hooks: error" not in out.stderr
     out = subprocess.run(run + ["--", "sh", "-c", "exit 4"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 4, out.stderr
@@ -242,14 +256,28 @@ def test_sigkill_at_a_random_moment_of_repeated_saves(tmp_path, delay):
 
 
 # ----------------------------------------------------------------------------- load_adapter half-way
-@pytest.mark.parametrize("already_applied", [False, True], ids=["fresh net", "net with the same PET"])
-def test_load_adapter_failing_half_way_leaves_the_net_as_it_was(mode, tmp_path, monkeypatch, already_applied):
-    trained = pet_hooks.apply(build(seed=0, **SMALL), CFG)
-    step = nn.TrainOneStepCell(GPTWithLoss(trained), nn.Adam(trained.trainable_params(), 1e-2))
-    for ids, labels in batches(2):
-        step(Tensor(ids), Tensor(labels))
-    pet_hooks.save_adapter(trained, tmp_path)
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory):
+    """A trained adapter's folder, made once: a file, the same whichever mode made it (PyNative here: no
+    train step to compile); every case below loads it in its own mode."""
+    before = ms.get_context("mode")
+    ms.set_context(mode=1)
+    try:
+        trained = pet_hooks.apply(build(seed=0, **SMALL), CFG)
+        step = nn.TrainOneStepCell(GPTWithLoss(trained), nn.Adam(trained.trainable_params(), 1e-2))
+        for ids, labels in batches(2):
+            step(Tensor(ids), Tensor(labels))
+        folder = tmp_path_factory.mktemp("trained_adapter")
+        pet_hooks.save_adapter(trained, folder)
+    finally:
+        ms.set_context(mode=before)
+    return folder
 
+
+@pytest.mark.parametrize("already_applied", [False, True], ids=["fresh net", "net with the same PET"])
+def test_load_adapter_failing_half_way_leaves_the_net_as_it_was(mode, trained_adapter, monkeypatch,
+                                                                already_applied):
+    tmp_path = trained_adapter
     net = build(seed=0, **SMALL)
     if already_applied:
         pet_hooks.apply(net, {**CFG, "seed": 5})

@@ -130,24 +130,28 @@ def test_prefix_methods_and_llama_through_the_launcher(tmp_path, config, script,
         np.testing.assert_array_equal(value, deltas[name])
     # the deltas trained: each moved from its initial value, which is the seed's alone (the script seeds
     # MindSpore with 0 when it builds the model, and pet_hooks draws the deltas from that seed): drawn here twice
-    initial, again = (_initial_deltas(config, script) for _ in range(2))
+    untrained = {}                 # the base weights of the first model built here, before pet_hooks adapts it
+    initial, again = _initial_deltas(config, script, untrained), _initial_deltas(config, script)
     assert sorted(initial) == sorted(deltas)
     for name, value in deltas.items():
         np.testing.assert_array_equal(initial[name], again[name], err_msg=name)
         assert np.abs(value - initial[name]).max() > 1e-5, f"{name} did not move from its initial value"
     if script == "llama_train.py":  # the base weights the script saved are the untrained ones
-        from samples.llama_train import build_llama
-        for param in build_llama(os.path.join(ROOT, "samples", "configs", config)).get_parameters():
-            np.testing.assert_array_equal(saved[param.name].asnumpy(), param.asnumpy(), err_msg=param.name)
+        assert untrained
+        for name, value in untrained.items():
+            np.testing.assert_array_equal(saved[name].asnumpy(), value, err_msg=name)
 
 
-def _initial_deltas(config: str, script: str) -> dict:
-    """The deltas of the model ``script`` builds, as pet_hooks adapts it before the first step."""
+def _initial_deltas(config: str, script: str, base: dict = None) -> dict:
+    """The deltas of the model ``script`` builds, as pet_hooks adapts it before the first step (and, into
+    ``base`` if given, every weight of that model as built, before it is adapted: one model build less)."""
     path = os.path.join(ROOT, "samples", "configs", config)
     if script == "llama_train.py":
         from samples.llama_train import build_llama
         net = build_llama(path)
     else:
         net = build(seed=0)
+    if base is not None:
+        base.update({p.name: p.asnumpy().copy() for p in net.get_parameters()})
     pet_hooks.apply(net, pet_hooks.load_config(path))
     return {p.name: p.asnumpy().copy() for p in pet_hooks.delta_parameters(net)}

@@ -24,7 +24,11 @@ def _own_lines(stderr: str):
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[WARNING] ME(")]
 
 
-@pytest.mark.parametrize("mode", [0, 1], ids=["graph", "pynative"])
+# PyNative only: the error is raised as the script builds its optimizer, before any step, in either mode; the
+# launcher's one-line error in graph mode is the sample GPT's case below (a MindFormers process less), and the
+# hint, read off the cells' names, is checked in graph mode in process (tests/matching/test_layer_selection.py,
+# test_mindformers_llama_layers_and_all_linear).
+@pytest.mark.parametrize("mode", [1], ids=["pynative"])
 def test_pattern_in_hugging_face_names_is_one_line_with_the_name_map_hint(tmp_path, mode):
     pytest.importorskip("mindformers")
     config = tmp_path / "hf.yaml"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,18 @@ from tests.conftest import GPT_LORA, SMALL, snapshot, assert_params_equal
 
 CFG = GPT_LORA
 BATCHES, EPOCHS, SAVE_STEPS = 3, 2, 2   # a checkpoint inside the second epoch (step 4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def synchronous_pynative():
+    """PyNative ops run synchronously in this module (``pynative_synchronize``, as tests/resume_train.py and
+    tests/doors/test_resume_faults.py run theirs): the same ops and values, several times faster per step on a
+    busy 2-core machine. Asynchronous PyNative through the doors: tests/doors/test_launcher.py's subprocesses,
+    test_copies_and_rows_doors.py (and every other folder's tests). As it was after."""
+    before = ms.get_context("pynative_synchronize")
+    ms.set_context(pynative_synchronize=True)
+    yield
+    ms.set_context(pynative_synchronize=before)
 
 
 def _dataset():
@@ -207,8 +220,24 @@ def test_bad_checkpoint_settings_are_one_clear_error(tmp_path):
         PetCallback(CFG, resume=True)
 
 
-def test_a_checkpoint_of_another_config_model_or_optimizer_is_refused_and_the_net_untouched(mode, tmp_path):
-    _train(tmp_path, stop_after=3)
+@pytest.fixture(scope="module")
+def stopped_at_3(tmp_path_factory):
+    """A run's folder with its step-2 checkpoint (stopped after step 3), made once in PyNative (the files do not
+    depend on the mode, and no train step is compiled for them); each case resumes a copy in its own mode."""
+    before = ms.get_context("mode")
+    ms.set_context(mode=1)
+    try:
+        folder = tmp_path_factory.mktemp("stopped_at_3")
+        _train(folder, stop_after=3)
+    finally:
+        ms.set_context(mode=before)
+    return folder
+
+
+def test_a_checkpoint_of_another_config_model_or_optimizer_is_refused_and_the_net_untouched(mode, tmp_path,
+                                                                                            stopped_at_3):
+    tmp_path = tmp_path / "run"
+    shutil.copytree(stopped_at_3, tmp_path)
     # another config: refused when the callback is built, before any model is touched
     with pytest.raises(pet_hooks.PetStateError, match=r"another PET config \(lora_rank: 4 vs 8"):
         PetCallback({**CFG, "lora_rank": 8}, save_dir=str(tmp_path), resume=True)

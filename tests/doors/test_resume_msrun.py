@@ -11,7 +11,9 @@ other way in: its Python children get the checkpoints through the bootstrap, the
 Three runs of the same command: uninterrupted (the reference); one whose two workers SIGKILL themselves
 as step 7 begins, once rank 0 has written ``step-6/`` (every rank waits to see the folder in place and the
 other rank at the same point before it dies, so msrun cannot take a rank down before then); and the same
-command again, which resumes. The resumed run's steps 7-12, on both ranks, have the reference's losses,
+command again, which resumes. The first two are one msrun job: with ``--reference`` each worker does the
+uninterrupted run first (the first run of a fresh process, as the resumed one is), then the killed one,
+with a new net and model. The resumed run's steps 7-12, on both ranks, have the reference's losses,
 deltas and optimizer state bit for bit, as have the killed run's steps 1-6; its adapter is the
 reference's, bit for bit; the killed run's checkpoint holds rank 0's values of step 6 of the reference.
 
@@ -62,7 +64,7 @@ def workers_dead(log) -> bool:
     return len(pids) == RANKS and all(dead(pid) for pid in pids)
 
 
-def run(tmp_path, save_dir, log, name, kill=None, dump=None) -> tuple:
+def run(tmp_path, save_dir, log, name, kill=None, dump=None, reference=None) -> tuple:
     """The command, run once: (exit code, output, the workers' logs). A run whose workers killed themselves is
     ended once they are gone (msrun would wait 30 s for their heartbeats to time out)."""
     logs = tmp_path / f"logs-{name}"
@@ -70,7 +72,8 @@ def run(tmp_path, save_dir, log, name, kill=None, dump=None) -> tuple:
            "--join=True", f"--log_dir={logs}",
            WORKER, "--door", "callback", "--data-parallel", "--mode", "0", "--steps", str(STEPS),
            "--save-steps", str(SAVE_STEPS), "--keep", str(KEEP), "--resume", "--save-dir", str(save_dir),
-           "--log", str(log)] + (["--dump", str(dump)] if dump else [])
+           "--log", str(log)] + (["--dump", str(dump)] if dump else []) \
+        + (["--reference", *map(str, reference)] if reference else [])
     cmd[0] = shutil.which("msrun") or os.path.join(os.path.dirname(sys.executable), "msrun")
     env = clean_env()
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])   # workers: this Python
@@ -107,8 +110,13 @@ def lines_by_rank(log) -> dict:
 def test_msrun_run_killed_after_a_checkpoint_resumes_on_every_rank_as_the_uninterrupted_run(tmp_path):
     began = time.monotonic()
     ref_dir, cut_dir = tmp_path / "reference", tmp_path / "cut"
-    code, out, workers = run(tmp_path, ref_dir, tmp_path / "ref.log", "reference", dump=tmp_path / "ref{rank}.npz")
-    assert code == 0, out[-3000:] + "".join(log[-3000:] for log in workers)
+    # One msrun job for the first two runs: each worker does the uninterrupted run first (the first run of its
+    # process, as the resumed run is), then, a new net and model, the run that kills itself.
+    code, out, workers = run(tmp_path, cut_dir, tmp_path / "cut.log", "killed", kill=f"{KILL_AFTER}:after_checkpoint",
+                             reference=(ref_dir, tmp_path / "ref.log", tmp_path / "ref{rank}.npz"))
+    assert code != 0, out[-3000:]
+    for rank in range(RANKS):      # the uninterrupted run ended on every rank (then the killed one began)
+        assert f"resume_train: done (rank {rank})" in workers[rank], out[-3000:] + workers[rank][-3000:]
     reference = lines_by_rank(tmp_path / "ref.log")
     for rank in range(RANKS):
         assert [entry[0] for entry in reference[rank]] == list(range(1, STEPS + 1)), rank
@@ -117,10 +125,6 @@ def test_msrun_run_killed_after_a_checkpoint_resumes_on_every_rank_as_the_uninte
     # rank 0 wrote the run checkpoints (the newest 2 kept)
     assert sorted(os.listdir(ref_dir)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoints"]
     assert sorted(os.listdir(ref_dir / "checkpoints")) == ["step-12", "step-9"]
-    timings = [time.monotonic() - began]
-
-    code, out, workers = run(tmp_path, cut_dir, tmp_path / "cut.log", "killed", kill=f"{KILL_AFTER}:after_checkpoint")
-    assert code != 0, out[-3000:]
     for rank in range(RANKS):
         assert f"SIGKILL at step {KILL_AFTER + 1} after_checkpoint" in workers[rank], workers[rank][-3000:]
     killed = lines_by_rank(tmp_path / "cut.log")
@@ -142,7 +146,7 @@ def test_msrun_run_killed_after_a_checkpoint_resumes_on_every_rank_as_the_uninte
     assert sorted(adapter) == sorted(load_file(os.path.join(newest.path, "adapter_model.safetensors")))
     for name, value in adapter.items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
-    timings.append(time.monotonic() - began)
+    timings = [time.monotonic() - began]
 
     code, out, workers = run(tmp_path, cut_dir, tmp_path / "cut.log", "resumed")
     assert code == 0, out[-3000:] + "".join(log[-3000:] for log in workers)
@@ -162,7 +166,7 @@ def test_msrun_run_killed_after_a_checkpoint_resumes_on_every_rank_as_the_uninte
         np.testing.assert_array_equal(final[name], ref_final[name], err_msg=name)
     assert sorted(os.listdir(cut_dir / "checkpoints")) == ["step-12", "step-9"]
     timings.append(time.monotonic() - began)
-    print("\nreference, killed, resumed runs done after " + ", ".join(f"{t:.1f}" for t in timings) + " s")
+    print("\nreference and killed, resumed runs done after " + ", ".join(f"{t:.1f}" for t in timings) + " s")
 
 
 # ----------------------------------------------------------------------------- pet-hooks run's children
