@@ -4,17 +4,17 @@ Each method's own numerics are checked against its reference in test_ia3.py (PEF
 test_bitfit.py and test_adapter.py (NumPy). Here: a front door end to end (PetCallback on a
 ``Model.train`` run: the optimizer holds exactly the deltas, the rest of the net is bit for bit
 unchanged, the adapter saved at the end loads into a fresh net with the same logits); one
-compiled graph per repeated block in graph mode, training exactly as without; switching off
-(disable_adapters, merge / unmerge) compiling nothing and giving the base bit for bit; and what
-``pet-hooks inspect`` reports. The first three share one training run per method and mode (in
-graph mode each run, and each net, is a compile)."""
+compiled graph per repeated block in graph mode, training exactly as without; and what
+``pet-hooks inspect`` reports.
+"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import mindspore as ms
 import mindspore.dataset as ds
 from mindspore import Tensor, nn
-from mindspore.train import Callback, Model
+from mindspore.train import Model
 from safetensors.numpy import load_file
 
 import pet_hooks
@@ -22,7 +22,7 @@ from pet_hooks.surgery.graph_reuse import MARK_PREFIX
 from pet_hooks.surgery.core import all_delta_parameters
 from pet_hooks.cli.inspection import format_report, inspect_net
 from samples.data import lm_batches
-from samples.tiny_gpt import LMLoss, build
+from samples.tiny_gpt import GPTWithLoss, LMLoss, build
 from tests.conftest import SMALL, assert_params_equal, snapshot
 
 METHODS = {
@@ -51,35 +51,14 @@ def _dataset(steps=3):
     return ds.GeneratorDataset([next(batches) for _ in range(steps)], ["ids", "labels"], shuffle=False)
 
 
-class Losses(Callback):
-    """The loss of every step of a ``Model.train`` run."""
-
-    def __init__(self):
-        super().__init__()
-        self.values = []
-
-    def on_train_step_end(self, run_context):
-        self.values.append(float(run_context.original_args().net_outputs.asnumpy()))
-
-
-def _callback_run(cfg, save_dir):
-    """A ``Model.train`` run of 3 steps under PetCallback: (net, model, callback, losses, base values)."""
+@pytest.mark.parametrize("cfg", METHOD_PARAMS)
+def test_callback_trains_only_the_method_s_parameters(mode, tmp_path, cfg):
     net = build(seed=0, **SMALL)
     before = snapshot(net)
     model = Model(net, LMLoss(), nn.Adam(net.trainable_params(), 1e-2))
-    callback, losses = pet_hooks.PetCallback(cfg, save_dir=save_dir), Losses()
-    model.train(1, _dataset(), callbacks=[callback, losses])
-    return net, model, callback, losses.values, before
-
-
-@pytest.mark.parametrize("cfg", METHOD_PARAMS)
-def test_callback_trains_only_the_method_s_parameters(mode, tmp_path, cfg):
-    """The front door end to end; in graph mode also one compiled graph per repeated block, training exactly
-    as without; then the switches (disable_adapters, merge / unmerge) write values only: no new graph, no
-    hook-version bump, the base bit for bit (one run per method and mode does all three: each is a compile)."""
-    from pet_hooks.utils.ms_compat import hook_version, write_values
     cfg = {**cfg, "seed": 0}                              # the same initial deltas as `start` below
-    net, model, callback, losses, before = _callback_run(cfg, str(tmp_path / "adapter"))
+    callback = pet_hooks.PetCallback(cfg, save_dir=str(tmp_path / "adapter"))
+    model.train(1, _dataset(), callbacks=[callback])
 
     assert callback.model is net
     deltas = pet_hooks.delta_parameters(net)
@@ -93,37 +72,34 @@ def test_callback_trains_only_the_method_s_parameters(mode, tmp_path, cfg):
     assert saved - names <= {"vera_A", "vera_B"}
     assert sorted(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))) == sorted(saved)
 
-    if mode == 0:   # repeated blocks share a graph (the default) and train exactly as with a graph each
-        marks = [block.__dict__.get("_cell_init_args") for block in net.blocks]
-        assert len(set(marks)) == 1 and marks[0].startswith(MARK_PREFIX), marks
-        own, _, _, reference, _ = _callback_run({**cfg, "reuse_block_graphs": False}, str(tmp_path / "own"))
-        assert not any(str(block.__dict__.get("_cell_init_args")).startswith(MARK_PREFIX) for block in own.blocks)
-        assert len(losses) == 3 and losses[0] != losses[-1]
-        np.testing.assert_allclose(losses, reference, rtol=1e-6)
-
-    net.set_train(False)
     fresh = build(seed=0, **SMALL)
-    ids = Tensor(next(lm_batches(8, 2, seed=5))[0])
-    base = fresh(ids).asnumpy()                           # the base net (the same base values as `net`)
     pet_hooks.load_adapter(fresh, tmp_path / "adapter")
+    ids = Tensor(next(lm_batches(8, 2, seed=5))[0])
     np.testing.assert_allclose(fresh(ids).asnumpy(), net(ids).asnumpy(), rtol=1e-6, atol=1e-6)
 
-    rng = np.random.default_rng(1)                        # deltas well away from the base, written in place
-    for param in deltas:
-        write_values(param, param.asnumpy() + rng.standard_normal(param.shape).astype(np.float32) * 0.3)
-    active = net(ids).asnumpy()
-    assert not np.allclose(active, base, atol=1e-4)
-    phases, version = set(net.compile_cache), hook_version()
-    with pet_hooks.disable_adapters(net):
-        np.testing.assert_array_equal(net(ids).asnumpy(), base)
-    np.testing.assert_array_equal(net(ids).asnumpy(), active)
-    if cfg["pet_type"] in ("ia3", "loha", "lokr", "oft", "vera", "adalora"):      # OFT's merge is multiplicative (PEFT's)
-        pet_hooks.merge(net)
-        np.testing.assert_allclose(net(ids).asnumpy(), active, rtol=1e-5, atol=1e-5)
-        pet_hooks.unmerge(net)
-        np.testing.assert_allclose(net(ids).asnumpy(), active, rtol=1e-5, atol=1e-5)
-    assert hook_version() == version, "the hook version moved: every graph recompiles"
-    assert set(net.compile_cache) == phases, "a new graph was compiled"
+
+def _train(net, steps=3):
+    ids = Tensor(np.random.default_rng(0).integers(0, net.config.vocab_size, (2, 8)).astype(np.int32))
+    loss_net = GPTWithLoss(net)
+    loss_net.set_train(True)
+    step = nn.TrainOneStepCell(loss_net, nn.SGD(net.trainable_params(), learning_rate=0.5))
+    return [float(step(ids, ids).asnumpy()) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("cfg", METHOD_PARAMS)
+def test_repeated_blocks_share_a_graph_and_train_exactly_as_without(cfg):
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    try:
+        shared = pet_hooks.apply(build(seed=0, **SMALL), {**cfg, "seed": 0})
+        marks = [block.__dict__.get("_cell_init_args") for block in shared.blocks]
+        assert len(set(marks)) == 1 and marks[0].startswith(MARK_PREFIX), marks
+        own = pet_hooks.apply(build(seed=0, **SMALL), {**cfg, "seed": 0, "reuse_block_graphs": False})
+        losses, reference = _train(shared), _train(own)
+    finally:
+        ms.set_context(mode=before)
+    assert losses[0] != losses[-1]
+    np.testing.assert_allclose(losses, reference, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cfg", METHOD_PARAMS)
@@ -142,3 +118,35 @@ def test_inspect_reports_the_matched_cells_and_leaves_the_net(cfg):
     assert cfg["pet_type"] in format_report(report)
     assert [(name, type(cell)) for name, cell in net.cells_and_names()] == classes
     assert {p.name: p.requires_grad for p in net.get_parameters()} == flags
+
+
+@pytest.mark.parametrize("cfg", METHOD_PARAMS)
+def test_switching_off_compiles_nothing_and_gives_the_base_bit_for_bit(cfg):
+    """disable_adapters (and IA3's merge/unmerge) write values only: no new graph, no hook-version bump."""
+    from pet_hooks.utils.ms_compat import hook_version, write_values
+    before = ms.get_context("mode")
+    ms.set_context(mode=0)
+    try:
+        net = build(seed=0, **SMALL)
+        net.set_train(False)
+        ids = Tensor(np.random.default_rng(0).integers(0, net.config.vocab_size, (2, 8)).astype(np.int32))
+        base = net(ids).asnumpy()
+        pet_hooks.apply(net, cfg)
+        rng = np.random.default_rng(1)
+        for param in pet_hooks.delta_parameters(net):
+            write_values(param, param.asnumpy() + rng.standard_normal(param.shape).astype(np.float32) * 0.3)
+        active = net(ids).asnumpy()
+        assert not np.allclose(active, base, atol=1e-4)
+        phases, version = set(net.compile_cache), hook_version()
+        with pet_hooks.disable_adapters(net):
+            np.testing.assert_array_equal(net(ids).asnumpy(), base)
+        np.testing.assert_array_equal(net(ids).asnumpy(), active)
+        if cfg["pet_type"] in ("ia3", "loha", "lokr", "oft", "vera", "adalora"):      # OFT's merge is multiplicative (PEFT's)
+            pet_hooks.merge(net)
+            np.testing.assert_allclose(net(ids).asnumpy(), active, rtol=1e-5, atol=1e-5)
+            pet_hooks.unmerge(net)
+            np.testing.assert_allclose(net(ids).asnumpy(), active, rtol=1e-5, atol=1e-5)
+        assert hook_version() == version, "the hook version moved: every graph recompiles"
+        assert set(net.compile_cache) == phases, "a new graph was compiled"
+    finally:
+        ms.set_context(mode=before)
