@@ -48,7 +48,11 @@ def adapted():
     return net, ids, base
 
 
-def test_disable_adapters_compiles_nothing_and_gives_the_base_bit_for_bit(adapted):
+def test_disable_hot_swap_merge_and_unmerge_compile_nothing(adapted, tmp_path):
+    """One adapted net for the three switches (each net is a compile of its own): disable_adapters gives the
+    base bit for bit, loading new values (hot swap) gives the other net's logits, merge / unmerge the same
+    logits; none of them compiles. Hot swap before merge: unmerge gives the weights back within float
+    rounding only, and the disabled net must be the base bit for bit."""
     net, ids, base = adapted
     active = _logits(net, ids)
     assert not np.allclose(active, base, atol=1e-4)
@@ -57,24 +61,7 @@ def test_disable_adapters_compiles_nothing_and_gives_the_base_bit_for_bit(adapte
             np.testing.assert_array_equal(_logits(net, ids), base)
         np.testing.assert_array_equal(_logits(net, ids), active)
 
-
-def test_merge_and_unmerge_compile_nothing(adapted):
-    net, ids, base = adapted
-    active = _logits(net, ids)
-    wq = net.model.layers[0].attention.wq
-    weight = wq.weight.asnumpy().copy()
-    expected = weight + wq.lora_scaling * (wq.lora_B.asnumpy() @ wq.lora_A.asnumpy())
-    with _NoCompile(net):
-        pet_hooks.merge(net)
-        np.testing.assert_allclose(wq.weight.asnumpy(), expected, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(_logits(net, ids), active, rtol=1e-4, atol=1e-5)
-        pet_hooks.unmerge(net)
-        np.testing.assert_allclose(wq.weight.asnumpy(), weight, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(_logits(net, ids), active, rtol=1e-5, atol=1e-6)
-
-
-def test_hot_swap_loads_new_values_without_a_compile(adapted, tmp_path):
-    net, ids, _ = adapted
+    # hot swap: new values loaded into the existing deltas
     other = pet_hooks.apply(tiny_llama(), CFG)
     _randomise(other, seed=7)
     other.set_train(False)
@@ -84,12 +71,26 @@ def test_hot_swap_loads_new_values_without_a_compile(adapted, tmp_path):
     with _NoCompile(net):
         pet_hooks.load_adapter(net, tmp_path)
         np.testing.assert_allclose(_logits(net, ids), expected, rtol=1e-6, atol=1e-6)
+        swapped = _logits(net, ids)
+    assert not np.allclose(swapped, active, atol=1e-4)
+
+    # merge / unmerge (of the swapped-in values)
+    wq = net.model.layers[0].attention.wq
+    weight = wq.weight.asnumpy().copy()
+    merged = weight + wq.lora_scaling * (wq.lora_B.asnumpy() @ wq.lora_A.asnumpy())
+    with _NoCompile(net):
+        pet_hooks.merge(net)
+        np.testing.assert_allclose(wq.weight.asnumpy(), merged, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_logits(net, ids), swapped, rtol=1e-4, atol=1e-5)
+        pet_hooks.unmerge(net)
+        np.testing.assert_allclose(wq.weight.asnumpy(), weight, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_logits(net, ids), swapped, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("switch", ["disable", "merge", "hot_swap"])
-def test_a_function_graph_compiled_before_sees_the_switch(mode, switch, tmp_path):
-    """value_and_grad of a function (compiled once in graph mode) reads the values the switch wrote:
-    the writes are in place (Parameter.set_data would leave that graph with the old tensors)."""
+def test_a_function_graph_compiled_before_sees_the_switches(mode, tmp_path):
+    """value_and_grad of a function (compiled once in graph mode) reads the values each switch wrote:
+    the writes are in place (Parameter.set_data would leave that graph with the old tensors). One compiled
+    function sees the three switches in turn: disable, hot swap, merge."""
     zero = pet_hooks.apply(tiny_llama(), CFG)       # B = 0: loading it turns the net back into the base
     pet_hooks.save_adapter(zero, tmp_path)
     net = tiny_llama()
@@ -105,17 +106,20 @@ def test_a_function_graph_compiled_before_sees_the_switch(mode, switch, tmp_path
     grad_fn = ms.value_and_grad(total, None, pet_hooks.delta_parameters(net))
     active = float(grad_fn(ids)[0].asnumpy())
     assert abs(active - base) > 1e-3
-    if switch == "disable":
-        with pet_hooks.disable_adapters(net):
-            assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(base, rel=1e-6)
-    elif switch == "merge":
-        pet_hooks.merge(net)                      # weights hold the delta, the branch is off...
-        for param in pet_hooks.delta_parameters(net):   # ...so other deltas must change nothing
-            ops.assign(param, Tensor(np.full(param.shape, 0.5, np.float32)))
-        assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(active, rel=1e-5)
-    else:
-        pet_hooks.load_adapter(net, tmp_path)
+    # disable
+    with pet_hooks.disable_adapters(net):
         assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(base, rel=1e-6)
+    assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(active, rel=1e-6)
+    # hot swap
+    pet_hooks.load_adapter(net, tmp_path)
+    assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(base, rel=1e-6)
+    # merge
+    _randomise(net)                                 # the same values as before the swap, written in place
+    assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(active, rel=1e-6)
+    pet_hooks.merge(net)                      # weights hold the delta, the branch is off...
+    for param in pet_hooks.delta_parameters(net):   # ...so other deltas must change nothing
+        ops.assign(param, Tensor(np.full(param.shape, 0.5, np.float32)))
+    assert float(grad_fn(ids)[0].asnumpy()) == pytest.approx(active, rel=1e-5)
 
 
 def test_the_switch_is_not_a_weight(mode, tmp_path):
@@ -246,25 +250,26 @@ def test_soak_apply_remove_frees_the_stale_graphs():
 
 
 # ----------------------------------------------------------------------------- prefix methods
-@pytest.mark.parametrize("cfg", [{"pet_type": "ptuning2", "pre_seq_len": 4},
-                                 {"pet_type": "prefixtuning", "prefix_token_num": 4}], ids=["ptuning2", "prefixtuning"])
-def test_prefix_switch_stays_exact_and_frees_the_graph_it_replaces(cfg):
+def test_prefix_switch_stays_exact_and_frees_the_graph_it_replaces():
     """The prefix methods' switch stays structural, by choice: prefix keys and values lengthen the
     attention's softmax and value sums, so a "zero prefix" or a masked prefix would change the base's
     floating-point sums (not bit for bit). Exactness wins: disable_adapters gives the base bit for bit,
-    and each switch frees the graph it makes stale (graph mode), as apply and remove do."""
+    and each switch frees the graph it makes stale (graph mode), as apply and remove do. Both methods on
+    one net, one after the other (removed in between): the base is compiled once."""
     ms.set_context(mode=0)
     net = tiny_llama()
     net.set_train(False)
     ids = _ids()
     base = _logits(net, ids)
-    pet_hooks.apply(net, cfg)
-    _randomise(net)
-    prefixed = _logits(net, ids)
-    assert not np.allclose(prefixed, base, atol=1e-4)
-    assert net.compile_cache
-    with pet_hooks.disable_adapters(net):
-        assert not net.compile_cache                        # the prefixed graph was released
-        np.testing.assert_array_equal(_logits(net, ids), base)
-    assert not net.compile_cache                            # and the base graph of the block
-    np.testing.assert_array_equal(_logits(net, ids), prefixed)
+    for cfg in ({"pet_type": "ptuning2", "pre_seq_len": 4}, {"pet_type": "prefixtuning", "prefix_token_num": 4}):
+        pet_hooks.apply(net, cfg)
+        _randomise(net)
+        prefixed = _logits(net, ids)
+        assert not np.allclose(prefixed, base, atol=1e-4), cfg
+        assert net.compile_cache
+        with pet_hooks.disable_adapters(net):
+            assert not net.compile_cache                        # the prefixed graph was released
+            np.testing.assert_array_equal(_logits(net, ids), base, err_msg=cfg["pet_type"])
+        assert not net.compile_cache                            # and the base graph of the block
+        np.testing.assert_array_equal(_logits(net, ids), prefixed, err_msg=cfg["pet_type"])
+        pet_hooks.remove(net)
