@@ -146,6 +146,16 @@ class ThreeLayers(nn.Cell):
         return self.down(ops.relu(self.v(ops.relu(self.k(x)))))
 
 
+def three_layers_numpy(job: dict, x) -> np.ndarray:
+    """ThreeLayers without an adapter, in NumPy, from ``job``'s weights: down(relu(v(relu(k(x))))) (the base of
+    "the delta shows" checks, which need no bit-for-bit base: no base net to build and compile)."""
+    h = np.asarray(x)
+    for index, layer in enumerate(LAYERS):
+        h = h @ job[f"{layer}.weight"].T + job[f"{layer}.bias"]
+        h = np.maximum(h, 0.0) if index < len(LAYERS) - 1 else h
+    return h
+
+
 def three_layers(job: dict, kind: str = "dense") -> ThreeLayers:
     """ThreeLayers with the weights and biases of ``job`` (``<layer>.weight`` [out, in], ``<layer>.bias``)."""
     net = ThreeLayers(kind)

@@ -27,7 +27,7 @@ from mindspore import Tensor, nn
 import pet_hooks
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot
-from tests.nets import LAYERS, SIZES, three_layers
+from tests.nets import LAYERS, SIZES, three_layers, three_layers_numpy
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
@@ -77,16 +77,6 @@ def assert_close(ours, theirs, err_msg=""):
     theirs = np.asarray(theirs)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
 
-def _numpy_base(job, x) -> np.ndarray:
-    """ThreeLayers without an adapter, in NumPy: down(relu(v(relu(k(x))))) (for "the delta shows" checks, which
-    need no bit-for-bit base: no base net to build and compile)."""
-    h = np.asarray(x)
-    for index, layer in enumerate(LAYERS):
-        h = h @ job[f"{layer}.weight"].T + job[f"{layer}.bias"]
-        h = np.maximum(h, 0.0) if index < len(LAYERS) - 1 else h
-    return h
-
-
 def _weight_out_in(cell) -> np.ndarray:
     weight = cell.weight.asnumpy()
     return weight if getattr(cell, "transpose_b", True) else weight.T
@@ -134,7 +124,7 @@ def test_outputs_gradients_and_merge_equal_peft(mode, kind, variant, peft_run):
         moved = np.concatenate([np.any(p.asnumpy() != rotations[variant][p.name], axis=1) for p in params])
         assert moved.any() and not moved.all(), moved
     out = net(x).asnumpy()
-    base = _numpy_base(job, job["x"])
+    base = three_layers_numpy(job, job["x"])
     assert np.abs(out - base).max() > 0.05                       # the rotation shows
     assert_close(out, theirs[f"{variant}/out"])
     assert_close(float(value.asnumpy()), float((theirs[f"{variant}/out"] * job["g"]).sum()))
@@ -245,7 +235,7 @@ def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path):
     plain = ThreeLayers()
     ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")), strict_load=True)
     np.testing.assert_allclose(plain(x).asnumpy(), adapted, rtol=1e-5, atol=1e-5)
-    assert np.abs(plain(x).asnumpy() - _numpy_base(job, job["x"])).max() > 1e-2
+    assert np.abs(plain(x).asnumpy() - three_layers_numpy(job, job["x"])).max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- doors
