@@ -57,31 +57,48 @@ def _orth_grad_b(b):
     return 2.0 * ops.matmul(b, m) / ops.maximum(norm, 1e-30)
 
 
+_ONE_GRADIENT = ops.MultitypeFuncGraph("pet_hooks_adalora_gradient")
+
+
+@_ONE_GRADIENT.register("Number", "Number", "Tensor", "Tensor", "Tensor")
+def _one_gradient(reg, kind, weight, buffer, grad):
+    """One gradient of the optimizer: plus the regulariser's gradient for an ``lora_A`` (kind 1) or ``lora_B``
+    (kind 2), kept in ``buffer`` for any AdaLoRA delta (kinds 1-3); another parameter's (kind 0) as it is."""
+    if kind == _A:
+        grad = grad + ops.cast(reg * _orth_grad_a(weight), ops.dtype(grad))
+    if kind == _B:
+        grad = grad + ops.cast(reg * _orth_grad_b(weight), ops.dtype(grad))
+    if kind != _OTHER:
+        grad = ops.depend(grad, ops.assign(buffer, ops.cast(grad, mstype.float32)))
+    return grad
+
+
 class AdaLoraStep(nn.Cell):
     """Runs on the optimizer's gradients: adds the regulariser's gradient to each ``lora_A`` / ``lora_B`` and
-    copies every AdaLoRA delta's gradient into its buffer. ``kinds`` / ``slots`` are per gradient (constants:
-    graph mode unrolls the loop once, at compile time)."""
+    copies every AdaLoRA delta's gradient into its buffer. ``kinds`` / ``slots`` are per gradient.
 
-    def __init__(self, kinds: Tuple[int, ...], slots: Tuple[int, ...], weights: List[Parameter], reg: float):
+    One ``HyperMap`` over the gradients, as MindSpore's optimizers step their parameters: a Python loop over
+    them, unrolled by graph mode with a branch per gradient, nests one graph per iteration, and 30 blocks x
+    q/k/v/o (360 AdaLoRA gradients) exceeded MindSpore's call depth limit of 1000 that way."""
+
+    def __init__(self, kinds: Tuple[int, ...], slots: Tuple[int, ...], params: List[Parameter], reg: float):
         super().__init__()
-        self.kinds, self.slots, self.count, self.reg = kinds, slots, len(kinds), float(reg)
-        self.weights = ParameterTuple(weights)
-        self.grads = ParameterTuple([Parameter(np.zeros(p.shape, np.float32), name=f"adalora_grad.{p.name}",
-                                               requires_grad=False) for p in weights])
+        self.reg = float(reg)
+        # no regulariser: an A or a B is only kept (kind 3), no norm computed for it
+        self.kinds = tuple(kind if self.reg > 0.0 or kind == _OTHER else _E for kind in kinds)
+        self.params = ParameterTuple(params)
+        buffers = [Parameter(np.zeros(p.shape if kind != _OTHER else (1,), np.float32),
+                             name=f"adalora_grad.{p.name}" if kind != _OTHER else f"adalora_unused.{p.name}",
+                             requires_grad=False) for p, kind in zip(params, kinds)]
+        self.buffers = ParameterTuple(buffers)
+        # slot -> the AdaLoRA delta and its gradient's buffer (what update_and_allocate reads)
+        order = sorted((slot, i) for i, (kind, slot) in enumerate(zip(kinds, slots)) if kind != _OTHER)
+        self.weights = [params[i] for _, i in order]
+        self.grads = [buffers[i] for _, i in order]
+        self.map = ops.HyperMap()
 
     def construct(self, gradients):
-        out = ()
-        for i in range(self.count):
-            g = gradients[i]
-            kind = self.kinds[i]
-            if kind == 1 and self.reg > 0.0:
-                g = g + ops.cast(self.reg * _orth_grad_a(self.weights[self.slots[i]]), ops.dtype(g))
-            if kind == 2 and self.reg > 0.0:
-                g = g + ops.cast(self.reg * _orth_grad_b(self.weights[self.slots[i]]), ops.dtype(g))
-            if kind != 0:
-                g = ops.depend(g, ops.assign(self.grads[self.slots[i]], ops.cast(g, mstype.float32)))
-            out = out + (g,)
-        return out
+        return self.map(ops.partial(_ONE_GRADIENT, self.reg), self.kinds, self.params, self.buffers, gradients)
 
 
 class AdaLoraOptimizer:
@@ -218,7 +235,7 @@ def prepare_optimizer(optimizer: nn.Cell, net: nn.Cell) -> nn.Cell:
             return optimizer
         optimizer.__class__ = optimizer.pet_original_class
     count = 2 * len(state.injections)
-    step = AdaLoraStep(tuple(kinds), tuple(slots), weights, state.config.orth_reg_weight / count)
+    step = AdaLoraStep(tuple(kinds), tuple(slots), params, state.config.orth_reg_weight / count)
     original = type(optimizer)
     optimizer.pet_adalora_step = step
     optimizer.pet_original_class = original
