@@ -169,6 +169,8 @@ def speed_groups(value: Optional[str]) -> List[str]:
     ("AB", "A,B,loha_qkvo", "round2" for the six pairs); the default is every group."""
     if not value:
         return ["A", "B", *ROUND2]
+    if value == "quick":        # --quick's default: one pair checks the paired groups' path
+        return ["A", "B", "adalora_qkvo"]
     out: List[str] = []
     for word in value.split(","):
         word = word.strip()
@@ -348,12 +350,14 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
     if "speed" in data:
         s = data["speed"]
         batch, seq = s.get("batch", 4), s.get("seq", 128)
+        ran = [g for g in ("A", "B") if g in s["groups"]]
+        missing_ab = {(): "; **neither ran in this session**", ("A",): "; **only group A ran in this session**, so "
+                      "MindSpore full fine-tuning has no figure here", ("B",): "; **only group B ran in this session**"}
         lines += [f"### Speed and memory ({s['rounds']} timed rounds per group, batch {batch} x {seq} tokens)", "",
                   "Two interleaved groups, each one MindSpore process with the two PyTorch ones: A = pet_hooks LoRA q/k/v/o, "
                   "PEFT LoRA q/k/v/o, PyTorch full fine-tuning; B = MindSpore full fine-tuning and the same two PyTorch ones "
-                  "(never two MindSpore processes of the full model at once: each takes 5 to 16 GB)"
-                  + ("" if "B" in s["groups"] else "; **only group A ran in this session**, so MindSpore full fine-tuning "
-                     "has no figure here") + ". In a round each "
+                  "(never two MindSpore processes of the full model at once in these two: each takes 5 to 16 GB)"
+                  + missing_ab.get(tuple(ran), "") + ". In a round each "
                   "process takes one step in turn, the order reversed every round; "
                   f"{s['warm_rounds']} round not kept. Ratios are medians of same-round ratios; MindSpore LoRA against "
                   "MindSpore full goes through the PyTorch processes both groups share (LoRA/torch-full in A times "
@@ -512,7 +516,10 @@ def main(argv=None) -> int:
     parser.add_argument("--wait-for-pid", type=int, default=None,
                         help="MindSpore speed workers load their model only once this process has ended")
     parser.add_argument("--methods", default=None, help=f"quality: a comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--speed-groups", default=None, help="A (MindSpore LoRA), B (MindSpore full) or AB (default)")
+    parser.add_argument("--speed-groups", default=None,
+                        help="comma-separated: A (MindSpore LoRA), B (MindSpore full), AB, and pairs of issue 30's "
+                             f"methods against pet_hooks LoRA q/k/v/o ({', '.join(ROUND2)}, or round2 for all six); "
+                             "default: all (--quick: A, B and adalora_qkvo)")
     parser.add_argument("--speed-shape", default=None, metavar="BATCHxSEQ",
                         help="speed: tokens per step (default 4x128; MindSpore full fine-tuning at 4x128 peaks near 16 GB)")
     parser.add_argument("--memory-rows", default=None,
@@ -532,6 +539,8 @@ def main(argv=None) -> int:
         todo["wait_pid"] = args.wait_for_pid
     if args.speed_groups:
         todo["speed_groups"] = args.speed_groups
+    elif args.quick:
+        todo["speed_groups"] = "quick"
     if args.quality_steps:
         todo["quality_steps"] = args.quality_steps
     if args.memory_rows:
@@ -570,8 +579,8 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         kept = old.get(part) if partial.get(part) else None
         if part == "quality":
-            data[part] = quality(todo, say, lambda result: save({"quality": {**result, "earlier_runs": earlier(kept)}}),
-                                 kept=kept)
+            data[part] = quality(todo, say, lambda result, kept=kept: save({"quality": {**result, "earlier_runs":
+                                                                                      earlier(kept)}}), kept=kept)
         elif part == "speed":
             data[part] = speed(todo, say, kept=kept)
         else:
