@@ -399,7 +399,8 @@ def round2_text(res: dict) -> str:
     words = {"loha_qkvo": "LoHa 1e-3", "lokr_qkvo": "LoKr 1e-3", "vera_qkvo": "VeRA 1e-2 (VeRA trains only scaling "
              "vectors; PEFT's examples use a learning rate about ten times LoRA's)", "oft_qkvo": "OFT 1e-3",
              "adalora_qkvo": "AdaLoRA 1e-3", "prompt_tuning": "prompt tuning 3e-2 (PEFT's prompt-tuning example)"}
-    settings = {"loha_qkvo": "LoHa and LoKr r=8, alpha 16 (LoRA's scaling alpha / r = 2; PEFT's default alpha is 8)",
+    settings = {"loha_qkvo": "LoHa and LoKr r=8, alpha 16 (LoRA's scaling alpha / r = 2; PEFT's default alpha is 8), "
+                             "LoKr with PEFT's factorisation (decompose_factor -1, decompose_both false)",
                 "lokr_qkvo": "", "vera_qkvo": "VeRA r=256, d_initial 0.1 (PEFT's defaults)",
                 "oft_qkvo": "OFT block size 32 with the Cayley-Neumann series (PEFT 0.21's defaults)",
                 "adalora_qkvo": "AdaLoRA init_r 12 -> target_r 8, lora_alpha 16, total_step = the table's steps, tinit "
@@ -408,9 +409,11 @@ def round2_text(res: dict) -> str:
                 "prompt_tuning": f"prompt tuning {PROMPT_TOKENS} virtual tokens, TEXT init from the task's own "
                                  "instruction (the system prompt), the model built with "
                                  f"{PROMPT_TOKENS} more positions"}
+    if "lokr_qkvo" in done and "loha_qkvo" not in done:
+        settings["lokr_qkvo"] = "LoKr r=8, alpha 16, PEFT's factorisation (decompose_factor -1)"
     chosen = "; ".join(settings[m] for m in done if settings[m])
     return ("; issue 30's methods, at LoRA q/k/v/o's targets where they have targets: " + ", ".join(words[m] for m in done)
-            + " (" + chosen + ")")
+            + ". Their settings: " + chosen)
 
 
 def paired_text(s: dict) -> str:
