@@ -102,7 +102,7 @@ def test_markdown_has_every_section_and_keeps_the_analysis(quick_run):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PET_HOOKS_BENCH_SMOLLM2") != "1",
-                    reason="about 15 minutes on 2 cores (7 before issue 30's six methods), beyond the suite's "
+                    reason="15-25 minutes on 2 cores (7 before issue 30's six methods), beyond the suite's "
                            "budget: PET_HOOKS_BENCH_SMOLLM2=1 runs it")
 def test_smollm2_quick_run(tmp_path):
     """bench/smollm2.py at 2 blocks and 2 steps: parity, quality and speed run and write their section."""
