@@ -338,7 +338,9 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
                   "training loss, mean of the last 10 steps |",
                   "|---|---:|---:|---:|---:|",
                   f"| no tuning | 0 | {100 * first.get('exact_match', 0):.1f}% | {first['loss']:.3f} | n/a |"]
-        for method, result in res.items():
+        # issue 30's rows last, in ROUND2's order (whichever order their runs came in)
+        for method, result in sorted(res.items(), key=lambda item: (item[0] in ROUND2, ROUND2.index(item[0])
+                                                                    if item[0] in ROUND2 else 0)):
             before, after = result["evals"]["0"], result["evals"][str(steps)]
             tail = [s["loss"] for s in result["steps"][-10:]]
             lines.append(f"| {METHODS[method][3]} | {result['ready']['trainable']:,} | "
@@ -405,12 +407,14 @@ def round2_text(res: dict) -> str:
                 "oft_qkvo": "OFT block size 32 with the Cayley-Neumann series (PEFT 0.21's defaults)",
                 "adalora_qkvo": "AdaLoRA init_r 12 -> target_r 8, lora_alpha 16, total_step = the table's steps, tinit "
                                 "and tfinal a sixth of them each, deltaT a twelfth (60 steps: 10 / 10 / 5), the other "
-                                "fields PEFT's defaults",
+                                "fields PEFT's defaults (its training loss is the model's, without the orthogonality regulariser)",
                 "prompt_tuning": f"prompt tuning {PROMPT_TOKENS} virtual tokens, TEXT init from the task's own "
                                  "instruction (the system prompt), the model built with "
                                  f"{PROMPT_TOKENS} more positions"}
     if "lokr_qkvo" in done and "loha_qkvo" not in done:
         settings["lokr_qkvo"] = "LoKr r=8, alpha 16, PEFT's factorisation (decompose_factor -1)"
+    if "loha_qkvo" in done and "lokr_qkvo" not in done:
+        settings["loha_qkvo"] = "LoHa r=8, alpha 16 (LoRA's scaling alpha / r = 2; PEFT's default alpha is 8)"
     chosen = "; ".join(settings[m] for m in done if settings[m])
     return ("; issue 30's methods, at LoRA q/k/v/o's targets where they have targets: " + ", ".join(words[m] for m in done)
             + ". Their settings: " + chosen)
