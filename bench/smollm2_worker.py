@@ -49,7 +49,8 @@ from bench.models import ROOT, Shape, peak_rss_mb, rss_mb
 from bench.protocol import say, serve_steps
 
 DATA = os.path.join(ROOT, "samples", "data", "stdlib_docstrings.txt")
-MS_VARIANTS = ("none", "lora_qkvo", "lora_all", "ptuning2", "prefix", "full")
+MS_VARIANTS = ("none", "lora_qkvo", "lora_all", "ptuning2", "prefix", "full",
+               "loha_qkvo", "lokr_qkvo", "vera_qkvo", "oft_qkvo", "adalora_qkvo", "prompt_tuning")   # issue 30
 TORCH_VARIANTS = ("none", "lora_qkvo", "lora_all", "full")
 EVAL_BATCH, MAX_NEW = 8, 8      # the demo's defaults (samples/smollm2_train.py)
 # Hugging Face module path -> MindFormers cell path (inside model.layers.<i>.)
@@ -126,11 +127,22 @@ def mindspore_side(args):
     from mindspore import nn
     from mindspore.experimental.optim import AdamW
     import pet_hooks
-    from bench.models import pet_config
+    from bench.models import PROMPT_TOKENS, pet_config
     from samples.smollm2 import batch_logits, load_smollm2
-    net = load_smollm2(args.layers, seq_length=args.seq, batch_size=args.batch)
+    # prompt tuning: the model runs on PROMPT_TOKENS + seq positions, and in graph mode MindFormers' causal
+    # mask is seq_length wide (docs/methods.md): the data keeps its seq, the net is built that much longer
+    extra = PROMPT_TOKENS if args.variant == "prompt_tuning" else 0
+    if args.variant == "adalora_qkvo":
+        # AdaLoRA's optimizer step unrolls a loop over every gradient in graph mode: at 30 blocks x q/k/v/o
+        # (360 AdaLoRA tensors) that exceeds MindSpore's default call depth of 1000 ("Exceed function call
+        # depth limit 1000"); MindFormers' own configs run with max_call_depth 10000
+        ms.set_recursion_limit(10000)
+    net = load_smollm2(args.layers, seq_length=args.seq + extra, batch_size=args.batch)
     if args.variant not in ("none", "full"):
-        net = pet_hooks.apply(net, pet_config(Shape("llama"), args.variant))
+        cfg = pet_config(Shape("llama"), args.variant, total_step=args.task_steps)
+        if args.variant == "prompt_tuning":
+            cfg = text_init(cfg)
+        net = pet_hooks.apply(net, cfg)
     if args.load_lora_a:
         arrays = np.load(args.load_lora_a)
         params = {p.name: p for p in pet_hooks.delta_parameters(net)}
@@ -147,15 +159,22 @@ def mindspore_side(args):
     step_cell = None
     if trainable:
         optimizer = AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.wd)
+        # AdaLoRA: the regulariser's gradient and the allocator's gradients in the optimizer step (a no-op else)
+        optimizer = pet_hooks.adalora_optimizer(optimizer, net)
         step_cell = nn.TrainOneStepCell(net, optimizer)
         step_cell.set_train(True)
     task = Task(args)
     state = {"i": 0}
 
+    adalora = args.variant == "adalora_qkvo"
+
     def step() -> float:
         inputs = task.train[state["i"] % len(task.train)]
+        loss = float(step_cell(*[ms.Tensor(x) for x in inputs]).asnumpy())
+        if adalora:       # PEFT's update_and_allocate(global_step) after each optimizer step, counted from 0
+            pet_hooks.update_and_allocate(net, state["i"])
         state["i"] += 1
-        return float(step_cell(*[ms.Tensor(x) for x in inputs]).asnumpy())
+        return loss
 
     def evaluate() -> dict:
         net.set_train(task.name == "lm")     # lm: training mode returns the loss; module: predict mode, logits
@@ -165,6 +184,19 @@ def mindspore_side(args):
             net.set_train(True)
 
     return step, evaluate, trainable, list(net.get_parameters())
+
+
+def text_init(cfg):
+    """Prompt tuning's TEXT init (PEFT's usual choice for causal LMs): the rows of the task's own instruction
+    (``stdlib_task.SYSTEM``), SmolLM2's tokenizer written to a temporary tokenizer.json."""
+    import dataclasses
+    import tempfile
+    from samples.smollm2 import smollm2_tokenizer
+    from samples.stdlib_task import SYSTEM
+    folder = tempfile.mkdtemp(prefix="smollm2-tokenizer-")
+    smollm2_tokenizer().backend.save(os.path.join(folder, "tokenizer.json"))
+    return dataclasses.replace(cfg, prompt_tuning_init="TEXT", prompt_tuning_init_text=SYSTEM,
+                               tokenizer_name_or_path=folder)
 
 
 # ----------------------------------------------------------------------------- PyTorch
