@@ -132,11 +132,6 @@ def mindspore_side(args):
     # prompt tuning: the model runs on PROMPT_TOKENS + seq positions, and in graph mode MindFormers' causal
     # mask is seq_length wide (docs/methods.md): the data keeps its seq, the net is built that much longer
     extra = PROMPT_TOKENS if args.variant == "prompt_tuning" else 0
-    if args.variant == "adalora_qkvo":
-        # AdaLoRA's optimizer step unrolls a loop over every gradient in graph mode: at 30 blocks x q/k/v/o
-        # (360 AdaLoRA tensors) that exceeds MindSpore's default call depth of 1000 ("Exceed function call
-        # depth limit 1000"); MindFormers' own configs run with max_call_depth 10000
-        ms.set_recursion_limit(10000)
     net = load_smollm2(args.layers, seq_length=args.seq + extra, batch_size=args.batch)
     if args.variant not in ("none", "full"):
         cfg = pet_config(Shape("llama"), args.variant, total_step=args.task_steps)
