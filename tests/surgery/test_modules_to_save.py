@@ -285,7 +285,8 @@ def test_a_copy_called_with_keywords_computes_as_the_cell_with_its_values(mode):
 def test_every_method_takes_it_and_ia3_files_hold_it(tmp_path):
     """On the base config: every registered method copies ``ln_f`` of the sample GPT, trains the copy, keeps the
     original frozen, and remove gives the net back bit for bit; IA3's PEFT files (PEFT's IA3Config has the
-    field too) hold the copy and read back to the same output."""
+    field too) hold the copy and read back to the same output. Prompt tuning refuses the field (its model cell
+    is moved onto the prompt adapter): one error naming it, the net unchanged."""
     from samples.tiny_gpt import build
     from tests.conftest import SMALL
     from tests.project.test_bad_input import VALID
@@ -293,6 +294,11 @@ def test_every_method_takes_it_and_ia3_files_hold_it(tmp_path):
     for method, block in sorted(VALID.items()):
         net = build(seed=1, **SMALL)
         base, base_out = snapshot(net), net(ids).asnumpy()
+        if method == "prompt_tuning":
+            with pytest.raises(pet_hooks.PetConfigError, match=r"modules_to_save=\['ln_f'\] is not supported"):
+                pet_hooks.apply(net, {**block, "modules_to_save": ["ln_f"]})
+            assert_params_equal(base, net)
+            continue
         pet_hooks.apply(net, {**block, "modules_to_save": ["ln_f"]})
         trainable = {p.name for p in net.trainable_params()}
         assert {"ln_f.modules_to_save.default.gamma", "ln_f.modules_to_save.default.beta"} <= trainable, method
