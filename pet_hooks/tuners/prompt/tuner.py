@@ -116,12 +116,13 @@ def _initial(cfg: PromptTuningConfig, table: Parameter) -> np.ndarray:
     if cfg.prompt_tuning_init == "SAMPLE_VOCAB":
         ids = init_rng(cfg).integers(0, vocab, n)
     else:
+        path = _tokenizer_file(cfg)            # a path that is not there says so first, library or not
         try:
             from tokenizers import Tokenizer   # only TEXT needs it
         except ImportError:
             raise PetConfigError("prompt_tuning_init TEXT needs the tokenizers library (pip install tokenizers)") \
                 from None
-        ids = init_token_ids(Tokenizer.from_file(_tokenizer_file(cfg)).encode(cfg.prompt_tuning_init_text).ids, n)
+        ids = init_token_ids(Tokenizer.from_file(path).encode(cfg.prompt_tuning_init_text).ids, n)
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise PetConfigError(f"tokenizer_name_or_path {cfg.tokenizer_name_or_path!r} gives id {bad[0]}, outside "
