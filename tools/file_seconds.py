@@ -21,8 +21,8 @@ import sys
 import xml.etree.ElementTree as ET
 
 HEADER = """\
-# Seconds each test file takes in a whole-suite run, longest first (tools/file_seconds.py writes this from
-# pytest's --junitxml). tests/conftest.py hands the files to the two xdist workers in this order, so the
+# Seconds each test file takes in a whole-suite run, longest first (tools/file_seconds.py writes this from a run's
+# durations lines or --junitxml). tests/conftest.py hands the files to the two xdist workers in this order, so the
 # short files fill the end of the run; the figures only rank the files (a file not listed counts 0.5 s a
 # test), so an update is due when a file's time changes a lot, not on every run.
 """
