@@ -18,16 +18,8 @@ CFG = {"pet_type": "lora", "lora_rank": 4, "target_modules": ".*dense1|.*dense3"
 PATCHED = [(nn.Cell, "__init__"), (nn.Optimizer, "__init__"), (ExperimentalOptimizer, "__init__")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def synchronous_pynative():
-    """PyNative ops run synchronously in this module (``pynative_synchronize``, as tests/resume_train.py and
-    tests/doors/test_resume_faults.py run theirs): the same ops and values, several times faster per step on a
-    busy 2-core machine. Asynchronous PyNative through the doors: tests/doors/test_launcher.py's subprocesses,
-    test_copies_and_rows_doors.py (and every other folder's tests). As it was after."""
-    before = ms.get_context("pynative_synchronize")
-    ms.set_context(pynative_synchronize=True)
-    yield
-    ms.set_context(pynative_synchronize=before)
+# PyNative ops run synchronously here (tests/conftest.py: synchronous_pynative)
+pytestmark = pytest.mark.usefixtures("synchronous_pynative")
 
 
 def _originals():
