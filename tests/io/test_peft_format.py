@@ -21,6 +21,7 @@ from pet_hooks.surgery.core import get_state, has_pet
 from samples.tiny_gpt import build
 from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS, snapshot
 from tests.unchanged import unchanged
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 LLAMA_ALL = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -160,8 +161,7 @@ def test_same_logits_as_pytorch_peft_both_ways(tmp_path, mode):
     randomize(pet_hooks.delta_parameters(net), seed=6, scale=0.2)
     ours = llama_logits(net, ids)
     pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "peft_reference.py"), str(tmp_path)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
     torch_base, torch_ours, torch_theirs = (np.load(tmp_path / f"torch_{k}.npy") for k in ("base", "ours", "theirs"))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from pet_hooks.matching.name_maps import resolve_name_map
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS
 from tests.io.test_peft_format import llama_ids, llama_logits, llama_with_weights, randomize, write_reference_job
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,8 +67,7 @@ def test_same_modules_and_logits_as_pytorch_peft_both_ways(tmp_path, mode):
         randomize(pet_hooks.delta_parameters(net), seed=20 + index, scale=0.2)
         ours[name] = (llama_logits(net, ids), [to_hf(p) for p in cells_of(net)], cells_of(net))
         pet_hooks.save_adapter(net, tmp_path / "ours" / name, format="peft", name_map="llama")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_layers.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=900)
+    out = run_reference([os.path.join(HERE, "peft_reference_layers.py"), str(tmp_path)], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     base = np.load(tmp_path / "torch_base.npy")
 
@@ -117,8 +115,7 @@ def test_all_linear_on_the_mcore_qwen3_is_read_by_peft_as_the_same_adapter(tmp_p
     (tmp_path / "job.json").write_text(json.dumps(job))
     np.savez(tmp_path / "base.npz", **hf)
     np.save(tmp_path / "ids.npy", ids)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_qwen3.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=900)
+    out = run_reference([os.path.join(HERE, "peft_reference_qwen3.py"), str(tmp_path)], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     tol = 2e-3 * np.abs(base).max()                     # float16 q/k/v in MindFormers' attention (test_mcore_peft)
     assert np.abs(ours - base).max() > 20 * tol

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from tests.io.test_peft_format import (HERE, LLAMA_ALL, llama_ids, llama_logits,
                                        write_reference_job)
 from tests.nets import SIZES, ThreeLayers
 from tests.unchanged import unchanged
+from tests.torch_runner import run_reference
 
 LLAMA_PATTERNS = {**LLAMA_ALL, "rank_pattern": {"wq": 2, r"layers\.1\.attention\.wv": 6},
                   "alpha_pattern": {"w2": 4}}
@@ -51,8 +50,7 @@ def test_llama_patterns_through_the_name_map_equal_pytorch_peft_both_ways(tmp_pa
     assert doc["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 2,
                                    "model.layers.1.self_attn.v_proj": 6}
     assert doc["alpha_pattern"] == {"model.layers.0.mlp.down_proj": 4, "model.layers.1.mlp.down_proj": 4}
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "peft_reference.py"), str(tmp_path)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     torch_ours, torch_theirs = (np.load(tmp_path / f"torch_{k}.npy") for k in ("ours", "theirs"))
     assert np.abs(ours - base).max() > 1e-2

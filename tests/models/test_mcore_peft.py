@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -26,6 +24,7 @@ from mindspore import Tensor
 import pet_hooks
 from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT
 from tests.mcore_cpu import TINY, tiny_qwen3
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 CFG = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -93,8 +92,7 @@ def test_qwen3_adapters_in_peft_format_agree_with_transformers_and_peft(tmp_path
     (tmp_path / "job.json").write_text(json.dumps(job))
     np.savez(tmp_path / "base.npz", **hf)
     np.save(tmp_path / "ids.npy", ids)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_qwen3.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "peft_reference_qwen3.py"), str(tmp_path)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
     scale = np.abs(base).max()

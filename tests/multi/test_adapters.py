@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from pet_hooks.surgery.core import get_state
 from pet_hooks.utils.ms_compat import hook_version
 from tests.conftest import NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT, ROOT
 from tests.nets import TwoDense
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 
@@ -421,8 +420,7 @@ def test_several_adapters_in_peft_layout_both_ways_and_peft_mixed_batches(tmp_pa
     randomize(pet_hooks.delta_parameters(net), seed=7, scale=0.2)
     ours["b"] = llama_logits(net, ids)
     pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama", adapter_name="all")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_multi.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "peft_reference_multi.py"), str(tmp_path)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("default", "b"):
         assert np.abs(ours[name] - ours["b" if name == "default" else "default"]).max() > 1e-2

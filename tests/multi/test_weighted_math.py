@@ -20,14 +20,13 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tests.conftest import NEEDS_TORCH_PEFT, ROOT
 from tests.weighted_reference import ADAPTERS, CASES, CELLS
+from tests.torch_runner import run_reference
 from pet_hooks.errors import PetConfigError
 from pet_hooks.multi.weighted import AdapterWeights, CombinedAdapter, combine, dare_masks, select_adapters
 
@@ -61,8 +60,8 @@ def peft_run(tmp_path_factory):
     masks = {f"{case_id}/{index:03d}": mask for case_id, case in CASES.items() if "seed" in case
              for index, mask in enumerate(_peft_mask_order(case))}
     np.savez(os.path.join(out, "masks.npz"), **masks)
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "weighted_reference.py"), str(out),
-                           os.path.join(out, "masks.npz")], capture_output=True, text=True, timeout=300)
+    done = run_reference([os.path.join(ROOT, "tests", "weighted_reference.py"), str(out),
+                           os.path.join(out, "masks.npz")], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(out, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,6 +27,7 @@ from pet_hooks.errors import NoMatchError, PetConfigError
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_TORCH_PEFT, assert_params_equal, snapshot
 from tests.nets import SIZES, ThreeLayers, three_layers
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 CFG = {"pet_type": "lora", "lora_rank": 2, "lora_alpha": 4, "target_modules": ["k", "v"], "modules_to_save": ["down"]}
@@ -75,8 +74,7 @@ def peft_run(tmp_path_factory):
     net = pet_hooks.apply(three_layers(job), CFG)
     _set_values(net, job)
     pet_hooks.save_adapter(net, work / "ours", format="peft", task_type=None)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_modules_to_save.py"), str(work)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "peft_reference_modules_to_save.py"), str(work)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, job, dict(np.load(work / "torch.npz"))
 
@@ -227,8 +225,8 @@ def test_llama_norm_copy_through_the_llama_name_map_both_ways(tmp_path):
     doc = json.loads((tmp_path / "llama_ours" / "adapter_config.json").read_text())
     assert doc["modules_to_save"] == ["model.norm"]
     assert "base_model.model.model.norm.weight" in load_file(tmp_path / "llama_ours" / "adapter_model.safetensors")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_modules_to_save.py"), str(tmp_path),
-                          "llama"], capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "peft_reference_modules_to_save.py"), str(tmp_path),
+                          "llama"], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     theirs = dict(np.load(tmp_path / "llama_torch.npz"))
     net.set_train(False)

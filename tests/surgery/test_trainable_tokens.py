@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,6 +25,7 @@ from pet_hooks.errors import NoMatchError, PetConfigError, UnsupportedCellError
 from pet_hooks.surgery.core import get_state
 from samples.tiny_gpt import LMLoss, build
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, SMALL, assert_params_equal, snapshot
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 DELTA = "model.tok_embeddings.token_adapter.trainable_tokens_delta"
@@ -86,8 +85,7 @@ def peft_run(tmp_path_factory):
     pet_hooks.apply(net, CFG)
     _set_delta(net, job["delta"])
     pet_hooks.save_adapter(net, work / "ours", format="peft", name_map="llama")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_tokens.py"), str(work)],
-                         capture_output=True, text=True, timeout=900)
+    out = run_reference([os.path.join(HERE, "peft_reference_tokens.py"), str(work)], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, job, dict(np.load(work / "torch.npz"))
 
@@ -250,8 +248,7 @@ def test_smollm2_tied_embedding_through_peft_two_blocks(tmp_path):
         shows = rel_err(S.logits_of(net, ids), ours)
     pet_hooks.save_adapter(net, tmp_path / "smollm2_ours", format="peft", name_map="llama")
     (tmp_path / "smollm2.json").write_text(json.dumps({"ids": ids, "indices": indices}))
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_tokens.py"), str(tmp_path), "smollm2"],
-                         capture_output=True, text=True, timeout=900)
+    out = run_reference([os.path.join(HERE, "peft_reference_tokens.py"), str(tmp_path), "smollm2"], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     theirs = dict(np.load(tmp_path / "smollm2.npz"))
     assert int(theirs["head_wrapped"]) == 1

@@ -3,8 +3,6 @@ front doors that rebuild the optimizer (issue 19, item 3)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -15,6 +13,7 @@ from mindspore import Tensor, nn
 import pet_hooks
 from pet_hooks.errors import OptimizerRebuildError, PetStateError
 from tests.conftest import NEEDS_TORCH_PEFT, assert_params_equal, snapshot
+from tests.torch_runner import run_reference
 
 LORA = {"pet_type": "lora", "lora_rank": 2, "lora_alpha": 4, "target_modules": ".*dense1|.*dense2", "seed": 0}
 
@@ -70,7 +69,8 @@ def _ours_of(peft_name: str) -> str:
 
 @NEEDS_TORCH_PEFT
 def test_groups_are_peft_create_loraplus_optimizer_groups():
-    done = subprocess.run([sys.executable, "-c", _PEFT_GROUPS], capture_output=True, text=True, check=True, timeout=300)
+    done = run_reference(["-c", _PEFT_GROUPS], timeout=300)
+    done.check_returncode()
     theirs = {_ours_of(name): tuple(v) for name, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
     net = _toy()
     ours = {p.name: (group["lr"], group["weight_decay"])

@@ -29,6 +29,7 @@ from pet_hooks.surgery.core import all_delta_parameters, get_state
 from pet_hooks.training.adalora import captured_gradients, orth_reg_value
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, three_layers
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
@@ -119,8 +120,7 @@ def peft_run(tmp_path_factory):
     get_state(net).config.rank_pattern = PATTERN
     pet_hooks.save_adapter(net, work / "ours", format="peft", task_type=None)
     np.savez(work / "job.npz", **job)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "adalora_reference.py"), str(work)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "adalora_reference.py"), str(work)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, job, values, dict(np.load(work / "torch.npz"))
 
@@ -323,8 +323,7 @@ def test_llama_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
         doc = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
         assert doc["target_modules"] == ["down_proj", "q_proj", "v_proj"] and doc["peft_type"] == "ADALORA"
         assert "model.layers.0.self_attn.q_proj.lora_E" in doc["rank_pattern"]
-        out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference.py"), str(tmp_path)],
-                             capture_output=True, text=True, timeout=600)
+        out = run_reference([os.path.join(HERE, "peft_reference.py"), str(tmp_path)], timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         assert np.abs(ours - base).max() > 1e-2
         np.testing.assert_allclose(ours, np.load(tmp_path / "torch_ours.npy"), rtol=1e-4, atol=1e-5)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -32,6 +30,7 @@ from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, three_layers
 from tests.numpy_references import DoraLayer, three_layers as numpy_three_layers
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 R, ALPHA = 2, 8
@@ -108,8 +107,7 @@ def peft_run(tmp_path_factory):
     pet_hooks.save_adapter(pissa, work / "ours_pissa", format="peft", task_type=None)
     pet_hooks.save_as_lora(pissa, work / "ours_lora", format="peft", task_type=None)
     ours = {"dora": dora(x).asnumpy(), "pissa": pissa(x).asnumpy()}
-    out = subprocess.run([sys.executable, os.path.join(HERE, "dora_reference.py"), str(work)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "dora_reference.py"), str(work)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, job, dict(np.load(work / "torch.npz")), ours
 

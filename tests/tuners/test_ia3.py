@@ -11,8 +11,6 @@ the vectors train, disable_adapters, remove.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, ThreeLayers, three_layers
 from tests.numpy_references import Ia3Layer, three_layers as numpy_three_layers
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 CFG = {"pet_type": "ia3", "target_modules": ["k", "v", "down"], "feedforward_modules": ["down"]}
@@ -77,8 +76,7 @@ def peft_run(tmp_path_factory):
     net = pet_hooks.apply(three_layers(job), CFG)
     _set_vectors(net, job)
     pet_hooks.save_adapter(net, work / "ours", format="peft", task_type=None)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "ia3_reference.py"), str(work)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "ia3_reference.py"), str(work)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, job, dict(np.load(work / "torch.npz"))
 
@@ -270,8 +268,7 @@ def test_llama_ia3_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
         pet_hooks.save_adapter(net, tmp_path / "ours", format="peft", name_map="llama")
         doc = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
         assert doc["target_modules"] == ["down_proj", "k_proj", "v_proj"] and doc["feedforward_modules"] == ["down_proj"]
-        out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference.py"), str(tmp_path)],
-                             capture_output=True, text=True, timeout=600)
+        out = run_reference([os.path.join(HERE, "peft_reference.py"), str(tmp_path)], timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         assert np.abs(ours - base).max() > 1e-2
         np.testing.assert_allclose(ours, np.load(tmp_path / "torch_ours.npy"), rtol=1e-4, atol=1e-5)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -32,6 +30,7 @@ import pet_hooks
 from pet_hooks.errors import PetConfigError, PetStateError, UnsupportedCellError
 from pet_hooks.surgery.core import get_state, saved_parameters
 from tests.conftest import NEEDS_TORCH_PEFT, ROOT
+from tests.torch_runner import run_reference
 
 CASES = {"lb": (True, "none"), "lb_all": (True, "all"), "lora_only": (False, "lora_only"), "all": (False, "all")}
 SIZES = {"fc1": (6, 10), "fc2": (10, 4), "fc3": (4, 3)}
@@ -104,8 +103,7 @@ def peft_run(job, tmp_path_factory):
         net = _net(job, case)
         _step_biases(net)
         pet_hooks.save_adapter(net, str(work / f"ours_{case}"), format="peft")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "peft_reference_bias.py"), str(work)],
-                          capture_output=True, text=True, timeout=300)
+    done = run_reference([os.path.join(ROOT, "tests", "peft_reference_bias.py"), str(work)], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(work / "torch.npz") as npz:
         theirs = {key: npz[key] for key in npz.files}

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -39,6 +37,7 @@ from pet_hooks.cli.inspection import inspect_net
 from pet_hooks.surgery.core import get_state, has_pet
 from tests.conftest import (HAS_TORCH_PEFT, NEEDS_MINDFORMERS, NEEDS_TORCH_PEFT,
                             assert_params_equal, snapshot)
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 V, D, O, R, ALPHA = 13, 6, 5, 3, 6           # vocabulary, width, head outputs, rank, alpha: scaling 2
@@ -131,8 +130,7 @@ def _set_ab(cell, a, b) -> None:
 
 
 def _run_reference(work) -> dict:
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_embedding.py"), str(work)],
-                         capture_output=True, text=True, timeout=900)
+    out = run_reference([os.path.join(HERE, "peft_reference_embedding.py"), str(work)], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(np.load(work / "torch.npz"))
 

@@ -34,6 +34,7 @@ from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_TORCH_PEFT, NEEDS_MINDFORMERS, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, three_layers
 from tests.unchanged import unchanged
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
@@ -133,8 +134,7 @@ def peft_run(tmp_path_factory):
         cell.lora_B.set_data(Tensor(cell.lora_B.asnumpy() + job[f"pissa.{layer}.dB"]))
     ours["pissa.out"] = pissa(x).asnumpy()
     pet_hooks.save_as_lora(pissa, work / "ours_pissa_lora", format="peft", task_type=None)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "peft_reference_patterns.py"), str(work)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "peft_reference_patterns.py"), str(work)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     keys = json.loads((work / "keys.json").read_text())
     return work, job, dict(np.load(work / "torch.npz")), ours, keys

@@ -27,6 +27,7 @@ import pet_hooks
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, three_layers, three_layers_numpy
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
@@ -98,8 +99,7 @@ def peft_run(tmp_path_factory):
         pet_hooks.save_adapter(net, work / f"{variant}_ours", format="peft", task_type=None)
     np.savez(work / "job.npz", **job)
     (work / "variants.json").write_text(json.dumps(VARIANTS))
-    out = subprocess.run([sys.executable, os.path.join(HERE, "lycoris_reference.py"), str(work)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "lycoris_reference.py"), str(work)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, job, factors, dict(np.load(work / "torch.npz"))
 
@@ -348,8 +348,7 @@ def test_the_gradient_guard_reports_the_cell_its_parent_never_calls(mode, caplog
     assert getattr(net.head, witness).asnumpy().any() and not getattr(net.proj, witness).asnumpy().any()
 
 
-# one torch process runs tests/peft_reference.py's main for both methods (each process imports torch, transformers
-# and PEFT again: 5-15 s)
+# one torch process runs tests/peft_reference.py's main for both methods
 _PEFT_REFERENCE_FOR_EACH = "import sys; sys.path.insert(0, sys.argv[1]); import peft_reference; " \
     "[peft_reference.main(work) for work in sys.argv[2:]]"
 
@@ -384,9 +383,8 @@ def test_llama_in_hugging_face_names_gives_pytorch_s_logits(tmp_path):
             doc = json.loads((work / "ours" / "adapter_config.json").read_text())
             assert doc["target_modules"] == ["down_proj", "q_proj", "v_proj"], pet_type
             assert doc["peft_type"] == pet_type.upper()
-        out = subprocess.run([sys.executable, "-c", _PEFT_REFERENCE_FOR_EACH, HERE] +
-                             [str(tmp_path / pet_type) for pet_type in ours],
-                             capture_output=True, text=True, timeout=900)
+        out = run_reference(["-c", _PEFT_REFERENCE_FOR_EACH, HERE] + [str(tmp_path / pet_type) for pet_type in ours],
+                            timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
         for pet_type, logits in ours.items():
             assert np.abs(logits - base).max() > 1e-2, pet_type

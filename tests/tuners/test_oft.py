@@ -28,6 +28,7 @@ import pet_hooks
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot
 from tests.nets import LAYERS, SIZES, three_layers, three_layers_numpy
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 NEEDS_PEFT = pytest.mark.skipif(not HAS_TORCH_PEFT, reason="torch, transformers and peft are not all installed")
@@ -97,8 +98,7 @@ def peft_run(tmp_path_factory):
         pet_hooks.save_adapter(net, work / f"{variant}_ours", format="peft", task_type=None)
     np.savez(work / "job.npz", **job)
     (work / "variants.json").write_text(json.dumps(VARIANTS))
-    out = subprocess.run([sys.executable, os.path.join(HERE, "oft_reference.py"), str(work)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "oft_reference.py"), str(work)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, job, rotations, dict(np.load(work / "torch.npz"))
 

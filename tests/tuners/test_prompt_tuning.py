@@ -28,6 +28,7 @@ from mindspore.train import Model
 import pet_hooks
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
+from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
 N = 3                                         # virtual tokens: 3 + 5 ids = tiny_llama's seq_length 8
@@ -67,8 +68,7 @@ def peft_run(tmp_path_factory):
     _tokenizer(work / "tokenizer")
     pet_hooks.apply(net, _cfg(seed=4))                            # RANDOM: standard normal rows
     pet_hooks.save_adapter(net, work / "ours", format="peft")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "prompt_tuning_reference.py"), str(work)],
-                         capture_output=True, text=True, timeout=600)
+    out = run_reference([os.path.join(HERE, "prompt_tuning_reference.py"), str(work)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return work, dict(np.load(work / "torch.npz"))
 
