@@ -16,6 +16,7 @@ rows are all that changes), sets the rows, and writes ``WORK_DIR/torch.npz``:
 
 With ``smollm2``: the same on SmolLM2's first two blocks instead (see :func:`smollm2`).
 """
+import copy
 import json
 import os
 import sys
@@ -85,12 +86,15 @@ def smollm2(work):
     job = json.load(open(os.path.join(work, "smollm2.json"), encoding="utf-8"))
     ids = torch.tensor([job["ids"]])
     out = {}
+    # transformers dequantizes the whole GGUF on each load (about 18 s): load once, copy for the two PEFT models
+    # (deepcopy keeps the head tied to the embedding)
+    base = S.load_reference_transformers(2)
     with torch.no_grad():
-        out["base"] = S.load_reference_transformers(2)(input_ids=ids).logits[0].numpy()
-        ours = PeftModel.from_pretrained(S.load_reference_transformers(2), os.path.join(work, "smollm2_ours")).eval()
+        out["base"] = base(input_ids=ids).logits[0].numpy()
+        ours = PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(work, "smollm2_ours")).eval()
         out["ours"] = ours(input_ids=ids).logits[0].numpy()
         torch.manual_seed(3)
-        theirs = get_peft_model(S.load_reference_transformers(2),
+        theirs = get_peft_model(copy.deepcopy(base),
                                 LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
                                            trainable_token_indices=job["indices"])).eval()
         out["head_wrapped"] = np.array(int(isinstance(theirs.base_model.model.lm_head, TrainableTokensWrapper)))
