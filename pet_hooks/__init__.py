@@ -32,7 +32,7 @@ _LAZY = {
     "AdaLoraConfig": "config.pet_config", "update_and_allocate": "training.adalora",   # issue 30 item 1
     "adalora_optimizer": "training.adalora",
     "PromptTuningConfig": "config.pet_config", "PromptModel": "tuners.prompt.models",       # issue 30 item 2
-    "register_prompt_model": "tuners.prompt.models",                                        # issue 30 item 2
+    "register_prompt_model": "tuners.prompt.models", "unregister_prompt_model": "tuners.prompt.models",
     "load_config": "config.pet_config",
     "register_method": "config.methods", "unregister_method": "config.methods",
     "apply": "surgery.core", "remove": "surgery.core", "merge": "surgery.core", "unmerge": "surgery.core",
@@ -60,7 +60,7 @@ __all__ = [
     "IA3Config", "BitFitConfig", "AdapterConfig", "LowRankAdapterConfig", "LoHaConfig", "LoKrConfig",
     "OFTConfig", "VeraConfig",                                                     # issue 30 items 4, 5
     "AdaLoraConfig", "update_and_allocate", "adalora_optimizer",                   # issue 30 item 1
-    "PromptTuningConfig", "PromptModel", "register_prompt_model",                  # issue 30 item 2
+    "PromptTuningConfig", "PromptModel", "register_prompt_model", "unregister_prompt_model",   # issue 30 item 2
     "apply", "remove", "merge", "unmerge", "disable_adapters", "delta_parameters", "trainable_summary",
     "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "PetCallback", "enable",
     "register_attention", "unregister_attention", "PrefixAttention", "save_merged_checkpoint", "loraplus_param_groups",

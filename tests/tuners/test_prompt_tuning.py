@@ -235,6 +235,11 @@ def test_models_it_cannot_adapt_are_refused_and_left_as_they_were():
         pet_hooks.register_prompt_model(NoEmbedding, TwoDense)
     assert type(net) is NoEmbedding and get_state(net) is None
     assert_params_equal(before, net)
+    pet_hooks.unregister_prompt_model(NoEmbedding)                  # forgotten: the first refusal again
+    with pytest.raises(PetConfigError, match="NoEmbedding has no model cell prompt tuning knows"):
+        pet_hooks.apply(net, _cfg())
+    with pytest.raises(KeyError, match="unregister_prompt_model: .*NoEmbedding.* was not registered"):
+        pet_hooks.unregister_prompt_model(NoEmbedding)
     if HAS_MINDFORMERS:
         from tests.nets import tiny_llama
         llama = tiny_llama()

@@ -28,11 +28,11 @@ recurses), hence ``pet_base_construct``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 from mindspore import nn, ops
 
-from ...errors import PetConfigError
+from ..cell_adapters import CellAdapterRegistry
 
 __all__ = ["PrefixAttention", "LlamaAttentionPrefix", "McoreCoreAttentionPrefix", "register_attention", "unregister_attention",
            "adapter_for", "known_attention_names"]
@@ -149,15 +149,12 @@ class McoreCoreAttentionPrefix(PrefixAttention):
                                        actual_seq_kvlen)
 
 
-# A key is a class, or "module.QualName" for a class whose module need not be imported.
-_ADAPTERS: Dict[Union[type, str], type] = {
-    "mindformers.models.llama.llama_transformer.LLamaAttention": LlamaAttentionPrefix,
-    "mindformers.parallel_core.training_graph.transformer.flash_attention.FlashAttention": McoreCoreAttentionPrefix,
-}
-
-
-def _dotted(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+_REGISTRY = CellAdapterRegistry(
+    "register_attention", "pkg.mod.Attention", PrefixAttention, "pet_hooks.PrefixAttention", ("geometry", "construct"),
+    patched_flag="pet_hooks_prefix", builtin={
+        "mindformers.models.llama.llama_transformer.LLamaAttention": LlamaAttentionPrefix,
+        "mindformers.parallel_core.training_graph.transformer.flash_attention.FlashAttention":
+            McoreCoreAttentionPrefix})
 
 
 def register_attention(cls: Union[type, str], adapter: type) -> None:
@@ -165,35 +162,18 @@ def register_attention(cls: Union[type, str], adapter: type) -> None:
 
     ``adapter`` is a :class:`PrefixAttention` subclass with ``geometry`` and ``construct``.
     """
-    if isinstance(cls, str):
-        if not cls or "." not in cls:
-            raise PetConfigError(f"register_attention: {cls!r} is not a dotted class name such as 'pkg.mod.Attention'")
-    elif not (isinstance(cls, type) and issubclass(cls, nn.Cell)):
-        raise TypeError(f"register_attention: {cls!r} is not a mindspore.nn.Cell class")
-    if not (isinstance(adapter, type) and issubclass(adapter, PrefixAttention)):
-        raise TypeError(f"register_attention: adapter {adapter!r} must be a subclass of pet_hooks.PrefixAttention")
-    missing = [name for name in ("geometry", "construct") if name not in vars(adapter)]
-    if missing:
-        raise TypeError(f"register_attention: adapter {adapter.__name__} must define {missing}")
-    _ADAPTERS[cls] = adapter
+    _REGISTRY.register(cls, adapter)
 
 
 def unregister_attention(cls: Union[type, str]) -> None:
     """Forget what ``register_attention(cls, ...)`` taught; cells already patched stay patched."""
-    if _ADAPTERS.pop(cls, None) is None:
-        raise KeyError(f"unregister_attention: {cls!r} was not registered")
+    _REGISTRY.unregister(cls)
 
 
 def adapter_for(cell: nn.Cell) -> Optional[type]:
     """The adapter registered for the class of ``cell`` (or its nearest registered base)."""
-    for klass in type(cell).__mro__:
-        if getattr(klass, "pet_hooks_prefix", False):
-            return None  # already patched: not a target again
-        found = _ADAPTERS.get(klass) or _ADAPTERS.get(_dotted(klass))
-        if found is not None:
-            return found
-    return None
+    return _REGISTRY.adapter_for(cell)
 
 
 def known_attention_names() -> list:
-    return sorted(k if isinstance(k, str) else _dotted(k) for k in _ADAPTERS)
+    return _REGISTRY.known()

@@ -15,14 +15,14 @@ does for its GPT).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 from mindspore import nn, ops
 
-from ...errors import PetConfigError
+from ..cell_adapters import CellAdapterRegistry
 
 __all__ = ["PromptModel", "LlamaForCausalLMPrompt", "PromptEmbeddingLayer", "register_prompt_model",
-           "prompt_adapter_for", "known_prompt_models", "PROMPT"]
+           "unregister_prompt_model", "prompt_adapter_for", "known_prompt_models", "PROMPT"]
 
 #: the name of the prompt Parameter (PEFT's key in adapter_model.safetensors is the same)
 PROMPT = "prompt_embeddings"
@@ -143,43 +143,28 @@ class PromptEmbeddingLayer:
         return out
 
 
-# A key is a class, or "module.QualName" for a class whose module need not be imported.
-_ADAPTERS: Dict[Union[type, str], type] = {
-    "mindformers.models.llama.llama.LlamaForCausalLM": LlamaForCausalLMPrompt,
-}
-
-
-def _dotted(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+_REGISTRY = CellAdapterRegistry(
+    "register_prompt_model", "pkg.mod.Model", PromptModel, "pet_hooks.PromptModel", ("embedding_path", "construct"),
+    patched_flag="pet_hooks_prompt_model", builtin={
+        "mindformers.models.llama.llama.LlamaForCausalLM": LlamaForCausalLMPrompt})
 
 
 def register_prompt_model(cls: Union[type, str], adapter: type) -> None:
     """Teach prompt tuning a model class (a Cell class or its dotted name): ``adapter`` is a
     :class:`PromptModel` subclass with ``embedding`` and ``construct``."""
-    if isinstance(cls, str):
-        if "." not in cls:
-            raise PetConfigError(f"register_prompt_model: {cls!r} is not a dotted class name such as 'pkg.mod.Model'")
-    elif not (isinstance(cls, type) and issubclass(cls, nn.Cell)):
-        raise TypeError(f"register_prompt_model: {cls!r} is not a mindspore.nn.Cell class")
-    if not (isinstance(adapter, type) and issubclass(adapter, PromptModel)):
-        raise TypeError(f"register_prompt_model: adapter {adapter!r} must be a subclass of pet_hooks.PromptModel")
-    missing = [name for name in ("embedding_path", "construct") if name not in vars(adapter)]
-    if missing:
-        raise TypeError(f"register_prompt_model: adapter {adapter.__name__} must define {missing}")
-    _ADAPTERS[cls] = adapter
+    _REGISTRY.register(cls, adapter)
+
+
+def unregister_prompt_model(cls: Union[type, str]) -> None:
+    """Forget what ``register_prompt_model(cls, ...)`` taught; models already adapted stay adapted."""
+    _REGISTRY.unregister(cls)
 
 
 def prompt_adapter_for(cell: nn.Cell) -> Optional[type]:
     """The prompt adapter registered for the class of ``cell`` (or its nearest registered base)."""
-    for klass in type(cell).__mro__:
-        if getattr(klass, "pet_hooks_prompt_model", False):
-            return None  # already patched
-        found = _ADAPTERS.get(klass) or _ADAPTERS.get(_dotted(klass))
-        if found is not None:
-            return found
-    return None
+    return _REGISTRY.adapter_for(cell)
 
 
 def known_prompt_models() -> str:
     """The classes prompt tuning knows, by dotted name, for messages."""
-    return ", ".join(sorted(k if isinstance(k, str) else _dotted(k) for k in _ADAPTERS))
+    return ", ".join(_REGISTRY.known())
