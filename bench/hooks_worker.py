@@ -4,6 +4,7 @@
     python -m bench.hooks_worker enable   --hidden 1024 --reps 5
     python -m bench.hooks_worker callback --hidden 256 --steps 12
     python -m bench.hooks_worker size     --hidden 1024
+    python -m bench.hooks_worker apply --layers 4 + size --hidden 32      # several in one process
 
 Each prints one JSON line. ``apply`` times ``pet_hooks.apply`` (and ``remove``) on a deep
 Llama; ``enable`` builds the same model outside and inside ``pet_hooks.enable()`` in turn;
@@ -155,24 +156,38 @@ def bench_size(shape: Shape) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("apply", "enable", "callback", "size"))
     add_shape_arguments(parser, model_default="llama", hidden_default=256)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=12)
-    args = parser.parse_args(argv)
-    shape = Shape(args.model, args.hidden, args.layers, args.seq, args.batch)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """One measurement, or several separated by ``+`` (``apply --layers 4 + size --hidden 32``: one process for
+    all, what ``bench.run --quick`` does; the full run gives each its own process)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    jobs, current = [], []
+    for token in argv + ["+"]:
+        if token == "+":
+            jobs.append(_parse(current))
+            current = []
+        else:
+            current.append(token)
     start_mindspore()
-    if args.what == "apply":
-        result = bench_apply(shape, args.reps)
-    elif args.what == "enable":
-        result = bench_enable(shape, args.reps)
-    elif args.what == "callback":
-        result = bench_callback(shape, args.steps)
-    else:
-        result = bench_size(shape)
-    print(json.dumps({"event": args.what, **result}), flush=True)
+    for args in jobs:
+        shape = Shape(args.model, args.hidden, args.layers, args.seq, args.batch)
+        if args.what == "apply":
+            result = bench_apply(shape, args.reps)
+        elif args.what == "enable":
+            result = bench_enable(shape, args.reps)
+        elif args.what == "callback":
+            result = bench_callback(shape, args.steps)
+        else:
+            result = bench_size(shape)
+        print(json.dumps({"event": args.what, **result}), flush=True)
     return 0
 
 

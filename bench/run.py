@@ -30,6 +30,7 @@ def plan(quick: bool) -> dict:
     if quick:
         shape = ["--layers", "2", "--seq", "16", "--batch", "2"]
         return {"shape": shape, "rounds": 1, "warm_rounds": 0, "warmup": "1", "parallel": 2,
+                "hooks_in_one_process": True,
                 "training": [("llama", 32, "float32", ("full", "floor", "lora_qkvo", "mflora_qkvo", "ptuning2"), 1),
                              ("gpt", 32, "float32", ("lora_all", "mflora_all", "prefix"), 1)],
                 "inference": [("gpt", 32)], "torch_hidden": [32], "inference_warm": "0",
@@ -38,7 +39,7 @@ def plan(quick: bool) -> dict:
                 "callback": ["--hidden", "32", "--steps", "4", *shape],
                 "size": ["--hidden", "32", *shape],
                 "graphs": [("llama", v) for v in ("floor", "lora_qkvo", "mflora_qkvo")]}
-    return {"shape": [], "rounds": 11, "warm_rounds": 3, "warmup": "2", "parallel": 1,
+    return {"shape": [], "rounds": 11, "warm_rounds": 3, "warmup": "2", "parallel": 1, "hooks_in_one_process": False,
             # (model, hidden, dtype, variants, timed rounds): more rounds where steps are short,
             # because short steps swing more in relative terms.
             "training": [("gpt", 256, "float32", VARIANTS, 31), ("llama", 256, "float32", VARIANTS, 31),
@@ -100,8 +101,12 @@ def main(argv=None) -> int:
                                     "--reps", str(max(3, 2 * todo["rounds"] + 1)), "--warm-reps", todo["inference_warm"],
                                     *todo["shape"]], "inference")
             for model, hidden in todo["inference"]]
-    jobs += [(what, ["-m", "bench.hooks_worker", what, *todo[what]], what)
-             for what in ("apply", "enable", "callback", "size")]
+    measures = ("apply", "enable", "callback", "size")
+    if todo["hooks_in_one_process"]:      # --quick checks the scripts, times nothing: one process, three imports saved
+        command = [token for what in measures for token in ("+", what, *todo[what])][1:]
+        jobs.append(("hooks", ["-m", "bench.hooks_worker", *command], measures))
+    else:
+        jobs += [(what, ["-m", "bench.hooks_worker", what, *todo[what]], what) for what in measures]
     answers = run_many(jobs, todo["parallel"])
     inference = {(m["model"], m["hidden"]): m for m in answers if m["event"] == "inference"}
     hooks = {m["event"]: m for m in answers if m["event"] != "inference"}

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from bench.models import ROOT
 
@@ -71,9 +71,10 @@ class Worker:
         os.unlink(self.log.name)
 
 
-def run_many(jobs: Sequence[Tuple[str, Sequence[str], str]], parallel: int = 1) -> List[dict]:
-    """Run one-shot workers to completion, ``parallel`` at a time (1 when they time things); their ``event`` lines."""
-    results: List[Optional[dict]] = [None] * len(jobs)
+def run_many(jobs: Sequence[Tuple[str, Sequence[str], Union[str, Tuple[str, ...]]]], parallel: int = 1) -> List[dict]:
+    """Run one-shot workers to completion, ``parallel`` at a time (1 when they time things); their ``event`` lines
+    in the order of the jobs (a job whose event is a tuple answers each of them in turn)."""
+    results: List[Optional[List[dict]]] = [None] * len(jobs)
     running: List[Tuple[int, Worker]] = []
     try:
         for index, (name, argv, event) in enumerate(jobs):
@@ -81,13 +82,14 @@ def run_many(jobs: Sequence[Tuple[str, Sequence[str], str]], parallel: int = 1) 
             if len(running) >= parallel or index == len(jobs) - 1:
                 while running:
                     done_index, worker = running.pop(0)
-                    results[done_index] = worker.read(jobs[done_index][2])
+                    events = jobs[done_index][2]
+                    results[done_index] = [worker.read(e) for e in ((events,) if isinstance(events, str) else events)]
                     worker.proc.wait()
                     worker.close()
     finally:
         for _, worker in running:
             worker.close()
-    return results
+    return [message for answers in results for message in answers]
 
 
 def run_interleaved(commands: Dict[str, List[str]], rounds: int, warm_rounds: int = 0, parallel_setup: int = 2,
