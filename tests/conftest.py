@@ -103,6 +103,13 @@ def snapshot(net) -> dict:
     return {p.name: p.asnumpy().copy() for p in net.get_parameters()}
 
 
+def assert_close(ours, theirs, err_msg="") -> None:
+    """Equal within float32 rounding at the array's scale (sums of products in another order than PyTorch's),
+    where a wrong formula is off by O(1)."""
+    theirs = np.asarray(theirs)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
+
+
 def assert_params_equal(before: dict, net, names=None) -> None:
     """Every parameter listed in ``before`` (or ``names``) is bit-for-bit what it was."""
     now = {p.name: p for p in net.get_parameters()}

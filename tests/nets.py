@@ -156,6 +156,38 @@ def three_layers_numpy(job: dict, x) -> np.ndarray:
     return h
 
 
+def three_layers_job(seed: int, before_weights=None, per_layer=None) -> dict:
+    """The random "job" of a method's comparison on ThreeLayers: ``x`` (3, 5, 6), the upstream gradient ``g``
+    (3, 5, 4), then each layer's ``<layer>.weight`` [out, in] and ``<layer>.bias`` (scale 0.5), all from
+    ``default_rng(seed)`` in that order. ``before_weights(rng)`` adds arrays drawn after ``g``,
+    ``per_layer(rng, layer, din, dout)`` arrays drawn after each layer's bias (the method's own values)."""
+    rng = np.random.default_rng(seed)
+    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
+           "g": rng.standard_normal((3, 5, 4)).astype(np.float32)}
+    if before_weights is not None:
+        job.update(before_weights(rng))
+    for layer, (din, dout) in SIZES.items():
+        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
+        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
+        if per_layer is not None:
+            job.update(per_layer(rng, layer, din, dout))
+    return job
+
+
+def weight_out_in(cell) -> np.ndarray:
+    """A Dense / MindFormers Linear weight in PyTorch's [out, in] layout (Linear without transpose_b: [in, out])."""
+    weight = cell.weight.asnumpy()
+    return weight if getattr(cell, "transpose_b", True) else weight.T
+
+
+def set_values(params, values: dict) -> None:
+    """Write ``values`` (name -> array) into ``params``, which must be exactly those names."""
+    params = {p.name: p for p in params}
+    assert sorted(params) == sorted(values)
+    for name, value in values.items():
+        params[name].set_data(Tensor(value))
+
+
 def three_layers(job: dict, kind: str = "dense") -> ThreeLayers:
     """ThreeLayers with the weights and biases of ``job`` (``<layer>.weight`` [out, in], ``<layer>.bias``)."""
     net = ThreeLayers(kind)

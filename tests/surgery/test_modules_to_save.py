@@ -25,8 +25,8 @@ import pet_hooks
 from pet_hooks.cli.inspection import format_report, inspect_net
 from pet_hooks.errors import NoMatchError, PetConfigError
 from pet_hooks.surgery.core import get_state
-from tests.conftest import HAS_TORCH_PEFT, assert_params_equal, snapshot
-from tests.nets import SIZES, ThreeLayers, three_layers
+from tests.conftest import HAS_TORCH_PEFT, assert_params_equal, snapshot, assert_close
+from tests.nets import ThreeLayers, three_layers, three_layers_job
 from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
@@ -38,29 +38,19 @@ NAMES = ["A.k", "B.k", "A.v", "B.v", "copy.weight", "copy.bias"]     # the same,
 
 def _job() -> dict:
     """Weights ([out, in]), input, upstream gradient, LoRA values and copy values all different from the base."""
-    rng = np.random.default_rng(7)
-    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
-           "g": rng.standard_normal((3, 5, 4)).astype(np.float32)}
-    for layer, (din, dout) in SIZES.items():
-        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
-        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
-        if layer != "down":
-            job[f"A.{layer}"] = (rng.standard_normal((2, din)) * 0.5).astype(np.float32)
-            job[f"B.{layer}"] = (rng.standard_normal((dout, 2)) * 0.5).astype(np.float32)
-    job["copy.weight"] = (rng.standard_normal((4, 8)) * 0.5).astype(np.float32)
-    job["copy.bias"] = (rng.standard_normal(4) * 0.5).astype(np.float32)
-    return job
+    def values(rng, layer, din, dout):
+        if layer == "down":                           # the last layer: the copy of down, drawn after it
+            return {"copy.weight": (rng.standard_normal((4, 8)) * 0.5).astype(np.float32),
+                    "copy.bias": (rng.standard_normal(4) * 0.5).astype(np.float32)}
+        return {f"A.{layer}": (rng.standard_normal((2, din)) * 0.5).astype(np.float32),
+                f"B.{layer}": (rng.standard_normal((dout, 2)) * 0.5).astype(np.float32)}
+    return three_layers_job(7, per_layer=values)
 
 
 def _set_values(net, job) -> None:
     params = {p.name: p for p in pet_hooks.delta_parameters(net)}
     for ours, theirs in zip(TRAINABLE, NAMES):
         params[ours].set_data(Tensor(job[theirs]))
-
-
-def assert_close(ours, theirs, err_msg=""):
-    theirs = np.asarray(theirs)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ import pet_hooks
 from pet_hooks.errors import PetStateError
 from pet_hooks.surgery.core import all_delta_parameters, get_state
 from pet_hooks.training.adalora import captured_gradients, orth_reg_value
-from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
-from tests.nets import LAYERS, SIZES, three_layers
+from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot, assert_close
+from tests.nets import LAYERS, three_layers, weight_out_in, set_values, three_layers_job
 from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
@@ -49,41 +49,18 @@ def config(**changes) -> dict:
 
 
 def _job() -> dict:
-    rng = np.random.default_rng(5)
-    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
-           "g": rng.standard_normal((3, 5, 4)).astype(np.float32),
-           "xs": rng.standard_normal((STEPS, 3, 6)).astype(np.float32),
-           "gs": rng.standard_normal((STEPS, 3, 4)).astype(np.float32),
-           "init_r": np.array(R), "target_r": np.array(TARGET), "alpha": np.array(6.0), "orth": np.array(0.3),
-           "lr": np.array(LR), "steps": np.array(STEPS), **{k: np.array(v) for k, v in SCHEDULE.items()}}
-    for layer, (din, dout) in SIZES.items():
-        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
-        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
-    return job
+    job = three_layers_job(5, before_weights=lambda rng: {                 # the training run's inputs
+        "xs": rng.standard_normal((STEPS, 3, 6)).astype(np.float32),
+        "gs": rng.standard_normal((STEPS, 3, 4)).astype(np.float32)})
+    return {**job, "init_r": np.array(R), "target_r": np.array(TARGET), "alpha": np.array(6.0),
+            "orth": np.array(0.3), "lr": np.array(LR), "steps": np.array(STEPS),
+            **{k: np.array(v) for k, v in SCHEDULE.items()}}
 
 
 def _adapter() -> dict:
     """Random values for every factor (init_weights false: E not zero), scaled to a moderate size."""
     net = pet_hooks.apply(three_layers(_job()), config(init_weights=False, seed=7))
     return {p.name: p.asnumpy() * 0.3 for p in all_delta_parameters(net)}
-
-
-def _set(net, values) -> None:
-    params = {p.name: p for p in all_delta_parameters(net)}
-    assert sorted(params) == sorted(values)
-    for name, value in values.items():
-        params[name].set_data(Tensor(value))
-
-
-def assert_close(ours, theirs, err_msg=""):
-    """Equal within float32 rounding at the array's scale, where a wrong formula is off by O(1)."""
-    theirs = np.asarray(theirs)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
-
-
-def _weight_out_in(cell) -> np.ndarray:
-    weight = cell.weight.asnumpy()
-    return weight if getattr(cell, "transpose_b", True) else weight.T
 
 
 #: the rank pattern our PEFT-format adapter is saved with (PEFT must read only the kept ranks' rows)
@@ -116,7 +93,7 @@ def peft_run(tmp_path_factory):
     values = _adapter()
     job.update(values)
     net = pet_hooks.apply(three_layers(_job()), config())
-    _set(net, values)
+    set_values(all_delta_parameters(net), values)
     get_state(net).config.rank_pattern = PATTERN
     pet_hooks.save_adapter(net, work / "ours", format="peft", task_type=None)
     np.savez(work / "job.npz", **job)
@@ -130,7 +107,7 @@ def peft_run(tmp_path_factory):
 def test_outputs_regulariser_gradients_and_merge_equal_peft(mode, kind, peft_run):
     _, job, values, theirs = peft_run
     net = pet_hooks.apply(three_layers(job, kind), config())
-    _set(net, values)
+    set_values(all_delta_parameters(net), values)
     x, g = Tensor(job["x"]), Tensor(job["g"])
     out = net(x).asnumpy()
     assert np.abs(out - three_layers(job, kind)(x).asnumpy()).max() > 0.05     # the delta shows
@@ -147,12 +124,12 @@ def test_outputs_regulariser_gradients_and_merge_equal_peft(mode, kind, peft_run
 
     pet_hooks.merge(net)
     for layer in LAYERS:
-        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), theirs[f"merged/{layer}.weight"],
+        np.testing.assert_allclose(weight_out_in(getattr(net, layer)), theirs[f"merged/{layer}.weight"],
                                    rtol=1e-5, atol=1e-6, err_msg=layer)
     assert_close(net(x).asnumpy(), out)
     pet_hooks.unmerge(net)
     for layer in LAYERS:
-        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
     assert_close(net(x).asnumpy(), out)
 
 
@@ -161,7 +138,7 @@ def test_the_rank_allocator_over_a_run_equals_peft_s(mode, peft_run):
     """SGD steps each followed by update_and_allocate: lora_E and the rank pattern after every step are PEFT's."""
     _, job, values, theirs = peft_run
     net = pet_hooks.apply(three_layers(job), config())
-    _set(net, values)
+    set_values(all_delta_parameters(net), values)
     step = _train_step(net, LR)
     patterns = []
     for i in range(STEPS):
@@ -192,7 +169,7 @@ def test_peft_reads_our_rank_pattern_adapter_and_we_read_peft_s_trained_one(peft
     assert file["base_model.model.v.lora_A"].shape == (2, 10) and file["base_model.model.v.lora_B"].shape == (8, 2)
     # PEFT kept the rows of the kept ranks: our net with the dropped ranks' E zeroed gives its output
     net = pet_hooks.apply(three_layers(job), config())
-    _set(net, values)
+    set_values(all_delta_parameters(net), values)
     for layer, mask in PATTERN.items():
         cell = getattr(net, layer)
         cell.lora_E.set_data(Tensor(cell.lora_E.asnumpy() * np.array(mask, np.float32)[:, None]))

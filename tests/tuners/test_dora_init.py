@@ -28,7 +28,7 @@ from mindspore import Tensor, nn
 import pet_hooks
 from pet_hooks.surgery.core import get_state
 from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
-from tests.nets import LAYERS, SIZES, three_layers
+from tests.nets import LAYERS, SIZES, three_layers, three_layers_job
 from tests.numpy_references import DoraLayer, three_layers as numpy_three_layers
 from tests.torch_runner import run_reference
 
@@ -45,18 +45,13 @@ KINDS = [pytest.param("dense", id="dense"),
 
 
 def _job() -> dict:
-    rng = np.random.default_rng(19)
-    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
-           "g": rng.standard_normal((3, 5, 4)).astype(np.float32)}
-    for layer, (din, dout) in SIZES.items():
-        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
-        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
-        job[f"dora.{layer}.A"] = (rng.standard_normal((R, din)) * 0.4).astype(np.float32)
-        job[f"dora.{layer}.B"] = (rng.standard_normal((dout, R)) * 0.4).astype(np.float32)
-        job[f"dora.{layer}.m"] = rng.uniform(0.5, 2.0, dout).astype(np.float32)
-        job[f"pissa.{layer}.dA"] = (rng.standard_normal((R, din)) * 0.2).astype(np.float32)
-        job[f"pissa.{layer}.dB"] = (rng.standard_normal((dout, R)) * 0.2).astype(np.float32)
-    return job
+    def values(rng, layer, din, dout):
+        return {f"dora.{layer}.A": (rng.standard_normal((R, din)) * 0.4).astype(np.float32),
+                f"dora.{layer}.B": (rng.standard_normal((dout, R)) * 0.4).astype(np.float32),
+                f"dora.{layer}.m": rng.uniform(0.5, 2.0, dout).astype(np.float32),
+                f"pissa.{layer}.dA": (rng.standard_normal((R, din)) * 0.2).astype(np.float32),
+                f"pissa.{layer}.dB": (rng.standard_normal((dout, R)) * 0.2).astype(np.float32)}
+    return three_layers_job(19, per_layer=values)
 
 
 def _set(net, values: dict) -> None:

@@ -19,8 +19,8 @@ from mindspore import Tensor, nn
 
 import pet_hooks
 from pet_hooks.surgery.core import get_state
-from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot
-from tests.nets import LAYERS, SIZES, ThreeLayers, three_layers
+from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, assert_params_equal, snapshot, assert_close
+from tests.nets import LAYERS, ThreeLayers, three_layers, weight_out_in, three_layers_job
 from tests.numpy_references import Ia3Layer, three_layers as numpy_three_layers
 from tests.torch_runner import run_reference
 
@@ -37,32 +37,15 @@ KINDS = [pytest.param("dense", id="dense"),
 
 def _job() -> dict:
     """Weights ([out, in], torch's layout), input, upstream gradient and non-trivial IA3 vectors."""
-    rng = np.random.default_rng(5)
-    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
-           "g": rng.standard_normal((3, 5, 4)).astype(np.float32)}
-    for layer, (din, dout) in SIZES.items():
-        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
-        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
+    def vector(rng, layer, din, dout):
         shape = (1, din) if layer == "down" else (dout, 1)       # PEFT's shapes
-        job[f"ia3.{layer}"] = rng.uniform(0.3, 1.7, shape).astype(np.float32)
-    return job
+        return {f"ia3.{layer}": rng.uniform(0.3, 1.7, shape).astype(np.float32)}
+    return three_layers_job(5, per_layer=vector)
 
 
 def _set_vectors(net, job) -> None:
     for layer in LAYERS:
         getattr(net, layer).ia3_l.set_data(Tensor(job[f"ia3.{layer}"]))
-
-
-def assert_close(ours, theirs, err_msg=""):
-    """Equal within float32 rounding at the array's scale (sums of products over 15 tokens in another
-    order than PyTorch's), where a wrong formula is off by O(1)."""
-    theirs = np.asarray(theirs)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
-
-
-def _weight_out_in(cell) -> np.ndarray:
-    weight = cell.weight.asnumpy()
-    return weight if getattr(cell, "transpose_b", True) else weight.T
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +87,12 @@ def test_outputs_gradients_and_merge_equal_peft(mode, kind, peft_run):
     pet_hooks.merge(net)
     for layer in LAYERS:
         cell = getattr(net, layer)
-        np.testing.assert_allclose(_weight_out_in(cell), torch_out[f"merged.{layer}.weight"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(weight_out_in(cell), torch_out[f"merged.{layer}.weight"], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(cell.bias.asnumpy(), torch_out[f"merged.{layer}.bias"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(net(x).asnumpy(), out, rtol=1e-5, atol=1e-5)
     pet_hooks.unmerge(net)
     for layer in LAYERS:
-        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(net(x).asnumpy(), out, rtol=1e-5, atol=1e-5)
 
 
@@ -169,12 +152,12 @@ def test_outputs_gradients_and_merge_equal_numpy(mode, kind):
     for layer in LAYERS:
         cell = getattr(net, layer)
         weight, bias = reference[layer].merged()
-        np.testing.assert_allclose(_weight_out_in(cell), weight, rtol=1e-6, atol=1e-6, err_msg=layer)
+        np.testing.assert_allclose(weight_out_in(cell), weight, rtol=1e-6, atol=1e-6, err_msg=layer)
         np.testing.assert_allclose(cell.bias.asnumpy(), bias, rtol=1e-6, atol=1e-6, err_msg=layer)
     assert_close(net(x).asnumpy(), expected)
     pet_hooks.unmerge(net)
     for layer in LAYERS:
-        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
     assert_close(net(x).asnumpy(), expected)
 
 

@@ -26,8 +26,8 @@ from mindspore import Tensor, nn
 
 import pet_hooks
 from pet_hooks.surgery.core import get_state
-from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot
-from tests.nets import LAYERS, SIZES, three_layers, three_layers_numpy
+from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot, assert_close
+from tests.nets import LAYERS, three_layers, three_layers_numpy, weight_out_in, set_values, three_layers_job
 from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
@@ -51,36 +51,13 @@ def config(variant: str, **changes) -> dict:
 
 
 def _job() -> dict:
-    rng = np.random.default_rng(5)
-    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
-           "g": rng.standard_normal((3, 5, 4)).astype(np.float32)}
-    for layer, (din, dout) in SIZES.items():
-        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
-        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
-    return job
+    return three_layers_job(5)
 
 
 def _rotations(variant: str) -> dict:
     """Random ``oft_R`` (init_weights false, PEFT's std 0.1, times 3 so the rotation shows): name -> array."""
     net = pet_hooks.apply(three_layers(_job()), config(variant, init_weights=False, seed=7))
     return {p.name: p.asnumpy() * 3.0 for p in pet_hooks.delta_parameters(net)}
-
-
-def _set(net, values) -> None:
-    params = {p.name: p for p in pet_hooks.delta_parameters(net)}
-    assert sorted(params) == sorted(values)
-    for name, value in values.items():
-        params[name].set_data(Tensor(value))
-
-
-def assert_close(ours, theirs, err_msg=""):
-    """Equal within float32 rounding at the array's scale, where a wrong formula is off by O(1)."""
-    theirs = np.asarray(theirs)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
-
-def _weight_out_in(cell) -> np.ndarray:
-    weight = cell.weight.asnumpy()
-    return weight if getattr(cell, "transpose_b", True) else weight.T
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +71,7 @@ def peft_run(tmp_path_factory):
     for variant, values in rotations.items():
         job.update({f"{variant}/{name}": value for name, value in values.items()})
         net = pet_hooks.apply(three_layers(_job()), config(variant))
-        _set(net, values)
+        set_values(pet_hooks.delta_parameters(net), values)
         pet_hooks.save_adapter(net, work / f"{variant}_ours", format="peft", task_type=None)
     np.savez(work / "job.npz", **job)
     (work / "variants.json").write_text(json.dumps(VARIANTS))
@@ -108,7 +85,7 @@ def peft_run(tmp_path_factory):
 def test_outputs_gradients_and_merge_equal_peft(mode, kind, variant, peft_run):
     _, job, rotations, theirs = peft_run
     net = pet_hooks.apply(three_layers(job, kind), config(variant))
-    _set(net, rotations[variant])
+    set_values(pet_hooks.delta_parameters(net), rotations[variant])
     x, g = Tensor(job["x"]), Tensor(job["g"])
     params = pet_hooks.delta_parameters(net)
     assert [p.name for p in params] == [f"{layer}.oft_R" for layer in LAYERS]
@@ -132,12 +109,12 @@ def test_outputs_gradients_and_merge_equal_peft(mode, kind, variant, peft_run):
     pet_hooks.merge(net)
     for layer in LAYERS:
         # ours in float64, PEFT's in float32: apart by float32 rounding of W R^T at the weights' scale
-        assert_close(_weight_out_in(getattr(net, layer)), theirs[f"{variant}/merged/{layer}.weight"], err_msg=layer)
+        assert_close(weight_out_in(getattr(net, layer)), theirs[f"{variant}/merged/{layer}.weight"], err_msg=layer)
     assert_close(net(x).asnumpy(), out)
     pet_hooks.unmerge(net)
     for layer in LAYERS:
         # W' was rounded to float32 and the inverse of R^T (not orthogonal under Neumann) amplifies it
-        assert_close(_weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], err_msg=layer)
+        assert_close(weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], err_msg=layer)
     assert_close(net(x).asnumpy(), out)
 
 

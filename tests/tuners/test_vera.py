@@ -24,8 +24,8 @@ from mindspore import Tensor, nn
 import pet_hooks
 from pet_hooks.errors import AdapterFileError
 from pet_hooks.surgery.core import all_delta_parameters, get_state, parameter_counts
-from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot
-from tests.nets import LAYERS, SIZES, three_layers, three_layers_numpy
+from tests.conftest import HAS_MINDFORMERS, HAS_TORCH_PEFT, ROOT, SMALL, assert_params_equal, snapshot, assert_close
+from tests.nets import LAYERS, SIZES, three_layers, three_layers_numpy, weight_out_in, set_values, three_layers_job
 from tests.torch_runner import run_reference
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the reference scripts are
@@ -42,13 +42,7 @@ def config(**changes) -> dict:
 
 
 def _job() -> dict:
-    rng = np.random.default_rng(5)
-    job = {"x": rng.standard_normal((3, 5, 6)).astype(np.float32),
-           "g": rng.standard_normal((3, 5, 4)).astype(np.float32), "r": np.array(R)}
-    for layer, (din, dout) in SIZES.items():
-        job[f"{layer}.weight"] = (rng.standard_normal((dout, din)) * 0.5).astype(np.float32)
-        job[f"{layer}.bias"] = (rng.standard_normal(dout) * 0.5).astype(np.float32)
-    return job
+    return {**three_layers_job(5), "r": np.array(R)}
 
 
 def _adapter() -> dict:
@@ -56,23 +50,6 @@ def _adapter() -> dict:
     net = pet_hooks.apply(three_layers(_job()), config(init_weights=False, seed=7, projection_prng_key=9))
     return {p.name: p.asnumpy() * (1.0 if p.name.startswith("vera_") else 1.5)
             for p in all_delta_parameters(net)}
-
-
-def _set(net, values) -> None:
-    params = {p.name: p for p in all_delta_parameters(net)}
-    assert sorted(params) == sorted(values)
-    for name, value in values.items():
-        params[name].set_data(Tensor(value))
-
-
-def assert_close(ours, theirs, err_msg=""):
-    """Equal within float32 rounding at the array's scale, where a wrong formula is off by O(1)."""
-    theirs = np.asarray(theirs)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=err_msg)
-
-def _weight_out_in(cell) -> np.ndarray:
-    weight = cell.weight.asnumpy()
-    return weight if getattr(cell, "transpose_b", True) else weight.T
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +62,7 @@ def peft_run(tmp_path_factory):
     values = _adapter()
     job.update(values)
     net = pet_hooks.apply(three_layers(_job()), config())
-    _set(net, values)
+    set_values(all_delta_parameters(net), values)
     pet_hooks.save_adapter(net, work / "ours", format="peft", task_type=None)
     np.savez(work / "job.npz", **job)
     out = run_reference([os.path.join(HERE, "vera_reference.py"), str(work)], timeout=600)
@@ -98,7 +75,7 @@ def peft_run(tmp_path_factory):
 def test_outputs_gradients_and_merge_equal_peft(mode, kind, peft_run):
     _, job, values, theirs = peft_run
     net = pet_hooks.apply(three_layers(job, kind), config())
-    _set(net, values)
+    set_values(all_delta_parameters(net), values)
     x, g = Tensor(job["x"]), Tensor(job["g"])
     params = pet_hooks.delta_parameters(net)                 # the lambdas only: the projections never train
     assert sorted(p.name for p in params) == sorted(f"{layer}.vera_lambda_{v}" for layer in LAYERS for v in "bd")
@@ -117,12 +94,12 @@ def test_outputs_gradients_and_merge_equal_peft(mode, kind, peft_run):
 
     pet_hooks.merge(net)
     for layer in LAYERS:
-        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), theirs[f"merged/{layer}.weight"],
+        np.testing.assert_allclose(weight_out_in(getattr(net, layer)), theirs[f"merged/{layer}.weight"],
                                    rtol=1e-5, atol=1e-6, err_msg=layer)
     assert_close(net(x).asnumpy(), out)
     pet_hooks.unmerge(net)
     for layer in LAYERS:
-        np.testing.assert_allclose(_weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weight_out_in(getattr(net, layer)), job[f"{layer}.weight"], rtol=1e-5, atol=1e-6)
     assert_close(net(x).asnumpy(), out)
     for name in ("vera_A", "vera_B"):                            # merging never wrote them
         np.testing.assert_array_equal(net.parameters_dict()[name].asnumpy(), values[name])
@@ -369,7 +346,6 @@ def test_merged_checkpoint_is_the_adapted_net_without_pet_hooks(tmp_path):
     ms.load_param_into_net(plain, ms.load_checkpoint(str(tmp_path / "merged.ckpt")), strict_load=True)
     np.testing.assert_allclose(plain(x).asnumpy(), adapted, rtol=1e-5, atol=1e-5)
     assert np.abs(plain(x).asnumpy() - three_layers_numpy(job, job["x"])).max() > 1e-2
-
 
 
 @NEEDS_PEFT
