@@ -24,25 +24,8 @@ import numpy as np
 import torch
 from peft import OFTConfig, PeftModel, get_peft_model
 
-LAYERS = ("k", "v", "down")
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.k = torch.nn.Linear(6, 10)
-        self.v = torch.nn.Linear(10, 8)
-        self.down = torch.nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.v(torch.relu(self.k(x)))))
-
-
-def base_net(job):
-    net = Net()
-    net.load_state_dict({f"{layer}.{kind}": torch.tensor(job[f"{layer}.{kind}"])
-                         for layer in LAYERS for kind in ("weight", "bias")}, strict=True)
-    return net
+# the three-layer net and its weights, as the IA3 reference builds them (run from tests/, the script's folder)
+from ia3_reference import LAYERS, base_net  # noqa: E402
 
 
 def run(work, job, name, fields, result):
