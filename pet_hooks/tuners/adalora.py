@@ -27,9 +27,8 @@ from mindspore.common import dtype as mstype
 
 from ..config.pet_config import AdaLoraConfig, config_from_dict
 from ..errors import AdapterFileError, PetConfigError
-from ..matching.cells import select_cells
 from .base import Injection
-from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch, weight_is_out_in
+from .common import LinearTargets, SwitchedTuner, init_rng, inject_all, shared_switch, weight_is_out_in
 from .file_layouts import PeftLayout
 
 __all__ = ["AdaLoraTuner", "AdaLoraLayer", "AdaLoraPeftLayout", "FACTORS", "delta_weight", "orth_regularizer",
@@ -173,7 +172,7 @@ class AdaLoraPeftLayout(PeftLayout):
         return None
 
 
-class AdaLoraTuner(SwitchedTuner):
+class AdaLoraTuner(LinearTargets, SwitchedTuner):
     """AdaLoRA as a :class:`~pet_hooks.tuners.base.Tuner`: an SVD-form delta per cell, one shared switch."""
 
     label = "AdaLoRA"
@@ -182,17 +181,8 @@ class AdaLoraTuner(SwitchedTuner):
     can_merge = True
     peft = AdaLoraPeftLayout()
 
-    def can_adapt(self, cell: nn.Cell) -> Optional[str]:
-        return projection_reason(cell, "AdaLoRA")
-
-    def is_linear(self, cell: nn.Cell) -> bool:
-        return self.can_adapt(cell) is None
-
     def select_targets(self, net: nn.Cell, cfg: AdaLoraConfig):
-        targets = select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=self.can_adapt,
-                            skip=lambda path, cell: is_adalora_cell(cell), exclude_modules=cfg.exclude_modules,
-                            layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
-                            is_linear=self.is_linear)
+        targets = super().select_targets(net, cfg)
         unknown = sorted(set(cfg.rank_pattern or {}) - {path for path, _ in targets})
         if unknown:
             raise PetConfigError(f"rank_pattern names {unknown[:3]}, which the config does not adapt (its cells: "

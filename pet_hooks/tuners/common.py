@@ -21,6 +21,7 @@ import mindspore as ms
 from mindspore import Parameter, nn
 
 from ..errors import UnsupportedCellError
+from ..matching.cells import select_cells
 from ..utils.ms_compat import write_values
 from .base import Injection, Tuner
 
@@ -160,6 +161,29 @@ def shared_switch(name: str, on_value: float = 1.0) -> Parameter:
     """One switch Parameter (a float32 scalar) for all the cells of one adapter: switching is one write
     of its value, a data change that graph mode needs no recompile for (as LoRA's ``pet_lora_scale``)."""
     return Parameter(np.array(on_value, np.float32), name=name, requires_grad=False)
+
+
+class LinearTargets:
+    """Target selection of a method on Dense / MindFormers Linear cells (LoHa, LoKr, VeRA, AdaLoRA): the cells
+    the five selection fields choose (``target_modules``, ``exclude_layers``, ``exclude_modules``,
+    ``layers_to_transform``, ``layers_pattern``) that :func:`projection_reason` accepts, skipping cells the
+    method already patched (their class carries ``pet_hooks_<pet_type>``)."""
+
+    label: str
+    pet_types: Tuple[str, ...]
+
+    def can_adapt(self, cell: nn.Cell) -> Optional[str]:
+        return projection_reason(cell, self.label)
+
+    def is_linear(self, cell: nn.Cell) -> bool:
+        return self.can_adapt(cell) is None
+
+    def select_targets(self, net: nn.Cell, cfg):
+        marker = f"pet_hooks_{self.pet_types[0]}"
+        return select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=self.can_adapt,
+                            skip=lambda path, cell: getattr(type(cell), marker, False) is True,
+                            exclude_modules=cfg.exclude_modules, layers_to_transform=cfg.layers_to_transform,
+                            layers_pattern=cfg.layers_pattern, is_linear=self.is_linear)
 
 
 class SwitchedTuner(Tuner):

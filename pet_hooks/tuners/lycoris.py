@@ -27,9 +27,8 @@ from mindspore.common import dtype as mstype
 
 from ..config.pet_config import config_from_dict
 from ..errors import AdapterFileError
-from ..matching.cells import select_cells
 from .base import Injection
-from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch, weight_is_out_in
+from .common import LinearTargets, SwitchedTuner, init_rng, inject_all, shared_switch, weight_is_out_in
 from .file_layouts import PeftLayout
 
 __all__ = ["LycorisTuner", "LycorisPeftLayout", "add_delta", "kaiming_uniform", "SETTINGS"]
@@ -65,7 +64,7 @@ def out_in(cell: nn.Cell) -> Tuple[int, int]:
     return int(cell.out_channels), int(cell.in_channels)
 
 
-class LycorisTuner(SwitchedTuner):
+class LycorisTuner(LinearTargets, SwitchedTuner):
     """A LoHa / LoKr tuner: the method module gives ``mixin`` (the generated classes' ``construct``),
     ``factors(cell, cfg, rng)`` (name -> initial float32 array) and ``delta_numpy(cell)`` (``dW`` [out, in])."""
 
@@ -82,23 +81,13 @@ class LycorisTuner(SwitchedTuner):
         raise NotImplementedError
 
     def can_adapt(self, cell: nn.Cell) -> Optional[str]:
-        reason = projection_reason(cell, self.label)
+        reason = super().can_adapt(cell)
         if reason is None and getattr(cell, "activation_flag", False):
             # x @ dW^T belongs before the layer's own activation, inside its call: not reachable from outside
             reason = (f"{self.label} adds x @ dW^T to the layer's output before its activation; a "
                       f"{type(cell).__name__} with its own activation ({type(cell.activation).__name__}) is not "
                       f"supported: target a layer without one")
         return reason
-
-    def is_linear(self, cell: nn.Cell) -> bool:
-        return self.can_adapt(cell) is None
-
-    def select_targets(self, net: nn.Cell, cfg):
-        marker = f"pet_hooks_{self.pet_types[0]}"
-        return select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=self.can_adapt,
-                            skip=lambda path, cell: getattr(type(cell), marker, False) is True,
-                            exclude_modules=cfg.exclude_modules, layers_to_transform=cfg.layers_to_transform,
-                            layers_pattern=cfg.layers_pattern, is_linear=self.is_linear)
 
     def inject(self, targets, cfg) -> List[Injection]:
         rng = init_rng(cfg)

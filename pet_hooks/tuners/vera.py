@@ -38,10 +38,9 @@ from mindspore.common import dtype as mstype
 
 from ..config.pet_config import VeraConfig, config_from_dict
 from ..errors import AdapterFileError
-from ..matching.cells import select_cells
 from ..utils.files import read_safetensors
 from .base import Injection
-from .common import SwitchedTuner, init_rng, inject_all, projection_reason, shared_switch, weight_is_out_in
+from .common import LinearTargets, SwitchedTuner, init_rng, inject_all, shared_switch, weight_is_out_in
 from .file_layouts import PeftLayout
 
 __all__ = ["VeraTuner", "VeraLayer", "VeraPeftLayout", "PROJECTIONS", "kaiming_uniform"]
@@ -185,7 +184,7 @@ class VeraPeftLayout(PeftLayout):
         return None
 
 
-class VeraTuner(SwitchedTuner):
+class VeraTuner(LinearTargets, SwitchedTuner):
     """VeRA as a :class:`~pet_hooks.tuners.base.Tuner`: shared frozen projections, trained vectors per cell."""
 
     label = "VeRA"
@@ -193,18 +192,6 @@ class VeraTuner(SwitchedTuner):
     switch_attr = "pet_vera_on"
     can_merge = True
     peft = VeraPeftLayout()
-
-    def can_adapt(self, cell: nn.Cell) -> Optional[str]:
-        return projection_reason(cell, "VeRA")
-
-    def is_linear(self, cell: nn.Cell) -> bool:
-        return self.can_adapt(cell) is None
-
-    def select_targets(self, net: nn.Cell, cfg: VeraConfig):
-        return select_cells(net, cfg.target_modules, cfg.exclude_layers, can_adapt=self.can_adapt,
-                            skip=lambda path, cell: is_vera_cell(cell), exclude_modules=cfg.exclude_modules,
-                            layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
-                            is_linear=self.is_linear)
 
     def inject(self, targets, cfg: VeraConfig) -> List[Injection]:
         r = int(cfg.r)
