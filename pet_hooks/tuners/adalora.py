@@ -31,8 +31,7 @@ from .base import Injection
 from .common import LinearTargets, SwitchedTuner, init_rng, inject_all, shared_switch, weight_is_out_in
 from .file_layouts import PeftLayout
 
-__all__ = ["AdaLoraTuner", "AdaLoraLayer", "AdaLoraPeftLayout", "FACTORS", "delta_weight", "orth_regularizer",
-           "is_adalora_cell"]
+__all__ = ["AdaLoraTuner", "AdaLoraLayer", "AdaLoraPeftLayout", "FACTORS", "delta_weight", "orth_regularizer"]
 
 #: the trained factors, PEFT's names (parameter leaves and cell attributes alike)
 FACTORS = ("lora_A", "lora_E", "lora_B")
@@ -53,10 +52,6 @@ class AdaLoraLayer:
         delta = ops.matmul(mid, ops.transpose(self.lora_B, (1, 0))) * self.adalora_scale
         on = ops.cast(self.pet_adalora_on, mstype.float32)
         return out + ops.cast(delta * on, ops.dtype(out))
-
-
-def is_adalora_cell(cell: nn.Cell) -> bool:
-    return getattr(type(cell), "pet_hooks_adalora", False) is True
 
 
 def _factor(cell: nn.Cell, name: str) -> np.ndarray:

@@ -69,10 +69,6 @@ class VeraLayer:
         return out + ops.cast(delta * on, ops.dtype(out))
 
 
-def is_vera_cell(cell: nn.Cell) -> bool:
-    return getattr(type(cell), "pet_hooks_vera", False) is True
-
-
 def kaiming_uniform(rng: np.random.Generator, shape: Tuple[int, int]) -> np.ndarray:
     """PEFT's ``_kaiming_init``: uniform in +-sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = ``shape[1]``."""
     bound = np.sqrt(3.0) * np.sqrt(2.0) / np.sqrt(shape[1])
