@@ -191,11 +191,11 @@ def speed(todo: dict, progress=print, kept: Optional[dict] = None) -> dict:
     of the model, each one step in turn: the paired ratio is the figure). ``kept``: an earlier speed result at
     the same shape and rounds; its groups not rerun are kept."""
     shape_now = (todo["rounds"], todo["warm_rounds"], todo["speed_batch"], todo["speed_seq"])
+    wanted = speed_groups(todo.get("speed_groups"))
     groups = {}
     if kept and (kept.get("rounds"), kept.get("warm_rounds"), kept.get("batch"), kept.get("seq")) == shape_now:
-        groups = {g: r for g, r in kept.get("groups", {}).items() if g not in speed_groups(todo.get("speed_groups"))}
+        groups = {g: r for g, r in kept.get("groups", {}).items() if g not in wanted}
     warm = ["--warmup", "1"]
-    wanted = speed_groups(todo.get("speed_groups"))
     shape = ["--batch", str(todo["speed_batch"]), "--seq", str(todo["speed_seq"])]
     for method in [g for g in wanted if g in ROUND2]:
         _, variant, lr, _ = METHODS[method]

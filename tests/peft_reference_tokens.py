@@ -86,8 +86,8 @@ def smollm2(work):
     job = json.load(open(os.path.join(work, "smollm2.json"), encoding="utf-8"))
     ids = torch.tensor([job["ids"]])
     out = {}
-    # transformers dequantizes the whole GGUF on each load (about 18 s): load once, copy for the two PEFT models
-    # (deepcopy keeps the head tied to the embedding)
+    # each load dequantizes the whole GGUF and builds the model (about 8 s for two blocks): load once, copy for
+    # the two PEFT models (deepcopy keeps the head tied to the embedding)
     base = S.load_reference_transformers(2)
     with torch.no_grad():
         out["base"] = base(input_ids=ids).logits[0].numpy()

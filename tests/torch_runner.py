@@ -51,10 +51,13 @@ def run_reference(argv: List[str], timeout: float, cwd: Optional[str] = None) ->
         server.stdin.flush()
         # the server kills the child at `timeout`; the margin covers its reply
         ready, _, _ = select.select([server.stdout], [], [], timeout + 60)
-        line = server.stdout.readline() if ready else ""
-        if not line:
+        if not ready:
             server.kill()
             raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torch reference server ended (exit code {server.wait()}) without answering "
+                               f"for {argv[:1]}; its stderr is above")
     reply = json.loads(line)
     if reply["returncode"] == "timeout":
         raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, reply["stdout"], reply["stderr"])
